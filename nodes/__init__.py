@@ -1,0 +1,9 @@
+"""Thin ComfyUI adapters over tdm_core: sockets, tooltips, progress and cancel, ComfyUI object conversion.
+
+Each module lists its node classes in `NODES`; this list is what the extension registers. Node ids are part of
+every saved workflow: never rename one once shipped.
+"""
+
+from __future__ import annotations
+
+NODE_CLASSES: list = []

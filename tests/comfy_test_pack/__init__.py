@@ -1,0 +1,66 @@
+"""Test-only ComfyUI node pack: injects tiny models, conditioning and a tiny VAE into graphs.
+
+Installed into the live server's `custom_nodes/` by the test harness (never shipped). Real checkpoints cannot be
+downloaded here, so graphs that would start from CheckpointLoaderSimple / CLIPTextEncode start from these nodes
+instead; everything downstream (samplers, LoRA loaders, decoders, savers) is the real thing.
+"""
+
+import os
+import sys
+
+_TESTS_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+if _TESTS_DIR not in sys.path:
+    sys.path.append(_TESTS_DIR)
+
+from harness import twins  # noqa: E402
+
+FAMILIES = ["sd15", "sd3", "sd35"]
+
+
+class TDMTestTinyModel:
+    DESCRIPTION = "Test only: a tiny diffusion model with the real key layout of the family (random weights)."
+    CATEGORY = "tdm_test"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (FAMILIES,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    def build(self, family, seed):
+        return (twins.comfy_twin(family, seed).comfy,)
+
+
+class TDMTestTinyConditioning:
+    DESCRIPTION = "Test only: deterministic conditioning of the family's shapes, derived from the text."
+    CATEGORY = "tdm_test"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (FAMILIES,), "text": ("STRING", {"multiline": True, "default": ""})}}
+
+    def encode(self, family, text):
+        return (twins.tiny_conditioning(family, text),)
+
+
+class TDMTestTinyVAE:
+    DESCRIPTION = "Test only: a real ComfyUI VAE (TAESD architecture) with random weights for the family's latents."
+    CATEGORY = "tdm_test"
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (FAMILIES,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    def build(self, family, seed):
+        return (twins.tiny_vae(family, seed),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "TDMTest_TinyModel": TDMTestTinyModel,
+    "TDMTest_TinyConditioning": TDMTestTinyConditioning,
+    "TDMTest_TinyVAE": TDMTestTinyVAE,
+}

@@ -1,0 +1,81 @@
+"""Makes a real ComfyUI importable as a library, on the CPU, inside the test process.
+
+The tree comes from `scripts/setup.sh` (ComfyUI 0.3.75 in `.comfyui/`) or from `TDM_COMFYUI_DIR`, a user's own
+checkout. Import this module before anything imports `comfy`: it must set `args.cpu` before
+`comfy.model_management` is first imported, or ComfyUI tries to initialise CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACK_MODULE_NAME = "comfyui_tdm"
+
+
+def comfyui_dir() -> Path:
+    configured = os.environ.get("TDM_COMFYUI_DIR")
+    path = Path(configured).expanduser().resolve() if configured else REPO_ROOT / ".comfyui"
+    if not (path / "comfy" / "model_management.py").is_file():
+        raise RuntimeError(
+            f"No ComfyUI tree at {path}. Run `bash scripts/setup.sh` (extracts ComfyUI 0.3.75 into .comfyui/), "
+            "or set TDM_COMFYUI_DIR to your own ComfyUI checkout."
+        )
+    return path
+
+
+def comfyui_version() -> str:
+    namespace: dict = {}
+    exec((comfyui_dir() / "comfyui_version.py").read_text(), namespace)
+    return namespace["__version__"]
+
+
+_bootstrapped = False
+
+
+def bootstrap() -> Path:
+    """Puts ComfyUI first on sys.path (its top-level `nodes.py` must win over this repo's `nodes/` package) and
+    configures it for the CPU. The repo root goes last so that `import tdm_core` works as it does headless."""
+    global _bootstrapped
+    if _bootstrapped:
+        return comfyui_dir()
+    if "comfy.model_management" in sys.modules:
+        # Already inside a running ComfyUI (the live server imports the test pack): it is configured by its argv.
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.append(str(REPO_ROOT))
+        _bootstrapped = True
+        return Path(sys.modules["comfy.model_management"].__file__).resolve().parents[1]
+    root = comfyui_dir()
+    sys.path.insert(0, str(root))
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)  # never parse pytest's argv
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    # PyTorch attention makes ComfyUI's UNet bit-exact with diffusers' (the split default differs by ~1e-6).
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+    import comfy.model_management  # noqa: F401  (initialises on CPU now that args are set)
+    import nodes  # noqa: F401  (ComfyUI's nodes.py, so later `import nodes` never means this repo's package)
+
+    _bootstrapped = True
+    return root
+
+
+def load_pack():
+    """Imports this repository as ComfyUI imports a custom-node pack (a package from its folder), once."""
+    bootstrap()
+    if PACK_MODULE_NAME in sys.modules:
+        return sys.modules[PACK_MODULE_NAME]
+    spec = importlib.util.spec_from_file_location(
+        PACK_MODULE_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE_NAME] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,203 @@
+"""Twin tiny models: the same random weights in ComfyUI layout and in diffusers layout, with the real key names.
+
+A test that runs a ComfyUI graph on the ComfyUI twin and the official diffusers recipe on the diffusers twin compares
+the two implementations on identical weights, which is the project's standard of correctness. Widths are reduced so
+that everything runs on two CPU cores; block layouts and key names are those of the real models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import comfy_runtime
+
+comfy_runtime.bootstrap()
+
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import comfy.utils  # noqa: E402
+
+# SD1.5 block layout (ComfyUI's detection table for SD15) at a tenth of the width.
+SD15_TINY_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 64,
+    "num_heads": 8,
+    "num_head_channels": -1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+SD15_CONTEXT_DIM = 64
+
+# SD3-medium layout (MMDiT, head dim 64, heads = depth) at depth 2; SD3.5-medium adds dual attention (`attn2`) in
+# its first blocks and qk RMS norms.
+SD3_TINY_DEPTH = 2
+SD3_JOINT_ATTENTION_DIM = 64
+SD3_POOLED_DIM = 32
+SD3_LATENT_CHANNELS = 16
+
+
+def randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Gives every parameter and floating buffer deterministic random values.
+
+    Default initialisations leave zeros and ones (zero-initialised output projections, unit norms, empty tensors in
+    ComfyUI's layers) that would hide a wrong key mapping: a tensor of zeros looks the same whichever key it lands
+    on. Scales keep activations O(1) through the depth of a UNet.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in sorted(list(module.named_parameters()) + list(module.named_buffers())):
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+            lowered = name.lower()
+            if "norm" in lowered and name.endswith("weight") and tensor.ndim == 1:
+                value = 1.0 + 0.1 * noise
+            elif tensor.ndim >= 2:
+                fan_in = math.prod(tensor.shape[1:])
+                value = noise / math.sqrt(fan_in)
+            else:
+                value = 0.05 * noise
+            tensor.copy_(value.to(tensor.dtype))
+    return module
+
+
+def _patcher(model: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+@dataclass
+class Twin:
+    """One set of weights in both layouts."""
+
+    family: str
+    comfy: comfy.model_patcher.ModelPatcher  # a ComfyUI MODEL
+    diffusers: torch.nn.Module  # UNet2DConditionModel / SD3Transformer2DModel
+    key_map: dict  # diffusers key -> ComfyUI diffusion_model key
+
+
+def sd15_diffusers_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+        cross_attention_dim=SD15_CONTEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    return randomise_(unet, seed).eval()
+
+
+def sd15_twin(seed: int = 0) -> Twin:
+    unet = sd15_diffusers_unet(seed)
+    key_map = comfy.utils.unet_to_diffusers(SD15_TINY_UNET_CONFIG)
+    diffusers_sd = unet.state_dict()
+    comfy_sd = {key_map[k]: v.clone() for k, v in diffusers_sd.items()}
+    unmapped = sorted(set(diffusers_sd) - set(key_map))
+    if unmapped:
+        raise AssertionError(f"diffusers keys without a ComfyUI counterpart: {unmapped[:5]}")
+    model_config = comfy.supported_models.SD15(dict(SD15_TINY_UNET_CONFIG))
+    model_config.set_inference_dtype(torch.float32, None)
+    base_model = model_config.get_model({})
+    base_model.diffusion_model.load_state_dict(comfy_sd, strict=True)
+    base_model.eval()
+    return Twin("sd15", _patcher(base_model), unet, key_map)
+
+
+def sd3_diffusers_transformer(seed: int = 0, dual_attention_layers: tuple = ()):
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=SD3_LATENT_CHANNELS,
+        out_channels=SD3_LATENT_CHANNELS,
+        num_layers=SD3_TINY_DEPTH,
+        attention_head_dim=64,
+        num_attention_heads=SD3_TINY_DEPTH,
+        joint_attention_dim=SD3_JOINT_ATTENTION_DIM,
+        caption_projection_dim=64 * SD3_TINY_DEPTH,
+        pooled_projection_dim=SD3_POOLED_DIM,
+        pos_embed_max_size=16,
+        dual_attention_layers=dual_attention_layers,
+        qk_norm="rms_norm" if dual_attention_layers else None,
+    )
+    return randomise_(transformer, seed).eval()
+
+
+def sd3_twin(seed: int = 0, sd35: bool = False) -> Twin:
+    """SD3-medium layout; with `sd35`, the SD3.5-medium layout (dual attention in block 0, RMS qk norm)."""
+    transformer = sd3_diffusers_transformer(seed, dual_attention_layers=(0,) if sd35 else ())
+    diffusers_sd = {k: v.clone() for k, v in transformer.state_dict().items()}
+    # The real loader path of ComfyUI's UNETLoader: detect, convert the diffusers MMDiT layout, build, load.
+    patcher = comfy.sd.load_diffusion_model_state_dict(dict(diffusers_sd))
+    if patcher is None:
+        raise AssertionError("ComfyUI did not recognise the tiny SD3 transformer")
+    key_map = comfy.utils.mmdit_to_diffusers({"depth": SD3_TINY_DEPTH, "num_blocks": SD3_TINY_DEPTH})
+    return Twin("sd35" if sd35 else "sd3", patcher, transformer, key_map)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The other inputs a ComfyUI graph needs: conditioning with the families' shapes and a real (tiny) ComfyUI VAE.
+
+FAMILY_LATENT_CHANNELS = {"sd15": 4, "sd3": SD3_LATENT_CHANNELS, "sd35": SD3_LATENT_CHANNELS}
+
+
+def comfy_twin(family: str, seed: int = 0) -> Twin:
+    if family == "sd15":
+        return sd15_twin(seed)
+    if family in ("sd3", "sd35"):
+        return sd3_twin(seed, sd35=family == "sd35")
+    raise ValueError(f"unknown tiny family {family!r}; expected sd15, sd3 or sd35")
+
+
+def tiny_text_embedding(family: str, text: str, seed: int = 0, tokens: int = 7) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A deterministic stand-in for a text encoder: (context [1, tokens, dim], pooled [1, dim] or None)."""
+    text_seed = seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(text))
+    generator = torch.Generator().manual_seed(text_seed)
+    if family == "sd15":
+        return torch.randn(1, tokens, SD15_CONTEXT_DIM, generator=generator), None
+    context = torch.randn(1, tokens, SD3_JOINT_ATTENTION_DIM, generator=generator)
+    pooled = torch.randn(1, SD3_POOLED_DIM, generator=generator)
+    return context, pooled
+
+
+def tiny_conditioning(family: str, text: str, seed: int = 0) -> list:
+    """ComfyUI CONDITIONING for the tiny family."""
+    context, pooled = tiny_text_embedding(family, text, seed)
+    extra = {} if pooled is None else {"pooled_output": pooled}
+    return [[context, extra]]
+
+
+def tiny_vae(family: str, seed: int = 0) -> comfy.sd.VAE:
+    """A real ComfyUI VAE object (the TAESD architecture ComfyUI detects from `taesd_decoder.*` keys), random weights."""
+    import comfy.taesd.taesd
+
+    module = comfy.taesd.taesd.TAESD(latent_channels=FAMILY_LATENT_CHANNELS[family])
+    randomise_(module, seed)
+    state_dict = {k: v.clone() for k, v in module.state_dict().items()}
+    return comfy.sd.VAE(sd=state_dict)
