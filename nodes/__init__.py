@@ -6,4 +6,6 @@ every saved workflow: never rename one once shipped.
 
 from __future__ import annotations
 
-NODE_CLASSES: list = []
+from . import lora_loader, sampling
+
+NODE_CLASSES: list = [*sampling.NODES, *lora_loader.NODES]

@@ -61,6 +61,7 @@ def bootstrap() -> Path:
     # PyTorch attention makes ComfyUI's UNet bit-exact with diffusers' (the split default differs by ~1e-6).
     comfy.cli_args.args.use_pytorch_cross_attention = True
     import comfy.model_management  # noqa: F401  (initialises on CPU now that args are set)
+
     import nodes  # noqa: F401  (ComfyUI's nodes.py, so later `import nodes` never means this repo's package)
 
     _bootstrapped = True

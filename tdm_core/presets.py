@@ -1,0 +1,127 @@
+"""The released TDM LoRAs and how each must be sampled: the one source of truth for every model preset.
+
+Nodes (preset combos, strength "auto"), tests, workflows and the README table all read these entries; a number
+written anywhere else is a bug. Figures and sources: `docs/tdm_method.md` §3 of the project brief (the official
+TDM README recipes and diffusers 0.42.1 scheduler configs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """The base model's own many-step recipe, for speed and quality comparisons."""
+
+    steps: int
+    cfg: float
+
+    @property
+    def nfe(self) -> int:
+        return self.steps * (2 if self.cfg > 1.0 else 1)
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str  # stable id, stored in workflows and LoRA metadata: never rename
+    display_name: str
+    family: str  # model family the LoRA belongs to: "sd3", "sd35", "sd15", "cogvideox"
+    parametrisation: str  # "flow" (rectified flow velocity), "eps", "v"
+    steps: int
+    grid: str  # name of the timestep grid in tdm_core.schedules
+    solver: str  # name of the solver in tdm_core.solvers
+    lora_strength: float
+    shift: float | None = None  # flow shift (SD3/SD3.5); None where it does not apply
+    cfg: float = 1.0  # every released TDM LoRA samples without CFG
+    teacher: TeacherRecipe | None = None
+    lora_source: str = ""  # where users download the LoRA
+    lora_file: str = ""
+    base_model_source: str = ""
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def nfe(self) -> int:
+        return self.steps * (2 if self.cfg > 1.0 else 1)
+
+
+PRESETS: dict[str, ModelPreset] = {
+    preset.name: preset
+    for preset in (
+        ModelPreset(
+            name="sd3",
+            display_name="SD3-medium (TDM_sd3_lora)",
+            family="sd3",
+            parametrisation="flow",
+            steps=4,
+            grid="flow_shift",
+            shift=6.0,
+            solver="flow_dpmpp_2m",
+            # The official README marks this "IMPORTANT": the LoRA is applied at 1/8.
+            lora_strength=0.125,
+            teacher=TeacherRecipe(steps=28, cfg=7.0),
+            lora_source="https://huggingface.co/Luo-Yihong/TDM_sd3_lora",
+            lora_file="tdm_sd3.safetensors",
+            base_model_source="https://huggingface.co/stabilityai/stable-diffusion-3-medium",
+        ),
+        ModelPreset(
+            name="sd35",
+            display_name="SD3.5-medium (TDM_sd3-5_lora)",
+            family="sd35",
+            parametrisation="flow",
+            steps=4,
+            grid="flow_shift",
+            shift=6.0,
+            solver="flow_dpmpp_2m",
+            # Unpublished for SD3.5; the SD3 recipe is the documented starting point (verify on the real LoRA).
+            lora_strength=0.125,
+            teacher=TeacherRecipe(steps=28, cfg=7.0),
+            lora_source="https://huggingface.co/Luo-Yihong/TDM_sd3-5_lora",
+            lora_file="tdm_sd35.safetensors",
+            base_model_source="https://huggingface.co/stabilityai/stable-diffusion-3.5-medium",
+            notes="Strength and shift follow the SD3 release; the SD3.5 model card does not state them.",
+        ),
+        ModelPreset(
+            name="dreamshaper",
+            display_name="Dreamshaper-7 / SD1.5 (TDM_dreamshaper_LoRA)",
+            family="sd15",
+            parametrisation="eps",
+            steps=4,
+            grid="sd15_linspace",
+            solver="dpmpp_2m",
+            lora_strength=1.0,
+            teacher=TeacherRecipe(steps=25, cfg=7.5),
+            lora_source="https://huggingface.co/Luo-Yihong/TDM_dreamshaper_LoRA",
+            lora_file="tdm_dreamshaper.pt",
+            base_model_source="https://huggingface.co/Lykon/dreamshaper-7",
+        ),
+        ModelPreset(
+            name="cogvideox",
+            display_name="CogVideoX-2B (TDM_CogVideoX-2B_LoRA)",
+            family="cogvideox",
+            parametrisation="v",
+            steps=4,
+            # The LoRA was trained at 999/856/665/399; the official README's uniform (trailing) grid "may cause
+            # inferior results", so the trained grid is the default.
+            grid="cogvideox_trained",
+            solver="ddim_v",
+            lora_strength=1.0,
+            teacher=TeacherRecipe(steps=50, cfg=6.0),
+            lora_source="https://huggingface.co/Luo-Yihong/TDM_CogVideoX-2B_LoRA",
+            lora_file="tdm_cogvideox_2b.safetensors",
+            base_model_source="https://huggingface.co/THUDM/CogVideoX-2b",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown TDM preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+
+
+def presets_for_family(family: str) -> list[ModelPreset]:
+    return [p for p in PRESETS.values() if p.family == family]
