@@ -1,3 +1,198 @@
-"""The TDM LoRA Loader node (tdm_core.lora does the reading and conversion)."""
+"""The TDM LoRA Loader node (tdm_core.lora does the reading, detection and conversion).
 
-NODES: list = []
+ComfyUI-specific work only: the MODEL's family, ComfyUI's own LoRA key map (`comfy.lora.model_lora_keys_unet`) and
+weight shapes handed to `tdm_core.lora.match_modules`, and the patches built by ComfyUI's own LoRA adapter
+(`comfy.lora.load_lora`), so a TDM LoRA is applied by exactly the code path every other LoRA uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from comfy_api.v0_0_2 import io, ui
+
+from tdm_core import lora as tdm_lora
+
+LOG = logging.getLogger("comfyui-tdm")
+
+STRENGTH_MODES = ["auto", "manual"]
+
+# V3 nodes hold no state: the last file read is cached here, keyed by its path, size and modification time.
+_last_lora: dict = {"key": None, "lora": None}
+
+
+def _file_key(path: str) -> tuple:
+    stat = os.stat(path)
+    return (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+def load_lora_cached(path: str) -> tdm_lora.LoraFile:
+    key = _file_key(path) if os.path.isfile(path) else None
+    if key is not None and _last_lora["key"] == key:
+        return _last_lora["lora"]
+    lora = tdm_lora.load_lora(path)
+    _last_lora.update(key=key, lora=lora)
+    return lora
+
+
+def model_family(model) -> str:
+    """The tdm_core family name of a ComfyUI MODEL ("unknown" for families TDM has no LoRA format for)."""
+    import comfy.model_base
+
+    base = model.model
+    if isinstance(base, comfy.model_base.SD3):
+        return "sd35" if base.model_config.unet_config.get("x_block_self_attn_layers") else "sd3"
+    config_name = type(base.model_config).__name__
+    if config_name == "SD15":
+        return "sd15"
+    if config_name.startswith(("SDXL", "SSD1B", "Segmind_Vega", "KOALA")):
+        return "sdxl"
+    if config_name.startswith(("SD20", "SD21")):
+        return "unet"
+    return "unknown"
+
+
+def _shape_lookup(state_dict):
+    def weight_shape(target):
+        key, piece = (target, None) if isinstance(target, str) else (target[0], target[1])
+        tensor = state_dict.get(key)
+        if tensor is None:
+            return None
+        shape = list(tensor.shape)
+        if piece is not None:
+            dim, _start, length = piece
+            shape[dim] = length
+        return tuple(shape)
+
+    return weight_shape
+
+
+@dataclass
+class LoraApplication:
+    model: object
+    clip: object
+    match: tdm_lora.MatchResult
+    strength: float
+    strength_source: str
+
+    def report(self) -> str:
+        lines = [self.match.lora.summary(), self.match.status_line(),
+                 f"strength {self.strength:g} ({self.strength_source})"]
+        warning = self.match.warning()
+        if warning:
+            lines.append("WARNING: " + warning)
+        return "\n".join(lines)
+
+
+def _patches(modules_and_targets):
+    import comfy.lora
+
+    modules = [module for module, _ in modules_and_targets]
+    to_load = {module.comfy_key: target for module, target in modules_and_targets}
+    return comfy.lora.load_lora(tdm_lora.to_comfy_state_dict(modules), to_load, log_missing=False)
+
+
+def apply_tdm_lora(model, clip, lora: tdm_lora.LoraFile, strength: float | None = None) -> LoraApplication:
+    """Patches clones of MODEL (and CLIP) with the LoRA; strength None means "auto". Raises LoraMismatchError
+    before anything is cloned or patched when the LoRA does not fit."""
+    import comfy.lora
+
+    family = model_family(model)
+    targets = comfy.lora.model_lora_keys_unet(model.model, {})
+    te_targets = te_shape = None
+    if clip is not None and lora.text_encoder_modules:
+        te_targets = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+        te_shape = _shape_lookup(clip.cond_stage_model.state_dict())
+    match = tdm_lora.match_modules(lora, targets, _shape_lookup(model.model_state_dict()), family,
+                                   te_targets, te_shape)
+    if strength is None:
+        strength, source = tdm_lora.auto_strength(lora, family)
+    else:
+        source = "manual"
+    model_patches = _patches(match.matched.values())
+    new_model = model.clone()
+    applied = new_model.add_patches(model_patches, strength)
+    if len(applied) != len(model_patches):  # cannot happen after shape matching; never fail silently if it does
+        raise RuntimeError(f"TDM LoRA '{lora.name}': ComfyUI applied {len(applied)} of {len(model_patches)} patches")
+    new_clip = clip
+    if clip is not None and match.text_encoder_matched:
+        new_clip = clip.clone()
+        new_clip.add_patches(_patches(match.text_encoder_matched.values()), strength)
+    warning = match.warning()
+    if warning:
+        LOG.warning(warning)
+    return LoraApplication(new_model, new_clip, match, strength, source)
+
+
+def _lora_path(lora_name: str) -> str:
+    import folder_paths
+
+    return folder_paths.get_full_path_or_raise("loras", lora_name)
+
+
+def _lora_files() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list("loras")
+
+
+class TDMLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TDMLoraLoader",
+            display_name="TDM LoRA Loader",
+            category="loaders",
+            description=(
+                "Loads a TDM (Trajectory Distribution Matching) 4-step LoRA onto a MODEL: SD3/SD3.5 (peft "
+                "safetensors), Dreamshaper/SD1.5 (kohya .pt, read without running any code in the pickle), old "
+                "diffusers and ComfyUI-native files. Checks the LoRA's model family, reports how many modules "
+                "matched, and picks the release's strength (SD3/SD3.5: 0.125) in auto mode."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch (it may already carry other LoRAs)."),
+                io.Combo.Input(
+                    "lora_name", options=_lora_files(),
+                    tooltip="A LoRA file from models/loras: .safetensors, or .pt/.pth/.ckpt (loaded weights-only).",
+                ),
+                io.Combo.Input(
+                    "strength_mode", options=STRENGTH_MODES, default="auto",
+                    tooltip=(
+                        "auto: the strength recorded in a TDM-trained LoRA, else the release's preset for the LoRA's "
+                        "family (SD3/SD3.5 0.125, Dreamshaper/SD1.5 and CogVideoX 1.0). manual: use 'strength'."
+                    ),
+                ),
+                io.Float.Input(
+                    "strength", default=1.0, min=-10.0, max=10.0, step=0.005,
+                    tooltip="The LoRA strength used when strength_mode is manual (ignored in auto mode).",
+                ),
+                io.Clip.Input(
+                    "clip", optional=True,
+                    tooltip="Optional: connect the CLIP if the LoRA file also carries text-encoder weights.",
+                ),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The model with the TDM LoRA applied."),
+                io.Clip.Output(tooltip="The CLIP with the LoRA's text-encoder weights applied (the input CLIP "
+                                       "unchanged, or nothing, if the file has none or no CLIP is connected)."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name, **kwargs):
+        # A file replaced under the same name must be reloaded, not served from ComfyUI's output cache.
+        try:
+            return _file_key(_lora_path(lora_name))
+        except (OSError, FileNotFoundError):
+            return lora_name
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_mode="auto", strength=1.0, clip=None) -> io.NodeOutput:
+        lora = load_lora_cached(_lora_path(lora_name))
+        application = apply_tdm_lora(model, clip, lora, None if strength_mode == "auto" else float(strength))
+        return io.NodeOutput(application.model, application.clip, ui=ui.PreviewText(application.report()))
+
+
+NODES: list = [TDMLoraLoader]

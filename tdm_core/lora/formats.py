@@ -1,0 +1,557 @@
+"""LoRA key formats: recognising them, the model family a LoRA was made for, and converting between them.
+
+Every released TDM LoRA format is read into one representation (`LoraFile`: a set of `LoraModule`s, each a low-rank
+pair `up @ down` with its scale, named by the module path it patches) and written back out as
+
+- keys ComfyUI maps onto a MODEL (`comfy_key` of each module): ComfyUI 0.3.75 maps kohya `lora_unet_*` names and SD3
+  `transformer.*` peft names but not plain peft/diffusers SD1.5 names (`unet.down_blocks...attn1.to_q`: it only knows
+  the old `processor.to_q` spelling), so UNet modules are always emitted as kohya names;
+- a peft adapter (`to_peft`): state dict + LoraConfig arguments, for diffusers models (the CogVideoX path).
+
+Formats (docs/tdm_method.md §4):
+  peft / diffusers   `<prefix>.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]; prefix `unet.`,
+                     `transformer.`, `text_encoder(_2).`, `base_model.model.` or none; alpha from `.alpha` keys or the
+                     diffusers header metadata (`lora_adapter_metadata`), otherwise scale 1.
+  kohya              `lora_unet_<module path with '_'>.lora_down.weight / .lora_up.weight / .alpha`; `lora_te[12]_*`.
+  old diffusers      `<module>.lora.down.weight / .lora.up.weight`, `...processor.to_q_lora.down.weight`.
+  ComfyUI native     `diffusion_model.<ComfyUI module path>.lora_down/lora_up(.weight)/.alpha` (or lora_A/B).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .files import LoraFileError
+
+# --------------------------------------------------------------------------------------------------------------
+# Families
+
+UNET_FAMILIES = ("sd15", "sdxl", "unet")
+MMDIT_FAMILIES = ("sd3", "sd35")
+FAMILY_NAMES = {
+    "sd15": "SD1.5 UNet",
+    "sdxl": "SDXL UNet",
+    "unet": "Stable Diffusion UNet (SD1.5 or SDXL)",
+    "sd3": "SD3 MMDiT",
+    "sd35": "SD3.5 MMDiT (dual attention)",
+    "cogvideox": "CogVideoX transformer",
+    "unknown": "unknown model",
+}
+
+
+def family_name(family: str) -> str:
+    return FAMILY_NAMES.get(family, family)
+
+
+def family_group(family: str) -> str:
+    if family in UNET_FAMILIES:
+        return "unet"
+    if family in MMDIT_FAMILIES:
+        return "mmdit"
+    return family
+
+
+def families_compatible(lora_family: str, model_family: str) -> bool:
+    """Whether a LoRA detected as `lora_family` can patch a model of `model_family`.
+
+    SD3 and SD3.5-medium share every SD3 module, so an SD3 LoRA (no `attn2`) fits both; an SD3.5 LoRA that patches
+    `attn2` does not fit SD3. A generic UNet LoRA (neither SD1.5 nor SDXL markers) fits both UNets. Unknown on either
+    side is left to key matching.
+    """
+    if "unknown" in (lora_family, model_family):
+        return True
+    if family_group(lora_family) != family_group(model_family):
+        return False
+    if lora_family == model_family or lora_family == "unet" or model_family == "unet":
+        return True
+    return lora_family == "sd3" and model_family == "sd35"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Module representation
+
+MODEL_COMPONENTS = ("unet", "transformer", "diffusion_model")
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass
+class LoraModule:
+    """One low-rank update `ΔW = scale · up @ down` (reshaped to the weight for convolutions)."""
+
+    component: str  # "unet", "transformer", "diffusion_model" (ComfyUI-native names), "text_encoder(_2)"
+    name: str  # dotted module path inside the component (diffusers names; ComfyUI names for "diffusion_model")
+    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
+    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
+    alpha: float | None  # as stated by the file (key or metadata); None: scale 1 (the peft default alpha = r)
+    scale: float  # alpha / r (alpha / sqrt(r) for rsLoRA), 1.0 without alpha
+    comfy_key: str  # the LoRA key ComfyUI's key map knows this module by
+    source_keys: tuple = ()
+
+    @property
+    def id(self) -> str:
+        return f"{self.component}.{self.name}"
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def in_numel(self) -> int:
+        return int(math.prod(self.down.shape[1:]))
+
+    def delta(self, strength: float = 1.0, weight_shape: tuple | None = None) -> torch.Tensor:
+        """strength · scale · up @ down, in float32, reshaped to `weight_shape` when given."""
+        diff = self.up.flatten(1).float() @ self.down.flatten(1).float()
+        diff = diff * (strength * self.scale)
+        return diff.reshape(weight_shape) if weight_shape is not None else diff
+
+    def fits(self, weight_shape: tuple) -> bool:
+        return (
+            len(weight_shape) >= 2
+            and weight_shape[0] == self.out_features
+            and math.prod(weight_shape[1:]) == self.in_numel
+        )
+
+
+@dataclass
+class LoraFile:
+    """A parsed LoRA: its modules, the format and family they reveal, the header metadata."""
+
+    name: str
+    format: str  # "peft", "kohya", "diffusers_old", "comfy" (ComfyUI-native); "mixed: a+b" if several
+    family: str  # see FAMILY_NAMES
+    modules: dict[str, LoraModule]  # by LoraModule.id
+    metadata: dict[str, str] = field(default_factory=dict)
+    unrecognised_keys: list[str] = field(default_factory=list)
+
+    @property
+    def model_modules(self) -> list[LoraModule]:
+        return [m for m in self.modules.values() if m.component in MODEL_COMPONENTS]
+
+    @property
+    def text_encoder_modules(self) -> list[LoraModule]:
+        return [m for m in self.modules.values() if m.component in TEXT_COMPONENTS]
+
+    @property
+    def ranks(self) -> collections.Counter:
+        return collections.Counter(m.rank for m in self.modules.values())
+
+    @property
+    def rank(self) -> int:
+        """The most common rank."""
+        return self.ranks.most_common(1)[0][0]
+
+    @property
+    def alphas(self) -> collections.Counter:
+        return collections.Counter(m.alpha for m in self.modules.values())
+
+    @property
+    def alpha(self) -> float | None:
+        """The most common stated alpha (None: the file states none, scale 1)."""
+        return self.alphas.most_common(1)[0][0]
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The distinct module kinds patched (last path parts, e.g. `attn.to_q`, `ff.net.0.proj`)."""
+        return sorted({_BLOCK_PATH.sub("", m.name) for m in self.modules.values()})
+
+    @property
+    def recorded_strength(self) -> float | None:
+        value = self.metadata.get(TDM_METADATA_STRENGTH)
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
+
+    @property
+    def recorded_preset(self) -> str | None:
+        return self.metadata.get(TDM_METADATA_PRESET) or None
+
+    def summary(self) -> str:
+        alpha = "none (scale 1)" if self.alpha is None else f"{self.alpha:g}"
+        ranks = "/".join(str(r) for r in sorted(self.ranks))
+        te = f", {len(self.text_encoder_modules)} text-encoder" if self.text_encoder_modules else ""
+        return (
+            f"{self.name}: {self.format} LoRA for {family_name(self.family)}, {len(self.model_modules)} model "
+            f"modules{te}, rank {ranks}, alpha {alpha}"
+        )
+
+
+_BLOCK_PATH = re.compile(r"^.*(?:blocks|block|layers|attentions|resnets|samplers)\.\d+\.")
+
+# Metadata a TDM-trained LoRA records in its safetensors header (written by `tdm_metadata`).
+TDM_METADATA_PRESET = "tdm.preset"
+TDM_METADATA_FAMILY = "tdm.family"
+TDM_METADATA_STRENGTH = "tdm.lora_strength"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LoraConfig dump, prefixed by component
+
+
+def tdm_metadata(preset: str | None = None, family: str | None = None, strength: float | None = None) -> dict:
+    """Header entries that let the loader pick the right strength and family for a LoRA trained by TDM."""
+    entries = {}
+    if preset is not None:
+        entries[TDM_METADATA_PRESET] = preset
+    if family is not None:
+        entries[TDM_METADATA_FAMILY] = family
+    if strength is not None:
+        entries[TDM_METADATA_STRENGTH] = repr(float(strength))
+    return entries
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kohya names: module paths with every '.' replaced by '_'. Path parts that contain '_' themselves are put back
+# together from this vocabulary (diffusers and ComfyUI/SGM names of the UNet, MMDiT, CogVideoX and CLIP).
+
+_COMPOUND_PARTS = sorted(
+    {
+        "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "single_transformer_blocks", "to_q", "to_k",
+        "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_in", "proj_out", "proj_mlp",
+        "ff_context", "norm1_context", "norm_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out",
+        "conv_norm_out", "time_embedding", "linear_1", "linear_2", "add_embedding", "context_embedder",
+        "time_text_embed", "timestep_embedder", "text_embedder", "pos_embed", "patch_embed", "norm_q", "norm_k",
+        "norm_added_q", "norm_added_k", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
+        "final_layer_norm", "layer_norm1", "layer_norm2", "input_blocks", "output_blocks", "middle_block",
+        "in_layers", "out_layers", "emb_layers", "skip_connection", "time_embed", "label_emb", "joint_blocks",
+        "context_block", "x_block", "adaLN_modulation", "final_layer", "x_embedder", "t_embedder", "y_embedder",
+        "time_proj", "text_proj", "embedding_proj", "ofs_embedding", "norm_final", "ff_proj", "ff_out", "attn_out",
+    },
+    key=lambda s: -s.count("_"),
+)
+_COMPOUND_TOKENS = [tuple(p.split("_")) for p in _COMPOUND_PARTS]
+
+
+def kohya_name_to_path(flat: str) -> str:
+    """`down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q` -> `down_blocks.0.attentions.0....attn1.to_q`."""
+    tokens = flat.split("_")
+    parts, i = [], 0
+    while i < len(tokens):
+        for compound in _COMPOUND_TOKENS:
+            if tuple(tokens[i : i + len(compound)]) == compound:
+                parts.append("_".join(compound))
+                i += len(compound)
+                break
+        else:
+            parts.append(tokens[i])
+            i += 1
+    return ".".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Key parsing
+
+# (suffix, role, format) — longest suffixes first.
+_SUFFIXES = (
+    (".lora_A.default.weight", "down", "peft"),
+    (".lora_B.default.weight", "up", "peft"),
+    (".lora_linear_layer.down.weight", "down", "diffusers_old"),
+    (".lora_linear_layer.up.weight", "up", "diffusers_old"),
+    ("_lora.down.weight", "down", "diffusers_old"),
+    ("_lora.up.weight", "up", "diffusers_old"),
+    (".lora.down.weight", "down", "diffusers_old"),
+    (".lora.up.weight", "up", "diffusers_old"),
+    (".lora_A.weight", "down", "peft"),
+    (".lora_B.weight", "up", "peft"),
+    (".lora_down.weight", "down", "kohya"),
+    (".lora_up.weight", "up", "kohya"),
+    (".alpha", "alpha", None),
+)
+
+_KOHYA_PREFIXES = (
+    ("lora_unet_", "unet"),
+    ("lora_transformer_", "transformer"),  # OneTrainer SD3
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te_", "text_encoder"),
+)
+_DOTTED_PREFIXES = (
+    ("diffusion_model.", "diffusion_model"),
+    ("unet.", "unet"),
+    ("transformer.", "transformer"),
+    ("text_encoder_2.", "text_encoder_2"),
+    ("text_encoder.", "text_encoder"),
+)
+_UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding")
+_TRANSFORMER_ROOTS = (
+    "transformer_blocks", "single_transformer_blocks", "context_embedder", "time_text_embed", "pos_embed",
+    "patch_embed", "norm_out", "proj_out", "norm_final", "proj_in",
+)
+
+
+def _split_key(key: str):
+    for suffix, role, fmt in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role, fmt
+    return None
+
+
+def _locate(root: str, fmt: str | None):
+    """(component, dotted module name, ComfyUI key, format) for a key root (the key without its suffix)."""
+    for prefix, component in _KOHYA_PREFIXES:
+        if root.startswith(prefix):
+            flat = root[len(prefix) :]
+            # kohya keys are already what ComfyUI maps; SGM-named ones (SDXL: input_blocks...) are ComfyUI paths
+            name = kohya_name_to_path(flat)
+            if component == "unet" and name.split(".")[0] in ("input_blocks", "middle_block", "output_blocks"):
+                component = "diffusion_model"
+            return component, name, root, fmt or "kohya"
+    stripped = root
+    if stripped.startswith("base_model.model."):
+        stripped = stripped[len("base_model.model.") :]
+    prefixed = [(p, c) for p, c in _DOTTED_PREFIXES if stripped.startswith(p)]
+    if prefixed:
+        prefix, component = prefixed[0]
+        name = stripped[len(prefix) :]
+    else:
+        first = stripped.split(".")[0]
+        if first in _UNET_ROOTS:
+            component = "unet"
+        elif first in ("text_model",):
+            component = "text_encoder"
+        elif first in ("input_blocks", "middle_block", "output_blocks", "joint_blocks"):
+            component = "diffusion_model"
+        else:
+            component = "transformer"
+        name = stripped
+    if component == "diffusion_model":
+        fmt = "comfy"
+    # diffusers' old attention-processor names: attn1.processor.to_q(_lora) -> attn1.to_q, to_out -> to_out.0
+    name = name.replace(".processor.", ".")
+    if name.endswith(".to_out") and fmt == "diffusers_old":
+        name += ".0"
+    return component, name, _comfy_key(component, name), fmt or "peft"
+
+
+def _comfy_key(component: str, name: str) -> str:
+    if component == "unet":
+        return "lora_unet_" + name.replace(".", "_")
+    if component == "diffusion_model":
+        return "diffusion_model." + name
+    if component == "transformer":
+        return "transformer." + name
+    return f"{component}.{name}"
+
+
+def _diffusers_lora_config(metadata: dict, component: str) -> dict:
+    """The LoraConfig arguments diffusers stored in the header for this component (empty if none)."""
+    raw = metadata.get(DIFFUSERS_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    prefixed = {k[len(component) + 1 :]: v for k, v in config.items() if k.startswith(component + ".")}
+    if prefixed:
+        return prefixed
+    if any("." in k for k in config):
+        return {}
+    return config
+
+
+def _pattern_value(patterns: dict, name: str):
+    """peft's rule (`peft.utils.other.get_pattern_key`): a pattern matches a module path that ends with it."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern.lstrip('^')})$", name) or pattern.lstrip("^") == name:
+            return value
+    return None
+
+
+def _metadata_alpha(metadata: dict, component: str, name: str, fmt: str):
+    config = _diffusers_lora_config(metadata, component)
+    if config:
+        value = _pattern_value(config.get("alpha_pattern"), name)
+        if value is None:
+            value = config.get("lora_alpha")
+        if value is not None:
+            return float(value), bool(config.get("use_rslora", False))
+    if fmt == "kohya" and metadata.get("ss_network_alpha"):
+        try:
+            return float(metadata["ss_network_alpha"]), False
+        except ValueError:
+            pass
+    return None, False
+
+
+def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict | None = None, name: str = "<state dict>") -> LoraFile:
+    """Groups a LoRA state dict into modules. Raises LoraFileError if the file holds no LoRA weights at all."""
+    metadata = dict(metadata or {})
+    roots: dict[str, dict] = {}
+    unrecognised = []
+    for key, tensor in tensors.items():
+        split = _split_key(key)
+        if split is None:
+            unrecognised.append(key)
+            continue
+        root, role, fmt = split
+        entry = roots.setdefault(root, {"keys": []})
+        entry["keys"].append(key)
+        entry[role] = tensor
+        if fmt is not None:
+            entry["format"] = fmt
+    modules: dict[str, LoraModule] = {}
+    formats = collections.Counter()
+    for root, entry in roots.items():
+        if "down" not in entry or "up" not in entry:
+            unrecognised.extend(entry["keys"])
+            continue
+        component, module_name, comfy_key, fmt = _locate(root, entry.get("format"))
+        down, up = entry["down"], entry["up"]
+        if down.ndim < 2 or up.ndim < 2 or up.shape[1] != down.shape[0]:
+            raise LoraFileError(
+                f"'{name}': module {module_name} has inconsistent LoRA factors (down {tuple(down.shape)}, "
+                f"up {tuple(up.shape)}); the file is corrupt."
+            )
+        rank = int(down.shape[0])
+        rslora = False
+        if "alpha" in entry:
+            alpha = float(entry["alpha"].float().item())
+        else:
+            alpha, rslora = _metadata_alpha(metadata, component, module_name, fmt)
+        if alpha is None:
+            scale = 1.0
+        else:
+            scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        module = LoraModule(component, module_name, down, up, alpha, scale, comfy_key, tuple(sorted(entry["keys"])))
+        modules[module.id] = module
+        formats[fmt] += 1
+    if not modules:
+        sample = ", ".join(repr(k) for k in list(tensors)[:3])
+        kind = "an empty state dict" if not tensors else f"{len(tensors)} tensors such as {sample}"
+        hint = ""
+        if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in tensors):
+            hint = " It looks like a full model checkpoint: load it with Load Checkpoint, not a LoRA loader."
+        elif any(k.endswith(".weight") for k in tensors):
+            hint = " It looks like model weights, not a LoRA (no lora_A/lora_B, lora_down/lora_up pairs)."
+        raise LoraFileError(f"'{name}' contains no LoRA weights: found {kind}.{hint}")
+    fmt = formats.most_common(1)[0][0] if len(formats) == 1 else "mixed: " + "+".join(sorted(formats))
+    return LoraFile(name, fmt, detect_family(modules.values(), metadata), modules, metadata, sorted(unrecognised))
+
+
+def detect_family(modules, metadata: dict | None = None) -> str:
+    """The model family a set of modules was made for, from the key layout (and a TDM header entry if present)."""
+    recorded = (metadata or {}).get(TDM_METADATA_FAMILY)
+    if recorded in FAMILY_NAMES:
+        return recorded
+    names = [(m.component, m.name, m) for m in modules if m.component in MODEL_COMPONENTS]
+    if not names:
+        return "unknown"
+    comfy_names = [n for c, n, _ in names if c == "diffusion_model"]
+    diffusers_names = [n for c, n, _ in names if c != "diffusion_model"]
+    # ComfyUI-native paths
+    if any(n.startswith("joint_blocks.") for n in comfy_names):
+        return "sd35" if any(".x_block.attn2." in n for n in comfy_names) else "sd3"
+    unet_names = [n for n in comfy_names if n.startswith(("input_blocks.", "middle_block.", "output_blocks."))]
+    if unet_names:
+        if any(n.startswith(("input_blocks.1.1.", "input_blocks.2.1.")) for n in unet_names):
+            return "sd15"
+        if any(re.search(r"transformer_blocks\.[1-9]", n) for n in unet_names):
+            return "sdxl"
+        return "unet"
+    # diffusers paths
+    if any(n.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for n in diffusers_names):
+        cross_dims = {m.in_numel for c, n, m in names if n.endswith("attn2.to_k")}
+        if any(n.startswith(("down_blocks.0.attentions.", "up_blocks.3.attentions.")) for n in diffusers_names):
+            return "sd15"
+        if any(n.startswith("up_blocks.0.attentions.") for n in diffusers_names) or any(
+            re.search(r"transformer_blocks\.[1-9]", n) for n in diffusers_names
+        ) or 2048 in cross_dims:
+            return "sdxl"
+        if 768 in cross_dims:
+            return "sd15"
+        return "unet"
+    blocks = [n for n in diffusers_names if n.startswith("transformer_blocks.")]
+    if blocks:
+        if any(re.match(r"transformer_blocks\.\d+\.(attn\.|ff_context\.|norm1_context\.)", n) for n in blocks):
+            return "sd35" if any(re.match(r"transformer_blocks\.\d+\.attn2\.", n) for n in blocks) else "sd3"
+        if any(re.match(r"transformer_blocks\.\d+\.attn1\.", n) for n in blocks) and not any(
+            re.match(r"transformer_blocks\.\d+\.attn2\.", n) for n in blocks
+        ):
+            return "cogvideox"
+    return "unknown"
+
+
+def load_lora(path) -> LoraFile:
+    """Reads (safely) and parses a LoRA file; every failure is a LoraFileError naming the file."""
+    from pathlib import Path
+
+    from .files import read_lora_file
+
+    tensors, metadata = read_lora_file(path)
+    return parse_lora(tensors, metadata, name=Path(path).name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Conversions
+
+
+def to_comfy_state_dict(lora) -> dict[str, torch.Tensor]:
+    """kohya-style tensors under each module's ComfyUI key, alpha always explicit (alpha = scale · r).
+
+    `lora`: a LoraFile, or an iterable of its LoraModules (e.g. only the matched ones)."""
+    out = {}
+    for module in lora.modules.values() if isinstance(lora, LoraFile) else lora:
+        out[f"{module.comfy_key}.lora_up.weight"] = module.up
+        out[f"{module.comfy_key}.lora_down.weight"] = module.down
+        out[f"{module.comfy_key}.alpha"] = torch.tensor(module.scale * module.rank, dtype=torch.float32)
+    return out
+
+
+@dataclass
+class PeftAdapter:
+    """What peft needs to attach a LoRA to a diffusers model: `LoraConfig(**config)` + `set_peft_model_state_dict`."""
+
+    state_dict: dict[str, torch.Tensor]  # `<module>.lora_A.weight` / `.lora_B.weight`, no component prefix
+    config: dict  # r, lora_alpha, target_modules, rank_pattern, alpha_pattern
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(**self.config)
+
+
+def to_peft(lora: LoraFile, component: str = "transformer") -> PeftAdapter:
+    """The modules of one component (`transformer`, `unet`, `text_encoder`) as a peft adapter.
+
+    Each module keeps its own scale: the most common (rank, alpha) pair becomes `r`/`lora_alpha`, every other module
+    gets an exact-name `rank_pattern`/`alpha_pattern` entry (alpha = scale · r, so rsLoRA and alpha-less files are
+    reproduced exactly).
+    """
+    modules = [m for m in lora.modules.values() if m.component == component]
+    if not modules:
+        have = sorted({m.component for m in lora.modules.values()})
+        raise ValueError(f"'{lora.name}' has no {component} modules (it has: {', '.join(have)})")
+    state_dict = {}
+    pairs = collections.Counter()
+    for module in modules:
+        state_dict[f"{module.name}.lora_A.weight"] = module.down
+        state_dict[f"{module.name}.lora_B.weight"] = module.up
+        pairs[(module.rank, module.scale * module.rank)] += 1
+    (r, lora_alpha), _ = pairs.most_common(1)[0]
+    rank_pattern, alpha_pattern = {}, {}
+    for module in modules:
+        pattern = "^" + re.escape(module.name) + "$"
+        if module.rank != r:
+            rank_pattern[pattern] = module.rank
+        if module.scale * module.rank != lora_alpha:
+            alpha_pattern[pattern] = module.scale * module.rank
+    config = {
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": sorted(m.name for m in modules),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "init_lora_weights": False,
+    }
+    return PeftAdapter(state_dict, config)
