@@ -1,3 +1,358 @@
-"""TDM sampler nodes: SAMPLER, SIGMAS and the all-in-one sampler (tdm_core.schedules / tdm_core.solvers)."""
+"""TDM sampler nodes: SAMPLER, SIGMAS and the all-in-one sampler (tdm_core.schedules / tdm_core.solvers).
 
-NODES: list = []
+The maths lives in tdm_core; this module adapts it to ComfyUI's sampling:
+
+- **State space.** ComfyUI hands a sampler the model's own state: the flow state x = (1 − σ) x0 + σ ε for
+  rectified-flow models (SD3/SD3.5), the variance-exploding state x = x0 + σ ε for discrete ε/v models (SD1.5).
+  The tdm_core solvers run in that space ("flow" or "ve"); λ = ln(α/σ) is then diffusers' λ in both cases.
+- **Integer timesteps** (`model_timesteps="integer"`, every preset's reference): diffusers gives the SD3
+  transformer `int(σ·1000)` while ComfyUI passes σ·1000 as a float (947 vs 947.169 changes the output by ~4e-3).
+  On flow models the TDM sampler evaluates the model at the noise level whose timestep is that integer and turns
+  the prediction back into x̂0 at the solver's σ (x̂0 = x − σ v̂, v̂ recovered from the model's own output), so the
+  solver keeps diffusers' float σ. Discrete VP models already get integer timesteps from ComfyUI, and the SIGMAS
+  node takes their sigmas from the model's own table, so t ↔ σ is exact there.
+- **Initial noise** (`initial_noise="unit"`, every preset's reference): from an empty latent, the first state is
+  plain N(0, I) noise labelled σ_0, as diffusers' pipelines and the TDM rollout start (VE view: ε·sqrt(1 + σ_0²)).
+  ComfyUI scales it by σ_0 on flow models (σ_0 = 0.99983 for SD3 at shift 6), and by σ_0 on VP models whenever
+  σ_0 < σ_max (e.g. the training demo's grid from t = 899). Non-empty latents (img2img) keep ComfyUI's forward
+  process, which is also diffusers' img2img convention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.v0_0_2 import io
+
+from tdm_core import presets, schedules, solvers
+
+PARAMETRISATION_LABELS = {"flow": "rectified flow", "eps": "ε-prediction", "v": "v-prediction"}
+SOLVER_CHOICES = ["auto", "dpmpp_2m", "ddim"]
+# Preset solver names → the node's solver (the same algorithm; the state space comes from the model).
+_SOLVER_ALIASES = {"flow_dpmpp_2m": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m", "ddim": "ddim", "ddim_v": "ddim"}
+GRID_CHOICES = ["preset", *schedules.GRIDS]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the MODEL
+
+
+def model_parametrisation(model_sampling) -> str:
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return "flow"
+    if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
+        return "v"
+    if isinstance(model_sampling, comfy.model_sampling.EPS):
+        return "eps"
+    return type(model_sampling).__name__
+
+
+def state_space(model_sampling) -> str:
+    return "flow" if model_parametrisation(model_sampling) == "flow" else "ve"
+
+
+def describe_model(model) -> str:
+    parametrisation = model_parametrisation(model.get_model_object("model_sampling"))
+    config = getattr(model.model, "model_config", None)
+    name = type(config).__name__ if config is not None else type(model.model).__name__
+    return f"{name} ({PARAMETRISATION_LABELS.get(parametrisation, parametrisation)})"
+
+
+def check_preset_fits(preset: presets.ModelPreset, model) -> None:
+    """A preset made for another kind of model gives noise, not an image: refuse it with both names."""
+    parametrisation = model_parametrisation(model.get_model_object("model_sampling"))
+    config = getattr(model.model, "model_config", None)
+    config_name = type(config).__name__.lower() if config is not None else ""
+    fits = parametrisation == preset.parametrisation
+    if preset.family == "cogvideox" and "cogvideo" not in config_name:
+        fits = False
+    if fits:
+        return
+    suitable = [p.name for p in presets.presets_for_parametrisation(parametrisation) if p.family != "cogvideox"]
+    hint = f"use preset {' or '.join(repr(n) for n in suitable)}" if suitable else "no TDM preset exists for it"
+    raise ValueError(
+        f"TDM preset {preset.name!r} ({preset.display_name}, {PARAMETRISATION_LABELS[preset.parametrisation]}) does "
+        f"not fit this MODEL: {describe_model(model)}; {hint}, or load the {preset.display_name.split(' (')[0]} model."
+    )
+
+
+def _flow_multiplier(model_sampling) -> float:
+    return float(getattr(model_sampling, "multiplier", schedules.NUM_TRAIN_TIMESTEPS))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SIGMAS
+
+
+def tdm_sigmas(model, preset_name: str, steps: int, shift: float = 0.0, grid: str = "preset",
+               custom_timesteps: str = "", demo_total_steps: int = schedules.TRAINING_DEMO_TOTAL_STEPS) -> torch.Tensor:
+    """The preset's grid as sigmas of this MODEL (float32, ending in 0)."""
+    preset = presets.get_preset(preset_name)
+    check_preset_fits(preset, model)
+    model_sampling = model.get_model_object("model_sampling")
+    flow = model_parametrisation(model_sampling) == "flow"
+    grid_name = preset.grid if grid == "preset" else grid
+    shift_value = float(shift) if shift > 0 else preset.shift
+
+    if custom_timesteps.strip():
+        timesteps = schedules.parse_timesteps(custom_timesteps)
+        grid_name = "custom"
+    elif grid_name == "flow_shift":
+        if not flow:
+            raise ValueError(f"the flow_shift grid is for rectified-flow models (SD3/SD3.5); this MODEL is "
+                             f"{describe_model(model)}")
+        if shift_value is None:
+            raise ValueError(f"preset {preset.name!r} has no flow shift; set the shift input (1–6)")
+        flow_grid = schedules.flow_shift_grid(steps, shift_value)
+        return schedules.flow_sigmas_float32(flow_grid.sigmas, flow_grid.timesteps, _flow_multiplier(model_sampling))
+    else:
+        timesteps = schedules.grid_timesteps(grid_name, steps, shift=shift_value, total_steps=demo_total_steps)
+
+    if flow:
+        multiplier = _flow_multiplier(model_sampling)
+        return schedules.flow_sigmas_float32([t / multiplier for t in timesteps] + [0.0], timesteps, multiplier)
+    index = torch.tensor(timesteps, dtype=torch.long)
+    table = getattr(model_sampling, "sigmas", None)
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and table is not None:
+        # The model's own table: model_sampling.timestep(σ) gives back exactly t (SD1.5: 14.61465 at 999, ...).
+        sigmas = table.detach().cpu().float()[index]
+    else:
+        sigmas = model_sampling.sigma(index.float()).detach().cpu().float()
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SAMPLER
+
+
+class _IntegerTimestepDenoiser:
+    """Evaluates a flow model at the integer timestep int(σ·1000) while returning x̂0 at the solver's σ.
+
+    The model at noise level σ_t (model_sampling.timestep(σ_t) == t exactly) returns x̂0' = x − σ_t v̂; with
+    v̂ = (x − x̂0')/σ_t the recipe's x̂0 = x − σ v̂ (diffusers' `convert_model_output` for flow_prediction).
+    """
+
+    def __init__(self, model, model_sampling, sigmas: torch.Tensor):
+        self.model = model
+        self.inner_model = model.inner_model
+        multiplier = _flow_multiplier(model_sampling)
+        self.feed = {}
+        for sigma in sigmas.tolist():
+            if sigma > 0:
+                timestep = schedules.flow_model_timestep(sigma, multiplier)
+                self.feed[sigma] = _sigma_for_timestep(model_sampling, timestep, multiplier)
+
+    def __call__(self, x, sigma, **kwargs):
+        value = float(sigma.reshape(-1)[0])
+        feed = self.feed.get(value)
+        if feed is None or feed == value:
+            return self.model(x, sigma, **kwargs)
+        denoised = self.model(x, torch.full_like(sigma, feed), **kwargs)
+        return x - (value / feed) * (x - denoised)
+
+
+def _sigma_for_timestep(model_sampling, timestep: int, multiplier: float) -> float:
+    """The float32 σ for which the model's own `timestep(σ)` is exactly the integer `timestep`."""
+    value = torch.tensor([timestep / multiplier], dtype=torch.float32)
+    for _ in range(16):
+        got = float(model_sampling.timestep(value)[0])
+        if got == timestep:
+            return float(value[0])
+        value = torch.nextafter(value, torch.full_like(value, math.inf if got < timestep else -math.inf))
+    raise ValueError(f"no float32 sigma gives model timestep {timestep}")
+
+
+def _start_state(model, x, sigmas, space: str, initial_noise: str):
+    """diffusers' pure-noise start (see the module docstring); ComfyUI's state otherwise."""
+    if initial_noise != "unit":
+        return x
+    noise, latent = getattr(model, "noise", None), getattr(model, "latent_image", None)
+    if noise is None or getattr(noise, "is_nested", False) or noise.shape != x.shape:
+        return x
+    if latent is not None and torch.count_nonzero(latent) > 0:
+        return x
+    sigma0 = float(sigmas[0])
+    scale = 1.0 if space == "flow" else math.sqrt(1.0 + sigma0 * sigma0)
+    return noise.to(device=x.device, dtype=x.dtype) * scale
+
+
+def resolve_solver(solver: str, model_sampling) -> str:
+    if solver == "auto":
+        solver = presets.solver_for_parametrisation(model_parametrisation(model_sampling))
+    try:
+        return _SOLVER_ALIASES[solver]
+    except KeyError:
+        raise ValueError(f"unknown TDM solver {solver!r}; choose one of {', '.join(SOLVER_CHOICES)}") from None
+
+
+def sample_tdm(model, x, sigmas, extra_args=None, callback=None, disable=None, solver: str = "auto",
+               gamma: float = 0.0, model_timesteps: str = "integer", initial_noise: str = "unit"):
+    """The KSAMPLER function: picks the tdm_core solver and state space from the model, applies the recipe's
+    conventions, and reports every step through `callback` (previews, progress bar, Cancel)."""
+    model_sampling = model.inner_model.inner_model.model_sampling
+    space = state_space(model_sampling)
+    name = resolve_solver(solver, model_sampling)
+    if len(sigmas) <= 1:
+        return x
+    x = _start_state(model, x, sigmas, space, initial_noise)
+    denoiser = model
+    if model_timesteps == "integer" and space == "flow":
+        denoiser = _IntegerTimestepDenoiser(model, model_sampling, sigmas)
+    options = {"space": space}
+    if name == "ddim":
+        options["gamma"] = gamma
+        if space == "flow":
+            multiplier = _flow_multiplier(model_sampling)
+            options["timestep_of_sigma"] = lambda s: s * multiplier
+            options["sigma_of_timestep"] = lambda t: t / multiplier
+        else:
+            options["timestep_of_sigma"] = lambda s: float(model_sampling.timestep(torch.tensor(s)))
+            options["sigma_of_timestep"] = lambda t: float(model_sampling.sigma(torch.tensor(float(t))))
+    elif gamma > 0:
+        raise ValueError("gamma (TCD-style noise) applies to the ddim solver only; set gamma to 0 for dpmpp_2m")
+    return solvers.get_solver(name)(denoiser, x, sigmas, extra_args=extra_args, callback=callback,
+                                    disable=disable, **options)
+
+
+def tdm_sampler(solver: str = "auto", gamma: float = 0.0, model_timesteps: str = "integer",
+                initial_noise: str = "unit") -> comfy.samplers.KSAMPLER:
+    if solver not in SOLVER_CHOICES and solver not in _SOLVER_ALIASES:
+        raise ValueError(f"unknown TDM solver {solver!r}; choose one of {', '.join(SOLVER_CHOICES)}")
+    return comfy.samplers.KSAMPLER(sample_tdm, extra_options={
+        "solver": solver, "gamma": float(gamma), "model_timesteps": model_timesteps, "initial_noise": initial_noise,
+    })
+
+
+class _PositiveOnlyGuider(comfy.samplers.CFGGuider):
+    """CFG 1 with no negative: one model evaluation per step (every TDM LoRA samples without CFG)."""
+
+    def set_conds(self, positive):
+        self.inner_set_conds({"positive": positive})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nodes
+
+_PRESET_TOOLTIP = "TDM recipe: " + "; ".join(
+    f"{p.name} = {p.display_name}: {p.steps} steps, grid {p.grid}" + (f" (shift {p.shift:g})" if p.shift else "")
+    + f", solver {p.solver}" for p in presets.PRESETS.values()
+)
+
+
+class TDMSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMSampler",
+            display_name="TDM Sampler",
+            category="sampling/custom_sampling/samplers",
+            description="The few-step sampler of the official TDM recipes, for SamplerCustom / "
+                        "SamplerCustomAdvanced. Use with TDM Scheduler sigmas and CFG 1.",
+            inputs=[
+                io.Combo.Input("solver", options=SOLVER_CHOICES, default="auto", tooltip=(
+                    "auto: the recipe's solver for this model (SD3/SD3.5 and SD1.5: dpmpp_2m, v-prediction: ddim). "
+                    "dpmpp_2m: DPM-Solver++(2M) as in diffusers, λ = ln(α/σ) of the model's own parametrisation — "
+                    "flow-aware on SD3 (ComfyUI's built-in dpmpp_2m is not). ddim: the deterministic TDM/DDIM step.")),
+                io.Float.Input("gamma", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "Extension, not part of TDM (which is deterministic): TCD-style stochasticity for the ddim "
+                    "solver. 0 = deterministic; γ > 0 re-noises each step from ⌊(1−γ)·t_next⌋ with fresh noise.")),
+                io.Combo.Input("model_timesteps", options=["integer", "float"], default="integer", tooltip=(
+                    "integer: give the model the integer timesteps int(σ·1000) as diffusers does (exact parity "
+                    "with the official SD3 recipe). float: ComfyUI's σ·1000. No effect on SD1.5 (already integer).")),
+                io.Combo.Input("initial_noise", options=["unit", "scaled"], default="unit", tooltip=(
+                    "unit: from an empty latent, start from plain N(0, I) noise as diffusers and the TDM rollout do. "
+                    "scaled: ComfyUI's σ_0-scaled noise. Non-empty latents (img2img) are never changed.")),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, solver, gamma, model_timesteps, initial_noise) -> io.NodeOutput:
+        return io.NodeOutput(tdm_sampler(solver, gamma, model_timesteps, initial_noise))
+
+
+class TDMScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMScheduler",
+            display_name="TDM Scheduler",
+            category="sampling/custom_sampling/schedulers",
+            description="The exact timestep grid of a TDM recipe as SIGMAS of this MODEL (its own model_sampling, so "
+                        "t ↔ σ matches the model). Errors if the preset is for another kind of model.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample (with its TDM LoRA); its parametrisation must "
+                                                "match the preset."),
+                io.Combo.Input("preset", options=list(presets.PRESETS), default="sd3", tooltip=_PRESET_TOOLTIP),
+                io.Int.Input("steps", default=4, min=1, max=1000, tooltip=(
+                    "Number of steps. The released TDM LoRAs are 4-step students; other counts follow the same grid "
+                    "rule. Ignored when custom timesteps are given.")),
+                io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.05, tooltip=(
+                    "Flow shift for SD3/SD3.5 (flow_shift grid). 0 = the preset's (6, the official recipe; 1–6 are "
+                    "documented). Ignored by ε/v presets.")),
+                io.Combo.Input("grid", options=GRID_CHOICES, default="preset", tooltip=(
+                    "preset: the recipe's grid. flow_shift: diffusers' flow sigmas at the shift. sd15_linspace: "
+                    "999, 749, 500, 250 at 4 steps. trailing: 999, 749, 499, 249. cogvideox_trained: 999, 856, 665, "
+                    "399. training_demo: t_k = N−1−k·N/K of train_tdm_demo.py (N = demo_total_steps).")),
+                io.String.Input("custom_timesteps", default="", tooltip=(
+                    "Optional integer timesteps, descending, e.g. '999, 856, 665, 399'; overrides grid and steps.")),
+                io.Int.Input("demo_total_steps", default=schedules.TRAINING_DEMO_TOTAL_STEPS, min=1, max=1000,
+                             tooltip="N of the training_demo grid (train_tdm_demo.py total_steps: 800 by default, "
+                                     "900 in the README run). Used only by that grid."),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, preset, steps, shift, grid, custom_timesteps, demo_total_steps) -> io.NodeOutput:
+        return io.NodeOutput(tdm_sigmas(model, preset, steps, shift, grid, custom_timesteps, demo_total_steps))
+
+
+class TDMKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMKSampler",
+            display_name="TDM KSampler",
+            category="sampling",
+            description="All-in-one TDM sampling: the preset's grid and solver, CFG 1 (one model evaluation per step, "
+                        "no negative prompt), seeded noise.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model with its TDM LoRA applied."),
+                io.Conditioning.Input("positive", tooltip="The prompt. TDM samples without CFG, so there is no "
+                                                          "negative prompt."),
+                io.Latent.Input("latent_image", tooltip="The latent to start from (an empty latent for txt2img)."),
+                io.Combo.Input("preset", options=list(presets.PRESETS), default="sd3", tooltip=_PRESET_TOOLTIP),
+                io.Int.Input("steps", default=4, min=1, max=1000, tooltip="Number of steps (the released TDM LoRAs "
+                                                                          "are 4-step students)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the initial noise; the same seed gives the same latent."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent_image, preset, steps, seed) -> io.NodeOutput:
+        recipe = presets.get_preset(preset)
+        sigmas = tdm_sigmas(model, preset, steps)
+        sampler = tdm_sampler(recipe.solver, 0.0, recipe.model_timesteps, recipe.initial_noise)
+        latent = latent_image.copy()
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        guider = _PositiveOnlyGuider(model)
+        guider.set_conds(positive)
+        callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
+        result = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
+                               callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        latent["samples"] = result.to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(latent)
+
+
+NODES: list = [TDMSampler, TDMScheduler, TDMKSampler]

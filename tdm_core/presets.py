@@ -40,6 +40,15 @@ class ModelPreset:
     base_model_source: str = ""
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    # The official recipe this preset reproduces, and its two conventions where ComfyUI's defaults differ from it
+    # (on VP models both conventions coincide with ComfyUI's, so they only matter for flow models):
+    # - model_timesteps "integer": the model is given the scheduler's integer timesteps (diffusers casts σ·1000 to
+    #   int64), while the solver keeps the float σ; ComfyUI would pass σ·1000 as a float ("float").
+    # - initial_noise "unit": a pure-noise start is plain N(0, I) noise labelled σ_0, as diffusers' pipelines and the
+    #   TDM rollout start; ComfyUI scales it by σ_0 for flow models ("scaled").
+    reference: str = ""
+    model_timesteps: str = "integer"
+    initial_noise: str = "unit"
 
     @property
     def nfe(self) -> int:
@@ -61,6 +70,8 @@ PRESETS: dict[str, ModelPreset] = {
             # The official README marks this "IMPORTANT": the LoRA is applied at 1/8.
             lora_strength=0.125,
             teacher=TeacherRecipe(steps=28, cfg=7.0),
+            reference="diffusers DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type='flow_prediction', "
+            "flow_shift=6, algorithm_type='dpmsolver++', solver_order=2), integer timesteps, x_T = noise",
             lora_source="https://huggingface.co/Luo-Yihong/TDM_sd3_lora",
             lora_file="tdm_sd3.safetensors",
             base_model_source="https://huggingface.co/stabilityai/stable-diffusion-3-medium",
@@ -77,6 +88,7 @@ PRESETS: dict[str, ModelPreset] = {
             # Unpublished for SD3.5; the SD3 recipe is the documented starting point (verify on the real LoRA).
             lora_strength=0.125,
             teacher=TeacherRecipe(steps=28, cfg=7.0),
+            reference="as sd3 (diffusers flow DPM-Solver++(2M), flow_shift 6)",
             lora_source="https://huggingface.co/Luo-Yihong/TDM_sd3-5_lora",
             lora_file="tdm_sd35.safetensors",
             base_model_source="https://huggingface.co/stabilityai/stable-diffusion-3.5-medium",
@@ -92,6 +104,8 @@ PRESETS: dict[str, ModelPreset] = {
             solver="dpmpp_2m",
             lora_strength=1.0,
             teacher=TeacherRecipe(steps=25, cfg=7.5),
+            reference="diffusers DPMSolverMultistepScheduler with the SD1.5 DDPM config (scaled_linear 0.00085-0.012, "
+            "epsilon, dpmsolver++, order 2, timestep_spacing 'linspace')",
             lora_source="https://huggingface.co/Luo-Yihong/TDM_dreamshaper_LoRA",
             lora_file="tdm_dreamshaper.pt",
             base_model_source="https://huggingface.co/Lykon/dreamshaper-7",
@@ -108,6 +122,8 @@ PRESETS: dict[str, ModelPreset] = {
             solver="ddim_v",
             lora_strength=1.0,
             teacher=TeacherRecipe(steps=50, cfg=6.0),
+            reference="v-prediction DDIM (CogVideoXDDIMScheduler alphas_cumprod: SNR shift 3, zero terminal SNR) at the "
+            "trained timesteps",
             lora_source="https://huggingface.co/Luo-Yihong/TDM_CogVideoX-2B_LoRA",
             lora_file="tdm_cogvideox_2b.safetensors",
             base_model_source="https://huggingface.co/THUDM/CogVideoX-2b",
@@ -125,3 +141,16 @@ def get_preset(name: str) -> ModelPreset:
 
 def presets_for_family(family: str) -> list[ModelPreset]:
     return [p for p in PRESETS.values() if p.family == family]
+
+
+def presets_for_parametrisation(parametrisation: str) -> list[ModelPreset]:
+    return [p for p in PRESETS.values() if p.parametrisation == parametrisation]
+
+
+def solver_for_parametrisation(parametrisation: str) -> str:
+    """The solver of the released recipe for this parametrisation: the TDM sampler's "auto" choice."""
+    matching = presets_for_parametrisation(parametrisation)
+    if not matching:
+        known = sorted({p.parametrisation for p in PRESETS.values()})
+        raise KeyError(f"no TDM preset for {parametrisation!r} models; TDM recipes exist for {', '.join(known)}")
+    return matching[0].solver

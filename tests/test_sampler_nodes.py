@@ -1,0 +1,123 @@
+"""The TDM sampler nodes in a live ComfyUI server: schemas, graphs with SamplerCustom / SamplerCustomAdvanced and
+the all-in-one node, parity of the saved latents with the diffusers recipes, and the preset/model mismatch error."""
+
+from __future__ import annotations
+
+import uuid
+
+import comfy.sample
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_sampler_parity import SD3_RTOL, SD15_RTOL, diffusers_sd3, diffusers_sd15
+
+from harness.server import ServerError
+from tdm_core import presets
+
+TDM_NODES = {
+    "TDMSampler": "sampling/custom_sampling/samplers",
+    "TDMScheduler": "sampling/custom_sampling/schedulers",
+    "TDMKSampler": "sampling",
+}
+PROMPT = "a lighthouse at dusk"  # the parity helpers encode the same text
+SEED = 42
+LATENT_SCALE = {"sd3": (1.5305, 0.0609), "sd15": (0.18215, 0.0)}  # ComfyUI latent formats: stored = x/scale + shift
+
+
+def test_schemas_have_ids_categories_descriptions_and_tooltips(comfy_server):
+    info = comfy_server.object_info()
+    for node_id, category in TDM_NODES.items():
+        assert node_id in info, f"{node_id} is not registered"
+        schema = info[node_id]
+        assert schema["category"] == category
+        assert schema["description"]
+        inputs = {**schema["input"].get("required", {}), **schema["input"].get("optional", {})}
+        assert inputs
+        for name, (_, options) in ((n, spec if len(spec) > 1 else (spec[0], {})) for n, spec in inputs.items()):
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert info["TDMScheduler"]["input"]["required"]["preset"][1]["options"] == list(presets.PRESETS)
+
+
+def _base_graph(family):
+    latent_node = ("EmptySD3LatentImage" if family == "sd3" else "EmptyLatentImage",
+                   {"width": 128, "height": 128, "batch_size": 1})
+    return {
+        "model": {"class_type": "TDMTest_TinyModel", "inputs": {"family": family, "seed": 0}},
+        "cond": {"class_type": "TDMTest_TinyConditioning", "inputs": {"family": family, "text": PROMPT}},
+        "latent": {"class_type": latent_node[0], "inputs": latent_node[1]},
+    }
+
+
+def _save(graph, source):
+    prefix = f"tdm_sampler_test/{uuid.uuid4().hex}"
+    graph["save"] = {"class_type": "SaveLatent", "inputs": {"samples": source, "filename_prefix": prefix}}
+    return graph
+
+
+def _run_and_load(server, graph, family):
+    entry = server.run_prompt(graph)
+    saved = entry["outputs"]["save"]["latents"][0]
+    path = server.base_directory / "output" / saved["subfolder"] / saved["filename"]
+    stored = load_file(str(path))["latent_tensor"]
+    scale, shift = LATENT_SCALE[family]
+    return (stored - shift) * scale  # back to the model's latent space, as diffusers holds it
+
+
+def _tdm_scheduler(preset):
+    return {"class_type": "TDMScheduler", "inputs": {
+        "model": ["model", 0], "preset": preset, "steps": 4, "shift": 0.0, "grid": "preset", "custom_timesteps": "",
+        "demo_total_steps": 800}}
+
+
+def _tdm_sampler():
+    return {"class_type": "TDMSampler", "inputs": {
+        "solver": "auto", "gamma": 0.0, "model_timesteps": "integer", "initial_noise": "unit"}}
+
+
+def test_sd3_samplercustom_graph_equals_the_diffusers_recipe(comfy_server, sd3_twin):
+    graph = _base_graph("sd3")
+    graph.update({
+        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["cond", 0]}},
+        "sigmas": _tdm_scheduler("sd3"),
+        "sampler": _tdm_sampler(),
+        "sample": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["model", 0], "add_noise": True, "noise_seed": SEED, "cfg": 1.0, "positive": ["cond", 0],
+            "negative": ["neg", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
+            "latent_image": ["latent", 0]}},
+    })
+    ours = _run_and_load(comfy_server, _save(graph, ["sample", 0]), "sd3")
+    reference = diffusers_sd3(sd3_twin, comfy.sample.prepare_noise(torch.zeros(ours.shape), SEED), 4, 6.0)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=SD3_RTOL * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("path", ["advanced", "all_in_one"])
+def test_sd15_graphs_equal_the_diffusers_recipe(comfy_server, sd15_twin, path):
+    graph = _base_graph("sd15")
+    if path == "advanced":
+        graph.update({
+            "sigmas": _tdm_scheduler("dreamshaper"),
+            "sampler": _tdm_sampler(),
+            "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
+            "guider": {"class_type": "BasicGuider", "inputs": {"model": ["model", 0], "conditioning": ["cond", 0]}},
+            "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
+                "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
+                "latent_image": ["latent", 0]}},
+        })
+    else:
+        graph["sample"] = {"class_type": "TDMKSampler", "inputs": {
+            "model": ["model", 0], "positive": ["cond", 0], "latent_image": ["latent", 0], "preset": "dreamshaper",
+            "steps": 4, "seed": SEED}}
+    ours = _run_and_load(comfy_server, _save(graph, ["sample", 0]), "sd15")
+    reference = diffusers_sd15(sd15_twin, comfy.sample.prepare_noise(torch.zeros(ours.shape), SEED), 4)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=SD15_RTOL * reference.abs().max().item())
+
+
+def test_mismatched_preset_fails_the_prompt_naming_both(comfy_server):
+    graph = _base_graph("sd15")
+    graph["sample"] = {"class_type": "TDMKSampler", "inputs": {
+        "model": ["model", 0], "positive": ["cond", 0], "latent_image": ["latent", 0], "preset": "sd3",
+        "steps": 4, "seed": SEED}}
+    with pytest.raises(ServerError) as error:
+        comfy_server.run_prompt(_save(graph, ["sample", 0]))
+    message = str(error.value)
+    assert "'sd3'" in message and "SD15" in message and "does not fit this MODEL" in message
