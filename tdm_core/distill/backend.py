@@ -1,0 +1,324 @@
+"""How the trainer reaches a teacher: the `TeacherBackend` protocol and a peft backend for torch modules.
+
+The trainer never calls a network directly. It asks a backend for one of three predictors of the same model:
+
+  "teacher"  the frozen base model (in "lora" mode: every adapter disabled),
+  "student"  the few-step generator G (adapter "student"),
+  "fake"     the fake score F, which learns the student's distribution (adapter "fake").
+
+`PeftBackend` implements this for any torch module by putting two named peft LoRA adapters on the one frozen model
+(the released TDM LoRAs show a LoRA student works), or, in "full" mode, by keeping separate trainable copies (the
+official demo's layout; for comparison and the memory benchmark). `diffusers_backend` adds the call conventions,
+latent shapes, default target modules and LoRA export names of diffusers' UNet2DConditionModel (SD1.5, ε),
+SD3Transformer2DModel (SD3/SD3.5, flow) and CogVideoXTransformer3DModel (CogVideoX, v).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from .schedule import DiscreteSchedule
+
+Adapter = Literal["teacher", "student", "fake"]
+ADAPTERS = ("teacher", "student", "fake")
+TRAINABLE = ("student", "fake")
+
+
+@runtime_checkable
+class TeacherBackend(Protocol):
+    """What `TDMTrainer` needs from a model. Conditionings are opaque to the trainer (tensors, dicts or tuples of
+    tensors with the batch first), produced by `encode`/`uncond` and handed back to `forward`."""
+
+    parametrisation: str  # "eps" | "v" | "flow": what `forward` returns
+    schedule: DiscreteSchedule  # (α_t, σ_t) for integer t in [0, N)
+    latent_shape: tuple[int, ...]  # one sample, without the batch dimension
+    family: str  # written into the student LoRA's metadata
+
+    def encode(self, prompts: list[str]) -> Any: ...
+
+    def uncond(self, batch: int) -> Any: ...  # the empty prompt's conditioning, batch times
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any, adapter: Adapter) -> torch.Tensor: ...
+
+    def trainable_parameters(self, adapter: Adapter) -> list[torch.nn.Parameter]: ...
+
+    def adapter_state_dict(self, adapter: Adapter) -> dict[str, torch.Tensor]: ...
+
+    def load_adapter_state_dict(self, adapter: Adapter, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def concat_conds(a: Any, b: Any) -> Any:
+    """Batch-concatenates two conditionings of the same structure (tensor, dict, list/tuple of them, None)."""
+    if a is None and b is None:
+        return None
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b], dim=0)
+    if isinstance(a, dict):
+        return {k: concat_conds(a[k], b[k]) for k in a}
+    if isinstance(a, (list, tuple)):
+        return type(a)(concat_conds(x, y) for x, y in zip(a, b, strict=True))
+    raise TypeError(f"cannot batch conditionings of type {type(a).__name__}")
+
+
+def forward_pair(backend, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, adapter: Adapter):
+    """Conditional and unconditional predictions in one batched forward (a backend may provide its own)."""
+    own = getattr(backend, "forward_pair", None)
+    if own is not None:
+        return own(x, t, cond, uncond, adapter)
+    out = backend.forward(torch.cat([x, x]), torch.cat([t, t]), concat_conds(cond, uncond), adapter)
+    return out.chunk(2)
+
+
+def _lora_layers(model: torch.nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class PeftBackend:
+    """A TeacherBackend over one torch module.
+
+    `call(model, x, model_t, cond)` runs the network (default `model(x, model_t, cond)`), `model_t` being
+    `schedule.model_timesteps[t]` in the sample's dtype. `encode(prompts)` gives the conditioning; the
+    unconditional one is the empty prompt's. In "lora" mode both adapters start at B = 0 (student = fake = teacher,
+    as the official script starts both copies from the teacher), initialised from `adapter_seed`.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, schedule: DiscreteSchedule, parametrisation: str,
+                 latent_shape: tuple[int, ...], encode: Callable[[list[str]], Any],
+                 call: Callable | None = None, family: str = "", mode: str = "lora", lora_rank: int = 16,
+                 lora_alpha: float | None = None, target_modules: list[str] | None = None,
+                 export_format: str = "peft", export_prefix: str = "", adapter_seed: int = 0):
+        if parametrisation not in ("eps", "v", "flow"):
+            raise ValueError(f"parametrisation must be eps, v or flow, got {parametrisation!r}")
+        if mode not in ("lora", "full"):
+            raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+        self.schedule = schedule
+        self.parametrisation = parametrisation
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.family = family
+        self.mode = mode
+        self.export_format = export_format
+        self.export_prefix = export_prefix
+        self._encode = encode
+        self._call = call or (lambda m, x, t, c: m(x, t, c))
+        self._cond_cache: dict[str, Any] = {}
+        model.requires_grad_(False)
+        model.eval()
+        self.model = model
+        self.lora_rank = int(lora_rank)
+        self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
+        if mode == "lora":
+            if not target_modules:
+                raise ValueError("target_modules is empty: name the modules the LoRA adapters patch")
+            from peft import LoraConfig, inject_adapter_in_model
+
+            config = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=list(target_modules),
+                                lora_dropout=0.0, init_lora_weights=True)
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*peft_config.*")
+                torch.manual_seed(adapter_seed)
+                for name in TRAINABLE:
+                    inject_adapter_in_model(copy.deepcopy(config), model, adapter_name=name)
+            self._layers = _lora_layers(model)
+            if not self._layers:
+                raise ValueError(f"no module of the model matches target_modules {target_modules}")
+            self._params = {a: [(n, p) for n, p in model.named_parameters() if f".{a}." in n and ".lora_" in n]
+                            for a in TRAINABLE}
+            for _, p in self._params["student"] + self._params["fake"]:
+                p.requires_grad_(True)
+            self._active: str | None = None
+            self._models = {a: model for a in ADAPTERS}
+        else:
+            self._models = {"teacher": model}
+            for name in TRAINABLE:
+                copy_ = copy.deepcopy(model)
+                copy_.requires_grad_(True)
+                self._models[name] = copy_
+            self._params = {a: list(self._models[a].named_parameters()) for a in TRAINABLE}
+
+    # ---- conditioning ------------------------------------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> Any:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
+        if missing:
+            with torch.no_grad():
+                encoded = self._encode(missing)
+            for i, prompt in enumerate(missing):
+                self._cond_cache[prompt] = _index_cond(encoded, i)
+        return _stack_conds([self._cond_cache[p] for p in prompts])
+
+    def uncond(self, batch: int) -> Any:
+        return self.encode([""] * batch)
+
+    # ---- prediction ----------------------------------------------------------------------------------------------
+    def _activate(self, adapter: str) -> None:
+        if self.mode != "lora" or adapter == self._active:
+            return
+        for layer in self._layers:
+            if adapter == "teacher":
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(adapter)
+        # peft's set_adapter freezes the other adapter; both stay trainable here (no_grad decides what learns).
+        for _, p in self._params["student"] + self._params["fake"]:
+            p.requires_grad_(True)
+        self._active = adapter
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any, adapter: Adapter) -> torch.Tensor:
+        if adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
+        self._activate(adapter)
+        model_t = self.schedule.model_timesteps.to(x.device)[t.to(x.device)].to(x.dtype)
+        return self._call(self._models[adapter], x, model_t, cond)
+
+    # ---- parameters ------------------------------------------------------------------------------------------------
+    def trainable_parameters(self, adapter: Adapter) -> list[torch.nn.Parameter]:
+        return [p for _, p in self._params[adapter]]
+
+    def adapter_state_dict(self, adapter: Adapter) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self._params[adapter]}
+
+    def load_adapter_state_dict(self, adapter: Adapter, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self._params[adapter])
+        if set(own) != set(state):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise KeyError(f"adapter '{adapter}' state does not match the model: missing {missing[:3]}, "
+                           f"unexpected {extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)")
+        with torch.no_grad():
+            for name, param in own.items():
+                param.copy_(state[name])
+
+    def teacher_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen base weights (the teacher), without any adapter tensors."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if ".lora_" not in n}
+
+    # ---- export ----------------------------------------------------------------------------------------------------
+    def export_student_lora(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The student adapter as a LoRA file's tensors + header metadata.
+
+        export_format "kohya" (UNets): `lora_unet_<module path, '.'→'_'>.lora_down.weight / .lora_up.weight /
+        .alpha`, the names ComfyUI maps onto an SD1.5 MODEL (it does not map plain peft `unet.*.to_q` names) and the
+        format of the released Dreamshaper TDM LoRA. "peft": `<prefix><module>.lora_A.weight / .lora_B.weight` with
+        alpha in diffusers' `lora_adapter_metadata` header entry (prefix "transformer." for SD3 and CogVideoX).
+        """
+        if self.mode != "lora":
+            raise ValueError("mode 'full' trains a full student copy, not a LoRA; use adapter_state_dict('student')")
+        tensors: dict[str, torch.Tensor] = {}
+        modules = []
+        for name, param in self._params["student"]:
+            # "<module>.lora_A.student.weight" -> module, A/B
+            module, _, rest = name.partition(".lora_")
+            which = rest.split(".")[0]  # "A" or "B"
+            value = param.detach().to("cpu").contiguous().clone()
+            if self.export_format == "kohya":
+                base = "lora_unet_" + module.replace(".", "_")
+                tensors[f"{base}.lora_{'down' if which == 'A' else 'up'}.weight"] = value
+                tensors[f"{base}.alpha"] = torch.tensor(self.lora_alpha)
+            else:
+                tensors[f"{self.export_prefix}{module}.lora_{which}.weight"] = value
+            modules.append(module)
+        metadata = {"tdm.family": self.family, "tdm.lora_rank": str(self.lora_rank),
+                    "tdm.lora_alpha": repr(self.lora_alpha)}
+        if self.export_format != "kohya":
+            component = self.export_prefix.rstrip(".")
+            lora_config = {"r": self.lora_rank, "lora_alpha": self.lora_alpha,
+                           "target_modules": sorted(set(m.split(".")[-1] for m in modules))}
+            if component:
+                lora_config = {f"{component}.{k}": v for k, v in lora_config.items()}
+            metadata["lora_adapter_metadata"] = json.dumps(lora_config)
+        return tensors, metadata
+
+
+def _index_cond(cond: Any, i: int) -> Any:
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[i : i + 1]
+    if isinstance(cond, dict):
+        return {k: _index_cond(v, i) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_index_cond(v, i) for v in cond)
+    raise TypeError(f"cannot index a conditioning of type {type(cond).__name__}")
+
+
+def _stack_conds(parts: list) -> Any:
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, dim=0)
+    if isinstance(first, dict):
+        return {k: _stack_conds([p[k] for p in parts]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_stack_conds([p[i] for p in parts]) for i in range(len(first)))
+    raise TypeError(f"cannot batch conditionings of type {type(first).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers models
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+               "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+COGVIDEOX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+
+def _call_unet(model, x, t, cond):
+    return model(x, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
+
+
+def _call_sd3(model, x, t, cond):
+    return model(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                 pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+
+
+def _call_cogvideox(model, x, t, cond):
+    return model(hidden_states=x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
+                 return_dict=False)[0]
+
+
+def diffusers_backend(model: torch.nn.Module, *, schedule: DiscreteSchedule, encode: Callable[[list[str]], dict],
+                      latent_shape: tuple[int, ...] | None = None, parametrisation: str | None = None,
+                      family: str | None = None, **kwargs) -> PeftBackend:
+    """A PeftBackend for a diffusers UNet2DConditionModel / SD3Transformer2DModel / CogVideoXTransformer3DModel.
+
+    `encode(prompts)` returns {"encoder_hidden_states": [B, L, D]} (+ "pooled_projections": [B, P] for SD3).
+    The student LoRA is exported with the names ComfyUI and tdm_core.lora read: kohya `lora_unet_*` for UNets,
+    peft `transformer.*` for SD3 and CogVideoX.
+    """
+    kind = type(model).__name__
+    config = model.config
+    if kind == "UNet2DConditionModel":
+        defaults = dict(parametrisation="eps", family="sd15", call=_call_unet, target_modules=UNET_TARGETS,
+                        export_format="kohya", export_prefix="",
+                        latent_shape=(config.in_channels, config.sample_size, config.sample_size))
+    elif kind == "SD3Transformer2DModel":
+        dual = bool(getattr(config, "dual_attention_layers", ()) or ())
+        defaults = dict(parametrisation="flow", family="sd35" if dual else "sd3", call=_call_sd3,
+                        target_modules=SD3_TARGETS, export_format="peft", export_prefix="transformer.",
+                        latent_shape=(config.in_channels, config.sample_size, config.sample_size))
+    elif kind == "CogVideoXTransformer3DModel":
+        frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1
+        defaults = dict(parametrisation="v", family="cogvideox", call=_call_cogvideox,
+                        target_modules=COGVIDEOX_TARGETS, export_format="peft", export_prefix="transformer.",
+                        latent_shape=(frames, config.in_channels, config.sample_height, config.sample_width))
+    else:
+        raise TypeError(f"no diffusers backend for {kind}; supported: UNet2DConditionModel, SD3Transformer2DModel, "
+                        "CogVideoXTransformer3DModel (or build a PeftBackend with your own `call`)")
+    if latent_shape is not None:
+        defaults["latent_shape"] = tuple(latent_shape)
+    if parametrisation is not None:
+        defaults["parametrisation"] = parametrisation
+    if family is not None:
+        defaults["family"] = family
+    if kwargs.get("target_modules") is None:
+        kwargs.pop("target_modules", None)
+    defaults.update(kwargs)
+    return PeftBackend(model, schedule=schedule, encode=encode, **defaults)

@@ -1,0 +1,138 @@
+"""Checkpoints: a resumable training state and the student LoRA, written so that a crash never corrupts them.
+
+Layout of a run folder:
+  checkpoint-00000100/state.pt            both adapters, both optimisers, LR schedule, step, RNG states, config
+  checkpoint-00000100/config.json         the config, readable
+  checkpoint-00000100/student_lora.safetensors   the student at that step (ComfyUI-loadable)
+  student_lora.safetensors                the newest student LoRA
+A checkpoint folder is written under a temporary name, every file fsynced, then renamed into place (an atomic
+rename on POSIX) and the parent folder fsynced, so a `checkpoint-*` folder is either complete or absent; a kill
+during a save leaves only a `.tmp-*` folder, removed by the next save. Older checkpoints beyond `keep_last` are
+deleted only after the new one is in place. `state.pt` is read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "state.pt"
+LORA_FILE = "student_lora.safetensors"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Atomically writes a safetensors LoRA (temporary file, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={str(k): str(v) for k, v in metadata.items()})
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def student_lora(trainer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, metadata = trainer.backend.export_student_lora()
+    return tensors, {**metadata, **trainer.export_metadata()}
+
+
+def export_student_lora(trainer, path: str | Path) -> Path:
+    """The student adapter as a LoRA file with TDM metadata (family, K, grid, strength, sampler preset)."""
+    tensors, metadata = student_lora(trainer)
+    return write_lora(path, tensors, metadata)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """The commit point of a save: one rename (tests inject failures here)."""
+    os.rename(tmp, final)
+
+
+def save_checkpoint(trainer, run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = run_dir / f"checkpoint-{trainer.step_count:08d}"
+    tmp = run_dir / f".tmp-checkpoint-{trainer.step_count:08d}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        with open(tmp / STATE_FILE, "wb") as handle:
+            torch.save(trainer.state_dict(), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        (tmp / "config.json").write_text(json.dumps(trainer.config.to_dict(), indent=2), encoding="utf-8")
+        _fsync_file(tmp / "config.json")
+        lora = None
+        if getattr(trainer.backend, "mode", "lora") == "lora" and hasattr(trainer.backend, "export_student_lora"):
+            lora = student_lora(trainer)
+            write_lora(tmp / LORA_FILE, *lora)
+        _fsync_dir(tmp)
+        if final.exists():
+            # The same step saved again (right after a resume): the state is the same; never unpublish the old one.
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _publish(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if lora is not None:
+        write_lora(run_dir / LORA_FILE, *lora)
+    for old in list_checkpoints(run_dir)[: -trainer.config.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The state dict of a checkpoint folder, or of the newest checkpoint in a run folder."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        folder = path
+    else:
+        folder = latest_checkpoint(path)
+        if folder is None:
+            raise FileNotFoundError(f"no checkpoint-* folder with a {STATE_FILE} in {path}")
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    if state.get("format") != "tdm-distill-state/1":
+        raise ValueError(f"{folder / STATE_FILE} is not a TDM distillation state (format {state.get('format')!r})")
+    return state

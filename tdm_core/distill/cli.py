@@ -1,0 +1,180 @@
+"""Headless TDM distillation: `python -m tdm_core.distill --config run.toml [--resume] [--set key=value ...]`.
+
+Runs under `torchrun --nproc_per_node N` as data-parallel training (gloo on CPU, nccl on GPU; the global
+`batch_size` is split across processes). Process 0 writes, under `output_dir`:
+  metrics.jsonl                    one JSON object per logged step (losses, grad norm, LR, seconds)
+  previews/step_XXXXXXXX.pt        the student's K-step samples of the preview prompts (fixed seed); a .png too if the
+                                   backend has `preview_image(x0) -> uint8 [H, W, 3]` and Pillow is installed
+  checkpoint-XXXXXXXX/             resumable states (see checkpoint.py), the newest `keep_last` kept
+  student_lora.safetensors         the newest student LoRA
+The teacher is built by `config.teacher["factory"]` ("package.module:function"), called as factory(config, **rest).
+Config errors exit with status 2 before any model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import export_student_lora, latest_checkpoint
+from .config import ConfigError, DistillConfig
+
+
+def build_backend(config: DistillConfig):
+    spec = dict(config.teacher)
+    factory_name = spec.pop("factory", None)
+    if not factory_name or ":" not in factory_name:
+        raise ConfigError('teacher.factory must name a backend factory as "package.module:function", '
+                          f"got {factory_name!r}")
+    module_name, _, function_name = factory_name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"teacher.factory {factory_name!r} cannot be imported: {error}") from error
+    return factory(config, **spec)
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tdm_core.distill", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="a .toml or .json DistillConfig")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="continue from the newest checkpoint in output_dir (or from the given folder)")
+    parser.add_argument("--iterations", type=int, default=None, help="override config.iterations")
+    parser.add_argument("--output-dir", default=None, help="override config.output_dir")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field (JSON values), e.g. --set cfg=4.5")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def load_config(args) -> DistillConfig:
+    config = DistillConfig.load(args.config)
+    data = config.to_dict()
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        data[key] = _parse_value(value)
+    if args.iterations is not None:
+        data["iterations"] = args.iterations
+    if args.output_dir is not None:
+        data["output_dir"] = args.output_dir
+    return DistillConfig.from_dict(data).validate()
+
+
+def _init_distributed() -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def _write_preview(trainer, out_dir: Path, prompts: list[str]) -> None:
+    x0 = trainer.sample(prompts, seed=trainer.config.seed).cpu()
+    folder = out_dir / "previews"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"prompts": prompts, "x0": x0, "step": trainer.step_count}, folder / f"step_{trainer.step_count:08d}.pt")
+    to_image = getattr(trainer.backend, "preview_image", None)
+    if to_image is not None:
+        try:
+            from PIL import Image
+
+            Image.fromarray(to_image(x0)).save(folder / f"step_{trainer.step_count:08d}.png")
+        except ImportError:
+            pass
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    distributed = _init_distributed()
+    from .trainer import TDMTrainer
+
+    try:
+        backend = build_backend(config)
+        out_dir = Path(config.output_dir)
+        if args.resume:
+            source = out_dir if args.resume == "auto" else Path(args.resume)
+            if latest_checkpoint(source) is None and not (source / "state.pt").is_file():
+                print(f"no checkpoint in {source}; starting a new run", file=sys.stderr)
+                trainer = TDMTrainer(backend, config)
+            else:
+                trainer = TDMTrainer.resume(source, backend, config)
+        else:
+            trainer = TDMTrainer(backend, config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    main_process = trainer.rank == 0
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config.save(out_dir / "config.json")
+    preview_prompts = config.preview_prompts or list(dict.fromkeys(config.prompts))[:4]
+    progress = None
+    if main_process and not args.no_progress:
+        try:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=config.iterations, initial=trainer.step_count, desc="TDM", unit="it")
+        except ImportError:
+            progress = None
+    log = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if main_process else None  # noqa: SIM115
+    started = time.perf_counter()
+
+    def on_step(trainer, metrics):
+        step = metrics["step"]
+        if main_process:
+            if step % config.log_every == 0 or step == config.iterations:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss_gen=f"{metrics['loss_gen']:.4g}", loss_fake=f"{metrics['loss_fake']:.4g}")
+            elif step % max(1, config.iterations // 20) == 0:
+                print(f"step {step}/{config.iterations} loss_gen {metrics['loss_gen']:.4g} "
+                      f"loss_fake {metrics['loss_fake']:.4g}", flush=True)
+        if config.preview_every and step % config.preview_every == 0 and main_process:
+            _write_preview(trainer, out_dir, preview_prompts)
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            trainer.save_checkpoint(out_dir)
+
+    try:
+        if config.preview_every and trainer.step_count == 0 and main_process:
+            _write_preview(trainer, out_dir, preview_prompts)
+        trainer.train(config.iterations, callback=on_step)
+        if not (config.checkpoint_every and trainer.step_count % config.checkpoint_every == 0):
+            trainer.save_checkpoint(out_dir)
+        if main_process and getattr(backend, "mode", "lora") == "lora":
+            export_student_lora(trainer, out_dir / "student_lora.safetensors")
+            summary = {"done": True, "step": trainer.step_count, "seconds": round(time.perf_counter() - started, 3),
+                       "output_dir": str(out_dir), "world_size": trainer.world}
+            print(json.dumps(summary), flush=True)
+    finally:
+        if progress is not None:
+            progress.close()
+        if log is not None:
+            log.close()
+        if distributed:
+            torch.distributed.destroy_process_group()
+    return 0

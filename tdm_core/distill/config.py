@@ -1,0 +1,225 @@
+"""The distillation settings: one typed, documented dataclass, loaded from JSON/TOML or built in code.
+
+Every impossible setting is a `ConfigError` raised by `validate()` before any model is touched; the checks that need
+the teacher's schedule (does the grid fit?) run in `validate(num_timesteps=...)`, which `TDMTrainer` calls before its
+first forward. Defaults are the official `train_tdm_demo.py` choices (docs/tdm_method.md §2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Fixed margins of the official script (docs/tdm_method.md §2): τ ≥ 20, τ < t_g − 10 (separate) or N − 10 (shared),
+# randmid jitter in [t_mid, t_g − 20).
+TAU_MIN = 20
+TAU_MARGIN = 10
+RANDMID_MARGIN = 20
+
+TAU_MODES = ("separate", "shared")
+GENERATOR_LOSSES = ("pseudo_huber", "pseudo_huber_vector", "mse")
+MODES = ("lora", "full")
+
+
+class ConfigError(ValueError):
+    """A distillation setting that cannot work; the message names the setting and what to do."""
+
+
+@dataclass
+class DistillConfig:
+    """TDM distillation settings.
+
+    Grid: by default the official training-demo grid t_k = N−1−k·(N//K) with N = `total_steps` (N = 900, K = 4:
+    899, 674, 449, 224). `timesteps` overrides it with an explicit descending list of K schedule indices (e.g.
+    CogVideoX's 999, 856, 665, 399); step k then ends at the next grid point (t_mid = t_{k+1} + 1, the last step at
+    t_mid = 0), which is the demo's t_mid = t_g − Δ + 1 on the uniform grid.
+    """
+
+    prompts: list[str] = field(default_factory=list)  # training prompts (data-free: prompts only)
+    steps: int = 4  # K, the student's number of sampling steps
+    total_steps: int = 800  # N of the demo grid (800 in the script's default, 900 in the README run)
+    timesteps: list[int] | None = None  # explicit grid of K schedule indices, descending; overrides total_steps
+    tau_mode: str = "separate"  # "separate": τ ∈ [max(20, t_mid), t_g − 10); "shared": τ ∈ [.., N − 10)
+    randmid: bool = False  # jitter t_mid uniformly in [t_mid, t_g − 20) (regularises the generator)
+    cfg: float = 2.0  # teacher guidance scale s of the generator target (4.5 in the README run)
+    lr: float = 1e-4  # fake-score learning rate; the generator gets lr · generator_lr_scale
+    generator_lr_scale: float = 0.2  # the official lr / 5
+    adam_betas: tuple[float, float] = (0.0, 0.95)
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0  # max grad norm of the generator (the fake score is not clipped)
+    lr_warmup_steps: int = 0  # linear warm-up of the generator LR (the official script's schedule is constant)
+    batch_size: int = 1  # global batch; split evenly across data-parallel processes
+    generator_loss: str = "pseudo_huber"  # "pseudo_huber" (element-wise, official), "pseudo_huber_vector", "mse"
+    huber_c: float = 1e-3  # c of the element-wise pseudo-Huber loss
+    snr_clamp: float = 5.0  # fake-score loss weight min(SNR_τ, 5)
+    seed: int = 0
+    mode: str = "lora"  # "lora": two adapters on one frozen teacher; "full": separate trainable copies
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # None: alpha = rank (scale 1 in every loader)
+    lora_target_modules: list[str] | None = None  # None: the backend's family default
+    iterations: int = 500
+    # Headless runs (CLI): where and how often to write.
+    output_dir: str = "tdm-distill-output"
+    checkpoint_every: int = 100
+    keep_last: int = 2  # resumable states kept (older ones are deleted after a successful save)
+    preview_every: int = 50  # 0 disables previews
+    preview_prompts: list[str] | None = None  # None: the first (up to 4) training prompts
+    log_every: int = 1
+    # Export metadata of the student LoRA.
+    family: str = ""  # teacher family ("sd15", "sd3", "sd35", "cogvideox", "toy", ...)
+    recommended_strength: float = 1.0
+    sampler_preset: str = ""  # the preset/solver name the student should be sampled with
+    # How the CLI builds the teacher: {"factory": "package.module:function", ...kwargs}; the factory is called
+    # with (config, **kwargs) and returns a TeacherBackend.
+    teacher: dict[str, Any] = field(default_factory=dict)
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def validate(self, num_timesteps: int | None = None) -> DistillConfig:
+        """Raises ConfigError for any impossible setting; with `num_timesteps`, also checks the grid against the
+        teacher's schedule (every τ range non-empty)."""
+        errors = []
+
+        def need(cond: bool, message: str):
+            if not cond:
+                errors.append(message)
+
+        need(isinstance(self.steps, int) and self.steps >= 1, f"steps (K) must be an integer ≥ 1, got {self.steps!r}")
+        for name in ("lr", "adam_eps"):
+            value = getattr(self, name)
+            need(_finite(value) and value > 0, f"{name} must be > 0, got {value!r}")
+        need(_finite(self.generator_lr_scale) and self.generator_lr_scale > 0,
+             f"generator_lr_scale must be > 0, got {self.generator_lr_scale!r}")
+        need(_finite(self.cfg) and self.cfg >= 1.0,
+             f"cfg must be ≥ 1 (1 = no guidance; the official default is 2.0), got {self.cfg!r}")
+        need(len(self.adam_betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.adam_betas),
+             f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        need(_finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
+        need(_finite(self.grad_clip) and self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip!r}")
+        need(_finite(self.huber_c) and self.huber_c > 0, f"huber_c must be > 0, got {self.huber_c!r}")
+        need(_finite(self.snr_clamp) and self.snr_clamp > 0, f"snr_clamp must be > 0, got {self.snr_clamp!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size!r}")
+        need(isinstance(self.iterations, int) and self.iterations >= 0, f"iterations must be ≥ 0, got {self.iterations!r}")
+        need(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be ≥ 0, got {self.lr_warmup_steps!r}")
+        need(self.tau_mode in TAU_MODES, f"tau_mode must be one of {TAU_MODES}, got {self.tau_mode!r}")
+        need(self.generator_loss in GENERATOR_LOSSES,
+             f"generator_loss must be one of {GENERATOR_LOSSES}, got {self.generator_loss!r}")
+        need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        need(isinstance(self.lora_rank, int) and self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank!r}")
+        need(self.lora_alpha is None or (_finite(self.lora_alpha) and self.lora_alpha > 0),
+             f"lora_alpha must be > 0 or null, got {self.lora_alpha!r}")
+        need(self.keep_last >= 1, f"keep_last must be ≥ 1, got {self.keep_last!r}")
+        need(self.checkpoint_every >= 0 and self.preview_every >= 0 and self.log_every >= 1,
+             "checkpoint_every and preview_every must be ≥ 0 (0 = off), log_every ≥ 1")
+        if not isinstance(self.prompts, (list, tuple)) or not self.prompts:
+            errors.append("prompts is empty: TDM is data-free but needs at least one training prompt")
+        elif not all(isinstance(p, str) for p in self.prompts):
+            errors.append("prompts must be a list of strings")
+        if self.timesteps is not None:
+            need(len(self.timesteps) == self.steps,
+                 f"timesteps lists {len(self.timesteps)} grid points but steps (K) is {self.steps}; give K points")
+            need(all(int(a) > int(b) for a, b in zip(self.timesteps, self.timesteps[1:], strict=False)),
+                 f"timesteps must be strictly descending, got {list(self.timesteps)}")
+        elif isinstance(self.steps, int) and self.steps >= 1:
+            need(self.total_steps // self.steps >= 1,
+                 f"total_steps ({self.total_steps}) must be ≥ steps ({self.steps}) for the demo grid")
+        if not errors and num_timesteps is not None:
+            errors.extend(self._grid_errors(num_timesteps))
+        if errors:
+            raise ConfigError("invalid TDM distillation config:\n  - " + "\n  - ".join(errors))
+        return self
+
+    def _grid_errors(self, num_timesteps: int) -> list[str]:
+        errors = []
+        grid, mids = self.grid(), self.mid_timesteps()
+        if self.timesteps is None and self.total_steps > num_timesteps:
+            errors.append(f"total_steps {self.total_steps} exceeds the teacher schedule's {num_timesteps} timesteps; "
+                          f"use total_steps ≤ {num_timesteps}")
+        if any(t < 0 or t >= num_timesteps for t in grid):
+            errors.append(f"grid {grid} does not fit the teacher schedule (indices 0..{num_timesteps - 1})")
+            return errors
+        top = self.grid_top()
+        for k, (t_g, t_mid) in enumerate(zip(grid, mids, strict=True)):
+            lo = max(TAU_MIN, t_mid)
+            hi = t_g - TAU_MARGIN if self.tau_mode == "separate" else top - TAU_MARGIN
+            if lo >= hi:
+                errors.append(f"grid step {k} (t = {t_g}, ends at {t_mid}): the τ range [{lo}, {hi}) is empty; "
+                              f"steps must be more than {TAU_MIN + TAU_MARGIN - 1} apart and t ≥ {TAU_MIN + TAU_MARGIN + 1}")
+            if self.randmid and t_mid >= t_g - RANDMID_MARGIN:
+                errors.append(f"grid step {k} (t = {t_g}): randmid needs t_mid {t_mid} < t − {RANDMID_MARGIN}")
+        return errors
+
+    # ---- the grid -----------------------------------------------------------------------------------------------
+    def grid(self) -> list[int]:
+        """The K student timesteps t_0 > … > t_{K−1} (schedule indices)."""
+        if self.timesteps is not None:
+            return [int(t) for t in self.timesteps]
+        from ..schedules import training_demo_timesteps
+
+        return list(training_demo_timesteps(self.steps, self.total_steps))
+
+    def mid_timesteps(self) -> list[int]:
+        """t_mid of each step: where the student's step lands (t_g − Δ + 1 on the demo grid)."""
+        grid = self.grid()
+        if self.timesteps is None:
+            delta = self.total_steps // self.steps
+            return [t - delta + 1 for t in grid]
+        return [nxt + 1 for nxt in grid[1:]] + [0]
+
+    def grid_top(self) -> int:
+        """N of the "shared" τ mode's upper bound N − 10."""
+        return self.total_steps if self.timesteps is None else int(self.timesteps[0]) + 1
+
+    def grid_name(self) -> str:
+        if self.timesteps is not None:
+            return "custom:" + ",".join(str(t) for t in self.grid())
+        return f"tdm_demo(N={self.total_steps},K={self.steps})"
+
+    # ---- (de)serialisation --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["adam_betas"] = list(self.adam_betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DistillConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        data = dict(data)
+        if "adam_betas" in data:
+            data["adam_betas"] = tuple(data["adam_betas"])
+        if data.get("prompts") is not None:
+            data["prompts"] = list(data["prompts"])
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DistillConfig:
+        """Reads a .json or .toml file (a TOML file may put the settings under a [distill] table)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+                data = data.get("distill", data)
+            else:
+                data = json.loads(text)
+        except Exception as error:  # noqa: BLE001 - re-raised with the file name
+            raise ConfigError(f"cannot parse {path}: {error}") from error
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,73 @@
+"""The discrete training schedule the distillation works on: (α_t, σ_t) for integer t in [0, N).
+
+TDM is written in VP notation (docs/tdm_method.md §2): `x_t = α_t x0 + σ_t ε`, α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t);
+rectified-flow models use α_t = 1 − σ_t. Every formula of the trainer reads only these two tables, so one class
+covers ε-, v- and flow-parametrised teachers. `model_timesteps[t]` is what the network is fed for index t (the index
+itself for VP models; σ_t · N for SD3-style flow models, as diffusers' FlowMatchEulerDiscreteScheduler trains them).
+
+The exact schedules of each family live in `tdm_core.schedules`; this class only holds the tables, built from its ᾱ,
+from a flow shift, or from a diffusers scheduler object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DiscreteSchedule:
+    alphas: torch.Tensor  # [N] float64, α_t
+    sigmas: torch.Tensor  # [N] float64, σ_t
+    model_timesteps: torch.Tensor  # [N] float64, the value the network is given for index t
+    kind: str  # "vp" or "flow"
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.alphas.shape[0])
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR_t = ᾱ/(1 − ᾱ) = α²/σ² (for flow: ((1 − σ)/σ)²)."""
+        return (self.alphas[t] / self.sigmas[t]) ** 2
+
+    # ---- constructors --------------------------------------------------------------------------------------
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod) -> DiscreteSchedule:
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        return cls(ac.sqrt(), (1.0 - ac).clamp_min(0).sqrt(), torch.arange(ac.numel(), dtype=torch.float64), "vp")
+
+    @classmethod
+    def flow(cls, shift: float = 1.0, num_timesteps: int = 1000) -> DiscreteSchedule:
+        """SD3-style rectified flow: u = (t+1)/N, σ = s·u / (1 + (s−1)·u), α = 1 − σ; the network sees σ·N.
+
+        Matches diffusers' FlowMatchEulerDiscreteScheduler(shift=s) training tables (its `sigmas[::-1]`).
+        """
+        u = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        sigmas = shift * u / (1.0 + (shift - 1.0) * u)
+        return cls(1.0 - sigmas, sigmas, sigmas * num_timesteps, "flow")
+
+    @classmethod
+    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = 1000):
+        """The SD1.5 scaled-linear β schedule (`tdm_core.schedules.scaled_linear_alphas_cumprod`)."""
+        from .. import schedules
+
+        return cls.from_alphas_cumprod(schedules.scaled_linear_alphas_cumprod(beta_start, beta_end, num_timesteps))
+
+    @classmethod
+    def cogvideox(cls) -> DiscreteSchedule:
+        """CogVideoX-2b: scaled-linear, SNR shift 3, zero terminal SNR (`tdm_core.schedules.cogvideox_alphas_cumprod`)."""
+        from .. import schedules
+
+        return cls.from_alphas_cumprod(schedules.cogvideox_alphas_cumprod())
+
+    @classmethod
+    def from_diffusers_scheduler(cls, scheduler) -> DiscreteSchedule:
+        """Tables from a diffusers scheduler object: VP schedulers by `alphas_cumprod` (CogVideoX's SNR shift and
+        zero-terminal-SNR rescale included), flow-matching schedulers by their configured shift."""
+        if hasattr(scheduler, "alphas_cumprod"):
+            return cls.from_alphas_cumprod(scheduler.alphas_cumprod)
+        config = scheduler.config
+        if "shift" in config:
+            return cls.flow(float(config["shift"]), int(config["num_train_timesteps"]))
+        raise TypeError(f"{type(scheduler).__name__} has neither alphas_cumprod nor a flow shift")

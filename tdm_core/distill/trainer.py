@@ -1,0 +1,328 @@
+"""The TDM training iteration (docs/tdm_method.md §2) and the trainer that runs, samples and checkpoints it.
+
+One `TDMTrainer.step()`:
+  1. K-step student rollout from pure noise labelled t_0 on the grid, no grad, keeping the K states x_{t_k} and the
+     student's (x̂0, ε̂) at each;
+  2. fake-score update: per sample a state index j, t_g = t_j, t_mid (optionally jittered, "randmid"), τ; DDIM jump
+     x_mid = α_mid x̂0 + σ_mid ε̂, forward kernel to τ with fresh z, mixed noise m, importance weight w_IS;
+     L_fake = mean_b[ mean_d((x0(F(x_τ, τ, c)) − x̂0)²) · min(SNR_τ, 5) · w_IS ], AdamW step at lr;
+  3. generator update with fresh draws: the student step at t_g with grad, x_τ as above (no grad), CFG teacher
+     target r (conditional and unconditional in one batched forward), fake f; loss against stopgrad(x̂0 + r − f)
+     normalised by mean|x̂0 − r|; clip to 1.0; AdamW step at lr/5.
+
+Reuse: the fake update takes (x̂0, ε̂) of its state from the rollout instead of recomputing the student forward
+(identical weights and inputs, so the same numbers) and skips the demo's discarded teacher forward; with cfg = 1
+the unconditional teacher pass is skipped (its weight is zero). Per iteration: K student forwards, 1 fake
+forward/backward, 1 student forward/backward, 1 batched teacher forward (2B), 1 fake forward.
+
+Randomness comes from one CPU `torch.Generator` seeded by `config.seed`; every draw is made for the whole global
+batch and each data-parallel process takes its slice, so N processes on B/N samples each reproduce one process on
+B samples (gradients are averaged across processes before clipping and the optimiser steps).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import losses
+from .backend import forward_pair
+from .config import RANDMID_MARGIN, TAU_MARGIN, TAU_MIN, DistillConfig
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _uniform_int(lo: torch.Tensor, hi: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform integers in [lo, hi) per element (hi > lo)."""
+    u = torch.rand(lo.shape, generator=generator, dtype=torch.float64)
+    return torch.minimum(lo + torch.floor(u * (hi - lo).double()).long(), hi - 1)
+
+
+def _allreduce_mean_(tensors: list[torch.Tensor], world: int) -> None:
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+class TDMTrainer:
+    """TDM distillation of `backend`'s teacher into a K-step student (see the module docstring)."""
+
+    def __init__(self, backend, config: DistillConfig):
+        schedule = backend.schedule
+        config.validate(num_timesteps=schedule.num_timesteps)
+        self.backend = backend
+        self.config = config
+        self.rank, self.world = _dist()
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by the {self.world} processes")
+        self.local_batch = config.batch_size // self.world
+        self.grid = config.grid()
+        self.mids = config.mid_timesteps()
+        self.grid_top = config.grid_top()
+        self.alphas = schedule.alphas
+        self.sigmas = schedule.sigmas
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step_count = 0
+        betas = tuple(config.adam_betas)
+        self.fake_params = list(backend.trainable_parameters("fake"))
+        self.student_params = list(backend.trainable_parameters("student"))
+        self.opt_fake = torch.optim.AdamW(self.fake_params, lr=config.lr, betas=betas, eps=config.adam_eps,
+                                          weight_decay=config.weight_decay)
+        self.opt_gen = torch.optim.AdamW(self.student_params, lr=config.lr * config.generator_lr_scale, betas=betas,
+                                         eps=config.adam_eps, weight_decay=config.weight_decay)
+        warmup = config.lr_warmup_steps
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.opt_gen, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+
+    @property
+    def device(self) -> torch.device:
+        params = self.student_params or self.fake_params
+        return params[0].device if params else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        params = self.student_params or self.fake_params
+        return params[0].dtype if params else torch.float32
+
+    # ---- random draws (whole global batch, then this process's slice) ----------------------------------------------
+    def _local(self, t: torch.Tensor) -> torch.Tensor:
+        start = self.rank * self.local_batch
+        return t[start : start + self.local_batch]
+
+    def _draw_segment(self) -> dict[str, torch.Tensor]:
+        """j, t_g, t_mid, τ and z for one update (docs/tdm_method.md §2)."""
+        b, g = self.config.batch_size, self.generator
+        j = torch.randint(len(self.grid), (b,), generator=g)
+        t_g = torch.tensor(self.grid)[j]
+        t_mid = torch.tensor(self.mids)[j]
+        if self.config.randmid:
+            t_mid = _uniform_int(t_mid, t_g - RANDMID_MARGIN, g)
+        lo = torch.clamp(t_mid, min=TAU_MIN)
+        hi = t_g - TAU_MARGIN if self.config.tau_mode == "separate" else torch.full_like(t_g, self.grid_top - TAU_MARGIN)
+        tau = _uniform_int(lo, hi, g)
+        z = torch.randn((b, *self.backend.latent_shape), generator=g)
+        return {k: self._local(v) for k, v in dict(j=j, t_g=t_g, t_mid=t_mid, tau=tau, z=z).items()}
+
+    def _coef(self, t: torch.Tensor):
+        return self.alphas[t], self.sigmas[t]
+
+    # ---- the pieces of one iteration --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, noise: torch.Tensor, cond: Any, grid: list[int] | None = None, adapter: str = "student"):
+        """The deterministic K-step sampler: returns (states, x̂0s, ε̂s), lists over the grid, no grad."""
+        grid = self.grid if grid is None else grid
+        x = noise
+        states, x0s, epss = [], [], []
+        for k, t in enumerate(grid):
+            tt = torch.full((x.shape[0],), t, dtype=torch.long)
+            a, s = self._coef(tt)
+            x0, eps = losses.x0_and_eps(self.backend.forward(x, tt.to(x.device), cond, adapter), x, a, s,
+                                        self.backend.parametrisation)
+            states.append(x)
+            x0s.append(x0)
+            epss.append(eps)
+            if k + 1 < len(grid):
+                tn = torch.full_like(tt, grid[k + 1])
+                x = losses.ddim_renoise(x0, eps, *self._coef(tn))
+        return states, x0s, epss
+
+    def _noised(self, x0: torch.Tensor, eps: torch.Tensor, draw: dict):
+        """x_τ (DDIM jump to t_mid, forward kernel to τ) and the mixed noise m, from detached x̂0, ε̂."""
+        a_mid, s_mid = self._coef(draw["t_mid"])
+        a_tau, s_tau = self._coef(draw["tau"])
+        z = draw["z"].to(device=x0.device, dtype=x0.dtype)
+        x_mid = losses.ddim_renoise(x0, eps, a_mid, s_mid)
+        x_tau = losses.forward_kernel(x_mid, z, a_mid, s_mid, a_tau, s_tau)
+        m = losses.mixed_noise(eps, z, a_mid, s_mid, a_tau, s_tau)
+        return x_tau, m, z
+
+    def _x0(self, prediction, x, t):
+        return losses.x0_from_prediction(prediction, x, *self._coef(t), self.backend.parametrisation)
+
+    def _gather(self, per_step: list[torch.Tensor], j: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(per_step)
+        return stacked[j.to(stacked.device), torch.arange(stacked.shape[1], device=stacked.device)]
+
+    def fake_update(self, rollout, cond, draw) -> dict[str, float]:
+        states, x0s, epss = rollout
+        x0_hat, eps_hat = self._gather(x0s, draw["j"]), self._gather(epss, draw["j"])
+        with torch.no_grad():
+            x_tau, m, z = self._noised(x0_hat, eps_hat, draw)
+            w_is = losses.importance_weight(m, z)
+        tau = draw["tau"]
+        fake_x0 = self._x0(self.backend.forward(x_tau, tau.to(x_tau.device), cond, "fake"), x_tau, tau)
+        loss = losses.fake_score_loss(fake_x0, x0_hat, self.backend.schedule.snr(tau).to(x_tau.device), w_is,
+                                      self.config.snr_clamp)
+        self.opt_fake.zero_grad(set_to_none=True)
+        loss.backward()
+        _allreduce_mean_([p.grad for p in self.fake_params if p.grad is not None], self.world)
+        self.opt_fake.step()
+        return {"loss_fake": loss.detach(), "is_weight": w_is.mean()}
+
+    def generator_update(self, rollout, cond, uncond, draw) -> dict[str, float]:
+        states = rollout[0]
+        x_tg, t_g = self._gather(states, draw["j"]), draw["t_g"]
+        pred = self.backend.forward(x_tg, t_g.to(x_tg.device), cond, "student")
+        x0_hat, eps_hat = losses.x0_and_eps(pred, x_tg, *self._coef(t_g), self.backend.parametrisation)
+        tau = draw["tau"]
+        with torch.no_grad():
+            x_tau, _, _ = self._noised(x0_hat.detach(), eps_hat.detach(), draw)
+            tau_d = tau.to(x_tau.device)
+            if self.config.cfg != 1.0:
+                p_c, p_u = forward_pair(self.backend, x_tau, tau_d, cond, uncond, "teacher")
+                r = losses.cfg_target(self._x0(p_c, x_tau, tau), self._x0(p_u, x_tau, tau), self.config.cfg)
+            else:
+                r = self._x0(self.backend.forward(x_tau, tau_d, cond, "teacher"), x_tau, tau)
+            f = self._x0(self.backend.forward(x_tau, tau_d, cond, "fake"), x_tau, tau)
+        loss, w = losses.generator_loss(x0_hat, r, f, self.config.generator_loss, self.config.huber_c)
+        self.opt_gen.zero_grad(set_to_none=True)
+        loss.backward()
+        _allreduce_mean_([p.grad for p in self.student_params if p.grad is not None], self.world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student_params, self.config.grad_clip)
+        self.opt_gen.step()
+        self.lr_schedule.step()
+        return {"loss_gen": loss.detach(), "grad_norm_gen": grad_norm.detach(), "w_mean": w.mean()}
+
+    def step(self) -> dict[str, float]:
+        """One TDM iteration; returns its metrics (averaged over processes)."""
+        start = time.perf_counter()
+        cfg, g = self.config, self.generator
+        prompt_index = self._local(torch.randint(len(cfg.prompts), (cfg.batch_size,), generator=g))
+        noise = self._local(torch.randn((cfg.batch_size, *self.backend.latent_shape), generator=g))
+        draw_fake, draw_gen = self._draw_segment(), self._draw_segment()
+        prompts = [cfg.prompts[i] for i in prompt_index.tolist()]
+        cond = self.backend.encode(prompts)
+        uncond = self.backend.uncond(len(prompts)) if cfg.cfg != 1.0 else None
+        trajectory = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond)
+        metrics = self.fake_update(trajectory, cond, draw_fake)
+        metrics.update(self.generator_update(trajectory, cond, uncond, draw_gen))
+        names = sorted(metrics)
+        values = torch.stack([metrics[n].float().reshape(()).cpu() for n in names])
+        if self.world > 1:
+            torch.distributed.all_reduce(values)
+            values /= self.world
+        self.step_count += 1
+        out = {"step": self.step_count}
+        out.update({n: float(v) for n, v in zip(names, values.tolist(), strict=True)})
+        out["lr_gen"] = self.opt_gen.param_groups[0]["lr"]
+        out["lr_fake"] = self.opt_fake.param_groups[0]["lr"]
+        out["seconds"] = time.perf_counter() - start
+        return out
+
+    def train(self, iterations: int | None = None, callback: Callable[[TDMTrainer, dict], Any] | None = None):
+        """Runs until `step_count == iterations` (default config.iterations); callback(trainer, metrics) after each
+        step may return False to stop early. Returns the last metrics."""
+        iterations = self.config.iterations if iterations is None else iterations
+        metrics = {}
+        while self.step_count < iterations:
+            metrics = self.step()
+            if callback is not None and callback(self, metrics) is False:
+                break
+        return metrics
+
+    # ---- sampling ---------------------------------------------------------------------------------------------------
+    def sample_grid(self, steps: int | None = None) -> list[int]:
+        if steps is None or steps == self.config.steps:
+            return list(self.grid)
+        delta = self.grid_top // steps
+        if delta < 1:
+            raise ValueError(f"cannot make a {steps}-step grid below t = {self.grid_top - 1}")
+        return [self.grid_top - 1 - k * delta for k in range(steps)]
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], steps: int | None = None, seed: int = 0, noise: torch.Tensor | None = None,
+               adapter: str = "student") -> torch.Tensor:
+        """x0 from the student's deterministic sampler on the training grid (or a demo-rule grid of `steps`)."""
+        if noise is None:
+            g = torch.Generator().manual_seed(seed)
+            noise = torch.randn((len(prompts), *self.backend.latent_shape), generator=g)
+        cond = self.backend.encode(list(prompts))
+        _, x0s, _ = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond, self.sample_grid(steps),
+                                 adapter)
+        return x0s[-1]
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "format": "tdm-distill-state/1",
+            "step": self.step_count,
+            "config": self.config.to_dict(),
+            "student": self.backend.adapter_state_dict("student"),
+            "fake": self.backend.adapter_state_dict("fake"),
+            "opt_gen": self.opt_gen.state_dict(),
+            "opt_fake": self.opt_fake.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "generator_rng": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.backend.load_adapter_state_dict("student", state["student"])
+        self.backend.load_adapter_state_dict("fake", state["fake"])
+        self.opt_gen.load_state_dict(state["opt_gen"])
+        self.opt_fake.load_state_dict(state["opt_fake"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.generator.set_state(state["generator_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step_count = int(state["step"])
+
+    def save_checkpoint(self, directory: str | Path) -> Path | None:
+        """Writes a resumable state under `directory` (atomically; keeps config.keep_last) and the student LoRA
+        next to it. Only process 0 writes; returns the checkpoint folder (None on other processes)."""
+        from .checkpoint import save_checkpoint
+
+        path = save_checkpoint(self, directory) if self.rank == 0 else None
+        if self.world > 1:
+            torch.distributed.barrier()
+        return path
+
+    @classmethod
+    def resume(cls, path: str | Path, backend, config: DistillConfig | None = None) -> TDMTrainer:
+        """A trainer continuing from a checkpoint folder or a run folder (its newest checkpoint). `config`
+        replaces the stored one (e.g. more iterations); it must describe the same run."""
+        from .checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
+        trainer = cls(backend, config or DistillConfig.from_dict(state["config"]))
+        trainer.load_state_dict(state)
+        return trainer
+
+    def export_metadata(self) -> dict[str, str]:
+        c = self.config
+        return {
+            "tdm.steps": str(c.steps),
+            "tdm.grid": c.grid_name(),
+            "tdm.timesteps": ",".join(str(t) for t in self.grid),
+            "tdm.parametrisation": self.backend.parametrisation,
+            "tdm.lora_strength": repr(float(c.recommended_strength)),
+            "tdm.sampler_preset": c.sampler_preset or f"tdm_ddim_{self.backend.parametrisation}",
+            "tdm.trained_iterations": str(self.step_count),
+            "tdm.cfg_distilled": repr(float(c.cfg)),
+            "tdm.schedule_kind": self.backend.schedule.kind,
+            "tdm.format_note": "trained by comfyui-tdm tdm_core.distill",
+        } | ({"tdm.family": c.family} if c.family else {})
+
+
+def nfe_per_iteration(config: DistillConfig) -> int:
+    """Network evaluations per sample and iteration (batched cond+uncond counted as 2)."""
+    return config.steps + 1 + 1 + (2 if config.cfg != 1.0 else 1) + 1

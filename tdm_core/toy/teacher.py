@@ -1,0 +1,198 @@
+"""Toy teachers: train (once) and cache a small class-conditional ε-prediction diffusion model.
+
+Two tasks:
+- ``"digits"``: scikit-learn's 8x8 digits, 10 classes, a residual MLP trained for a few thousand steps
+  (about a minute on 2 CPU cores), the task of the demo and of `bench/distill.py`;
+- ``"gmm"``: a 2-D class-conditional Gaussian mixture (`data.GaussianMixture2D`), a tiny MLP trained in seconds,
+  for fast tests.
+
+Both use a VP schedule with N = 1000 integer timesteps (`x_t = α_t x0 + σ_t ε`, α_t = sqrt(ᾱ_t),
+σ_t = sqrt(1 − ᾱ_t)) and the standard ε-MSE loss with label dropout (the null class is the empty prompt of CFG).
+A trained teacher is cached as safetensors under `cache_dir()` keyed by a hash of its full config, so a second run
+(and the benchmark after the demo) reuses it instead of retraining.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import DIGITS_CLASSES, DIGITS_DIM, GaussianMixture2D, load_digits_tensor
+from .networks import ToyEpsNet
+
+#: Bump when the training procedure changes in a way the config does not capture: it invalidates the cache.
+TEACHER_FORMAT_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where trained toy teachers (and the metric classifier) are cached: $TDM_TOY_CACHE or ~/.cache/comfyui-tdm."""
+    env = os.environ.get("TDM_TOY_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "comfyui-tdm"
+
+
+def vp_alphas_cumprod(kind: str, num_timesteps: int = 1000) -> torch.Tensor:
+    """ᾱ_t for t = 0..N−1 (float64).
+
+    "scaled_linear": Stable Diffusion 1.x betas, linspace(sqrt(0.00085), sqrt(0.012), N)², ᾱ_999 ≈ 0.0047;
+    "cosine": Nichol & Dhariwal's cosine schedule (s = 0.008, betas clipped at 0.999).
+    """
+    if kind == "scaled_linear":
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, num_timesteps, dtype=torch.float64) ** 2
+    elif kind == "cosine":
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    else:
+        raise ValueError(f"unknown toy schedule {kind!r}; use 'scaled_linear' or 'cosine'")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+@dataclass(frozen=True)
+class ToyTeacherConfig:
+    """Everything that determines a toy teacher's weights (the cache key is a hash of all of it)."""
+
+    task: str = "digits"  # "digits" | "gmm"
+    schedule: str = "scaled_linear"
+    num_timesteps: int = 1000
+    hidden: int = 256
+    depth: int = 2
+    train_steps: int = 8000
+    batch_size: int = 128
+    lr: float = 1e-3
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1  # probability of replacing the class by the null class (CFG training)
+    seed: int = 0
+
+    def key(self) -> str:
+        payload = json.dumps({"format": TEACHER_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    @property
+    def dim(self) -> int:
+        return DIGITS_DIM if self.task == "digits" else 2
+
+    @property
+    def num_classes(self) -> int:
+        return DIGITS_CLASSES if self.task == "digits" else GaussianMixture2D().classes
+
+
+#: The digits teacher of the demo and the benchmark.
+DIGITS_TEACHER = ToyTeacherConfig()
+#: The 2-D mixture teacher of the fast tests (trains in a few seconds).
+GMM_TEACHER = ToyTeacherConfig(task="gmm", hidden=128, depth=2, train_steps=2000, batch_size=256, lr=2e-3)
+
+
+@dataclass
+class ToyTeacher:
+    """A trained, frozen toy teacher: the network, its schedule and where it came from."""
+
+    net: ToyEpsNet
+    config: ToyTeacherConfig
+    alphas_cumprod: torch.Tensor  # [N] float64
+    path: Path | None = None
+    from_cache: bool = False
+    train_seconds: float = 0.0
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(i) for i in range(self.config.num_classes)]
+
+
+def _build_net(config: ToyTeacherConfig) -> ToyEpsNet:
+    return ToyEpsNet(config.dim, config.num_classes, hidden=config.hidden, depth=config.depth)
+
+
+def _training_data(config: ToyTeacherConfig, generator: torch.Generator):
+    """A callable batch sampler: returns (x0 [B, dim], labels [B])."""
+    if config.task == "digits":
+        images, labels = load_digits_tensor()
+
+        def batch():
+            idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
+            return images[idx], labels[idx]
+
+        return batch
+    if config.task == "gmm":
+        gmm = GaussianMixture2D()
+
+        def batch():
+            lab = torch.randint(0, gmm.classes, (config.batch_size,), generator=generator)
+            return gmm.sample(lab, generator), lab
+
+        return batch
+    raise ValueError(f"unknown toy task {config.task!r}; use 'digits' or 'gmm'")
+
+
+def train_teacher(config: ToyTeacherConfig, log=None) -> ToyEpsNet:
+    """Trains a teacher from scratch with a fixed seed (ε-MSE, label dropout, AdamW + cosine LR, EMA weights)."""
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    net = _build_net(config)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    abar = vp_alphas_cumprod(config.schedule, config.num_timesteps).float()
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / 200) * 0.5 * (1 + math.cos(math.pi * i / config.train_steps))
+    )
+    batch = _training_data(config, gen)
+    for step in range(config.train_steps):
+        x0, labels = batch()
+        drop = torch.rand(labels.shape, generator=gen) < config.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, config.num_classes), labels)
+        t = torch.randint(0, config.num_timesteps, labels.shape, generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = abar[t].unsqueeze(-1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = torch.nn.functional.mse_loss(net(x_t, t, labels), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+                pe.lerp_(p, 1.0 - config.ema_decay)
+        if log is not None and (step % 1000 == 0 or step == config.train_steps - 1):
+            log(f"toy teacher [{config.task}] step {step + 1}/{config.train_steps} loss {loss.item():.4f}")
+    return ema
+
+
+def teacher_path(config: ToyTeacherConfig, directory: Path | None = None) -> Path:
+    return (directory or cache_dir()) / f"toy_teacher_{config.task}_{config.key()}.safetensors"
+
+
+def load_or_train_teacher(
+    config: ToyTeacherConfig = DIGITS_TEACHER, directory: str | Path | None = None, log=None
+) -> ToyTeacher:
+    """The cached teacher for `config` if present, else trains it and writes the cache atomically."""
+    path = teacher_path(config, Path(directory) if directory is not None else None)
+    abar = vp_alphas_cumprod(config.schedule, config.num_timesteps)
+    net = _build_net(config)
+    if path.is_file():
+        net.load_state_dict(load_file(str(path)))
+        if log is not None:
+            log(f"toy teacher [{config.task}]: reusing {path}")
+        return ToyTeacher(net.eval().requires_grad_(False), config, abar, path, from_cache=True)
+    start = time.perf_counter()
+    trained = train_teacher(config, log=log)
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    state = {k: v.contiguous() for k, v in trained.state_dict().items()}
+    save_file(state, str(tmp), metadata={"config": json.dumps(asdict(config)), "format": str(TEACHER_FORMAT_VERSION)})
+    os.replace(tmp, path)
+    if log is not None:
+        log(f"toy teacher [{config.task}]: trained in {seconds:.1f}s, cached at {path}")
+    return ToyTeacher(trained.eval().requires_grad_(False), config, abar, path, from_cache=False, train_seconds=seconds)
+
+
+def with_overrides(config: ToyTeacherConfig, **overrides) -> ToyTeacherConfig:
+    return replace(config, **overrides)

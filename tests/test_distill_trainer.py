@@ -1,0 +1,291 @@
+"""The TDM trainer on the tiny reference teacher: what one iteration changes, resume, crash safety, export, CLI, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdm_core.distill import DistillConfig, TDMTrainer, checkpoint
+from tdm_core.distill.reference import make_backend
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(**kw):
+    base = dict(prompts=["a cat", "a dog", "a bird"], batch_size=4, total_steps=900, lora_rank=4, seed=3)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _snapshot(backend):
+    return {a: backend.adapter_state_dict(a) for a in ("student", "fake")} | {"teacher": backend.teacher_state_dict()}
+
+
+def _changed(before, after):
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "parametrisation, overrides",
+    [("eps", {}), ("v", {"randmid": True, "cfg": 4.5}), ("flow", {"tau_mode": "shared", "generator_loss": "mse"})],
+)
+def test_one_iteration_changes_only_the_adapters(parametrisation, overrides):
+    backend = make_backend(parametrisation=parametrisation, lora_rank=4)
+    trainer = TDMTrainer(backend, _config(**overrides))
+    before = _snapshot(backend)
+    metrics = trainer.step()
+    after = _snapshot(backend)
+    assert not _changed(before["teacher"], after["teacher"])
+    assert _changed(before["student"], after["student"])
+    assert _changed(before["fake"], after["fake"])
+    for key in ("loss_fake", "loss_gen", "grad_norm_gen", "is_weight", "w_mean"):
+        assert torch.isfinite(torch.tensor(metrics[key])), key
+    assert metrics["lr_gen"] == pytest.approx(trainer.config.lr / 5)
+    assert trainer.opt_gen.param_groups[0]["betas"] == (0.0, 0.95)
+    assert trainer.opt_gen.param_groups[0]["weight_decay"] == 1e-2
+
+
+def test_full_mode_trains_separate_copies():
+    backend = make_backend(parametrisation="eps", mode="full")
+    trainer = TDMTrainer(backend, _config(mode="full"))
+    teacher = backend.teacher_state_dict()
+    student = backend.adapter_state_dict("student")
+    assert set(student) == set(teacher)  # a whole copy
+    trainer.step()
+    assert not _changed(teacher, backend.teacher_state_dict())
+    assert _changed(student, backend.adapter_state_dict("student"))
+
+
+def test_fresh_student_samples_like_the_teacher_and_student_changes_after_training():
+    backend = make_backend(parametrisation="eps", lora_rank=4)
+    trainer = TDMTrainer(backend, _config(lr=1e-2))
+    student = trainer.sample(["a cat", "a dog"], seed=7)
+    teacher = trainer.sample(["a cat", "a dog"], seed=7, adapter="teacher")
+    assert student.shape == (2, *backend.latent_shape)
+    torch.testing.assert_close(student, teacher)  # LoRA B = 0 at start: student = teacher
+    assert torch.equal(student, trainer.sample(["a cat", "a dog"], seed=7))
+    trainer.train(3)
+    assert trainer.step_count == 3
+    assert not torch.allclose(trainer.sample(["a cat", "a dog"], seed=7), teacher)
+
+
+def test_generator_gradient_is_clipped_to_one():
+    backend = make_backend(parametrisation="eps", lora_rank=4)
+    trainer = TDMTrainer(backend, _config(grad_clip=1e-6, generator_loss="mse"))
+    norms = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        total = original(params, max_norm, *a, **k)
+        norms.append((total.item(), torch.cat([p.grad.flatten() for p in params]).norm().item()))
+        return total
+
+    torch.nn.utils.clip_grad_norm_ = spy
+    try:
+        trainer.step()
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original
+    (before, after), = norms
+    assert before > 1e-6 and after == pytest.approx(1e-6, rel=1e-3)
+
+
+def test_resume_reproduces_an_uninterrupted_run_bit_exactly(tmp_path):
+    config = _config(randmid=True, cfg=3.0, lr_warmup_steps=4)
+    straight = TDMTrainer(make_backend(parametrisation="v", lora_rank=4), config)
+    straight.train(6)
+
+    first = TDMTrainer(make_backend(parametrisation="v", lora_rank=4), config)
+    first.train(3)
+    first.save_checkpoint(tmp_path)
+    torch.manual_seed(12345)  # disturb the global RNG: the checkpoint restores it
+    resumed = TDMTrainer.resume(tmp_path, make_backend(parametrisation="v", lora_rank=4))
+    assert resumed.step_count == 3
+    resumed.train(6)
+    for adapter in ("student", "fake"):
+        a, b = straight.backend.adapter_state_dict(adapter), resumed.backend.adapter_state_dict(adapter)
+        assert all(torch.equal(a[k], b[k]) for k in a), adapter
+    sa, sb = straight.opt_gen.state_dict()["state"], resumed.opt_gen.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
+
+
+def test_checkpoints_keep_last_and_lora_metadata(tmp_path):
+    trainer = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4),
+                         _config(keep_last=2, family="reference", recommended_strength=0.5, sampler_preset="ddim"))
+    for _ in range(3):
+        trainer.step()
+        trainer.save_checkpoint(tmp_path)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-00000002", "checkpoint-00000003"]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "student_lora.safetensors"), "pt") as handle:
+        meta = handle.metadata()
+        keys = set(handle.keys())
+    assert meta["tdm.steps"] == "4" and meta["tdm.timesteps"] == "899,674,449,224"
+    assert meta["tdm.lora_strength"] == "0.5" and meta["tdm.sampler_preset"] == "ddim"
+    assert meta["tdm.family"] == "reference" and meta["tdm.trained_iterations"] == "3"
+    assert keys == {f"{m}.lora_{ab}.weight" for m in ("in_proj", "mid", "out_proj") for ab in "AB"}
+
+
+def test_exception_between_write_and_rename_keeps_the_previous_state(tmp_path, monkeypatch):
+    trainer = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4), _config())
+    trainer.step()
+    good = trainer.save_checkpoint(tmp_path)
+    good_bytes = (good / "state.pt").read_bytes()
+    trainer.step()
+
+    def crash(tmp, final):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(checkpoint, "_publish", crash)
+    with pytest.raises(OSError, match="injected"):
+        trainer.save_checkpoint(tmp_path)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-00000001"]
+    assert (good / "state.pt").read_bytes() == good_bytes
+    assert not list(tmp_path.glob(".tmp-*"))
+    monkeypatch.undo()
+    assert TDMTrainer.resume(tmp_path, make_backend(parametrisation="eps", lora_rank=4)).step_count == 1
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from tdm_core.distill import DistillConfig, TDMTrainer, checkpoint
+    from tdm_core.distill.reference import make_backend
+    run = sys.argv[1]
+    trainer = TDMTrainer(make_backend(lora_rank=4), DistillConfig(prompts=["a"], batch_size=2, total_steps=900, lora_rank=4))
+    trainer.step()
+    trainer.save_checkpoint(run)
+    print("SAVED", flush=True)
+    real = checkpoint._publish
+    def slow(tmp, final):
+        print("PUBLISHING", flush=True)
+        time.sleep(60)
+        real(tmp, final)
+    checkpoint._publish = slow
+    trainer.step()
+    trainer.save_checkpoint(run)
+    """
+)
+
+
+def test_kill_during_save_never_corrupts_the_previous_state(tmp_path):
+    script = tmp_path / "kill_me.py"
+    script.write_text(KILL_SCRIPT)
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(script), str(run)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("PUBLISHING") or not line:
+                break
+        assert "PUBLISHING\n" in lines, lines
+        os.kill(proc.pid, signal.SIGKILL)  # mid-save: every file written, not yet renamed
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["checkpoint-00000001"]
+    assert list(run.glob(".tmp-checkpoint-*"))  # the interrupted save is left aside, never published
+    trainer = TDMTrainer.resume(run, make_backend(lora_rank=4))
+    assert trainer.step_count == 1
+    trainer.step()
+    trainer.save_checkpoint(run)
+    assert not list(run.glob(".tmp-checkpoint-*"))
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["checkpoint-00000001", "checkpoint-00000002"]
+
+
+def test_student_lora_is_read_by_the_lora_module(tmp_path):
+    formats = pytest.importorskip("tdm_core.lora.formats")
+    backend = make_backend(parametrisation="eps", lora_rank=4)
+    trainer = TDMTrainer(backend, _config(lr=1e-2))
+    trainer.train(2)
+    path = checkpoint.export_student_lora(trainer, tmp_path / "s.safetensors")
+    lora = formats.load_lora(path)
+    assert len(lora.modules) == 3 and not lora.unrecognised_keys
+    assert lora.recorded_strength == 1.0
+    # the LoRA's ΔW is the student adapter's: W_student = W + scale · B A
+    state = backend.adapter_state_dict("student")
+    for module in lora.modules.values():
+        a, b = state[f"{module.name}.lora_A.student.weight"], state[f"{module.name}.lora_B.student.weight"]
+        torch.testing.assert_close(module.delta(), b @ a)
+
+
+def _write_cli_config(path: Path, out: Path, **kw):
+    config = dict(prompts=["a cat", "a dog", "a bird"], batch_size=4, total_steps=900, iterations=4, lora_rank=4,
+                  checkpoint_every=2, preview_every=2, output_dir=str(out), cfg=3.0, randmid=True,
+                  teacher={"factory": "tdm_core.distill.reference:make_backend", "parametrisation": "eps"})
+    config.update(kw)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _run(cmd, timeout=180):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # A session of its own, so that a timeout ends torchrun's workers too (by the group id of this child only).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_cli_writes_metrics_previews_checkpoints_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    cfg = _write_cli_config(tmp_path / "run.json", out)
+    _run([sys.executable, "-m", "tdm_core.distill", "--config", str(cfg), "--no-progress"])
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert {"loss_fake", "loss_gen", "grad_norm_gen", "seconds"} <= set(lines[0])
+    assert sorted(p.name for p in (out / "previews").glob("*.pt")) == [
+        "step_00000000.pt", "step_00000002.pt", "step_00000004.pt"]
+    assert (out / "student_lora.safetensors").is_file()
+    proc = _run([sys.executable, "-m", "tdm_core.distill", "--config", str(cfg), "--no-progress", "--resume",
+                 "--iterations", "6"])
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 6
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()][-2:] == [5, 6]
+
+
+def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
+    cfg_one = _write_cli_config(tmp_path / "one.json", tmp_path / "one", preview_every=0, checkpoint_every=0)
+    cfg_two = _write_cli_config(tmp_path / "two.json", tmp_path / "two", preview_every=0, checkpoint_every=0)
+    _run([sys.executable, "-m", "tdm_core.distill", "--config", str(cfg_one), "--no-progress"])
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                 "--master_port", str(port),
+                 "-m", "tdm_core.distill", "--config", str(cfg_two), "--no-progress"])
+    assert '"world_size": 2' in proc.stdout
+    one = checkpoint.load_checkpoint(tmp_path / "one")
+    two = checkpoint.load_checkpoint(tmp_path / "two")
+    assert one["step"] == two["step"] == 4
+    for adapter in ("student", "fake"):
+        for key in one[adapter]:
+            torch.testing.assert_close(two[adapter][key], one[adapter][key], rtol=0, atol=1e-6)
+        assert any(not torch.equal(one[adapter][k], torch.zeros_like(one[adapter][k])) for k in one[adapter])
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(m1, m2, strict=True):
+        assert a["loss_gen"] == pytest.approx(b["loss_gen"], rel=1e-4)
