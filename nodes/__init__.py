@@ -6,6 +6,6 @@ every saved workflow: never rename one once shipped.
 
 from __future__ import annotations
 
-from . import lora_loader, sampling
+from . import lora_loader, sampling, video
 
-NODE_CLASSES: list = [*sampling.NODES, *lora_loader.NODES]
+NODE_CLASSES: list = [*sampling.NODES, *lora_loader.NODES, *video.NODES]
