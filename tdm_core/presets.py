@@ -38,6 +38,8 @@ class ModelPreset:
     lora_source: str = ""  # where users download the LoRA
     lora_file: str = ""
     base_model_source: str = ""
+    base_model_file: str = ""  # the name the example workflows load, in ComfyUI's `base_model_folder`
+    base_model_folder: str = "checkpoints"
     notes: str = ""
     extra: dict = field(default_factory=dict)
     # The official recipe this preset reproduces, and its two conventions where ComfyUI's defaults differ from it
@@ -75,6 +77,7 @@ PRESETS: dict[str, ModelPreset] = {
             lora_source="https://huggingface.co/Luo-Yihong/TDM_sd3_lora",
             lora_file="tdm_sd3.safetensors",
             base_model_source="https://huggingface.co/stabilityai/stable-diffusion-3-medium",
+            base_model_file="sd3_medium_incl_clips_t5xxlfp16.safetensors",
         ),
         ModelPreset(
             name="sd35",
@@ -91,7 +94,9 @@ PRESETS: dict[str, ModelPreset] = {
             reference="as sd3 (diffusers flow DPM-Solver++(2M), flow_shift 6)",
             lora_source="https://huggingface.co/Luo-Yihong/TDM_sd3-5_lora",
             lora_file="tdm_sd35.safetensors",
-            base_model_source="https://huggingface.co/stabilityai/stable-diffusion-3.5-medium",
+            # ComfyUI's single-file repackaging with the text encoders included (the official repo ships them apart).
+            base_model_source="https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8",
+            base_model_file="sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",
             notes="Strength and shift follow the SD3 release; the SD3.5 model card does not state them.",
         ),
         ModelPreset(
@@ -108,7 +113,9 @@ PRESETS: dict[str, ModelPreset] = {
             "epsilon, dpmsolver++, order 2, timestep_spacing 'linspace')",
             lora_source="https://huggingface.co/Luo-Yihong/TDM_dreamshaper_LoRA",
             lora_file="tdm_dreamshaper.pt",
+            # Lykon/dreamshaper-7 is the diffusers release; ComfyUI loads the single-file DreamShaper 7 checkpoint.
             base_model_source="https://huggingface.co/Lykon/dreamshaper-7",
+            base_model_file="dreamshaper_7.safetensors",
         ),
         ModelPreset(
             name="cogvideox",
@@ -127,6 +134,8 @@ PRESETS: dict[str, ModelPreset] = {
             lora_source="https://huggingface.co/Luo-Yihong/TDM_CogVideoX-2B_LoRA",
             lora_file="tdm_cogvideox_2b.safetensors",
             base_model_source="https://huggingface.co/THUDM/CogVideoX-2b",
+            base_model_file="CogVideoX-2b",  # the whole diffusers repository, as a folder
+            base_model_folder="diffusers",
         ),
     )
 }

@@ -1,0 +1,102 @@
+"""Builds UI-format workflows (what users drag into ComfyUI) from a short declarative description and a server's
+`/object_info`, so widget order, socket types and defaults always come from the real node schemas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .workflow_check import WIDGET_TYPES, _input_type, widget_specs
+
+NODE_WIDTH = 340
+
+
+@dataclass
+class Node:
+    key: str  # a name for links in the description; ids are assigned in order
+    type: str
+    widgets: dict = field(default_factory=dict)  # widget name -> value (others take the schema default)
+    links: dict = field(default_factory=dict)  # input name -> (source key, output slot)
+    pos: tuple = (0, 0)
+    title: str | None = None
+    size: tuple | None = None
+    properties: dict = field(default_factory=dict)
+
+
+def _default(spec) -> object:
+    if "default" in spec.options:
+        return spec.options["default"]
+    if spec.type == "COMBO":
+        return spec.choices[0] if spec.choices else ""
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[spec.type]
+
+
+def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_version: str,
+          extra: dict | None = None) -> dict:
+    """The UI-format JSON for `nodes`. `pack_properties` ({"cnr_id", "ver"}) is stamped on this pack's nodes (ids
+    starting with TDM) so ComfyUI-Manager can resolve them when missing; core nodes get comfy-core."""
+    ids = {node.key: i + 1 for i, node in enumerate(nodes)}
+    links: list[list] = []
+    ui_nodes = []
+    outputs_by_key: dict[str, list] = {}
+    for order, node in enumerate(nodes):
+        if node.type in ("Note", "MarkdownNote"):
+            ui_nodes.append({
+                "id": ids[node.key], "type": node.type, "pos": list(node.pos), "size": list(node.size or (420, 260)),
+                "flags": {}, "order": order, "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                "widgets_values": [node.widgets["text"]], "color": "#432", "bgcolor": "#653",
+                **({"title": node.title} if node.title else {}),
+            })
+            continue
+        info = object_info[node.type]
+        unknown = set(node.widgets) - {s.name for s in widget_specs(info)}
+        if unknown:
+            raise KeyError(f"{node.type} has no widgets {sorted(unknown)}")
+        widgets_values = []
+        for spec in widget_specs(info):
+            widgets_values.append(node.widgets.get(spec.name, _default(spec)))
+            if spec.saved_values == 2:
+                widgets_values.append("fixed")
+        inputs = []
+        for section in ("required", "optional"):
+            for name in (info.get("input_order") or {}).get(section, list(info["input"].get(section, {}))):
+                kind, options, _ = _input_type(info["input"][section][name])
+                is_widget = kind in WIDGET_TYPES and not options.get("forceInput")
+                if is_widget and name not in node.links:
+                    continue
+                entry = {"name": name, "type": kind, "link": None}
+                if is_widget:
+                    entry["widget"] = {"name": name}
+                inputs.append(entry)
+        ui_node = {
+            "id": ids[node.key], "type": node.type, "pos": list(node.pos),
+            "size": list(node.size or (NODE_WIDTH, 60 + 26 * (len(widgets_values) + len(inputs)))),
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+            "outputs": [{"name": name, "type": "COMBO" if isinstance(kind, list) else kind, "links": [],
+                         "slot_index": slot}
+                        for slot, (kind, name) in enumerate(zip(info["output"], info["output_name"], strict=True))],
+            "properties": {"Node name for S&R": node.type,
+                           **(pack_properties if node.type.startswith("TDM") else {"cnr_id": "comfy-core",
+                                                                                     "ver": core_version}),
+                           **node.properties},
+            "widgets_values": widgets_values,
+        }
+        if node.title:
+            ui_node["title"] = node.title
+        ui_nodes.append(ui_node)
+        outputs_by_key[node.key] = ui_node["outputs"]
+
+    by_key = {node.key: ui for node, ui in zip(nodes, ui_nodes, strict=True)}
+    for node in nodes:
+        target = by_key[node.key]
+        for input_name, (source_key, slot) in node.links.items():
+            link_id = len(links) + 1
+            target_slot = next(i for i, entry in enumerate(target["inputs"]) if entry["name"] == input_name)
+            link_type = outputs_by_key[source_key][slot]["type"]
+            links.append([link_id, ids[source_key], slot, ids[node.key], target_slot, link_type])
+            target["inputs"][target_slot]["link"] = link_id
+            outputs_by_key[source_key][slot]["links"].append(link_id)
+    return {
+        "id": None, "revision": 0, "last_node_id": len(nodes), "last_link_id": len(links),
+        "nodes": ui_nodes, "links": links, "groups": [], "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, **(extra or {})}, "version": 0.4,
+    }

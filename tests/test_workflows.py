@@ -1,0 +1,134 @@
+"""The example workflows: generated from the presets, valid against the live server (no missing nodes, no
+mistyped links, valid widget values), listed by ComfyUI's template browser, and runnable end to end on tiny models
+with real TDM LoRA files under the released names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import cogvideox_tiny, lora_files, twins
+from harness.workflow_check import Substitute, check_workflow, to_api
+from harness.workflow_placeholders import install_placeholders
+from tdm_core.presets import get_preset
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import build_workflows  # noqa: E402
+
+WORKFLOW_FAMILY = {  # which tiny twin stands in for each workflow's checkpoint
+    "tdm_sd3_4step": "sd3",
+    "tdm_sd35_4step": "sd35",
+    "tdm_dreamshaper_4step": "sd15",
+    "tdm_cogvideox_2b_4step": None,
+    "tdm_sd3_teacher_vs_tdm": "sd3",
+}
+EXPECTED_SUFFIXES = {"tdm_cogvideox_2b_4step": {".mp4"}}
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server, tmp_path_factory):
+    """The live server with the released file names present: real tiny LoRAs (made against the twins the
+    checkpoints are swapped for) and a real tiny CogVideoX folder; empty stand-ins for the checkpoints."""
+    models = comfy_server.base_directory / "models"
+    for family, preset_name in (("sd3", "sd3"), ("sd35", "sd35"), ("sd15", "dreamshaper")):
+        twin = twins.comfy_twin(family)
+        lora = lora_files.synthesise(twin.diffusers, family, rank=4, seed=7)
+        target = models / "loras" / get_preset(preset_name).lora_file
+        if target.suffix == ".pt":
+            lora_files.write_kohya(lora, target)
+        else:
+            lora_files.write_peft(lora, target)
+    cogvideox = get_preset("cogvideox")
+    folder = models / "diffusers" / cogvideox.base_model_file
+    if not (folder / "transformer").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        cogvideox_tiny.save_tiny_cogvideox_folder(folder)
+    lora = lora_files.synthesise(cogvideox_tiny.build_tiny_transformer(0), "cogvideox", rank=4, seed=7)
+    lora_files.write_peft(lora, models / "loras" / cogvideox.lora_file)
+    install_placeholders(comfy_server.base_directory, build_workflows.model_files())
+    return comfy_server
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+def committed(name: str) -> dict:
+    return json.loads((REPO / "workflows" / f"{name}.json").read_text())
+
+
+def test_every_workflow_is_committed_and_current(object_info):
+    """The files in workflows/ are exactly what the generator makes from today's presets and node schemas."""
+    generated = build_workflows.build_all(object_info)
+    assert set(generated) == set(WORKFLOW_FAMILY)
+    assert sorted(p.stem for p in (REPO / "workflows").glob("*.json")) == sorted(generated)
+    for name, workflow in generated.items():
+        assert build_workflows.dumps(workflow) == (REPO / "workflows" / f"{name}.json").read_text(), (
+            f"workflows/{name}.json is stale: run .venv/bin/python scripts/build_workflows.py")
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOW_FAMILY))
+def test_workflow_is_valid_for_the_server(object_info, name):
+    workflow = committed(name)
+    assert check_workflow(workflow, object_info) == []
+    tdm_nodes = [n for n in workflow["nodes"] if n["type"].startswith("TDM")]
+    assert tdm_nodes and all(n["properties"]["cnr_id"] == "comfyui-tdm" and n["properties"]["ver"] for n in tdm_nodes)
+    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    assert notes and "huggingface.co" in notes[0]["widgets_values"][0] and "models/loras/" in notes[0]["widgets_values"][0]
+
+
+def test_template_browser_lists_the_workflows(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates.get("comfyui-tdm", [])) == sorted(WORKFLOW_FAMILY)
+
+
+def _substitutions(family: str) -> dict:
+    return {
+        "CheckpointLoaderSimple": {0: Substitute("TDMTest_TinyModel", {"family": family, "seed": 0}),
+                                   2: Substitute("TDMTest_TinyVAE", {"family": family, "seed": 0})},
+        "CLIPTextEncode": {0: Substitute("TDMTest_TinyConditioning",
+                                         lambda inputs: {"family": family, "text": inputs["text"]})},
+    }
+
+
+def _shrink_for_tiny_models(api: dict) -> None:
+    """Real resolutions are far beyond what the tiny models' position tables cover; everything else stays."""
+    geometry = cogvideox_tiny.tiny_frame_geometry()
+    for entry in api.values():
+        inputs = entry["inputs"]
+        if entry["class_type"] in ("EmptySD3LatentImage", "EmptyLatentImage"):
+            inputs.update(width=128, height=128)
+        if entry["class_type"] == "TDMCogVideoXSampler":
+            inputs.update(frames=geometry.num_frames, width=geometry.width, height=geometry.height)
+        if entry["class_type"] == "TDMCogVideoXLoader":
+            inputs.update(dtype="fp32")
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOW_FAMILY))
+def test_workflow_runs_end_to_end(server, object_info, name):
+    family = WORKFLOW_FAMILY[name]
+    api = to_api(committed(name), object_info, _substitutions(family) if family else {})
+    _shrink_for_tiny_models(api)
+    entry = server.run_prompt(api, timeout=600)
+    files = [item for outputs in entry["outputs"].values() for items in outputs.values() if isinstance(items, list)
+             for item in items if isinstance(item, dict) and "filename" in item]
+    paths = [server.base_directory / "output" / f.get("subfolder", "") / f["filename"] for f in files]
+    savers = [e for e in api.values() if e["class_type"] in ("SaveImage", "SaveVideo")]
+    assert len(paths) == len(savers) and all(p.is_file() and p.stat().st_size > 0 for p in paths), entry["outputs"]
+    assert {p.suffix for p in paths} == EXPECTED_SUFFIXES.get(name, {".png"})
+    log = server.log_tail(400_000)
+    assert "lora key not loaded" not in log
+
+
+def test_readme_table_is_generated_from_the_presets():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import readme_table
+
+    assert readme_table.table() in (REPO / "README.md").read_text(), (
+        "README's model table is stale: paste the output of .venv/bin/python scripts/readme_table.py")
