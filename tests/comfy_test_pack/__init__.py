@@ -59,8 +59,42 @@ class TDMTestTinyVAE:
         return (twins.tiny_vae(family, seed),)
 
 
+class TinyCLIP:
+    """Test only: the part of ComfyUI's CLIP object that CLIPTextEncode-style code uses (`tokenize`,
+    `encode_from_tokens_scheduled`), returning the family's deterministic tiny conditioning for a text."""
+
+    def __init__(self, family, seed=0):
+        self.family = family
+        self.seed = seed
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        return {"text": text}
+
+    def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):
+        return twins.tiny_conditioning(self.family, tokens["text"], self.seed)
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        context, extra = twins.tiny_conditioning(self.family, tokens["text"], self.seed)[0]
+        return (context, extra.get("pooled_output")) if return_pooled else context
+
+
+class TDMTestTinyCLIP:
+    DESCRIPTION = "Test only: a CLIP stand-in whose encodings match TDMTest_TinyConditioning for the same text."
+    CATEGORY = "tdm_test"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (FAMILIES,)}}
+
+    def build(self, family):
+        return (TinyCLIP(family),)
+
+
 NODE_CLASS_MAPPINGS = {
     "TDMTest_TinyModel": TDMTestTinyModel,
     "TDMTest_TinyConditioning": TDMTestTinyConditioning,
     "TDMTest_TinyVAE": TDMTestTinyVAE,
+    "TDMTest_TinyCLIP": TDMTestTinyCLIP,
 }

@@ -1,0 +1,324 @@
+"""A TDM `TeacherBackend` over a ComfyUI MODEL: the trainer's view of a model loaded by ComfyUI's own loaders.
+
+- **A private copy.** Training puts two peft adapters ("student", "fake") into the network it trains. Doing that to
+  `model.model.diffusion_model` would change every prompt that samples from the same MODEL while the job runs, so
+  the backend trains a deep copy, taken after ComfyUI has applied the MODEL's weight patches (LoRAs loaded on the
+  teacher are part of the teacher). The copy is made on the prompt executor's thread, where ComfyUI's memory
+  manager may move weights; the training thread then only ever touches its copy.
+- **Integer t ↔ the model's own schedule.** `comfy_schedule` builds the trainer's (α_t, σ_t) tables from the MODEL's
+  `model_sampling`: VP models from ComfyUI's σ table (ᾱ = 1/(1 + σ²), the network sees the index t, as
+  `model_sampling.timestep(σ_t)` gives back), rectified-flow models from the shifted flow table (α = 1 − σ, the
+  network sees σ·1000). `pin_grid` puts the sampling preset's exact grid into those tables (SD3: the flow-shift-6
+  sigmas with their integer model timesteps 999, 947, 856, 666), so the student is trained at exactly the noise
+  levels and timesteps the TDM sampler later evaluates it at.
+- **Parametrisation.** The ComfyUI network is called on the VP state `x_t = α_t x0 + σ_t ε` — ComfyUI's own
+  `calculate_input` of an ε/v model maps its VE state to exactly this, and a flow model's state already is it — and
+  returns ε (SD1.5), v (v-models) or the flow velocity (SD3).
+- **Export.** The student LoRA is written with ComfyUI-native keys `diffusion_model.<module>.lora_up.weight /
+  .lora_down.weight / .alpha` (the keys `comfy.lora.model_lora_keys_unet` maps for every model), so ComfyUI's
+  LoraLoader and the TDM LoRA Loader apply every tensor with no unmatched key.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import types
+from dataclasses import dataclass
+
+import torch
+
+from tdm_core import presets, schedules
+from tdm_core.distill import DiscreteSchedule, PeftBackend
+from tdm_core.distill.backend import UNET_TARGETS
+from tdm_core.lora import tdm_metadata
+
+# ComfyUI's MMDiT (SD3/SD3.5): the joint blocks' attention (fused qkv), output projections and MLPs; SD3.5's dual
+# attention (`attn2`) too. The SD1.5 UNet's transformer blocks use the same names as diffusers' (to_q, ff.net.2...).
+MMDIT_TARGETS = ["attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2"]
+FAMILY_TARGETS = {"sd15": UNET_TARGETS, "sd3": MMDIT_TARGETS, "sd35": MMDIT_TARGETS}
+# The sampling preset a family's student is trained for by default (grid "auto").
+FAMILY_PRESET = {"sd15": "dreamshaper", "sd3": "sd3", "sd35": "sd35"}
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_family(model) -> str:
+    from .lora_loader import model_family as lora_family
+
+    return lora_family(model)
+
+
+def model_parametrisation(model) -> str:
+    from .sampling import model_parametrisation as parametrisation
+
+    return parametrisation(model.get_model_object("model_sampling"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def comfy_schedule(model_sampling) -> DiscreteSchedule:
+    """(α_t, σ_t, model timestep) for t in [0, N) from a ComfyUI model_sampling object."""
+    import comfy.model_sampling
+
+    table = model_sampling.sigmas.detach().to("cpu", torch.float64)
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        multiplier = float(getattr(model_sampling, "multiplier", schedules.NUM_TRAIN_TIMESTEPS))
+        return DiscreteSchedule(1.0 - table, table.clone(), table * multiplier, "flow")
+    alphas_cumprod = 1.0 / (1.0 + table**2)
+    return DiscreteSchedule.from_alphas_cumprod(alphas_cumprod)
+
+
+def pin_grid(schedule: DiscreteSchedule, sigmas, model_timesteps) -> tuple[DiscreteSchedule, list[int]]:
+    """Writes a flow grid's exact σ (and the integer timesteps the TDM sampler feeds) into the nearest table
+    entries; returns the new schedule and the grid's indices. Refuses a σ that would break the table's order."""
+    alphas, table, feed = schedule.alphas.clone(), schedule.sigmas.clone(), schedule.model_timesteps.clone()
+    indices = []
+    for sigma, timestep in zip(sigmas, model_timesteps, strict=True):
+        index = int(torch.argmin((schedule.sigmas - float(sigma)).abs()))
+        lower = float(schedule.sigmas[index - 1]) if index > 0 else -math.inf
+        upper = float(schedule.sigmas[index + 1]) if index + 1 < len(table) else math.inf
+        if not lower < float(sigma) < upper and float(schedule.sigmas[index]) != float(sigma):
+            raise ValueError(f"grid σ {sigma} does not fit between the schedule's neighbours of index {index}")
+        table[index] = float(sigma)
+        alphas[index] = 1.0 - float(sigma)
+        feed[index] = float(timestep)
+        indices.append(index)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"grid sigmas {list(sigmas)} land on the same schedule index; use fewer steps")
+    return DiscreteSchedule(alphas, table, feed, schedule.kind), indices
+
+
+@dataclass
+class TrainingGrid:
+    schedule: DiscreteSchedule
+    timesteps: list[int] | None  # None: the training-demo grid from total_steps
+    preset: str  # the TDM sampler preset the student is made for ("" for the demo grid)
+    description: str
+
+
+def training_grid(model, family: str, grid: str, steps: int, total_steps: int = 900) -> TrainingGrid:
+    """The trainer's schedule and K-step grid for a grid choice: "auto" (the family's preset), a preset name, or
+    "training_demo" (t_k = N−1−k·N/K, sampled with the TDM Scheduler's training_demo grid)."""
+    model_sampling = model.get_model_object("model_sampling")
+    schedule = comfy_schedule(model_sampling)
+    if grid == "training_demo":
+        return TrainingGrid(schedule, None, "", f"training_demo N={total_steps} K={steps}")
+    name = FAMILY_PRESET.get(family) if grid == "auto" else grid
+    if name is None:
+        raise ValueError(f"no TDM sampling preset for a {family} model; choose grid 'training_demo'")
+    preset = presets.get_preset(name)
+    parametrisation = model_parametrisation(model)
+    if preset.parametrisation != parametrisation:
+        raise ValueError(f"grid preset {name!r} is for {preset.parametrisation} models; this MODEL is "
+                         f"{parametrisation} ({family}); use grid 'auto'")
+    if preset.grid == "flow_shift":
+        flow = schedules.flow_shift_grid(steps, preset.shift)
+        multiplier = float(getattr(model_sampling, "multiplier", schedules.NUM_TRAIN_TIMESTEPS))
+        feed = [t * multiplier / schedules.NUM_TRAIN_TIMESTEPS for t in flow.timesteps]
+        schedule, indices = pin_grid(schedule, flow.sigmas[:-1], feed)
+        return TrainingGrid(schedule, indices, name, f"{name}: σ {', '.join(f'{s:.4f}' for s in flow.sigmas[:-1])}")
+    timesteps = list(schedules.grid_timesteps(preset.grid, steps, shift=preset.shift))
+    return TrainingGrid(schedule, timesteps, name, f"{name}: t {', '.join(map(str, timesteps))}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditioning
+
+
+def encode_prompts(clip, prompts: list[str], unconditional: str = "") -> dict[str, dict[str, torch.Tensor]]:
+    """CLIP-encodes each prompt (ComfyUI's CLIPTextEncode path) on the calling thread; "" maps to the
+    unconditional prompt's encoding (the trainer's empty-prompt convention). Contexts of different lengths are
+    repeated to a common length, as ComfyUI batches them (repeating keys leaves cross-attention unchanged)."""
+    texts = list(dict.fromkeys([*prompts, unconditional]))
+    encoded = {}
+    for text in texts:
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        context, extra = conditioning[0][0], conditioning[0][1]
+        with torch.inference_mode(False):
+            entry = {"context": context.detach().clone()}
+            pooled = extra.get("pooled_output")
+            if pooled is not None:
+                entry["y"] = pooled.detach().clone()
+        encoded[text] = entry
+    lengths = {e["context"].shape[1] for e in encoded.values()}
+    common = math.lcm(*lengths)
+    if common > 8 * max(lengths):
+        common = max(lengths)  # pathological mixes: pad with zeros instead (masks nothing ComfyUI would not)
+    for entry in encoded.values():
+        context = entry["context"]
+        if context.shape[1] != common:
+            with torch.inference_mode(False):
+                if common % context.shape[1] == 0:
+                    entry["context"] = context.repeat(1, common // context.shape[1], 1)
+                else:
+                    pad = context.new_zeros(context.shape[0], common - context.shape[1], context.shape[2])
+                    entry["context"] = torch.cat([context, pad], dim=1)
+    table = {text: encoded[text] for text in prompts}
+    table[""] = encoded[unconditional]
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The private copy
+
+
+def snapshot_diffusion_model(model, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    """A deep copy of the MODEL's network with its weight patches applied, as normal (non-inference) tensors."""
+    import comfy.model_management
+
+    # Applies the MODEL's patches (LoRAs on the teacher) to the weights; the copy then holds the patched values.
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    with torch.inference_mode(False):
+        network = copy.deepcopy(model.model.diffusion_model)
+        network.to(device=device, dtype=dtype) if dtype is not None else network.to(device=device)
+    network.requires_grad_(False)
+    network.eval()
+    make_uninterruptible(network)
+    return network
+
+
+def make_uninterruptible(network: torch.nn.Module) -> int:
+    """Detaches the copy from ComfyUI's Cancel button.
+
+    Every `comfy.ops` layer calls `run_every_op()`, which raises (and clears) the process-wide interrupt flag that
+    Cancel sets for the *prompt* being executed. A training thread running those layers would both die on an
+    unrelated Cancel and swallow it, so the prompt it was meant for would go on. The copy's layers get the same
+    forward function bound to a namespace whose `run_every_op` does nothing; the job has its own stop event.
+    """
+    count = 0
+    for module in network.modules():
+        function = type(module).forward
+        code = getattr(function, "__code__", None)
+        if code is None or "run_every_op" not in code.co_names:
+            continue
+        namespace = _quiet_namespaces.get(id(function.__globals__))
+        if namespace is None:
+            namespace = dict(function.__globals__, run_every_op=lambda: None)
+            _quiet_namespaces[id(function.__globals__)] = namespace
+        quiet = types.FunctionType(code, namespace, function.__name__, function.__defaults__, function.__closure__)
+        module.forward = types.MethodType(quiet, module)
+        count += 1
+    return count
+
+
+_quiet_namespaces: dict[int, dict] = {}
+
+
+def enable_gradient_checkpointing(network: torch.nn.Module) -> int:
+    """Recomputes each top-level block in the backward pass instead of storing its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    count = 0
+    for list_name in ("input_blocks", "output_blocks", "joint_blocks"):
+        for block in getattr(network, list_name, None) or []:
+            _wrap_checkpoint(block, checkpoint)
+            count += 1
+    middle = getattr(network, "middle_block", None)
+    if middle is not None:
+        _wrap_checkpoint(middle, checkpoint)
+        count += 1
+    return count
+
+
+def _wrap_checkpoint(block: torch.nn.Module, checkpoint) -> None:
+    forward = block.forward
+
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed
+
+
+def teacher_fingerprint(network: torch.nn.Module, family: str, parametrisation: str, latent_channels: int) -> dict:
+    """Enough to tell a different teacher apart on resume (shape signature and a weight checksum)."""
+    params = list(network.parameters())
+    with torch.no_grad():
+        checksum = float(sum(p.detach().float().abs().sum().double().cpu() for p in params[:: max(1, len(params) // 32)]))
+    return {"family": family, "parametrisation": parametrisation, "latent_channels": int(latent_channels),
+            "parameters": int(sum(p.numel() for p in params)), "checksum": checksum}
+
+
+class ComfyBackend(PeftBackend):
+    """PeftBackend on a private copy of a ComfyUI diffusion model, exporting ComfyUI-native LoRA keys."""
+
+    def __init__(self, network: torch.nn.Module, *, family: str, parametrisation: str, schedule: DiscreteSchedule,
+                 latent_shape: tuple[int, ...], conds: dict[str, dict[str, torch.Tensor]], lora_rank: int,
+                 lora_alpha: float | None, adapter_seed: int = 0, target_modules: list[str] | None = None):
+        self.compute_dtype = next(network.parameters()).dtype
+        self.device = next(network.parameters()).device
+        self._conds = {p: {k: v.to(self.device) for k, v in c.items()} for p, c in conds.items()}
+        uses_pooled = family in ("sd3", "sd35")
+
+        def encode(prompts: list[str]) -> dict:
+            missing = [p for p in prompts if p not in self._conds]
+            if missing:
+                raise KeyError(f"prompt {missing[0]!r} was not encoded when the job started")
+            batch = {"context": torch.cat([self._conds[p]["context"] for p in prompts])}
+            if uses_pooled:
+                batch["y"] = torch.cat([self._conds[p]["y"] for p in prompts])
+            return batch
+
+        super().__init__(network, schedule=schedule, parametrisation=parametrisation, latent_shape=latent_shape,
+                         encode=encode, call=self._call_network, family=family, mode="lora",
+                         lora_rank=lora_rank, lora_alpha=lora_alpha,
+                         target_modules=target_modules or FAMILY_TARGETS[family], adapter_seed=adapter_seed)
+        # The adapters (and their optimiser state) stay in float32 whatever the teacher's dtype; peft casts the
+        # activations to the adapter's dtype and the result back to the base layer's.
+        for _, param in self._params["student"] + self._params["fake"]:
+            param.data = param.data.float()
+
+    def _call_network(self, network, x, model_t, cond):
+        dtype = self.compute_dtype
+        y = cond.get("y")
+        out = network(x.to(dtype), model_t.float(), context=cond["context"].to(dtype),
+                      y=None if y is None else y.to(dtype))
+        return out.float()
+
+    def to(self, device: torch.device) -> None:
+        """Moves the network (with its adapters) and the encoded prompts; used to park a waiting job on the CPU."""
+        self.model.to(device)
+        self.device = torch.device(device)
+        self._conds = {p: {k: v.to(self.device) for k, v in c.items()} for p, c in self._conds.items()}
+        self._cond_cache.clear()
+
+    def export_student_lora(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, param in self._params["student"]:
+            module, _, rest = name.partition(".lora_")  # "<module>.lora_A.student.weight"
+            which = rest.split(".")[0]
+            key = f"diffusion_model.{module}"
+            tensors[f"{key}.lora_{'down' if which == 'A' else 'up'}.weight"] = (
+                param.detach().to("cpu", torch.float32).contiguous().clone())
+            tensors[f"{key}.alpha"] = torch.tensor(self.lora_alpha, dtype=torch.float32)
+        metadata = {"tdm.family": self.family, "tdm.lora_rank": str(self.lora_rank),
+                    "tdm.lora_alpha": repr(self.lora_alpha), "tdm.format": "comfyui"}
+        return tensors, metadata
+
+
+def latent_preview_decoder(model):
+    """x0 (model latent space, [B, C, H, W]) → uint8 H×(B·W)×3, with the latent format's RGB factors (ComfyUI's
+    own cheap live preview; a VAE decode would have to run inside ComfyUI's memory manager)."""
+    latent_format = model.model.latent_format
+    factors = getattr(latent_format, "latent_rgb_factors", None)
+    if factors is None:
+        return None
+    weight = torch.tensor(factors, dtype=torch.float32).transpose(0, 1)
+    bias_values = getattr(latent_format, "latent_rgb_factors_bias", None)
+    bias = torch.tensor(bias_values, dtype=torch.float32) if bias_values is not None else None
+
+    def decode(x0: torch.Tensor):
+        x0 = x0.detach().to("cpu", torch.float32)
+        images = torch.nn.functional.linear(x0.movedim(1, -1), weight, bias)  # [B, H, W, 3]
+        images = ((images + 1.0) / 2.0).clamp(0, 1)
+        strip = torch.cat(list(images), dim=1)
+        return (strip * 255).round().to(torch.uint8).numpy()
+
+    return decode
+
+
+def family_metadata(preset: str, family: str) -> dict:
+    return tdm_metadata(preset=preset or None, family=family, strength=1.0)

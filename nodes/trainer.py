@@ -1,0 +1,457 @@
+"""TDM distillation inside ComfyUI: start, watch and stop background jobs (tdm_core.jobs runs them).
+
+The start node takes the teacher the way users already load it — the MODEL and CLIP of the standard loaders
+(Load Checkpoint, or Load Diffusion Model + DualCLIPLoader/TripleCLIPLoader for SD3), so fine-tunes, merges and
+LoRA-patched teachers work and nothing is loaded twice — encodes the prompts with that CLIP, takes a private copy of
+the network (nodes/comfy_backend.py) and hands the job to the job manager's worker thread. It returns the job id at
+once; the queue goes on serving other prompts while the job trains. ComfyUI's Cancel button does not reach the job:
+the stop node, the HTTP route or the web panel stop it, after the current iteration, with a checkpoint.
+
+Jobs persist under models/loras/.tdm_jobs, so they are listed after a restart; resuming one then needs its teacher
+again: queue the workflow with the same output name and if_exists = resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+
+import torch
+from comfy_api.v0_0_2 import io, ui
+
+from tdm_core import jobs, presets, schedules
+from tdm_core.distill import ConfigError, DistillConfig
+
+from . import comfy_backend
+
+LOG = logging.getLogger("comfyui-tdm")
+
+CATEGORY = "training"
+GRID_CHOICES = ["auto", *[p.name for p in presets.PRESETS.values() if p.family != "cogvideox"], "training_demo"]
+IF_EXISTS = ["refuse", "resume"]
+OFFLOAD = ["none", "unload_comfy_models", "train_on_cpu"]
+NO_FILE = "(none)"
+
+# V3 nodes hold no state: the job manager (one per ComfyUI process) lives here.
+_manager_lock = threading.Lock()
+_manager: dict = {"instance": None}
+
+
+def get_manager() -> jobs.JobManager:
+    with _manager_lock:
+        if _manager["instance"] is None:
+            import folder_paths
+
+            loras_dir = folder_paths.get_folder_paths("loras")[0]
+            _manager["instance"] = jobs.JobManager(loras_dir, listener=_WebsocketBridge())
+        return _manager["instance"]
+
+
+class _WebsocketBridge:
+    """Job events → ComfyUI's websocket (`PromptServer.send_sync` is thread-safe); progress at most 5 per second
+    per job, state changes and saves always."""
+
+    def __init__(self):
+        self._last: dict[str, float] = {}
+
+    def __call__(self, event: str, payload: dict) -> None:
+        if event == "tdm.job.progress":
+            now = time.monotonic()
+            if now - self._last.get(payload["id"], 0.0) < 0.2 and payload["step"] < payload["iterations"]:
+                return
+            self._last[payload["id"]] = now
+        try:
+            from server import PromptServer
+        except ImportError:
+            return
+        instance = getattr(PromptServer, "instance", None)
+        if instance is not None:
+            instance.send_sync(event, payload)
+
+
+def _input_text_files() -> list[str]:
+    import folder_paths
+
+    directory = folder_paths.get_input_directory()
+    found = []
+    for root, _, files in os.walk(directory):
+        for name in files:
+            if name.lower().endswith(".txt"):
+                found.append(os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/"))
+    return [NO_FILE, *sorted(found)]
+
+
+def read_prompts(prompts: str, prompts_file: str) -> list[str]:
+    """One prompt per non-empty line, from the text box and the optional .txt file in input/."""
+    lines = [line.strip() for line in (prompts or "").splitlines()]
+    if prompts_file and prompts_file != NO_FILE:
+        import folder_paths
+
+        directory = os.path.realpath(folder_paths.get_input_directory())
+        path = os.path.realpath(os.path.join(directory, prompts_file))
+        if os.path.commonpath([directory, path]) != directory:
+            raise ValueError(f"prompts_file {prompts_file!r} is outside ComfyUI's input folder")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"prompts_file {prompts_file!r} does not exist in ComfyUI's input folder "
+                                    f"({directory}); put the .txt file there (one prompt per line) or pick another")
+        with open(path, encoding="utf-8") as handle:
+            lines += [line.strip() for line in handle]
+    found = [line for line in lines if line and not line.startswith("#")]
+    if not found:
+        raise ValueError("no training prompts: write one prompt per line in 'prompts' or choose a prompts_file")
+    return found
+
+
+class ComfyRuntime:
+    """A job's teacher (the private copy with its adapters) and settings; builds its session on the worker."""
+
+    def __init__(self, backend: comfy_backend.ComfyBackend, config: DistillConfig, device: torch.device,
+                 preview_decode, extra_metadata: dict):
+        self.backend = backend
+        self.config = config
+        self.device = torch.device(device)
+        self.preview_decode = preview_decode
+        self.extra_metadata = extra_metadata
+
+    def build(self, state: dict | None) -> jobs.TDMSession:
+        self.backend.to(self.device)
+        return jobs.TDMSession.create(self.backend, DistillConfig.from_dict(self.config.to_dict()), state,
+                                      preview_decode=self.preview_decode, extra_metadata=self.extra_metadata)
+
+    def offload(self) -> None:
+        if self.device.type != "cpu":
+            self.backend.to(torch.device("cpu"))
+
+
+def _settings_from_inputs(values: dict, prompts: list[str]) -> dict:
+    settings = {k: v for k, v in values.items() if k not in ("model", "clip", "prompts", "prompts_file")}
+    settings["prompt_list"] = prompts
+    return settings
+
+
+def build_runtime(model, clip, settings: dict, prompts: list[str]):
+    """The job's runtime from the teacher MODEL/CLIP and the node's settings: (runtime, teacher fingerprint, grid).
+    Runs on the prompt executor's thread (CLIP encoding, the weight snapshot and adapter creation use ComfyUI's
+    memory manager and the process RNG)."""
+    import comfy.model_management
+
+    family = comfy_backend.model_family(model)
+    if family not in comfy_backend.FAMILY_TARGETS:
+        raise ValueError(f"TDM distillation supports SD1.5-family and SD3/SD3.5 models; this MODEL is {family} "
+                         f"({type(model.model.model_config).__name__})")
+    parametrisation = comfy_backend.model_parametrisation(model)
+    latent_format = model.model.latent_format
+    channels = int(latent_format.latent_channels)
+    width, height = int(settings["width"]), int(settings["height"])
+    if width % 16 or height % 16:
+        raise ValueError(f"width and height must be multiples of 16 (got {width}×{height})")
+    latent_shape = (channels, height // 8, width // 8)
+    grid = comfy_backend.training_grid(model, family, settings["grid"], int(settings["steps"]),
+                                       schedules.TRAINING_DEMO_TOTAL_STEPS)
+    alpha = float(settings["lora_alpha"]) or None
+    config = DistillConfig(
+        prompts=prompts, steps=int(settings["steps"]), timesteps=grid.timesteps, cfg=float(settings["cfg"]),
+        lr=float(settings["learning_rate"]), batch_size=int(settings["batch_size"]), seed=int(settings["seed"]),
+        lora_rank=int(settings["lora_rank"]), lora_alpha=alpha, iterations=int(settings["iterations"]),
+        total_steps=schedules.TRAINING_DEMO_TOTAL_STEPS, keep_last=int(settings["keep_last"]), family=family, recommended_strength=1.0,
+        sampler_preset=grid.preset)
+    try:
+        config.validate(num_timesteps=grid.schedule.num_timesteps)
+    except ConfigError as error:
+        raise ValueError(str(error)) from None
+
+    offload = settings["offload"]
+    if offload == "unload_comfy_models":
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+    device = torch.device("cpu") if offload == "train_on_cpu" else comfy.model_management.get_torch_device()
+    conds = comfy_backend.encode_prompts(clip, prompts, settings["unconditional_prompt"])
+    network = comfy_backend.snapshot_diffusion_model(model, device, comfy_backend.DTYPES[settings["dtype"]])
+    if settings["gradient_checkpointing"]:
+        comfy_backend.enable_gradient_checkpointing(network)
+    # The loaded (patched) weights, before any dtype change: a resume with other memory options still matches.
+    teacher = comfy_backend.teacher_fingerprint(model.model.diffusion_model, family, parametrisation, channels)
+    # Nodes run under torch.inference_mode(); adapters created there could never be trained.
+    with torch.inference_mode(False):
+        backend = comfy_backend.ComfyBackend(network, family=family, parametrisation=parametrisation,
+                                             schedule=grid.schedule, latent_shape=latent_shape, conds=conds,
+                                             lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                                             adapter_seed=config.seed)
+    runtime = ComfyRuntime(backend, config, device, comfy_backend.latent_preview_decoder(model),
+                           comfy_backend.family_metadata(grid.preset, family))
+    return runtime, teacher, grid
+
+
+def start_job(model, clip, values: dict) -> jobs.JobRecord:
+    """Everything the start node does (see the module docstring); raises ValueError with the reason to refuse."""
+    manager = get_manager()
+    name = jobs.validate_output_name(values["output_name"], manager.loras_dir)
+    existing = manager.find(name)
+    if existing is not None:
+        if values["if_exists"] != "resume":
+            manager.submit(name, None, values["iterations"])  # raises the duplicate-name refusal
+        if existing.state in jobs.ACTIVE_STATES and manager.has_runtime(existing.id):
+            return existing
+        if existing.state == "finished" and values["iterations"] <= existing.step:
+            return existing
+        # Resume: the job's own settings (a different rank or grid could not load its checkpoint).
+        settings = dict(existing.settings, iterations=values["iterations"])
+        # Memory options may change on resume (the usual fix after running out of memory).
+        settings.update({k: values[k] for k in ("gradient_checkpointing", "dtype", "offload")})
+        prompts = list(settings["prompt_list"])
+    else:
+        prompts = read_prompts(values["prompts"], values["prompts_file"])
+        settings = _settings_from_inputs(values, prompts)
+
+    runtime, teacher, grid = build_runtime(model, clip, settings, prompts)
+    settings["grid_description"] = grid.description
+    return manager.submit(name, runtime, int(settings["iterations"]), save_every=int(settings["save_every"]),
+                          keep_last=int(settings["keep_last"]), preview_every=int(settings["preview_every"]),
+                          settings=settings, teacher=teacher, if_exists=values["if_exists"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images for the status node
+
+
+def loss_curve_image(history: list, width: int = 512, height: int = 256) -> torch.Tensor:
+    """The two TDM losses over the steps (fake score above, generator below), as a ComfyUI IMAGE [1, H, W, 3]."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    panels = (("loss_fake", 1, (31, 119, 180)), ("loss_gen", 2, (255, 127, 14)))
+    panel_h = height // 2
+    for row, (label, column, colour) in enumerate(panels):
+        top = row * panel_h
+        draw.rectangle([0, top, width - 1, top + panel_h - 1], outline=(200, 200, 200))
+        points = [(p[0], p[column]) for p in history if math.isfinite(p[column])]
+        if not points:
+            draw.text((6, top + 4), f"{label}: no steps yet", fill=(90, 90, 90))
+            continue
+        steps = [s for s, _ in points]
+        values = [v for _, v in points]
+        lo, hi = min(values), max(values)
+        span_s = max(1, steps[-1] - steps[0])
+        span_v = (hi - lo) or 1.0
+        xy = [(4 + (s - steps[0]) / span_s * (width - 8), top + panel_h - 6 - (v - lo) / span_v * (panel_h - 24))
+              for s, v in points]
+        if len(xy) == 1:
+            draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=colour)
+        else:
+            draw.line(xy, fill=colour, width=2)
+        draw.text((6, top + 4), f"{label} {values[-1]:.4g} (min {lo:.4g}, max {hi:.4g}) step {steps[-1]}",
+                  fill=(40, 40, 40))
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def preview_image(array) -> torch.Tensor:
+    if array is None:
+        return torch.full((1, 64, 64, 3), 0.5)
+    return torch.from_numpy(array.astype("float32") / 255.0)[None]
+
+
+def _refuse(error: Exception):
+    raise ValueError(str(error)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nodes
+
+
+class TDMDistillStart(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMDistillStart",
+            display_name="TDM Distill (start job)",
+            category=CATEGORY,
+            is_output_node=True,
+            description=(
+                "Starts a TDM distillation in the background and returns its job id at once: the queue keeps "
+                "running other prompts while it trains. The student LoRA is saved to models/loras/<output_name>"
+                ".safetensors every save_every steps (plus numbered snapshots). Stop it with TDM Distill Stop (the "
+                "Cancel button does not stop training); watch it with TDM Distill Status."),
+            inputs=[
+                io.Model.Input("model", tooltip="The teacher: the MODEL of Load Checkpoint or Load Diffusion Model "
+                                                "(SD1.5-family or SD3/SD3.5). LoRAs applied to it are part of the "
+                                                "teacher. It is copied; sampling from it meanwhile is unaffected."),
+                io.Clip.Input("clip", tooltip="The teacher's text encoder (from the same loader); it encodes the "
+                                              "prompts once, when the job starts."),
+                io.String.Input("prompts", multiline=True, default="a photo of a cat\na watercolor landscape",
+                                tooltip="Training prompts, one per line (lines starting with # are skipped). TDM is "
+                                        "data-free: prompts are all it needs. Combined with prompts_file."),
+                io.Combo.Input("prompts_file", options=_input_text_files(), default=NO_FILE,
+                               tooltip="Optional .txt file in ComfyUI's input folder with more prompts, one per "
+                                       "line."),
+                io.String.Input("unconditional_prompt", default="",
+                                tooltip="The unconditional prompt of the teacher's CFG target (the official recipe: "
+                                        "empty)."),
+                io.String.Input("output_name", default="tdm_distilled",
+                                tooltip="LoRA file name under models/loras (sub-folders with '/'); no absolute "
+                                        "paths or '..'. A name in use by another job is refused."),
+                io.Combo.Input("if_exists", options=IF_EXISTS, default="refuse",
+                               tooltip="refuse: a job with this output name already exists → error. resume: "
+                                       "continue that job from its newest checkpoint (after a stop, a failure or a "
+                                       "ComfyUI restart; the job's own settings are kept, iterations may grow)."),
+                io.Int.Input("steps", default=4, min=1, max=16,
+                             tooltip="K, the student's number of sampling steps (the released TDM LoRAs: 4)."),
+                io.Combo.Input("grid", options=GRID_CHOICES, default="auto",
+                               tooltip="Timestep grid the student is trained on = the TDM sampler preset to sample "
+                                       "it with. auto: sd3/sd35 for SD3-family models, dreamshaper (999, 749, 500, "
+                                       "250) for SD1.5. training_demo: t_k = 799 − k·800/K of train_tdm_demo.py "
+                                       "(sample with the TDM Scheduler's training_demo grid)."),
+                io.Int.Input("iterations", default=500, min=1, max=1_000_000,
+                             tooltip="Training iterations (the official demo trains a few hundred to thousands)."),
+                io.Int.Input("lora_rank", default=16, min=1, max=256, tooltip="Rank of the student and fake-score "
+                                                                               "LoRAs."),
+                io.Float.Input("lora_alpha", default=0.0, min=0.0, max=1024.0, step=1.0,
+                               tooltip="LoRA alpha; 0 = rank (scale 1 in every loader)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-2, step=1e-6, round=False,
+                               tooltip="Fake-score learning rate; the student gets a fifth of it (official: 1e-4; "
+                                       "the README run 2e-5)."),
+                io.Float.Input("cfg", default=2.0, min=1.0, max=20.0, step=0.1,
+                               tooltip="Teacher guidance distilled into the student (official demo 2.0, README "
+                                       "run 4.5). The student then samples with CFG 1."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Samples per iteration."),
+                io.Int.Input("width", default=512, min=16, max=4096, step=16,
+                             tooltip="Training resolution in pixels (latents are 1/8); use the teacher's native "
+                                     "size (SD1.5 512, SD3 1024) or smaller to save memory."),
+                io.Int.Input("height", default=512, min=16, max=4096, step=16, tooltip="Training height in pixels."),
+                io.Int.Input("save_every", default=100, min=0, max=100_000,
+                             tooltip="Write a checkpoint and the LoRA every N steps (0: only at the end or on "
+                                     "stop). Every file is written atomically."),
+                io.Int.Input("keep_last", default=3, min=1, max=100,
+                             tooltip="Numbered LoRA snapshots and checkpoints kept (older ones are deleted)."),
+                io.Int.Input("preview_every", default=50, min=0, max=100_000,
+                             tooltip="Sample the student every N steps for the status preview (0: never)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of the adapters' initialisation and of every training draw: the same "
+                                     "seed and settings give the same LoRA."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute block activations in the backward pass: less VRAM, ~30% "
+                                         "slower."),
+                io.Combo.Input("dtype", options=list(comfy_backend.DTYPES), default="auto",
+                               tooltip="Precision of the teacher copy: auto = as loaded. The LoRAs and optimiser "
+                                       "always train in float32. float16 can overflow; prefer bfloat16."),
+                io.Combo.Input("offload", options=OFFLOAD, default="none",
+                               tooltip="none: train beside ComfyUI's loaded models. unload_comfy_models: free "
+                                       "ComfyUI's models from VRAM before copying the teacher. train_on_cpu: train "
+                                       "on the CPU (slow; no VRAM). A waiting or stopped job parks its copy on "
+                                       "the CPU."),
+            ],
+            outputs=[io.String.Output("job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
+                                                        "/tdm/jobs HTTP routes.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, output_name="", if_exists="refuse", **kwargs):
+        # Unchanged inputs reuse the cached job id (re-queueing the workflow refreshes the status node); in resume
+        # mode a job that stopped or failed since then must run the node again.
+        if if_exists != "resume":
+            return "refuse"
+        try:
+            record = get_manager().get(output_name)
+        except (jobs.JobError, ValueError):
+            return "new"
+        return f"{record.id}:{record.state}:{record.checkpoint_step}"
+
+    @classmethod
+    def execute(cls, model, clip, **values) -> io.NodeOutput:
+        try:
+            record = start_job(model, clip, values)
+        except jobs.JobError as error:
+            _refuse(error)
+        return io.NodeOutput(record.id, ui=ui.PreviewText(record.progress_text()))
+
+
+class TDMDistillStatus(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMDistillStatus",
+            display_name="TDM Distill Status",
+            category=CATEGORY,
+            is_output_node=True,
+            description=("Shows a TDM distillation job: progress text, loss curves, the latest student preview "
+                         "and the latest LoRA name (for the TDM LoRA Loader). Re-queue to refresh."),
+            inputs=[
+                io.String.Input("job", default="", tooltip="A job id (connect TDM Distill's job_id) or the job's "
+                                                           "output name."),
+                io.Boolean.Input("wait", default=False,
+                                 tooltip="Block this prompt until the job stops, fails or finishes (the job runs "
+                                         "either way)."),
+            ],
+            outputs=[
+                io.String.Output("status", tooltip="Progress text: state, step, losses, it/s, ETA, messages."),
+                io.Image.Output("loss_curve", tooltip="Fake-score and generator losses over the steps."),
+                io.Image.Output("preview", tooltip="The latest student samples (latent RGB preview)."),
+                io.String.Output("lora_name", tooltip="The newest LoRA file under models/loras (pick it in the TDM "
+                                                      "LoRA Loader)."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")  # always re-run: the job moves on between prompts
+
+    @classmethod
+    def execute(cls, job, wait=False) -> io.NodeOutput:
+        manager = get_manager()
+        try:
+            record = manager.get(job.strip())
+            if wait:
+                record = manager.wait(record.id)
+        except jobs.JobError as error:
+            _refuse(error)
+        curve = loss_curve_image(list(record.history))
+        preview = preview_image(manager.preview(record.id))
+        text = record.progress_text()
+        return io.NodeOutput(text, curve, preview, record.latest_lora, ui=ui.PreviewText(text))
+
+
+class TDMDistillStop(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMDistillStop",
+            display_name="TDM Distill Stop",
+            category=CATEGORY,
+            is_output_node=True,
+            description="Stops a TDM distillation job after its current iteration, writing a resumable checkpoint "
+                        "and the LoRA. Resume with TDM Distill (if_exists = resume) or POST /tdm/jobs/<id>/resume.",
+            inputs=[
+                io.String.Input("job", default="", tooltip="A job id or output name."),
+                io.Boolean.Input("wait", default=True, tooltip="Wait until the checkpoint is written before this "
+                                                               "prompt continues."),
+            ],
+            outputs=[io.String.Output("status", tooltip="The job's state after the request.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")
+
+    @classmethod
+    def execute(cls, job, wait=True) -> io.NodeOutput:
+        manager = get_manager()
+        try:
+            record = manager.stop(job.strip())
+            if wait:
+                record = manager.wait(record.id, timeout=600)
+        except jobs.JobError as error:
+            _refuse(error)
+        text = record.progress_text()
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+NODES: list = [TDMDistillStart, TDMDistillStatus, TDMDistillStop]
+
+from . import routes  # noqa: E402  (registers the HTTP routes when a server is running)
+
+routes.register(get_manager)

@@ -1,0 +1,711 @@
+"""Background distillation jobs: one worker thread, state persisted on disk, atomic outputs, stop and resume.
+
+A job trains one LoRA under a validated output name in a LoRA folder (ComfyUI's `models/loras`):
+
+  <loras>/<name>.safetensors                  the newest student LoRA (replaced atomically at every save)
+  <loras>/<name>-step00000200.safetensors     one snapshot per save, the last `keep_last` kept
+  <loras>/.tdm_jobs/<job id>/job.json         the job's record: state, progress, losses, settings, messages
+  <loras>/.tdm_jobs/<job id>/checkpoints/step-00000200/state.tdmckpt   resumable training state (last `keep_last`)
+  <loras>/.tdm_jobs/<job id>/preview.npy      the latest student sample (uint8 H×W×3)
+
+Only the LoRAs carry a model-file extension, so ComfyUI's LoRA lists show them and nothing else (the checkpoint
+file is a `torch.save` of `TDMTrainer.state_dict()` under an extension ComfyUI does not list). Every file is
+written under a temporary name, fsynced and renamed into place: a crash leaves the previous file or the new one,
+never a partial one.
+
+Jobs run one at a time on a single worker thread, in submission order ("queued" until their turn), so two jobs
+never interleave. States:
+
+  queued → running → finished          (reached its iterations; the final LoRA is written)
+                   → stopping → stopped (stop requested: the current iteration completes, a checkpoint is written)
+                   → failed             (an exception: out of memory, a NaN loss, a missing file; the reason is kept)
+
+A stopped or failed job resumes from its newest checkpoint. After a restart the records are read back; a job that
+was queued, running or stopping when the process died is marked stopped (it resumes from its last checkpoint).
+
+The manager knows nothing about ComfyUI: a job is given a *runtime* (`build(state) -> session`) that creates the
+training session on the worker thread, from a checkpoint's state or from scratch. `TDMSession` adapts a
+`tdm_core.distill.TDMTrainer`. Events (progress, state changes) go to a `listener(event, payload)` callback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+JOB_STATES = ("queued", "running", "stopping", "stopped", "failed", "finished")
+ACTIVE_STATES = ("queued", "running", "stopping")
+JOBS_FOLDER = ".tdm_jobs"
+RECORD_FILE = "job.json"
+CHECKPOINT_FILE = "state.tdmckpt"
+PREVIEW_FILE = "preview.npy"
+LORA_EXTENSION = ".safetensors"
+MAX_HISTORY = 4000  # loss points kept per job (older ones are thinned out, never the newest)
+_NAME_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 _.+\-]{0,99}$")
+_CHECKPOINT_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class JobError(ValueError):
+    """A refused request; the message says why and what to do. `status` is the matching HTTP status."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class NonFiniteLoss(RuntimeError):
+    """A training loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output names
+
+
+def validate_output_name(name: str, loras_dir: str | Path) -> str:
+    """The LoRA name a job may write (without extension), or a JobError.
+
+    Allowed: letters, digits, space, `_ . + -`, and sub-folders separated by `/` ("tdm/cat_v2"). Refused: empty
+    names, absolute paths, drive letters, backslashes, `.`/`..` parts, hidden names, and anything that would
+    resolve (through symlinks too) outside the LoRA folder.
+    """
+    if not isinstance(name, str):
+        raise JobError(f"output name must be text, got {type(name).__name__}")
+    cleaned = name.strip()
+    if cleaned.lower().endswith(LORA_EXTENSION):
+        cleaned = cleaned[: -len(LORA_EXTENSION)]
+    if not cleaned:
+        raise JobError("output name is empty: give the LoRA a name such as 'tdm_my_model'")
+    if cleaned.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", cleaned) or os.path.isabs(cleaned):
+        raise JobError(f"output name {name!r} is an absolute path; give a name relative to models/loras "
+                       "such as 'tdm_my_model' or 'tdm/my_model'")
+    if "\\" in cleaned:
+        raise JobError(f"output name {name!r} contains a backslash; separate sub-folders with '/'")
+    parts = cleaned.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise JobError(f"output name {name!r} would leave models/loras (empty, '.' or '..' path parts are not "
+                       "allowed)")
+    for part in parts:
+        if not _NAME_PART.match(part):
+            raise JobError(f"output name {name!r}: part {part!r} may only use letters, digits, space and _ . + - "
+                           "(not starting with '.' or a space, at most 100 characters)")
+    root = Path(loras_dir).resolve()
+    target = (root / (cleaned + LORA_EXTENSION)).resolve()
+    if not target.is_relative_to(root):
+        raise JobError(f"output name {name!r} resolves to {target}, outside {root}")
+    return cleaned
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Writes `data` under a temporary name (no model-file extension, so never listed), fsyncs, renames."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def lora_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                metadata={str(k): str(v) for k, v in metadata.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass
+class JobRecord:
+    """What is known about a job; persisted as job.json (so listing and resuming survive a restart)."""
+
+    id: str
+    name: str
+    state: str
+    iterations: int
+    step: int = 0
+    checkpoint_step: int = 0  # the step of the newest checkpoint on disk (0: none yet)
+    message: str = ""
+    created: float = 0.0
+    updated: float = 0.0
+    started: float | None = None
+    save_every: int = 100
+    keep_last: int = 3
+    preview_every: int = 50
+    settings: dict = field(default_factory=dict)  # the job's settings, for display and resume checks
+    teacher: dict = field(default_factory=dict)  # a description/fingerprint of the teacher it was started with
+    history: list = field(default_factory=list)  # [step, loss_fake, loss_gen]
+    it_per_s: float = 0.0
+    eta_s: float | None = None
+    loras: list = field(default_factory=list)  # snapshot files (relative to the LoRA folder), oldest first
+    latest_lora: str = ""  # relative to the LoRA folder
+    has_preview: bool = False
+
+    def to_dict(self, history: bool = True) -> dict:
+        data = asdict(self)
+        if not history:
+            data.pop("history")
+        data["progress"] = self.progress_text()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def progress_text(self) -> str:
+        line = f"TDM job {self.id} '{self.name}': {self.state}, step {self.step}/{self.iterations}"
+        if self.history:
+            _, fake, gen = self.history[-1]
+            line += f", loss_fake {fake:.4g}, loss_gen {gen:.4g}"
+        if self.state == "running" and self.it_per_s > 0:
+            line += f", {self.it_per_s:.2f} it/s"
+            if self.eta_s is not None:
+                line += f", ETA {_duration(self.eta_s)}"
+        if self.latest_lora:
+            line += f"\nLoRA: {self.latest_lora} (checkpoint at step {self.checkpoint_step})"
+        if self.message:
+            line += f"\n{self.message}"
+        return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sessions and runtimes
+
+
+class TrainingSession(Protocol):
+    """One live training run (created on the worker thread)."""
+
+    step_count: int
+
+    def step(self) -> dict: ...  # one iteration; returns metrics with "loss_fake" and "loss_gen"
+
+    def state_dict(self) -> dict: ...  # resumable state (torch.save-able with weights_only loading)
+
+    def lora(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]: ...  # the student LoRA file's content
+
+    def preview(self) -> Any: ...  # uint8 H×W×3 array/tensor, or None
+
+
+class JobRuntime(Protocol):
+    """What a job needs to (re)start: builds its session on the worker thread, from a checkpoint state (resume)
+    or from scratch (None). May define `offload()` to free accelerator memory while the job waits."""
+
+    def build(self, state: dict | None) -> TrainingSession: ...
+
+
+class TDMSession:
+    """A `tdm_core.distill.TDMTrainer` as a job's session; `preview_decode(x0) -> uint8 H×W×3` renders samples."""
+
+    def __init__(self, trainer, preview_prompts: list[str] | None = None,
+                 preview_decode: Callable | None = None, extra_metadata: dict | None = None):
+        self.trainer = trainer
+        self.preview_prompts = list(preview_prompts or trainer.config.prompts[:4])
+        self.preview_decode = preview_decode
+        self.extra_metadata = dict(extra_metadata or {})
+
+    @classmethod
+    def create(cls, backend, config, state: dict | None = None, iterations: int | None = None, **kwargs):
+        """A new trainer, or one continuing `state` (its stored config; `iterations` may be raised)."""
+        from .distill import DistillConfig, TDMTrainer
+
+        if state is not None:
+            config = DistillConfig.from_dict(state["config"])
+        if iterations is not None:
+            config.iterations = int(iterations)
+        trainer = TDMTrainer(backend, config)
+        if state is not None:
+            # The trainer draws from its own generator; the process-wide RNG belongs to whatever else runs in this
+            # process (ComfyUI's samplers), so a resume must not rewind it.
+            state = dict(state, torch_rng=torch.get_rng_state())
+            state.pop("cuda_rng", None)
+            trainer.load_state_dict(state)
+        return cls(trainer, **kwargs)
+
+    @property
+    def step_count(self) -> int:
+        return self.trainer.step_count
+
+    def step(self) -> dict:
+        return self.trainer.step()
+
+    def state_dict(self) -> dict:
+        return self.trainer.state_dict()
+
+    def lora(self):
+        from .distill.checkpoint import student_lora
+
+        tensors, metadata = student_lora(self.trainer)
+        return tensors, {**metadata, **self.extra_metadata}
+
+    def preview(self):
+        if self.preview_decode is None or not self.preview_prompts:
+            return None
+        x0 = self.trainer.sample(self.preview_prompts, seed=0)
+        return self.preview_decode(x0)
+
+
+def describe_failure(error: BaseException, step: int, checkpoint_step: int) -> str:
+    """The reason a job failed, in words a user can act on."""
+    resume = (f"resume continues from the checkpoint at step {checkpoint_step}" if checkpoint_step
+              else "no checkpoint was written yet; resuming starts over")
+    text = str(error).strip().splitlines()[0][:400] if str(error).strip() else type(error).__name__
+    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+        return (f"out of memory at step {step}: {text}. Lower batch_size or the resolution, enable "
+                f"gradient_checkpointing, use dtype bfloat16, or free VRAM (offload: unload_comfy_models); {resume}.")
+    if isinstance(error, NonFiniteLoss):
+        return (f"{text}. Lower the learning rate, check the teacher (a broken merge or LoRA gives NaN), or use "
+                f"dtype float32/bfloat16 instead of float16; {resume}.")
+    if isinstance(error, FileNotFoundError):
+        return f"a file is missing: {text}; {resume}."
+    return f"{type(error).__name__} at step {step}: {text}; {resume}."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The manager
+
+
+class JobManager:
+    """Runs distillation jobs one at a time on a worker thread; see the module docstring."""
+
+    def __init__(self, loras_dir: str | Path, listener: Callable[[str, dict], Any] | None = None):
+        self.loras_dir = Path(loras_dir)
+        self.jobs_dir = self.loras_dir / JOBS_FOLDER
+        self.listener = listener
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._records: dict[str, JobRecord] = {}
+        self._runtimes: dict[str, Any] = {}
+        self._stops: dict[str, threading.Event] = {}
+        self._queue: deque[str] = deque()
+        self._previews: dict[str, Any] = {}
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self._load_records()
+
+    # ---- persistence -----------------------------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def _load_records(self) -> None:
+        if not self.jobs_dir.is_dir():
+            return
+        for path in sorted(self.jobs_dir.glob(f"*/{RECORD_FILE}")):
+            try:
+                record = JobRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError) as error:
+                # A damaged record must not take the others (or the server) down with it.
+                print(f"[comfyui-tdm] skipping unreadable job record {path}: {error}")
+                continue
+            if record.state in ACTIVE_STATES:
+                was = record.state
+                record.state = "stopped"
+                record.step = record.checkpoint_step
+                record.message = (f"The process ended while this job was {was}; resume continues from "
+                                  + (f"the checkpoint at step {record.checkpoint_step}." if record.checkpoint_step
+                                     else "the start (no checkpoint had been written)."))
+                self._persist(record)
+            self._records[record.id] = record
+
+    def _persist(self, record: JobRecord) -> None:
+        record.updated = time.time()
+        data = json.dumps(record.to_dict(), indent=1).encode("utf-8")
+        atomic_write_bytes(self.job_dir(record.id) / RECORD_FILE, data)
+
+    def _emit(self, event: str, payload: dict) -> None:
+        if self.listener is None:
+            return
+        try:
+            self.listener(event, payload)
+        except Exception as error:  # noqa: BLE001 - a broken listener must not fail the job
+            print(f"[comfyui-tdm] job event listener failed: {error}")
+
+    def _set_state(self, record: JobRecord, state: str, message: str | None = None) -> None:
+        with self._lock:
+            record.state = state
+            if message is not None:
+                record.message = message
+            self._persist(record)
+            self._wake.notify_all()
+        self._emit("tdm.job.state", record.to_dict(history=False))
+
+    # ---- queries ------------------------------------------------------------------------------------------------
+    def list(self) -> list[JobRecord]:
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.created)
+
+    def get(self, job: str) -> JobRecord:
+        """A job by id, or by output name (the newest job of that name)."""
+        with self._lock:
+            if job in self._records:
+                return self._records[job]
+            try:
+                name = validate_output_name(job, self.loras_dir)
+            except JobError:
+                name = None
+            found = self.find(name) if name else None
+            if found is None:
+                raise JobError(f"no TDM job with id or output name {job!r}; known jobs: "
+                               + (", ".join(f"{r.id} ({r.name})" for r in self.list()) or "none"), status=404)
+            return found
+
+    def find(self, name: str) -> JobRecord | None:
+        with self._lock:
+            matches = [r for r in self._records.values() if r.name == name]
+            return max(matches, key=lambda r: r.created) if matches else None
+
+    def has_runtime(self, job_id: str) -> bool:
+        return job_id in self._runtimes
+
+    def preview(self, job_id: str):
+        """The latest preview (uint8 H×W×3 numpy array) or None."""
+        with self._lock:
+            cached = self._previews.get(job_id)
+        if cached is not None:
+            return cached
+        path = self.job_dir(job_id) / PREVIEW_FILE
+        if not path.is_file():
+            return None
+        import numpy as np
+
+        return np.load(path, allow_pickle=False)
+
+    def wait(self, job_id: str, timeout: float | None = None, states: tuple = ("stopped", "failed", "finished")):
+        """Blocks until the job is in one of `states` (default: not active); returns its record."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._wake:
+            while self._records[job_id].state not in states:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"TDM job {job_id} is still {self._records[job_id].state}")
+                self._wake.wait(remaining if remaining is not None else 1.0)
+            return self._records[job_id]
+
+    # ---- commands ----------------------------------------------------------------------------------------------
+    def submit(self, name: str, runtime, iterations: int, *, save_every: int = 100, keep_last: int = 3,
+               preview_every: int = 50, settings: dict | None = None, teacher: dict | None = None,
+               if_exists: str = "refuse") -> JobRecord:
+        """Queues a new job (or, with if_exists="resume", continues the job of that name). Returns at once."""
+        name = validate_output_name(name, self.loras_dir)
+        if int(iterations) < 1:
+            raise JobError(f"iterations must be ≥ 1, got {iterations}")
+        with self._lock:
+            existing = self.find(name)
+            if existing is not None:
+                if if_exists == "resume":
+                    check_same_teacher(existing, teacher or {})
+                    if existing.state == "finished" and int(iterations) <= existing.step:
+                        return existing  # nothing left to train: the workflow re-queued after the end
+                    return self.resume(existing.id, runtime=runtime, iterations=iterations)
+                raise JobError(
+                    f"output name '{name}' is already used by TDM job {existing.id} ({existing.state} at step "
+                    f"{existing.step}/{existing.iterations}); choose another output name, or set if_exists to "
+                    "'resume' to continue that job", status=409)
+            if (self.loras_dir / (name + LORA_EXTENSION)).exists():
+                raise JobError(f"models/loras/{name}{LORA_EXTENSION} already exists and was not written by a TDM "
+                               "job here; choose another output name (jobs never overwrite other LoRAs)", status=409)
+            now = time.time()
+            record = JobRecord(id=uuid.uuid4().hex[:12], name=name, state="queued", iterations=int(iterations),
+                               created=now, started=None, save_every=int(save_every), keep_last=max(1, int(keep_last)),
+                               preview_every=int(preview_every), settings=dict(settings or {}),
+                               teacher=dict(teacher or {}))
+            self._records[record.id] = record
+            self._runtimes[record.id] = runtime
+            self._enqueue(record, "queued")
+            return record
+
+    def resume(self, job: str, runtime=None, iterations: int | None = None) -> JobRecord:
+        """Continues a stopped/failed job from its newest checkpoint (or a finished one with more iterations).
+        An active job is returned as it is. Without `runtime`, the one kept in memory since it ran is used."""
+        with self._lock:
+            record = self.get(job)
+            if iterations is not None and int(iterations) < 1:
+                raise JobError(f"iterations must be ≥ 1, got {iterations}")
+            if record.state in ACTIVE_STATES:
+                if runtime is not None and record.id not in self._runtimes:
+                    self._runtimes[record.id] = runtime
+                return record
+            target = int(iterations) if iterations is not None else record.iterations
+            if record.state == "finished" and target <= record.step:
+                raise JobError(f"TDM job {record.id} '{record.name}' already finished at step {record.step}; give "
+                               f"more iterations (> {record.step}) to train further", status=409)
+            if runtime is not None:
+                self._runtimes[record.id] = runtime
+            if record.id not in self._runtimes:
+                raise JobError(
+                    f"the teacher model of TDM job {record.id} '{record.name}' is not in memory (a finished job frees it, "
+                    "and a ComfyUI restart loses it): queue the distillation workflow again with the same output name and if_exists "
+                    "= resume; it continues from the checkpoint at step "
+                    f"{record.checkpoint_step}", status=409)
+            record.iterations = max(target, record.checkpoint_step)
+            record.step = record.checkpoint_step
+            self._enqueue(record, f"resuming from step {record.checkpoint_step}")
+            return record
+
+    def stop(self, job: str) -> JobRecord:
+        """Asks a job to stop: a queued job stops at once; a running one after its current iteration, with a
+        checkpoint. Returns the record (wait() for the final state)."""
+        with self._lock:
+            record = self.get(job)
+            if record.state == "queued":
+                self._queue.remove(record.id)
+                runtime = self._runtimes.get(record.id)
+                if runtime is not None and hasattr(runtime, "offload"):
+                    runtime.offload()
+                self._set_state(record, "stopped", "stopped before it started" if not record.checkpoint_step
+                                else f"stopped while queued; resume continues from step {record.checkpoint_step}")
+            elif record.state == "running":
+                self._stops[record.id].set()
+                self._set_state(record, "stopping", "stopping after the current iteration (a checkpoint is written)")
+            elif record.state == "stopping":
+                pass
+            else:
+                raise JobError(f"TDM job {record.id} '{record.name}' is not running (it is {record.state})",
+                               status=409)
+            return record
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops every job and the worker (tests, shutdown)."""
+        with self._lock:
+            self._closed = True
+            for job_id in list(self._queue):
+                self.stop(job_id)
+            for record in self._records.values():
+                if record.state == "running":
+                    self.stop(record.id)
+            self._wake.notify_all()
+            worker = self._worker
+        if worker is not None:
+            worker.join(timeout)
+
+    def _enqueue(self, record: JobRecord, message: str) -> None:
+        self._stops[record.id] = threading.Event()
+        ahead = [r for r in self._records.values() if r.state in ("running", "stopping") and r.id != record.id]
+        ahead += [self._records[i] for i in self._queue if i != record.id]
+        if ahead:
+            message += f" (waits for job {ahead[0].id} '{ahead[0].name}': one job trains at a time)"
+        self._queue.append(record.id)
+        self._set_state(record, "queued", message)
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="tdm-distill-worker", daemon=True)
+            self._worker.start()
+
+    # ---- the worker ----------------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait(1.0)
+                if not self._queue:
+                    return
+                job_id = self._queue.popleft()
+                record = self._records[job_id]
+                runtime = self._runtimes.get(job_id)
+                # Only the job about to run keeps its model on the accelerator.
+                for other_id, other in self._runtimes.items():
+                    if other_id != job_id and hasattr(other, "offload"):
+                        other.offload()
+                record.started = time.time()
+                self._set_state(record, "running", "")
+            try:
+                with torch.inference_mode(False):
+                    state, message = self._run(record, runtime)
+            except BaseException as error:  # noqa: BLE001 - any failure ends this job, never the worker
+                state, message = "failed", describe_failure(error, record.step, record.checkpoint_step)
+                print(f"[comfyui-tdm] TDM job {record.id} '{record.name}' failed: {message}")
+                record.step = record.checkpoint_step
+            with self._lock:
+                if state == "finished":
+                    # A finished job's teacher copy is freed; training further needs the workflow (a new copy).
+                    self._runtimes.pop(job_id, None)
+                elif runtime is not None and hasattr(runtime, "offload"):
+                    runtime.offload()
+                record.eta_s = None
+                self._set_state(record, state, message)
+            del runtime
+            _free_accelerator_memory()
+
+    def _run(self, record: JobRecord, runtime) -> tuple[str, str]:
+        if runtime is None:
+            raise JobError("the job's teacher model is not in memory; queue the workflow again to resume it")
+        stop = self._stops[record.id]
+        state = self._load_checkpoint(record) if record.checkpoint_step else None
+        session = runtime.build(state)
+        record.step = session.step_count
+        last_saved = session.step_count if state is not None else -1
+        last_preview = -1
+        window: deque = deque(maxlen=20)
+        window.append((time.perf_counter(), session.step_count))
+        last_persist = time.monotonic()
+        while session.step_count < record.iterations and not stop.is_set():
+            metrics = session.step()
+            step = session.step_count
+            loss_fake, loss_gen = float(metrics.get("loss_fake", 0.0)), float(metrics.get("loss_gen", 0.0))
+            if not (math.isfinite(loss_fake) and math.isfinite(loss_gen)):
+                raise NonFiniteLoss(f"the loss became non-finite at step {step} (loss_fake {loss_fake}, "
+                                    f"loss_gen {loss_gen})")
+            window.append((time.perf_counter(), step))
+            with self._lock:
+                record.step = step
+                record.history.append([step, loss_fake, loss_gen])
+                if len(record.history) > MAX_HISTORY:
+                    record.history = record.history[:-1:2] + record.history[-1:]
+                (t0, s0), (t1, s1) = window[0], window[-1]
+                record.it_per_s = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+                record.eta_s = (record.iterations - step) / record.it_per_s if record.it_per_s > 0 else None
+            self._emit("tdm.job.progress", {"id": record.id, "name": record.name, "step": step,
+                                            "iterations": record.iterations, "loss_fake": loss_fake,
+                                            "loss_gen": loss_gen, "it_per_s": record.it_per_s,
+                                            "eta_s": record.eta_s})
+            if record.save_every and step % record.save_every == 0:
+                self._save(record, session)
+                last_saved = step
+            if record.preview_every and step % record.preview_every == 0:
+                self._preview(record, session)
+                last_preview = step
+            if time.monotonic() - last_persist > 2.0:
+                with self._lock:
+                    self._persist(record)
+                last_persist = time.monotonic()
+        if session.step_count != last_saved:
+            self._save(record, session)
+        if record.preview_every and last_preview != session.step_count:
+            self._preview(record, session)
+        if session.step_count >= record.iterations:
+            return "finished", f"finished {record.iterations} iterations"
+        return "stopped", f"stopped at step {session.step_count}; resume continues from there"
+
+    # ---- outputs ---------------------------------------------------------------------------------------------------
+    def _checkpoints(self, record: JobRecord) -> list[Path]:
+        root = self.job_dir(record.id) / "checkpoints"
+        if not root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT_DIR.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def _load_checkpoint(self, record: JobRecord) -> dict:
+        path = self.job_dir(record.id) / "checkpoints" / f"step-{record.checkpoint_step:08d}" / CHECKPOINT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"the checkpoint of step {record.checkpoint_step} ({path}) is gone")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def _save(self, record: JobRecord, session) -> None:
+        """Checkpoint, then the LoRA snapshot and the latest LoRA; each atomic; older ones pruned afterwards."""
+        step = session.step_count
+        root = self.job_dir(record.id) / "checkpoints"
+        final = root / f"step-{step:08d}"
+        if not final.exists():
+            buffer = io.BytesIO()
+            torch.save(session.state_dict(), buffer)
+            tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                atomic_write_bytes(tmp / CHECKPOINT_FILE, buffer.getvalue())
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _fsync_dir(root)
+        tensors, metadata = session.lora()
+        metadata = {**metadata, "tdm.job_id": record.id, "tdm.job_name": record.name,
+                    "tdm.trained_iterations": str(step)}
+        data = lora_bytes(tensors, metadata)
+        snapshot = f"{record.name}-step{step:08d}{LORA_EXTENSION}"
+        atomic_write_bytes(self.loras_dir / snapshot, data)
+        atomic_write_bytes(self.loras_dir / (record.name + LORA_EXTENSION), data)
+        with self._lock:
+            record.checkpoint_step = step
+            record.latest_lora = record.name + LORA_EXTENSION
+            if snapshot not in record.loras:
+                record.loras.append(snapshot)
+            for old in record.loras[: -record.keep_last]:
+                (self.loras_dir / old).unlink(missing_ok=True)
+            record.loras = record.loras[-record.keep_last :]
+            self._persist(record)
+        for old in self._checkpoints(record)[: -record.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._emit("tdm.job.saved", {"id": record.id, "name": record.name, "step": step,
+                                     "lora": record.latest_lora, "snapshot": snapshot})
+
+    def _preview(self, record: JobRecord, session) -> None:
+        image = session.preview()
+        if image is None:
+            return
+        import numpy as np
+
+        array = np.ascontiguousarray(np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image,
+                                                dtype=np.uint8))
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        atomic_write_bytes(self.job_dir(record.id) / PREVIEW_FILE, buffer.getvalue())
+        with self._lock:
+            self._previews[record.id] = array
+            record.has_preview = True
+
+
+def check_same_teacher(record: JobRecord, teacher: dict) -> None:
+    """Refuses to resume a job with a different teacher than it was started with (when both are described)."""
+    old, new = record.teacher or {}, teacher or {}
+    for key in ("family", "parametrisation", "parameters", "latent_channels"):
+        if key in old and key in new and old[key] != new[key]:
+            raise JobError(f"TDM job {record.id} '{record.name}' was started with another teacher ({key} "
+                           f"{old[key]!r}, this MODEL has {new[key]!r}); connect the same model to resume it, or "
+                           "choose another output name", status=409)
+    if "checksum" in old and "checksum" in new:
+        a, b = float(old["checksum"]), float(new["checksum"])
+        if abs(a - b) > 1e-4 * max(1.0, abs(a), abs(b)):
+            raise JobError(f"TDM job {record.id} '{record.name}' was started with different teacher weights "
+                           "(weight checksum differs); connect the same model (and LoRAs) to resume it, or choose "
+                           "another output name", status=409)
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

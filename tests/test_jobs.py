@@ -1,0 +1,310 @@
+"""tdm_core.jobs without ComfyUI: names, lifecycle, stop/resume, queueing, failures, restart, atomic outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, safe_open
+
+from tdm_core import jobs
+
+EXECUTION_LOG: list = []  # (job tag, step) in execution order, across jobs
+
+
+class FakeSession:
+    """A deterministic 'trainer': its weight after step n is a known function of n, so resumes are checkable."""
+
+    def __init__(self, tag, state=None, delay=0.0, fail_at=None, error=None, nan_at=None):
+        self.tag, self.delay, self.fail_at, self.error, self.nan_at = tag, delay, fail_at, error, nan_at
+        self.step_count = int(state["step"]) if state else 0
+        self.weight = state["weight"].clone() if state else torch.zeros(3)
+
+    def step(self):
+        time.sleep(self.delay)
+        if self.fail_at is not None and self.step_count + 1 == self.fail_at:
+            raise self.error
+        self.step_count += 1
+        self.weight = self.weight * 0.5 + self.step_count
+        EXECUTION_LOG.append((self.tag, self.step_count))
+        loss = float("nan") if self.nan_at == self.step_count else 1.0 / self.step_count
+        return {"loss_fake": loss, "loss_gen": 2.0 * loss}
+
+    def state_dict(self):
+        return {"step": self.step_count, "weight": self.weight.clone()}
+
+    def lora(self):
+        return {"diffusion_model.x.lora_up.weight": self.weight.clone()}, {"tdm.test": self.tag}
+
+    def preview(self):
+        return torch.full((4, 4, 3), self.step_count % 256, dtype=torch.uint8)
+
+
+class FakeRuntime:
+    def __init__(self, tag="a", **kwargs):
+        self.tag, self.kwargs, self.builds, self.offloads = tag, kwargs, [], 0
+
+    def build(self, state):
+        self.builds.append(None if state is None else int(state["step"]))
+        return FakeSession(self.tag, state, **self.kwargs)
+
+    def offload(self):
+        self.offloads += 1
+
+
+def _manager(tmp_path, events=None):
+    return jobs.JobManager(tmp_path / "loras", listener=(lambda e, p: events.append((e, p))) if events is not None
+                           else None)
+
+
+def _weight_after(steps: int) -> torch.Tensor:
+    w = torch.zeros(3)
+    for n in range(1, steps + 1):
+        w = w * 0.5 + n
+    return w
+
+
+# ---- names -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/etc/passwd", "C:/x", "C:\\x", "a\\b", "~/x", "",
+                                  "  ", ".hidden", "a/.tdm_jobs/x", "a//b", "./a", "bad*name", "x" * 101])
+def test_bad_output_names_are_refused(tmp_path, name):
+    with pytest.raises(jobs.JobError):
+        jobs.validate_output_name(name, tmp_path)
+
+
+def test_good_output_names_and_symlink_escape(tmp_path):
+    assert jobs.validate_output_name("tdm_cat", tmp_path) == "tdm_cat"
+    assert jobs.validate_output_name(" tdm/cat v2.safetensors ", tmp_path) == "tdm/cat v2"
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    outside.mkdir()
+    (tmp_path / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(jobs.JobError, match="outside"):
+        jobs.validate_output_name("link/x", tmp_path)
+
+
+# ---- lifecycle ---------------------------------------------------------------------------------------------------
+
+
+def test_job_runs_to_the_end_with_atomic_outputs_and_pruning(tmp_path):
+    events = []
+    manager = _manager(tmp_path, events)
+    record = manager.submit("run", FakeRuntime(), 10, save_every=3, keep_last=2, preview_every=4)
+    assert record.state in ("queued", "running")
+    final = manager.wait(record.id, timeout=30)
+    assert final.state == "finished" and final.step == 10 and final.checkpoint_step == 10
+    loras = tmp_path / "loras"
+    assert torch.equal(load_file(loras / "run.safetensors")["diffusion_model.x.lora_up.weight"], _weight_after(10))
+    with safe_open(loras / "run.safetensors", "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["tdm.job_id"] == record.id and metadata["tdm.trained_iterations"] == "10"
+    # keep_last 2: snapshots of steps 9 and 10 (saved at 3, 6, 9 and the end), checkpoints likewise
+    assert sorted(p.name for p in loras.glob("*.safetensors")) == [
+        "run-step00000009.safetensors", "run-step00000010.safetensors", "run.safetensors"]
+    checkpoints = sorted(p.name for p in (loras / ".tdm_jobs" / record.id / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000009", "step-00000010"]
+    assert not [p for p in loras.rglob("*") if p.name.endswith(".partial") or p.name.startswith(".tmp")]
+    saved = json.loads((loras / ".tdm_jobs" / record.id / "job.json").read_text())
+    assert saved["state"] == "finished" and [h[0] for h in saved["history"]] == list(range(1, 11))
+    assert manager.preview(record.id)[0, 0, 0] == 10  # the final preview is taken at the end
+    steps = [p["step"] for e, p in events if e == "tdm.job.progress"]
+    assert steps == list(range(1, 11))
+    states = [p["state"] for e, p in events if e == "tdm.job.state"]
+    assert states[0] == "queued" and "running" in states and states[-1] == "finished"
+    assert "finished, step 10/10" in final.progress_text()
+    manager.close()
+
+
+def test_stop_within_one_iteration_then_resume_is_equivalent(tmp_path):
+    manager = _manager(tmp_path)
+    runtime = FakeRuntime(delay=0.02)
+    stopped_at = {}
+
+    def stop_at_4(event, payload):
+        if event == "tdm.job.progress" and payload["step"] == 4:
+            stopped_at["record"] = manager.stop(payload["id"])
+
+    manager.listener = stop_at_4
+    record = manager.submit("stopme", runtime, 9, save_every=100, keep_last=1, preview_every=0)
+    final = manager.wait(record.id, timeout=30)
+    assert stopped_at["record"].id == record.id
+    assert final.state == "stopped" and final.step == 4 and final.checkpoint_step == 4
+    assert runtime.offloads >= 1  # a stopped job parks its model
+    manager.listener = None
+    manager.resume(record.id)
+    final = manager.wait(record.id, timeout=30)
+    assert final.state == "finished" and final.step == 9
+    assert runtime.builds == [None, 4]
+    lora = load_file(tmp_path / "loras" / "stopme.safetensors")["diffusion_model.x.lora_up.weight"]
+    assert torch.equal(lora, _weight_after(9))  # same as an uninterrupted run
+    assert [h[0] for h in final.history] == list(range(1, 10))
+    with pytest.raises(jobs.JobError, match="already finished"):
+        manager.resume(record.id)
+    with pytest.raises(jobs.JobError, match="finished job frees it"):
+        manager.resume(record.id, iterations=11)  # its teacher copy was freed at the end
+    manager.resume(record.id, runtime=runtime, iterations=11)
+    assert manager.wait(record.id, timeout=30).step == 11
+    assert runtime.builds == [None, 4, 9]
+    manager.close()
+
+
+def test_duplicate_names_are_refused_and_resume_mode_continues(tmp_path):
+    manager = _manager(tmp_path)
+    record = manager.submit("dup", FakeRuntime(), 3, save_every=0)
+    manager.wait(record.id, timeout=30)
+    with pytest.raises(jobs.JobError, match="already used by TDM job") as error:
+        manager.submit("dup", FakeRuntime(), 3)
+    assert error.value.status == 409
+    (tmp_path / "loras" / "foreign.safetensors").write_bytes(b"not ours")
+    with pytest.raises(jobs.JobError, match="already exists"):
+        manager.submit("foreign", FakeRuntime(), 3)
+    assert (tmp_path / "loras" / "foreign.safetensors").read_bytes() == b"not ours"
+    again = manager.submit("dup", FakeRuntime(), 5, if_exists="resume")
+    assert again.id == record.id
+    assert manager.wait(record.id, timeout=30).step == 5
+    with pytest.raises(jobs.JobError, match="another teacher"):
+        jobs.check_same_teacher(jobs.JobRecord("i", "n", "stopped", 1, teacher={"family": "sd15"}), {"family": "sd3"})
+    manager.close()
+
+
+def test_two_jobs_are_queued_never_interleaved(tmp_path):
+    EXECUTION_LOG.clear()
+    manager = _manager(tmp_path)
+    first = manager.submit("first", FakeRuntime("first", delay=0.01), 6, save_every=0, preview_every=0)
+    second = manager.submit("second", FakeRuntime("second", delay=0.01), 4, save_every=0, preview_every=0)
+    assert manager.get(second.id).state == "queued"
+    assert "one job trains at a time" in manager.get(second.id).message
+    manager.wait(first.id, timeout=30)
+    manager.wait(second.id, timeout=30)
+    tags = [tag for tag, _ in EXECUTION_LOG]
+    assert tags == ["first"] * 6 + ["second"] * 4
+    # a queued job can be stopped before it starts
+    third = manager.submit("third", FakeRuntime("third", delay=0.05), 50, save_every=0)
+    fourth = manager.submit("fourth", FakeRuntime("fourth"), 5, save_every=0)
+    manager.stop(fourth.id)
+    assert manager.get(fourth.id).state == "stopped"
+    manager.stop(third.id)
+    assert manager.wait(third.id, timeout=30).state == "stopped"
+    manager.close()
+
+
+@pytest.mark.parametrize("kind", ["oom", "nan", "missing_checkpoint", "error"])
+def test_failures_mark_the_job_failed_with_the_reason(tmp_path, kind):
+    manager = _manager(tmp_path)
+    if kind == "oom":
+        runtime = FakeRuntime(fail_at=3, error=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+        expected = "out of memory at step 2"
+    elif kind == "nan":
+        runtime = FakeRuntime(nan_at=3)
+        expected = "loss became non-finite at step 3"
+    elif kind == "error":
+        runtime = FakeRuntime(fail_at=2, error=RuntimeError("shape mismatch"))
+        expected = "RuntimeError at step 1: shape mismatch"
+    else:
+        runtime = FakeRuntime()
+        expected = "a file is missing"
+    record = manager.submit(f"fail_{kind}", runtime, 6, save_every=2, preview_every=0)
+    if kind == "missing_checkpoint":
+        manager.wait(record.id, timeout=30)
+        for checkpoint in (tmp_path / "loras" / ".tdm_jobs" / record.id / "checkpoints").iterdir():
+            for file in checkpoint.iterdir():
+                file.unlink()
+        manager.resume(record.id, runtime=runtime, iterations=8)
+    final = manager.wait(record.id, timeout=30)
+    assert final.state == "failed", final.message
+    assert expected in final.message
+    if kind in ("oom", "nan"):
+        assert "resume continues from the checkpoint at step 2" in final.message
+        # the failed step's LoRA was never published
+        lora = load_file(tmp_path / "loras" / f"fail_{kind}.safetensors")["diffusion_model.x.lora_up.weight"]
+        assert torch.equal(lora, _weight_after(2))
+    # the worker survives: another job runs to the end
+    after = manager.submit(f"after_{kind}", FakeRuntime(), 2, save_every=0)
+    assert manager.wait(after.id, timeout=30).state == "finished"
+    manager.close()
+
+
+def test_restart_lists_jobs_and_resumes_from_the_checkpoint(tmp_path):
+    manager = _manager(tmp_path)
+    record = manager.submit("survivor", FakeRuntime(delay=0.05), 200, save_every=3, preview_every=0)
+    manager.wait(record.id, timeout=30, states=("running",))
+    deadline = time.monotonic() + 30
+    while manager.get(record.id).checkpoint_step < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # Simulate the process dying while running: copy the on-disk state as it is now to a second folder.
+    import shutil
+
+    shutil.copytree(tmp_path / "loras", tmp_path / "copy" / "loras")
+    manager.stop(record.id)
+    manager.wait(record.id, timeout=30)
+    manager.close()
+    saved = json.loads((tmp_path / "copy" / "loras" / ".tdm_jobs" / record.id / "job.json").read_text())
+    assert saved["state"] in ("running", "stopping")
+
+    restarted = jobs.JobManager(tmp_path / "copy" / "loras")
+    listed = restarted.get(record.id)
+    assert listed.state == "stopped" and "process ended" in listed.message
+    assert listed.step == listed.checkpoint_step >= 3
+    resumed_from = listed.checkpoint_step
+    with pytest.raises(jobs.JobError, match="not in memory") as error:
+        restarted.resume(record.id)
+    assert error.value.status == 409
+    runtime = FakeRuntime()
+    restarted.submit("survivor", runtime, 12, if_exists="resume")
+    final = restarted.wait(record.id, timeout=30)
+    assert final.state == "finished" and runtime.builds == [resumed_from]
+    lora = load_file(tmp_path / "copy" / "loras" / "survivor.safetensors")["diffusion_model.x.lora_up.weight"]
+    assert torch.equal(lora, _weight_after(12))
+    restarted.close()
+
+
+def test_a_crash_during_a_save_keeps_the_previous_lora(tmp_path, monkeypatch):
+    manager = _manager(tmp_path)
+    runtime = FakeRuntime()
+    record = manager.submit("atomic", runtime, 2, save_every=0)
+    manager.wait(record.id, timeout=30)
+    path = tmp_path / "loras" / "atomic.safetensors"
+    before = path.read_bytes()
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith("atomic.safetensors"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(jobs.os, "replace", failing_replace)
+    manager.resume(record.id, runtime=runtime, iterations=4)
+    final = manager.wait(record.id, timeout=30)
+    assert final.state == "failed" and "disk full" in final.message
+    assert path.read_bytes() == before
+    assert not [p for p in (tmp_path / "loras").rglob("*.partial")]
+    manager.close()
+
+
+def test_stop_and_resume_refusals(tmp_path):
+    manager = _manager(tmp_path)
+    with pytest.raises(jobs.JobError, match="no TDM job") as error:
+        manager.stop("nope")
+    assert error.value.status == 404
+    record = manager.submit("done", FakeRuntime(), 1, save_every=0)
+    manager.wait(record.id, timeout=30)
+    with pytest.raises(jobs.JobError, match="not running"):
+        manager.stop(record.id)
+    assert manager.get("done").id == record.id  # by output name
+    manager.close()
+
+
+def test_listener_failures_do_not_fail_the_job(tmp_path):
+    def broken(event, payload):
+        raise RuntimeError("listener bug")
+
+    manager = jobs.JobManager(tmp_path / "loras", listener=broken)
+    record = manager.submit("robust", FakeRuntime(), 2, save_every=0)
+    assert manager.wait(record.id, timeout=30).state == "finished"
+    assert threading.active_count() >= 1
+    manager.close()

@@ -1,0 +1,239 @@
+"""The ComfyUI teacher backend in-process on the tiny SD1.5 and SD3 models: schedules against model_sampling,
+predictions against ComfyUI's own apply_model, the private copy, the exported LoRA against ComfyUI's LoRA path,
+gradient checkpointing, and resume equivalence through the job manager."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tdm_core import jobs, schedules
+
+DEFAULTS = dict(steps=4, grid="auto", iterations=6, lora_rank=4, lora_alpha=0.0, learning_rate=1e-4, cfg=2.0,
+                batch_size=1, width=64, height=64, save_every=0, keep_last=2, preview_every=0, seed=1,
+                gradient_checkpointing=False, dtype="auto", offload="train_on_cpu", unconditional_prompt="")
+PROMPTS = ["a cat", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def trainer_module(pack):
+    return sys.modules[pack.__name__ + ".nodes.trainer"]
+
+
+@pytest.fixture(scope="module")
+def backend_module(pack):
+    return sys.modules[pack.__name__ + ".nodes.comfy_backend"]
+
+
+def _clip(family):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from comfy_test_pack import TinyCLIP
+
+    return TinyCLIP(family)
+
+
+def _runtime(trainer_module, twin, **overrides):
+    settings = dict(DEFAULTS, **overrides)
+    with torch.inference_mode():  # as ComfyUI executes nodes
+        return trainer_module.build_runtime(twin.comfy, _clip(twin.family), settings, PROMPTS)
+
+
+def test_sd15_schedule_is_the_models_own(backend_module, sd15_twin):
+    model_sampling = sd15_twin.comfy.get_model_object("model_sampling")
+    grid = backend_module.training_grid(sd15_twin.comfy, "sd15", "auto", 4)
+    assert grid.timesteps == [999, 749, 500, 250] and grid.preset == "dreamshaper"
+    s = grid.schedule
+    ve = (s.sigmas / s.alphas).float()
+    assert torch.allclose(ve, model_sampling.sigmas.float(), rtol=1e-6)
+    for t in grid.timesteps:
+        assert int(round(float(model_sampling.timestep(model_sampling.sigmas[t])))) == t
+    assert torch.equal(s.model_timesteps, torch.arange(1000, dtype=torch.float64))
+
+
+def test_sd3_grid_is_pinned_to_the_sampler_preset(backend_module, sd3_twin):
+    model_sampling = sd3_twin.comfy.get_model_object("model_sampling")
+    grid = backend_module.training_grid(sd3_twin.comfy, "sd3", "auto", 4)
+    flow = schedules.flow_shift_grid(4, 6.0)
+    s = grid.schedule
+    assert [float(s.sigmas[i]) for i in grid.timesteps] == list(flow.sigmas[:-1])
+    assert [float(s.model_timesteps[i]) for i in grid.timesteps] == [999.0, 947.0, 856.0, 666.0]
+    assert torch.all(s.sigmas[1:] > s.sigmas[:-1]) and torch.allclose(s.alphas, 1 - s.sigmas)
+    others = [i for i in range(1000) if i not in grid.timesteps]
+    assert torch.allclose(s.sigmas[others].float(), model_sampling.sigmas[others].float())
+    assert torch.allclose(s.model_timesteps[others], s.sigmas[others] * 1000)
+    with pytest.raises(ValueError, match="for eps models"):
+        backend_module.training_grid(sd3_twin.comfy, "sd3", "dreamshaper", 4)
+
+
+def _comfy_x0(model, x_model_space, sigma, context, pooled):
+    extra = {} if pooled is None else {"y": pooled}
+    with torch.no_grad():
+        return model.model.apply_model(x_model_space, torch.tensor([sigma]), c_crossattn=context, **extra).float()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_teacher_and_exported_student_match_comfyui(trainer_module, family, sd15_twin, sd3_twin, caplog):
+    """x̂0 of the backend's teacher equals ComfyUI's own apply_model, and ComfyUI's LoRA path applied to the
+    exported student (zero unmatched keys) gives the backend's student prediction."""
+    import comfy.lora
+    import comfy.model_management
+
+    twin = sd15_twin if family == "sd15" else sd3_twin
+    model = twin.comfy
+    runtime, teacher, grid = _runtime(trainer_module, twin)
+    backend = runtime.backend
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    for _, param in backend._params["student"]:  # a non-trivial student (B = 0 at init would hide the mapping)
+        param.data = torch.randn(param.shape, generator=generator) * 0.05
+    t = 500
+    alpha, sigma = float(backend.schedule.alphas[t]), float(backend.schedule.sigmas[t])
+    x0 = torch.randn(1, *backend.latent_shape, generator=generator)
+    noise = torch.randn(1, *backend.latent_shape, generator=generator)
+    x = alpha * x0 + sigma * noise
+    cond = backend.encode(["a cat"])
+    tt = torch.tensor([t])
+
+    def x0_of(prediction):
+        if backend.parametrisation == "eps":
+            return (x - sigma * prediction) / alpha
+        return x - sigma * prediction
+
+    with torch.no_grad():
+        teacher_x0 = x0_of(backend.forward(x, tt, cond, "teacher"))
+        student_x0 = x0_of(backend.forward(x, tt, cond, "student"))
+    context, pooled = cond["context"], cond.get("y")
+    # ComfyUI's view: VE state x/α at σ_ve = σ/α for ε models; the flow state itself for SD3.
+    comfy_x, comfy_sigma = (x / alpha, sigma / alpha) if family == "sd15" else (x, sigma)
+    assert torch.allclose(teacher_x0, _comfy_x0(model, comfy_x, comfy_sigma, context, pooled), atol=2e-5)
+
+    tensors, metadata = runtime.build(None).lora()
+    assert metadata["tdm.preset"] == grid.preset and metadata["tdm.lora_strength"] == "1.0"
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    caplog.set_level(logging.WARNING)
+    patches = comfy.lora.load_lora(tensors, key_map)
+    assert "lora key not loaded" not in caplog.text
+    assert len(patches) == len(tensors) // 3 == len(backend._params["student"]) // 2
+    patched = model.clone()
+    assert len(patched.add_patches(patches, 1.0)) == len(patches)
+    comfy.model_management.load_models_gpu([patched], force_full_load=True)
+    comfy_student = _comfy_x0(patched, comfy_x, comfy_sigma, context, pooled)
+    assert torch.allclose(student_x0, comfy_student, atol=2e-5)
+    assert not torch.allclose(student_x0, teacher_x0, atol=1e-3)
+    comfy.model_management.load_models_gpu([model], force_full_load=True)  # unpatch for the other tests
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "training touched the MODEL's own weights"
+    assert teacher["family"] == family and teacher["parameters"] > 0
+
+
+def test_a_training_step_leaves_the_model_untouched(trainer_module, sd3_twin):
+    model = sd3_twin.comfy
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    runtime, _, _ = _runtime(trainer_module, sd3_twin)
+    session = runtime.build(None)
+    metrics = session.step()
+    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("loss_fake", "loss_gen"))
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.dtype == torch.float32 for p in runtime.backend.trainable_parameters("student"))
+    preview = session.preview()  # latent RGB preview of the two prompts side by side (8×8 latents)
+    assert preview.shape == (8, 16, 3) and preview.dtype.name == "uint8"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(trainer_module, sd3_twin):
+    grads = []
+    for checkpointing in (False, True):
+        runtime, _, _ = _runtime(trainer_module, sd3_twin, gradient_checkpointing=checkpointing)
+        backend = runtime.backend
+        for _, param in backend._params["student"]:
+            param.data = torch.full_like(param, 0.01)
+        x = torch.randn(1, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
+        out = backend.forward(x, torch.tensor([700]), backend.encode(["a dog"]), "student")
+        out.square().mean().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in backend.trainable_parameters("student")]))
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bfloat16_teacher_trains_float32_adapters(trainer_module, sd3_twin):
+    runtime, _, _ = _runtime(trainer_module, sd3_twin, dtype="bfloat16")
+    assert next(runtime.backend.model.parameters()).dtype == torch.bfloat16
+    metrics = runtime.build(None).step()
+    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("loss_fake", "loss_gen"))
+    assert all(p.dtype == torch.float32 for p in runtime.backend.trainable_parameters("fake"))
+
+
+def test_resume_after_a_restart_reaches_the_same_lora(trainer_module, sd3_twin, tmp_path):
+    """Uninterrupted 6 iterations vs. 3, a 'restart' (new manager, new teacher copy) and a resume to 6."""
+    straight = jobs.JobManager(tmp_path / "a")
+    runtime, _, _ = _runtime(trainer_module, sd3_twin)
+    record = straight.submit("tiny", runtime, 6, save_every=2, keep_last=1, preview_every=0)
+    assert straight.wait(record.id, timeout=300).state == "finished"
+    straight.close()
+
+    first = jobs.JobManager(tmp_path / "b")
+
+    def stop_at_3(event, payload):
+        if event == "tdm.job.progress" and payload["step"] == 3:
+            first.stop(payload["id"])
+
+    first.listener = stop_at_3
+    runtime, _, _ = _runtime(trainer_module, sd3_twin)
+    interrupted = first.submit("tiny", runtime, 6, save_every=2, keep_last=1, preview_every=0)
+    stopped = first.wait(interrupted.id, timeout=300)
+    assert stopped.state == "stopped" and stopped.checkpoint_step == 3
+    first.close()
+    del runtime
+
+    second = jobs.JobManager(tmp_path / "b")
+    runtime, teacher, _ = _runtime(trainer_module, sd3_twin)
+    second.submit("tiny", runtime, 6, if_exists="resume", teacher=teacher)
+    resumed = second.wait(interrupted.id, timeout=300)
+    assert resumed.state == "finished" and resumed.step == 6
+    second.close()
+
+    a = load_file(tmp_path / "a" / "tiny.safetensors")
+    b = load_file(tmp_path / "b" / "tiny.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed LoRA differs from the uninterrupted one"
+    assert [h[1:] for h in resumed.history] == [h[1:] for h in straight.get(record.id).history]
+    assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_up.weight"))
+
+
+def test_comfyui_cancel_neither_stops_nor_is_swallowed_by_training(trainer_module, sd15_twin):
+    """comfy.ops layers raise (and clear) the global interrupt flag; the training copy must do neither."""
+    import comfy.model_management
+
+    runtime, _, _ = _runtime(trainer_module, sd15_twin)
+    backend = runtime.backend
+    x = torch.randn(1, *backend.latent_shape)
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with torch.no_grad():
+            backend.forward(x, torch.tensor([500]), backend.encode(["a cat"]), "student")
+        assert comfy.model_management.processing_interrupted(), "the training thread swallowed a Cancel"
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):  # the MODEL itself still obeys
+        comfy.model_management.interrupt_current_processing(True)
+        _comfy_x0(sd15_twin.comfy, x, 1.0, backend.encode(["a cat"])["context"], None)
+    comfy.model_management.interrupt_current_processing(False)
+
+
+def test_prompts_come_from_the_text_and_a_file_in_input(trainer_module, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    (tmp_path / "more.txt").write_text("a bird\n\n# a comment\na fish\n", encoding="utf-8")
+    assert trainer_module.read_prompts(" a cat \n\na dog", "more.txt") == ["a cat", "a dog", "a bird", "a fish"]
+    assert trainer_module._input_text_files() == ["(none)", "more.txt"]
+    with pytest.raises(FileNotFoundError, match="'gone.txt' does not exist in ComfyUI's input folder"):
+        trainer_module.read_prompts("a cat", "gone.txt")
+    with pytest.raises(ValueError, match="outside ComfyUI's input folder"):
+        trainer_module.read_prompts("a cat", "../secret.txt")
+    with pytest.raises(ValueError, match="no training prompts"):
+        trainer_module.read_prompts("\n# only a comment", "(none)")
