@@ -155,54 +155,40 @@ def overhead_vs_euler(sampling, model, cond, latent, noise, repeats):
 
 
 def bench_cogvideox(repeats):
-    """tdm_core v-DDIM at the trained timesteps (4 NFE) vs the CogVideoX-2b teacher loop (50 DDIM steps, CFG 6).
+    """The video node path (tdm_core.cogvideox.sample_latents, what TDM CogVideoX Sampler runs): TDM at the trained
+    timesteps, 4 NFE at CFG 1, vs the CogVideoX-2b recipe through the same loop, 50 trailing steps at CFG 6 (100 NFE,
+    bit-identical to CogVideoXPipeline in the tests). Text encoding is cached, as in the node; decoding is excluded."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    Hook for the video issue: once the video node path exists, time it here instead of the bare tdm_core loop.
-    """
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
-
-    from harness import twins
-    from tdm_core import presets, schedules, solvers
+    from harness import cogvideox_tiny, twins
+    from tdm_core import cogvideox, presets, schedules
 
     preset = presets.get_preset("cogvideox")
-    heads, head_dim, layers, text_dim, text_len = 8, 32, 4, 128, TEXT_TOKENS
+    components = cogvideox_tiny.build_tiny_cogvideox(0)
+    heads, head_dim, layers, latent_frames = 8, 32, 4, 5
+    text_dim = components["text_encoder"].config.d_model
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16, time_embed_dim=128,
         text_embed_dim=text_dim, num_layers=layers, sample_width=16, sample_height=16, sample_frames=13,
-        max_text_seq_length=text_len).eval()
-    device = comfy_runtime_device()
-    transformer = twins.randomise_(transformer, 0).to(device)
-    text, empty = torch.randn(1, text_len, text_dim, device=device), torch.zeros(1, text_len, text_dim, device=device)
-    noise = torch.randn(1, 4, 16, 16, 16, generator=torch.Generator().manual_seed(SEED)).to(device)  # [B,F,C,H,W]
-    alphas = schedules.cogvideox_alphas_cumprod()
-    timesteps = schedules.grid_timesteps(preset.grid, preset.steps)
-
-    def v_model(x, t):
-        return transformer(hidden_states=x, encoder_hidden_states=text,
-                           timestep=torch.full((x.shape[0],), t, dtype=torch.long, device=device)).sample
+        max_text_seq_length=cogvideox_tiny.MAX_TEXT_SEQ_LENGTH).eval()
+    components["transformer"] = twins.randomise_(transformer, 0)
+    pipe = CogVideoXPipeline(**components).to(comfy_runtime_device())
+    pipe.set_progress_bar_config(disable=True)
+    frames, size_px = (latent_frames - 1) * 4 + 1, 16 * pipe.vae_scale_factor_spatial
+    prompt = "a red fox trotting through fresh snow"
+    tdm_grid = schedules.grid_timesteps(preset.grid, preset.steps)
+    teacher_grid = cogvideox.sampling_timesteps("trailing", preset.teacher.steps)
 
     def tdm():
-        solvers.sample_ddim_v_timesteps(v_model, noise.clone(), timesteps, alphas)
-
-    # diffusers' CogVideoX-2b scheduler config (v-prediction, SNR shift 3, zero terminal SNR, trailing)
-    scheduler = CogVideoXDDIMScheduler(
-        beta_start=schedules.SCALED_LINEAR_BETA_START, beta_end=schedules.SCALED_LINEAR_BETA_END,
-        beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True,
-        set_alpha_to_one=True, snr_shift_scale=schedules.COGVIDEOX_SNR_SHIFT, timestep_spacing="trailing")
-    both_texts = torch.cat([empty, text])
+        cogvideox.sample_latents(pipe, prompt, "", frames, size_px, size_px, tdm_grid, preset.cfg, SEED)
 
     def teacher():
-        scheduler.set_timesteps(preset.teacher.steps, device=device)
-        x = noise.clone()
-        for t in scheduler.timesteps:
-            v_uncond, v_cond = transformer(hidden_states=torch.cat([x, x]), encoder_hidden_states=both_texts,
-                                           timestep=t.expand(2)).sample.chunk(2)
-            x = scheduler.step(v_uncond + preset.teacher.cfg * (v_cond - v_uncond), t, x).prev_sample
+        cogvideox.sample_latents(pipe, prompt, "", frames, size_px, size_px, teacher_grid, preset.teacher.cfg, SEED)
 
-    counter = CountNFE(transformer, 1)
+    counter = CountNFE(pipe.transformer, 1)
     tdm()
     nfe_tdm = counter.nfe()
-    counter = CountNFE(transformer, 1)
+    counter = CountNFE(pipe.transformer, 1)
     teacher()
     nfe_teacher = counter.nfe()
     t_tdm, t_teacher = race([tdm, teacher], repeats)
@@ -210,10 +196,11 @@ def bench_cogvideox(repeats):
     result = {"nfe_tdm": nfe_tdm, "nfe_teacher": nfe_teacher, "nfe_ratio": round(nfe_teacher / nfe_tdm, 3),
               "time_tdm_s": round(t_tdm, 4), "time_teacher_s": round(t_teacher, 4),
               "speedup": round(t_teacher / t_tdm, 3), "goal": round(0.9 * nfe_teacher / nfe_tdm, 3),
-              "path": "tdm_core.solvers.sample_ddim_v_timesteps + diffusers transformer (video node path pending)"}
+              "path": "tdm_core.cogvideox.sample_latents (TDM CogVideoX Sampler)"}
     result["meets_goal"] = result["speedup"] >= result["goal"]
     size = {"arch": "CogVideoXTransformer3DModel", "heads": heads, "head_dim": head_dim, "layers": layers,
-            "params": params(transformer), "latent": list(noise.shape), "text_tokens": text_len}
+            "params": params(pipe.transformer), "latent": [1, latent_frames, 16, 16, 16],
+            "text_tokens": cogvideox_tiny.MAX_TEXT_SEQ_LENGTH}
     return result, size
 
 

@@ -153,12 +153,43 @@ def sd3_comparison_workflow() -> list[Node]:
     return nodes
 
 
+def distillation_workflow() -> list[Node]:
+    """Teacher from the standard checkpoint loader → TDM Distill (returns a job id at once; training runs in the
+    background) → TDM Distill Status (progress text, loss curve, preview, newest LoRA name). Re-queue to refresh the
+    status; the finished LoRA appears in models/loras for the TDM LoRA Loader."""
+    preset = get_preset("dreamshaper")
+    guide = [
+        "## Distill your own 4-step LoRA (TDM)",
+        "Queue once: training starts in the background and ComfyUI stays free for other prompts.",
+        "Queue again (same settings) to refresh TDM Distill Status; stop with TDM Distill Stop or "
+        "POST /tdm/jobs/<name>/stop.",
+        "The LoRA is written to models/loras/<output_name>.safetensors every save_every steps; load it with "
+        f"TDM LoRA Loader and sample with TDM KSampler, preset '{preset.name}' (SD1.5 teachers) or 'sd3'.",
+        f"This example's teacher: {preset.base_model_source} → models/{preset.base_model_folder}/"
+        f"{preset.base_model_file}. Any SD1.5- or SD3-family checkpoint works.",
+    ]
+    return [
+        Node("note", "Note", {"text": "\n".join(guide)}, pos=(-480, 0), size=(440, 360), title="Read me"),
+        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(0, 0)),
+        Node("start", "TDMDistillStart", {
+            "prompts": "a photo of a red fox in the snow\na watercolor painting of a lighthouse\n"
+                       "a portrait of an old sailor, studio lighting\na bowl of ramen, food photography",
+            "output_name": "tdm_dreamshaper_distilled", "steps": preset.steps, "width": 512, "height": 512},
+             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(380, 0)),
+        Node("status", "TDMDistillStatus", links={"job": ("start", 0)}, pos=(780, 0)),
+        Node("status_text", "PreviewAny", links={"source": ("status", 0)}, pos=(1160, 0), size=(400, 200)),
+        Node("loss", "PreviewImage", links={"images": ("status", 1)}, pos=(1160, 240), size=(400, 320)),
+        Node("preview", "PreviewImage", links={"images": ("status", 2)}, pos=(1580, 240), size=(400, 320)),
+    ]
+
+
 WORKFLOWS = {
     "tdm_sd3_4step": lambda: sd3_workflow("sd3"),
     "tdm_sd35_4step": lambda: sd3_workflow("sd35"),
     "tdm_dreamshaper_4step": dreamshaper_workflow,
     "tdm_cogvideox_2b_4step": cogvideox_workflow,
     "tdm_sd3_teacher_vs_tdm": sd3_comparison_workflow,
+    "tdm_distillation": distillation_workflow,
 }
 
 

@@ -27,6 +27,8 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# This machine's pip configuration names local indexes that may not exist; pip warns once per package about them.
+exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 "${PIP[@]}" install --upgrade pip >/dev/null
 
 # torch first, pinned, so that the constraints below only ever see an installed, matching pair.

@@ -26,8 +26,10 @@ WORKFLOW_FAMILY = {  # which tiny twin stands in for each workflow's checkpoint
     "tdm_dreamshaper_4step": "sd15",
     "tdm_cogvideox_2b_4step": None,
     "tdm_sd3_teacher_vs_tdm": "sd3",
+    "tdm_distillation": "sd15",
 }
 EXPECTED_SUFFIXES = {"tdm_cogvideox_2b_4step": {".mp4"}}
+DISTILLED_LORA = "tdm_dreamshaper_distilled.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,7 @@ def test_template_browser_lists_the_workflows(server):
 def _substitutions(family: str) -> dict:
     return {
         "CheckpointLoaderSimple": {0: Substitute("TDMTest_TinyModel", {"family": family, "seed": 0}),
+                                   1: Substitute("TDMTest_TinyCLIP", {"family": family}),
                                    2: Substitute("TDMTest_TinyVAE", {"family": family, "seed": 0})},
         "CLIPTextEncode": {0: Substitute("TDMTest_TinyConditioning",
                                          lambda inputs: {"family": family, "text": inputs["text"]})},
@@ -108,6 +111,10 @@ def _shrink_for_tiny_models(api: dict) -> None:
             inputs.update(frames=geometry.num_frames, width=geometry.width, height=geometry.height)
         if entry["class_type"] == "TDMCogVideoXLoader":
             inputs.update(dtype="fp32")
+        if entry["class_type"] == "TDMDistillStart":
+            inputs.update(width=64, height=64, iterations=2, save_every=1, preview_every=1)
+        if entry["class_type"] == "TDMDistillStatus":
+            inputs.update(wait=True)  # the prompt returns when the background job has finished
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOW_FAMILY))
@@ -118,12 +125,17 @@ def test_workflow_runs_end_to_end(server, object_info, name):
     entry = server.run_prompt(api, timeout=600)
     files = [item for outputs in entry["outputs"].values() for items in outputs.values() if isinstance(items, list)
              for item in items if isinstance(item, dict) and "filename" in item]
-    paths = [server.base_directory / "output" / f.get("subfolder", "") / f["filename"] for f in files]
-    savers = [e for e in api.values() if e["class_type"] in ("SaveImage", "SaveVideo")]
+    paths = [server.base_directory / f.get("type", "output") / f.get("subfolder", "") / f["filename"] for f in files]
+    savers = [e for e in api.values() if e["class_type"] in ("SaveImage", "SaveVideo", "PreviewImage")]
     assert len(paths) == len(savers) and all(p.is_file() and p.stat().st_size > 0 for p in paths), entry["outputs"]
     assert {p.suffix for p in paths} == EXPECTED_SUFFIXES.get(name, {".png"})
     log = server.log_tail(400_000)
     assert "lora key not loaded" not in log
+    if name == "tdm_distillation":
+        status_id = next(i for i, e in api.items() if e["class_type"] == "TDMDistillStatus")
+        status = entry["outputs"][status_id]["text"]
+        assert "finished" in str(status), status
+        assert (server.base_directory / "models" / "loras" / DISTILLED_LORA).is_file()
 
 
 def test_readme_table_is_generated_from_the_presets():
