@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def _note(preset_names: list[str], extra_lines: list[str] = ()) -> str:
 def _image_tail(nodes, latent_key, vae_source, x, prefix):
     nodes += [
         Node("decode", "VAEDecode", links={"samples": (latent_key, 0), "vae": vae_source}, pos=(x, 100)),
-        Node("save", "SaveImage", {"filename_prefix": prefix}, links={"images": ("decode", 0)}, pos=(x + 260, 100),
+        Node("save", "SaveImage", {"filename_prefix": prefix}, links={"images": ("decode", 0)}, pos=(x + 380, 100),
              size=(400, 440)),
     ]
 
@@ -64,13 +65,13 @@ def sd3_workflow(preset_name: str) -> list[Node]:
         Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(0, 0)),
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
              links={"model": ("ckpt", 0)}, pos=(380, 0)),
-        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(380, 200)),
-        Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(380, 420)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(380, 260)),
+        Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(380, 500)),
         Node("noise", "RandomNoise", {"noise_seed": 42}, pos=(760, 0)),
-        Node("guider", "BasicGuider", links={"model": ("lora", 0), "conditioning": ("positive", 0)}, pos=(760, 120)),
-        Node("sampler", "TDMSampler", {"solver": "auto"}, pos=(760, 220)),
+        Node("guider", "BasicGuider", links={"model": ("lora", 0), "conditioning": ("positive", 0)}, pos=(760, 160)),
+        Node("sampler", "TDMSampler", {"solver": "auto"}, pos=(760, 300)),
         Node("sigmas", "TDMScheduler", {"preset": preset_name, "steps": preset.steps, "shift": preset.shift},
-             links={"model": ("lora", 0)}, pos=(760, 420)),
+             links={"model": ("lora", 0)}, pos=(760, 520)),
         Node("sample", "SamplerCustomAdvanced",
              links={"noise": ("noise", 0), "guider": ("guider", 0), "sampler": ("sampler", 0),
                     "sigmas": ("sigmas", 0), "latent_image": ("latent", 0)}, pos=(1140, 0)),
@@ -87,8 +88,8 @@ def dreamshaper_workflow() -> list[Node]:
         Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(0, 0)),
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
              links={"model": ("ckpt", 0)}, pos=(380, 0)),
-        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(380, 200)),
-        Node("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(380, 420)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(380, 260)),
+        Node("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(380, 500)),
         Node("sample", "TDMKSampler", {"preset": "dreamshaper", "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
              pos=(760, 0)),
@@ -121,7 +122,8 @@ def cogvideox_workflow() -> list[Node]:
 
 
 def sd3_comparison_workflow() -> list[Node]:
-    """The same prompt and seed: SD3's own recipe (28 steps, CFG 7 → 56 NFE) beside TDM (4 steps, CFG 1 → 4 NFE)."""
+    """The same prompt and seed: SD3's own recipe (28 steps, CFG 7 → 56 NFE; Euler on ComfyUI's SD3 flow schedule,
+    as diffusers' StableDiffusion3Pipeline samples by default) beside TDM (4 steps, CFG 1 → 4 NFE)."""
     preset = get_preset("sd3")
     teacher = preset.teacher
     nodes = [
@@ -134,21 +136,21 @@ def sd3_comparison_workflow() -> list[Node]:
         Node("negative", "CLIPTextEncode", {"text": ""}, links={"clip": ("ckpt", 1)}, pos=(0, 420)),
         Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(0, 600)),
         Node("teacher", "KSampler", {"seed": 42, "steps": teacher.steps, "cfg": teacher.cfg,
-                                     "sampler_name": "dpmpp_2m", "scheduler": "sgm_uniform", "denoise": 1.0},
+                                     "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
              links={"model": ("ckpt", 0), "positive": ("positive", 0), "negative": ("negative", 0),
                     "latent_image": ("latent", 0)}, pos=(400, 0), title=f"Teacher: {teacher.steps} steps, CFG "
                                                                         f"{teacher.cfg:g}"),
         Node("teacher_decode", "VAEDecode", links={"samples": ("teacher", 0), "vae": ("ckpt", 2)}, pos=(780, 0)),
         Node("teacher_save", "SaveImage", {"filename_prefix": "compare/teacher_sd3"},
-             links={"images": ("teacher_decode", 0)}, pos=(1020, 0), size=(400, 440)),
+             links={"images": ("teacher_decode", 0)}, pos=(1160, 0), size=(400, 440)),
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
              links={"model": ("ckpt", 0)}, pos=(400, 520)),
         Node("tdm", "TDMKSampler", {"preset": "sd3", "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
-             pos=(400, 700), title=f"TDM: {preset.steps} steps, CFG 1"),
-        Node("tdm_decode", "VAEDecode", links={"samples": ("tdm", 0), "vae": ("ckpt", 2)}, pos=(780, 520)),
+             pos=(400, 800), title=f"TDM: {preset.steps} steps, CFG 1"),
+        Node("tdm_decode", "VAEDecode", links={"samples": ("tdm", 0), "vae": ("ckpt", 2)}, pos=(780, 800)),
         Node("tdm_save", "SaveImage", {"filename_prefix": "compare/tdm_sd3"}, links={"images": ("tdm_decode", 0)},
-             pos=(1440, 0), size=(400, 440)),
+             pos=(1160, 520), size=(400, 440)),
     ]
     return nodes
 
@@ -203,7 +205,9 @@ def model_files() -> dict[str, list[str]]:
 
 
 def build_all(object_info: dict) -> dict[str, dict]:
-    return {name: build_ui(make(), object_info, PACK_PROPERTIES, CORE_VERSION) for name, make in WORKFLOWS.items()}
+    return {name: build_ui(make(), object_info, PACK_PROPERTIES, CORE_VERSION,
+                           str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-tdm/workflows/{name}")))
+            for name, make in WORKFLOWS.items()}
 
 
 def dumps(workflow: dict) -> str:

@@ -88,3 +88,9 @@ def test_substitution_must_cover_every_used_output(object_info, workflow):
     partial = {"CheckpointLoaderSimple": {0: Substitute("TDMTest_TinyModel", {"family": "sd15", "seed": 0})}}
     with pytest.raises(WorkflowError, match="without a substitute: .*CheckpointLoaderSimple 4 output 1"):
         to_api(workflow, object_info, partial)
+
+
+def test_non_string_workflow_id_is_reported(object_info, workflow):
+    broken = copy.deepcopy(workflow)
+    broken["id"] = None  # what the frontend rejects with "Expected string, received null at id"
+    assert any("workflow id must be a string" in p for p in check_workflow(broken, object_info))

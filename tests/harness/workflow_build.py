@@ -31,7 +31,7 @@ def _default(spec) -> object:
 
 
 def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_version: str,
-          extra: dict | None = None) -> dict:
+          workflow_id: str, extra: dict | None = None) -> dict:
     """The UI-format JSON for `nodes`. `pack_properties` ({"cnr_id", "ver"}) is stamped on this pack's nodes (ids
     starting with TDM) so ComfyUI-Manager can resolve them when missing; core nodes get comfy-core."""
     ids = {node.key: i + 1 for i, node in enumerate(nodes)}
@@ -96,7 +96,8 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
             target["inputs"][target_slot]["link"] = link_id
             outputs_by_key[source_key][slot]["links"].append(link_id)
     return {
-        "id": None, "revision": 0, "last_node_id": len(nodes), "last_link_id": len(links),
+        # The frontend's schema wants a string id (a uuid); a stable one keeps generated files reproducible.
+        "id": workflow_id, "revision": 0, "last_node_id": len(nodes), "last_link_id": len(links),
         "nodes": ui_nodes, "links": links, "groups": [], "config": {},
         "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, **(extra or {})}, "version": 0.4,
     }

@@ -117,6 +117,9 @@ def _split_widget_values(node: dict, specs: list[WidgetSpec]) -> tuple[dict, lis
 def check_workflow(workflow: dict, object_info: dict) -> list[str]:
     """Every problem a user would hit loading and queueing this workflow; empty when it is sound."""
     problems: list[str] = []
+    if "id" in workflow and not isinstance(workflow["id"], str):
+        # the frontend's zod schema rejects the file with an alert on load
+        problems.append(f"workflow id must be a string (a uuid), not {workflow['id']!r}")
     nodes = {node["id"]: node for node in workflow.get("nodes", [])}
     for node in nodes.values():
         label = f"node {node['id']} ({node.get('type')})"

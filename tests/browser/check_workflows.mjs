@@ -1,0 +1,235 @@
+// Drives the real ComfyUI frontend (served by a live ComfyUI server) in Debian's headless Chromium with playwright-core:
+// for each workflow file it loads the graph the way the frontend loads a dropped/opened file (app.loadGraphData),
+// checks for the missing-nodes dialog and for nodes the graph could not create, takes screenshots, clicks the real
+// Queue button and records the /api/prompt response. Started by tests/browser/run_browser_check.py, which owns the
+// server; this script only talks to it over HTTP.
+//
+//   node tests/browser/check_workflows.mjs --url http://127.0.0.1:PORT --out DIR --workflow a.json [--workflow b.json]
+//        [--control c.json]   (a workflow that MUST be reported as having missing nodes: proves the check can fail)
+//
+// Prints one JSON object (the results) on the last line of stdout.
+
+import { createRequire } from "node:module";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
+const BROWSER_DIR = process.env.TDM_BROWSER_DIR || path.join(REPO, ".browser");
+const require = createRequire(path.join(BROWSER_DIR, "package.json"));
+const { chromium } = require("playwright-core");
+
+function parseArgs(argv) {
+  const args = { workflows: [], controls: [], queue: true };
+  for (let i = 0; i < argv.length; i++) {
+    const key = argv[i];
+    if (key === "--url") args.url = argv[++i];
+    else if (key === "--out") args.out = argv[++i];
+    else if (key === "--workflow") args.workflows.push(argv[++i]);
+    else if (key === "--control") args.controls.push(argv[++i]);
+    else if (key === "--no-queue") args.queue = false;
+    else throw new Error(`unknown argument ${key}`);
+  }
+  if (!args.url || !args.out) throw new Error("--url and --out are required");
+  return args;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const log = (...parts) => console.error("[browser]", ...parts);
+
+// In the page: the frontend's open dialogs (its pinia dialog store, with the DOM as a cross-check) and the graph's
+// nodes that failed to be created (unregistered types get a placeholder node with has_errors set).
+function inspectPage(expectedTypes) {
+  const vueApp = document.querySelector("#vue-app")?.__vue_app__;
+  const pinia = vueApp?.config?.globalProperties?.$pinia;
+  const dialogStore = pinia?._s?.get("dialog");
+  const storeDialogs = (dialogStore?.dialogStack ?? []).filter((d) => d.visible).map((d) => d.key);
+  const domDialogs = [...document.querySelectorAll(".p-dialog")]
+    .filter((el) => el.offsetParent !== null || el.getClientRects().length > 0)
+    .map((el) => el.innerText.replace(/\s+/g, " ").trim().slice(0, 300));
+  const registered = window.LiteGraph?.registered_node_types ?? null;
+  const nodes = window.app.graph.nodes.map((n) => ({
+    id: n.id,
+    type: n.type,
+    has_errors: !!n.has_errors,
+    registered: registered ? n.type in registered : null,
+  }));
+  const bad = nodes.filter((n) => n.has_errors || n.registered === false || !expectedTypes.includes(n.type));
+  // Toasts: the frontend's schema validation of a loaded workflow reports there ("Invalid workflow against zod
+  // schema"), as do other load-time warnings.
+  const toasts = [...document.querySelectorAll(".p-toast-message")].map((el) => ({
+    severity: ["error", "warn", "info", "success", "secondary", "contrast"]
+      .find((s) => el.classList.contains(`p-toast-message-${s}`)) ?? "unknown",
+    text: el.innerText.replace(/\s+/g, " ").trim().slice(0, 300),
+  }));
+  return {
+    toasts,
+    dialogStoreFound: !!dialogStore,
+    storeDialogs,
+    domDialogs,
+    nodeCount: nodes.length,
+    badNodes: bad,
+  };
+}
+
+async function closeDialogs(page) {
+  for (let i = 0; i < 5; i++) {
+    const open = await page.evaluate(() => {
+      const store = document.querySelector("#vue-app")?.__vue_app__?.config?.globalProperties?.$pinia?._s?.get("dialog");
+      const stack = (store?.dialogStack ?? []).filter((d) => d.visible);
+      for (const dialog of stack) store.closeDialog({ key: dialog.key });
+      return stack.length + document.querySelectorAll(".p-dialog").length;
+    });
+    if (!open) return;
+    await page.keyboard.press("Escape");
+    await sleep(200);
+  }
+}
+
+async function closeToasts(page) {
+  for (let i = 0; i < 10; i++) {
+    const button = page.locator(".p-toast-message .p-toast-close-button").first();
+    if (!(await button.count())) return;
+    await button.click({ timeout: 2000 }).catch(() => {});
+    await sleep(150);
+  }
+}
+
+async function waitForIdleQueue(page, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const queue = await page.evaluate(async () => (await fetch("/api/queue")).json());
+    if (!queue.queue_running.length && !queue.queue_pending.length) return true;
+    await sleep(250);
+  }
+  return false;
+}
+
+async function checkOne(page, file, { control, queue, out }) {
+  const name = path.basename(file, ".json");
+  const graph = JSON.parse(readFileSync(file, "utf8"));
+  const expectedTypes = await page.evaluate(async () => Object.keys(await (await fetch("/api/object_info")).json()));
+  const result = { name, file, control, screenshot: null, canvas: null };
+
+  await closeDialogs(page);
+  await closeToasts(page);
+  const started = Date.now();
+  // What the frontend does with a dropped or opened .json workflow (app.handleFile -> loadGraphData), with the file's
+  // name so the tab is titled like a user's.
+  await page.evaluate(async ({ graph, name }) => {
+    await window.app.loadGraphData(graph, true, true, name);
+  }, { graph, name });
+  await sleep(1000); // the missing-nodes dialog opens asynchronously after configure
+  await page.waitForFunction(() => window.app.graph.nodes.length > 0, null, { timeout: 10000 });
+  Object.assign(result, await page.evaluate(inspectPage, [...expectedTypes, "Note", "MarkdownNote"]));
+  result.loadMs = Date.now() - started;
+  result.jsonNodeCount = graph.nodes.length;
+  result.missingNodesDialog =
+    result.storeDialogs.includes("global-missing-nodes") || result.domDialogs.some((t) => /missing nodes/i.test(t));
+  result.anyDialog = result.storeDialogs.length > 0 || result.domDialogs.length > 0;
+  // The page as the user sees it right after loading (any dialog or alert included).
+  result.screenshot = path.join(out, `${name}.png`);
+  await page.screenshot({ path: result.screenshot });
+
+  // Thumbnail source: the graph alone, fitted to the view, UI chrome hidden (focus mode), clipped to the nodes'
+  // bounding box widened to 4:3.
+  await closeDialogs(page);
+  await closeToasts(page);
+  await page.evaluate(async () => {
+    const command = window.app.extensionManager.command;
+    await command.execute("Comfy.Canvas.FitView");
+    await command.execute("Workspace.ToggleFocusMode");
+  });
+  await sleep(600);
+  const clip = await page.evaluate(() => {
+    const { canvas } = window.app;
+    let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
+    for (const node of window.app.graph.nodes) {
+      const [x, y, w, h] = node.boundingRect;
+      [x0, y0, x1, y1] = [Math.min(x0, x), Math.min(y0, y), Math.max(x1, x + w), Math.max(y1, y + h)];
+    }
+    const [left, top] = canvas.ds.convertOffsetToCanvas([x0, y0]);
+    const [right, bottom] = canvas.ds.convertOffsetToCanvas([x1, y1]);
+    return { left, top, right, bottom, width: window.innerWidth, height: window.innerHeight };
+  });
+  const margin = 24;
+  let w = clip.right - clip.left + 2 * margin, h = clip.bottom - clip.top + 2 * margin;
+  if (w / h > 4 / 3) h = (w * 3) / 4; else w = (h * 4) / 3;
+  w = Math.min(w, clip.width); h = Math.min(h, clip.height);
+  const cx = (clip.left + clip.right) / 2, cy = (clip.top + clip.bottom) / 2;
+  const x = Math.max(0, Math.min(clip.width - w, cx - w / 2)), y = Math.max(0, Math.min(clip.height - h, cy - h / 2));
+  result.canvas = path.join(out, `${name}.canvas.png`);
+  await page.screenshot({ path: result.canvas, clip: { x, y, width: w, height: h } });
+  await page.evaluate(async () => window.app.extensionManager.command.execute("Workspace.ToggleFocusMode"));
+  await sleep(300);
+
+  if (queue && !control) {
+    await closeDialogs(page);
+    // The real Queue/Run button; its POST /api/prompt is what is recorded.
+    const responsePromise = page.waitForResponse(
+      (r) => r.url().endsWith("/api/prompt") && r.request().method() === "POST", { timeout: 30000 });
+    await page.locator('[data-testid="queue-button"]').first().click();
+    const response = await responsePromise;
+    result.queueStatus = response.status();
+    let body = null;
+    try { body = await response.json(); } catch { body = await response.text(); }
+    result.promptId = body?.prompt_id ?? null;
+    result.queueError = response.ok() ? null : JSON.stringify(body).slice(0, 2000);
+    result.queuedNodeCount = Object.keys(JSON.parse(response.request().postData() || "{}").prompt ?? {}).length;
+    await waitForIdleQueue(page, 120000);
+    await sleep(500);
+    result.queuedScreenshot = path.join(out, `${name}.queued.png`);
+    await page.screenshot({ path: result.queuedScreenshot });
+    await closeDialogs(page);
+  }
+  log(`${name}: ${result.nodeCount} nodes, missing-nodes dialog=${result.missingNodesDialog}, ` +
+      `bad nodes=${result.badNodes.length}` + (result.queueStatus ? `, /api/prompt ${result.queueStatus}` : ""));
+  return result;
+}
+
+async function main() {
+  const args = parseArgs(process.argv.slice(2));
+  const profile = mkdtempSync(path.join(tmpdir(), "tdm-chromium-"));
+  // A fresh profile each run (playwright passes it to Chromium as --user-data-dir).
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: process.env.TDM_CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    viewport: { width: 1280, height: 960 },
+    deviceScaleFactor: 2, // a sharper canvas for the thumbnails
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  const results = { pageErrors: [], workflows: [] };
+  try {
+    const page = context.pages()[0] ?? await context.newPage();
+    // A returning user who has dismissed the "Nodes 2.0" banner (it would cover the top of every screenshot).
+    await page.addInitScript(() => localStorage.setItem("vueNodesBannerDismissed", "true"));
+    page.on("pageerror", (e) => results.pageErrors.push(String(e).slice(0, 500)));
+    const started = Date.now();
+    await page.goto(args.url, { waitUntil: "domcontentloaded", timeout: 120000 });
+    await page.waitForFunction(() => window.app?.graph && window.app?.extensionManager?.command, null,
+                               { timeout: 120000 });
+    await page.locator('[data-testid="queue-button"]').first().waitFor({ timeout: 60000 });
+    results.frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+    results.startupMs = Date.now() - started;
+    log(`frontend ready in ${results.startupMs} ms`);
+    await sleep(1000);
+    await closeDialogs(page);
+    for (const file of args.workflows) {
+      results.workflows.push(await checkOne(page, file, { control: false, queue: args.queue, out: args.out }));
+    }
+    for (const file of args.controls) {
+      results.workflows.push(await checkOne(page, file, { control: true, queue: false, out: args.out }));
+    }
+  } finally {
+    await context.close();
+    rmSync(profile, { recursive: true, force: true });
+  }
+  console.log(JSON.stringify(results));
+}
+
+main().catch((error) => {
+  console.error(error);
+  process.exit(2);
+});

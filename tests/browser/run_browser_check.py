@@ -1,0 +1,192 @@
+"""Real-browser check of the example workflows (issue 8, part 3).
+
+Starts a live ComfyUI (the same harness the tests use: this pack + the test injector pack in a temporary base
+directory, stand-in files under every model name the workflows use, ComfyUI's real frontend from
+`comfyui-frontend-package`), then runs tests/browser/check_workflows.mjs in Debian's headless Chromium. For every
+workflow in workflows/*.json it asserts: no missing-nodes dialog, every node created with a registered type, the
+real Queue button's POST /api/prompt answered 200 with a prompt id that the server then lists in /history.
+A negative control (a copy of the first workflow with one node of an unknown type) must trip both checks, so the
+check is shown to be able to fail on every run.
+
+Artifacts: test-artifacts/browser/<name>.png (loaded graph, full UI), <name>.queued.png (after queueing),
+<name>.canvas.png (graph only); thumbnails workflows/<name>.jpg (512x384, from the .canvas.png).
+
+Run through scripts/browser_check.sh (installs Chromium and playwright-core if missing). Options:
+  --no-thumbnails   do not rewrite workflows/*.jpg
+  --only NAME       check one workflow (repeatable)
+  --workflows DIR   check another folder's workflows
+
+The queued graphs run the real loaders on the empty stand-in checkpoints, so their executions fail on the server;
+that is expected here (tests/test_workflows.py runs every workflow end to end on tiny models). The check is that
+the frontend builds a prompt the server accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from harness import comfy_runtime  # noqa: E402
+
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+DRIVER = REPO / "tests" / "browser" / "check_workflows.mjs"
+THUMBNAIL_SIZE = (512, 384)
+UNKNOWN_TYPE = "TDMBrowserCheckNoSuchNode"
+
+
+def make_control(workflow: dict) -> dict:
+    """A copy whose first TDM node has a type no pack registers: what a user sees without this pack installed."""
+    control = json.loads(json.dumps(workflow))
+    node = next(n for n in control["nodes"] if n["type"].startswith("TDM"))
+    node["type"] = UNKNOWN_TYPE
+    return control
+
+
+def write_thumbnail(canvas_png: Path, target: Path) -> None:
+    """Crops the graph screenshot to the thumbnail's 4:3 aspect (centred) and resizes it; a plain JPEG."""
+    from PIL import Image
+
+    with Image.open(canvas_png) as image:
+        image = image.convert("RGB")
+        width, height = image.size
+        aspect = THUMBNAIL_SIZE[0] / THUMBNAIL_SIZE[1]
+        if width / height > aspect:
+            new_width = round(height * aspect)
+            left = (width - new_width) // 2
+            image = image.crop((left, 0, left + new_width, height))
+        else:
+            new_height = round(width / aspect)
+            top = (height - new_height) // 2
+            image = image.crop((0, top, width, top + new_height))
+        image.resize(THUMBNAIL_SIZE, Image.LANCZOS).save(target, "JPEG", quality=85, optimize=True)
+
+
+def frontend_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("comfyui-frontend-package")
+    except Exception:  # noqa: BLE001 (reporting only)
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-thumbnails", action="store_true")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME")
+    parser.add_argument("--workflows", type=Path, default=REPO / "workflows", metavar="DIR",
+                        help="folder of UI-format workflows (thumbnails are written next to them)")
+    args = parser.parse_args()
+
+    chromium = Path(os.environ.get("TDM_CHROMIUM", "/usr/bin/chromium"))
+    browser_dir = Path(os.environ.get("TDM_BROWSER_DIR", REPO / ".browser"))
+    if not chromium.is_file() or not (browser_dir / "node_modules" / "playwright-core").is_dir():
+        print(f"browser: needs {chromium} and playwright-core in {browser_dir}/: run bash scripts/browser_check.sh",
+              file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    comfy_runtime.bootstrap()
+    import build_workflows
+
+    from harness.server import ComfyServer, make_base_directory
+    from harness.workflow_placeholders import install_placeholders
+
+    files = sorted(args.workflows.resolve().glob("*.json"))
+    if args.only:
+        files = [f for f in files if f.stem in args.only]
+    if not files:
+        print("browser: no workflows to check", file=sys.stderr)
+        return 1
+    if ARTIFACTS.exists():
+        shutil.rmtree(ARTIFACTS)
+    ARTIFACTS.mkdir(parents=True)
+
+    with tempfile.TemporaryDirectory(prefix="tdm_browser_") as tmp:
+        base = make_base_directory(Path(tmp) / "base")
+        install_placeholders(base, build_workflows.model_files())
+        # A returning user's settings: no first-run template browser; the missing-nodes warning on (the default).
+        settings = base / "user" / "default" / "comfy.settings.json"
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        # Node text is drawn at every zoom (LOD off) so the fitted-view screenshots and thumbnails are readable.
+        settings.write_text(json.dumps({"Comfy.TutorialCompleted": True,
+                                        "Comfy.Workflow.ShowMissingNodesWarning": True,
+                                        "LiteGraph.Canvas.MinFontSizeForLOD": 0}))
+        control = Path(tmp) / f"{files[0].stem}__unknown_node.json"
+        control.write_text(json.dumps(make_control(json.loads(files[0].read_text()))))
+
+        server = ComfyServer(base)
+        try:
+            server.start()
+            command = ["node", str(DRIVER), "--url", server.url, "--out", str(ARTIFACTS), "--control", str(control)]
+            for f in files:
+                command += ["--workflow", str(f)]
+            proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=900)
+            if proc.returncode != 0:
+                print(proc.stdout[-4000:], file=sys.stderr)
+                print(f"browser: the driver failed ({proc.returncode}); server log: {ARTIFACTS / 'server.log'}\n"
+                      f"{server.log_tail(2000)}", file=sys.stderr)
+                return 1
+            results = json.loads(proc.stdout.strip().splitlines()[-1])
+            history = server.get("/history?max_items=1000")
+        finally:
+            server.stop()
+            if server.log_path.exists():
+                shutil.copy(server.log_path, ARTIFACTS / "server.log")
+        (ARTIFACTS / "results.json").write_text(json.dumps(results, indent=1))
+
+    failures: list[str] = []
+    loaded = dialogs = queued = alerted = 0
+    control_detected = None
+    for r in results["workflows"]:
+        name = r["name"]
+        if r["control"]:
+            control_detected = r["missingNodesDialog"] and any(n["type"] == UNKNOWN_TYPE for n in r["badNodes"])
+            if not control_detected:
+                failures.append(f"control {name}: an unknown node type was NOT detected "
+                                f"(dialogs {r['storeDialogs']} {r['domDialogs']}, bad nodes {r['badNodes']})")
+            continue
+        complete = not r["badNodes"] and r["nodeCount"] == r["jsonNodeCount"]
+        loaded += complete
+        dialogs += r["missingNodesDialog"]
+        if r["missingNodesDialog"] or not complete:
+            failures.append(f"{name}: missing-nodes dialog={r['missingNodesDialog']}, bad nodes={r['badNodes']}, "
+                            f"nodes {r['nodeCount']}/{r['jsonNodeCount']}")
+        alerts = [t for t in r["toasts"] if t["severity"] in ("error", "warn", "unknown")]
+        alerted += bool(alerts)
+        if alerts:
+            failures.append(f"{name}: the frontend raised alerts on load: {alerts}")
+        if r["anyDialog"] and not r["missingNodesDialog"]:
+            failures.append(f"{name}: an unexpected dialog opened on load: {r['storeDialogs']} {r['domDialogs']}")
+        if r.get("queueStatus") == 200 and r.get("promptId") in history:
+            queued += 1
+        else:
+            failures.append(f"{name}: queueing failed: HTTP {r.get('queueStatus')} {r.get('queueError')}; "
+                            f"prompt id {r.get('promptId')} in /history: {r.get('promptId') in history}")
+        if not args.no_thumbnails and r.get("canvas"):
+            write_thumbnail(Path(r["canvas"]), Path(r["file"]).with_suffix(".jpg"))
+
+    elapsed = time.monotonic() - started
+    for failure in failures:
+        print(f"FAIL {failure}", file=sys.stderr)
+    if results.get("pageErrors"):
+        print(f"page errors (informational): {results['pageErrors'][:5]}", file=sys.stderr)
+    print(f"browser: ComfyUI {comfy_runtime.comfyui_version()}, frontend {frontend_version()}, headless Chromium; "
+          f"screenshots in {ARTIFACTS.relative_to(REPO)}/, took {elapsed:.0f}s")
+    print(f"browser: {loaded} workflows loaded, {dialogs} missing-node dialogs, {queued} queued, "
+          f"{alerted} with load alerts; control with an unknown node type detected: {bool(control_detected)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
