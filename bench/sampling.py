@@ -82,7 +82,7 @@ def comfy_family(family, sampling, repeats):
     if family == "sd3":
         from diffusers import SD3Transformer2DModel
 
-        depth = 4
+        depth = 8
         config = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=depth,
                       attention_head_dim=64, num_attention_heads=depth, joint_attention_dim=256,
                       caption_projection_dim=64 * depth, pooled_projection_dim=128, pos_embed_max_size=32)
@@ -91,7 +91,7 @@ def comfy_family(family, sampling, repeats):
         context, pooled = torch.randn(1, TEXT_TOKENS, 256), torch.randn(1, 128)
         cond = [[context, {"pooled_output": pooled}]]
         uncond = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]
-        latent = torch.zeros(1, 16, 32, 32)
+        latent = torch.zeros(1, 16, 64, 64)  # 1024 image tokens: compute, not dispatch, dominates
         size = {"arch": "MMDiT (SD3 layout)", "depth": depth, "hidden": 64 * depth, "params": params(transformer),
                 "latent": list(latent.shape)}
     else:
@@ -103,7 +103,7 @@ def comfy_family(family, sampling, repeats):
         model = twins._patcher(base)
         cond = [[torch.randn(1, TEXT_TOKENS, 256), {}]]
         uncond = [[torch.zeros(1, TEXT_TOKENS, 256), {}]]
-        latent = torch.zeros(1, 4, 32, 32)
+        latent = torch.zeros(1, 4, 64, 64)
         size = {"arch": "UNet (SD1.5 layout)", "model_channels": 128, "context_dim": 256,
                 "params": params(base.diffusion_model), "latent": list(latent.shape)}
     model_sampling = model.get_model_object("model_sampling")
