@@ -181,3 +181,39 @@ def test_bad_frame_count_is_refused_by_the_server(comfy_server, folder):
 
     with pytest.raises(ServerError, match="4k\\+1"):
         comfy_server.run_prompt(graph)
+
+
+def test_sampler_node_reports_progress_every_step_and_cancels(pack, folder, pipe):
+    """The node drives ComfyUI's progress bar once per step, and the canvas Cancel stops it between steps."""
+    import comfy.model_management
+    import comfy.utils
+
+    video = pack.nodes.video
+    inputs = dict(cogvideox=pipe, prompt="a red fox", negative_prompt="", frames=GEOMETRY.num_frames,
+                  width=GEOMETRY.width, height=GEOMETRY.height, grid="trained", steps=4, custom_timesteps="",
+                  cfg=1.0, seed=0)
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        frames, fps = video.TDMCogVideoXSampler.execute(**inputs).result
+        assert updates == [(1, 4), (2, 4), (3, 4), (4, 4)]
+        assert frames.shape == (GEOMETRY.num_frames, GEOMETRY.height, GEOMETRY.width, 3) and fps == 8.0
+
+        calls = []
+        original = pipe.transformer.forward
+
+        def counting_forward(*args, **kwargs):
+            calls.append(1)
+            comfy.model_management.interrupt_current_processing(True)  # the user presses Cancel mid-run
+            return original(*args, **kwargs)
+
+        pipe.transformer.forward = counting_forward
+        try:
+            with pytest.raises(comfy.model_management.InterruptProcessingException):
+                video.TDMCogVideoXSampler.execute(**inputs)
+        finally:
+            del pipe.transformer.forward
+            comfy.model_management.interrupt_current_processing(False)
+        assert len(calls) == 1  # stopped after the step in flight, not after all four
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
