@@ -217,3 +217,12 @@ def test_sampler_node_reports_progress_every_step_and_cancels(pack, folder, pipe
         assert len(calls) == 1  # stopped after the step in flight, not after all four
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
+
+
+def test_out_of_memory_names_the_memory_options(pipe, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipe.transformer, "forward", out_of_memory)
+    with pytest.raises(cogvideox.CogVideoXError, match=r"(?s)Out of memory during CogVideoX sampling.*tiling.*offload"):
+        _ours(pipe, cogvideox.sampling_timesteps("trained"))

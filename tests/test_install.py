@@ -52,3 +52,16 @@ def test_fresh_install_starts_with_every_tdm_node(tmp_path, pack):
     assert expected and expected <= set(info), expected - set(info)
     pack_lines = [line for line in log.splitlines() if line.rstrip().endswith("custom_nodes/comfyui-tdm")]
     assert pack_lines and not any("IMPORT FAILED" in line for line in pack_lines), pack_lines
+
+
+def test_registry_metadata_is_complete():
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project, comfy = config["project"], config["tool"]["comfy"]
+    assert project["name"] == "comfyui-tdm" and project["version"] and project["description"] and project["license"]
+    assert not {"torch", "torchvision", "torchaudio"} & {re.split(r"[<>=!~ \[;]", d)[0] for d in project["dependencies"]}
+    for key in ("PublisherId", "DisplayName", "Icon", "includes", "requires-comfyui"):
+        assert comfy.get(key), key
+    assert (REPO / comfy["Icon"].rsplit("/main/", 1)[1]).is_file()  # the icon the registry shows is committed
+    assert all((REPO / folder).is_dir() for folder in comfy["includes"])
