@@ -263,7 +263,7 @@ class ComfyBackend(PeftBackend):
             return batch
 
         super().__init__(network, schedule=schedule, parametrisation=parametrisation, latent_shape=latent_shape,
-                         encode=encode, call=self._call_network, family=family, mode="lora",
+                         encode=encode, call=self._call_network, family=family, mode="lora", export_format="comfyui",
                          lora_rank=lora_rank, lora_alpha=lora_alpha,
                          target_modules=target_modules or FAMILY_TARGETS[family], adapter_seed=adapter_seed)
         # The adapters (and their optimiser state) stay in float32 whatever the teacher's dtype; peft casts the
@@ -284,19 +284,6 @@ class ComfyBackend(PeftBackend):
         self.device = torch.device(device)
         self._conds = {p: {k: v.to(self.device) for k, v in c.items()} for p, c in self._conds.items()}
         self._cond_cache.clear()
-
-    def export_student_lora(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        tensors: dict[str, torch.Tensor] = {}
-        for name, param in self._params["student"]:
-            module, _, rest = name.partition(".lora_")  # "<module>.lora_A.student.weight"
-            which = rest.split(".")[0]
-            key = f"diffusion_model.{module}"
-            tensors[f"{key}.lora_{'down' if which == 'A' else 'up'}.weight"] = (
-                param.detach().to("cpu", torch.float32).contiguous().clone())
-            tensors[f"{key}.alpha"] = torch.tensor(self.lora_alpha, dtype=torch.float32)
-        metadata = {"tdm.family": self.family, "tdm.lora_rank": str(self.lora_rank),
-                    "tdm.lora_alpha": repr(self.lora_alpha), "tdm.format": "comfyui"}
-        return tensors, metadata
 
 
 def latent_preview_decoder(model):

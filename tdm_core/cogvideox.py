@@ -10,6 +10,7 @@ combination, same decoding) with the stepping done by `tdm_core.solvers.sample_d
 from __future__ import annotations
 
 import json
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,14 +165,19 @@ _PROMPT_CACHE_SIZE = 8
 
 def encode_prompts(pipe, prompt: str, negative_prompt: str, with_negative: bool):
     key = (id(pipe), prompt, negative_prompt if with_negative else None)
-    if key in _PROMPT_CACHE:
+    cached = _PROMPT_CACHE.get(key)
+    # id() of a freed pipeline can be reused by the next one loaded (another dtype or text encoder): a hit counts
+    # only if it is still the same object.
+    if cached is not None and cached[0]() is pipe:
         _PROMPT_CACHE.move_to_end(key)
-        return _PROMPT_CACHE[key]
+        return cached[1], cached[2]
     positive, negative = pipe.encode_prompt(
         prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=with_negative,
         num_videos_per_prompt=1, device=pipe._execution_device, dtype=pipe.transformer.dtype,
     )
-    _PROMPT_CACHE[key] = (positive, negative)
+    for stale in [k for k, entry in _PROMPT_CACHE.items() if entry[0]() is None]:
+        del _PROMPT_CACHE[stale]  # embeddings of a pipeline that is gone only hold (accelerator) memory
+    _PROMPT_CACHE[key] = (weakref.ref(pipe), positive, negative)
     while len(_PROMPT_CACHE) > _PROMPT_CACHE_SIZE:
         _PROMPT_CACHE.popitem(last=False)
     return positive, negative
@@ -198,7 +204,7 @@ def alphas_cumprod(pipe) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_latents(pipe, prompt: str, negative_prompt: str = "", num_frames: int = 49, height: int = 480,
-                   width: int = 720, timesteps=(999, 856, 665, 399), cfg: float = 1.0, seed: int = 0,
+                   width: int = 720, timesteps=schedules.COGVIDEOX_TRAINED_TIMESTEPS, cfg: float = 1.0, seed: int = 0,
                    callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """Few-step v-prediction DDIM at the given timesteps; returns the final latents [1, F', C, h, w]."""
     check_size(pipe, height, width)

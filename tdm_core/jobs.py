@@ -47,6 +47,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .distill.checkpoint import atomic_write_bytes, fsync_dir, safetensors_bytes
+
 JOB_STATES = ("queued", "running", "stopping", "stopped", "failed", "finished")
 ACTIVE_STATES = ("queued", "running", "stopping")
 JOBS_FOLDER = ".tdm_jobs"
@@ -107,45 +109,6 @@ def validate_output_name(name: str, loras_dir: str | Path) -> str:
     if not target.is_relative_to(root):
         raise JobError(f"output name {name!r} resolves to {target}, outside {root}")
     return cleaned
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # no directory handles (Windows)
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Writes `data` under a temporary name (no model-file extension, so never listed), fsyncs, renames."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def lora_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                metadata={str(k): str(v) for k, v in metadata.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -649,11 +612,11 @@ class JobManager:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            _fsync_dir(root)
+            fsync_dir(root)
         tensors, metadata = session.lora()
         metadata = {**metadata, "tdm.job_id": record.id, "tdm.job_name": record.name,
                     "tdm.trained_iterations": str(step)}
-        data = lora_bytes(tensors, metadata)
+        data = safetensors_bytes(tensors, metadata)
         snapshot = f"{record.name}-step{step:08d}{LORA_EXTENSION}"
         atomic_write_bytes(self.loras_dir / snapshot, data)
         atomic_write_bytes(self.loras_dir / (record.name + LORA_EXTENSION), data)

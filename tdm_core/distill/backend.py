@@ -205,8 +205,11 @@ class PeftBackend:
 
         export_format "kohya" (UNets): `lora_unet_<module path, '.'→'_'>.lora_down.weight / .lora_up.weight /
         .alpha`, the names ComfyUI maps onto an SD1.5 MODEL (it does not map plain peft `unet.*.to_q` names) and the
-        format of the released Dreamshaper TDM LoRA. "peft": `<prefix><module>.lora_A.weight / .lora_B.weight` with
-        alpha in diffusers' `lora_adapter_metadata` header entry (prefix "transformer." for SD3 and CogVideoX).
+        format of the released Dreamshaper TDM LoRA. "comfyui" (a ComfyUI network's own module names):
+        `diffusion_model.<module>.lora_down.weight / .lora_up.weight / .alpha`, the keys
+        `comfy.lora.model_lora_keys_unet` maps for every model. "peft": `<prefix><module>.lora_A.weight /
+        .lora_B.weight` with alpha in diffusers' `lora_adapter_metadata` header entry (prefix "transformer." for SD3
+        and CogVideoX).
         """
         if self.mode != "lora":
             raise ValueError("mode 'full' trains a full student copy, not a LoRA; use adapter_state_dict('student')")
@@ -217,16 +220,19 @@ class PeftBackend:
             module, _, rest = name.partition(".lora_")
             which = rest.split(".")[0]  # "A" or "B"
             value = param.detach().to("cpu").contiguous().clone()
-            if self.export_format == "kohya":
-                base = "lora_unet_" + module.replace(".", "_")
+            if self.export_format in ("kohya", "comfyui"):
+                base = ("lora_unet_" + module.replace(".", "_") if self.export_format == "kohya"
+                        else f"diffusion_model.{module}")
                 tensors[f"{base}.lora_{'down' if which == 'A' else 'up'}.weight"] = value
-                tensors[f"{base}.alpha"] = torch.tensor(self.lora_alpha)
+                tensors[f"{base}.alpha"] = torch.tensor(self.lora_alpha, dtype=torch.float32)
             else:
                 tensors[f"{self.export_prefix}{module}.lora_{which}.weight"] = value
             modules.append(module)
         metadata = {"tdm.family": self.family, "tdm.lora_rank": str(self.lora_rank),
                     "tdm.lora_alpha": repr(self.lora_alpha)}
-        if self.export_format != "kohya":
+        if self.export_format == "comfyui":
+            metadata["tdm.format"] = "comfyui"
+        elif self.export_format != "kohya":
             component = self.export_prefix.rstrip(".")
             lora_config = {"r": self.lora_rank, "lora_alpha": self.lora_alpha,
                            "target_modules": sorted(set(m.split(".")[-1] for m in modules))}

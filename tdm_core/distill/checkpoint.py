@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # platforms without directory handles (Windows)
@@ -43,19 +44,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Atomically writes a safetensors LoRA (temporary file, fsync, rename)."""
-    from safetensors.torch import save_file
-
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Writes `data` under a temporary name (no model-file extension, so never listed), fsyncs, renames; a failure
+    removes the temporary file. The one atomic writer of the package (checkpoints, job records, LoRAs, previews)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={str(k): str(v) for k, v in metadata.items()})
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
     return path
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's content: contiguous CPU copies, every header value as a string."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                metadata={str(k): str(v) for k, v in metadata.items()})
+
+
+def write_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Atomically writes a safetensors LoRA (temporary file, fsync, rename)."""
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def student_lora(trainer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -106,13 +124,13 @@ def save_checkpoint(trainer, run_dir: str | Path) -> Path:
         if getattr(trainer.backend, "mode", "lora") == "lora" and hasattr(trainer.backend, "export_student_lora"):
             lora = student_lora(trainer)
             write_lora(tmp / LORA_FILE, *lora)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             # The same step saved again (right after a resume): the state is the same; never unpublish the old one.
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             _publish(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import schedules
+
 
 @dataclass(frozen=True)
 class DiscreteSchedule:
@@ -38,27 +40,25 @@ class DiscreteSchedule:
         return cls(ac.sqrt(), (1.0 - ac).clamp_min(0).sqrt(), torch.arange(ac.numel(), dtype=torch.float64), "vp")
 
     @classmethod
-    def flow(cls, shift: float = 1.0, num_timesteps: int = 1000) -> DiscreteSchedule:
+    def flow(cls, shift: float = 1.0, num_timesteps: int = schedules.NUM_TRAIN_TIMESTEPS) -> DiscreteSchedule:
         """SD3-style rectified flow: u = (t+1)/N, σ = s·u / (1 + (s−1)·u), α = 1 − σ; the network sees σ·N.
 
         Matches diffusers' FlowMatchEulerDiscreteScheduler(shift=s) training tables (its `sigmas[::-1]`).
         """
         u = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
-        sigmas = shift * u / (1.0 + (shift - 1.0) * u)
+        sigmas = schedules.flow_shift(u, shift)
         return cls(1.0 - sigmas, sigmas, sigmas * num_timesteps, "flow")
 
     @classmethod
-    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = 1000):
+    def scaled_linear(cls, beta_start: float = schedules.SCALED_LINEAR_BETA_START,
+                      beta_end: float = schedules.SCALED_LINEAR_BETA_END,
+                      num_timesteps: int = schedules.NUM_TRAIN_TIMESTEPS):
         """The SD1.5 scaled-linear β schedule (`tdm_core.schedules.scaled_linear_alphas_cumprod`)."""
-        from .. import schedules
-
         return cls.from_alphas_cumprod(schedules.scaled_linear_alphas_cumprod(beta_start, beta_end, num_timesteps))
 
     @classmethod
     def cogvideox(cls) -> DiscreteSchedule:
         """CogVideoX-2b: scaled-linear, SNR shift 3, zero terminal SNR (`tdm_core.schedules.cogvideox_alphas_cumprod`)."""
-        from .. import schedules
-
         return cls.from_alphas_cumprod(schedules.cogvideox_alphas_cumprod())
 
     @classmethod

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..schedules import training_demo_timesteps
 from . import losses
 from .backend import forward_pair
 from .config import RANDMID_MARGIN, TAU_MARGIN, TAU_MIN, DistillConfig
@@ -239,10 +240,7 @@ class TDMTrainer:
     def sample_grid(self, steps: int | None = None) -> list[int]:
         if steps is None or steps == self.config.steps:
             return list(self.grid)
-        delta = self.grid_top // steps
-        if delta < 1:
-            raise ValueError(f"cannot make a {steps}-step grid below t = {self.grid_top - 1}")
-        return [self.grid_top - 1 - k * delta for k in range(steps)]
+        return list(training_demo_timesteps(steps, self.grid_top))
 
     @torch.no_grad()
     def sample(self, prompts: list[str], steps: int | None = None, seed: int = 0, noise: torch.Tensor | None = None,

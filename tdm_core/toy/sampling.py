@@ -1,7 +1,7 @@
 """Deterministic DDIM (η = 0) sampling of the toy models, with optional classifier-free guidance.
 
-A local sampler so the toy benchmark depends only on itself: it is the same deterministic step the TDM student uses
-(predict (x̂0, ε̂), re-noise to the next grid time with ε̂), ending with x̂0 at the last grid time.
+The same deterministic step the TDM student uses (predict (x̂0, ε̂), re-noise to the next grid time with ε̂), ending
+with x̂0 at the last grid time; the grid and the step are the shared ones of `tdm_core.schedules` / `solvers`.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from collections.abc import Callable
 
 import torch
 
+from .. import schedules, solvers
+
 
 def uniform_grid(steps: int, num_timesteps: int = 1000) -> list[int]:
     """t_k = N−1 − kΔ, Δ = N // steps (TDM's student grid; 4 of 1000 -> 999, 749, 499, 249; 50 -> 999, 979, …, 19)."""
     if steps < 1 or steps > num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
-    delta = num_timesteps // steps
-    return [num_timesteps - 1 - k * delta for k in range(steps)]
+    return list(schedules.training_demo_timesteps(steps, num_timesteps))
 
 
 @torch.no_grad()
@@ -31,14 +32,11 @@ def ddim_sample(
     eps_fn(x, t[B]) -> ε̂. x_{k+1} = α_{k+1} x̂0 + σ_{k+1} ε̂ with x̂0 = (x − σ_k ε̂)/α_k; the last step returns x̂0.
     """
     abar = alphas_cumprod.to(torch.float64)
+    sigmas = schedules.vp_sigmas_for_timesteps(abar, timesteps)  # ends in 0: the last step returns x̂0
     x = noise
     for k, t in enumerate(timesteps):
-        a_t = abar[t].sqrt().item()
-        s_t = (1 - abar[t]).sqrt().item()
+        a_t, s_t = schedules.vp_alpha_sigma(float(abar[t]))
         eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long))
         x0 = (x - s_t * eps) / a_t
-        if k + 1 == len(timesteps):
-            return x0
-        t_next = timesteps[k + 1]
-        x = abar[t_next].sqrt().item() * x0 + (1 - abar[t_next]).sqrt().item() * eps
+        x = solvers.ddim_step(x, x0, sigmas[k], sigmas[k + 1], "vp")
     return x
