@@ -72,7 +72,8 @@ def register(get_manager) -> bool:
     @routes.post("/tdm/jobs/{job}/stop")
     async def stop_job(request):
         try:
-            record = get_manager().stop(request.match_info["job"])
+            # off the event loop: stopping a queued job moves its teacher copy to the CPU
+            record = await _in_thread(get_manager().stop, request.match_info["job"])
         except jobs.JobError as error:
             return error_response(error)
         return web.json_response(record.to_dict(history=False))
@@ -89,10 +90,18 @@ def register(get_manager) -> bool:
         try:
             if iterations is not None:
                 iterations = int(iterations)
-            record = get_manager().resume(request.match_info["job"], iterations=iterations)
+            record = await _in_thread(get_manager().resume, request.match_info["job"], iterations=iterations)
         except (jobs.JobError, ValueError, TypeError) as error:
             return error_response(error)
         return web.json_response(record.to_dict(history=False))
 
     _registered["done"] = True
     return True
+
+
+async def _in_thread(function, *args, **kwargs):
+    """Runs a blocking job-manager call (it may move a model between devices or fsync) off aiohttp's event loop."""
+    import asyncio
+    import functools
+
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(function, *args, **kwargs))

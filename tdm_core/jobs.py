@@ -452,13 +452,12 @@ class JobManager:
     def stop(self, job: str) -> JobRecord:
         """Asks a job to stop: a queued job stops at once; a running one after its current iteration, with a
         checkpoint. Returns the record (wait() for the final state)."""
+        to_offload = None
         with self._lock:
             record = self.get(job)
             if record.state == "queued":
                 self._queue.remove(record.id)
-                runtime = self._runtimes.get(record.id)
-                if runtime is not None and hasattr(runtime, "offload"):
-                    runtime.offload()
+                to_offload = self._runtimes.get(record.id)
                 self._set_state(record, "stopped", "stopped before it started" if not record.checkpoint_step
                                 else f"stopped while queued; resume continues from step {record.checkpoint_step}")
             elif record.state == "running":
@@ -469,7 +468,10 @@ class JobManager:
             else:
                 raise JobError(f"TDM job {record.id} '{record.name}' is not running (it is {record.state})",
                                status=409)
-            return record
+        # Moving a teacher copy to the CPU takes seconds: never while holding the lock every status read needs.
+        if to_offload is not None and hasattr(to_offload, "offload"):
+            to_offload.offload()
+        return record
 
     def close(self, timeout: float = 30.0) -> None:
         """Stops every job and the worker (tests, shutdown)."""
