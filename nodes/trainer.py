@@ -260,6 +260,22 @@ def _refuse(error: Exception):
     raise ValueError(str(error)) from None
 
 
+def _wait_for_job(manager, job_id: str, timeout: float | None = None):
+    """Waits for a job to leave its active states while honouring the canvas Cancel button (the job itself keeps
+    running: Cancel only stops this node from waiting)."""
+    import comfy.model_management
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        try:
+            return manager.wait(job_id, timeout=1.0)
+        except TimeoutError:
+            if deadline is not None and time.monotonic() > deadline:
+                raise ValueError(f"TDM job {job_id} did not stop within {timeout:.0f} s; it is "
+                                 f"{manager.get(job_id).state}. Check TDM Distill Status, or stop it again.") from None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Nodes
 
@@ -406,7 +422,7 @@ class TDMDistillStatus(io.ComfyNode):
         try:
             record = manager.get(job.strip())
             if wait:
-                record = manager.wait(record.id)
+                record = _wait_for_job(manager, record.id)
         except jobs.JobError as error:
             _refuse(error)
         curve = loss_curve_image(list(record.history))
@@ -443,7 +459,7 @@ class TDMDistillStop(io.ComfyNode):
         try:
             record = manager.stop(job.strip())
             if wait:
-                record = manager.wait(record.id, timeout=600)
+                record = _wait_for_job(manager, record.id, timeout=600)
         except jobs.JobError as error:
             _refuse(error)
         text = record.progress_text()

@@ -308,3 +308,27 @@ def test_listener_failures_do_not_fail_the_job(tmp_path):
     assert manager.wait(record.id, timeout=30).state == "finished"
     assert threading.active_count() >= 1
     manager.close()
+
+
+def test_status_wait_honours_the_canvas_cancel_and_the_job_keeps_running(tmp_path, pack):
+    """Cancel stops the status node from waiting, never the job; the stop node's wait has a bounded timeout."""
+    import comfy.model_management
+
+    trainer_nodes = pack.nodes.trainer
+    manager = _manager(tmp_path)
+    record = manager.submit("slow", FakeRuntime("slow", delay=0.05), 200, save_every=0, preview_every=0)
+    manager.wait(record.id, timeout=10, states=("running",))
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        started = time.monotonic()
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            trainer_nodes._wait_for_job(manager, record.id)
+        assert time.monotonic() - started < 5
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert manager.get(record.id).state == "running"
+    with pytest.raises(ValueError, match=r"did not stop within 1 s; it is running"):
+        trainer_nodes._wait_for_job(manager, record.id, timeout=1)
+    manager.stop(record.id)
+    assert manager.wait(record.id, timeout=30).state == "stopped"
+    manager.close()
