@@ -8,7 +8,7 @@
 - **Integer t ↔ the model's own schedule.** `comfy_schedule` builds the trainer's (α_t, σ_t) tables from the MODEL's
   `model_sampling`: VP models from ComfyUI's σ table (ᾱ = 1/(1 + σ²), the network sees the index t, as
   `model_sampling.timestep(σ_t)` gives back), rectified-flow models from the shifted flow table (α = 1 − σ, the
-  network sees σ·1000). `pin_grid` puts the sampling preset's exact grid into those tables (SD3: the flow-shift-6
+  network sees σ·1000). `DiscreteSchedule.with_pinned_grid` puts the sampling preset's exact grid into those tables (SD3: the flow-shift-6
   sigmas with their integer model timesteps 999, 947, 856, 666), so the student is trained at exactly the noise
   levels and timesteps the TDM sampler later evaluates it at.
 - **Parametrisation.** The ComfyUI network is called on the VP state `x_t = α_t x0 + σ_t ε` — ComfyUI's own
@@ -59,35 +59,14 @@ def model_parametrisation(model) -> str:
 
 
 def comfy_schedule(model_sampling) -> DiscreteSchedule:
-    """(α_t, σ_t, model timestep) for t in [0, N) from a ComfyUI model_sampling object."""
+    """(α_t, σ_t, model timestep) for t in [0, N) from a ComfyUI model_sampling object's own sigma table."""
     import comfy.model_sampling
 
     table = model_sampling.sigmas.detach().to("cpu", torch.float64)
     if isinstance(model_sampling, comfy.model_sampling.CONST):
         multiplier = float(getattr(model_sampling, "multiplier", schedules.NUM_TRAIN_TIMESTEPS))
-        return DiscreteSchedule(1.0 - table, table.clone(), table * multiplier, "flow")
-    alphas_cumprod = 1.0 / (1.0 + table**2)
-    return DiscreteSchedule.from_alphas_cumprod(alphas_cumprod)
-
-
-def pin_grid(schedule: DiscreteSchedule, sigmas, model_timesteps) -> tuple[DiscreteSchedule, list[int]]:
-    """Writes a flow grid's exact σ (and the integer timesteps the TDM sampler feeds) into the nearest table
-    entries; returns the new schedule and the grid's indices. Refuses a σ that would break the table's order."""
-    alphas, table, feed = schedule.alphas.clone(), schedule.sigmas.clone(), schedule.model_timesteps.clone()
-    indices = []
-    for sigma, timestep in zip(sigmas, model_timesteps, strict=True):
-        index = int(torch.argmin((schedule.sigmas - float(sigma)).abs()))
-        lower = float(schedule.sigmas[index - 1]) if index > 0 else -math.inf
-        upper = float(schedule.sigmas[index + 1]) if index + 1 < len(table) else math.inf
-        if not lower < float(sigma) < upper and float(schedule.sigmas[index]) != float(sigma):
-            raise ValueError(f"grid σ {sigma} does not fit between the schedule's neighbours of index {index}")
-        table[index] = float(sigma)
-        alphas[index] = 1.0 - float(sigma)
-        feed[index] = float(timestep)
-        indices.append(index)
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"grid sigmas {list(sigmas)} land on the same schedule index; use fewer steps")
-    return DiscreteSchedule(alphas, table, feed, schedule.kind), indices
+        return DiscreteSchedule.from_flow_sigmas(table, multiplier)
+    return DiscreteSchedule.from_ve_sigmas(table)
 
 
 @dataclass
@@ -117,7 +96,7 @@ def training_grid(model, family: str, grid: str, steps: int, total_steps: int = 
         flow = schedules.flow_shift_grid(steps, preset.shift)
         multiplier = float(getattr(model_sampling, "multiplier", schedules.NUM_TRAIN_TIMESTEPS))
         feed = [t * multiplier / schedules.NUM_TRAIN_TIMESTEPS for t in flow.timesteps]
-        schedule, indices = pin_grid(schedule, flow.sigmas[:-1], feed)
+        schedule, indices = schedule.with_pinned_grid(flow.sigmas[:-1], feed)
         return TrainingGrid(schedule, indices, name, f"{name}: σ {', '.join(f'{s:.4f}' for s in flow.sigmas[:-1])}")
     timesteps = list(schedules.grid_timesteps(preset.grid, steps, shift=preset.shift))
     return TrainingGrid(schedule, timesteps, name, f"{name}: t {', '.join(map(str, timesteps))}")

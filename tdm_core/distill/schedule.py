@@ -11,6 +11,7 @@ from a flow shift, or from a diffusers scheduler object.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,39 @@ class DiscreteSchedule:
     def from_alphas_cumprod(cls, alphas_cumprod) -> DiscreteSchedule:
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
         return cls(ac.sqrt(), (1.0 - ac).clamp_min(0).sqrt(), torch.arange(ac.numel(), dtype=torch.float64), "vp")
+
+    @classmethod
+    def from_ve_sigmas(cls, ve_sigmas) -> DiscreteSchedule:
+        """From a table of VE sigmas σ = sqrt((1 − ᾱ)/ᾱ) (how ComfyUI stores ε/v schedules): ᾱ = 1 / (1 + σ²)."""
+        table = torch.as_tensor(ve_sigmas, dtype=torch.float64).flatten()
+        return cls.from_alphas_cumprod(1.0 / (1.0 + table**2))
+
+    @classmethod
+    def from_flow_sigmas(cls, sigmas, multiplier: float = schedules.NUM_TRAIN_TIMESTEPS) -> DiscreteSchedule:
+        """From a table of flow sigmas (ComfyUI's CONST model_sampling, shift already applied); the network is fed
+        σ · multiplier."""
+        table = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+        return cls(1.0 - table, table.clone(), table * multiplier, "flow")
+
+    def with_pinned_grid(self, sigmas, model_timesteps) -> tuple[DiscreteSchedule, list[int]]:
+        """Writes a flow grid's exact σ (and the integer timesteps the TDM sampler feeds) into the nearest table
+        entries, so the student trains on exactly the levels it will be sampled at; returns the new schedule and the
+        grid's indices. Refuses a σ that would break the table's order."""
+        alphas, table, feed = self.alphas.clone(), self.sigmas.clone(), self.model_timesteps.clone()
+        indices = []
+        for sigma, timestep in zip(sigmas, model_timesteps, strict=True):
+            index = int(torch.argmin((self.sigmas - float(sigma)).abs()))
+            lower = float(self.sigmas[index - 1]) if index > 0 else -math.inf
+            upper = float(self.sigmas[index + 1]) if index + 1 < len(table) else math.inf
+            if not lower < float(sigma) < upper and float(self.sigmas[index]) != float(sigma):
+                raise ValueError(f"grid σ {sigma} does not fit between the schedule's neighbours of index {index}")
+            table[index] = float(sigma)
+            alphas[index] = 1.0 - float(sigma)
+            feed[index] = float(timestep)
+            indices.append(index)
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"grid sigmas {list(sigmas)} land on the same schedule index; use fewer steps")
+        return DiscreteSchedule(alphas, table, feed, self.kind), indices
 
     @classmethod
     def flow(cls, shift: float = 1.0, num_timesteps: int = schedules.NUM_TRAIN_TIMESTEPS) -> DiscreteSchedule:
