@@ -39,6 +39,9 @@ from comfy_api.v0_0_2 import ComfyExtension, io  # noqa: E402
 
 from .nodes import NODE_CLASSES  # noqa: E402
 
+# The frontend extension (the "TDM jobs" sidebar panel), served at /extensions/<this folder>/.
+WEB_DIRECTORY = "./web"
+
 
 class TDMExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:

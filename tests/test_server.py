@@ -57,3 +57,15 @@ def test_server_reports_a_failing_prompt(comfy_server):
     with pytest.raises(ServerError, match=r"/prompt refused the graph.*prompt_outputs_failed_validation.*missing_node"):
         comfy_server.run_prompt(graph)
     assert json.dumps(comfy_server.get("/system_stats"))  # still serving
+
+
+def test_server_serves_the_jobs_panel_extension(comfy_server):
+    """The frontend loads every script /extensions lists; ours must be among them and be served."""
+    import urllib.request
+
+    listed = comfy_server.get("/extensions")
+    ours = [path for path in listed if path.endswith("/tdm_jobs.js")]
+    assert ours == ["/extensions/comfyui-tdm/tdm_jobs.js"], listed
+    with urllib.request.urlopen(comfy_server.url + ours[0], timeout=10) as response:
+        source = response.read().decode()
+    assert "registerSidebarTab" in source and "/tdm/jobs" in source

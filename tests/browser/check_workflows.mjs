@@ -188,6 +188,30 @@ async function checkOne(page, file, { control, queue, out }) {
   return result;
 }
 
+// The pack's "TDM jobs" sidebar tab (web/tdm_jobs.js): it must register and render the /tdm/jobs list.
+async function checkJobsPanel(page, out) {
+  await closeDialogs(page);
+  const registered = await page.evaluate(async () => {
+    try {
+      await window.app.extensionManager.command.execute("Workspace.ToggleSidebarTab.tdm-jobs");
+      return true;
+    } catch (error) {
+      return String(error);
+    }
+  });
+  let text = null;
+  try {
+    await page.locator(".tdm-jobs").first().waitFor({ timeout: 15000 });
+    await sleep(500);
+    text = await page.locator(".tdm-jobs").first().textContent();
+  } catch (error) {
+    text = null;
+  }
+  await page.screenshot({ path: path.join(out, "jobs_panel.png") });
+  log(`jobs panel: registered=${registered === true}, rendered=${text !== null}`);
+  return { registered: registered === true, error: registered === true ? null : registered, text };
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   const profile = mkdtempSync(path.join(tmpdir(), "tdm-chromium-"));
@@ -222,6 +246,7 @@ async function main() {
     for (const file of args.controls) {
       results.workflows.push(await checkOne(page, file, { control: true, queue: false, out: args.out }));
     }
+    results.jobsPanel = await checkJobsPanel(page, args.out);
   } finally {
     await context.close();
     rmSync(profile, { recursive: true, force: true });

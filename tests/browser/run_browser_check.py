@@ -177,6 +177,10 @@ def main() -> int:
             write_thumbnail(Path(r["canvas"]), Path(r["file"]).with_suffix(".jpg"))
 
     elapsed = time.monotonic() - started
+    panel = results.get("jobsPanel") or {}
+    panel_ok = bool(panel.get("registered") and panel.get("text"))
+    if not panel_ok:
+        failures.append(f"the TDM jobs sidebar panel did not render: {panel}")
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
     if results.get("pageErrors"):
@@ -184,7 +188,8 @@ def main() -> int:
     print(f"browser: ComfyUI {comfy_runtime.comfyui_version()}, frontend {frontend_version()}, headless Chromium; "
           f"screenshots in {ARTIFACTS.relative_to(REPO)}/, took {elapsed:.0f}s")
     print(f"browser: {loaded} workflows loaded, {dialogs} missing-node dialogs, {queued} queued, "
-          f"{alerted} with load alerts; control with an unknown node type detected: {bool(control_detected)}")
+          f"{alerted} with load alerts; control with an unknown node type detected: {bool(control_detected)}; "
+          f"jobs panel rendered: {panel_ok}")
     return 1 if failures else 0
 
 
