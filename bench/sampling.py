@@ -65,6 +65,24 @@ class CountNFE:
         return self.total // self.images
 
 
+def compare_recipes(label, tdm, teacher, network, repeats, **extra) -> dict:
+    """NFE of each recipe (counted on `network`), then their wall times raced in the same run; the goal is
+    0.9 × the NFE ratio (issue: speed-up ≥ 0.9 × NFE ratio)."""
+    counter = CountNFE(network, 1)
+    tdm()
+    nfe_tdm = counter.nfe()
+    counter = CountNFE(network, 1)
+    teacher()
+    nfe_teacher = counter.nfe()
+    t_tdm, t_teacher = race([tdm, teacher], repeats)
+    log(f"{label}: tdm {t_tdm:.3f}s teacher {t_teacher:.3f}s")
+    result = {"nfe_tdm": nfe_tdm, "nfe_teacher": nfe_teacher, "nfe_ratio": round(nfe_teacher / nfe_tdm, 3),
+              "time_tdm_s": round(t_tdm, 4), "time_teacher_s": round(t_teacher, 4),
+              "speedup": round(t_teacher / t_tdm, 3), "goal": round(0.9 * nfe_teacher / nfe_tdm, 3), **extra}
+    result["meets_goal"] = result["speedup"] >= result["goal"]
+    return result
+
+
 def params(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -119,18 +137,7 @@ def comfy_family(family, sampling, repeats):
         comfy.sample.sample_custom(model, noise, preset.teacher.cfg, comfy.samplers.sampler_object("euler"),
                                    teacher_sigmas, cond, uncond, latent, disable_pbar=True, seed=SEED)
 
-    counter = CountNFE(diffusion_model, 1)
-    tdm()
-    nfe_tdm = counter.nfe()
-    counter = CountNFE(diffusion_model, 1)
-    teacher()
-    nfe_teacher = counter.nfe()
-    t_tdm, t_teacher = race([tdm, teacher], repeats)
-    log(f"{family}: tdm {t_tdm:.3f}s teacher {t_teacher:.3f}s")
-    result = {"nfe_tdm": nfe_tdm, "nfe_teacher": nfe_teacher, "nfe_ratio": round(nfe_teacher / nfe_tdm, 3),
-              "time_tdm_s": round(t_tdm, 4), "time_teacher_s": round(t_teacher, 4),
-              "speedup": round(t_teacher / t_tdm, 3), "goal": round(0.9 * nfe_teacher / nfe_tdm, 3)}
-    result["meets_goal"] = result["speedup"] >= result["goal"]
+    result = compare_recipes(family, tdm, teacher, diffusion_model, repeats)
     return result, size, (model, cond, latent, noise)
 
 
@@ -185,19 +192,8 @@ def bench_cogvideox(repeats):
     def teacher():
         cogvideox.sample_latents(pipe, prompt, "", frames, size_px, size_px, teacher_grid, preset.teacher.cfg, SEED)
 
-    counter = CountNFE(pipe.transformer, 1)
-    tdm()
-    nfe_tdm = counter.nfe()
-    counter = CountNFE(pipe.transformer, 1)
-    teacher()
-    nfe_teacher = counter.nfe()
-    t_tdm, t_teacher = race([tdm, teacher], repeats)
-    log(f"cogvideox: tdm {t_tdm:.3f}s teacher {t_teacher:.3f}s")
-    result = {"nfe_tdm": nfe_tdm, "nfe_teacher": nfe_teacher, "nfe_ratio": round(nfe_teacher / nfe_tdm, 3),
-              "time_tdm_s": round(t_tdm, 4), "time_teacher_s": round(t_teacher, 4),
-              "speedup": round(t_teacher / t_tdm, 3), "goal": round(0.9 * nfe_teacher / nfe_tdm, 3),
-              "path": "tdm_core.cogvideox.sample_latents (TDM CogVideoX Sampler)"}
-    result["meets_goal"] = result["speedup"] >= result["goal"]
+    result = compare_recipes("cogvideox", tdm, teacher, pipe.transformer, repeats,
+                             path="tdm_core.cogvideox.sample_latents (TDM CogVideoX Sampler)")
     size = {"arch": "CogVideoXTransformer3DModel", "heads": heads, "head_dim": head_dim, "layers": layers,
             "params": params(pipe.transformer), "latent": [1, latent_frames, 16, 16, 16],
             "text_tokens": cogvideox_tiny.MAX_TEXT_SEQ_LENGTH}

@@ -14,6 +14,7 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from tdm_core import cogvideox as video_core  # not `cogvideox`: that is the sampler's input name
+from tdm_core import schedules
 from tdm_core.presets import get_preset
 
 CogVideoXPipe = io.Custom("TDM_COGVIDEOX")
@@ -117,7 +118,7 @@ class TDMCogVideoXSampler(io.ComfyNode):
                                        "timesteps below."),
                 io.Int.Input("steps", default=_COGVIDEOX.steps, min=1, max=100,
                              tooltip="Steps for the trailing grid (the trained grid is 4 steps)."),
-                io.String.Input("custom_timesteps", default="999, 856, 665, 399",
+                io.String.Input("custom_timesteps", default=", ".join(map(str, schedules.COGVIDEOX_TRAINED_TIMESTEPS)),
                                 tooltip="Descending integer timesteps in [0, 999], used with grid = custom."),
                 io.Float.Input("cfg", default=_COGVIDEOX.cfg, min=1.0, max=20.0, step=0.1,
                                tooltip="1 = no guidance (TDM). The base model's own recipe is 50 steps at cfg 6."),
@@ -130,8 +131,10 @@ class TDMCogVideoXSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, frames, **_):
-        if frames < 1 or (frames - 1) % 4:
-            return f"frames must be 4k+1 (1, 5, …, 49); got {frames}"
+        try:
+            video_core.check_frame_count(frames)
+        except video_core.CogVideoXError as error:
+            return str(error)
         return True
 
     @classmethod
