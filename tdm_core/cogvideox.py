@@ -150,7 +150,7 @@ def sampling_timesteps(grid: str, steps: int = 4, custom: str = "") -> tuple[int
     """The timesteps of a CogVideoX grid: 'trained' (999/856/665/399, what the TDM LoRA was trained on),
     'trailing' (diffusers' CogVideoXDDIMScheduler spacing), or 'custom' (a comma-separated list)."""
     if grid == "trained":
-        return schedules.cogvideox_trained_timesteps(steps)
+        return schedules.grid_timesteps(get_preset("cogvideox").grid, steps)  # the preset is the source of truth
     if grid == "trailing":
         return schedules.trailing_timesteps(steps)
     if grid == "custom":
@@ -251,9 +251,3 @@ def decode_frames(pipe, latents: torch.Tensor) -> torch.Tensor:
 def _oom_advice(stage: str) -> str:
     return (f"Out of memory during CogVideoX {stage}. Enable VAE tiling and slicing on the loader, choose offload "
             "'model' (or 'sequential', slowest, least memory), use bf16, or lower the frame count/resolution.")
-
-
-def preset_timesteps() -> tuple[int, ...]:
-    """The TDM CogVideoX preset's grid (tdm_core.presets is the source of truth)."""
-    preset = get_preset("cogvideox")
-    return schedules.grid_timesteps(preset.grid, preset.steps)
