@@ -219,8 +219,12 @@ def sample_latents(pipe, prompt: str, negative_prompt: str = "", num_frames: int
     if pipe.transformer.config.use_rotary_positional_embeddings:
         rotary = pipe._prepare_rotary_positional_embeddings(height, width, latents.size(1), device)
 
+    # The solver keeps the state in float32 (α/σ are never rounded to a half dtype); the network gets the state in
+    # its own dtype, as CogVideoXPipeline feeds it, and the integer timestep.
+    network_dtype = pipe.transformer.dtype
+
     def v_model(x: torch.Tensor, t: int) -> torch.Tensor:
-        model_input = torch.cat([x] * 2) if with_negative else x
+        model_input = (torch.cat([x] * 2) if with_negative else x).to(network_dtype)
         timestep = torch.full((model_input.shape[0],), t, device=device, dtype=torch.long)
         v = pipe.transformer(hidden_states=model_input, encoder_hidden_states=embeddings, timestep=timestep,
                              image_rotary_emb=rotary, return_dict=False)[0].float()

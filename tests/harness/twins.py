@@ -201,3 +201,77 @@ def tiny_vae(family: str, seed: int = 0) -> comfy.sd.VAE:
     randomise_(module, seed)
     state_dict = {k: v.clone() for k, v in module.state_dict().items()}
     return comfy.sd.VAE(sd=state_dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Half precision: the same twins loaded the ways a GPU user's ComfyUI loads them.
+
+# (weight dtype, compute dtype) pairs a user gets from the core loaders on a GPU:
+#   bf16/bf16 and fp16/fp16: `unet_dtype()` on a bf16- or fp16-capable card (no manual cast, the common case);
+#   bf16 → fp32: the manual-cast path (bf16 weights on a device that cannot compute in bf16, e.g. this CPU);
+#   fp8_e4m3fn → bf16: UNETLoader `weight_dtype fp8_e4m3fn` (fp8 weights, cast per layer to the compute dtype).
+HALF_LOADS = {
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp16": (torch.float16, torch.float16),
+    "bf16_weights_fp32_compute": (torch.bfloat16, torch.float32),
+    "fp8_e4m3fn_weights_bf16_compute": (torch.float8_e4m3fn, torch.bfloat16),
+}
+
+
+class _ComputeDtypeOfThisDevice:
+    """Answers ComfyUI's one device-capability question — "does the device compute in the weights' dtype, or which
+    dtype must the weights be cast to?" (`model_management.unet_manual_cast`) — as a GPU would for the requested
+    compute dtype. This CPU would always answer float32; everything else is ComfyUI's own loader code."""
+
+    def __init__(self, compute_dtype: torch.dtype):
+        self.compute_dtype = compute_dtype
+
+    def __enter__(self):
+        self.original = comfy.model_management.unet_manual_cast
+        compute = self.compute_dtype
+        comfy.model_management.unet_manual_cast = (
+            lambda weight_dtype, device, supported=None: None if weight_dtype == compute else compute)
+        return self
+
+    def __exit__(self, *exc):
+        comfy.model_management.unet_manual_cast = self.original
+
+
+def comfy_twin_in_dtype(family: str, load: str, seed: int = 0) -> Twin:
+    """The twin's ComfyUI MODEL with weights and compute in the dtypes of `HALF_LOADS[load]`; the diffusers side is
+    the same weights rounded to the weight dtype, in the compute dtype (what a diffusers user of that precision
+    runs). SD3/SD3.5 go through ComfyUI's UNETLoader path (`load_diffusion_model_state_dict` with
+    `model_options["dtype"]`); the SD1.5 twin, which ComfyUI's detection cannot load from a file at this width,
+    through the same `set_inference_dtype` call that path makes."""
+    weight_dtype, compute_dtype = HALF_LOADS[load]
+    if family == "sd15":
+        diffusers_model = sd15_diffusers_unet(seed)
+        key_map = comfy.utils.unet_to_diffusers(SD15_TINY_UNET_CONFIG)
+        model_config = comfy.supported_models.SD15(dict(SD15_TINY_UNET_CONFIG))
+        manual_cast = None if weight_dtype == compute_dtype else compute_dtype
+        model_config.set_inference_dtype(weight_dtype, manual_cast)
+        base_model = model_config.get_model({})
+        base_model.diffusion_model.load_state_dict(
+            {key_map[k]: v.clone() for k, v in diffusers_model.state_dict().items()}, strict=True)
+        base_model.eval()
+        patcher = _patcher(base_model)
+    elif family in ("sd3", "sd35"):
+        diffusers_model = sd3_diffusers_transformer(seed, dual_attention_layers=(0,) if family == "sd35" else ())
+        key_map = comfy.utils.mmdit_to_diffusers({"depth": SD3_TINY_DEPTH, "num_blocks": SD3_TINY_DEPTH})
+        # ComfyUI's diffusers→MMDiT conversion rewrites some of the tensors it is given in place: hand it copies.
+        state_dict = {k: v.clone() for k, v in diffusers_model.state_dict().items()}
+        with _ComputeDtypeOfThisDevice(compute_dtype):
+            patcher = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": weight_dtype})
+        if patcher is None:
+            raise AssertionError("ComfyUI did not recognise the tiny SD3 transformer")
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; expected sd15, sd3 or sd35")
+    if patcher.model.get_dtype() != weight_dtype or patcher.model.manual_cast_dtype != (
+            None if weight_dtype == compute_dtype else compute_dtype):
+        raise AssertionError(f"ComfyUI loaded {family} as {patcher.model.get_dtype()} / manual cast "
+                             f"{patcher.model.manual_cast_dtype}, not {load}")
+    with torch.no_grad():
+        for tensor in [*diffusers_model.parameters(), *diffusers_model.buffers()]:
+            if tensor.is_floating_point():  # SD3's position table is a buffer in diffusers, a weight in ComfyUI
+                tensor.copy_(tensor.to(weight_dtype).to(tensor.dtype))
+    return Twin(family, patcher, diffusers_model.to(compute_dtype).eval(), key_map)
