@@ -245,10 +245,6 @@ class ComfyBackend(PeftBackend):
                          encode=encode, call=self._call_network, family=family, mode="lora", export_format="comfyui",
                          lora_rank=lora_rank, lora_alpha=lora_alpha,
                          target_modules=target_modules or FAMILY_TARGETS[family], adapter_seed=adapter_seed)
-        # The adapters (and their optimiser state) stay in float32 whatever the teacher's dtype; peft casts the
-        # activations to the adapter's dtype and the result back to the base layer's.
-        for _, param in self._params["student"] + self._params["fake"]:
-            param.data = param.data.float()
 
     def _call_network(self, network, x, model_t, cond):
         dtype = self.compute_dtype

@@ -28,6 +28,16 @@ from .schedule import DiscreteSchedule
 Adapter = Literal["teacher", "student", "fake"]
 ADAPTERS = ("teacher", "student", "fake")
 TRAINABLE = ("student", "fake")
+# The dtypes a frozen teacher may compute in; adapters, their gradients and the optimiser state stay float32.
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def base_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of a model's frozen (non-adapter) floating-point weights."""
+    for name, param in model.named_parameters():
+        if ".lora_" not in name and param.is_floating_point():
+            return param.dtype
+    return torch.float32
 
 
 @runtime_checkable
@@ -85,9 +95,15 @@ class PeftBackend:
     """A TeacherBackend over one torch module.
 
     `call(model, x, model_t, cond)` runs the network (default `model(x, model_t, cond)`), `model_t` being
-    `schedule.model_timesteps[t]` in the sample's dtype. `encode(prompts)` gives the conditioning; the
-    unconditional one is the empty prompt's. In "lora" mode both adapters start at B = 0 (student = fake = teacher,
-    as the official script starts both copies from the teacher), initialised from `adapter_seed`.
+    `schedule.model_timesteps[t]` in float32 — never in the sample's or the network's dtype: bf16 would turn 999
+    into 1000 and 947.17 into 948. `encode(prompts)` gives the conditioning; the unconditional one is the empty
+    prompt's. In "lora" mode both adapters start at B = 0 (student = fake = teacher, as the official script starts
+    both copies from the teacher), initialised from `adapter_seed`.
+
+    Mixed precision: the frozen base may be bf16/fp16 (`set_compute_dtype`, or a model built in that dtype); the
+    adapters are float32 master weights (their gradients and AdamW state too), and the network runs under
+    `torch.autocast` in the base's dtype, so the matmuls run in half precision while every update is float32.
+    The trainer's samples, x̂0, ε̂ and the α/σ coefficients stay float32; `forward` returns float32.
     """
 
     def __init__(self, model: torch.nn.Module, *, schedule: DiscreteSchedule, parametrisation: str,
@@ -132,6 +148,8 @@ class PeftBackend:
             self._params = {a: [(n, p) for n, p in model.named_parameters() if f".{a}." in n and ".lora_" in n]
                             for a in TRAINABLE}
             for _, p in self._params["student"] + self._params["fake"]:
+                # peft creates the factors in the base layer's dtype; they are the float32 master weights here.
+                p.data = p.data.float()
                 p.requires_grad_(True)
             self._active: str | None = None
             self._models = {a: model for a in ADAPTERS}
@@ -142,6 +160,27 @@ class PeftBackend:
                 copy_.requires_grad_(True)
                 self._models[name] = copy_
             self._params = {a: list(self._models[a].named_parameters()) for a in TRAINABLE}
+        self.compute_dtype = base_dtype(model)
+        if mode == "full" and self.compute_dtype != torch.float32:
+            raise ValueError("mode 'full' trains full float32 copies of the teacher; give it a float32 model "
+                             "(half-precision training is for the LoRA mode: float32 adapters over a half base)")
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Casts the frozen base (every non-adapter weight and floating buffer) to `dtype`; adapters stay float32."""
+        if dtype == self.compute_dtype:
+            return
+        if self.mode == "full":
+            raise ValueError("mode 'full' trains full float32 copies of the teacher; half precision is for the "
+                             "LoRA mode (float32 adapters over a half-precision base)")
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if ".lora_" not in name and param.is_floating_point():
+                    param.data = param.data.to(dtype)
+            for module in self.model.modules():
+                for name, buffer in module.named_buffers(recurse=False):
+                    if buffer.is_floating_point():
+                        setattr(module, name, buffer.to(dtype))
+        self.compute_dtype = dtype
 
     # ---- conditioning ------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> Any:
@@ -175,8 +214,12 @@ class PeftBackend:
         if adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
         self._activate(adapter)
-        model_t = self.schedule.model_timesteps.to(x.device)[t.to(x.device)].to(x.dtype)
-        return self._call(self._models[adapter], x, model_t, cond)
+        model_t = self.schedule.model_timesteps.to(x.device)[t.to(x.device)].float()
+        if self.compute_dtype == torch.float32:
+            return self._call(self._models[adapter], x, model_t, cond).float()
+        with torch.autocast(x.device.type, dtype=self.compute_dtype):
+            out = self._call(self._models[adapter], x, model_t, cond)
+        return out.float()
 
     # ---- parameters ------------------------------------------------------------------------------------------------
     def trainable_parameters(self, adapter: Adapter) -> list[torch.nn.Parameter]:

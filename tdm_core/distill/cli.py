@@ -8,7 +8,8 @@ Runs under `torchrun --nproc_per_node N` as data-parallel training (gloo on CPU,
   checkpoint-XXXXXXXX/             resumable states (see checkpoint.py), the newest `keep_last` kept
   student_lora.safetensors         the newest student LoRA
 The teacher is built by `config.teacher["factory"]` ("package.module:function"), called as factory(config, **rest).
-Config errors exit with status 2 before any model is built.
+Config errors exit with status 2 before any model is built; training that turns non-finite (see
+`trainer.NonFiniteTrainingError`) exits with status 3, leaving the last good checkpoint and LoRA in place.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from .checkpoint import export_student_lora, latest_checkpoint
 from .config import ConfigError, DistillConfig
+from .trainer import NonFiniteTrainingError
 
 
 def build_backend(config: DistillConfig):
@@ -162,7 +164,11 @@ def main(argv=None) -> int:
     try:
         if config.preview_every and trainer.step_count == 0 and main_process:
             _write_preview(trainer, out_dir, preview_prompts)
-        trainer.train(config.iterations, callback=on_step)
+        try:
+            trainer.train(config.iterations, callback=on_step)
+        except NonFiniteTrainingError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 3
         if not (config.checkpoint_every and trainer.step_count % config.checkpoint_every == 0):
             trainer.save_checkpoint(out_dir)
         if main_process and getattr(backend, "mode", "lora") == "lora":

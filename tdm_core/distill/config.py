@@ -23,6 +23,7 @@ RANDMID_MARGIN = 20
 TAU_MODES = ("separate", "shared")
 GENERATOR_LOSSES = ("pseudo_huber", "pseudo_huber_vector", "mse")
 MODES = ("lora", "full")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,9 @@ class DistillConfig:
     huber_c: float = 1e-3  # c of the element-wise pseudo-Huber loss
     snr_clamp: float = 5.0  # fake-score loss weight min(SNR_τ, 5)
     seed: int = 0
+    # The frozen teacher's compute dtype: "auto" keeps the backend's; "bfloat16"/"float16" cast the base and run it
+    # under autocast (adapters and optimiser state stay float32; float16 uses loss scaling).
+    dtype: str = "auto"
     mode: str = "lora"  # "lora": two adapters on one frozen teacher; "full": separate trainable copies
     lora_rank: int = 16
     lora_alpha: float | None = None  # None: alpha = rank (scale 1 in every loader)
@@ -109,6 +113,10 @@ class DistillConfig:
         need(self.generator_loss in GENERATOR_LOSSES,
              f"generator_loss must be one of {GENERATOR_LOSSES}, got {self.generator_loss!r}")
         need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.mode == "lora" or self.dtype in ("auto", "float32"),
+             f"dtype {self.dtype} needs mode 'lora' (float32 adapters over a half-precision teacher); "
+             "mode 'full' trains float32 copies")
         need(isinstance(self.lora_rank, int) and self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank!r}")
         need(self.lora_alpha is None or (_finite(self.lora_alpha) and self.lora_alpha > 0),
              f"lora_alpha must be > 0 or null, got {self.lora_alpha!r}")

@@ -15,6 +15,12 @@ Reuse: the fake update takes (x̂0, ε̂) of its state from the rollout instead 
 the unconditional teacher pass is skipped (its weight is zero). Per iteration: K student forwards, 1 fake
 forward/backward, 1 student forward/backward, 1 batched teacher forward (2B), 1 fake forward.
 
+Precision: the samples, x̂0/ε̂, α/σ and every loss are float32; a bf16/fp16 teacher runs under autocast with float32
+adapters and optimiser state (`PeftBackend`). fp16 losses are scaled (`torch.amp.GradScaler`, as fp16 training
+needs: small gradients underflow to 0 otherwise). An update whose loss or gradients are non-finite is skipped
+(fp16's overflowing scale included) and reported in the metrics; `MAX_SKIPPED_IN_A_ROW` skips in a row, or adapter
+weights that become non-finite, end training with `NonFiniteTrainingError` before anything is saved.
+
 Randomness comes from one CPU `torch.Generator` seeded by `config.seed`; every draw is made for the whole global
 batch and each data-parallel process takes its slice, so N processes on B/N samples each reproduce one process on
 B samples (gradients are averaged across processes before clipping and the optimiser steps).
@@ -31,8 +37,16 @@ import torch
 
 from ..schedules import training_demo_timesteps
 from . import losses
-from .backend import forward_pair
+from .backend import COMPUTE_DTYPES, forward_pair
 from .config import RANDMID_MARGIN, TAU_MARGIN, TAU_MIN, DistillConfig
+
+# fp16's loss scale starts at 2¹⁶ and halves on each overflow: 20 skips in a row are far past any transient.
+MAX_SKIPPED_IN_A_ROW = 20
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training cannot go on: non-finite losses/gradients for too long, or adapter weights that became non-finite.
+    Nothing of the step that caused it is saved; the last checkpoint and LoRA are the last good ones."""
 
 
 def _dist():
@@ -79,6 +93,14 @@ class TDMTrainer:
         self.sigmas = schedule.sigmas
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step_count = 0
+        self.skipped_in_a_row = 0
+        if config.dtype != "auto":
+            set_dtype = getattr(backend, "set_compute_dtype", None)
+            if set_dtype is None and getattr(backend, "compute_dtype", torch.float32) != COMPUTE_DTYPES[config.dtype]:
+                raise ValueError(f"dtype {config.dtype} was asked for, but this backend cannot change its dtype")
+            if set_dtype is not None:
+                set_dtype(COMPUTE_DTYPES[config.dtype])
+        self.compute_dtype = getattr(backend, "compute_dtype", torch.float32)
         betas = tuple(config.adam_betas)
         self.fake_params = list(backend.trainable_parameters("fake"))
         self.student_params = list(backend.trainable_parameters("student"))
@@ -89,6 +111,9 @@ class TDMTrainer:
         warmup = config.lr_warmup_steps
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.opt_gen, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        scaled = self.compute_dtype == torch.float16
+        self.scaler_fake = torch.amp.GradScaler(self.device.type, enabled=scaled)
+        self.scaler_gen = torch.amp.GradScaler(self.device.type, enabled=scaled)
 
     @property
     def device(self) -> torch.device:
@@ -97,8 +122,8 @@ class TDMTrainer:
 
     @property
     def dtype(self) -> torch.dtype:
-        params = self.student_params or self.fake_params
-        return params[0].dtype if params else torch.float32
+        """The dtype of the trainer's samples and coefficients: float32 over any teacher dtype."""
+        return torch.float32
 
     # ---- random draws (whole global batch, then this process's slice) ----------------------------------------------
     def _local(self, t: torch.Tensor) -> torch.Tensor:
@@ -169,11 +194,8 @@ class TDMTrainer:
         fake_x0 = self._x0(self.backend.forward(x_tau, tau.to(x_tau.device), cond, "fake"), x_tau, tau)
         loss = losses.fake_score_loss(fake_x0, x0_hat, self.backend.schedule.snr(tau).to(x_tau.device), w_is,
                                       self.config.snr_clamp)
-        self.opt_fake.zero_grad(set_to_none=True)
-        loss.backward()
-        _allreduce_mean_([p.grad for p in self.fake_params if p.grad is not None], self.world)
-        self.opt_fake.step()
-        return {"loss_fake": loss.detach(), "is_weight": w_is.mean()}
+        _, applied = self._apply_update(loss, self.opt_fake, self.scaler_fake, self.fake_params, clip=None)
+        return {"loss_fake": loss.detach(), "is_weight": w_is.mean(), "skipped_fake": torch.tensor(float(not applied))}
 
     def generator_update(self, rollout, cond, uncond, draw) -> dict[str, float]:
         states = rollout[0]
@@ -191,13 +213,37 @@ class TDMTrainer:
                 r = self._x0(self.backend.forward(x_tau, tau_d, cond, "teacher"), x_tau, tau)
             f = self._x0(self.backend.forward(x_tau, tau_d, cond, "fake"), x_tau, tau)
         loss, w = losses.generator_loss(x0_hat, r, f, self.config.generator_loss, self.config.huber_c)
-        self.opt_gen.zero_grad(set_to_none=True)
-        loss.backward()
-        _allreduce_mean_([p.grad for p in self.student_params if p.grad is not None], self.world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student_params, self.config.grad_clip)
-        self.opt_gen.step()
-        self.lr_schedule.step()
-        return {"loss_gen": loss.detach(), "grad_norm_gen": grad_norm.detach(), "w_mean": w.mean()}
+        grad_norm, applied = self._apply_update(loss, self.opt_gen, self.scaler_gen, self.student_params,
+                                                clip=self.config.grad_clip)
+        if applied:
+            self.lr_schedule.step()
+        return {"loss_gen": loss.detach(), "grad_norm_gen": grad_norm.detach(), "w_mean": w.mean(),
+                "skipped_gen": torch.tensor(float(not applied))}
+
+    def _apply_update(self, loss, optimizer, scaler, params, clip: float | None):
+        """Backward (loss-scaled in fp16), gradient averaging across processes, unscaling, optional clipping, and
+        the optimiser step — unless the loss or the gradients are non-finite, when the step is skipped (and fp16's
+        loss scale lowered). Returns (gradient norm, applied)."""
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        _allreduce_mean_(grads, self.world)  # identical gradients on every process, so every process skips alike
+        scaler.unscale_(optimizer)
+        if clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        applied = bool(torch.isfinite(loss.detach()) and torch.isfinite(grad_norm))
+        if applied:
+            scaler.step(optimizer)
+            if not bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in params]))):
+                raise NonFiniteTrainingError(
+                    f"the adapter weights became non-finite at step {self.step_count + 1} (finite loss "
+                    f"{float(loss):.4g}, gradient norm {float(grad_norm):.4g}); nothing of this step was saved. "
+                    "Lower the learning rate, or resume from the last checkpoint.")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update()
+        return grad_norm, applied
 
     def step(self) -> dict[str, float]:
         """One TDM iteration; returns its metrics (averaged over processes)."""
@@ -212,6 +258,8 @@ class TDMTrainer:
         trajectory = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond)
         metrics = self.fake_update(trajectory, cond, draw_fake)
         metrics.update(self.generator_update(trajectory, cond, uncond, draw_gen))
+        if self.scaler_gen.is_enabled():
+            metrics["loss_scale"] = torch.tensor(float(self.scaler_gen.get_scale()))
         names = sorted(metrics)
         values = torch.stack([metrics[n].float().reshape(()).cpu() for n in names])
         if self.world > 1:
@@ -223,6 +271,13 @@ class TDMTrainer:
         out["lr_gen"] = self.opt_gen.param_groups[0]["lr"]
         out["lr_fake"] = self.opt_fake.param_groups[0]["lr"]
         out["seconds"] = time.perf_counter() - start
+        skipped = out["skipped_fake"] > 0 or out["skipped_gen"] > 0
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteTrainingError(
+                f"{self.skipped_in_a_row} updates in a row had a non-finite loss or gradients (step {self.step_count}, "
+                f"loss_fake {out['loss_fake']:.4g}, loss_gen {out['loss_gen']:.4g}); nothing of them was saved. Lower "
+                "the learning rate, use bfloat16 or float32 instead of float16, or check the teacher.")
         return out
 
     def train(self, iterations: int | None = None, callback: Callable[[TDMTrainer, dict], Any] | None = None):
@@ -266,6 +321,9 @@ class TDMTrainer:
             "opt_fake": self.opt_fake.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "generator_rng": self.generator.get_state(),
+            "scaler_fake": self.scaler_fake.state_dict(),
+            "scaler_gen": self.scaler_gen.state_dict(),
+            "skipped_in_a_row": self.skipped_in_a_row,
             "torch_rng": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -279,6 +337,10 @@ class TDMTrainer:
         self.opt_fake.load_state_dict(state["opt_fake"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.generator.set_state(state["generator_rng"])
+        for name, scaler in (("scaler_fake", self.scaler_fake), ("scaler_gen", self.scaler_gen)):
+            if state.get(name) and scaler.is_enabled():  # a resume in another dtype starts a fresh loss scale
+                scaler.load_state_dict(state[name])
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
