@@ -24,6 +24,8 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipe(folder):
+    # fp32 and no tiling (the loader's defaults are bf16 with tiling and slicing): these tests prove parity with
+    # diffusers to fp32 round-off, bit-exact on the trailing grid; test_half_precision runs the shipped defaults.
     return cogvideox.load_pipeline(folder, cogvideox.LoadOptions(dtype="fp32", vae_tiling=False, vae_slicing=False))
 
 
@@ -83,6 +85,7 @@ def test_lora_equals_diffusers_load_lora_weights(folder, tmp_path):
     lora = lora_files.synthesise(transformer, "cogvideox", rank=4, alpha=8.0, seed=1)
     path = lora_files.write_peft(lora, tmp_path / "tdm_cogvideox.safetensors", alpha_in="metadata")
     for strength in (1.0, 0.5):
+        # fp32 without tiling, as the `pipe` fixture (fp32 parity); the bf16 default with a LoRA: test_half_precision
         ours_pipe = cogvideox.load_pipeline(folder, cogvideox.LoadOptions(
             dtype="fp32", lora_path=str(path), lora_strength=strength, vae_tiling=False, vae_slicing=False))
         ours = _ours(ours_pipe, cogvideox.sampling_timesteps("trailing", 4))
@@ -117,7 +120,7 @@ def test_lora_of_another_family_is_refused(folder, tmp_path, sd3_twin):
     lora = lora_files.synthesise(sd3_twin.diffusers, "sd3", rank=2)
     path = lora_files.write_peft(lora, tmp_path / "tdm_sd3.safetensors")
     with pytest.raises(LoraMismatchError, match=r"tdm_sd3.safetensors.*SD3.*not for CogVideoX"):
-        cogvideox.load_pipeline(folder, cogvideox.LoadOptions(dtype="fp32", lora_path=str(path)))
+        cogvideox.load_pipeline(folder, cogvideox.LoadOptions(dtype="fp32", lora_path=str(path)))  # refused before any dtype matters
 
 
 def test_custom_timesteps_are_validated():
@@ -132,9 +135,11 @@ def test_video_nodes_in_the_live_server_write_a_video(comfy_server, folder):
         shutil.copytree(folder, target)
     info = comfy_server.object_info()
     assert "tiny-cogvideox" in info["TDMCogVideoXLoader"]["input"]["required"]["model_folder"][1]["options"]
+    # The loader's default dtype (bf16). Tiling and slicing are off: the 2b's tile fractions do not divide the tiny
+    # fixture's 32×48 frames (see test_half_precision._tiny_tiles, which runs the tiled path).
     graph = {
         "load": {"class_type": "TDMCogVideoXLoader", "inputs": {
-            "model_folder": "tiny-cogvideox", "dtype": "fp32", "lora_name": "none", "lora_strength": 1.0,
+            "model_folder": "tiny-cogvideox", "dtype": "bf16", "lora_name": "none", "lora_strength": 1.0,
             "vae_tiling": False, "vae_slicing": False, "offload": "none"}},
         "sample": {"class_type": "TDMCogVideoXSampler", "inputs": {
             "cogvideox": ["load", 0], "prompt": "a red fox", "negative_prompt": "", "frames": GEOMETRY.num_frames,
@@ -166,7 +171,7 @@ def test_bad_frame_count_is_refused_by_the_server(comfy_server, folder):
     target = comfy_server.base_directory / "models" / "diffusers" / "tiny-cogvideox"
     if not target.exists():
         shutil.copytree(folder, target)
-    graph = {
+    graph = {  # the frame count is refused before the loader's settings matter
         "load": {"class_type": "TDMCogVideoXLoader", "inputs": {
             "model_folder": "tiny-cogvideox", "dtype": "fp32", "lora_name": "none", "lora_strength": 1.0,
             "vae_tiling": False, "vae_slicing": False, "offload": "none"}},

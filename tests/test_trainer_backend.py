@@ -13,6 +13,10 @@ from safetensors.torch import load_file
 
 from tdm_core import jobs, schedules
 
+# TDM Distill's inputs with test-sized overrides, each for CPU time only: iterations 6 (node: 500), lora_rank 4 (16),
+# 64×64 (512×512), no periodic saves/previews (100/50), keep_last 2 (3), seed 1 (0), offload train_on_cpu (none:
+# this machine has no accelerator, so both put the copy on the CPU). dtype auto and every TDM setting are as shipped;
+# test_trainer_half_precision runs the bfloat16/float16 choices.
 DEFAULTS = dict(steps=4, grid="auto", iterations=6, lora_rank=4, lora_alpha=0.0, learning_rate=1e-4, cfg=2.0,
                 batch_size=1, width=64, height=64, save_every=0, keep_last=2, preview_every=0, seed=1,
                 gradient_checkpointing=False, dtype="auto", offload="train_on_cpu", unconditional_prompt="")

@@ -100,21 +100,69 @@ def _substitutions(family: str) -> dict:
     }
 
 
+# Every value an end-to-end run sends that differs from the committed workflow, and why. A test compares each
+# workflow with what its run sends and fails on any difference not listed here; a dtype, a sampler setting or a
+# preset is never on this list, so the runs use exactly what a user who opens the workflow gets.
+_GEOMETRY = cogvideox_tiny.tiny_frame_geometry()
+TINY_MODEL_OVERRIDES = {
+    # the tiny models' position tables cover small latents only; real resolutions are far beyond them
+    ("EmptySD3LatentImage", "width"): 128, ("EmptySD3LatentImage", "height"): 128,
+    ("EmptyLatentImage", "width"): 128, ("EmptyLatentImage", "height"): 128,
+    ("TDMCogVideoXSampler", "frames"): _GEOMETRY.num_frames,
+    ("TDMCogVideoXSampler", "width"): _GEOMETRY.width, ("TDMCogVideoXSampler", "height"): _GEOMETRY.height,
+    ("TDMDistillStart", "width"): 64, ("TDMDistillStart", "height"): 64,
+    # a test-sized job: two iterations, a LoRA and a preview after each (CPU time, not behaviour)
+    ("TDMDistillStart", "iterations"): 2, ("TDMDistillStart", "save_every"): 1,
+    ("TDMDistillStart", "preview_every"): 1,
+    # the prompt returns when the background job has finished, so the test can check the LoRA it wrote
+    ("TDMDistillStatus", "wait"): True,
+}
+# The checkpoint and text-encoder nodes are swapped for test injectors that build tiny models (`_substitutions`).
+SUBSTITUTED_NODES = {"CheckpointLoaderSimple", "CLIPTextEncode"}
+
+
 def _shrink_for_tiny_models(api: dict) -> None:
-    """Real resolutions are far beyond what the tiny models' position tables cover; everything else stays."""
-    geometry = cogvideox_tiny.tiny_frame_geometry()
     for entry in api.values():
-        inputs = entry["inputs"]
-        if entry["class_type"] in ("EmptySD3LatentImage", "EmptyLatentImage"):
-            inputs.update(width=128, height=128)
-        if entry["class_type"] == "TDMCogVideoXSampler":
-            inputs.update(frames=geometry.num_frames, width=geometry.width, height=geometry.height)
-        if entry["class_type"] == "TDMCogVideoXLoader":
-            inputs.update(dtype="fp32")
-        if entry["class_type"] == "TDMDistillStart":
-            inputs.update(width=64, height=64, iterations=2, save_every=1, preview_every=1)
-        if entry["class_type"] == "TDMDistillStatus":
-            inputs.update(wait=True)  # the prompt returns when the background job has finished
+        for (class_type, name), value in TINY_MODEL_OVERRIDES.items():
+            if entry["class_type"] == class_type:
+                entry["inputs"][name] = value
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOW_FAMILY))
+def test_end_to_end_runs_send_the_committed_values(object_info, name):
+    """What `test_workflow_runs_end_to_end` queues differs from the committed workflow only by the listed
+    overrides and the substituted loader nodes."""
+    family = WORKFLOW_FAMILY[name]
+    as_committed = to_api(committed(name), object_info, {})
+    sent = to_api(committed(name), object_info, _substitutions(family) if family else {})
+    _shrink_for_tiny_models(sent)
+
+    def original_id(node_id: str) -> str:  # a substituted node with several outputs becomes "<id>_sub<slot>"
+        return node_id.split("_sub")[0]
+
+    def as_link_to_original(value):
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and "_sub" in value[0]:
+            return [original_id(value[0]), int(value[0].split("_sub")[1])]
+        return value
+
+    assert {original_id(i) for i in sent} == set(as_committed)
+    unexpected = []
+    for node_id, entry in sent.items():
+        original = as_committed[original_id(node_id)]
+        entry = dict(entry, inputs={k: as_link_to_original(v) for k, v in entry["inputs"].items()})
+        if entry["class_type"] != original["class_type"]:
+            if original["class_type"] not in SUBSTITUTED_NODES:
+                unexpected.append(f"node {node_id}: {original['class_type']} replaced by {entry['class_type']}")
+            continue
+        for key in entry["inputs"].keys() | original["inputs"].keys():
+            if entry["inputs"].get(key) != original["inputs"].get(key) and (
+                    entry["class_type"], key) not in TINY_MODEL_OVERRIDES:
+                unexpected.append(f"node {node_id} ({entry['class_type']}).{key}: committed "
+                                  f"{original['inputs'].get(key)!r}, sent {entry['inputs'].get(key)!r}")
+    assert unexpected == []
+    if name == "tdm_cogvideox_2b_4step":  # the loader's shipped default, which the run keeps
+        loader = next(e for e in sent.values() if e["class_type"] == "TDMCogVideoXLoader")
+        assert loader["inputs"]["dtype"] == "bf16"
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOW_FAMILY))
