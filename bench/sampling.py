@@ -1,6 +1,6 @@
 """TDM 4-step sampling vs the teachers' own recipes: NFE and wall time, measured in one run; prints ONE JSON line.
 
-    .venv/bin/python bench/sampling.py [--repeats 3]      (on CUDA when available, else the CPU)
+    .venv/bin/python bench/sampling.py [--repeats 3] [--dtypes float32,bfloat16]   (CUDA when available, else CPU)
 
 - sd3 / sd15: ComfyUI sampling (TDM KSampler node vs SamplerCustom with the teacher's steps and CFG, negative
   prompt batched with the positive as ComfyUI does) on random-weight models with the real block layouts at widths
@@ -10,6 +10,9 @@
   the video issue lands.
 - overhead_vs_euler: (TDM deterministic sampler − ComfyUI euler) / euler at identical sigmas, CFG 1.
 NFE is counted (forward calls × batch / images), not assumed. Times are the minimum over repeats.
+Each dtype is measured at the same widths in the same run: float32 at the top level (as before), bfloat16 under
+"bf16" with the models computing in bf16 as a GPU user's ComfyUI loads them (`tests/harness/twins.HALF_LOADS`; on
+the CPU the device-capability answer is given as a bf16 GPU would give it). Each section carries its "dtype".
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def comfy_family(family, sampling, repeats):
+def comfy_family(family, sampling, repeats, dtype=torch.float32):
     import comfy.sample
     import comfy.samplers
     import comfy.sd
@@ -105,7 +108,14 @@ def comfy_family(family, sampling, repeats):
                       attention_head_dim=64, num_attention_heads=depth, joint_attention_dim=256,
                       caption_projection_dim=64 * depth, pooled_projection_dim=128, pos_embed_max_size=32)
         transformer = twins.randomise_(SD3Transformer2DModel(**config), 0)
-        model = comfy.sd.load_diffusion_model_state_dict(dict(transformer.state_dict()))
+        state_dict = {k: v.clone() for k, v in transformer.state_dict().items()}
+        if dtype == torch.float32:
+            model = comfy.sd.load_diffusion_model_state_dict(state_dict)
+        elif torch.cuda.is_available():  # ComfyUI's own choice on the GPU
+            model = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": dtype})
+        else:
+            with twins._ComputeDtypeOfThisDevice(dtype):
+                model = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": dtype})
         context, pooled = torch.randn(1, TEXT_TOKENS, 256), torch.randn(1, 128)
         cond = [[context, {"pooled_output": pooled}]]
         uncond = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]
@@ -115,7 +125,7 @@ def comfy_family(family, sampling, repeats):
     else:
         unet_config = dict(twins.SD15_TINY_UNET_CONFIG, model_channels=128, context_dim=256)
         model_config = comfy.supported_models.SD15(unet_config)
-        model_config.set_inference_dtype(torch.float32, None)
+        model_config.set_inference_dtype(dtype, None)
         base = model_config.get_model({})
         twins.randomise_(base.diffusion_model, 0)
         model = twins._patcher(base)
@@ -137,7 +147,10 @@ def comfy_family(family, sampling, repeats):
         comfy.sample.sample_custom(model, noise, preset.teacher.cfg, comfy.samplers.sampler_object("euler"),
                                    teacher_sigmas, cond, uncond, latent, disable_pbar=True, seed=SEED)
 
-    result = compare_recipes(family, tdm, teacher, diffusion_model, repeats)
+    result = compare_recipes(f"{family} {dtype}", tdm, teacher, diffusion_model, repeats,
+                             dtype=str(model.model.get_dtype()).replace("torch.", ""),
+                             compute_dtype=str(model.model.manual_cast_dtype or model.model.get_dtype()).replace(
+                                 "torch.", ""))
     return result, size, (model, cond, latent, noise)
 
 
@@ -161,7 +174,7 @@ def overhead_vs_euler(sampling, model, cond, latent, noise, repeats):
     return round((t_tdm - t_euler) / t_euler, 4)
 
 
-def bench_cogvideox(repeats):
+def bench_cogvideox(repeats, dtype=torch.float32):
     """The video node path (tdm_core.cogvideox.sample_latents, what TDM CogVideoX Sampler runs): TDM at the trained
     timesteps, 4 NFE at CFG 1, vs the CogVideoX-2b recipe through the same loop, 50 trailing steps at CFG 6 (100 NFE,
     bit-identical to CogVideoXPipeline in the tests). Text encoding is cached, as in the node; decoding is excluded."""
@@ -179,7 +192,7 @@ def bench_cogvideox(repeats):
         text_embed_dim=text_dim, num_layers=layers, sample_width=16, sample_height=16, sample_frames=13,
         max_text_seq_length=cogvideox_tiny.MAX_TEXT_SEQ_LENGTH).eval()
     components["transformer"] = twins.randomise_(transformer, 0)
-    pipe = CogVideoXPipeline(**components).to(comfy_runtime_device())
+    pipe = CogVideoXPipeline(**components).to(comfy_runtime_device(), dtype)
     pipe.set_progress_bar_config(disable=True)
     frames, size_px = (latent_frames - 1) * 4 + 1, 16 * pipe.vae_scale_factor_spatial
     prompt = "a red fox trotting through fresh snow"
@@ -192,8 +205,9 @@ def bench_cogvideox(repeats):
     def teacher():
         cogvideox.sample_latents(pipe, prompt, "", frames, size_px, size_px, teacher_grid, preset.teacher.cfg, SEED)
 
-    result = compare_recipes("cogvideox", tdm, teacher, pipe.transformer, repeats,
-                             path="tdm_core.cogvideox.sample_latents (TDM CogVideoX Sampler)")
+    result = compare_recipes(f"cogvideox {dtype}", tdm, teacher, pipe.transformer, repeats,
+                             path="tdm_core.cogvideox.sample_latents (TDM CogVideoX Sampler)",
+                             dtype=str(pipe.transformer.dtype).replace("torch.", ""))
     size = {"arch": "CogVideoXTransformer3DModel", "heads": heads, "head_dim": head_dim, "layers": layers,
             "params": params(pipe.transformer), "latent": [1, latent_frames, 16, 16, 16],
             "text_tokens": cogvideox_tiny.MAX_TEXT_SEQ_LENGTH}
@@ -220,19 +234,36 @@ def bootstrap():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="comma-separated: float32 (the top-level figures) and/or bfloat16 (the 'bf16' section)")
     args = parser.parse_args()
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = sorted(set(dtypes) - {"float32", "bfloat16"})
+    if unknown:
+        parser.error(f"unknown dtypes {unknown}; use float32 and/or bfloat16")
     bootstrap()
     sampling = comfy_runtime.load_pack().nodes.sampling
     torch.set_grad_enabled(False)
     report = {"bench": "sampling", "device": str(comfy_runtime_device()), "torch_threads": torch.get_num_threads()}
     models = {}
     log(f"device {report['device']}, {torch.get_num_threads()} threads")
-    report["sd3"], models["sd3"], sd3_inputs = comfy_family("sd3", sampling, args.repeats)
-    report["sd15"], models["sd15"], _ = comfy_family("sd15", sampling, args.repeats)
-    report["cogvideox"], models["cogvideox"] = bench_cogvideox(args.repeats)
-    report["overhead_vs_euler"] = overhead_vs_euler(sampling, *sd3_inputs, repeats=args.repeats)
-    report["overhead_goal"] = 0.03
-    report["models"] = models
+    if "float32" in dtypes:
+        report["dtype"] = "float32"
+        report["sd3"], models["sd3"], sd3_inputs = comfy_family("sd3", sampling, args.repeats)
+        report["sd15"], models["sd15"], _ = comfy_family("sd15", sampling, args.repeats)
+        report["cogvideox"], models["cogvideox"] = bench_cogvideox(args.repeats)
+        report["overhead_vs_euler"] = overhead_vs_euler(sampling, *sd3_inputs, repeats=args.repeats)
+        report["overhead_goal"] = 0.03
+    if "bfloat16" in dtypes:
+        half = {"dtype": "bfloat16"}
+        half["sd3"], size, _ = comfy_family("sd3", sampling, args.repeats, torch.bfloat16)
+        models.setdefault("sd3", size)
+        half["sd15"], size, _ = comfy_family("sd15", sampling, args.repeats, torch.bfloat16)
+        models.setdefault("sd15", size)
+        half["cogvideox"], size = bench_cogvideox(args.repeats, torch.bfloat16)
+        models.setdefault("cogvideox", size)
+        report["bf16"] = half
+    report["models"] = models  # the same widths in every dtype
     print(json.dumps(report))
 
 

@@ -353,8 +353,10 @@ class TDMDistillStart(io.ComfyNode):
                                  tooltip="Recompute block activations in the backward pass: less VRAM, ~30% "
                                          "slower."),
                 io.Combo.Input("dtype", options=list(comfy_backend.DTYPES), default="auto",
-                               tooltip="Precision of the teacher copy: auto = as loaded. The LoRAs and optimiser "
-                                       "always train in float32. float16 can overflow; prefer bfloat16."),
+                               tooltip="Precision of the teacher copy: auto = as loaded. It runs under autocast in "
+                                       "this dtype; the LoRAs, their gradients and the optimiser stay float32, and "
+                                       "the network always gets exact float32 timesteps. float16 scales its losses "
+                                       "and skips overflowing updates; bfloat16 needs no scaling and is preferred."),
                 io.Combo.Input("offload", options=OFFLOAD, default="none",
                                tooltip="none: train beside ComfyUI's loaded models. unload_comfy_models: free "
                                        "ComfyUI's models from VRAM before copying the teacher. train_on_cpu: train "
