@@ -289,3 +289,65 @@ def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
     m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(m1, m2, strict=True):
         assert a["loss_gen"] == pytest.approx(b["loss_gen"], rel=1e-4)
+
+
+def test_owned_adapter_switch_equals_peft_public_switch():
+    """`switch_adapter` (two attributes per layer) gives exactly the outputs of peft's public per-layer switch, for
+    every adapter, and leaves both adapters trainable."""
+    from tdm_core.distill.backend import switch_adapter
+
+    backend = make_backend(parametrisation="eps", lora_rank=4)
+    with torch.no_grad():  # distinct, non-zero adapters so that every switch changes the output
+        for name, param in backend._params["student"] + backend._params["fake"]:
+            param.copy_(torch.randn_like(param) * (0.3 if ".student." in name else -0.2))
+    x = torch.randn(2, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 200])
+    cond = backend.encode(["a cat", "a dog"])
+    model = backend.model
+    outputs = {}
+    for adapter in ("student", "teacher", "fake", "student", "fake", "teacher"):
+        switch_adapter(backend._layers, adapter)
+        backend._active = adapter
+        with torch.no_grad():
+            ours = backend._call(model, x, backend.schedule.model_timesteps[t].float(), cond)
+        for layer in backend._layers:  # peft's public path
+            if adapter == "teacher":
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(adapter)
+        with torch.no_grad():
+            public = backend._call(model, x, backend.schedule.model_timesteps[t].float(), cond)
+        assert torch.equal(ours, public), adapter
+        outputs[adapter] = ours
+    assert not torch.equal(outputs["student"], outputs["teacher"])
+    assert not torch.equal(outputs["fake"], outputs["student"])
+    backend._active = None
+    trainer = TDMTrainer(backend, _config())
+    for _, param in backend._params["student"] + backend._params["fake"]:
+        param.requires_grad_(True)  # the public path above froze some; the trainer's own switch never does
+    metrics = trainer.step()
+    assert all(p.grad is None for p in trainer.student_params)  # zeroed after the step
+    assert metrics["skipped_gen"] == 0
+
+
+def test_rollout_runs_only_the_steps_an_iteration_uses():
+    """The truncated rollout gives the full rollout's states, x̂0 and ε̂ up to where it stops, and one iteration
+    runs max(j_fake + 1, j_gen) student evaluations."""
+    backend = make_backend(parametrisation="v", lora_rank=4)
+    trainer = TDMTrainer(backend, _config(batch_size=2))
+    noise = torch.randn(2, *backend.latent_shape, generator=torch.Generator().manual_seed(1))
+    cond = backend.encode(["a cat", "a dog"])
+    full = trainer.rollout(noise, cond)
+    for forwards in range(1, len(trainer.grid) + 1):
+        part = trainer.rollout(noise, cond, forwards=forwards)
+        assert len(part[1]) == forwards and len(part[0]) == min(forwards + 1, len(trainer.grid))
+        expected = full[0][: len(part[0])] + full[1][:forwards] + full[2][:forwards]
+        for got, want in zip(part[0] + part[1] + part[2], expected, strict=True):
+            assert torch.equal(got, want)
+    calls = []
+    original = backend.forward
+    backend.forward = lambda x, t, c, adapter: calls.append(adapter) or original(x, t, c, adapter)
+    steps = [int(trainer.step()["student_steps"]) for _ in range(12)]
+    assert all(1 <= s <= len(trainer.grid) for s in steps) and min(steps) < len(trainer.grid)
+    assert calls.count("student") == sum(steps) + 12  # the rollout's evaluations plus one generator forward each

@@ -91,6 +91,7 @@ class TDMTrainer:
         self.grid_top = config.grid_top()
         self.alphas = schedule.alphas
         self.sigmas = schedule.sigmas
+        self._device_tables: dict = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step_count = 0
         self.skipped_in_a_row = 0
@@ -142,22 +143,44 @@ class TDMTrainer:
         hi = t_g - TAU_MARGIN if self.config.tau_mode == "separate" else torch.full_like(t_g, self.grid_top - TAU_MARGIN)
         tau = _uniform_int(lo, hi, g)
         z = torch.randn((b, *self.backend.latent_shape), generator=g)
-        return {k: self._local(v) for k, v in dict(j=j, t_g=t_g, t_mid=t_mid, tau=tau, z=z).items()}
+        # drawn on the CPU generator (reproducible on any device), then moved once per draw
+        return {k: self._local(v).to(self.device) for k, v in dict(j=j, t_g=t_g, t_mid=t_mid, tau=tau, z=z).items()}
+
+    def _tables(self, device: torch.device):
+        """α, σ and SNR as tensors on `device`, made once per device (a parked job moves to the CPU and back):
+        every lookup is then a gather on the device, not a CPU gather and a copy. float64 as the schedule keeps them
+        (float32 on MPS, which has no float64); the samples get them in float32."""
+        tables = self._device_tables.get(device)
+        if tables is None:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            alphas, sigmas = self.alphas.to(device, dtype), self.sigmas.to(device, dtype)
+            tables = (alphas, sigmas, (alphas / sigmas) ** 2)
+            self._device_tables = {device: tables}
+        return tables
 
     def _coef(self, t: torch.Tensor):
-        return self.alphas[t], self.sigmas[t]
+        alphas, sigmas, _ = self._tables(t.device)
+        return alphas[t], sigmas[t]
 
     # ---- the pieces of one iteration --------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, noise: torch.Tensor, cond: Any, grid: list[int] | None = None, adapter: str = "student"):
-        """The deterministic K-step sampler: returns (states, x̂0s, ε̂s), lists over the grid, no grad."""
+    def rollout(self, noise: torch.Tensor, cond: Any, grid: list[int] | None = None, adapter: str = "student",
+                forwards: int | None = None):
+        """The deterministic K-step sampler: returns (states, x̂0s, ε̂s), lists over the grid, no grad.
+
+        `forwards` stops after that many student evaluations (an iteration needs x̂0/ε̂ at the fake update's state
+        and the generator update's state itself: max(j_fake + 1, j_gen) of the K); the states list then ends with
+        the state the last evaluation leads to. The results up to there are those of the full rollout."""
         grid = self.grid if grid is None else grid
         x = noise
         states, x0s, epss = [], [], []
         for k, t in enumerate(grid):
-            tt = torch.full((x.shape[0],), t, dtype=torch.long)
+            if forwards is not None and k >= forwards:
+                states.append(x)
+                break
+            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
             a, s = self._coef(tt)
-            x0, eps = losses.x0_and_eps(self.backend.forward(x, tt.to(x.device), cond, adapter), x, a, s,
+            x0, eps = losses.x0_and_eps(self.backend.forward(x, tt, cond, adapter), x, a, s,
                                         self.backend.parametrisation)
             states.append(x)
             x0s.append(x0)
@@ -191,21 +214,20 @@ class TDMTrainer:
             x_tau, m, z = self._noised(x0_hat, eps_hat, draw)
             w_is = losses.importance_weight(m, z)
         tau = draw["tau"]
-        fake_x0 = self._x0(self.backend.forward(x_tau, tau.to(x_tau.device), cond, "fake"), x_tau, tau)
-        loss = losses.fake_score_loss(fake_x0, x0_hat, self.backend.schedule.snr(tau).to(x_tau.device), w_is,
-                                      self.config.snr_clamp)
+        fake_x0 = self._x0(self.backend.forward(x_tau, tau, cond, "fake"), x_tau, tau)
+        loss = losses.fake_score_loss(fake_x0, x0_hat, self._tables(tau.device)[2][tau], w_is, self.config.snr_clamp)
         _, applied = self._apply_update(loss, self.opt_fake, self.scaler_fake, self.fake_params, clip=None)
         return {"loss_fake": loss.detach(), "is_weight": w_is.mean(), "skipped_fake": torch.tensor(float(not applied))}
 
     def generator_update(self, rollout, cond, uncond, draw) -> dict[str, float]:
         states = rollout[0]
         x_tg, t_g = self._gather(states, draw["j"]), draw["t_g"]
-        pred = self.backend.forward(x_tg, t_g.to(x_tg.device), cond, "student")
+        pred = self.backend.forward(x_tg, t_g, cond, "student")
         x0_hat, eps_hat = losses.x0_and_eps(pred, x_tg, *self._coef(t_g), self.backend.parametrisation)
         tau = draw["tau"]
         with torch.no_grad():
             x_tau, _, _ = self._noised(x0_hat.detach(), eps_hat.detach(), draw)
-            tau_d = tau.to(x_tau.device)
+            tau_d = tau
             if self.config.cfg != 1.0:
                 p_c, p_u = forward_pair(self.backend, x_tau, tau_d, cond, uncond, "teacher")
                 r = losses.cfg_target(self._x0(p_c, x_tau, tau), self._x0(p_u, x_tau, tau), self.config.cfg)
@@ -255,8 +277,10 @@ class TDMTrainer:
         prompts = [cfg.prompts[i] for i in prompt_index.tolist()]
         cond = self.backend.encode(prompts)
         uncond = self.backend.uncond(len(prompts)) if cfg.cfg != 1.0 else None
-        trajectory = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond)
+        forwards = max(int(draw_fake["j"].max()) + 1, int(draw_gen["j"].max()))
+        trajectory = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond, forwards=forwards)
         metrics = self.fake_update(trajectory, cond, draw_fake)
+        metrics["student_steps"] = torch.tensor(float(forwards))
         metrics.update(self.generator_update(trajectory, cond, uncond, draw_gen))
         if self.scaler_gen.is_enabled():
             metrics["loss_scale"] = torch.tensor(float(self.scaler_gen.get_scale()))

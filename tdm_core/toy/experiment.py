@@ -48,6 +48,7 @@ class ToyRunResult:
     distill_seconds: float = 0.0
     eval_seconds: float = 0.0
     nfe_per_iteration: int = 0
+    student_steps_per_iteration: float = 0.0  # rollout evaluations actually run (≤ K: max(j_fake + 1, j_gen))
     samples: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: torch.Tensor | None = None
     trainer: TDMTrainer | None = None
@@ -64,6 +65,8 @@ class ToyRunResult:
             "iterations": self.distill_config.iterations,
             "seconds": round(self.distill_seconds, 1),
             "nfe_per_iteration": self.nfe_per_iteration,
+            "student_steps_per_iteration": round(self.student_steps_per_iteration, 3),
+            "student_steps_full_rollout": self.distill_config.steps,
             "acc_teacher_4": round(self.teacher_4["acc"], 4),
             "fd_clf_teacher_50": round(self.teacher_50.get("fd_clf", float("nan")), 4),
             "fd_clf_teacher_4": round(self.teacher_4.get("fd_clf", float("nan")), 4),
@@ -103,9 +106,12 @@ def run_toy_distillation(iterations: int = 500, eval_every: int = 50, teacher_co
             f"({distill_seconds:.0f}s training)")
         return score
 
+    student_steps = []
+
     def callback(tr, metrics):
         nonlocal distill_seconds
         distill_seconds += metrics["seconds"]
+        student_steps.append(metrics["student_steps"])
         if eval_every and tr.step_count % eval_every == 0 and tr.step_count < config.iterations:
             record()
 
@@ -114,6 +120,6 @@ def run_toy_distillation(iterations: int = 500, eval_every: int = 50, teacher_co
     student = record() if history[-1]["iteration"] != trainer.step_count else history[-1]
     samples["tdm_4"] = evaluator.student_samples(trainer)
     return ToyRunResult(teacher.config, config, teacher.from_cache, teacher.train_seconds, teacher_50, teacher_4,
-                        student, history, distill_seconds, eval_seconds, nfe_per_iteration(config), samples,
-                        evaluator.labels, trainer)
+                        student, history, distill_seconds, eval_seconds, nfe_per_iteration(config),
+                        sum(student_steps) / max(1, len(student_steps)), samples, evaluator.labels, trainer)
 
