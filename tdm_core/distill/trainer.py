@@ -261,7 +261,7 @@ class TDMTrainer:
             if not bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in params]))):
                 raise NonFiniteTrainingError(
                     f"the adapter weights became non-finite at step {self.step_count + 1} (finite loss "
-                    f"{float(loss):.4g}, gradient norm {float(grad_norm):.4g}); nothing of this step was saved. "
+                    f"{float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g}); nothing of this step was saved. "
                     "Lower the learning rate, or resume from the last checkpoint.")
         optimizer.zero_grad(set_to_none=True)
         scaler.update()
