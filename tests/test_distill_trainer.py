@@ -351,3 +351,19 @@ def test_rollout_runs_only_the_steps_an_iteration_uses():
     steps = [int(trainer.step()["student_steps"]) for _ in range(12)]
     assert all(1 <= s <= len(trainer.grid) for s in steps) and min(steps) < len(trainer.grid)
     assert calls.count("student") == sum(steps) + 12  # the rollout's evaluations plus one generator forward each
+
+
+def test_training_saving_and_resuming_leave_the_process_rng_alone(tmp_path):
+    """ComfyUI samples with the process-wide RNG while a job trains: a step, a checkpoint and a resume neither draw
+    from it nor rewind it (the trainer's own generator carries the run's randomness, resume stays bit-exact)."""
+    torch.manual_seed(1234)
+    expected = torch.rand(8)
+    torch.manual_seed(1234)
+    backend = make_backend(parametrisation="eps", lora_rank=4)
+    trainer = TDMTrainer(backend, _config(keep_last=1))
+    trainer.step()
+    path = checkpoint.save_checkpoint(trainer, tmp_path)
+    resumed = TDMTrainer.resume(path, make_backend(parametrisation="eps", lora_rank=4))
+    resumed.step()
+    assert torch.equal(torch.rand(8), expected)
+    assert "torch_rng" not in trainer.state_dict()

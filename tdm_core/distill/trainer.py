@@ -348,10 +348,9 @@ class TDMTrainer:
             "scaler_fake": self.scaler_fake.state_dict(),
             "scaler_gen": self.scaler_gen.state_dict(),
             "skipped_in_a_row": self.skipped_in_a_row,
-            "torch_rng": torch.get_rng_state(),
         }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        # No process-wide RNG state: every draw of training comes from `self.generator`, and the process-wide RNG
+        # belongs to whatever else runs in the process (ComfyUI's samplers), which a save or resume must not rewind.
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -365,9 +364,6 @@ class TDMTrainer:
             if state.get(name) and scaler.is_enabled():  # a resume in another dtype starts a fresh loss scale
                 scaler.load_state_dict(state[name])
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step_count = int(state["step"])
 
     def save_checkpoint(self, directory: str | Path) -> Path | None:
