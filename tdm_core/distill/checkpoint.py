@@ -71,8 +71,23 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
                 metadata={str(k): str(v) for k, v in metadata.items()})
 
 
+class NonFiniteWeightsError(ValueError):
+    """Weights to be saved hold NaN or infinite values; nothing was written (the previous files stay)."""
+
+
+def check_finite(tensors, what: str) -> None:
+    """Refuses to save non-finite weights: a NaN LoRA published over a good one turns every image black."""
+    from ..validation import non_finite_tensors
+
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise NonFiniteWeightsError(f"{what} holds NaN or infinite values ({', '.join(bad[:3])}); it was not written "
+                                    "and the previous files are kept. Lower the learning rate or check the teacher.")
+
+
 def write_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Atomically writes a safetensors LoRA (temporary file, fsync, rename)."""
+    """Atomically writes a safetensors LoRA (temporary file, fsync, rename); non-finite weights are refused."""
+    check_finite(tensors, f"the LoRA for {Path(path).name}")
     return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
@@ -111,18 +126,22 @@ def save_checkpoint(trainer, run_dir: str | Path) -> Path:
     for stale in run_dir.glob(".tmp-checkpoint-*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = run_dir / f"checkpoint-{trainer.step_count:08d}"
+    state = trainer.state_dict()
+    check_finite(state, f"the training state of step {trainer.step_count}")
+    lora = None
+    if getattr(trainer.backend, "mode", "lora") == "lora" and hasattr(trainer.backend, "export_student_lora"):
+        lora = student_lora(trainer)
+        check_finite(lora[0], f"the student LoRA of step {trainer.step_count}")
     tmp = run_dir / f".tmp-checkpoint-{trainer.step_count:08d}-{os.getpid()}"
     tmp.mkdir()
     try:
         with open(tmp / STATE_FILE, "wb") as handle:
-            torch.save(trainer.state_dict(), handle)
+            torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
         (tmp / "config.json").write_text(json.dumps(trainer.config.to_dict(), indent=2), encoding="utf-8")
         _fsync_file(tmp / "config.json")
-        lora = None
-        if getattr(trainer.backend, "mode", "lora") == "lora" and hasattr(trainer.backend, "export_student_lora"):
-            lora = student_lora(trainer)
+        if lora is not None:
             write_lora(tmp / LORA_FILE, *lora)
         fsync_dir(tmp)
         if final.exists():
