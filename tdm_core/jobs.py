@@ -452,7 +452,7 @@ class JobManager:
 
     def _persist(self, record: JobRecord) -> None:
         record.updated = time.time()
-        data = json.dumps(record.to_dict(), indent=1, allow_nan=False).encode("utf-8")
+        data = json.dumps(_json_safe(record.to_dict()), indent=1, allow_nan=False).encode("utf-8")
         atomic_write_bytes(self.job_dir(record.id) / RECORD_FILE, data)
 
     def _persist_or_note(self, record: JobRecord) -> bool:
@@ -954,6 +954,17 @@ class JobManager:
         with self._lock:
             self._previews[record.id] = array
             record.has_preview = True
+
+
+def _json_safe(value):
+    """A non-finite float (a NaN teacher's checksum) as its text: job.json stays strict JSON, readable back."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _checked_int(value, what: str, lo: int, hi: int) -> int:

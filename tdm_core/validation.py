@@ -131,7 +131,7 @@ def lexical_relative(name, what: str) -> str:
         raise ValidationError(f"{what} must be a non-empty file name, got {_short(name)}")
     if "\x00" in name or len(name) > 4096:
         raise ValidationError(f"{what} {_short(name)} is not a valid file name")
-    if name.startswith(("/", "\\", "~")) or (len(name) > 1 and name[1] == ":") or os.path.isabs(name):
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or os.path.isabs(name):
         raise ValidationError(f"{what} {_short(name)} is an absolute path; choose a file from the list")
     if any(part == ".." for part in name.replace("\\", "/").split("/")):
         raise ValidationError(f"{what} {_short(name)} contains '..'; choose a file from the list")

@@ -459,3 +459,13 @@ def test_a_preview_file_that_is_not_an_rgb_preview_is_not_served(tmp_path):
     assert _manager(tmp_path).preview(record.id) is None
     np.save(path, np.full((4, 4, 3), 7, dtype=np.uint8))
     assert _manager(tmp_path).preview(record.id)[0, 0, 0] == 7
+
+
+def test_a_non_finite_teacher_checksum_keeps_the_record_strict_json_and_readable(tmp_path):
+    manager = _manager(tmp_path)
+    record = manager.submit("nant", FakeRuntime(), 1, save_every=0, teacher={"checksum": float("nan")})
+    manager.wait(record.id, timeout=30)
+    manager.close()
+    text = (tmp_path / "loras" / ".tdm_jobs" / record.id / "job.json").read_text()
+    assert "NaN" not in text and '"nan"' in text
+    assert _manager(tmp_path).get(record.id).state == "finished"
