@@ -469,3 +469,30 @@ def test_a_non_finite_teacher_checksum_keeps_the_record_strict_json_and_readable
     text = (tmp_path / "loras" / ".tdm_jobs" / record.id / "job.json").read_text()
     assert "NaN" not in text and '"nan"' in text
     assert _manager(tmp_path).get(record.id).state == "finished"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI's run folder: only checkpoints the run's manifest records are ever deleted
+
+
+@pytest.mark.parametrize("manifest", [None, "[]", "{" * 1000, json.dumps({
+    "checkpoints": ["../../victim", "../victim", "/abs/checkpoint-00000001"],
+    "temporary": ["../victim", ".tmp-checkpoint-00000009-1/../../victim", "checkpoint-00000001/.."]})])
+def test_cli_pruning_deletes_only_checkpoints_the_run_wrote(tmp_path, manifest):
+    from tdm_core.distill import DistillConfig, TDMTrainer
+    from tdm_core.distill.reference import make_backend
+
+    run = tmp_path / "run"
+    foreign = [run / "checkpoint-00000001", run / ".tmp-checkpoint-00000009-1", tmp_path / "victim"]
+    for folder in foreign:
+        folder.mkdir(parents=True)
+        (folder / "state.pt").write_bytes(b"another tool's")
+    if manifest is not None:
+        (run / ".tdm_run.json").write_text(manifest)
+    trainer = TDMTrainer(make_backend(lora_rank=4), DistillConfig(prompts=["a"], batch_size=2, total_steps=900,
+                                                                  lora_rank=4, keep_last=1))
+    for _ in range(3):
+        trainer.step()
+        trainer.save_checkpoint(run)
+    assert all((folder / "state.pt").read_bytes() == b"another tool's" for folder in foreign)
+    assert sorted(p.name for p in checkpoint.list_checkpoints(run)) == ["checkpoint-00000001", "checkpoint-00000003"]

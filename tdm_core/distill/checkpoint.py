@@ -9,6 +9,12 @@ A checkpoint folder is written under a temporary name, every file fsynced, then 
 rename on POSIX) and the parent folder fsynced, so a `checkpoint-*` folder is either complete or absent; a kill
 during a save leaves only a `.tmp-*` folder, removed by the next save. Older checkpoints beyond `keep_last` are
 deleted only after the new one is in place. `state.pt` is read with `torch.load(weights_only=True)`.
+
+A run folder is the user's choice and may hold other files, other tools' `checkpoint-*` folders included: only what
+the run's manifest (`.tdm_run.json`) records as written by this package is ever deleted. A temporary folder is
+recorded before it is created, a checkpoint once it is published, and a pruned one leaves the manifest before it is
+deleted (a crash in between leaves a folder nobody deletes, never a deletion of something not ours). Runs written
+before the manifest existed keep all their checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import torch
 STATE_FILE = "state.pt"
 LORA_FILE = "student_lora.safetensors"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST_FILE = ".tdm_run.json"
+_OWNED_NAME = re.compile(r"checkpoint-\d{8}|\.tmp-checkpoint-\d{8}-\d{1,10}")  # fixed pattern, bounded names
 
 
 def _fsync_file(path: Path) -> None:
@@ -120,11 +128,38 @@ def _publish(tmp: Path, final: Path) -> None:
     os.rename(tmp, final)
 
 
+def _read_manifest(run_dir: Path) -> dict:
+    """The run's record of the folders it wrote; a missing or damaged one owns nothing (so nothing is deleted)."""
+    from ..validation import ValidationError, json_object, loads_json
+
+    empty = {"checkpoints": [], "temporary": []}
+    try:
+        data = json_object(loads_json((run_dir / MANIFEST_FILE).read_bytes(), MANIFEST_FILE, max_bytes=1 << 20),
+                           MANIFEST_FILE)
+    except FileNotFoundError:
+        return empty
+    except (OSError, ValidationError) as error:
+        print(f"[comfyui-tdm] ignoring {run_dir / MANIFEST_FILE} ({error}): no old checkpoint of this run is deleted")
+        return empty
+    manifest = {}
+    for key in empty:
+        value = data.get(key, [])
+        manifest[key] = [v for v in value if isinstance(v, str) and _OWNED_NAME.fullmatch(v)] if isinstance(
+            value, list) else []
+    return manifest
+
+
+def _write_manifest(run_dir: Path, manifest: dict) -> None:
+    atomic_write_bytes(run_dir / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
+
+
 def save_checkpoint(trainer, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".tmp-checkpoint-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    manifest = _read_manifest(run_dir)
+    for stale in manifest["temporary"]:  # interrupted saves of this run (recorded before they were created)
+        shutil.rmtree(run_dir / stale, ignore_errors=True)
+    manifest["temporary"] = []
     final = run_dir / f"checkpoint-{trainer.step_count:08d}"
     state = trainer.state_dict()
     check_finite(state, f"the training state of step {trainer.step_count}")
@@ -133,6 +168,8 @@ def save_checkpoint(trainer, run_dir: str | Path) -> Path:
         lora = student_lora(trainer)
         check_finite(lora[0], f"the student LoRA of step {trainer.step_count}")
     tmp = run_dir / f".tmp-checkpoint-{trainer.step_count:08d}-{os.getpid()}"
+    manifest["temporary"].append(tmp.name)
+    _write_manifest(run_dir, manifest)
     tmp.mkdir()
     try:
         with open(tmp / STATE_FILE, "wb") as handle:
@@ -144,19 +181,30 @@ def save_checkpoint(trainer, run_dir: str | Path) -> Path:
         if lora is not None:
             write_lora(tmp / LORA_FILE, *lora)
         fsync_dir(tmp)
+        published = False
         if final.exists():
             # The same step saved again (right after a resume): the state is the same; never unpublish the old one.
+            # A folder of that name the manifest does not record (another tool's, or a run from before manifests)
+            # is left as it is and stays not ours: never pruned.
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             _publish(tmp, final)
+            published = True
         fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if lora is not None:
         write_lora(run_dir / LORA_FILE, *lora)
-    for old in list_checkpoints(run_dir)[: -trainer.config.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    manifest["temporary"] = []
+    if published:
+        manifest["checkpoints"].append(final.name)
+    owned = sorted(manifest["checkpoints"])
+    drop = [name for name in owned[: -trainer.config.keep_last] if name != final.name]
+    manifest["checkpoints"] = [name for name in owned if name not in drop]
+    _write_manifest(run_dir, manifest)  # durable before anything it drops is deleted
+    for name in drop:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
     return final
 
 
