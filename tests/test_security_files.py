@@ -331,3 +331,17 @@ def test_confinement_resolves_symlinks(tmp_path):
     for bad in ("link/x", "../outside/x", "sub/../../outside"):
         with pytest.raises(validation.ValidationError):
             validation.confined(root, bad, "name", lexical=True)
+
+
+def test_crafted_module_names_cost_linear_time(tmp_path):
+    # `blocks.1` repeated without the final '.<part>' made the old `^.*(?:blocks|...)\.\d+\.` regex backtrack
+    # quadratically; names are now bounded and split, never backtracked over.
+    crafted = ("blocks." + "1" * 30) * 30
+    tensors = {f"transformer.{crafted[:1000 - 40]}.lora_A.weight": torch.randn(2, 8),
+               f"transformer.{crafted[:1000 - 40]}.lora_B.weight": torch.randn(8, 2)}
+    started = time.monotonic()
+    parsed = tdm_lora.load_lora(_safetensors(tmp_path / "long_ok.safetensors", tensors))
+    assert parsed.target_modules and time.monotonic() - started < 5
+    too_long = {f"transformer.{'blocks.1' * 500}.lora_A.weight": torch.randn(2, 8),
+                f"transformer.{'blocks.1' * 500}.lora_B.weight": torch.randn(8, 2)}
+    _refused(_safetensors(tmp_path / "long.safetensors", too_long), "tensor name of")

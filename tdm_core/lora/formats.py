@@ -163,7 +163,7 @@ class LoraFile:
     @property
     def target_modules(self) -> list[str]:
         """The distinct module kinds patched (last path parts, e.g. `attn.to_q`, `ff.net.0.proj`)."""
-        return sorted({_BLOCK_PATH.sub("", m.name) for m in self.modules.values()})
+        return sorted({module_kind(m.name) for m in self.modules.values()})
 
     @property
     def recorded_strength(self) -> float | None:
@@ -188,7 +188,18 @@ class LoraFile:
         )
 
 
-_BLOCK_PATH = re.compile(r"^.*(?:blocks|block|layers|attentions|resnets|samplers)\.\d+\.")
+_BLOCK_WORDS = ("blocks", "block", "layers", "attentions", "resnets", "samplers")
+
+
+def module_kind(name: str) -> str:
+    """The module path after its last `<...blocks|layers|...>.<index>.` (`transformer_blocks.3.attn.to_q` ->
+    `attn.to_q`). A split and one backwards pass: linear in the name (a `^.*(...)\\.\\d+\\.` regex backtracks
+    quadratically on a long crafted name from a file)."""
+    parts = name.split(".")
+    for index in range(len(parts) - 2, 0, -1):
+        if parts[index].isdigit() and parts[index].isascii() and parts[index - 1].endswith(_BLOCK_WORDS):
+            return ".".join(parts[index + 1:])
+    return name
 
 # Metadata a TDM-trained LoRA records in its safetensors header (written by `tdm_metadata`).
 TDM_METADATA_PRESET = "tdm.preset"
@@ -450,6 +461,7 @@ def _check_factors(file_name: str, module_name: str, down: torch.Tensor, up: tor
 
 
 MAX_STRENGTH = 100.0
+MAX_KEY_LENGTH = 1024
 
 
 def _check_tdm_metadata(metadata: dict, file_name: str) -> None:
@@ -468,6 +480,10 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict | None = None, n
     """Groups a LoRA state dict into modules. Raises LoraFileError if the file holds no LoRA weights at all."""
     metadata = dict(metadata or {})
     _check_tdm_metadata(metadata, name)
+    long_keys = [key for key in tensors if len(key) > MAX_KEY_LENGTH]
+    if long_keys:
+        raise LoraFileError(f"'{name}' has a tensor name of {len(long_keys[0])} characters (at most {MAX_KEY_LENGTH}: "
+                            "real module paths are under 200); the file is damaged or crafted.")
     roots: dict[str, dict] = {}
     unrecognised = []
     for key, tensor in tensors.items():
