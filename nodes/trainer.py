@@ -211,12 +211,11 @@ def start_job(model, clip, values: dict) -> jobs.JobRecord:
         # Memory options may change on resume (the usual fix after running out of memory).
         settings.update({k: values[k] for k in ("gradient_checkpointing", "dtype", "offload")})
         prompts = _recorded_prompts(settings, existing)
+        # An input added to the node after the job started takes the workflow's value.
+        for key, value in values.items():
+            if key not in ("prompts", "prompts_file"):
+                settings.setdefault(key, value)
         # The settings come from job.json on disk: checked by the same rules as the node's own inputs.
-        missing = [spec.id for spec in TDMDistillStart.define_schema().inputs
-                   if spec.id not in settings and spec.id not in ("model", "clip", "prompts", "prompts_file")]
-        if missing:
-            raise ValueError(f"the record of TDM job {existing.id} '{name}' lacks the settings {', '.join(missing)}; "
-                             "start a new job under another output name")
         inputs.check_inputs(TDMDistillStart, settings)
     else:
         prompts = read_prompts(values["prompts"], values["prompts_file"])
