@@ -815,6 +815,9 @@ class JobManager:
         path = self._checkpoint_dir(record, record.checkpoint_step) / CHECKPOINT_FILE
         if not path.is_file():
             raise FileNotFoundError(f"the checkpoint of step {record.checkpoint_step} ({path}) is gone")
+        from .lora.files import check_torch_archive
+
+        check_torch_archive(path)  # a replaced checkpoint must not inflate: sizes are checked before torch.load
         return torch.load(path, map_location="cpu", weights_only=True)
 
     def _lora_path(self, file_name: str) -> Path:

@@ -496,3 +496,24 @@ def test_cli_pruning_deletes_only_checkpoints_the_run_wrote(tmp_path, manifest):
         trainer.save_checkpoint(run)
     assert all((folder / "state.pt").read_bytes() == b"another tool's" for folder in foreign)
     assert sorted(p.name for p in checkpoint.list_checkpoints(run)) == ["checkpoint-00000001", "checkpoint-00000003"]
+
+
+def test_a_replaced_compressed_checkpoint_fails_the_resume_before_inflating(tmp_path):
+    import io
+    import zipfile
+
+    manager = _manager(tmp_path)
+    runtime = FakeRuntime()
+    record = manager.submit("bombck", runtime, 2, save_every=2, preview_every=0)
+    manager.wait(record.id, timeout=30)
+    state = tmp_path / "loras" / ".tdm_jobs" / record.id / "checkpoints" / "step-00000002" / "state.tdmckpt"
+    buffer = io.BytesIO()
+    torch.save({"step": 2, "weight": torch.zeros(8 * 1024 * 1024)}, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source, zipfile.ZipFile(state, "w") as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+    manager.resume(record.id, runtime=runtime, iterations=4)
+    final = manager.wait(record.id, timeout=30)
+    assert final.state == "failed" and "state.tdmckpt" in final.message and "compressed" in final.message
+    assert runtime.builds == [None]  # never built from it
+    manager.close()

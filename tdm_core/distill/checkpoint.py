@@ -217,6 +217,9 @@ def load_checkpoint(path: str | Path) -> dict:
         folder = latest_checkpoint(path)
         if folder is None:
             raise FileNotFoundError(f"no checkpoint-* folder with a {STATE_FILE} in {path}")
+    from ..lora.files import check_torch_archive
+
+    check_torch_archive(folder / STATE_FILE)  # declared sizes checked before torch.load inflates anything
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     if state.get("format") != "tdm-distill-state/1":
         raise ValueError(f"{folder / STATE_FILE} is not a TDM distillation state (format {state.get('format')!r})")

@@ -148,6 +148,13 @@ _STORAGE_ELEMENT_SIZES = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER: the first pickle of a legacy file
 
 
+def check_torch_archive(path: str | os.PathLike) -> None:
+    """Refuses a torch.save zip archive (a LoRA or a training checkpoint) whose entries are compressed or declare
+    more bytes than the file holds, before torch.load inflates anything (LoraFileError naming the file)."""
+    path = Path(path)
+    _check_torch_zip(path, path.stat().st_size)
+
+
 def _check_torch_zip(path: Path, size: int) -> None:
     """torch.save writes every entry uncompressed (ZIP_STORED). A compressed entry can only come from a hand-made
     file, and DEFLATE inflates ~1000×: refused before torch.load inflates it. The sizes declared by the central
