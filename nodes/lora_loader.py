@@ -15,6 +15,8 @@ from comfy_api.v0_0_2 import io, ui
 
 from tdm_core import lora as tdm_lora
 
+from . import inputs
+
 LOG = logging.getLogger("comfyui-tdm")
 
 STRENGTH_MODES = ["auto", "manual"]
@@ -181,8 +183,15 @@ class TDMLoraLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values):
+        return inputs.validate(cls, values)
+
+    @classmethod
     def fingerprint_inputs(cls, lora_name, **kwargs):
-        # A file replaced under the same name must be reloaded, not served from ComfyUI's output cache.
+        # A file replaced under the same name must be reloaded, not served from ComfyUI's output cache. A name that
+        # is not one of the listed files is never looked up on disk (execute refuses it).
+        if not isinstance(lora_name, str) or lora_name not in _lora_files():
+            return repr(lora_name)
         try:
             return _file_key(_lora_path(lora_name))
         except (OSError, FileNotFoundError):
@@ -190,6 +199,7 @@ class TDMLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength_mode="auto", strength=1.0, clip=None) -> io.NodeOutput:
+        inputs.check_inputs(cls, locals())
         lora = load_lora_cached(_lora_path(lora_name))
         application = apply_tdm_lora(model, clip, lora, None if strength_mode == "auto" else float(strength))
         return io.NodeOutput(application.model, application.clip, ui=ui.PreviewText(application.report()))

@@ -6,7 +6,10 @@
   POST /tdm/jobs/{job}/stop         stop after the current iteration (with a checkpoint)
   POST /tdm/jobs/{job}/resume       resume from the newest checkpoint; body {"iterations": N} optional
 
-Errors answer {"error": message} with 400 (bad request), 404 (no such job) or 409 (not possible in this state).
+Errors answer {"error": message} with 400 (bad request), 404 (no such job), 409 (not possible in this state), 413
+(a body over 64 KiB) or 507 (the job's record could not be written). Every value of a request is validated
+(tdm_core.validation, through the job manager); an unexpected failure answers 500 with its reason and never stops the
+server. Like ComfyUI's own routes these have no authentication: see the README's Security section.
 Websocket events (PromptServer.send_sync): tdm.job.progress {id, name, step, iterations, loss_fake, loss_gen,
 it_per_s, eta_s}, tdm.job.state (the job's record), tdm.job.saved {id, name, step, lora, snapshot}.
 """
@@ -16,10 +19,12 @@ from __future__ import annotations
 import io as _io
 import logging
 
-from tdm_core import jobs
+from tdm_core import jobs, validation
 
 LOG = logging.getLogger("comfyui-tdm")
 _registered = {"done": False}
+MAX_BODY = 64 * 1024  # a resume body is a few bytes; anything near this is not a client of this route
+RESUME_KEYS = ("iterations",)
 
 
 def register(get_manager) -> bool:
@@ -41,11 +46,29 @@ def register(get_manager) -> bool:
         status = getattr(error, "status", 400)
         return web.json_response({"error": str(error)}, status=status)
 
+    def guarded(handler):
+        """A route whose unexpected failures answer 500 with the reason (and a log line) instead of an HTML page."""
+        import functools
+
+        @functools.wraps(handler)
+        async def wrapper(request):
+            try:
+                return await handler(request)
+            except jobs.JobError as error:
+                return error_response(error)
+            except Exception as error:  # noqa: BLE001 - one bad request never takes the others down
+                LOG.exception("TDM route %s failed", request.path)
+                return web.json_response({"error": f"{type(error).__name__}: {str(error)[:300]}"}, status=500)
+
+        return wrapper
+
     @routes.get("/tdm/jobs")
+    @guarded
     async def list_jobs(request):
         return web.json_response({"jobs": [r.to_dict(history=False) for r in get_manager().list()]})
 
     @routes.get("/tdm/jobs/{job}")
+    @guarded
     async def job_status(request):
         try:
             record = get_manager().get(request.match_info["job"])
@@ -54,6 +77,7 @@ def register(get_manager) -> bool:
         return web.json_response(record.to_dict())
 
     @routes.get("/tdm/jobs/{job}/preview.png")
+    @guarded
     async def job_preview(request):
         manager = get_manager()
         try:
@@ -70,6 +94,7 @@ def register(get_manager) -> bool:
         return web.Response(body=buffer.getvalue(), content_type="image/png")
 
     @routes.post("/tdm/jobs/{job}/stop")
+    @guarded
     async def stop_job(request):
         try:
             # off the event loop: stopping a queued job moves its teacher copy to the CPU
@@ -79,20 +104,30 @@ def register(get_manager) -> bool:
         return web.json_response(record.to_dict(history=False))
 
     @routes.post("/tdm/jobs/{job}/resume")
+    @guarded
     async def resume_job(request):
         body = {}
         if request.can_read_body:
+            if request.content_length is not None and request.content_length > MAX_BODY:
+                return web.json_response({"error": f"the body is {request.content_length} bytes; a resume body is "
+                                                   "JSON like {\"iterations\": 1000}"}, status=413)
+            raw = await request.content.read(MAX_BODY + 1)
+            if len(raw) > MAX_BODY:
+                return web.json_response({"error": f"the body is over {MAX_BODY} bytes; a resume body is JSON like "
+                                                   "{\"iterations\": 1000}"}, status=413)
             try:
-                body = await request.json()
-            except ValueError:
-                return web.json_response({"error": "the body must be JSON, e.g. {\"iterations\": 1000}"}, status=400)
-        iterations = body.get("iterations") if isinstance(body, dict) else None
-        try:
-            if iterations is not None:
-                iterations = int(iterations)
-            record = await _in_thread(get_manager().resume, request.match_info["job"], iterations=iterations)
-        except (jobs.JobError, ValueError, TypeError) as error:
-            return error_response(error)
+                body = validation.json_object(validation.loads_json(raw, "the body", max_bytes=MAX_BODY,
+                                                                    max_depth=4), "the body") if raw.strip() else {}
+                unknown = sorted(set(body) - set(RESUME_KEYS))
+                if unknown:
+                    raise validation.ValidationError(f"the body has unknown keys {unknown[:5]}; only "
+                                                     f"{', '.join(RESUME_KEYS)} is accepted")
+            except validation.ValidationError as error:
+                return web.json_response({"error": f"{error}; send JSON like {{\"iterations\": 1000}}"},
+                                         status=400)
+        # iterations is validated (whole, finite, 1 ≤ n ≤ MAX_ITERATIONS) by the manager, like every other caller's
+        record = await _in_thread(get_manager().resume, request.match_info["job"],
+                                  iterations=body.get("iterations"))
         return web.json_response(record.to_dict(history=False))
 
     _registered["done"] = True

@@ -33,6 +33,8 @@ from comfy_api.v0_0_2 import io
 
 from tdm_core import presets, schedules, solvers
 
+from . import inputs
+
 PARAMETRISATION_LABELS = {"flow": "rectified flow", "eps": "ε-prediction", "v": "v-prediction"}
 SOLVER_CHOICES = ["auto", "dpmpp_2m", "ddim"]
 # Preset solver names → the node's solver (the same algorithm; the state space comes from the model).
@@ -274,7 +276,12 @@ class TDMSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values):
+        return inputs.validate(cls, values)
+
+    @classmethod
     def execute(cls, solver, gamma, model_timesteps, initial_noise) -> io.NodeOutput:
+        inputs.check_inputs(cls, locals())
         return io.NodeOutput(tdm_sampler(solver, gamma, model_timesteps, initial_noise))
 
 
@@ -311,7 +318,12 @@ class TDMScheduler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values):
+        return inputs.validate(cls, values)
+
+    @classmethod
     def execute(cls, model, preset, steps, shift, grid, custom_timesteps, demo_total_steps) -> io.NodeOutput:
+        inputs.check_inputs(cls, locals())
         return io.NodeOutput(tdm_sigmas(model, preset, steps, shift, grid, custom_timesteps, demo_total_steps))
 
 
@@ -339,7 +351,12 @@ class TDMKSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values):
+        return inputs.validate(cls, values)
+
+    @classmethod
     def execute(cls, model, positive, latent_image, preset, steps, seed) -> io.NodeOutput:
+        inputs.check_inputs(cls, locals())
         recipe = presets.get_preset(preset)
         sigmas = tdm_sigmas(model, preset, steps)
         sampler = tdm_sampler(recipe.solver, 0.0, recipe.model_timesteps, recipe.initial_noise)

@@ -25,7 +25,7 @@ from comfy_api.v0_0_2 import io, ui
 from tdm_core import jobs, presets, schedules
 from tdm_core.distill import ConfigError, DistillConfig
 
-from . import comfy_backend
+from . import comfy_backend, inputs
 
 LOG = logging.getLogger("comfyui-tdm")
 
@@ -185,6 +185,15 @@ def build_runtime(model, clip, settings: dict, prompts: list[str]):
     return runtime, teacher, grid
 
 
+def _recorded_prompts(settings: dict, record: jobs.JobRecord) -> list[str]:
+    prompts = settings.get("prompt_list")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts) or sum(
+            len(p) for p in prompts) > inputs.MAX_TEXT:
+        raise ValueError(f"the record of TDM job {record.id} '{record.name}' holds no valid prompt list; start a new "
+                         "job under another output name")
+    return list(prompts)
+
+
 def start_job(model, clip, values: dict) -> jobs.JobRecord:
     """Everything the start node does (see the module docstring); raises ValueError with the reason to refuse."""
     manager = get_manager()
@@ -201,7 +210,13 @@ def start_job(model, clip, values: dict) -> jobs.JobRecord:
         settings = dict(existing.settings, iterations=values["iterations"])
         # Memory options may change on resume (the usual fix after running out of memory).
         settings.update({k: values[k] for k in ("gradient_checkpointing", "dtype", "offload")})
-        prompts = list(settings["prompt_list"])
+        prompts = _recorded_prompts(settings, existing)
+        # An input added to the node after the job started takes the workflow's value.
+        for key, value in values.items():
+            if key not in ("prompts", "prompts_file"):
+                settings.setdefault(key, value)
+        # The settings come from job.json on disk: checked by the same rules as the node's own inputs.
+        inputs.check_inputs(TDMDistillStart, settings)
     else:
         prompts = read_prompts(values["prompts"], values["prompts_file"])
         settings = _settings_from_inputs(values, prompts)
@@ -380,7 +395,12 @@ class TDMDistillStart(io.ComfyNode):
         return f"{record.id}:{record.state}:{record.checkpoint_step}"
 
     @classmethod
+    def validate_inputs(cls, **values):
+        return inputs.validate(cls, values)
+
+    @classmethod
     def execute(cls, model, clip, **values) -> io.NodeOutput:
+        inputs.check_inputs(cls, values)
         try:
             record = start_job(model, clip, values)
         except jobs.JobError as error:
@@ -419,7 +439,12 @@ class TDMDistillStatus(io.ComfyNode):
         return float("nan")  # always re-run: the job moves on between prompts
 
     @classmethod
+    def validate_inputs(cls, **values):
+        return inputs.validate(cls, values)
+
+    @classmethod
     def execute(cls, job, wait=False) -> io.NodeOutput:
+        inputs.check_inputs(cls, locals())
         manager = get_manager()
         try:
             record = manager.get(job.strip())
@@ -456,7 +481,12 @@ class TDMDistillStop(io.ComfyNode):
         return float("nan")
 
     @classmethod
+    def validate_inputs(cls, **values):
+        return inputs.validate(cls, values)
+
+    @classmethod
     def execute(cls, job, wait=True) -> io.NodeOutput:
+        inputs.check_inputs(cls, locals())
         manager = get_manager()
         try:
             record = manager.stop(job.strip())

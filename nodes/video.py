@@ -14,8 +14,10 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from tdm_core import cogvideox as video_core  # not `cogvideox`: that is the sampler's input name
-from tdm_core import schedules
+from tdm_core import schedules, validation
 from tdm_core.presets import get_preset
+
+from . import inputs
 
 CogVideoXPipe = io.Custom("TDM_COGVIDEOX")
 
@@ -42,9 +44,18 @@ def cogvideox_folders() -> list[str]:
 
 
 def _resolve_folder(name: str) -> str:
+    """The listed CogVideoX folder `name`, under the models/diffusers root that holds it. Only a listed name is
+    accepted (ComfyUI does not check V3 combo values): `../../input/x` would load and run a model a client
+    uploaded. The list is what the user put in models/diffusers, links they placed included."""
+    try:
+        validation.lexical_relative(name, "TDM CogVideoX Loader: model_folder")
+        validation.one_of(name, cogvideox_folders(), "TDM CogVideoX Loader: model_folder")
+    except validation.ValidationError as error:
+        raise video_core.CogVideoXError(f"{error}. Put CogVideoX diffusers folders in models/diffusers.") from None
     for root in folder_paths.get_folder_paths("diffusers"):
-        candidate = os.path.join(root, name)
-        if os.path.isdir(candidate):
+        candidate = os.path.normpath(os.path.join(root, name))
+        inside = os.path.commonpath([os.path.normpath(root), candidate]) == os.path.normpath(root)
+        if inside and os.path.isdir(candidate):
             return candidate
     raise video_core.CogVideoXError(f"no folder '{name}' under models/diffusers")
 
@@ -82,7 +93,12 @@ class TDMCogVideoXLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, **values):
+        return inputs.validate(cls, values)
+
+    @classmethod
     def execute(cls, model_folder, dtype, lora_name, lora_strength, vae_tiling, vae_slicing, offload) -> io.NodeOutput:
+        inputs.check_inputs(cls, locals())
         path = _resolve_folder(model_folder)
         lora_path = None if lora_name == NO_LORA else folder_paths.get_full_path_or_raise("loras", lora_name)
         options = video_core.LoadOptions(dtype=dtype, lora_path=lora_path, lora_strength=lora_strength,
@@ -130,7 +146,11 @@ class TDMCogVideoXSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, frames, **_):
+    def validate_inputs(cls, frames, **values):
+        # this signature makes ComfyUI skip its own min/max checks for every input: inputs.validate does them
+        checked = inputs.validate(cls, dict(values, frames=frames))
+        if checked is not True:
+            return checked
         try:
             video_core.check_frame_count(frames)
         except video_core.CogVideoXError as error:
@@ -140,6 +160,7 @@ class TDMCogVideoXSampler(io.ComfyNode):
     @classmethod
     def execute(cls, cogvideox, prompt, negative_prompt, frames, width, height, grid, steps, custom_timesteps,
                 cfg, seed) -> io.NodeOutput:
+        inputs.check_inputs(cls, locals())
         pipe = cogvideox
         timesteps = video_core.sampling_timesteps(grid, steps, custom_timesteps)
         progress = comfy.utils.ProgressBar(len(timesteps))

@@ -21,8 +21,11 @@ def loader(pack):
 
 @pytest.fixture
 def loras_dir(tmp_path, monkeypatch, loader):
-    """models/loras for direct node calls: the node resolves names through `_lora_path`."""
+    """models/loras for direct node calls: the node lists files through `_lora_files` (it refuses any other name)
+    and resolves them through `_lora_path`."""
     monkeypatch.setattr(loader, "_lora_path", lambda name: str(tmp_path / name))
+    monkeypatch.setattr(loader, "_lora_files", lambda: sorted(p.relative_to(tmp_path).as_posix()
+                                                               for p in tmp_path.rglob("*")))
     loader._last_lora.update(key=None, lora=None)
     return tmp_path
 

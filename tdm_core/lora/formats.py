@@ -20,13 +20,13 @@ Formats (docs/tdm_method.md §4):
 from __future__ import annotations
 
 import collections
-import json
 import math
 import re
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import validation
 from .files import LoraFileError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,15 +163,16 @@ class LoraFile:
     @property
     def target_modules(self) -> list[str]:
         """The distinct module kinds patched (last path parts, e.g. `attn.to_q`, `ff.net.0.proj`)."""
-        return sorted({_BLOCK_PATH.sub("", m.name) for m in self.modules.values()})
+        return sorted({module_kind(m.name) for m in self.modules.values()})
 
     @property
     def recorded_strength(self) -> float | None:
         value = self.metadata.get(TDM_METADATA_STRENGTH)
         try:
-            return float(value) if value is not None else None
-        except ValueError:
-            return None
+            return validation.number_text(value, TDM_METADATA_STRENGTH, lo=-MAX_STRENGTH,
+                                          hi=MAX_STRENGTH) if value is not None else None
+        except validation.ValidationError:
+            return None  # parse_lora refuses such a file; a LoraFile built by hand just has no recorded strength
 
     @property
     def recorded_preset(self) -> str | None:
@@ -187,7 +188,18 @@ class LoraFile:
         )
 
 
-_BLOCK_PATH = re.compile(r"^.*(?:blocks|block|layers|attentions|resnets|samplers)\.\d+\.")
+_BLOCK_WORDS = ("blocks", "block", "layers", "attentions", "resnets", "samplers")
+
+
+def module_kind(name: str) -> str:
+    """The module path after its last `<...blocks|layers|...>.<index>.` (`transformer_blocks.3.attn.to_q` ->
+    `attn.to_q`). A split and one backwards pass: linear in the name (a `^.*(...)\\.\\d+\\.` regex backtracks
+    quadratically on a long crafted name from a file)."""
+    parts = name.split(".")
+    for index in range(len(parts) - 2, 0, -1):
+        if parts[index].isdigit() and parts[index].isascii() and parts[index - 1].endswith(_BLOCK_WORDS):
+            return ".".join(parts[index + 1:])
+    return name
 
 # Metadata a TDM-trained LoRA records in its safetensors header (written by `tdm_metadata`).
 TDM_METADATA_PRESET = "tdm.preset"
@@ -341,17 +353,18 @@ def _comfy_key(component: str, name: str) -> str:
     return f"{component}.{name}"
 
 
-def _diffusers_lora_config(metadata: dict, component: str) -> dict:
-    """The LoraConfig arguments diffusers stored in the header for this component (empty if none)."""
+def _diffusers_lora_config(metadata: dict, component: str, file_name: str) -> dict:
+    """The LoraConfig arguments diffusers stored in the header for this component (empty if none). The entry comes
+    from the file: parsed with bounded depth, and refused (naming the file) when it is not a JSON object."""
     raw = metadata.get(DIFFUSERS_METADATA_KEY)
     if not raw:
         return {}
     try:
-        config = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
-    if not isinstance(config, dict):
-        return {}
+        config = validation.json_object(validation.loads_json(raw, f"its {DIFFUSERS_METADATA_KEY} header entry"),
+                                        f"its {DIFFUSERS_METADATA_KEY} header entry")
+    except validation.ValidationError as error:
+        raise LoraFileError(f"'{file_name}' is corrupt: {error}. Re-download the file, or remove that header "
+                            "entry.") from None
     prefixed = {k[len(component) + 1 :]: v for k, v in config.items() if k.startswith(component + ".")}
     if prefixed:
         return prefixed
@@ -360,33 +373,117 @@ def _diffusers_lora_config(metadata: dict, component: str) -> dict:
     return config
 
 
-def _pattern_value(patterns: dict, name: str):
-    """peft's rule (`peft.utils.other.get_pattern_key`): a pattern matches a module path that ends with it."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern.lstrip('^')})$", name) or pattern.lstrip("^") == name:
+# Characters that make a pattern key a regular expression rather than a module name. peft matches pattern keys as
+# regexes (`re.match(rf"(.*\.)?({key})$", module)`); a regex from a file, run against names from the same file, can
+# take exponential time (`(x+)+y`). TDM never runs a file's regex: keys are module names, matched by the linear rule
+# below, and a key that still holds one of these characters is an error (not ignored: ignoring it would apply the
+# wrong alpha silently and give a wrong image).
+_REGEX_CHARACTERS = frozenset("\\^$*+?{}[]|()")
+
+
+def _pattern_name(key: str, file_name: str, entry: str) -> tuple[str, bool]:
+    """(module name, exact-only) of a pattern key. The spellings writers use for a literal name are accepted: a
+    leading `^` (peft then only matches the whole name), a trailing `$`, and `\\.` for a dot (`re.escape` output)."""
+    exact = key.startswith("^")
+    name = key[1:] if exact else key
+    if name.endswith("$") and not name.endswith("\\$"):
+        name = name[:-1]
+    name = name.replace("\\.", ".").replace("\\_", "_").replace("\\-", "-")
+    if not name or any(char in _REGEX_CHARACTERS for char in name):
+        raise LoraFileError(
+            f"'{file_name}': its {DIFFUSERS_METADATA_KEY} {entry} key {key[:120]!r} is a regular expression. TDM "
+            "reads pattern keys as module names only (a regular expression from a file can take hours to match); "
+            "re-save the LoRA with module names as keys (peft does when it saves).")
+    return name, exact
+
+
+def _pattern_value(patterns, name: str, file_name: str = "<state dict>", entry: str = "alpha_pattern"):
+    """peft's rule (`peft.utils.other.get_pattern_key`, 0.21) for literal keys, in linear time: the first key that
+    equals the module path, or that the path ends with after a '.', wins (a `^`-anchored key: the whole path only).
+    For every key that is a module name this is exactly what peft's regex match gives."""
+    if not patterns:
+        return None
+    if not isinstance(patterns, dict):
+        raise LoraFileError(f"'{file_name}': its {DIFFUSERS_METADATA_KEY} {entry} must be a JSON object of module "
+                            "names to numbers; re-save the LoRA.")
+    for key, value in patterns.items():
+        module, exact = _pattern_name(key, file_name, entry)
+        if name == module or (not exact and name.endswith("." + module)):
             return value
     return None
 
 
-def _metadata_alpha(metadata: dict, component: str, name: str, fmt: str):
-    config = _diffusers_lora_config(metadata, component)
+def _metadata_alpha(metadata: dict, component: str, name: str, fmt: str, file_name: str):
+    config = _diffusers_lora_config(metadata, component, file_name)
     if config:
-        value = _pattern_value(config.get("alpha_pattern"), name)
+        for entry in ("rank_pattern", "alpha_pattern"):
+            _pattern_value(config.get(entry), "", file_name, entry)  # every key checked, matched or not
+        value = _pattern_value(config.get("alpha_pattern"), name, file_name)
         if value is None:
             value = config.get("lora_alpha")
         if value is not None:
-            return float(value), bool(config.get("use_rslora", False))
+            return _finite_alpha(value, file_name, f"{DIFFUSERS_METADATA_KEY} alpha of {name}"), bool(
+                config.get("use_rslora", False))
     if fmt == "kohya" and metadata.get("ss_network_alpha"):
-        try:
-            return float(metadata["ss_network_alpha"]), False
-        except ValueError:
-            pass
+        return _finite_alpha(metadata["ss_network_alpha"], file_name, "header entry ss_network_alpha"), False
     return None, False
+
+
+MAX_ALPHA = 1e6  # far above any real LoRA's alpha (≤ a few thousand); a larger one only makes a broken image
+
+
+def _finite_alpha(value, file_name: str, what: str) -> float:
+    try:
+        if isinstance(value, str):
+            return validation.number_text(value, what, lo=-MAX_ALPHA, hi=MAX_ALPHA)
+        return validation.number(value, what, lo=-MAX_ALPHA, hi=MAX_ALPHA)
+    except validation.ValidationError as error:
+        raise LoraFileError(f"'{file_name}': {error}; the file is damaged: re-download it.") from None
+
+
+def _check_factors(file_name: str, module_name: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    if down.ndim < 2 or up.ndim < 2 or up.shape[1] != down.shape[0]:
+        raise LoraFileError(
+            f"'{file_name}': module {module_name} has inconsistent LoRA factors (down {tuple(down.shape)}, "
+            f"up {tuple(up.shape)}); the file is corrupt."
+        )
+    if down.numel() == 0 or up.numel() == 0:
+        raise LoraFileError(f"'{file_name}': module {module_name} has empty LoRA factors (down {tuple(down.shape)}, "
+                            f"up {tuple(up.shape)}: rank or size 0); the file is corrupt: re-download it.")
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise LoraFileError(f"'{file_name}': module {module_name} has {down.dtype}/{up.dtype} factors, not floating "
+                            "point; the file is not a LoRA.")
+    bad = [role for role, tensor in (("down", down), ("up", up)) if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise LoraFileError(f"'{file_name}': module {module_name} has NaN or infinite values in its {' and '.join(bad)} "
+                            "factor; it would turn every image into NaN. The LoRA is broken (a diverged training "
+                            "run): use an earlier snapshot or re-download it.")
+
+
+MAX_STRENGTH = 100.0
+MAX_KEY_LENGTH = 1024
+
+
+def _check_tdm_metadata(metadata: dict, file_name: str) -> None:
+    """The strength a TDM-trained LoRA records is applied as it is in auto mode: it must be a finite number."""
+    value = metadata.get(TDM_METADATA_STRENGTH)
+    if value is None:
+        return
+    try:
+        validation.number_text(value, f"its header entry {TDM_METADATA_STRENGTH}", lo=-MAX_STRENGTH, hi=MAX_STRENGTH)
+    except validation.ValidationError as error:
+        raise LoraFileError(f"'{file_name}': {error}. Use strength_mode manual, or remove or fix that header "
+                            "entry.") from None
 
 
 def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict | None = None, name: str = "<state dict>") -> LoraFile:
     """Groups a LoRA state dict into modules. Raises LoraFileError if the file holds no LoRA weights at all."""
     metadata = dict(metadata or {})
+    _check_tdm_metadata(metadata, name)
+    long_keys = [key for key in tensors if len(key) > MAX_KEY_LENGTH]
+    if long_keys:
+        raise LoraFileError(f"'{name}' has a tensor name of {len(long_keys[0])} characters (at most {MAX_KEY_LENGTH}: "
+                            "real module paths are under 200); the file is damaged or crafted.")
     roots: dict[str, dict] = {}
     unrecognised = []
     for key, tensor in tensors.items():
@@ -408,17 +505,16 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict | None = None, n
             continue
         component, module_name, comfy_key, fmt = _locate(root, entry.get("format"))
         down, up = entry["down"], entry["up"]
-        if down.ndim < 2 or up.ndim < 2 or up.shape[1] != down.shape[0]:
-            raise LoraFileError(
-                f"'{name}': module {module_name} has inconsistent LoRA factors (down {tuple(down.shape)}, "
-                f"up {tuple(up.shape)}); the file is corrupt."
-            )
+        _check_factors(name, module_name, down, up)
         rank = int(down.shape[0])
         rslora = False
         if "alpha" in entry:
-            alpha = float(entry["alpha"].float().item())
+            if entry["alpha"].numel() != 1:
+                raise LoraFileError(f"'{name}': module {module_name} has an alpha of shape "
+                                    f"{tuple(entry['alpha'].shape)}, not a single number; the file is corrupt.")
+            alpha = _finite_alpha(float(entry["alpha"].float().item()), name, f"the alpha of module {module_name}")
         else:
-            alpha, rslora = _metadata_alpha(metadata, component, module_name, fmt)
+            alpha, rslora = _metadata_alpha(metadata, component, module_name, fmt, name)
         if alpha is None:
             scale = 1.0
         else:

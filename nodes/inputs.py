@@ -1,0 +1,61 @@
+"""Every widget value a prompt gives a TDM node is checked by the pack itself, against the node's own schema.
+
+ComfyUI 0.3.75 does not check V3 combo values against their options, and skips its min/max checks for every input of
+a node that defines `validate_inputs(**kwargs)`; a client can queue any JSON value for any widget. So each node checks
+its inputs twice, by the same rules (tdm_core.validation): in `validate_inputs`, so a bad prompt is refused before it
+runs, and at the top of `execute`, where values that arrive through links are known too. Combo options are read
+from a fresh schema, so file lists are current.
+
+File and folder combos (LoRA files, model folders, prompt files) are names of the user's own files: they must be one
+of the listed choices and must not be absolute or hold '..'. The lists are ComfyUI's own (they follow links the
+user placed in models/), and nothing a client can upload (input/, output/) is ever in a models/ listing.
+"""
+
+from __future__ import annotations
+
+from tdm_core import validation
+
+MAX_TEXT = 1_000_000  # characters of a text widget (prompts): far above any real prompt list
+
+
+def check_inputs(node, values: dict, *, at_validation: bool = False) -> None:
+    """Raises ValueError naming the node and input for the first value that is not what the schema allows.
+
+    at_validation: ComfyUI passes None for inputs that come from a link before the graph runs; those are checked
+    at execution instead."""
+    schema = node.define_schema()
+    title = schema.display_name or schema.node_id
+    for spec in schema.inputs:
+        if spec.id not in values:
+            continue
+        value = values[spec.id]
+        if value is None and (at_validation or spec.optional):
+            continue
+        kind = str(spec.get_io_type())
+        what = f"{title}: input '{spec.id}'"
+        try:
+            if kind == "COMBO":
+                validation.one_of(value, spec.options or [], what)
+                if isinstance(value, str):
+                    validation.lexical_relative(value, what)
+            elif kind == "INT":
+                validation.number(value, what, lo=spec.min, hi=spec.max, integer=True)
+            elif kind == "FLOAT":
+                validation.number(value, what, lo=spec.min, hi=spec.max)
+            elif kind == "BOOLEAN":
+                if not isinstance(value, bool):
+                    raise validation.ValidationError(f"{what} must be true or false, got {type(value).__name__}")
+            elif kind == "STRING":
+                if not isinstance(value, str) or len(value) > MAX_TEXT:
+                    raise validation.ValidationError(f"{what} must be text of at most {MAX_TEXT} characters")
+        except validation.ValidationError as error:
+            raise ValueError(str(error)) from None
+
+
+def validate(node, values: dict):
+    """`validate_inputs` for a node: True, or the reason ComfyUI shows for the refused prompt."""
+    try:
+        check_inputs(node, values, at_validation=True)
+    except ValueError as error:
+        return str(error)
+    return True
