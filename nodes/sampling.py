@@ -230,6 +230,13 @@ def _native_cogvideox_setup(model, x, sigmas, model_sampling):
     vp = [math.sqrt(1.0 - float(table[t])) for t in timesteps] + [0.0]
     if ve[-1] != 0.0:
         raise ValueError("TDM on native CogVideoX samples down to σ = 0; use TDM Scheduler's sigmas (they end in 0)")
+    table_ve = schedules.ve_sigmas(table)
+    foreign = [s for s, t in zip(ve[:-1], timesteps, strict=True)
+               if math.isfinite(s) and abs(math.log(s) - math.log(float(table_ve[t]))) > 1e-4]
+    if foreign:
+        # e.g. BasicScheduler's sigmas come from the native model's own (shift-1) table: other timesteps entirely
+        raise ValueError(f"sigmas: {foreign[0]:.4g} is not a sigma of CogVideoX-2B's schedule, which TDM samples "
+                         "native CogVideoX on; connect TDM Scheduler (preset cogvideox) to the sampler's sigmas")
     noise, latent = getattr(model, "noise", None), getattr(model, "latent_image", None)
     if noise is None or getattr(noise, "is_nested", False) or noise.shape != x.shape:
         raise ValueError("TDM on native CogVideoX needs ComfyUI's noise for the start state (a plain latent, not "

@@ -185,6 +185,20 @@ def test_tdm_sampler_and_scheduler_on_the_trailing_grid_match_cogvideox_pipeline
     assert error <= PARITY_RTOL
 
 
+def test_sigmas_of_the_native_table_are_refused(twin, modules):
+    """ComfyUI's own schedulers give the native model's shift-1 sigmas: other timesteps than the 2B's; TDM says so
+    instead of sampling at the wrong noise levels."""
+    _, model = twin
+    _, sampling = modules
+    own = model.get_model_object("model_sampling").sigmas
+    sigmas = torch.cat([own[[999, 856, 665, 399]].float(), torch.zeros(1)])
+    guider = sampling._PositiveOnlyGuider(model)
+    guider.set_conds([[cogvideox_native.text_embedding(), {}]])
+    sampler = sampling.TDMSampler.execute("auto", 0.0, "integer", "unit").result[0]
+    with pytest.raises(ValueError, match=r"sigmas: .* not a sigma of CogVideoX-2B's schedule.*TDM Scheduler"):
+        guider.sample(_noise(), torch.zeros(COMFY_LATENT), sampler, sigmas, seed=SEED)
+
+
 def test_image_presets_and_other_cogvideox_models_are_refused(twin, modules):
     _, model = twin
     _, sampling = modules
