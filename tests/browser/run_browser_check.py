@@ -136,9 +136,11 @@ def main() -> int:
         settings = base / "user" / "default" / "comfy.settings.json"
         settings.parent.mkdir(parents=True, exist_ok=True)
         # Node text is drawn at every zoom (LOD off) so the fitted-view screenshots and thumbnails are readable.
+        # Frontend 1.49 shows a minimap by default; it would cover a corner of every thumbnail.
         settings.write_text(json.dumps({"Comfy.TutorialCompleted": True,
                                         "Comfy.Workflow.ShowMissingNodesWarning": True,
-                                        "LiteGraph.Canvas.MinFontSizeForLOD": 0}))
+                                        "LiteGraph.Canvas.MinFontSizeForLOD": 0,
+                                        "Comfy.Minimap.Visible": False}))
         control = Path(tmp) / f"{files[0].stem}__unknown_node.json"
         control.write_text(json.dumps(make_control(json.loads(files[0].read_text()))))
 
