@@ -16,6 +16,13 @@ The maths lives in tdm_core; this module adapts it to ComfyUI's sampling:
   ComfyUI scales it by σ_0 on flow models (σ_0 = 0.99983 for SD3 at shift 6), and by σ_0 on VP models whenever
   σ_0 < σ_max (e.g. the training demo's grid from t = 899). Non-empty latents (img2img) keep ComfyUI's forward
   process, which is also diffusers' img2img convention.
+- **Native CogVideoX** (newer ComfyUI: `model_base.CogVideoX`, model sampling `V_PREDICTION_DDPM`). Its
+  `calculate_input` hands the state to the network unscaled, and the network was trained on the VP state
+  x = sqrt(ᾱ) x0 + sqrt(1 − ᾱ) ε, so the solver runs in "vp" space (the VE state would be x·sqrt(1 + σ²), ~4500×
+  too large at t = 999). Its ᾱ table is CogVideoX's schedule with SNR shift 1 (the 5B's), while CogVideoX-2B — the
+  only model with a TDM LoRA — was trained with shift 3 (diffusers' 2B scheduler config, `snr_shift_scale` 3.0): the
+  SIGMAS are the 2B's (`schedules.cogvideox_alphas_cumprod`, σ = ∞ at t = 999 where ᾱ = 0), the network is given the
+  trained integer timestep (through its own table's σ for it) and x̂0 is formed on the 2B's schedule.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from comfy_api.v0_0_2 import io
 from tdm_core import presets, schedules, solvers
 
 from . import inputs
+from .lora_loader import native_cogvideox_variant
 
 PARAMETRISATION_LABELS = {"flow": "rectified flow", "eps": "ε-prediction", "v": "v-prediction"}
 SOLVER_CHOICES = ["auto", "dpmpp_2m", "ddim"]
@@ -46,9 +54,18 @@ GRID_CHOICES = ["preset", *schedules.GRIDS]
 # Reading the MODEL
 
 
+def is_native_vp_model(model_sampling) -> bool:
+    """Newer ComfyUI's V_PREDICTION_DDPM (native CogVideoX): v-prediction on the unscaled VP state. Feature-detected:
+    ComfyUI 0.3.75 has no such class."""
+    raw_vp = getattr(comfy.model_sampling, "V_PREDICTION_DDPM", None)
+    return raw_vp is not None and isinstance(model_sampling, raw_vp)
+
+
 def model_parametrisation(model_sampling) -> str:
     if isinstance(model_sampling, comfy.model_sampling.CONST):
         return "flow"
+    if is_native_vp_model(model_sampling):
+        return "v"
     if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
         return "v"
     if isinstance(model_sampling, comfy.model_sampling.EPS):
@@ -57,6 +74,8 @@ def model_parametrisation(model_sampling) -> str:
 
 
 def state_space(model_sampling) -> str:
+    if is_native_vp_model(model_sampling):
+        return "vp"  # see the module docstring: the network takes the VP state as it is
     return "flow" if model_parametrisation(model_sampling) == "flow" else "ve"
 
 
@@ -70,14 +89,21 @@ def describe_model(model) -> str:
 def check_preset_fits(preset: presets.ModelPreset, model) -> None:
     """A preset made for another kind of model gives noise, not an image: refuse it with both names."""
     parametrisation = model_parametrisation(model.get_model_object("model_sampling"))
-    config = getattr(model.model, "model_config", None)
-    config_name = type(config).__name__.lower() if config is not None else ""
-    fits = parametrisation == preset.parametrisation
-    if preset.family == "cogvideox" and "cogvideo" not in config_name:
-        fits = False
+    cogvideox = native_cogvideox_variant(model)
+    if preset.family == "cogvideox" and cogvideox == "cogvideox_other":
+        raise ValueError(
+            f"TDM preset {preset.name!r} is for CogVideoX-2B (text-to-video); this MODEL is {describe_model(model)}, "
+            "a CogVideoX 5B, 1.5 or image-to-video model (or a 2B file without `patch_embed.pos_embedding`, which "
+            "ComfyUI reads as rotary positions), and no TDM LoRA was released for those. Load CogVideoX-2B with its "
+            "position table and the TDM_CogVideoX-2B LoRA, or sample this model with ComfyUI's own samplers."
+        )
+    # The CogVideoX recipe needs the 2B's schedule and layout: only a native CogVideoX-2B MODEL fits it (the
+    # diffusers-backed TDM CogVideoX nodes handle diffusers folders), and no image preset fits a CogVideoX.
+    fits = parametrisation == preset.parametrisation and (preset.family == "cogvideox") == (cogvideox is not None)
     if fits:
         return
-    suitable = [p.name for p in presets.presets_for_parametrisation(parametrisation) if p.family != "cogvideox"]
+    suitable = [p.name for p in presets.presets_for_parametrisation(parametrisation)
+                if (p.family == "cogvideox") == (cogvideox == "cogvideox")]
     hint = f"use preset {' or '.join(repr(n) for n in suitable)}" if suitable else "no TDM preset exists for it"
     raise ValueError(
         f"TDM preset {preset.name!r} ({preset.display_name}, {PARAMETRISATION_LABELS[preset.parametrisation]}) does "
@@ -120,6 +146,10 @@ def tdm_sigmas(model, preset_name: str, steps: int, shift: float = 0.0, grid: st
     if flow:
         multiplier = _flow_multiplier(model_sampling)
         return schedules.flow_sigmas_float32([t / multiplier for t in timesteps] + [0.0], timesteps, multiplier)
+    if preset.family == "cogvideox":
+        # The 2B's own schedule, not the native model's table (SNR shift 1): see the module docstring.
+        table = schedules.cogvideox_alphas_cumprod()
+        return torch.tensor(schedules.ve_sigmas_for_timesteps(table, timesteps), dtype=torch.float32)
     index = torch.tensor(timesteps, dtype=torch.long)
     table = getattr(model_sampling, "sigmas", None)
     if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and table is not None:
@@ -158,6 +188,66 @@ class _IntegerTimestepDenoiser:
             return self.model(x, sigma, **kwargs)
         denoised = self.model(x, torch.full_like(sigma, feed), **kwargs)
         return x - (value / feed) * (x - denoised)
+
+
+class _NativeCogVideoXDenoiser:
+    """Native CogVideoX in VP space on CogVideoX-2B's schedule (see the module docstring).
+
+    The solver works with VP sigmas σ_vp = sqrt(1 − ᾱ_t) of the 2B's table; for each, the network gets the VP state
+    as it is and the integer timestep t (ComfyUI derives t from σ, so it is given its own table's σ for t). ComfyUI
+    returns x̂0' = (x − σ' v̂)/sqrt(1 + σ'²) at that σ'; v̂ = (x − sqrt(1 + σ'²) x̂0')/σ', and the recipe's
+    x̂0 = sqrt(ᾱ_t) x − sqrt(1 − ᾱ_t) v̂ (= −v̂ at t = 999, where ᾱ = 0).
+    """
+
+    def __init__(self, model, model_sampling, vp_sigmas: list[float], timesteps: list[int],
+                 alphas_cumprod: torch.Tensor):
+        self.model = model
+        self.inner_model = model.inner_model
+        own_sigmas = model_sampling.sigmas.detach().cpu().double()
+        self.steps = {}
+        for sigma, timestep in zip(vp_sigmas[:-1], timesteps, strict=True):  # the final 0 is never evaluated
+            alpha_cumprod = float(alphas_cumprod[timestep])
+            self.steps[sigma] = (float(own_sigmas[timestep]), math.sqrt(alpha_cumprod), math.sqrt(1.0 - alpha_cumprod))
+
+    def __call__(self, x, sigma, **kwargs):
+        # The solver's σ reaches here in x's dtype (float32), the table keys are float64: take the nearest.
+        value = float(sigma.reshape(-1)[0])
+        feed, alpha, sigma_vp = self.steps[min(self.steps, key=lambda key: abs(key - value))]
+        denoised = self.model(x, torch.full_like(sigma, feed, dtype=torch.float32), **kwargs)
+        v = (x - math.sqrt(1.0 + feed * feed) * denoised) / feed
+        return alpha * x - sigma_vp * v
+
+
+def _native_cogvideox_setup(model, x, sigmas, model_sampling):
+    """The VP start state, VP sigmas and denoiser of native CogVideoX (see _NativeCogVideoXDenoiser).
+
+    `sigmas` are VE sigmas of the 2B's schedule (TDM Scheduler's), ∞ where ᾱ = 0. The start state is built from
+    ComfyUI's noise and latent directly — sqrt(ᾱ_0) latent + sqrt(1 − ᾱ_0) noise, pure noise from t = 999 — since
+    ComfyUI's own VE scaling of it is ∞ there.
+    """
+    table = schedules.cogvideox_alphas_cumprod()
+    ve = [float(s) for s in sigmas.tolist()]
+    timesteps = [schedules.timestep_of_ve_sigma(table, s) for s in ve[:-1]]
+    vp = [math.sqrt(1.0 - float(table[t])) for t in timesteps] + [0.0]
+    if ve[-1] != 0.0:
+        raise ValueError("TDM on native CogVideoX samples down to σ = 0; use TDM Scheduler's sigmas (they end in 0)")
+    table_ve = schedules.ve_sigmas(table)
+    foreign = [s for s, t in zip(ve[:-1], timesteps, strict=True)
+               if math.isfinite(s) and abs(math.log(s) - math.log(float(table_ve[t]))) > 1e-4]
+    if foreign:
+        # e.g. BasicScheduler's sigmas come from the native model's own (shift-1) table: other timesteps entirely
+        raise ValueError(f"sigmas: {foreign[0]:.4g} is not a sigma of CogVideoX-2B's schedule, which TDM samples "
+                         "native CogVideoX on; connect TDM Scheduler (preset cogvideox) to the sampler's sigmas")
+    noise, latent = getattr(model, "noise", None), getattr(model, "latent_image", None)
+    if noise is None or getattr(noise, "is_nested", False) or noise.shape != x.shape:
+        raise ValueError("TDM on native CogVideoX needs ComfyUI's noise for the start state (a plain latent, not "
+                         "a nested one)")
+    alpha0, sigma0 = math.sqrt(float(table[timesteps[0]])), vp[0]
+    start = noise.to(device=x.device, dtype=x.dtype) * sigma0
+    if latent is not None and alpha0 > 0.0:
+        start = start + alpha0 * latent.to(device=x.device, dtype=x.dtype)
+    denoiser = _NativeCogVideoXDenoiser(model, model_sampling, vp, timesteps, table)
+    return start, torch.tensor(vp, dtype=torch.float64), denoiser
 
 
 def _sigma_for_timestep(model_sampling, timestep: int, multiplier: float) -> float:
@@ -203,8 +293,11 @@ def sample_tdm(model, x, sigmas, extra_args=None, callback=None, disable=None, s
     name = resolve_solver(solver, model_sampling)
     if len(sigmas) <= 1:
         return x
-    x = _start_state(model, x, sigmas, space, initial_noise)
     denoiser = model
+    if space == "vp":
+        x, sigmas, denoiser = _native_cogvideox_setup(model, x, sigmas, model_sampling)
+    else:
+        x = _start_state(model, x, sigmas, space, initial_noise)
     if model_timesteps == "integer" and space == "flow":
         denoiser = _IntegerTimestepDenoiser(model, model_sampling, sigmas)
     options = {"space": space}
@@ -214,6 +307,9 @@ def sample_tdm(model, x, sigmas, extra_args=None, callback=None, disable=None, s
             multiplier = _flow_multiplier(model_sampling)
             options["timestep_of_sigma"] = lambda s: s * multiplier
             options["sigma_of_timestep"] = lambda t: t / multiplier
+        elif space == "vp":
+            if gamma > 0:
+                raise ValueError("gamma (TCD-style noise) is not available on native CogVideoX; set gamma to 0")
         else:
             options["timestep_of_sigma"] = lambda s: float(model_sampling.timestep(torch.tensor(s)))
             options["sigma_of_timestep"] = lambda t: float(model_sampling.sigma(torch.tensor(float(t))))

@@ -27,6 +27,13 @@ from tdm_core.distill import ConfigError, DistillConfig
 
 from . import comfy_backend, inputs
 
+# Outputs carry an explicit display name: ComfyUI 0.3.75 would label an unnamed output by its type ("STRING"),
+# newer versions by its id, and saved workflows must not depend on the version.
+# Every seed gets the frontend's "control after generate" widget (newer frontends add one to any INT named seed and
+# would shift a saved workflow's values otherwise). "fixed" by default where the API can say so (newer ComfyUI's
+# ControlAfterGenerate): re-queueing a distillation to refresh its status must not start a new job with a new seed.
+_SEED_CONTROL = getattr(getattr(io, "ControlAfterGenerate", None), "fixed", True)
+
 LOG = logging.getLogger("comfyui-tdm")
 
 CATEGORY = "training"
@@ -361,7 +368,7 @@ class TDMDistillStart(io.ComfyNode):
                              tooltip="Numbered LoRA snapshots and checkpoints kept (older ones are deleted)."),
                 io.Int.Input("preview_every", default=50, min=0, max=100_000,
                              tooltip="Sample the student every N steps for the status preview (0: never)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=_SEED_CONTROL,
                              tooltip="Seed of the adapters' initialisation and of every training draw: the same "
                                      "seed and settings give the same LoRA."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
@@ -378,7 +385,7 @@ class TDMDistillStart(io.ComfyNode):
                                        "on the CPU (slow; no VRAM). A waiting or stopped job parks its copy on "
                                        "the CPU."),
             ],
-            outputs=[io.String.Output("job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
+            outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
                                                         "/tdm/jobs HTTP routes.")],
         )
 
@@ -426,10 +433,10 @@ class TDMDistillStatus(io.ComfyNode):
                                          "either way)."),
             ],
             outputs=[
-                io.String.Output("status", tooltip="Progress text: state, step, losses, it/s, ETA, messages."),
-                io.Image.Output("loss_curve", tooltip="Fake-score and generator losses over the steps."),
-                io.Image.Output("preview", tooltip="The latest student samples (latent RGB preview)."),
-                io.String.Output("lora_name", tooltip="The newest LoRA file under models/loras (pick it in the TDM "
+                io.String.Output("status", display_name="status", tooltip="Progress text: state, step, losses, it/s, ETA, messages."),
+                io.Image.Output("loss_curve", display_name="loss_curve", tooltip="Fake-score and generator losses over the steps."),
+                io.Image.Output("preview", display_name="preview", tooltip="The latest student samples (latent RGB preview)."),
+                io.String.Output("lora_name", display_name="lora_name", tooltip="The newest LoRA file under models/loras (pick it in the TDM "
                                                       "LoRA Loader)."),
             ],
         )
@@ -473,7 +480,7 @@ class TDMDistillStop(io.ComfyNode):
                 io.Boolean.Input("wait", default=True, tooltip="Wait until the checkpoint is written before this "
                                                                "prompt continues."),
             ],
-            outputs=[io.String.Output("status", tooltip="The job's state after the request.")],
+            outputs=[io.String.Output("status", display_name="status", tooltip="The job's state after the request.")],
         )
 
     @classmethod

@@ -3,7 +3,8 @@
 # installed): a live ComfyUI serves its real frontend (comfyui-frontend-package), Debian's headless Chromium driven
 # by playwright-core loads every workflow, checks for the missing-nodes dialog, load alerts and uncreated nodes,
 # clicks Queue, and keeps screenshots in test-artifacts/browser/; workflows/<name>.jpg thumbnails are rewritten from
-# the loaded graphs. A copy of one workflow with an unknown node type must be flagged on every run.
+# the loaded graphs. A copy of one workflow with an unknown node type must be flagged on every run (a dialog in
+# frontend 1.32, a toast in 1.49). Runs against ComfyUI 0.3.75 and, where set-up unpacked it, upstream ComfyUI.
 #
 # Installs what is missing (idempotent): Debian's `chromium` (apt-get), playwright-core from npm into .browser/
 # (never a downloaded browser), the Python environment (scripts/setup.sh). Needs Node.js 20+.
@@ -44,9 +45,20 @@ fi
 
 bash scripts/setup.sh >/dev/null
 
-set +e
-TDM_CHROMIUM="$CHROMIUM" .venv/bin/python tests/browser/run_browser_check.py "$@"
-status=$?
-set -e
+# Both runtimes, as scripts/test.sh: ComfyUI 0.3.75 with frontend 1.32.9, then upstream with its own frontend (1.49.6)
+# where set-up unpacked it.
+runtimes=("$(realpath "${TDM_COMFYUI_DIR:-.comfyui}")")
+if [ -f .comfyui-upstream/ComfyUI/comfyui_version.py ]; then
+  upstream=$(realpath .comfyui-upstream/ComfyUI)
+  [ "$upstream" = "${runtimes[0]}" ] || runtimes+=("$upstream")
+fi
+status=0
+for tree in "${runtimes[@]}"; do
+  set +e
+  TDM_COMFYUI_DIR="$tree" TDM_CHROMIUM="$CHROMIUM" .venv/bin/python tests/browser/run_browser_check.py "$@"
+  run_status=$?
+  set -e
+  [ "$run_status" -eq 0 ] || status=1
+done
 echo "browser_check: took $(( $(date +%s) - start ))s ($("$CHROMIUM" --version 2>/dev/null | head -1), playwright-core $PLAYWRIGHT_CORE_VERSION)"
 exit "$status"

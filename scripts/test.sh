@@ -1,16 +1,42 @@
 #!/usr/bin/env bash
-# Sets up the environment (idempotent) and runs the full test suite against a real ComfyUI, plus ruff.
-# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k sampler`).
+# Sets up the environment (idempotent), runs ruff, then the full test suite against a real ComfyUI:
+#   1. ComfyUI 0.3.75 (.comfyui/, or your own checkout in TDM_COMFYUI_DIR),
+#   2. upstream ComfyUI (.comfyui-upstream/ComfyUI), where set-up unpacked the shared snapshot (developer machines
+#      and CI; a user's clone has none, and then only the first run happens).
+# Prints each run's ComfyUI version and pytest summary; fails if either run fails.
+# Extra arguments go to both pytest runs (e.g. `bash scripts/test.sh -k sampler`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
-set +e
-.venv/bin/python -m pytest "$@"
-status=$?
-set -e
-if [ "$status" -eq 5 ]; then
-  echo "test.sh: pytest collected no tests — treating as a failure" >&2
-  exit 1
+
+version_of() { sed -n 's/.*"\(.*\)".*/\1/p' "$1/comfyui_version.py"; }
+runtimes=("$(realpath "${TDM_COMFYUI_DIR:-.comfyui}")")
+if [ -f .comfyui-upstream/ComfyUI/comfyui_version.py ]; then
+  upstream=$(realpath .comfyui-upstream/ComfyUI)
+  [ "$upstream" = "${runtimes[0]}" ] || runtimes+=("$upstream")
 fi
-exit "$status"
+
+summaries=()
+failed=0
+for tree in "${runtimes[@]}"; do
+  label="ComfyUI $(version_of "$tree")"
+  echo "test.sh: $label ($tree)"
+  log=$(mktemp)
+  set +e
+  TDM_COMFYUI_DIR="$tree" .venv/bin/python -m pytest "$@" 2>&1 | tee "$log"
+  status=${PIPESTATUS[0]}
+  set -e
+  # pytest's last line is its summary ("N passed, M skipped in 312.4s"), with or without -q.
+  summary=$(grep -E " in [0-9.]+s" "$log" | tail -n 1 | sed 's/^=* *//; s/ *=*$//' || true)
+  rm -f "$log"
+  if [ "$status" -eq 5 ]; then
+    summary="collected no tests (treated as a failure)"
+    status=1
+  fi
+  [ "$status" -eq 0 ] || failed=1
+  summaries+=("$label: ${summary:-no summary} (exit $status)")
+done
+
+for line in "${summaries[@]}"; do echo "test.sh: $line"; done
+exit "$failed"

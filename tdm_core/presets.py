@@ -136,6 +136,18 @@ PRESETS: dict[str, ModelPreset] = {
             base_model_source="https://huggingface.co/THUDM/CogVideoX-2b",
             base_model_file="CogVideoX-2b",  # the whole diffusers repository, as a folder
             base_model_folder="diffusers",
+            # Newer ComfyUI (upstream, 2026) runs CogVideoX natively from its core loaders; the files it loads,
+            # by model folder: (file name, where it comes from). Its UNETLoader detects CogVideoX only by native
+            # keys (blocks.N.*), and detects the 2B's sin-cos positions only when the file carries
+            # patch_embed.pos_embedding (without it, it assumes the 5B's rotary positions).
+            extra={"native_files": {
+                "diffusion_models": ("cogvideox_2b.safetensors", "the CogVideoX-2b transformer "
+                                     "(https://huggingface.co/THUDM/CogVideoX-2b) in ComfyUI's native layout, with "
+                                     "patch_embed.pos_embedding"),
+                "text_encoders": ("t5xxl_fp16.safetensors",
+                                  "https://huggingface.co/comfyanonymous/flux_text_encoders"),
+                "vae": ("cogvideox_vae.safetensors", "https://huggingface.co/Comfy-Org/void-model (vae/)"),
+            }},
         ),
     )
 }

@@ -81,6 +81,22 @@ def ve_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 
+def timestep_of_ve_sigma(alphas_cumprod: torch.Tensor, sigma: float) -> int:
+    """The timestep whose VE σ is nearest to `sigma` in log σ (σ = ∞ is the timestep where ᾱ = 0)."""
+    table = ve_sigmas(alphas_cumprod)
+    sigma = float(sigma)
+    if math.isinf(sigma):
+        infinite = torch.nonzero(torch.isinf(table)).flatten()
+        if len(infinite) == 0:
+            raise ValueError("σ = ∞ needs a schedule with ᾱ = 0 (zero terminal SNR); this one has none")
+        return int(infinite[0])
+    if not sigma > 0.0:
+        raise ValueError(f"σ must be positive to have a timestep, got {sigma}")
+    distance = (table.log() - math.log(sigma)).abs()
+    distance[~torch.isfinite(table)] = math.inf
+    return int(distance.argmin())
+
+
 def vp_alpha_sigma(alpha_cumprod: float) -> tuple[float, float]:
     return math.sqrt(alpha_cumprod), math.sqrt(1.0 - alpha_cumprod)
 

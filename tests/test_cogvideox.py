@@ -201,7 +201,13 @@ def test_sampler_node_reports_progress_every_step_and_cancels(pack, folder, pipe
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
     try:
         frames, fps = video.TDMCogVideoXSampler.execute(**inputs).result
-        assert updates == [(1, 4), (2, 4), (3, 4), (4, 4)]
+        if hasattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL"):
+            # Newer ComfyUI's ProgressBar drops updates that come < 100 ms after the last one (tiny steps here do);
+            # the first and the final update always arrive, in order.
+            values = [value for value, _ in updates]
+            assert updates[0] == (1, 4) and updates[-1] == (4, 4) and values == sorted(set(values))
+        else:
+            assert updates == [(1, 4), (2, 4), (3, 4), (4, 4)]
         assert frames.shape == (GEOMETRY.num_frames, GEOMETRY.height, GEOMETRY.width, 3) and fps == 8.0
 
         calls = []

@@ -14,7 +14,7 @@ import torch
 from harness.server import ComfyServer, make_base_directory
 
 REPO = Path(__file__).resolve().parents[1]
-NOT_SHIPPED = (".git", ".venv", ".comfyui", ".browser", "test-artifacts", "demo-output", "__pycache__",
+NOT_SHIPPED = (".git", ".venv", ".comfyui", ".comfyui-upstream", ".browser", "test-artifacts", "demo-output", "__pycache__",
                ".pytest_cache", ".ruff_cache")
 
 

@@ -20,6 +20,8 @@ from .formats import (
     LoraFile,
     LoraModule,
     PeftAdapter,
+    cogvideox_diffusers_name,
+    cogvideox_native_lora_key_map,
     detect_family,
     families_compatible,
     family_group,
@@ -42,6 +44,7 @@ from .writing import save_peft_lora
 __all__ = [
     "DIFFUSERS_METADATA_KEY", "FAMILY_NAMES", "TDM_METADATA_FAMILY", "TDM_METADATA_PRESET", "TDM_METADATA_STRENGTH",
     "LoraFile", "LoraFileError", "LoraMismatchError", "LoraModule", "MatchResult", "PeftAdapter", "auto_strength",
+    "cogvideox_diffusers_name", "cogvideox_native_lora_key_map",
     "detect_family", "families_compatible", "family_group", "family_name", "kohya_name_to_path", "load_lora",
     "match_modules", "parse_lora", "read_lora_file", "save_peft_lora", "tdm_metadata", "to_comfy_state_dict",
     "to_peft", "write_safetensors",

@@ -41,6 +41,9 @@ FAMILY_NAMES = {
     "sd3": "SD3 MMDiT",
     "sd35": "SD3.5 MMDiT (dual attention)",
     "cogvideox": "CogVideoX transformer",
+    # Native CogVideoX of newer ComfyUI at 5B width, CogVideoX 1.5 (temporal patches) or image-to-video: no TDM LoRA
+    # was released for these.
+    "cogvideox_other": "CogVideoX 5B / 1.5 / image-to-video transformer (no released TDM LoRA)",
     "unknown": "unknown model",
 }
 
@@ -546,6 +549,8 @@ def detect_family(modules, metadata: dict | None = None) -> str:
     comfy_names = [n for c, n, _ in names if c == "diffusion_model"]
     diffusers_names = [n for c, n, _ in names if c != "diffusion_model"]
     # ComfyUI-native paths
+    if any(re.match(r"blocks\.\d+\.(q|k|v|attn_out|ff_proj|ff_out)$", n) for n in comfy_names):
+        return "cogvideox"  # newer ComfyUI's native CogVideoX
     if any(n.startswith("joint_blocks.") for n in comfy_names):
         return "sd35" if any(".x_block.attn2." in n for n in comfy_names) else "sd3"
     unet_names = [n for n in comfy_names if n.startswith(("input_blocks.", "middle_block.", "output_blocks."))]
@@ -602,6 +607,50 @@ def to_comfy_state_dict(lora) -> dict[str, torch.Tensor]:
         out[f"{module.comfy_key}.lora_down.weight"] = module.down
         out[f"{module.comfy_key}.alpha"] = torch.tensor(module.scale * module.rank, dtype=torch.float32)
     return out
+
+
+# Newer ComfyUI (2026) has a native CogVideoX (`comfy/ldm/cogvideo/model.py`) whose module names differ from
+# diffusers' `CogVideoXTransformer3DModel`, which the released TDM LoRA's peft keys name. Native name → diffusers name;
+# names not listed (patch_embed.proj, patch_embed.text_proj, norm_final, norm_out.linear, proj_out, blocks' norm1/2)
+# are the same apart from the block prefix.
+_COGVIDEOX_NATIVE_TO_DIFFUSERS = (
+    (r"blocks\.(\d+)\.q", r"transformer_blocks.\1.attn1.to_q"),
+    (r"blocks\.(\d+)\.k", r"transformer_blocks.\1.attn1.to_k"),
+    (r"blocks\.(\d+)\.v", r"transformer_blocks.\1.attn1.to_v"),
+    (r"blocks\.(\d+)\.attn_out", r"transformer_blocks.\1.attn1.to_out.0"),
+    (r"blocks\.(\d+)\.norm_([qk])", r"transformer_blocks.\1.attn1.norm_\2"),
+    (r"blocks\.(\d+)\.ff_proj", r"transformer_blocks.\1.ff.net.0.proj"),
+    (r"blocks\.(\d+)\.ff_out", r"transformer_blocks.\1.ff.net.2"),
+    (r"blocks\.(\d+)\.(norm[12]\.(?:linear|norm))", r"transformer_blocks.\1.\2"),
+    (r"time_embedding_linear_([12])", r"time_embedding.linear_\1"),
+    (r"ofs_embedding_linear_([12])", r"ofs_embedding.linear_\1"),
+    (r"(patch_embed\.proj|patch_embed\.text_proj|norm_final|norm_out\.linear|norm_out\.norm|proj_out)", r"\1"),
+)
+
+
+def cogvideox_diffusers_name(native_name: str) -> str | None:
+    """The diffusers module path of a native ComfyUI CogVideoX module path (None if it has no counterpart)."""
+    for pattern, replacement in _COGVIDEOX_NATIVE_TO_DIFFUSERS:
+        if re.fullmatch(pattern, native_name):
+            return re.sub(pattern, replacement, native_name)
+    return None
+
+
+def cogvideox_native_lora_key_map(native_weight_keys) -> dict[str, str]:
+    """LoRA key → weight key for a native CogVideoX model, in the diffusers/peft names the released TDM LoRA uses.
+
+    `native_weight_keys`: the model's state-dict keys (`diffusion_model.blocks.0.q.weight`, ...). ComfyUI's own key
+    map knows a native model only by its native names; this adds `transformer.<diffusers path>` for each weight, the
+    key `_comfy_key` gives a peft module (as ComfyUI maps SD3's diffusers names onto its MMDiT).
+    """
+    key_map = {}
+    for key in native_weight_keys:
+        if not (key.startswith("diffusion_model.") and key.endswith(".weight")):
+            continue
+        diffusers_name = cogvideox_diffusers_name(key[len("diffusion_model."):-len(".weight")])
+        if diffusers_name is not None:
+            key_map[_comfy_key("transformer", diffusers_name)] = key
+    return key_map
 
 
 @dataclass

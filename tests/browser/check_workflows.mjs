@@ -63,8 +63,12 @@ function inspectPage(expectedTypes) {
       .find((s) => el.classList.contains(`p-toast-message-${s}`)) ?? "unknown",
     text: el.innerText.replace(/\s+/g, " ").trim().slice(0, 300),
   }));
+  // Newer frontends (1.49) report missing node types in a notification of their own ("Missing node: <type>. This
+  // workflow uses a custom node that isn't installed."), not a PrimeVue toast: found by its text.
+  const missingNodesNotice = /\bmissing nodes?\b/i.test(document.body.innerText);
   return {
     toasts,
+    missingNodesNotice,
     dialogStoreFound: !!dialogStore,
     storeDialogs,
     domDialogs,
@@ -127,6 +131,8 @@ async function checkOne(page, file, { control, queue, out }) {
   result.jsonNodeCount = graph.nodes.length;
   result.missingNodesDialog =
     result.storeDialogs.includes("global-missing-nodes") || result.domDialogs.some((t) => /missing nodes/i.test(t));
+  // Newer frontends (1.49) report missing node types in a notification instead of a dialog.
+  result.missingNodesToast = result.missingNodesNotice && !result.missingNodesDialog;
   result.anyDialog = result.storeDialogs.length > 0 || result.domDialogs.length > 0;
   // The page as the user sees it right after loading (any dialog or alert included).
   result.screenshot = path.join(out, `${name}.png`);
@@ -184,6 +190,7 @@ async function checkOne(page, file, { control, queue, out }) {
     await closeDialogs(page);
   }
   log(`${name}: ${result.nodeCount} nodes, missing-nodes dialog=${result.missingNodesDialog}, ` +
+      `toast=${result.missingNodesToast}, toasts=${JSON.stringify(result.toasts).slice(0, 300)}, ` +
       `bad nodes=${result.badNodes.length}` + (result.queueStatus ? `, /api/prompt ${result.queueStatus}` : ""));
   return result;
 }

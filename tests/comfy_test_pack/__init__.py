@@ -12,9 +12,12 @@ _TESTS_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 if _TESTS_DIR not in sys.path:
     sys.path.append(_TESTS_DIR)
 
-from harness import twins  # noqa: E402
+from harness import cogvideox_native, twins  # noqa: E402
 
 FAMILIES = ["sd15", "sd3", "sd35"]
+# Conditioning, CLIP and VAE also stand in for newer ComfyUI's native CogVideoX-2B (its MODEL comes from a real tiny
+# file through UNETLoader); only usable where that ComfyUI has native CogVideoX.
+TEXT_AND_VAE_FAMILIES = [*FAMILIES, "cogvideox"]
 
 
 class TDMTestTinyModel:
@@ -25,7 +28,7 @@ class TDMTestTinyModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (FAMILIES,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+        return {"required": {"family": (FAMILIES,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31, "control_after_generate": True})}}
 
     def build(self, family, seed):
         return (twins.comfy_twin(family, seed).comfy,)
@@ -39,9 +42,12 @@ class TDMTestTinyConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (FAMILIES,), "text": ("STRING", {"multiline": True, "default": ""})}}
+        return {"required": {"family": (TEXT_AND_VAE_FAMILIES,),
+                             "text": ("STRING", {"multiline": True, "default": ""})}}
 
     def encode(self, family, text):
+        if family == "cogvideox":
+            return (cogvideox_native.tiny_conditioning(text),)
         return (twins.tiny_conditioning(family, text),)
 
 
@@ -53,9 +59,12 @@ class TDMTestTinyVAE:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (FAMILIES,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+        return {"required": {"family": (TEXT_AND_VAE_FAMILIES,),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31, "control_after_generate": True})}}
 
     def build(self, family, seed):
+        if family == "cogvideox":
+            return (cogvideox_native.tiny_vae(seed),)
         return (twins.tiny_vae(family, seed),)
 
 
@@ -70,11 +79,16 @@ class TinyCLIP:
     def tokenize(self, text, return_word_ids=False, **kwargs):
         return {"text": text}
 
+    def _conditioning(self, text):
+        if self.family == "cogvideox":
+            return cogvideox_native.tiny_conditioning(text)
+        return twins.tiny_conditioning(self.family, text, self.seed)
+
     def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):
-        return twins.tiny_conditioning(self.family, tokens["text"], self.seed)
+        return self._conditioning(tokens["text"])
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
-        context, extra = twins.tiny_conditioning(self.family, tokens["text"], self.seed)[0]
+        context, extra = self._conditioning(tokens["text"])[0]
         return (context, extra.get("pooled_output")) if return_pooled else context
 
 
@@ -86,7 +100,7 @@ class TDMTestTinyCLIP:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (FAMILIES,)}}
+        return {"required": {"family": (TEXT_AND_VAE_FAMILIES,)}}
 
     def build(self, family):
         return (TinyCLIP(family),)

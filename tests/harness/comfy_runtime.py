@@ -1,8 +1,14 @@
 """Makes a real ComfyUI importable as a library, on the CPU, inside the test process.
 
-The tree comes from `scripts/setup.sh` (ComfyUI 0.3.75 in `.comfyui/`) or from `TDM_COMFYUI_DIR`, a user's own
-checkout. Import this module before anything imports `comfy`: it must set `args.cpu` before
-`comfy.model_management` is first imported, or ComfyUI tries to initialise CUDA.
+The tree comes from `scripts/setup.sh` (ComfyUI 0.3.75 in `.comfyui/`) or from `TDM_COMFYUI_DIR`, the one switch
+that selects another runtime: a user's own checkout, or the upstream snapshot that set-up unpacks on developer
+machines and CI (`.comfyui-upstream/ComfyUI`, see scripts/test.sh). Import this module before anything imports
+`comfy`: it must set `args.cpu` before `comfy.model_management` is first imported, or ComfyUI tries to initialise
+CUDA.
+
+A tree may carry `.tdm-site-packages/`: packages that this tree pins differently from the shared environment (set-up
+installs upstream's newer `comfyui-frontend-package` there, which would conflict with 0.3.75's). They go on
+`sys.path` ahead of the environment's, here and in every server the harness starts, so the switch stays one variable.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_MODULE_NAME = "comfyui_tdm"
+SITE_PACKAGES_FOLDER = ".tdm-site-packages"
 
 
 def comfyui_dir() -> Path:
@@ -25,6 +32,12 @@ def comfyui_dir() -> Path:
             "or set TDM_COMFYUI_DIR to your own ComfyUI checkout."
         )
     return path
+
+
+def extra_site_packages() -> Path | None:
+    """The tree's own package folder (see the module docstring), or None when it has none (a user's checkout)."""
+    path = comfyui_dir() / SITE_PACKAGES_FOLDER
+    return path if path.is_dir() else None
 
 
 def comfyui_version() -> str:
@@ -49,6 +62,9 @@ def bootstrap() -> Path:
         _bootstrapped = True
         return Path(sys.modules["comfy.model_management"].__file__).resolve().parents[1]
     root = comfyui_dir()
+    packages = extra_site_packages()
+    if packages is not None and str(packages) not in sys.path:
+        sys.path.insert(0, str(packages))
     sys.path.insert(0, str(root))
     if str(REPO_ROOT) not in sys.path:
         sys.path.append(str(REPO_ROOT))

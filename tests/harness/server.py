@@ -66,6 +66,9 @@ class ComfyServer:
         ]
         env = dict(os.environ)
         env.setdefault("PYTHONHASHSEED", "0")
+        packages = comfy_runtime.extra_site_packages()
+        if packages is not None:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(packages), env.get("PYTHONPATH", "")) if p)
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, cwd=root, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)

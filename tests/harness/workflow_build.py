@@ -51,8 +51,13 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
         unknown = set(node.widgets) - {s.name for s in widget_specs(info)}
         if unknown:
             raise KeyError(f"{node.type} has no widgets {sorted(unknown)}")
+        # Trailing optional widgets the description leaves unset are not saved (the frontend gives them their
+        # defaults): newer ComfyUI versions add such widgets (CreateVideo's bit_depth), and one file must serve all.
+        specs = widget_specs(info)
+        while specs and specs[-1].optional and specs[-1].name not in node.widgets:
+            specs.pop()
         widgets_values = []
-        for spec in widget_specs(info):
+        for spec in specs:
             widgets_values.append(node.widgets.get(spec.name, _default(spec)))
             if spec.saved_values == 2:
                 widgets_values.append("fixed")
@@ -95,6 +100,15 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
             links.append([link_id, ids[source_key], slot, ids[node.key], target_slot, link_type])
             target["inputs"][target_slot]["link"] = link_id
             outputs_by_key[source_key][slot]["links"].append(link_id)
+    # Newer ComfyUI gave core savers (SaveImage, SaveVideo) pass-through outputs that 0.3.75's lack; their unlinked
+    # trailing outputs are left out so one file serves both (the frontend restores slots from the schema).
+    for node in nodes:
+        if node.type in ("Note", "MarkdownNote") or node.type.startswith("TDM") \
+                or not object_info[node.type].get("output_node"):
+            continue
+        outputs = by_key[node.key]["outputs"]
+        while outputs and not outputs[-1]["links"]:
+            outputs.pop()
     return {
         # The frontend's schema wants a string id (a uuid); a stable one keeps generated files reproducible.
         "id": workflow_id, "revision": 0, "last_node_id": len(nodes), "last_link_id": len(links),

@@ -5,6 +5,13 @@ The checks are the ones a user meets when loading a shared workflow: node types 
 ("missing nodes"), links whose types do not fit, and widget values a node would reject (out of range, not among a
 combo's options, wrong kind). Widget values map onto a node's widget inputs in schema order, as the frontend
 saves them; INT inputs with `control_after_generate` (seeds) carry one extra saved value ("fixed", "randomize", …).
+
+Across ComfyUI versions (0.3.75 and upstream 0.33) the same file must check the same way:
+- a `COMFY_DYNAMICCOMBO_V3` input (upstream's SaveVideo `format`, whose options carry nested inputs such as `codec`)
+  saves its selected key like a combo, and its legacy flat companion (SaveVideo's hidden optional `codec`) keeps the
+  old saved position, so a 0.3.75-layout SaveVideo [prefix, format, codec] is read the same on both;
+- trailing *optional* widgets may be absent from a saved node (the frontend gives them their defaults): newer
+  versions add optional widgets (CreateVideo's `bit_depth`) that a file written for the older one lacks.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass, field
 # Frontend-only nodes: never sent to the server.
 VIRTUAL_NODE_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # newer ComfyUI: a combo whose options add nested inputs
 SEED_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 MODE_ACTIVE, MODE_MUTED, MODE_BYPASS = 0, 2, 4
 
@@ -30,6 +38,7 @@ class WidgetSpec:
     type: str  # INT, FLOAT, STRING, BOOLEAN, COMBO
     options: dict = field(default_factory=dict)
     choices: list | None = None  # COMBO options
+    optional: bool = False
 
     @property
     def saved_values(self) -> int:
@@ -45,6 +54,8 @@ def _input_type(spec) -> tuple[str, dict, list | None]:
         return "COMBO", options, kind
     if kind == "COMBO":
         return "COMBO", options, list(options.get("options", []))
+    if kind == DYNAMIC_COMBO:
+        return "COMBO", options, [option["key"] for option in options.get("options", [])]
     return kind, options, None
 
 
@@ -56,8 +67,18 @@ def widget_specs(node_info: dict) -> list[WidgetSpec]:
         for name in order.get(section, []):
             kind, options, choices = _input_type(node_info["input"][section][name])
             if kind in WIDGET_TYPES and not options.get("forceInput"):
-                specs.append(WidgetSpec(name, kind, options, choices))
+                specs.append(WidgetSpec(name, kind, options, choices, optional=section == "optional"))
     return specs
+
+
+def required_saved_values(specs: list[WidgetSpec]) -> int:
+    """How many saved values a node needs at least: all but its trailing optional widgets (see the docstring)."""
+    count = sum(s.saved_values for s in specs)
+    for spec in reversed(specs):
+        if not spec.optional:
+            break
+        count -= spec.saved_values
+    return count
 
 
 def input_types(node_info: dict) -> dict[str, str]:
@@ -101,12 +122,16 @@ def _split_widget_values(node: dict, specs: list[WidgetSpec]) -> tuple[dict, lis
     if isinstance(values, dict):  # some nodes save a name → value mapping
         return {s.name: values[s.name] for s in specs if s.name in values}, []
     expected = sum(s.saved_values for s in specs)
+    minimum = required_saved_values(specs)
     problems = []
-    if len(values) != expected:
-        problems.append(f"has {len(values)} widget values, its schema has {expected} ({[s.name for s in specs]})")
+    if not minimum <= len(values) <= expected:
+        counted = f"{minimum}–{expected}" if minimum != expected else f"{expected}"
+        problems.append(f"has {len(values)} widget values, its schema has {counted} ({[s.name for s in specs]})")
         return {}, problems
     out, i = {}, 0
     for spec in specs:
+        if i >= len(values):
+            break  # absent trailing optional widgets take their defaults
         out[spec.name] = values[i]
         if spec.options.get("control_after_generate") and values[i + 1] not in SEED_CONTROL_VALUES:
             problems.append(f"{spec.name}: control value {values[i + 1]!r} is not one of {sorted(SEED_CONTROL_VALUES)}")
