@@ -343,10 +343,8 @@ class TDMSession:
             config.iterations = int(iterations)
         trainer = TDMTrainer(backend, config)
         if state is not None:
-            # The trainer draws from its own generator; the process-wide RNG belongs to whatever else runs in this
-            # process (ComfyUI's samplers), so a resume must not rewind it.
-            state = dict(state, torch_rng=torch.get_rng_state())
-            state.pop("cuda_rng", None)
+            # The trainer's state holds only its own generator: the process-wide RNG belongs to whatever else runs in
+            # this process (ComfyUI's samplers) and is neither read nor rewound.
             trainer.load_state_dict(state)
         return cls(trainer, **kwargs)
 

@@ -9,7 +9,8 @@ Runs under `torchrun --nproc_per_node N` as data-parallel training (gloo on CPU,
   student_lora.safetensors         the newest student LoRA
 The teacher is built by `config.teacher["factory"]` ("package.module:function"), called as factory(config, **rest).
 Config errors exit with status 2 before any model is built; training that turns non-finite (see
-`trainer.NonFiniteTrainingError`) exits with status 3, leaving the last good checkpoint and LoRA in place.
+`trainer.NonFiniteTrainingError`, `checkpoint.NonFiniteWeightsError`) exits with status 3, leaving the last good
+checkpoint and LoRA in place.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import export_student_lora, latest_checkpoint
+from .checkpoint import NonFiniteWeightsError, export_student_lora, latest_checkpoint
 from .config import ConfigError, DistillConfig
 from .trainer import NonFiniteTrainingError
 
@@ -166,13 +167,14 @@ def main(argv=None) -> int:
             _write_preview(trainer, out_dir, preview_prompts)
         try:
             trainer.train(config.iterations, callback=on_step)
-        except NonFiniteTrainingError as error:
+            if not (config.checkpoint_every and trainer.step_count % config.checkpoint_every == 0):
+                trainer.save_checkpoint(out_dir)
+            if main_process and getattr(backend, "mode", "lora") == "lora":
+                export_student_lora(trainer, out_dir / "student_lora.safetensors")
+        except (NonFiniteTrainingError, NonFiniteWeightsError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 3
-        if not (config.checkpoint_every and trainer.step_count % config.checkpoint_every == 0):
-            trainer.save_checkpoint(out_dir)
         if main_process and getattr(backend, "mode", "lora") == "lora":
-            export_student_lora(trainer, out_dir / "student_lora.safetensors")
             summary = {"done": True, "step": trainer.step_count, "seconds": round(time.perf_counter() - started, 3),
                        "output_dir": str(out_dir), "world_size": trainer.world}
             print(json.dumps(summary), flush=True)
