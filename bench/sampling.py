@@ -11,8 +11,9 @@
 - overhead_vs_euler: (TDM deterministic sampler − ComfyUI euler) / euler at identical sigmas, CFG 1.
 NFE is counted (forward calls × batch / images), not assumed. Times are the minimum over repeats.
 Each dtype is measured at the same widths in the same run: float32 at the top level (as before), bfloat16 under
-"bf16" with the models computing in bf16 as a GPU user's ComfyUI loads them (`tests/harness/twins.HALF_LOADS`; on
-the CPU the device-capability answer is given as a bf16 GPU would give it). Each section carries its "dtype".
+"bf16": bf16 weights loaded the way ComfyUI loads them on this device, which also picks the compute dtype (bf16 on a
+bf16-capable GPU; on a CPU it casts bf16 weights to float32 per layer, its manual-cast path); the diffusers-backed
+CogVideoX pipeline computes in bf16 everywhere. Each entry carries "dtype" (weights) and "compute_dtype".
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def params(module):
 
 
 def comfy_family(family, sampling, repeats, dtype=torch.float32):
+    import comfy.model_management
     import comfy.sample
     import comfy.samplers
     import comfy.sd
@@ -109,13 +111,8 @@ def comfy_family(family, sampling, repeats, dtype=torch.float32):
                       caption_projection_dim=64 * depth, pooled_projection_dim=128, pos_embed_max_size=32)
         transformer = twins.randomise_(SD3Transformer2DModel(**config), 0)
         state_dict = {k: v.clone() for k, v in transformer.state_dict().items()}
-        if dtype == torch.float32:
-            model = comfy.sd.load_diffusion_model_state_dict(state_dict)
-        elif torch.cuda.is_available():  # ComfyUI's own choice on the GPU
-            model = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": dtype})
-        else:
-            with twins._ComputeDtypeOfThisDevice(dtype):
-                model = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": dtype})
+        options = {} if dtype == torch.float32 else {"dtype": dtype}  # ComfyUI picks the compute dtype
+        model = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options=options)
         context, pooled = torch.randn(1, TEXT_TOKENS, 256), torch.randn(1, 128)
         cond = [[context, {"pooled_output": pooled}]]
         uncond = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled)}]]
@@ -125,7 +122,9 @@ def comfy_family(family, sampling, repeats, dtype=torch.float32):
     else:
         unet_config = dict(twins.SD15_TINY_UNET_CONFIG, model_channels=128, context_dim=256)
         model_config = comfy.supported_models.SD15(unet_config)
-        model_config.set_inference_dtype(dtype, None)
+        # the compute dtype ComfyUI's loaders pick for these weights on this device (None: the weights' own)
+        model_config.set_inference_dtype(dtype, comfy.model_management.unet_manual_cast(
+            dtype, comfy.model_management.get_torch_device()))
         base = model_config.get_model({})
         twins.randomise_(base.diffusion_model, 0)
         model = twins._patcher(base)
@@ -207,7 +206,8 @@ def bench_cogvideox(repeats, dtype=torch.float32):
 
     result = compare_recipes(f"cogvideox {dtype}", tdm, teacher, pipe.transformer, repeats,
                              path="tdm_core.cogvideox.sample_latents (TDM CogVideoX Sampler)",
-                             dtype=str(pipe.transformer.dtype).replace("torch.", ""))
+                             dtype=str(pipe.transformer.dtype).replace("torch.", ""),
+                             compute_dtype=str(pipe.transformer.dtype).replace("torch.", ""))
     size = {"arch": "CogVideoXTransformer3DModel", "heads": heads, "head_dim": head_dim, "layers": layers,
             "params": params(pipe.transformer), "latent": [1, latent_frames, 16, 16, 16],
             "text_tokens": cogvideox_tiny.MAX_TEXT_SEQ_LENGTH}

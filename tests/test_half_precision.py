@@ -6,7 +6,7 @@ test_sampler_parity). The two implementations are not expected to round alike: C
 float32 between steps and casts it to the network's dtype, diffusers' pipelines keep it in the network's dtype, and
 the networks order their half-precision matmuls differently (fused qkv, merged vs unmerged LoRA). diffusers rounds
 its state to the dtype after each of the four steps (unit roundoff u = ε/2 each), so the bound is 4u = 2ε ×
-max |reference|; measured on these twins: 0.84–0.92 ε for sampling. In fp16 a wrong solver or float timesteps miss
+max |reference|; measured on these twins: 0.84–1.55 ε for sampling. In fp16 a wrong solver or float timesteps miss
 it by 9–20× (asserted below). In bf16, whose ε is 2⁻⁷, the float-vs-integer timestep difference (947.17 vs 947) is
 of the order of the rounding itself, which is why what the network is given is asserted directly.
 
