@@ -227,7 +227,6 @@ class ComfyBackend(PeftBackend):
     def __init__(self, network: torch.nn.Module, *, family: str, parametrisation: str, schedule: DiscreteSchedule,
                  latent_shape: tuple[int, ...], conds: dict[str, dict[str, torch.Tensor]], lora_rank: int,
                  lora_alpha: float | None, adapter_seed: int = 0, target_modules: list[str] | None = None):
-        self.compute_dtype = next(network.parameters()).dtype
         self.device = next(network.parameters()).device
         self._conds = {p: {k: v.to(self.device) for k, v in c.items()} for p, c in conds.items()}
         uses_pooled = family in ("sd3", "sd35")
