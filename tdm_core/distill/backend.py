@@ -193,6 +193,14 @@ class PeftBackend:
             raise ValueError("mode 'full' trains full float32 copies of the teacher; give it a float32 model "
                              "(half-precision training is for the LoRA mode: float32 adapters over a half base)")
 
+    def _model_timesteps(self, device: torch.device) -> torch.Tensor:
+        """The schedule's network timesteps as float32 on `device`, copied once per device rather than per call."""
+        cached = getattr(self, "_timesteps_on_device", None)
+        if cached is None or cached.device != device:
+            cached = self.schedule.model_timesteps.to(device).float()
+            self._timesteps_on_device = cached
+        return cached
+
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Casts the frozen base (every non-adapter weight and floating buffer) to `dtype`; adapters stay float32."""
         if dtype == self.compute_dtype:
@@ -234,7 +242,7 @@ class PeftBackend:
         if adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
         self._activate(adapter)
-        model_t = self.schedule.model_timesteps.to(x.device)[t.to(x.device)].float()
+        model_t = self._model_timesteps(x.device)[t.to(x.device)]
         if self.compute_dtype == torch.float32:
             return self._call(self._models[adapter], x, model_t, cond).float()
         with torch.autocast(x.device.type, dtype=self.compute_dtype):
