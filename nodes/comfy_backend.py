@@ -30,15 +30,14 @@ import torch
 
 from tdm_core import presets, schedules
 from tdm_core.distill import DiscreteSchedule, PeftBackend
-from tdm_core.distill.backend import UNET_TARGETS
 from tdm_core.lora import tdm_metadata
 
-# ComfyUI's MMDiT (SD3/SD3.5): the joint blocks' attention (fused qkv), output projections and MLPs; SD3.5's dual
-# attention (`attn2`) too. The SD1.5 UNet's transformer blocks use the same names as diffusers' (to_q, ff.net.2...).
-MMDIT_TARGETS = ["attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2"]
-FAMILY_TARGETS = {"sd15": UNET_TARGETS, "sd3": MMDIT_TARGETS, "sd35": MMDIT_TARGETS}
-# The sampling preset a family's student is trained for by default (grid "auto").
-FAMILY_PRESET = {"sd15": "dreamshaper", "sd3": "sd3", "sd35": "sd35"}
+from . import comfy_families
+
+# Per-family tables (LoRA targets, default preset, extra network inputs) live in comfy_families.
+MMDIT_TARGETS = comfy_families.MMDIT_TARGETS
+FAMILY_TARGETS = comfy_families.FAMILY_TARGETS
+FAMILY_PRESET = comfy_families.FAMILY_PRESET
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -77,11 +76,13 @@ class TrainingGrid:
     description: str
 
 
-def training_grid(model, family: str, grid: str, steps: int, total_steps: int = 900) -> TrainingGrid:
+def training_grid(model, family: str, grid: str, steps: int, total_steps: int = 900,
+                  latent_shape: tuple[int, ...] | None = None) -> TrainingGrid:
     """The trainer's schedule and K-step grid for a grid choice: "auto" (the family's preset), a preset name, or
-    "training_demo" (t_k = N−1−k·N/K, sampled with the TDM Scheduler's training_demo grid)."""
+    "training_demo" (t_k = N−1−k·N/K, sampled with the TDM Scheduler's training_demo grid). `latent_shape` (C, H, W)
+    is the training latent's, which Flux's schedule depends on."""
     model_sampling = model.get_model_object("model_sampling")
-    schedule = comfy_schedule(model_sampling)
+    schedule = comfy_families.family_schedule(family, latent_shape) or comfy_schedule(model_sampling)
     if grid == "training_demo":
         return TrainingGrid(schedule, None, "", f"training_demo N={total_steps} K={steps}")
     name = FAMILY_PRESET.get(family) if grid == "auto" else grid
@@ -92,6 +93,11 @@ def training_grid(model, family: str, grid: str, steps: int, total_steps: int = 
     if preset.parametrisation != parametrisation:
         raise ValueError(f"grid preset {name!r} is for {preset.parametrisation} models; this MODEL is "
                          f"{parametrisation} ({family}); use grid 'auto'")
+    if preset.family != family and "flux" in (preset.family, family):
+        raise ValueError(f"grid preset {name!r} is for {preset.family} models; this MODEL is {family}; use grid 'auto'")
+    if preset.grid == "flux_shift":
+        schedule, indices, sigmas = comfy_families.flux_pinned_grid(schedule, steps, latent_shape)
+        return TrainingGrid(schedule, indices, name, f"{name}: σ {', '.join(f'{s:.4f}' for s in sigmas)}")
     if preset.grid == "flow_shift":
         flow = schedules.flow_shift_grid(steps, preset.shift)
         multiplier = float(getattr(model_sampling, "multiplier", schedules.NUM_TRAIN_TIMESTEPS))
@@ -106,10 +112,13 @@ def training_grid(model, family: str, grid: str, steps: int, total_steps: int = 
 # Conditioning
 
 
-def encode_prompts(clip, prompts: list[str], unconditional: str = "") -> dict[str, dict[str, torch.Tensor]]:
+def encode_prompts(clip, prompts: list[str], unconditional: str = "", model=None, family: str = "",
+                   latent_shape: tuple[int, ...] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """CLIP-encodes each prompt (ComfyUI's CLIPTextEncode path) on the calling thread; "" maps to the
     unconditional prompt's encoding (the trainer's empty-prompt convention). Contexts of different lengths are
-    repeated to a common length, as ComfyUI batches them (repeating keys leaves cross-attention unchanged)."""
+    repeated to a common length, as ComfyUI batches them (repeating keys leaves cross-attention unchanged).
+    For SDXL and Flux, `model`, `family` and the training `latent_shape` give the other network inputs as ComfyUI's
+    sampling builds them (comfy_families.extra_inputs)."""
     texts = list(dict.fromkeys([*prompts, unconditional]))
     encoded = {}
     for text in texts:
@@ -117,6 +126,10 @@ def encode_prompts(clip, prompts: list[str], unconditional: str = "") -> dict[st
         context, extra = conditioning[0][0], conditioning[0][1]
         with torch.inference_mode(False):
             entry = {"context": context.detach().clone()}
+            if family in comfy_families.EXTRA_INPUTS:
+                entry.update(comfy_families.extra_inputs(model, family, extra, context, latent_shape))
+                encoded[text] = entry
+                continue
             pooled = extra.get("pooled_output")
             if pooled is not None:
                 entry["y"] = pooled.detach().clone()
@@ -190,7 +203,7 @@ def enable_gradient_checkpointing(network: torch.nn.Module) -> int:
     from torch.utils.checkpoint import checkpoint
 
     count = 0
-    for list_name in ("input_blocks", "output_blocks", "joint_blocks"):
+    for list_name in ("input_blocks", "output_blocks", "joint_blocks", "double_blocks", "single_blocks"):
         for block in getattr(network, list_name, None) or []:
             _wrap_checkpoint(block, checkpoint)
             count += 1
@@ -230,6 +243,8 @@ class ComfyBackend(PeftBackend):
         self.device = next(network.parameters()).device
         self._conds = {p: {k: v.to(self.device) for k, v in c.items()} for p, c in conds.items()}
         uses_pooled = family in ("sd3", "sd35")
+        # SDXL's ADM vector, Flux's pooled vector and guidance (comfy_families.EXTRA_INPUTS)
+        extra_keys = comfy_families.EXTRA_INPUTS.get(family, ())
 
         def encode(prompts: list[str]) -> dict:
             missing = [p for p in prompts if p not in self._conds]
@@ -238,6 +253,8 @@ class ComfyBackend(PeftBackend):
             batch = {"context": torch.cat([self._conds[p]["context"] for p in prompts])}
             if uses_pooled:
                 batch["y"] = torch.cat([self._conds[p]["y"] for p in prompts])
+            for key in extra_keys:
+                batch[key] = torch.cat([self._conds[p][key] for p in prompts])
             return batch
 
         super().__init__(network, schedule=schedule, parametrisation=parametrisation, latent_shape=latent_shape,
@@ -248,8 +265,11 @@ class ComfyBackend(PeftBackend):
     def _call_network(self, network, x, model_t, cond):
         dtype = self.compute_dtype
         y = cond.get("y")
+        extra = {}
+        if "guidance" in cond:  # Flux-dev's guidance scale, float32 like the timesteps
+            extra["guidance"] = cond["guidance"].float()
         out = network(x.to(dtype), model_t.float(), context=cond["context"].to(dtype),
-                      y=None if y is None else y.to(dtype))
+                      y=None if y is None else y.to(dtype), **extra)
         return out.float()
 
     def to(self, device: torch.device) -> None:

@@ -68,6 +68,8 @@ def model_family(model) -> str:
     if isinstance(base, comfy.model_base.SD3):
         return "sd35" if base.model_config.unet_config.get("x_block_self_attn_layers") else "sd3"
     config_name = type(base.model_config).__name__
+    if config_name in ("Flux", "FluxSchnell"):  # text-to-image Flux (not Kontext, Chroma, Flux 2, inpainting)
+        return "flux"
     if config_name == "SD15":
         return "sd15"
     if config_name.startswith(("SDXL", "SSD1B", "Segmind_Vega", "KOALA")):

@@ -41,7 +41,7 @@ from comfy_api.v0_0_2 import io
 from tdm_core import presets, schedules, solvers
 
 from . import inputs
-from .lora_loader import native_cogvideox_variant
+from .lora_loader import model_family, native_cogvideox_variant
 
 PARAMETRISATION_LABELS = {"flow": "rectified flow", "eps": "ε-prediction", "v": "v-prediction"}
 SOLVER_CHOICES = ["auto", "dpmpp_2m", "ddim"]
@@ -100,6 +100,13 @@ def check_preset_fits(preset: presets.ModelPreset, model) -> None:
     # The CogVideoX recipe needs the 2B's schedule and layout: only a native CogVideoX-2B MODEL fits it (the
     # diffusers-backed TDM CogVideoX nodes handle diffusers folders), and no image preset fits a CogVideoX.
     fits = parametrisation == preset.parametrisation and (preset.family == "cogvideox") == (cogvideox is not None)
+    # Flux's grid follows its own time shift and its network takes σ itself: the Flux preset fits only Flux, and
+    # no SD3 preset fits Flux.
+    if fits and "flux" in (preset.family, model_family(model)) and preset.family != model_family(model):
+        family = model_family(model)
+        raise ValueError(f"TDM preset {preset.name!r} ({preset.display_name}) does not fit this MODEL: "
+                         f"{describe_model(model)}, family {family}; use preset "
+                         f"{' or '.join(repr(p.name) for p in presets.presets_for_family(family)) or 'none'}")
     if fits:
         return
     suitable = [p.name for p in presets.presets_for_parametrisation(parametrisation)
@@ -119,9 +126,21 @@ def _flow_multiplier(model_sampling) -> float:
 # SIGMAS
 
 
+def flux_mu_for(model_sampling, latent_size: tuple[int, int] | None, shift: float = 0.0) -> float:
+    """μ of Flux's time shift: the shift input if set, else that of the latent being sampled (H, W), else the
+    MODEL's own (ModelSamplingFlux sets it from width and height; 1.15 by default)."""
+    if shift > 0:
+        return float(shift)
+    if latent_size is not None:
+        return schedules.flux_mu(*latent_size)
+    return float(getattr(model_sampling, "shift", schedules.FLUX_MAX_SHIFT))
+
+
 def tdm_sigmas(model, preset_name: str, steps: int, shift: float = 0.0, grid: str = "preset",
-               custom_timesteps: str = "", demo_total_steps: int = schedules.TRAINING_DEMO_TOTAL_STEPS) -> torch.Tensor:
-    """The preset's grid as sigmas of this MODEL (float32, ending in 0)."""
+               custom_timesteps: str = "", demo_total_steps: int = schedules.TRAINING_DEMO_TOTAL_STEPS,
+               latent_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The preset's grid as sigmas of this MODEL (float32, ending in 0). `latent_size` (H, W of the latent) sets
+    Flux's resolution-dependent shift."""
     preset = presets.get_preset(preset_name)
     check_preset_fits(preset, model)
     model_sampling = model.get_model_object("model_sampling")
@@ -132,6 +151,11 @@ def tdm_sigmas(model, preset_name: str, steps: int, shift: float = 0.0, grid: st
     if custom_timesteps.strip():
         timesteps = schedules.parse_timesteps(custom_timesteps)
         grid_name = "custom"
+    elif grid_name == "flux_shift":
+        if not flow or _flow_multiplier(model_sampling) != 1.0:
+            raise ValueError(f"the flux_shift grid is for Flux models; this MODEL is {describe_model(model)}")
+        flux_grid = schedules.flux_shift_grid(steps, flux_mu_for(model_sampling, latent_size, float(shift)))
+        return torch.tensor(flux_grid.sigmas, dtype=torch.float32)
     elif grid_name == "flow_shift":
         if not flow:
             raise ValueError(f"the flow_shift grid is for rectified-flow models (SD3/SD3.5); this MODEL is "
@@ -298,7 +322,8 @@ def sample_tdm(model, x, sigmas, extra_args=None, callback=None, disable=None, s
         x, sigmas, denoiser = _native_cogvideox_setup(model, x, sigmas, model_sampling)
     else:
         x = _start_state(model, x, sigmas, space, initial_noise)
-    if model_timesteps == "integer" and space == "flow":
+    # Flux's network takes σ itself (diffusers passes it as a float): there is no integer timestep to round to.
+    if model_timesteps == "integer" and space == "flow" and _flow_multiplier(model_sampling) > 1.0:
         denoiser = _IntegerTimestepDenoiser(model, model_sampling, sigmas)
     options = {"space": space}
     if name == "ddim":
@@ -399,7 +424,8 @@ class TDMScheduler(io.ComfyNode):
                     "rule. Ignored when custom timesteps are given.")),
                 io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.05, tooltip=(
                     "Flow shift for SD3/SD3.5 (flow_shift grid). 0 = the preset's (6, the official recipe; 1–6 are "
-                    "documented). Ignored by ε/v presets.")),
+                    "documented). Flux (flux_shift grid): μ of its time shift; 0 = the MODEL's own, which "
+                    "ModelSamplingFlux sets from the image size. Ignored by ε/v presets.")),
                 io.Combo.Input("grid", options=GRID_CHOICES, default="preset", tooltip=(
                     "preset: the recipe's grid. flow_shift: diffusers' flow sigmas at the shift. sd15_linspace: "
                     "999, 749, 500, 250 at 4 steps. trailing: 999, 749, 499, 249. cogvideox_trained: 999, 856, 665, "
@@ -454,7 +480,8 @@ class TDMKSampler(io.ComfyNode):
     def execute(cls, model, positive, latent_image, preset, steps, seed) -> io.NodeOutput:
         inputs.check_inputs(cls, locals())
         recipe = presets.get_preset(preset)
-        sigmas = tdm_sigmas(model, preset, steps)
+        latent_size = tuple(int(n) for n in latent_image["samples"].shape[-2:])
+        sigmas = tdm_sigmas(model, preset, steps, latent_size=latent_size)
         sampler = tdm_sampler(recipe.solver, 0.0, recipe.model_timesteps, recipe.initial_noise)
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])

@@ -25,7 +25,7 @@ from comfy_api.v0_0_2 import io, ui
 from tdm_core import jobs, presets, schedules
 from tdm_core.distill import ConfigError, DistillConfig
 
-from . import comfy_backend, inputs
+from . import comfy_backend, comfy_families, inputs
 
 # Outputs carry an explicit display name: ComfyUI 0.3.75 would label an unnamed output by its type ("STRING"),
 # newer versions by its id, and saved workflows must not depend on the version.
@@ -146,9 +146,7 @@ def build_runtime(model, clip, settings: dict, prompts: list[str]):
     import comfy.model_management
 
     family = comfy_backend.model_family(model)
-    if family not in comfy_backend.FAMILY_TARGETS:
-        raise ValueError(f"TDM distillation supports SD1.5-family and SD3/SD3.5 models; this MODEL is {family} "
-                         f"({type(model.model.model_config).__name__})")
+    comfy_families.check_distillable(model, family, float(settings["cfg"]))
     parametrisation = comfy_backend.model_parametrisation(model)
     latent_format = model.model.latent_format
     channels = int(latent_format.latent_channels)
@@ -157,7 +155,7 @@ def build_runtime(model, clip, settings: dict, prompts: list[str]):
         raise ValueError(f"width and height must be multiples of 16 (got {width}×{height})")
     latent_shape = (channels, height // 8, width // 8)
     grid = comfy_backend.training_grid(model, family, settings["grid"], int(settings["steps"]),
-                                       schedules.TRAINING_DEMO_TOTAL_STEPS)
+                                       schedules.TRAINING_DEMO_TOTAL_STEPS, latent_shape=latent_shape)
     alpha = float(settings["lora_alpha"]) or None
     config = DistillConfig(
         prompts=prompts, steps=int(settings["steps"]), timesteps=grid.timesteps, cfg=float(settings["cfg"]),
@@ -175,7 +173,8 @@ def build_runtime(model, clip, settings: dict, prompts: list[str]):
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
     device = torch.device("cpu") if offload == "train_on_cpu" else comfy.model_management.get_torch_device()
-    conds = comfy_backend.encode_prompts(clip, prompts, settings["unconditional_prompt"])
+    conds = comfy_backend.encode_prompts(clip, prompts, settings["unconditional_prompt"], model=model, family=family,
+                                         latent_shape=latent_shape)
     network = comfy_backend.snapshot_diffusion_model(model, device, comfy_backend.DTYPES[settings["dtype"]])
     if settings["gradient_checkpointing"]:
         comfy_backend.enable_gradient_checkpointing(network)
@@ -317,7 +316,7 @@ class TDMDistillStart(io.ComfyNode):
                 "Cancel button does not stop training); watch it with TDM Distill Status."),
             inputs=[
                 io.Model.Input("model", tooltip="The teacher: the MODEL of Load Checkpoint or Load Diffusion Model "
-                                                "(SD1.5-family or SD3/SD3.5). LoRAs applied to it are part of the "
+                                                "(SD1.5-family, SDXL, SD3/SD3.5 or Flux-dev). LoRAs applied to it are part of the "
                                                 "teacher. It is copied; sampling from it meanwhile is unaffected."),
                 io.Clip.Input("clip", tooltip="The teacher's text encoder (from the same loader); it encodes the "
                                               "prompts once, when the job starts."),
@@ -342,7 +341,8 @@ class TDMDistillStart(io.ComfyNode):
                 io.Combo.Input("grid", options=GRID_CHOICES, default="auto",
                                tooltip="Timestep grid the student is trained on = the TDM sampler preset to sample "
                                        "it with. auto: sd3/sd35 for SD3-family models, dreamshaper (999, 749, 500, "
-                                       "250) for SD1.5. training_demo: t_k = 799 − k·800/K of train_tdm_demo.py "
+                                       "250) for SD1.5, sdxl (the same grid) for SDXL, flux (Flux's own shift at "
+                                       "this width/height) for Flux-dev. training_demo: t_k = 799 − k·800/K of train_tdm_demo.py "
                                        "(sample with the TDM Scheduler's training_demo grid)."),
                 io.Int.Input("iterations", default=500, min=1, max=1_000_000,
                              tooltip="Training iterations (the official demo trains a few hundred to thousands)."),
@@ -355,7 +355,8 @@ class TDMDistillStart(io.ComfyNode):
                                        "the README run 2e-5)."),
                 io.Float.Input("cfg", default=2.0, min=1.0, max=20.0, step=0.1,
                                tooltip="Teacher guidance distilled into the student (official demo 2.0, README "
-                                       "run 4.5). The student then samples with CFG 1."),
+                                       "run 4.5). The student then samples with CFG 1. Flux-dev: 1 (its guidance "
+                                       "is the conditioning's FluxGuidance value, not a second pass)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Samples per iteration."),
                 io.Int.Input("width", default=512, min=16, max=4096, step=16,
                              tooltip="Training resolution in pixels (latents are 1/8); use the teacher's native "

@@ -26,16 +26,16 @@ class TeacherRecipe:
 class ModelPreset:
     name: str  # stable id, stored in workflows and LoRA metadata: never rename
     display_name: str
-    family: str  # model family the LoRA belongs to: "sd3", "sd35", "sd15", "cogvideox"
+    family: str  # model family the LoRA belongs to: "sd3", "sd35", "sd15", "cogvideox", "sdxl", "flux"
     parametrisation: str  # "flow" (rectified flow velocity), "eps", "v"
     steps: int
     grid: str  # name of the timestep grid in tdm_core.schedules
     solver: str  # name of the solver in tdm_core.solvers
     lora_strength: float
-    shift: float | None = None  # flow shift (SD3/SD3.5); None where it does not apply
+    shift: float | None = None  # flow shift (SD3/SD3.5); None where it does not apply or (Flux) depends on the size
     cfg: float = 1.0  # every released TDM LoRA samples without CFG
     teacher: TeacherRecipe | None = None
-    lora_source: str = ""  # where users download the LoRA
+    lora_source: str = ""  # where users download the LoRA ("" where none is released: distil it with TDM Distill)
     lora_file: str = ""
     base_model_source: str = ""
     base_model_file: str = ""  # the name the example workflows load, in ComfyUI's `base_model_folder`
@@ -148,6 +148,57 @@ PRESETS: dict[str, ModelPreset] = {
                                   "https://huggingface.co/comfyanonymous/flux_text_encoders"),
                 "vae": ("cogvideox_vae.safetensors", "https://huggingface.co/Comfy-Org/void-model (vae/)"),
             }},
+        ),
+        # No TDM LoRA is released for SDXL or Flux: these presets sample students distilled by TDM Distill, which
+        # trains the student on exactly this grid (the trainer's rollout is the deterministic DDIM step on it).
+        ModelPreset(
+            name="sdxl",
+            display_name="SDXL (student distilled with TDM Distill)",
+            family="sdxl",
+            parametrisation="eps",
+            steps=4,
+            # SDXL has SD1.5's noise schedule (ε, scaled-linear betas 0.00085–0.012), so the SD1.5 release's grid
+            # (999, 749, 500, 250) applies unchanged. The solver is the TDM student's own deterministic step (DDIM):
+            # the paper's student *is* a K-step DDIM sampler, and TDM Distill rolls it out with that step on this
+            # grid, so sampling it the same way reproduces the trajectory it was trained on.
+            grid="sd15_linspace",
+            solver="ddim",
+            lora_strength=1.0,
+            teacher=TeacherRecipe(steps=25, cfg=7.5),
+            reference="diffusers DPMSolverMultistepScheduler with the SDXL/SD1.5 DDPM config (scaled_linear "
+            "0.00085-0.012, epsilon, timestep_spacing 'linspace', final_sigmas_type 'zero') at solver_order=1, "
+            "which is DDIM (η = 0)",
+            base_model_source="https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0",
+            base_model_file="sd_xl_base_1.0.safetensors",
+            lora_file="tdm_sdxl_student.safetensors",  # the name the example workflow distils into
+            notes="No released TDM LoRA: distil one with TDM Distill (prompts only), then sample it here.",
+        ),
+        ModelPreset(
+            name="flux",
+            display_name="Flux-dev (student distilled with TDM Distill)",
+            family="flux",
+            parametrisation="flow",
+            steps=4,
+            # Flux's own schedule: FluxPipeline's u = linspace(1, 1/n, n) with the exponential time shift of μ,
+            # μ from the latent size being sampled (schedules.flux_mu), so `shift` is None here.
+            grid="flux_shift",
+            # Flow DDIM is exactly Flux's Euler step (x' = x + (σ' − σ) v), and TDM's student rollout.
+            solver="ddim",
+            lora_strength=1.0,
+            # Flux-dev is guidance-distilled: its teacher recipe is one pass with the guidance embedding (3.5), no CFG.
+            teacher=TeacherRecipe(steps=28, cfg=1.0),
+            reference="diffusers FluxPipeline: FlowMatchEulerDiscreteScheduler(use_dynamic_shifting, base_shift 0.5, "
+            "max_shift 1.15, exponential), σ = linspace(1, 1/n, n) shifted by μ(image tokens), float timesteps σ",
+            # The Flux transformer is given σ as a float (diffusers: timestep / 1000), never an integer timestep.
+            model_timesteps="float",
+            base_model_source="https://huggingface.co/black-forest-labs/FLUX.1-dev",
+            base_model_file="flux1-dev.safetensors",
+            base_model_folder="diffusion_models",
+            lora_file="tdm_flux_student.safetensors",
+            notes="No released TDM LoRA: distil one with TDM Distill from Flux-dev (guidance-distilled; the "
+            "conditioning's guidance, FluxGuidance 3.5 by default, is the teacher's guidance), then sample it here "
+            "with the same guidance. Flux-schnell is already a few-step model.",
+            extra={"guidance": 3.5},
         ),
     )
 }

@@ -8,6 +8,9 @@ Three parametrisations, each written as `x_t = α_t x0 + σ_t ε`:
 - **VP-v** (CogVideoX-2b): the same betas, SNR shift `ᾱ ← ᾱ / (s + (1 − s) ᾱ)` (s = 3), then the zero-terminal-SNR
   rescale of `sqrt(ᾱ)`, so `ᾱ_999 = 0` and `x0 = −v` at t = 999 (`cogvideox_alphas_cumprod`).
 - **Rectified flow** (SD3 / SD3.5): `α = 1 − σ`, timesteps `σ · 1000`, shifted sigmas `s u / (1 + (s − 1) u)`.
+- **Rectified flow, resolution-dependent shift** (Flux): `α = 1 − σ`, the network is given σ itself, and the sigmas
+  are shifted by `e^μ / (e^μ + 1/u − 1)` with μ linear in the latent's token count (`flux_mu`, diffusers'
+  `calculate_shift`, ComfyUI's ModelSamplingFlux node).
 
 `alpha_of_sigma(space, σ)` gives α for the three *state spaces* the solvers run in: "flow" (α = 1 − σ), "ve"
 (α = 1, ComfyUI's space for discrete ε/v models) and "vp" (α = sqrt(1 − σ²)).
@@ -34,6 +37,15 @@ COGVIDEOX_SNR_SHIFT = 3.0
 
 # The timesteps the CogVideoX-2b TDM LoRA was trained on (official README); only defined for 4 steps.
 COGVIDEOX_TRAINED_TIMESTEPS = (999, 856, 665, 399)
+
+# Flux's resolution-dependent shift (diffusers FLUX.1 scheduler config and `calculate_shift`; ComfyUI's
+# ModelSamplingFlux node): μ goes linearly from 0.5 at 256 image tokens to 1.15 at 4096 (1024×1024 px), one token per
+# 2×2 patch of the 8×-downsampled latent.
+FLUX_BASE_SHIFT = 0.5
+FLUX_MAX_SHIFT = 1.15
+FLUX_BASE_SEQ_LEN = 256
+FLUX_MAX_SEQ_LEN = 4096
+FLUX_PATCH_SIZE = 2
 
 # `train_tdm_demo.py`'s default `total_steps` (the README run used 900).
 TRAINING_DEMO_TOTAL_STEPS = 800
@@ -127,6 +139,25 @@ def flow_shift(u: np.ndarray | float, shift: float):
     return shift * u / (1.0 + (shift - 1.0) * u)
 
 
+def flux_mu(latent_height: int, latent_width: int) -> float:
+    """μ of Flux's time shift for a latent of this size (diffusers `calculate_shift` on the packed sequence length,
+    identical to ComfyUI's ModelSamplingFlux node at width = 8 · latent_width, height = 8 · latent_height)."""
+    tokens = (int(latent_height) // FLUX_PATCH_SIZE) * (int(latent_width) // FLUX_PATCH_SIZE)
+    if tokens < 1:
+        raise ValueError(f"a Flux latent needs at least {FLUX_PATCH_SIZE}×{FLUX_PATCH_SIZE} elements, got "
+                         f"{latent_height}×{latent_width}")
+    slope = (FLUX_MAX_SHIFT - FLUX_BASE_SHIFT) / (FLUX_MAX_SEQ_LEN - FLUX_BASE_SEQ_LEN)
+    return tokens * slope + (FLUX_BASE_SHIFT - slope * FLUX_BASE_SEQ_LEN)
+
+
+def flux_time_shift(mu: float, u):
+    """Flux's exponential time shift σ = e^μ / (e^μ + (1/u − 1)) (diffusers `time_shift_type="exponential"`,
+    ComfyUI `flux_time_shift(μ, 1, u)`); u = 1 stays 1, u = 0 stays 0."""
+    u = np.asarray(u, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(u > 0, math.exp(mu) / (math.exp(mu) + (1.0 / np.where(u > 0, u, 1.0) - 1.0)), 0.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Timestep grids (integer model timesteps, descending)
 
@@ -155,6 +186,17 @@ def flow_shift_grid(steps: int, shift: float, num_train_timesteps: int = NUM_TRA
     u = 1.0 - alphas
     sigmas = np.flip(flow_shift(u, float(shift)))[:-1].copy()
     timesteps = (sigmas * num_train_timesteps).astype(np.int64)
+    return FlowGrid(tuple(float(s) for s in sigmas) + (0.0,), tuple(int(t) for t in timesteps))
+
+
+def flux_shift_grid(steps: int, mu: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> FlowGrid:
+    """Flux: FluxPipeline's grid, u = linspace(1, 1/n, n) shifted by `flux_time_shift(μ)`, then 0 (diffusers
+    `FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).set_timesteps(sigmas=u, mu=μ)`). The network is
+    given σ itself (diffusers: timestep / 1000 = σ), so `timesteps` (int(σ·1000)) only label the grid."""
+    _check_steps(steps)
+    u = np.linspace(1.0, 1.0 / steps, steps)
+    sigmas = flux_time_shift(float(mu), u)
+    timesteps = (sigmas * num_train_timesteps).astype(np.int64).clip(max=num_train_timesteps - 1)
     return FlowGrid(tuple(float(s) for s in sigmas) + (0.0,), tuple(int(t) for t in timesteps))
 
 
@@ -229,6 +271,10 @@ def _check_steps(steps: int) -> None:
 # whose sigmas come from the model's own schedule (ve_sigmas / vp sigmas / t/1000 for flow).
 GRIDS = {
     "flow_shift": lambda steps, shift=None, **_: flow_shift_grid(steps, shift).timesteps,
+    # Flux: `shift` is μ (flux_mu of the latent size being sampled); without one, ComfyUI's default Flux model
+    # sampling (μ = 1.15, the 1024×1024 value)
+    "flux_shift": lambda steps, shift=None, **_: flux_shift_grid(steps, FLUX_MAX_SHIFT if shift is None else shift
+                                                                 ).timesteps,
     "sd15_linspace": lambda steps, **_: linspace_timesteps(steps),
     "trailing": lambda steps, **_: trailing_timesteps(steps),
     "cogvideox_trained": lambda steps, **_: cogvideox_trained_timesteps(steps),
@@ -244,6 +290,7 @@ def grid_timesteps(grid: str, steps: int, shift: float | None = None,
         raise ValueError(f"unknown timestep grid {grid!r}; known grids: {', '.join(GRIDS)}") from None
     if grid == "flow_shift" and shift is None:
         raise ValueError("the flow_shift grid needs a shift (SD3/SD3.5 TDM: 6, documented range 1–6)")
+
     return build(steps, shift=shift, total_steps=total_steps)
 
 

@@ -41,6 +41,7 @@ FAMILY_NAMES = {
     "sd3": "SD3 MMDiT",
     "sd35": "SD3.5 MMDiT (dual attention)",
     "cogvideox": "CogVideoX transformer",
+    "flux": "Flux transformer",
     # Native CogVideoX of newer ComfyUI at 5B width, CogVideoX 1.5 (temporal patches) or image-to-video: no TDM LoRA
     # was released for these.
     "cogvideox_other": "CogVideoX 5B / 1.5 / image-to-video transformer (no released TDM LoRA)",
@@ -551,6 +552,8 @@ def detect_family(modules, metadata: dict | None = None) -> str:
     # ComfyUI-native paths
     if any(re.match(r"blocks\.\d+\.(q|k|v|attn_out|ff_proj|ff_out)$", n) for n in comfy_names):
         return "cogvideox"  # newer ComfyUI's native CogVideoX
+    if any(n.startswith(("double_blocks.", "single_blocks.")) for n in comfy_names):
+        return "flux"
     if any(n.startswith("joint_blocks.") for n in comfy_names):
         return "sd35" if any(".x_block.attn2." in n for n in comfy_names) else "sd3"
     unet_names = [n for n in comfy_names if n.startswith(("input_blocks.", "middle_block.", "output_blocks."))]

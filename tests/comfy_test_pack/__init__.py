@@ -12,9 +12,10 @@ _TESTS_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 if _TESTS_DIR not in sys.path:
     sys.path.append(_TESTS_DIR)
 
-from harness import cogvideox_native, twins  # noqa: E402
+from harness import cogvideox_native, twins, twins_xl_flux  # noqa: E402
 
-FAMILIES = ["sd15", "sd3", "sd35"]
+FAMILIES = ["sd15", "sd3", "sd35", "sdxl", "flux"]
+XL_FLUX_TWINS = {"sdxl": twins_xl_flux.sdxl_twin, "flux": twins_xl_flux.flux_twin}
 # Conditioning, CLIP and VAE also stand in for newer ComfyUI's native CogVideoX-2B (its MODEL comes from a real tiny
 # file through UNETLoader); only usable where that ComfyUI has native CogVideoX.
 TEXT_AND_VAE_FAMILIES = [*FAMILIES, "cogvideox"]
@@ -31,6 +32,8 @@ class TDMTestTinyModel:
         return {"required": {"family": (FAMILIES,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31, "control_after_generate": True})}}
 
     def build(self, family, seed):
+        if family in XL_FLUX_TWINS:
+            return (XL_FLUX_TWINS[family](seed).comfy,)
         return (twins.comfy_twin(family, seed).comfy,)
 
 
@@ -48,6 +51,8 @@ class TDMTestTinyConditioning:
     def encode(self, family, text):
         if family == "cogvideox":
             return (cogvideox_native.tiny_conditioning(text),)
+        if family in XL_FLUX_TWINS:  # Flux: no guidance entry, as CLIPTextEncode (FluxGuidance adds it)
+            return (twins_xl_flux.tiny_conditioning(family, text),)
         return (twins.tiny_conditioning(family, text),)
 
 
@@ -82,6 +87,8 @@ class TinyCLIP:
     def _conditioning(self, text):
         if self.family == "cogvideox":
             return cogvideox_native.tiny_conditioning(text)
+        if self.family in XL_FLUX_TWINS:
+            return twins_xl_flux.tiny_conditioning(self.family, text, self.seed)
         return twins.tiny_conditioning(self.family, text, self.seed)
 
     def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):

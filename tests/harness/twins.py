@@ -164,7 +164,7 @@ def sd3_twin(seed: int = 0, sd35: bool = False) -> Twin:
 # ---------------------------------------------------------------------------------------------------------------
 # The other inputs a ComfyUI graph needs: conditioning with the families' shapes and a real (tiny) ComfyUI VAE.
 
-FAMILY_LATENT_CHANNELS = {"sd15": 4, "sd3": SD3_LATENT_CHANNELS, "sd35": SD3_LATENT_CHANNELS}
+FAMILY_LATENT_CHANNELS = {"sd15": 4, "sd3": SD3_LATENT_CHANNELS, "sd35": SD3_LATENT_CHANNELS, "sdxl": 4, "flux": 16}
 
 
 def comfy_twin(family: str, seed: int = 0) -> Twin:
