@@ -88,6 +88,29 @@ def extra_inputs(model, family: str, extra: dict, context: torch.Tensor,
     return {key: built[key].cond.detach().clone() for key in keys}
 
 
+# ComfyUI's Flux blocks update their residual stream in place (`x += gate * out`) after a LayerNorm has saved that
+# same tensor for its backward pass, which autograd refuses once a gradient flows through the block (the student
+# update). These norms are given a copy of their input while gradients are recorded; sampling is unaffected.
+_INPLACE_RESIDUAL_NORMS = {"flux": ("pre_norm", "img_norm1", "img_norm2", "txt_norm1", "txt_norm2")}
+
+
+def prepare_for_training(family: str, network: torch.nn.Module) -> int:
+    """Makes a family's network trainable through its blocks; returns how many modules were adapted."""
+    names = _INPLACE_RESIDUAL_NORMS.get(family, ())
+    count = 0
+    for name, module in network.named_modules():
+        if name.rsplit(".", 1)[-1] in names and not getattr(module, "_tdm_copies_input", False):
+            forward = module.forward
+
+            def copying_forward(x, *args, _forward=forward, **kwargs):
+                return _forward(x.clone() if torch.is_grad_enabled() else x, *args, **kwargs)
+
+            module.forward = copying_forward
+            module._tdm_copies_input = True
+            count += 1
+    return count
+
+
 def flux_training_schedule(latent_height: int, latent_width: int) -> DiscreteSchedule:
     """Flux's flow table at the training size: σ_t = flux_time_shift(μ, (t + 1)/1000), α = 1 − σ, and the network is
     given σ itself (ComfyUI's Flux model sampling: timestep(σ) = σ; diffusers: timestep / 1000)."""

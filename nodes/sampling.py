@@ -28,6 +28,7 @@ The maths lives in tdm_core; this module adapts it to ComfyUI's sampling:
 from __future__ import annotations
 
 import math
+import types
 
 import comfy.model_management
 import comfy.model_sampling
@@ -118,6 +119,11 @@ def check_preset_fits(preset: presets.ModelPreset, model) -> None:
     )
 
 
+def is_flux_sampling(model_sampling) -> bool:
+    """Flux's model sampling: the network takes σ itself, and the shift is the exponential one of μ."""
+    return isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux)
+
+
 def _flow_multiplier(model_sampling) -> float:
     return float(getattr(model_sampling, "multiplier", schedules.NUM_TRAIN_TIMESTEPS))
 
@@ -152,7 +158,7 @@ def tdm_sigmas(model, preset_name: str, steps: int, shift: float = 0.0, grid: st
         timesteps = schedules.parse_timesteps(custom_timesteps)
         grid_name = "custom"
     elif grid_name == "flux_shift":
-        if not flow or _flow_multiplier(model_sampling) != 1.0:
+        if not is_flux_sampling(model_sampling):
             raise ValueError(f"the flux_shift grid is for Flux models; this MODEL is {describe_model(model)}")
         flux_grid = schedules.flux_shift_grid(steps, flux_mu_for(model_sampling, latent_size, float(shift)))
         return torch.tensor(flux_grid.sigmas, dtype=torch.float32)
@@ -299,9 +305,16 @@ def _start_state(model, x, sigmas, space: str, initial_noise: str):
     return noise.to(device=x.device, dtype=x.dtype) * scale
 
 
-def resolve_solver(solver: str, model_sampling) -> str:
+# Families whose only presets are distilled students (no release): "auto" takes their preset's solver rather than
+# the release recipe of their parametrisation (SDXL is ε like Dreamshaper, Flux flow like SD3, but their students
+# are sampled with the DDIM step they were trained with).
+_FAMILY_SOLVER = {family: presets.presets_for_family(family)[0].solver for family in ("sdxl", "flux")}
+
+
+def resolve_solver(solver: str, model_sampling, base_model=None) -> str:
     if solver == "auto":
-        solver = presets.solver_for_parametrisation(model_parametrisation(model_sampling))
+        family = model_family(types.SimpleNamespace(model=base_model)) if base_model is not None else None
+        solver = _FAMILY_SOLVER.get(family) or presets.solver_for_parametrisation(model_parametrisation(model_sampling))
     try:
         return _SOLVER_ALIASES[solver]
     except KeyError:
@@ -314,7 +327,7 @@ def sample_tdm(model, x, sigmas, extra_args=None, callback=None, disable=None, s
     conventions, and reports every step through `callback` (previews, progress bar, Cancel)."""
     model_sampling = model.inner_model.inner_model.model_sampling
     space = state_space(model_sampling)
-    name = resolve_solver(solver, model_sampling)
+    name = resolve_solver(solver, model_sampling, model.inner_model.inner_model)
     if len(sigmas) <= 1:
         return x
     denoiser = model
@@ -323,7 +336,7 @@ def sample_tdm(model, x, sigmas, extra_args=None, callback=None, disable=None, s
     else:
         x = _start_state(model, x, sigmas, space, initial_noise)
     # Flux's network takes σ itself (diffusers passes it as a float): there is no integer timestep to round to.
-    if model_timesteps == "integer" and space == "flow" and _flow_multiplier(model_sampling) > 1.0:
+    if model_timesteps == "integer" and space == "flow" and not is_flux_sampling(model_sampling):
         denoiser = _IntegerTimestepDenoiser(model, model_sampling, sigmas)
     options = {"space": space}
     if name == "ddim":
@@ -380,7 +393,8 @@ class TDMSampler(io.ComfyNode):
                         "SamplerCustomAdvanced. Use with TDM Scheduler sigmas and CFG 1.",
             inputs=[
                 io.Combo.Input("solver", options=SOLVER_CHOICES, default="auto", tooltip=(
-                    "auto: the recipe's solver for this model (SD3/SD3.5 and SD1.5: dpmpp_2m, v-prediction: ddim). "
+                    "auto: the recipe's solver for this model (SD3/SD3.5 and SD1.5: dpmpp_2m, v-prediction, SDXL and "
+                    "Flux students: ddim). "
                     "dpmpp_2m: DPM-Solver++(2M) as in diffusers, λ = ln(α/σ) of the model's own parametrisation — "
                     "flow-aware on SD3 (ComfyUI's built-in dpmpp_2m is not). ddim: the deterministic TDM/DDIM step.")),
                 io.Float.Input("gamma", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=(

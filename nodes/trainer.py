@@ -176,6 +176,7 @@ def build_runtime(model, clip, settings: dict, prompts: list[str]):
     conds = comfy_backend.encode_prompts(clip, prompts, settings["unconditional_prompt"], model=model, family=family,
                                          latent_shape=latent_shape)
     network = comfy_backend.snapshot_diffusion_model(model, device, comfy_backend.DTYPES[settings["dtype"]])
+    comfy_families.prepare_for_training(family, network)
     if settings["gradient_checkpointing"]:
         comfy_backend.enable_gradient_checkpointing(network)
     # The loaded (patched) weights, before any dtype change: a resume with other memory options still matches.
