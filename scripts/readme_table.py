@@ -18,11 +18,15 @@ HEADER = (
 def table() -> str:
     rows = [HEADER]
     for p in PRESETS.values():
-        shift = f"{p.shift:g}" if p.shift else "—"
+        shift = f"{p.shift:g}" if p.shift else ("by size (μ 0.5–1.15)" if p.grid == "flux_shift" else "—")
         teacher = p.teacher
-        speedup = f"{teacher.nfe} ({teacher.steps} steps, CFG {teacher.cfg:g}) → {p.nfe} ({teacher.nfe / p.nfe:g}×)"
+        guidance = f"guidance {p.extra['guidance']:g}" if "guidance" in p.extra else f"CFG {teacher.cfg:g}"
+        speedup = f"{teacher.nfe} ({teacher.steps} steps, {guidance}) → {p.nfe} ({teacher.nfe / p.nfe:g}×)"
+        # No released LoRA for some families: the student comes from TDM Distill, saved under this name.
+        lora = (f"[`{p.lora_file}`]({p.lora_source})" if p.lora_source
+                else f"none released: distil `{p.lora_file}` with TDM Distill")
         rows.append(
-            f"| {p.display_name} | [`{p.lora_file}`]({p.lora_source}) → `models/loras/` | "
+            f"| {p.display_name} | {lora} → `models/loras/` | "
             f"[`{p.base_model_file}`]({p.base_model_source}) → `models/{p.base_model_folder}/` | "
             f"{p.lora_strength:g} | `{p.name}` | {p.steps} | {shift} | {speedup} |"
         )
