@@ -94,9 +94,35 @@ def extra_inputs(model, family: str, extra: dict, context: torch.Tensor,
 _INPLACE_RESIDUAL_NORMS = {"flux": ("pre_norm", "img_norm1", "img_norm2", "txt_norm1", "txt_norm2")}
 
 
+def _flag_training_while_recording_gradients(network: torch.nn.Module) -> None:
+    """Newer ComfyUI computes Flux's rotary embedding with a fused kernel that has no backward; its own LoRA trainer
+    switches to the plain-torch formula (same maths) through `model_management.in_training`. That flag is
+    process-wide, so it is set only for the duration of a forward that records gradients (the student update)."""
+    import comfy.model_management as model_management
+
+    if not hasattr(model_management, "in_training"):
+        return  # ComfyUI 0.3.75: plain torch only
+    forward = network.forward
+
+    def forward_with_training_flag(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        previous = model_management.in_training
+        model_management.in_training = True
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            model_management.in_training = previous
+
+    network.forward = forward_with_training_flag
+
+
 def prepare_for_training(family: str, network: torch.nn.Module) -> int:
     """Makes a family's network trainable through its blocks; returns how many modules were adapted."""
     names = _INPLACE_RESIDUAL_NORMS.get(family, ())
+    if family == "flux" and not getattr(network, "_tdm_training_flag", False):
+        _flag_training_while_recording_gradients(network)
+        network._tdm_training_flag = True
     count = 0
     for name, module in network.named_modules():
         if name.rsplit(".", 1)[-1] in names and not getattr(module, "_tdm_copies_input", False):
