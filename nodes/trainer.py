@@ -176,7 +176,8 @@ def build_runtime(model, clip, settings: dict, prompts: list[str]):
         comfy.model_management.soft_empty_cache()
     device = torch.device("cpu") if offload == "train_on_cpu" else comfy.model_management.get_torch_device()
     conds = comfy_backend.encode_prompts(clip, prompts, settings["unconditional_prompt"])
-    network = comfy_backend.snapshot_diffusion_model(model, device, comfy_backend.DTYPES[settings["dtype"]])
+    comfy_backend.release_text_encoders(clip)  # before the teacher is made ready, so both never share the device
+    network = comfy_backend.training_network(model, device, comfy_backend.DTYPES[settings["dtype"]])
     if settings["gradient_checkpointing"]:
         comfy_backend.enable_gradient_checkpointing(network)
     # The loaded (patched) weights, before any dtype change: a resume with other memory options still matches.
