@@ -289,3 +289,28 @@ def test_prompts_come_from_the_text_and_a_file_in_input(trainer_module, tmp_path
         trainer_module.read_prompts("a cat", "../secret.txt")
     with pytest.raises(ValueError, match="no training prompts"):
         trainer_module.read_prompts("\n# only a comment", "(none)")
+
+
+def test_text_encoders_leave_comfyuis_device_after_encoding(backend_module):
+    """A real ComfyUI CLIP (SD1.5's text model and tokenizer, weights left as constructed: only residency matters):
+    encoding loads it through ComfyUI's memory manager, and the job's release takes it off the loaded list, where a
+    later prompt's encode loads it again."""
+    import comfy.model_management
+    import comfy.sd
+    import comfy.supported_models
+
+    clip = comfy.sd.CLIP(comfy.supported_models.SD15({}).clip_target())
+
+    def loaded():
+        return [m for m in comfy.model_management.current_loaded_models if m.model is clip.patcher]
+
+    with torch.inference_mode():
+        conds = backend_module.encode_prompts(clip, ["a cat"])
+    assert conds["a cat"]["context"].shape[1:] == (77, 768)
+    assert loaded(), "encoding did not load the text encoder through ComfyUI's memory manager"
+    assert backend_module.release_text_encoders(clip) == 1
+    assert not loaded()
+    with torch.inference_mode():
+        clip.encode_from_tokens_scheduled(clip.tokenize("a dog"))  # ComfyUI loads it again when a prompt needs it
+    assert loaded()
+    assert backend_module.release_text_encoders(clip) == 1
