@@ -441,7 +441,8 @@ class TDMScheduler(io.ComfyNode):
                     "documented). Flux (flux_shift grid): μ of its time shift; 0 = the MODEL's own, which "
                     "ModelSamplingFlux sets from the image size. Ignored by ε/v presets.")),
                 io.Combo.Input("grid", options=GRID_CHOICES, default="preset", tooltip=(
-                    "preset: the recipe's grid. flow_shift: diffusers' flow sigmas at the shift. sd15_linspace: "
+                    "preset: the recipe's grid. flow_shift: diffusers' flow sigmas at the shift. flux_shift: FluxPipeline's "
+                    "sigmas at Flux's size-dependent shift (μ: the shift input, else the MODEL's). sd15_linspace: "
                     "999, 749, 500, 250 at 4 steps. trailing: 999, 749, 499, 249. cogvideox_trained: 999, 856, 665, "
                     "399. training_demo: t_k = N−1−k·N/K of train_tdm_demo.py (N = demo_total_steps).")),
                 io.String.Input("custom_timesteps", default="", tooltip=(
