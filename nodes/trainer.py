@@ -25,7 +25,7 @@ from comfy_api.v0_0_2 import io, ui
 from tdm_core import jobs, presets, schedules
 from tdm_core.distill import ConfigError, DistillConfig
 
-from . import comfy_backend, inputs
+from . import categories, comfy_backend, inputs
 
 # Outputs carry an explicit display name: ComfyUI 0.3.75 would label an unnamed output by its type ("STRING"),
 # newer versions by its id, and saved workflows must not depend on the version.
@@ -36,7 +36,7 @@ _SEED_CONTROL = getattr(getattr(io, "ControlAfterGenerate", None), "fixed", True
 
 LOG = logging.getLogger("comfyui-tdm")
 
-CATEGORY = "training"
+CATEGORY = categories.TRAINING
 GRID_CHOICES = ["auto", *[p.name for p in presets.PRESETS.values() if p.family != "cogvideox"], "training_demo"]
 IF_EXISTS = ["refuse", "resume"]
 OFFLOAD = ["none", "unload_comfy_models", "train_on_cpu"]
