@@ -145,14 +145,18 @@ def resolve_preset(model, preset_name: str) -> presets.ModelPreset:
     return matching[0]
 
 
-def denoise_tail(sigmas: torch.Tensor, steps: int, denoise: float) -> torch.Tensor:
-    """img2img: the tail of the full grid, as diffusers' img2img pipelines do (`get_timesteps`): of `steps` steps,
-    the last int(steps·denoise) are run, from the same timesteps the full schedule has (so a 4-step TDM LoRA still
-    sees its trained timesteps). ComfyUI's BasicScheduler instead stretches the schedule to steps/denoise steps and
-    runs the last `steps` of them. denoise 1 is the whole grid; a tail of no step leaves the latent unchanged."""
-    if denoise >= 1.0:
-        return sigmas
-    run = min(int(steps * denoise), steps)
+def img2img_step_count(steps: int, denoise: float, rule: str) -> int:
+    """How many of `steps` steps an img2img pass at strength `denoise` runs, counted as the preset's diffusers
+    img2img pipeline counts it (`get_timesteps`; see ModelPreset.img2img_steps)."""
+    if rule == "sd3":
+        return steps - int(max(steps - min(steps * denoise, steps), 0))
+    return min(int(steps * denoise), steps)
+
+
+def denoise_tail(sigmas: torch.Tensor, run: int) -> torch.Tensor:
+    """img2img: the last `run` steps of the full grid, as diffusers' img2img pipelines do, so a 4-step TDM LoRA still
+    sees its trained timesteps. (ComfyUI's BasicScheduler instead stretches the schedule to steps/denoise steps and
+    runs the last `steps` of them.) A tail of no step leaves the latent unchanged."""
     return sigmas[len(sigmas) - 1 - run:]
 
 
@@ -172,7 +176,9 @@ def tdm_sigmas(model, preset_name: str, steps: int, shift: float = 0.0, grid: st
     preset = resolve_preset(model, preset_name)
     check_preset_fits(preset, model)
     full = _grid_sigmas(model, preset, steps, shift, grid, custom_timesteps, demo_total_steps)
-    return denoise_tail(full, len(full) - 1, denoise)
+    if denoise >= 1.0:
+        return full
+    return denoise_tail(full, img2img_step_count(len(full) - 1, denoise, preset.img2img_steps))
 
 
 def _grid_sigmas(model, preset, steps, shift, grid, custom_timesteps, demo_total_steps) -> torch.Tensor:
@@ -395,10 +401,11 @@ _PRESET_TOOLTIP = "TDM recipe. auto: picked from the MODEL (its model family) an
     + f", solver {p.solver}" for p in presets.PRESETS.values()
 )
 _DENOISE_TOOLTIP = (
-    "img2img / hires-fix strength, as diffusers' img2img pipelines (the TDM recipes' convention): of the steps, the "
-    "last int(steps × denoise) are run on the same timesteps as the full schedule (4 steps at 0.5 → the last 2 of the "
-    "trained 4), starting from the input latent noised to the first of them. Unlike core BasicScheduler's denoise, "
-    "which stretches the schedule to steps/denoise steps and runs `steps` of them. 1.0 = txt2img.")
+    "img2img / hires-fix strength, as the base model's diffusers img2img pipeline (the TDM recipes' convention): the "
+    "last steps × denoise steps of the same grid run (4 steps at 0.5 → the last 2 of the trained 4; SD3 rounds up, "
+    "SD1.5 down), starting from the input latent noised to the first of them. Unlike core BasicScheduler's denoise, "
+    "which stretches the schedule to steps/denoise steps and runs `steps` of them (timesteps a 4-step LoRA never saw). "
+    "1.0 = txt2img. Optional: prompts saved before it existed run as 1.0.")
 
 
 def _named(preset: presets.ModelPreset, requested: str) -> str:
@@ -476,7 +483,8 @@ class TDMScheduler(io.ComfyNode):
                 categories.advanced(io.Int.Input("demo_total_steps", default=schedules.TRAINING_DEMO_TOTAL_STEPS, min=1, max=1000,
                              tooltip="Only for grid training_demo: N of train_tdm_demo.py (total_steps: 800 by "
                                      "default, 900 in the README run).")),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=_DENOISE_TOOLTIP),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip=_DENOISE_TOOLTIP),
             ],
             outputs=[io.Sigmas.Output(display_name="sigmas", tooltip="For SamplerCustom / SamplerCustomAdvanced.")],
         )
@@ -516,7 +524,8 @@ class TDMKSampler(io.ComfyNode):
                                                                           "are 4-step students)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the initial noise; the same seed gives the same latent."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=_DENOISE_TOOLTIP),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip=_DENOISE_TOOLTIP),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )

@@ -57,6 +57,10 @@ class ModelPreset:
     # - initial_noise "unit": a pure-noise start is plain N(0, I) noise labelled σ_0, as diffusers' pipelines and the
     #   TDM rollout start; ComfyUI scales it by σ_0 for flow models ("scaled").
     reference: str = ""
+    # img2img (`denoise` d of n steps) runs the tail of the same grid, as the base model's diffusers img2img pipeline
+    # counts it (`get_timesteps`): "floor" runs int(n·d) steps (StableDiffusionImg2ImgPipeline, CogVideoX
+    # video-to-video); "sd3" runs n − int(n − n·d) (StableDiffusion3Img2ImgPipeline: 3 of 4 at d = 0.6, not 2).
+    img2img_steps: str = "floor"
     model_timesteps: str = "integer"
     initial_noise: str = "unit"
 
@@ -91,6 +95,7 @@ PRESETS: dict[str, ModelPreset] = {
             base_model_url="https://huggingface.co/stabilityai/stable-diffusion-3-medium/resolve/main/"
                            "sd3_medium_incl_clips_t5xxlfp16.safetensors",
             base_model_gated=True,
+            img2img_steps="sd3",
         ),
         ModelPreset(
             name="sd35",
@@ -114,6 +119,7 @@ PRESETS: dict[str, ModelPreset] = {
             base_model_url="https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
                            "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",
             notes="Strength and shift follow the SD3 release; the SD3.5 model card does not state them.",
+            img2img_steps="sd3",
         ),
         ModelPreset(
             name="dreamshaper",

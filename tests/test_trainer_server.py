@@ -123,7 +123,7 @@ def test_trainer_nodes_are_registered_with_tooltips(comfy_server):
     info = comfy_server.object_info()
     for node_id in ("TDMDistillStart", "TDMDistillStatus", "TDMDistillStop"):
         schema = info[node_id]
-        assert schema["category"] == "training" and schema["description"]
+        assert schema["category"] == "TDM/training" and schema["description"]
         inputs = {**schema["input"].get("required", {}), **schema["input"].get("optional", {})}
         for name, spec in inputs.items():
             assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
