@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,6 +88,8 @@ def feature_workflows(object_info: dict, base: Path, folder: Path) -> dict[str, 
     after a run is checked as drawn: `lora_report` (a real tiny SD3 LoRA through TDM LoRA Loader in auto mode, then
     TDM KSampler with preset auto) and `jobs_demo` (a 3-iteration distillation, for the jobs panel's curve and
     preview). Written as UI-format files the driver loads like any workflow."""
+    import build_workflows
+
     from harness import lora_files, twins
     from harness.workflow_build import Node
     from harness.workflow_build import build as build_ui
@@ -119,7 +122,8 @@ def feature_workflows(object_info: dict, base: Path, folder: Path) -> dict[str, 
     }
     paths = {}
     for name, nodes in graphs.items():
-        workflow = build_ui(nodes, object_info, {"cnr_id": "comfyui-tdm", "ver": "check"}, "check", name)
+        workflow = build_ui(nodes, object_info, build_workflows.PACK_PROPERTIES, build_workflows.CORE_VERSION,
+                            str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-tdm/browser-check/{name}")))
         paths[name] = folder / f"{name}.json"
         paths[name].write_text(json.dumps(workflow))
     return paths
