@@ -112,10 +112,11 @@ def feature_workflows(object_info: dict, base: Path, folder: Path) -> dict[str, 
         "jobs_demo": [
             Node("model", "TDMTest_TinyModel", {"family": "sd15", "seed": 0}, pos=(0, 0)),
             Node("clip", "TDMTest_TinyCLIP", {"family": "sd15"}, pos=(0, 200)),
+            Node("vae", "TDMTest_TinyVAE", {"family": "sd15", "seed": 0}, pos=(0, 360)),
             Node("start", "TDMDistillStart", {
                 "prompts": "a red fox\na lighthouse", "output_name": "tdm_browser_check_job", "steps": 4,
                 "iterations": 3, "width": 64, "height": 64, "save_every": 1, "preview_every": 1},
-                 links={"model": ("model", 0), "clip": ("clip", 0)}, pos=(380, 0)),
+                 links={"model": ("model", 0), "clip": ("clip", 0), "vae": ("vae", 0)}, pos=(380, 0)),
             Node("status", "TDMDistillStatus", {"wait": True}, links={"job": ("start", 0)}, pos=(780, 0)),
             Node("text", "PreviewAny", links={"source": ("status", 0)}, pos=(1160, 0), size=(400, 200)),
         ],
@@ -148,6 +149,9 @@ def check_features(results: dict) -> list[str]:
                       ("remove", "a Remove button for the finished job")):
         if not panel.get(key):
             failures.append(f"the jobs panel shows no {what}: {panel}")
+    # decoded by the job's VAE at image size: two 64×64 samples side by side
+    if panel.get("previewSize") and [128, 64] not in panel["previewSize"]:
+        failures.append(f"the jobs panel's preview is not the decoded 2×64×64 strip: {panel.get('previewSize')}")
     return failures
 
 
