@@ -101,3 +101,20 @@ def test_every_node_has_a_help_page_served_where_the_frontend_asks(comfy_server,
         if undocumented:
             problems.append(f"{node_id}: inputs not described: {undocumented}")
     assert problems == []
+
+
+def test_every_output_has_a_display_name_and_every_node_a_tdm_place(object_info):
+    """Outputs are named for what they carry (not "STRING", "IMAGE"); nodes sit under TDM/ or, for the two that fill
+    a SamplerCustom socket, in core's sampler/scheduler folders."""
+    unnamed, misplaced = [], []
+    for node_id in _node_ids(object_info):
+        info = object_info[node_id]
+        for kind, name in zip(info["output"], info["output_name"], strict=True):
+            if not name or name == kind or name.upper() == name:
+                unnamed.append(f"{node_id}: {kind} output named {name!r}")
+        if not (info["category"].startswith("TDM/") or info["category"] in (
+                "sampling/custom_sampling/samplers", "sampling/custom_sampling/schedulers")):
+            misplaced.append(f"{node_id}: {info['category']}")
+        if not info["display_name"].startswith("TDM "):
+            misplaced.append(f"{node_id}: display name {info['display_name']!r} is not found by searching 'TDM'")
+    assert unnamed == [] and misplaced == []

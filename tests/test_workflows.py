@@ -157,6 +157,24 @@ def test_workflow_note_and_download_entries(name):
         assert "Gated on Hugging Face" in text, preset.name
 
 
+LEGACY_WORKFLOWS = REPO / "tests" / "data" / "legacy_workflows"  # as comfyui-tdm 0.1.0 shipped them (before denoise,
+# preset auto, the shift value and the TDM categories): what users have saved
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in LEGACY_WORKFLOWS.glob("*.json")))
+def test_workflows_saved_by_the_previous_version_load_and_queue_the_same_prompt(object_info, name):
+    """Widget values are stored by position: the inputs added since (denoise, an optional VAE socket) went last, so
+    an old file validates and queues exactly the prompt today's file queues (which the end-to-end test runs)."""
+    legacy = json.loads((LEGACY_WORKFLOWS / f"{name}.json").read_text())
+    assert check_workflow(legacy, object_info) == []
+
+    def prompt(workflow):
+        return {node_id: {"class_type": e["class_type"], "inputs": e["inputs"]}
+                for node_id, e in to_api(workflow, object_info, {}).items()}
+
+    assert prompt(legacy) == prompt(committed(name))
+
+
 def test_solver_names_in_notes_are_the_widget_options(object_info):
     """The notes name solvers by tdm_core.solvers.WIDGET_NAMES: those are exactly TDM Sampler's solver options."""
     from tdm_core.solvers import WIDGET_NAMES

@@ -175,6 +175,9 @@ async function checkOne(page, file, { control, queue, out }) {
   Object.assign(result, await page.evaluate(inspectPage, [...expectedTypes, "Note", "MarkdownNote"]));
   result.loadMs = Date.now() - started;
   if (!control) {
+    // the pointer may still rest on the Run button of the previous check, whose tooltip would cover a node
+    await page.mouse.move(640, 900);
+    await sleep(400);
     const layout = await page.evaluate(inspectLayout);
     result.layoutProblems = layout.problems;
     result.liveBoxes = layout.boxes;

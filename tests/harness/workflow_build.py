@@ -101,6 +101,7 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
         # Trailing optional widgets the description leaves unset are not saved (the frontend gives them their
         # defaults): newer ComfyUI versions add such widgets (CreateVideo's bit_depth), and one file must serve all.
         specs = widget_specs(info)
+        shown_widgets = sum(spec.saved_values for spec in specs)  # the frontend shows unsaved trailing ones too
         while specs and specs[-1].optional and specs[-1].name not in node.widgets:
             specs.pop()
         widgets_values = []
@@ -121,7 +122,7 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
                 inputs.append(entry)
         ui_node = {
             "id": ids[node.key], "type": node.type, "pos": list(node.pos),
-            "size": list(node.size or (NODE_WIDTH, 60 + 26 * (len(widgets_values) + len(inputs))
+            "size": list(node.size or (NODE_WIDTH, 60 + 26 * (shown_widgets + len(inputs))
                                        + (REPORT_HEIGHT if node.type in REPORTING_NODES else 0))),
             "flags": {}, "order": order, "mode": 0, "inputs": inputs,
             "outputs": [{"name": name, "type": "COMBO" if isinstance(kind, list) else kind, "links": [],
