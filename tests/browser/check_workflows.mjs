@@ -284,6 +284,8 @@ async function checkReport(page, file, out) {
       text: el.textContent, visible: el.getClientRects().length > 0 && getComputedStyle(el).display !== "none" }));
     return { reports, strengthWidget, drawn };
   });
+  await page.mouse.move(640, 900); // off the Run button: its tooltip would cover the picture
+  await sleep(300);
   await page.screenshot({ path: path.join(out, "lora_report.png") });
   log(`LoRA report: HTTP ${status}, ${JSON.stringify(found).slice(0, 400)}`);
   return { status, ...found };
@@ -324,6 +326,8 @@ async function checkJobsPanel(page, out, jobsFile) {
   } catch (error) {
     text = null;
   }
+  await page.mouse.move(640, 900);
+  await sleep(300);
   await page.screenshot({ path: path.join(out, "jobs_panel.png") });
   log(`jobs panel: registered=${registered === true}, rendered=${text !== null}, ${JSON.stringify(features)}`);
   return { registered: registered === true, error: registered === true ? null : registered, text, ...features };
