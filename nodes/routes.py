@@ -6,6 +6,8 @@
   POST /tdm/jobs/{job}/stop         stop after the current iteration (with a checkpoint)
   POST /tdm/jobs/{job}/resume       resume from the newest checkpoint; body {"iterations": N} optional
 
+Every handler runs the manager's work on a thread of the loop's executor: the event loop (ComfyUI's whole server) never
+waits for a lock, a disk write, a PNG encode or a model moving between devices.
 Errors answer {"error": message} with 400 (bad request), 404 (no such job), 409 (not possible in this state), 413
 (a body over 64 KiB) or 507 (the job's record could not be written). Every value of a request is validated
 (tdm_core.validation, through the job manager); an unexpected failure answers 500 with its reason and never stops the
@@ -65,43 +67,38 @@ def register(get_manager) -> bool:
     @routes.get("/tdm/jobs")
     @guarded
     async def list_jobs(request):
-        return web.json_response({"jobs": [r.to_dict(history=False) for r in get_manager().list()]})
+        listed = await _in_thread(lambda: [r.to_dict(history=False) for r in get_manager().list()])
+        return web.json_response({"jobs": listed})
 
     @routes.get("/tdm/jobs/{job}")
     @guarded
     async def job_status(request):
         try:
-            record = get_manager().get(request.match_info["job"])
+            record = await _in_thread(lambda: get_manager().get(request.match_info["job"]).to_dict())
         except jobs.JobError as error:
             return error_response(error)
-        return web.json_response(record.to_dict())
+        return web.json_response(record)
 
     @routes.get("/tdm/jobs/{job}/preview.png")
     @guarded
     async def job_preview(request):
-        manager = get_manager()
         try:
-            record = manager.get(request.match_info["job"])
+            job_id, png = await _in_thread(lambda: _preview_png(get_manager(), request.match_info["job"]))
         except jobs.JobError as error:
             return error_response(error)
-        array = manager.preview(record.id)
-        if array is None:
-            return web.json_response({"error": f"job {record.id} has no preview yet"}, status=404)
-        from PIL import Image
-
-        buffer = _io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        return web.Response(body=buffer.getvalue(), content_type="image/png")
+        if png is None:
+            return web.json_response({"error": f"job {job_id} has no preview yet"}, status=404)
+        return web.Response(body=png, content_type="image/png")
 
     @routes.post("/tdm/jobs/{job}/stop")
     @guarded
     async def stop_job(request):
         try:
             # off the event loop: stopping a queued job moves its teacher copy to the CPU
-            record = await _in_thread(get_manager().stop, request.match_info["job"])
+            record = await _in_thread(lambda: get_manager().stop(request.match_info["job"]).to_dict(history=False))
         except jobs.JobError as error:
             return error_response(error)
-        return web.json_response(record.to_dict(history=False))
+        return web.json_response(record)
 
     @routes.post("/tdm/jobs/{job}/resume")
     @guarded
@@ -126,16 +123,31 @@ def register(get_manager) -> bool:
                 return web.json_response({"error": f"{error}; send JSON like {{\"iterations\": 1000}}"},
                                          status=400)
         # iterations is validated (whole, finite, 1 ≤ n ≤ MAX_ITERATIONS) by the manager, like every other caller's
-        record = await _in_thread(get_manager().resume, request.match_info["job"],
-                                  iterations=body.get("iterations"))
-        return web.json_response(record.to_dict(history=False))
+        record = await _in_thread(lambda: get_manager().resume(
+            request.match_info["job"], iterations=body.get("iterations")).to_dict(history=False))
+        return web.json_response(record)
 
     _registered["done"] = True
     return True
 
 
+def _preview_png(manager, job: str) -> tuple[str, bytes | None]:
+    """The job's id and its latest preview as PNG bytes (None: no preview yet); reads a file and encodes, so it runs
+    off the event loop."""
+    record = manager.get(job)
+    array = manager.preview(record.id)
+    if array is None:
+        return record.id, None
+    from PIL import Image
+
+    buffer = _io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return record.id, buffer.getvalue()
+
+
 async def _in_thread(function, *args, **kwargs):
-    """Runs a blocking job-manager call (it may move a model between devices or fsync) off aiohttp's event loop."""
+    """Runs a job-manager call off aiohttp's event loop. Every route does: commands may move a model between devices
+    or fsync, and even a status read (microseconds under the manager's lock) must never stall ComfyUI's server."""
     import asyncio
     import functools
 

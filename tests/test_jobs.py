@@ -234,7 +234,9 @@ def test_restart_lists_jobs_and_resumes_from_the_checkpoint(tmp_path):
     record = manager.submit("survivor", FakeRuntime(delay=0.05), 200, save_every=3, preview_every=0)
     manager.wait(record.id, timeout=30, states=("running",))
     deadline = time.monotonic() + 30
-    while manager.get(record.id).checkpoint_step < 3 and time.monotonic() < deadline:
+    record_file = tmp_path / "loras" / ".tdm_jobs" / record.id / "job.json"
+    # the record on disk (written after the lock is released, so it may trail the one in memory) names a checkpoint
+    while json.loads(record_file.read_text())["checkpoint_step"] < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
     # Simulate the process dying while running: copy the on-disk state as it is now to a second folder.
     import shutil
@@ -277,7 +279,7 @@ def test_a_crash_during_a_save_keeps_the_previous_lora(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(jobs.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     manager.resume(record.id, runtime=runtime, iterations=4)
     final = manager.wait(record.id, timeout=30)
     assert final.state == "failed" and "disk full" in final.message
@@ -331,4 +333,73 @@ def test_status_wait_honours_the_canvas_cancel_and_the_job_keeps_running(tmp_pat
         trainer_nodes._wait_for_job(manager, record.id, timeout=1)
     manager.stop(record.id)
     assert manager.wait(record.id, timeout=30).state == "stopped"
+    manager.close()
+
+
+# ---- the manager's lock is never held across I/O or a device move ----------------------------------------------
+
+
+class _Gate:
+    """Blocks the calling (worker or command) thread inside an I/O or offload call until the test has read the
+    status from another thread, and records whether the manager's lock was held at that moment."""
+
+    def __init__(self, manager):
+        self.manager, self.entered, self.release, self.lock_held = manager, threading.Event(), threading.Event(), []
+
+    def __call__(self):
+        self.lock_held.append(self.manager._lock._is_owned())
+        self.entered.set()
+        assert self.release.wait(30), "the test never released the gate"
+
+
+def _status_reads_complete(manager, job_id) -> bool:
+    """list/get/preview/has_runtime from a fresh thread (as the HTTP routes do); False if they block on the lock."""
+    done = threading.Event()
+
+    def read():
+        manager.list(), manager.get(job_id), manager.preview(job_id), manager.has_runtime(job_id)
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return done.wait(10)  # a deadlock detector, not a timing: the reads take microseconds
+
+
+@pytest.mark.parametrize("blocked", ["record write", "lora write", "offload"])
+def test_status_reads_never_wait_for_disk_writes_or_offloads(tmp_path, monkeypatch, blocked):
+    manager = _manager(tmp_path)
+    gate = _Gate(manager)
+    runtime = FakeRuntime(delay=0.01)
+    if blocked == "record write":
+        real_write = manager.store.write
+
+        def write(snapshot):
+            if json.loads(snapshot.data)["step"] >= 2 and not gate.entered.is_set():
+                gate()
+            return real_write(snapshot)
+
+        manager.store.write = write
+    elif blocked == "lora write":
+        from tdm_core.jobs import outputs
+
+        real_atomic = outputs.atomic_write_bytes
+
+        def atomic(path, data):
+            if str(path).endswith(".safetensors"):
+                gate()
+            return real_atomic(path, data)
+
+        monkeypatch.setattr(outputs, "atomic_write_bytes", atomic)
+    record = manager.submit("gated", runtime, 1000 if blocked == "offload" else 6, save_every=3, preview_every=0)
+    if blocked == "offload":
+        # a stopped job's teacher leaves the accelerator when its run ends
+        runtime.offload = gate
+        manager.wait(record.id, timeout=30, states=("running",))
+        manager.stop(record.id)
+    assert gate.entered.wait(30), f"no {blocked} happened"
+    try:
+        assert _status_reads_complete(manager, record.id), f"status reads blocked during a {blocked}"
+    finally:
+        gate.release.set()
+    assert manager.wait(record.id, timeout=30).state in ("finished", "stopped")
+    assert gate.lock_held and not any(gate.lock_held), f"the manager's lock was held during a {blocked}"
     manager.close()

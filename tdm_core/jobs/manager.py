@@ -1,0 +1,362 @@
+"""The job manager: the commands (submit, resume, stop), the queries (list, get, wait, preview) and the queue.
+
+One lock (`_lock`) guards the state in memory: the records, the queue, the runtimes. It is never held across I/O
+or while a model moves between devices: a change is made under it, a snapshot of the record is taken under it, and
+the snapshot is written (fsynced) after it is released (`records.RecordStore` keeps writes of one job in order).
+Status reads, and so the HTTP routes, only ever wait for in-memory work.
+
+Where a caller must know the change is on disk, it is: a new job exists once its record is written (a failed write
+leaves nothing), a resume is queued only once its queued state is written, and `wait()` returns a state only after
+the write of that state was attempted (a failed write is noted in the record's message, never raised to the worker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import JobError
+from .outputs import OutputWriter
+from .records import (
+    ACTIVE_STATES,
+    LORA_EXTENSION,
+    MAX_EVERY,
+    MAX_ITERATIONS,
+    MAX_KEEP,
+    JobRecord,
+    RecordStore,
+    _checked_int,
+    validate_output_name,
+)
+from .worker import JobWorker
+
+
+class JobManager:
+    """Runs distillation jobs one at a time on a worker thread; see the package docstring."""
+
+    def __init__(self, loras_dir: str | Path, listener: Callable[[str, dict], Any] | None = None):
+        self.loras_dir = Path(loras_dir)
+        self.store = RecordStore(self.loras_dir)
+        self.jobs_dir = self.store.jobs_dir
+        self.listener = listener
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._records: dict[str, JobRecord] = {}
+        self._settled: dict[str, str] = {}  # each job's state as last written (what wait() answers with)
+        self._runtimes: dict[str, Any] = {}
+        self._stops: dict[str, threading.Event] = {}
+        self._queue: deque[str] = deque()
+        self._previews: dict[str, Any] = {}
+        self._reserved: set[str] = set()  # output names (new jobs) and job ids (resumes) whose record is being written
+        self._closed = False
+        self.outputs = OutputWriter(self.loras_dir, self.store.job_dir, read=self._read, commit=self._commit,
+                                    commit_or_note=self._commit_or_note, emit=self._emit)
+        self.worker = JobWorker(self)
+        self._load_records()
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.store.job_dir(job_id)
+
+    def _load_records(self) -> None:
+        for record in self.store.load():
+            was_active = record.state in ACTIVE_STATES
+            if was_active:
+                was = record.state
+                record.state = "stopped"
+                record.step = record.checkpoint_step
+                record.message = (f"The process ended while this job was {was}; resume continues from "
+                                  + (f"the checkpoint at step {record.checkpoint_step}." if record.checkpoint_step
+                                     else "the start (no checkpoint had been written)."))
+            self._records[record.id] = record
+            self._settled[record.id] = record.state
+            if was_active:
+                self._commit_or_note(record, lambda r: None)
+            self.outputs.clean_leftovers(record)
+
+    # ---- record changes: in memory under the lock, on disk after it -------------------------------------------------
+    def _read(self, record: JobRecord, view: Callable[[JobRecord], Any]) -> Any:
+        with self._lock:
+            return view(record)
+
+    def _commit(self, record: JobRecord, change: Callable[[JobRecord], Any]) -> Any:
+        """Applies `change` to the record under the lock, then writes the record outside it; raises if the write
+        fails (the change stays in memory)."""
+        with self._lock:
+            result = change(record)
+            snapshot = self.store.snapshot(record)
+        self.store.write(snapshot)
+        return result
+
+    def _commit_or_note(self, record: JobRecord, change: Callable[[JobRecord], Any]) -> Any:
+        """`_commit`, but a failed write (a full disk, a read-only folder) is noted in the record's message instead
+        of raised: bookkeeping must never kill the worker or a command."""
+        with self._lock:
+            result = change(record)
+            snapshot = self.store.snapshot(record)
+        try:
+            self.store.write(snapshot)
+        except Exception as error:  # noqa: BLE001 - any failure to write is reported, never propagated
+            note = (f"(job.json could not be written: {type(error).__name__}: {str(error)[:200]}; free disk space "
+                    "or fix the folder's permissions — the state shown is kept in memory only)")
+            with self._lock:
+                if note not in record.message:
+                    record.message = f"{record.message} {note}".strip()
+            print(f"[comfyui-tdm] TDM job {record.id} '{record.name}': {note}")
+        return result
+
+    def _set_state(self, record: JobRecord, state: str, message: str | None = None) -> None:
+        """Changes a job's state and publishes it: written (or the failure noted), then announced to `wait()` and
+        the listener. Never call it with the lock held (it writes)."""
+
+        def change(r: JobRecord) -> None:
+            r.state = state
+            if message is not None:
+                r.message = message
+
+        self._commit_or_note(record, change)
+        self._publish(record)
+
+    def _write_and_publish(self, record: JobRecord) -> None:
+        """Writes a state already changed in memory (under the lock, by the caller) and publishes it."""
+        self._commit_or_note(record, lambda r: None)
+        self._publish(record)
+
+    def _publish(self, record: JobRecord) -> None:
+        """Tells `wait()` and the listener the job's current state (after it was written)."""
+        with self._lock:
+            self._settled[record.id] = record.state
+            self._wake.notify_all()
+            payload = record.to_dict(history=False)
+        self._emit("tdm.job.state", payload)
+
+    def _emit(self, event: str, payload: dict) -> None:
+        if self.listener is None:
+            return
+        try:
+            self.listener(event, payload)
+        except Exception as error:  # noqa: BLE001 - a broken listener must not fail the job
+            print(f"[comfyui-tdm] job event listener failed: {error}")
+
+    # ---- queries ------------------------------------------------------------------------------------------------
+    def list(self) -> list[JobRecord]:
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.created)
+
+    def get(self, job: str) -> JobRecord:
+        """A job by id, or by output name (the newest job of that name)."""
+        with self._lock:
+            if job in self._records:
+                return self._records[job]
+            try:
+                name = validate_output_name(job, self.loras_dir)
+            except JobError:
+                name = None
+            found = self.find(name) if name else None
+            if found is None:
+                raise JobError(f"no TDM job with id or output name {job!r}; known jobs: "
+                               + (", ".join(f"{r.id} ({r.name})" for r in self.list()) or "none"), status=404)
+            return found
+
+    def find(self, name: str) -> JobRecord | None:
+        with self._lock:
+            matches = [r for r in self._records.values() if r.name == name]
+            return max(matches, key=lambda r: r.created) if matches else None
+
+    def has_runtime(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._runtimes
+
+    def preview(self, job_id: str):
+        """The latest preview (uint8 H×W×3 numpy array) or None."""
+        with self._lock:
+            cached = self._previews.get(job_id)
+        return cached if cached is not None else self.outputs.read_preview(job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None, states: tuple = ("stopped", "failed", "finished")):
+        """Blocks until the job's written state is one of `states` (default: not active); returns its record."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._wake:
+            while self._settled.get(job_id, self._records[job_id].state) not in states:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"TDM job {job_id} is still {self._records[job_id].state}")
+                self._wake.wait(remaining if remaining is not None else 1.0)
+            return self._records[job_id]
+
+    # ---- commands ----------------------------------------------------------------------------------------------
+    def submit(self, name: str, runtime, iterations: int, *, save_every: int = 100, keep_last: int = 3,
+               preview_every: int = 50, settings: dict | None = None, teacher: dict | None = None,
+               if_exists: str = "refuse") -> JobRecord:
+        """Queues a new job (or, with if_exists="resume", continues the job of that name). Returns at once."""
+        name = validate_output_name(name, self.loras_dir)
+        iterations = _checked_int(iterations, "iterations", 1, MAX_ITERATIONS)
+        save_every = _checked_int(save_every, "save_every", 0, MAX_EVERY)
+        keep_last = _checked_int(keep_last, "keep_last", 1, MAX_KEEP)
+        preview_every = _checked_int(preview_every, "preview_every", 0, MAX_EVERY)
+        existing = self.find(name)
+        if existing is not None:
+            if if_exists == "resume":
+                check_same_teacher(existing, teacher or {})
+                if existing.state == "finished" and int(iterations) <= existing.step:
+                    return existing  # nothing left to train: the workflow re-queued after the end
+                return self.resume(existing.id, runtime=runtime, iterations=iterations)
+            raise JobError(
+                f"output name '{name}' is already used by TDM job {existing.id} ({existing.state} at step "
+                f"{existing.step}/{existing.iterations}); choose another output name, or set if_exists to "
+                "'resume' to continue that job", status=409)
+        if (self.loras_dir / (name + LORA_EXTENSION)).exists():
+            raise JobError(f"models/loras/{name}{LORA_EXTENSION} already exists and was not written by a TDM "
+                           "job here; choose another output name (jobs never overwrite other LoRAs)", status=409)
+        foreign = self.outputs.snapshot_files(name)
+        if foreign:
+            raise JobError(f"models/loras already holds {foreign[0]} (and {len(foreign) - 1} more) named like this "
+                           f"job's snapshots, not written by a TDM job here; choose another output name (jobs "
+                           "never overwrite or delete other files)", status=409)
+        now = time.time()
+        record = JobRecord(id=uuid.uuid4().hex[:12], name=name, state="queued", iterations=iterations,
+                           created=now, started=None, save_every=save_every, keep_last=keep_last,
+                           preview_every=preview_every, settings=dict(settings or {}), teacher=dict(teacher or {}))
+        with self._lock:
+            if self.find(name) is not None or name in self._reserved:
+                raise JobError(f"output name '{name}' is being used by a TDM job started just now; choose another "
+                               "output name", status=409)
+            self._reserved.add(name)
+            record.message = "queued" + self._waits_for(record)
+            snapshot = self.store.snapshot(record)
+        try:
+            # A job exists once its record is on disk: a failed write (a full disk) leaves no folder and no job.
+            self.store.create(snapshot)
+        except Exception as error:  # noqa: BLE001 - whatever failed, nothing half-created remains
+            raise JobError(f"could not create the job record in {self.job_dir(record.id)}: "
+                           f"{type(error).__name__}: {str(error)[:300]}. Free disk space or fix the folder's "
+                           "permissions, then start the job again.", status=507) from None
+        finally:
+            with self._lock:
+                self._reserved.discard(name)
+        with self._lock:
+            self._records[record.id] = record
+            self._runtimes[record.id] = runtime
+            self._queue_up(record)
+        self._publish(record)
+        return record
+
+    def resume(self, job: str, runtime=None, iterations: int | None = None) -> JobRecord:
+        """Continues a stopped/failed job from its newest checkpoint (or a finished one with more iterations).
+        An active job is returned as it is. Without `runtime`, the one kept in memory since it ran is used."""
+        if iterations is not None:
+            iterations = _checked_int(iterations, "iterations", 1, MAX_ITERATIONS)
+        with self._lock:
+            record = self.get(job)
+            if record.state in ACTIVE_STATES:
+                if runtime is not None and record.id not in self._runtimes:
+                    self._runtimes[record.id] = runtime
+                return record
+            if record.id in self._reserved:
+                raise JobError(f"TDM job {record.id} '{record.name}' is being resumed already", status=409)
+            target = int(iterations) if iterations is not None else record.iterations
+            if record.state == "finished" and target <= record.step:
+                raise JobError(f"TDM job {record.id} '{record.name}' already finished at step {record.step}; give "
+                               f"more iterations (> {record.step}) to train further", status=409)
+            if runtime is not None:
+                self._runtimes[record.id] = runtime
+            if record.id not in self._runtimes:
+                raise JobError(
+                    f"the teacher model of TDM job {record.id} '{record.name}' is not in memory (a finished job frees "
+                    "it, and a ComfyUI restart loses it): queue the distillation workflow again with the same output "
+                    f"name and if_exists = resume; it continues from the checkpoint at step {record.checkpoint_step}",
+                    status=409)
+            # The queued state must be on disk before the job is queued: written from a copy, applied after.
+            queued = dataclasses.replace(
+                record, state="queued", iterations=max(target, record.checkpoint_step), step=record.checkpoint_step,
+                message=f"resuming from step {record.checkpoint_step}" + self._waits_for(record))
+            snapshot = self.store.snapshot(queued)
+            self._reserved.add(record.id)
+        try:
+            self.store.write(snapshot)
+        except Exception as error:  # noqa: BLE001
+            raise JobError(f"could not write the record of TDM job {record.id} '{record.name}': "
+                           f"{type(error).__name__}: {str(error)[:300]}. Free disk space or fix the folder's "
+                           "permissions, then resume again.", status=507) from None
+        finally:
+            with self._lock:
+                self._reserved.discard(record.id)
+        with self._lock:
+            for key in ("state", "iterations", "step", "message", "updated"):
+                setattr(record, key, getattr(queued, key))
+            self._queue_up(record)
+        self._publish(record)
+        return record
+
+    def stop(self, job: str) -> JobRecord:
+        """Asks a job to stop: a queued job stops at once; a running one after its current iteration, with a
+        checkpoint. Returns the record (wait() for the final state)."""
+        to_offload = None
+        with self._lock:
+            record = self.get(job)
+            if record.state == "queued":
+                self._queue.remove(record.id)
+                to_offload = self._runtimes.get(record.id)
+                record.state = "stopped"
+                record.message = ("stopped before it started" if not record.checkpoint_step
+                                  else f"stopped while queued; resume continues from step {record.checkpoint_step}")
+            elif record.state == "running":
+                self._stops[record.id].set()
+                record.state = "stopping"
+                record.message = "stopping after the current iteration (a checkpoint is written)"
+            elif record.state != "stopping":
+                raise JobError(f"TDM job {record.id} '{record.name}' is not running (it is {record.state})",
+                               status=409)
+        self._write_and_publish(record)
+        # Moving a teacher copy to the CPU takes seconds: never while holding the lock every status read needs.
+        if to_offload is not None and hasattr(to_offload, "offload"):
+            to_offload.offload()
+        return record
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops every job and the worker (tests, shutdown)."""
+        with self._lock:
+            self._closed = True
+            active = [r.id for r in self._records.values() if r.state in ("queued", "running")]
+            self._wake.notify_all()
+        for job_id in active:
+            try:
+                self.stop(job_id)
+            except JobError:
+                pass  # it ended meanwhile
+        self.worker.join(timeout)
+
+    def _waits_for(self, record: JobRecord) -> str:
+        """" (waits for job …)" when another job is running or queued ahead of `record` (call under the lock)."""
+        ahead = [r for r in self._records.values() if r.state in ("running", "stopping") and r.id != record.id]
+        ahead += [self._records[i] for i in self._queue if i != record.id]
+        return f" (waits for job {ahead[0].id} '{ahead[0].name}': one job trains at a time)" if ahead else ""
+
+    def _queue_up(self, record: JobRecord) -> None:
+        """Puts a job whose queued state is written on the queue (call under the lock)."""
+        record.state = "queued"
+        self._stops[record.id] = threading.Event()
+        self._queue.append(record.id)
+        self._wake.notify_all()
+        self.worker.ensure_running()
+
+
+def check_same_teacher(record: JobRecord, teacher: dict) -> None:
+    """Refuses to resume a job with a different teacher than it was started with (when both are described)."""
+    old, new = record.teacher or {}, teacher or {}
+    for key in ("family", "parametrisation", "parameters", "latent_channels"):
+        if key in old and key in new and old[key] != new[key]:
+            raise JobError(f"TDM job {record.id} '{record.name}' was started with another teacher ({key} "
+                           f"{old[key]!r}, this MODEL has {new[key]!r}); connect the same model to resume it, or "
+                           "choose another output name", status=409)
+    if "checksum" in old and "checksum" in new:
+        a, b = float(old["checksum"]), float(new["checksum"])
+        if abs(a - b) > 1e-4 * max(1.0, abs(a), abs(b)):
+            raise JobError(f"TDM job {record.id} '{record.name}' was started with different teacher weights "
+                           "(weight checksum differs); connect the same model (and LoRAs) to resume it, or choose "
+                           "another output name", status=409)

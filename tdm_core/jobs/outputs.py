@@ -1,0 +1,221 @@
+"""The files a job writes besides its record: resumable checkpoints, LoRA snapshots and the latest LoRA, previews.
+
+Every file is written under a temporary name, fsynced and renamed into place. Ownership is write-ahead: the record
+names a file (durably) before the file is written, and names the files it drops under `pruning` (durably) before
+they are deleted, so a crash at any point leaves no file of ours that the record does not name, and nothing is ever
+deleted or overwritten that the record does not name.
+
+The writer holds no lock of its own and never the manager's across I/O: every change to a record goes through `commit`
+(applies a change under the manager's lock, then writes the record outside it and raises if that fails) or
+`commit_or_note` (the same, but a failed write is noted in the record's message instead of raised).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import validation
+from ..distill.checkpoint import atomic_write_bytes, fsync_dir, safetensors_bytes
+from .errors import NonFiniteWeights, NotOwned
+from .records import CHECKPOINT_FILE, LORA_EXTENSION, PREVIEW_FILE, JobRecord, _is_snapshot_of, snapshot_name
+
+Commit = Callable[[JobRecord, Callable[[JobRecord], object]], object]
+
+
+class OutputWriter:
+    def __init__(self, loras_dir: str | Path, job_dir: Callable[[str], Path], *, read: Commit, commit: Commit,
+                 commit_or_note: Commit, emit: Callable[[str, dict], None]):
+        self.loras_dir = Path(loras_dir)
+        self.job_dir = job_dir
+        self.read = read  # read(record, f): f(record) under the manager's lock, nothing written
+        self.commit = commit
+        self.commit_or_note = commit_or_note
+        self.emit = emit
+
+    # ---- names ------------------------------------------------------------------------------------------------
+    def checkpoint_dir(self, job_id: str, step: int) -> Path:
+        return self.job_dir(job_id) / "checkpoints" / f"step-{step:08d}"
+
+    def lora_path(self, file_name: str) -> Path:
+        """An owned LoRA file's path, confined to the LoRA folder (symlinks resolved) once more before any write or
+        delete: the folder may have changed since the record was validated."""
+        try:
+            validation.confined(self.loras_dir, file_name, "LoRA file")
+        except validation.ValidationError as error:
+            raise NotOwned(f"refusing to touch {file_name!r}: {error}") from None
+        return self.loras_dir / file_name
+
+    def snapshot_files(self, name: str) -> list[str]:
+        """Files in the LoRA folder named like snapshots of job output `name` (compared as text, no pattern)."""
+        folder = (self.loras_dir / name).parent
+        base = name.rsplit("/", 1)[-1]
+        try:
+            entries = sorted(os.listdir(folder)) if folder.is_dir() else []
+        except OSError:
+            return []
+        prefix = name[: len(name) - len(base)]
+        return [prefix + entry for entry in entries if _is_snapshot_of(base, entry)]
+
+    # ---- checkpoints and LoRAs -------------------------------------------------------------------------------------
+    def load_checkpoint(self, record: JobRecord) -> dict:
+        path = self.checkpoint_dir(record.id, record.checkpoint_step) / CHECKPOINT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"the checkpoint of step {record.checkpoint_step} ({path}) is gone")
+        from ..lora.files import check_torch_archive
+
+        check_torch_archive(path)  # a replaced checkpoint must not inflate: sizes are checked before torch.load
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def save(self, record: JobRecord, session) -> None:
+        """The checkpoint, then the LoRA snapshot and the latest LoRA; each atomic. Nothing is written when the
+        weights are non-finite (the last good files stay published), and nothing is overwritten that the record does
+        not name. Older snapshots and checkpoints are deleted only after the record that drops them is durable."""
+        step = session.step_count
+        tensors, metadata = session.lora()
+        bad = validation.non_finite_tensors(tensors)
+        state = session.state_dict()
+        bad += [f"state {name}" for name in validation.non_finite_tensors(state)]
+        if bad:
+            kept = (f"the LoRA and checkpoint of step {record.checkpoint_step} are kept" if record.checkpoint_step
+                    else "no LoRA had been written yet")
+            raise NonFiniteWeights(f"the student weights hold NaN or infinite values at step {step} ("
+                                   f"{', '.join(bad[:3])}); nothing of this step was written, {kept}")
+        snapshot, latest = snapshot_name(record.name, step), record.name + LORA_EXTENSION
+        for file_name in (snapshot, latest):
+            if self.lora_path(file_name).exists() and not record.owns(file_name):
+                raise NotOwned(f"models/loras/{file_name} exists and was not written by this job (another job's "
+                               "LoRA or your file); it was left untouched. Move it away, or start the job under "
+                               "another output name")
+        root = self.job_dir(record.id) / "checkpoints"
+        final = self.checkpoint_dir(record.id, step)
+        if not final.exists():
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                atomic_write_bytes(tmp / CHECKPOINT_FILE, buffer.getvalue())
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            fsync_dir(root)
+        data = safetensors_bytes(tensors, {**metadata, "tdm.job_id": record.id, "tdm.job_name": record.name,
+                                           "tdm.trained_iterations": str(step)})
+
+        def name_the_files(r: JobRecord) -> None:
+            # Write-ahead: the record names the files before they exist, so a crash after writing one never leaves a
+            # file of ours that the record does not own (and a resume may overwrite it).
+            if step not in r.checkpoints:
+                r.checkpoints.append(step)
+            if snapshot not in r.loras:
+                r.loras.append(snapshot)
+            r.pruning = [f for f in r.pruning if f != snapshot]
+            r.latest_lora = latest
+
+        self.commit(record, name_the_files)
+        atomic_write_bytes(self.lora_path(snapshot), data)
+        atomic_write_bytes(self.lora_path(latest), data)
+
+        def publish(r: JobRecord) -> None:
+            r.checkpoint_step = step
+            drop = r.loras[: -r.keep_last]
+            r.loras = r.loras[-r.keep_last:]
+            r.pruning += [f for f in drop if f not in r.pruning]
+            r.checkpoints.sort()
+            drop_steps = [s for s in r.checkpoints[: -r.keep_last] if s != step]
+            r.checkpoints = [s for s in r.checkpoints if s not in drop_steps]
+            r.pruning_checkpoints += [s for s in drop_steps if s not in r.pruning_checkpoints]
+
+        self.commit(record, publish)  # durable before anything it drops is deleted
+        self.prune(record)
+        self.emit("tdm.job.saved", {"id": record.id, "name": record.name, "step": step,
+                                    "lora": record.latest_lora, "snapshot": snapshot})
+
+    def prune(self, record: JobRecord) -> None:
+        """Deletes what the durable record lists under pruning (only files it names; each confined again)."""
+        files, steps = self.read(record, lambda r: (list(r.pruning), list(r.pruning_checkpoints)))
+        if not files and not steps:
+            return
+        for file_name in files:
+            if file_name in record.loras or file_name == record.latest_lora:
+                continue  # kept again since (a resume saved that step anew)
+            try:
+                self.lora_path(file_name).unlink(missing_ok=True)
+            except (OSError, NotOwned) as error:
+                print(f"[comfyui-tdm] TDM job {record.id}: could not delete {file_name}: {error}")
+                return
+        for step in steps:
+            if step in record.checkpoints or step == record.checkpoint_step:
+                continue
+            shutil.rmtree(self.checkpoint_dir(record.id, step), ignore_errors=True)
+
+        def forget(r: JobRecord) -> None:
+            r.pruning = [f for f in r.pruning if f not in files]
+            r.pruning_checkpoints = [s for s in r.pruning_checkpoints if s not in steps]
+
+        self.commit_or_note(record, forget)
+
+    def clean_leftovers(self, record: JobRecord) -> None:
+        """What a crash can leave: temporary files of this job's own writes (`.<file>.<pid>.<thread>.partial` next
+        to each file the record names, temporary checkpoint folders in the job's folder) and deletions the record
+        had made durable but not done. Only names derived from the record are touched."""
+        try:
+            owned = {record.latest_lora, *record.loras, *record.pruning} - {""}
+            folders: dict[Path, set[str]] = {}
+            for file_name in owned:
+                path = self.lora_path(file_name)
+                folders.setdefault(path.parent, set()).add("." + path.name + ".")
+            for folder, prefixes in folders.items():
+                if folder.is_dir():
+                    for entry in os.listdir(folder):
+                        if entry.endswith(".partial") and any(entry.startswith(p) for p in prefixes):
+                            (folder / entry).unlink(missing_ok=True)
+            own = self.job_dir(record.id)
+            for folder in (own, own / "checkpoints", *[own / "checkpoints" / f"step-{s:08d}"
+                                                        for s in record.checkpoints]):
+                if not folder.is_dir():
+                    continue
+                for entry in os.listdir(folder):
+                    if entry.startswith(".tmp-step-") and (folder / entry).is_dir():
+                        shutil.rmtree(folder / entry, ignore_errors=True)
+                    elif entry.startswith(".") and entry.endswith(".partial"):
+                        (folder / entry).unlink(missing_ok=True)
+            self.prune(record)
+        except (OSError, NotOwned) as error:
+            print(f"[comfyui-tdm] TDM job {record.id}: cleaning crash leftovers failed: {error}")
+
+    # ---- previews ----------------------------------------------------------------------------------------------
+    def write_preview(self, record: JobRecord, image):
+        """Saves a uint8 H×W×3 preview next to the record; returns the array (the manager caches it)."""
+        import numpy as np
+
+        array = np.ascontiguousarray(np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image,
+                                                dtype=np.uint8))
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        atomic_write_bytes(self.job_dir(record.id) / PREVIEW_FILE, buffer.getvalue())
+        return array
+
+    def read_preview(self, job_id: str):
+        """The preview on disk (uint8 H×W×3 numpy array), or None when there is none or it is not one of ours."""
+        path = self.job_dir(job_id) / PREVIEW_FILE
+        if not path.is_file():
+            return None
+        import numpy as np
+
+        try:
+            array = np.load(path, allow_pickle=False, mmap_mode="r")
+            # a preview is ours only if it has the shape and type write_preview writes; anything else is not shown
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or max(array.shape) > 8192:
+                raise ValueError(f"shape {array.shape} of {array.dtype} is not an RGB preview")
+            return np.array(array)
+        except (OSError, ValueError) as error:
+            print(f"[comfyui-tdm] ignoring the preview {path}: {error}")
+            return None

@@ -1,0 +1,170 @@
+"""The worker: one daemon thread that runs queued jobs one at a time, in submission order, and the training loop of
+one job (progress, periodic saves and previews, stop requests, failures in words a user can act on).
+
+It works on the manager's state through the manager's lock (in-memory changes only) and writes through the
+manager's `_commit*` helpers and the output writer, never holding the lock across I/O or while a model moves
+between devices. It survives any exception in its own bookkeeping (a full disk while writing job.json): the state
+is kept in memory, the reason shown, and the next job runs.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import JobError, NonFiniteLoss
+from .records import MAX_HISTORY, JobRecord
+from .session import describe_failure
+
+if TYPE_CHECKING:
+    from .manager import JobManager
+
+PERSIST_PROGRESS_EVERY_S = 2.0  # job.json is rewritten at most this often while a job runs (status survives a crash)
+
+
+class JobWorker:
+    def __init__(self, manager: JobManager):
+        self.manager = manager
+        self.thread: threading.Thread | None = None
+
+    def ensure_running(self) -> None:
+        """Starts the thread if it is not running (call under the manager's lock)."""
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._loop, name="tdm-distill-worker", daemon=True)
+            self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                if not self._work_one():
+                    return
+            except BaseException as error:  # noqa: BLE001 - the worker outlives any failure of its bookkeeping
+                print(f"[comfyui-tdm] TDM job worker: {type(error).__name__}: {error}; continuing with the queue")
+                time.sleep(0.05)
+
+    def _work_one(self) -> bool:
+        """Runs the next queued job; False when the manager is closed and the queue is empty."""
+        manager = self.manager
+        with manager._wake:
+            while not manager._queue and not manager._closed:
+                manager._wake.wait(1.0)
+            if not manager._queue:
+                return False
+            job_id = manager._queue.popleft()
+            record = manager._records[job_id]
+            runtime = manager._runtimes.get(job_id)
+            stop = manager._stops[job_id]
+            record.started = time.time()
+            record.state, record.message = "running", ""
+            others = [(other_id, other) for other_id, other in manager._runtimes.items() if other_id != job_id]
+        manager._write_and_publish(record)
+        try:
+            # Only the job about to run keeps its model on the accelerator.
+            for other_id, other in others:
+                if hasattr(other, "offload"):
+                    try:
+                        other.offload()
+                    except Exception as error:  # noqa: BLE001 - another job's model stays where it is
+                        print(f"[comfyui-tdm] moving TDM job {other_id}'s model off the accelerator failed: {error}")
+            with torch.inference_mode(False):
+                state, message = self._run(record, runtime, stop)
+        except BaseException as error:  # noqa: BLE001 - any failure ends this job, never the worker
+            state, message = "failed", describe_failure(error, record.step, record.checkpoint_step)
+            print(f"[comfyui-tdm] TDM job {record.id} '{record.name}' failed: {message}")
+            with manager._lock:
+                record.step = record.checkpoint_step
+        try:
+            if state == "finished":
+                # A finished job's teacher is freed; training further needs the workflow (a new runtime).
+                with manager._lock:
+                    manager._runtimes.pop(job_id, None)
+            elif runtime is not None and hasattr(runtime, "offload"):
+                runtime.offload()
+        except Exception as error:  # noqa: BLE001 - a failed offload must not leave the job "running"
+            message += f" (moving its model off the accelerator failed: {error})"
+        finally:
+            with manager._lock:
+                record.eta_s = None
+            manager._set_state(record, state, message)
+            del runtime
+            _free_accelerator_memory()
+        return True
+
+    def _run(self, record: JobRecord, runtime, stop: threading.Event) -> tuple[str, str]:
+        manager, outputs = self.manager, self.manager.outputs
+        if runtime is None:
+            raise JobError("the job's teacher model is not in memory; queue the workflow again to resume it")
+        outputs.clean_leftovers(record)
+        state = outputs.load_checkpoint(record) if record.checkpoint_step else None
+        session = runtime.build(state)
+        with manager._lock:
+            record.step = session.step_count
+            # steps after the checkpoint were trained again from it: their old loss points are not history
+            record.history = [point for point in record.history if point[0] <= session.step_count]
+        last_saved = session.step_count if state is not None else -1
+        last_preview = -1
+        window: deque = deque(maxlen=20)
+        window.append((time.perf_counter(), session.step_count))
+        last_persist = time.monotonic()
+        while session.step_count < record.iterations and not stop.is_set():
+            metrics = session.step()
+            step = session.step_count
+            loss_fake, loss_gen = float(metrics.get("loss_fake", 0.0)), float(metrics.get("loss_gen", 0.0))
+            if not (math.isfinite(loss_fake) and math.isfinite(loss_gen)):
+                raise NonFiniteLoss(f"the loss became non-finite at step {step} (loss_fake {loss_fake}, "
+                                    f"loss_gen {loss_gen})")
+            window.append((time.perf_counter(), step))
+            with manager._lock:
+                record.step = step
+                record.history.append([step, loss_fake, loss_gen])
+                if len(record.history) > MAX_HISTORY:
+                    record.history = record.history[:-1:2] + record.history[-1:]
+                (t0, s0), (t1, s1) = window[0], window[-1]
+                record.it_per_s = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+                record.eta_s = (record.iterations - step) / record.it_per_s if record.it_per_s > 0 else None
+                progress = {"id": record.id, "name": record.name, "step": step, "iterations": record.iterations,
+                            "loss_fake": loss_fake, "loss_gen": loss_gen, "it_per_s": record.it_per_s,
+                            "eta_s": record.eta_s}
+            manager._emit("tdm.job.progress", progress)
+            if record.save_every and step % record.save_every == 0:
+                outputs.save(record, session)
+                last_saved = step
+            if record.preview_every and step % record.preview_every == 0:
+                self._preview(record, session)
+                last_preview = step
+            if time.monotonic() - last_persist > PERSIST_PROGRESS_EVERY_S:
+                manager._commit(record, lambda r: None)
+                last_persist = time.monotonic()
+        if session.step_count != last_saved:
+            outputs.save(record, session)
+        if record.preview_every and last_preview != session.step_count:
+            self._preview(record, session)
+        if session.step_count >= record.iterations:
+            return "finished", f"finished {record.iterations} iterations"
+        return "stopped", f"stopped at step {session.step_count}; resume continues from there"
+
+    def _preview(self, record: JobRecord, session) -> None:
+        image = session.preview()
+        if image is None:
+            return
+        array = self.manager.outputs.write_preview(record, image)
+        with self.manager._lock:
+            self.manager._previews[record.id] = array
+            record.has_preview = True
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
