@@ -201,6 +201,12 @@ def test_sd15_job_finishes_and_samples_with_the_dreamshaper_preset(comfy_server)
         assert handle.metadata()["tdm.preset"] == "dreamshaper"
         assert all(k.startswith("diffusion_model.") for k in handle.keys())
     check_lora_loads_and_samples(server, "sd15", record["latest_lora"], "dreamshaper", 2)
+    # The jobs panel's Remove: DELETE forgets the finished job; its LoRAs stay for the user's workflows.
+    assert server.request("DELETE", f"/tdm/jobs/{name}") == {"removed": record["id"], "name": name}
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        job(server, name)
+    assert missing.value.code == 404
+    assert (loras / f"{name}.safetensors").is_file()
 
 
 @pytest.mark.parametrize("name", ["../escape", "/tmp/absolute", "sub/../../escape", "a\\b", ".tdm_jobs/x"])

@@ -214,7 +214,7 @@ app.registerExtension({
       }
     };
     const soon = () => { clearTimeout(timer); timer = setTimeout(refresh, 300); };
-    for (const event of ["tdm.job.progress", "tdm.job.state", "tdm.job.saved"]) api.addEventListener(event, soon);
+    for (const event of ["tdm.job.progress", "tdm.job.state", "tdm.job.saved", "tdm.job.removed"]) api.addEventListener(event, soon);
 
     app.extensionManager.registerSidebarTab({
       id: "tdm-jobs",
