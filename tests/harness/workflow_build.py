@@ -11,8 +11,9 @@ NODE_WIDTH = 340
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
 GAP = 40  # free space kept between stacked nodes
 # The view a workflow opens with must show every node on a 1280×720 canvas (a laptop browser window), clear of the
-# frontend's toolbar (top) and sidebar (left); the real-browser check measures it with live node sizes.
-VIEW = {"width": 1280, "height": 720, "left": 72, "top": 96, "right": 24, "bottom": 24}
+# frontend's toolbar and the queue notice under its Run button (top: 136 px) and its sidebar (left); the
+# real-browser check measures it with live node sizes.
+VIEW = {"width": 1280, "height": 720, "left": 72, "top": 136, "right": 24, "bottom": 24}
 # Nodes that show a report box on the canvas (web/tdm_nodes.js): room for it below their widgets.
 REPORT_HEIGHT = 70
 REPORTING_NODES = {"TDMLoraLoader", "TDMKSampler", "TDMScheduler"}
