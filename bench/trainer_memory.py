@@ -7,7 +7,17 @@ feed-forward layers. Each mode runs 2 TDM iterations in a fresh subprocess. On C
 torch.cuda.max_memory_allocated; on CPU it is the peak resident set size (ru_maxrss) minus the resident size after
 the imports, i.e. what the model and training added.
 
-    .venv/bin/python bench/trainer_memory.py        -> {"bench":"trainer_memory","peak_lora_mb":…,"peak_full_mb":…,"ratio":…}
+The ComfyUI job path (`comfy_job_*`): TDM Distill's own `build_runtime` and two training steps on a real-size
+SD1.5 UNet in ComfyUI's layout (ComfyUI's SD15 config: 320 channels, 768-d context, ~860 M parameters, random
+weights, fp32 on the CPU, batch 1, 8×8 latents, LoRA rank 16), loaded through ComfyUI's model management as a
+checkpoint is. `comfy_job_ratio` = what the process added from before the teacher existed to its peak during the job
+÷ the teacher's weight bytes: a job that held the teacher twice (the deep copy it used to train) measures ≥ 2, one
+that trains on ComfyUI's own weights ~1. `comfy_job_ratio_copy` is the same job with the weights copied instead of
+shared, measured in the same run for comparison. CPU figures (ru_maxrss); the bench needs ~12 GB of RAM.
+
+    .venv/bin/python bench/trainer_memory.py        -> {"bench":"trainer_memory","peak_lora_mb":…,"peak_full_mb":…,"ratio":…,
+                                                        "comfy_job_peak_mb":…,"teacher_mb":…,"comfy_job_ratio":…,…}
+    .venv/bin/python bench/trainer_memory.py --only comfy_job      (just the ComfyUI job path)
 """
 
 from __future__ import annotations
@@ -71,21 +81,107 @@ def measure(mode: str) -> dict:
     return {"mode": mode, "peak_mb": peak, "params": params, "trainable": trainable, "device": str(device)}
 
 
+# ComfyUI's SD15 UNet (comfy.supported_models.SD15 with the values model detection finds in an SD1.5 checkpoint)
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+COMFY_JOB_SETTINGS = dict(steps=4, grid="auto", iterations=2, lora_rank=16, lora_alpha=0.0, learning_rate=1e-4,
+                          cfg=2.0, batch_size=1, width=64, height=64, save_every=0, keep_last=1, preview_every=0,
+                          seed=0, gradient_checkpointing=False, dtype="auto", offload="none", unconditional_prompt="")
+
+
+class _BenchCLIP:
+    """The two calls TDM Distill makes on a CLIP, returning fixed 77×768 SD1.5-shaped encodings (the text encoder is
+    not what this bench measures)."""
+
+    def tokenize(self, text, **kwargs):
+        return {"text": text}
+
+    def encode_from_tokens_scheduled(self, tokens, **kwargs):
+        import torch
+
+        g = torch.Generator().manual_seed(len(tokens["text"]))
+        return [[torch.randn(1, 77, 768, generator=g), {}]]
+
+
+def measure_comfy_job(mode: str) -> dict:
+    import resource
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from harness import comfy_runtime
+
+    comfy_runtime.bootstrap()
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    trainer = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.trainer"]
+    backend_module = sys.modules[trainer.__name__.rsplit(".", 1)[0] + ".comfy_backend"]
+    if mode == "copy":
+        backend_module._alias = lambda tensor: tensor.detach().clone()  # the weights copied, as a deep copy did
+    baseline = _rss_mb()
+    with torch.inference_mode():  # as ComfyUI executes nodes (a checkpoint loader's weights are inference tensors)
+        config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG))
+        config.set_inference_dtype(torch.float32, None)
+        base = config.get_model({})
+        generator = torch.Generator().manual_seed(0)
+        for parameter in base.diffusion_model.parameters():
+            parameter.normal_(0.0, 0.02, generator=generator)
+        device = comfy.model_management.get_torch_device()
+        model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+    teacher_mb = sum(p.numel() * p.element_size() for p in base.diffusion_model.parameters()) / 2**20
+    with torch.inference_mode():
+        runtime, _, _ = trainer.build_runtime(model, _BenchCLIP(), dict(COMFY_JOB_SETTINGS), ["a cat", "a dog"])
+    shared = backend_module.shares_weights(runtime.backend.model, model)
+    session = runtime.build(None)
+    with torch.inference_mode(False):
+        for _ in range(COMFY_JOB_SETTINGS["iterations"]):
+            session.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+    return {"mode": mode, "peak_mb": peak, "teacher_mb": teacher_mb, "params": int(teacher_mb * 2**20 / 4),
+            "shared_weights": shared, "comfyui": comfy_runtime.comfyui_version(), "device": str(device)}
+
+
+def _subprocess(*args) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], cwd=REPO, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--measure":
         print(json.dumps(measure(sys.argv[2])))
         return
-    results = {}
-    for mode in ("lora", "full"):
-        out = subprocess.run([sys.executable, __file__, "--measure", mode], cwd=REPO, capture_output=True, text=True,
-                             check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    lora, full = results["lora"]["peak_mb"], results["full"]["peak_mb"]
-    print(json.dumps({
-        "bench": "trainer_memory", "peak_lora_mb": round(lora, 1), "peak_full_mb": round(full, 1),
-        "ratio": round(lora / full, 3), "params_m": round(results["lora"]["params"] / 1e6, 1),
-        "trainable_lora_m": round(results["lora"]["trainable"] / 1e6, 2), "device": results["lora"]["device"],
-    }))
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure-comfy-job":
+        print(json.dumps(measure_comfy_job(sys.argv[2])))
+        return
+    only = sys.argv[2] if len(sys.argv) == 3 and sys.argv[1] == "--only" else None
+    report = {"bench": "trainer_memory"}
+    if only in (None, "lora_layout"):
+        results = {mode: _subprocess("--measure", mode) for mode in ("lora", "full")}
+        lora, full = results["lora"]["peak_mb"], results["full"]["peak_mb"]
+        report.update({
+            "peak_lora_mb": round(lora, 1), "peak_full_mb": round(full, 1), "ratio": round(lora / full, 3),
+            "params_m": round(results["lora"]["params"] / 1e6, 1),
+            "trainable_lora_m": round(results["lora"]["trainable"] / 1e6, 2), "device": results["lora"]["device"],
+        })
+    if only in (None, "comfy_job"):
+        shared, copied = _subprocess("--measure-comfy-job", "shared"), _subprocess("--measure-comfy-job", "copy")
+        report.update({
+            "comfy_job_peak_mb": round(shared["peak_mb"], 1), "teacher_mb": round(shared["teacher_mb"], 1),
+            "comfy_job_ratio": round(shared["peak_mb"] / shared["teacher_mb"], 3),
+            "comfy_job_ratio_copy": round(copied["peak_mb"] / copied["teacher_mb"], 3),
+            "comfy_job_params_m": round(shared["params"] / 1e6, 1), "comfy_job_shared_weights": shared["shared_weights"],
+            "comfy_job_comfyui": shared["comfyui"], "comfy_job_device": shared["device"],
+        })
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

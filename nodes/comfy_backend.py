@@ -1,10 +1,11 @@
 """A TDM `TeacherBackend` over a ComfyUI MODEL: the trainer's view of a model loaded by ComfyUI's own loaders.
 
-- **A private copy.** Training puts two peft adapters ("student", "fake") into the network it trains. Doing that to
+- **One teacher.** Training puts two peft adapters ("student", "fake") into the network it trains. Doing that to
   `model.model.diffusion_model` would change every prompt that samples from the same MODEL while the job runs, so
-  the backend trains a deep copy, taken after ComfyUI has applied the MODEL's weight patches (LoRAs loaded on the
-  teacher are part of the teacher). The copy is made on the prompt executor's thread, where ComfyUI's memory
-  manager may move weights; the training thread then only ever touches its copy.
+  the backend trains a module tree of its own (`training_network`) whose frozen weights are ComfyUI's loaded
+  tensors, taken after ComfyUI has applied the MODEL's weight patches (LoRAs loaded on the teacher are part of the
+  teacher): the process holds the teacher once. The tree is built on the prompt executor's thread, where ComfyUI's
+  memory manager may move weights; the training thread then only ever touches its own tree.
 - **Integer t ↔ the model's own schedule.** `comfy_schedule` builds the trainer's (α_t, σ_t) tables from the MODEL's
   `model_sampling`: VP models from ComfyUI's σ table (ᾱ = 1/(1 + σ²), the network sees the index t, as
   `model_sampling.timestep(σ_t)` gives back), rectified-flow models from the shifted flow table (α = 1 − σ, the
@@ -139,23 +140,82 @@ def encode_prompts(clip, prompts: list[str], unconditional: str = "") -> dict[st
     return table
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The private copy
-
-
-def snapshot_diffusion_model(model, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
-    """A deep copy of the MODEL's network with its weight patches applied, as normal (non-inference) tensors."""
+def release_text_encoders(clip) -> int:
+    """Unloads the CLIP/T5 models from ComfyUI's device once the prompts are encoded: the job never needs them again
+    (SD3's fp16 T5 alone is ~10 GB of VRAM). Returns how many loaded models were unloaded. They stay in ComfyUI's
+    cache on the offload device and load again when a prompt encodes text."""
     import comfy.model_management
 
-    # Applies the MODEL's patches (LoRAs on the teacher) to the weights; the copy then holds the patched values.
+    patcher = getattr(clip, "patcher", None)
+    if patcher is None:
+        return 0
+    loaded = comfy.model_management.current_loaded_models
+    unloaded = 0
+    for index in range(len(loaded) - 1, -1, -1):
+        entry = loaded[index]
+        model = entry.model
+        if model is not None and (model is patcher or model.is_clone(patcher)) and entry.model_unload():
+            loaded.pop(index)
+            unloaded += 1
+    if unloaded:
+        comfy.model_management.soft_empty_cache()
+    return unloaded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training network: ComfyUI's weights, a module tree of its own
+
+
+def training_network(model, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The network a job trains its adapters into: ComfyUI's loaded diffusion model, with the MODEL's weight patches
+    applied, as a module tree of its own whose frozen weights *are* ComfyUI's tensors (no copy) — unless the job
+    asks for another device or dtype, and then only the converted copy exists on that device.
+
+    Why a tree of its own: peft wraps the layers it adapts and the job swaps their forwards (checkpointing, Cancel);
+    doing that to `model.model.diffusion_model` would change every prompt that samples the same MODEL while the job
+    runs. Why shared weights: a deep copy held the teacher twice for the whole job (2× its size, plus 2× on the GPU
+    while copying for `train_on_cpu`). Sharing is safe because ComfyUI never writes into a loaded weight: patching
+    (LoRAs), unpatching and moving a model between devices all *replace* its tensors, so the job's aliases keep the
+    values they had when the job started (the patched teacher), and a later change of ComfyUI's model reaches the
+    job neither in values nor in structure.
+    """
+    import comfy.model_management
+
+    # Applies the MODEL's patches (LoRAs on the teacher) to the weights on ComfyUI's device. For train_on_cpu on a
+    # GPU machine the weights are then on the GPU once (ComfyUI's own) and the job's copy is made straight to the CPU.
     comfy.model_management.load_models_gpu([model], force_full_load=True)
+    source = model.model.diffusion_model
     with torch.inference_mode(False):
-        network = copy.deepcopy(model.model.diffusion_model)
+        memo = {}
+        for parameter in source.parameters():
+            memo[id(parameter)] = torch.nn.Parameter(_alias(parameter), requires_grad=False)
+        for buffer in source.buffers():
+            memo[id(buffer)] = _alias(buffer)
+        network = copy.deepcopy(source, memo)  # copies modules and attributes; the weights come from the memo
         network.to(device=device, dtype=dtype) if dtype is not None else network.to(device=device)
     network.requires_grad_(False)
     network.eval()
     make_uninterruptible(network)
     return network
+
+
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor on the same memory as `tensor`. ComfyUI loads weights under torch.inference_mode(), and
+    autograd refuses to save an inference tensor for backward (every frozen Linear's weight is saved to compute the
+    input's gradient); a plain tensor viewing the same storage is allowed. A tensor subclass (quantized weights)
+    is copied instead: its storage is not its values."""
+    data = tensor.detach()
+    if type(data) is not torch.Tensor:
+        return data.clone()
+    alias = torch.empty(0, dtype=data.dtype, device=data.device)
+    alias.set_(data.untyped_storage(), data.storage_offset(), data.size(), data.stride())
+    return alias
+
+
+def shares_weights(network: torch.nn.Module, model) -> int:
+    """How many of `network`'s weights use the memory of ComfyUI's loaded weights (tests and the memory bench)."""
+    ours = {p.data_ptr() for p in model.model.diffusion_model.parameters()}
+    return sum(1 for p in network.parameters() if p.data_ptr() in ours)
 
 
 def make_uninterruptible(network: torch.nn.Module) -> int:
@@ -185,19 +245,31 @@ def make_uninterruptible(network: torch.nn.Module) -> int:
 _quiet_namespaces: dict[int, dict] = {}
 
 
+# The repeated blocks of each network layout ComfyUI builds, whose activations dominate training memory: the
+# SD1.5/SDXL UNet (input, middle, output blocks), the MMDiT of SD3/SD3.5 (joint blocks) and Flux's double and single
+# stream blocks.
+CHECKPOINTED_BLOCKS = ("input_blocks", "middle_block", "output_blocks", "joint_blocks", "double_blocks",
+                       "single_blocks")
+
+
 def enable_gradient_checkpointing(network: torch.nn.Module) -> int:
-    """Recomputes each top-level block in the backward pass instead of storing its activations."""
+    """Recomputes each top-level block in the backward pass instead of storing its activations; returns the number
+    of blocks. A network with none of the known block lists is refused (the option would silently do nothing)."""
     from torch.utils.checkpoint import checkpoint
 
     count = 0
-    for list_name in ("input_blocks", "output_blocks", "joint_blocks"):
-        for block in getattr(network, list_name, None) or []:
-            _wrap_checkpoint(block, checkpoint)
+    for list_name in CHECKPOINTED_BLOCKS:
+        blocks = getattr(network, list_name, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            for block in blocks:
+                _wrap_checkpoint(block, checkpoint)
+                count += 1
+        elif isinstance(blocks, torch.nn.Module):
+            _wrap_checkpoint(blocks, checkpoint)
             count += 1
-    middle = getattr(network, "middle_block", None)
-    if middle is not None:
-        _wrap_checkpoint(middle, checkpoint)
-        count += 1
+    if count == 0:
+        raise ValueError(f"gradient_checkpointing does not know the blocks of {type(network).__name__} (it knows "
+                         f"{', '.join(CHECKPOINTED_BLOCKS)}); turn gradient_checkpointing off for this model")
     return count
 
 
@@ -222,7 +294,7 @@ def teacher_fingerprint(network: torch.nn.Module, family: str, parametrisation: 
 
 
 class ComfyBackend(PeftBackend):
-    """PeftBackend on a private copy of a ComfyUI diffusion model, exporting ComfyUI-native LoRA keys."""
+    """PeftBackend on the training tree of a ComfyUI diffusion model, exporting ComfyUI-native LoRA keys."""
 
     def __init__(self, network: torch.nn.Module, *, family: str, parametrisation: str, schedule: DiscreteSchedule,
                  latent_shape: tuple[int, ...], conds: dict[str, dict[str, torch.Tensor]], lora_rank: int,
@@ -267,7 +339,7 @@ LATENT_TO_PIXELS = 8
 def vae_preview_decoder(model, vae, device):
     """x0 (model latent space) → uint8 H×(B·W)×3 decoded by a private copy of the teacher's VAE on the training
     device. The job thread decodes with it directly, never through ComfyUI's memory manager, which belongs to the
-    prompt executor's thread (the same reason the job trains on its own copy of the teacher)."""
+    prompt executor's thread and may unload or move ComfyUI's own VAE at any time."""
     device = torch.device(device)
     dtype = torch.float32 if device.type == "cpu" else getattr(vae, "vae_dtype", torch.float32)
     decoder = copy.deepcopy(vae.first_stage_model).to(device=device, dtype=dtype).eval()

@@ -97,7 +97,7 @@ def register(get_manager) -> bool:
     @guarded
     async def stop_job(request):
         try:
-            # off the event loop: stopping a queued job moves its teacher copy to the CPU
+            # stopping a queued job moves its network to the CPU (seconds)
             record = await _in_thread(lambda: get_manager().stop(request.match_info["job"]).to_dict(history=False))
         except jobs.JobError as error:
             return error_response(error)

@@ -2,8 +2,9 @@
 
 The start node takes the teacher the way users already load it — the MODEL and CLIP of the standard loaders
 (Load Checkpoint, or Load Diffusion Model + DualCLIPLoader/TripleCLIPLoader for SD3), so fine-tunes, merges and
-LoRA-patched teachers work and nothing is loaded twice — encodes the prompts with that CLIP, takes a private copy of
-the network (nodes/comfy_backend.py) and hands the job to the job manager's worker thread. It returns the job id at
+LoRA-patched teachers work and nothing is loaded twice — encodes the prompts with that CLIP (and unloads it), builds
+the training network on ComfyUI's own loaded weights (nodes/comfy_backend.py: shared, not copied) and hands the job
+to the job manager's worker thread. It returns the job id at
 once; the queue goes on serving other prompts while the job trains. ComfyUI's Cancel button does not reach the job:
 the stop node, the HTTP route or the web panel stop it, after the current iteration, with a checkpoint.
 
@@ -113,7 +114,7 @@ def read_prompts(prompts: str, prompts_file: str) -> list[str]:
 
 
 class ComfyRuntime:
-    """A job's teacher (the private copy with its adapters) and settings; builds its session on the worker."""
+    """A job's teacher (its training network with the adapters) and settings; builds its session on the worker."""
 
     def __init__(self, backend: comfy_backend.ComfyBackend, config: DistillConfig, device: torch.device,
                  preview_decode, extra_metadata: dict):
@@ -176,7 +177,8 @@ def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
         comfy.model_management.soft_empty_cache()
     device = torch.device("cpu") if offload == "train_on_cpu" else comfy.model_management.get_torch_device()
     conds = comfy_backend.encode_prompts(clip, prompts, settings["unconditional_prompt"])
-    network = comfy_backend.snapshot_diffusion_model(model, device, comfy_backend.DTYPES[settings["dtype"]])
+    comfy_backend.release_text_encoders(clip)  # before the teacher is made ready, so both never share the device
+    network = comfy_backend.training_network(model, device, comfy_backend.DTYPES[settings["dtype"]])
     if settings["gradient_checkpointing"]:
         comfy_backend.enable_gradient_checkpointing(network)
     # The loaded (patched) weights, before any dtype change: a resume with other memory options still matches.
@@ -374,23 +376,27 @@ class TDMDistillStart(io.ComfyNode):
                              tooltip="Seed of the adapters' initialisation and of every training draw: the same "
                                      "seed and settings give the same LoRA."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Recompute block activations in the backward pass: less VRAM, ~30% "
-                                         "slower."),
+                                 tooltip="Recompute each block's activations in the backward pass instead of "
+                                         "storing them: much less VRAM for about one extra forward pass of time; "
+                                         "gradients are the same."),
                 io.Combo.Input("dtype", options=list(comfy_backend.DTYPES), default="auto",
-                               tooltip="Precision of the teacher copy: auto = as loaded. It runs under autocast in "
+                               tooltip="Precision of the teacher: auto = as ComfyUI loaded it (its weights are shared, "
+                                       "no copy); another dtype makes one converted copy. It runs under autocast in "
                                        "this dtype; the LoRAs, their gradients and the optimiser stay float32, and "
                                        "the network always gets exact float32 timesteps. float16 scales its losses "
                                        "and skips overflowing updates; bfloat16 needs no scaling and is preferred."),
                 io.Combo.Input("offload", options=OFFLOAD, default="none",
-                               tooltip="none: train beside ComfyUI's loaded models. unload_comfy_models: free "
-                                       "ComfyUI's models from VRAM before copying the teacher. train_on_cpu: train "
-                                       "on the CPU (slow; no VRAM). A waiting or stopped job parks its copy on "
-                                       "the CPU."),
+                               tooltip="none: train on ComfyUI's device, on its loaded weights. "
+                                       "unload_comfy_models: unload ComfyUI's other models from VRAM first. "
+                                       "train_on_cpu: the job's copy of the teacher goes straight to CPU memory "
+                                       "(slow; the GPU keeps only ComfyUI's own weights). A waiting or stopped job "
+                                       "parks its network on the CPU."),
                 # Last, and a socket: workflows saved before it keep their links and widget values.
                 io.Vae.Input("vae", optional=True, tooltip=(
                     "Optional: the teacher's VAE (from the same loader). The status and jobs-panel previews are "
                     "then decoded images at full size; without it they are ComfyUI's cheap latent-RGB preview, "
-                    "upscaled to the image size. A private copy of the VAE sits beside the training copy.")),
+                    "upscaled to the image size. The job keeps its own copy of the VAE on the training device (SD's VAE: "
+                    "about 0.3 GB in float32).")),
             ],
             outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
                                                         "/tdm/jobs HTTP routes.")],

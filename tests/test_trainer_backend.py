@@ -1,5 +1,5 @@
 """The ComfyUI teacher backend in-process on the tiny SD1.5 and SD3 models: schedules against model_sampling,
-predictions against ComfyUI's own apply_model, the private copy, the exported LoRA against ComfyUI's LoRA path,
+predictions against ComfyUI's own apply_model, the shared frozen weights, the exported LoRA against ComfyUI's LoRA path,
 gradient checkpointing, and resume equivalence through the job manager."""
 
 from __future__ import annotations
@@ -165,19 +165,67 @@ def test_preview_is_decoded_by_the_teachers_vae_when_one_is_given(trainer_module
     assert preview.std() > 1  # an image, not a flat fill
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(trainer_module, sd3_twin):
+def test_the_job_trains_on_comfyuis_weights_without_copying_them(trainer_module, backend_module, sd3_twin):
+    """One teacher in memory: the training tree's frozen weights are ComfyUI's loaded tensors (same memory), while
+    the adapters live only in the training tree, so ComfyUI's network (what other prompts sample) has none."""
+    model = sd3_twin.comfy
+    comfy_network = model.model.diffusion_model
+    runtime, _, _ = _runtime(trainer_module, sd3_twin)  # dtype auto; this machine's ComfyUI device is the CPU too
+    network = runtime.backend.model
+    assert backend_module.shares_weights(network, model) == len(list(comfy_network.parameters())) > 0
+    assert any("lora_" in name for name, _ in network.named_parameters())
+    assert not any("lora_" in name for name, _ in comfy_network.named_parameters())
+    runtime.build(None).step()
+    assert backend_module.shares_weights(network, model) == len(list(comfy_network.parameters()))
+    # another dtype is a converted copy: nothing of ComfyUI's memory is aliased (or written) then
+    half, _, _ = _runtime(trainer_module, sd3_twin, dtype="bfloat16")
+    assert backend_module.shares_weights(half.backend.model, model) == 0
+
+
+def test_aliases_of_inference_weights_train(backend_module):
+    """ComfyUI loads weights under inference_mode; autograd refuses to save such a tensor for backward. The alias the
+    training tree uses is a plain tensor on the same memory, and gradients flow through it."""
+    with torch.inference_mode():
+        weight = torch.randn(3, 4)
+    alias = backend_module._alias(weight)
+    assert weight.is_inference() and not alias.is_inference() and alias.data_ptr() == weight.data_ptr()
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        torch.nn.functional.linear(x, weight).sum().backward()
+    torch.nn.functional.linear(x, alias).sum().backward()
+    assert torch.equal(x.grad, weight.sum(0).expand(2, 4))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_gradient_checkpointing_gives_the_same_gradients(trainer_module, backend_module, family, sd15_twin, sd3_twin):
+    twin = sd15_twin if family == "sd15" else sd3_twin
+    wrapped = []
+    real = backend_module._wrap_checkpoint
+    backend_module._wrap_checkpoint = lambda block, checkpoint: (wrapped.append(block), real(block, checkpoint))
     grads = []
-    for checkpointing in (False, True):
-        runtime, _, _ = _runtime(trainer_module, sd3_twin, gradient_checkpointing=checkpointing)
-        backend = runtime.backend
-        for _, param in backend._params["student"]:
-            param.data = torch.full_like(param, 0.01)
-        x = torch.randn(1, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
-        out = backend.forward(x, torch.tensor([700]), backend.encode(["a dog"]), "student")
-        out.square().mean().backward()
-        grads.append(torch.cat([p.grad.reshape(-1) for p in backend.trainable_parameters("student")]))
+    try:
+        for checkpointing in (False, True):
+            runtime, _, _ = _runtime(trainer_module, twin, gradient_checkpointing=checkpointing)
+            backend = runtime.backend
+            for _, param in backend._params["student"]:
+                param.data = torch.full_like(param, 0.01)
+            x = torch.randn(1, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
+            out = backend.forward(x, torch.tensor([700]), backend.encode(["a dog"]), "student")
+            out.square().mean().backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in backend.trainable_parameters("student")]))
+    finally:
+        backend_module._wrap_checkpoint = real
+    # every repeated block of the layout is recomputed: SD1.5's 12 input, 1 middle, 12 output blocks; the MMDiT's
+    # joint blocks
+    expected = 25 if family == "sd15" else len(twin.comfy.model.diffusion_model.joint_blocks)
+    assert len(wrapped) == expected
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_gradient_checkpointing_refuses_a_network_it_does_not_know(backend_module):
+    with pytest.raises(ValueError, match="gradient_checkpointing does not know the blocks of Sequential"):
+        backend_module.enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_bfloat16_teacher_trains_float32_adapters(trainer_module, sd3_twin):
@@ -189,7 +237,7 @@ def test_bfloat16_teacher_trains_float32_adapters(trainer_module, sd3_twin):
 
 
 def test_resume_after_a_restart_reaches_the_same_lora(trainer_module, sd3_twin, tmp_path):
-    """Uninterrupted 6 iterations vs. 3, a 'restart' (new manager, new teacher copy) and a resume to 6."""
+    """Uninterrupted 6 iterations vs. 3, a 'restart' (new manager, new training tree) and a resume to 6."""
     straight = jobs.JobManager(tmp_path / "a")
     runtime, _, _ = _runtime(trainer_module, sd3_twin)
     record = straight.submit("tiny", runtime, 6, save_every=2, keep_last=1, preview_every=0)
@@ -258,3 +306,28 @@ def test_prompts_come_from_the_text_and_a_file_in_input(trainer_module, tmp_path
         trainer_module.read_prompts("a cat", "../secret.txt")
     with pytest.raises(ValueError, match="no training prompts"):
         trainer_module.read_prompts("\n# only a comment", "(none)")
+
+
+def test_text_encoders_leave_comfyuis_device_after_encoding(backend_module):
+    """A real ComfyUI CLIP (SD1.5's text model and tokenizer, weights left as constructed: only residency matters):
+    encoding loads it through ComfyUI's memory manager, and the job's release takes it off the loaded list, where a
+    later prompt's encode loads it again."""
+    import comfy.model_management
+    import comfy.sd
+    import comfy.supported_models
+
+    clip = comfy.sd.CLIP(comfy.supported_models.SD15({}).clip_target())
+
+    def loaded():
+        return [m for m in comfy.model_management.current_loaded_models if m.model is clip.patcher]
+
+    with torch.inference_mode():
+        conds = backend_module.encode_prompts(clip, ["a cat"])
+    assert conds["a cat"]["context"].shape[1:] == (77, 768)
+    assert loaded(), "encoding did not load the text encoder through ComfyUI's memory manager"
+    assert backend_module.release_text_encoders(clip) == 1
+    assert not loaded()
+    with torch.inference_mode():
+        clip.encode_from_tokens_scheduled(clip.tokenize("a dog"))  # ComfyUI loads it again when a prompt needs it
+    assert loaded()
+    assert backend_module.release_text_encoders(clip) == 1

@@ -314,7 +314,7 @@ class JobManager:
                 raise JobError(f"TDM job {record.id} '{record.name}' is not running (it is {record.state})",
                                status=409)
         self._write_and_publish(record)
-        # Moving a teacher copy to the CPU takes seconds: never while holding the lock every status read needs.
+        # Moving a job's network to the CPU takes seconds: never while holding the lock every status read needs.
         if to_offload is not None and hasattr(to_offload, "offload"):
             to_offload.offload()
         return record
