@@ -212,6 +212,11 @@ def _alias(tensor: torch.Tensor) -> torch.Tensor:
     return alias
 
 
+def weight_memory(network: torch.nn.Module) -> frozenset[int]:
+    """The memory addresses of a network's weights and buffers (what another tree may be sharing)."""
+    return frozenset(t.data_ptr() for t in [*network.parameters(), *network.buffers()])
+
+
 def shares_weights(network: torch.nn.Module, model) -> int:
     """How many of `network`'s weights use the memory of ComfyUI's loaded weights (tests and the memory bench)."""
     ours = {p.data_ptr() for p in model.model.diffusion_model.parameters()}
@@ -324,12 +329,28 @@ class ComfyBackend(PeftBackend):
                       y=None if y is None else y.to(dtype))
         return out.float()
 
-    def to(self, device: torch.device) -> None:
-        """Moves the network (with its adapters) and the encoded prompts; used to park a waiting job on the CPU."""
-        self.model.to(device)
-        self.device = torch.device(device)
+    def to(self, device: torch.device, keep: frozenset[int] = frozenset()) -> None:
+        """Moves the network (with its adapters) and the encoded prompts; used to park a waiting job on the CPU.
+        Tensors whose memory is in `keep` stay where they are: weights ComfyUI still holds itself (parking them
+        would free nothing on the device and add a copy on the CPU)."""
+        device = torch.device(device)
+        for table, name, tensor in self.tensors_to_move(device, keep):
+            if isinstance(tensor, torch.nn.Parameter):
+                tensor.data = tensor.data.to(device)  # the same Parameter: the optimiser's references stay valid
+            else:
+                table[name] = tensor.to(device)
+        self.device = device
         self._conds = {p: {k: v.to(self.device) for k, v in c.items()} for p, c in self._conds.items()}
         self._cond_cache.clear()
+
+    def tensors_to_move(self, device: torch.device, keep: frozenset[int] = frozenset()):
+        """(table, name, tensor) of each parameter and buffer `to(device, keep)` moves: those not on `device` yet
+        whose memory is not in `keep`."""
+        for module in self.model.modules():
+            for table in (module._parameters, module._buffers):
+                for name, tensor in table.items():
+                    if tensor is not None and tensor.device != device and tensor.data_ptr() not in keep:
+                        yield table, name, tensor
 
 
 # Pixels per latent cell of the image models TDM distils (SD1.5, SD3): the latent preview is shown at image size.

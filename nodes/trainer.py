@@ -117,8 +117,9 @@ class ComfyRuntime:
     """A job's teacher (its training network with the adapters) and settings; builds its session on the worker."""
 
     def __init__(self, backend: comfy_backend.ComfyBackend, config: DistillConfig, device: torch.device,
-                 preview_decode, extra_metadata: dict):
+                 preview_decode, extra_metadata: dict, comfy_model=None):
         self.backend = backend
+        self.comfy_model = comfy_model  # ComfyUI's BaseModel whose weights the training network shares
         self.config = config
         self.device = torch.device(device)
         self.preview_decode = preview_decode
@@ -130,8 +131,14 @@ class ComfyRuntime:
                                       preview_decode=self.preview_decode, extra_metadata=self.extra_metadata)
 
     def offload(self) -> None:
-        if self.device.type != "cpu":
-            self.backend.to(torch.device("cpu"))
+        """Parks the job's network on the CPU, except the weights ComfyUI still holds on the device itself (they
+        cost the job nothing there; moving them would only add a CPU copy). Once ComfyUI has unloaded or replaced
+        them, the job's aliases are their only holder and they do move."""
+        if self.device.type == "cpu":
+            return
+        in_use = (comfy_backend.weight_memory(self.comfy_model.diffusion_model) if self.comfy_model is not None
+                  else frozenset())
+        self.backend.to(torch.device("cpu"), keep=in_use)
 
 
 def _settings_from_inputs(values: dict, prompts: list[str]) -> dict:
@@ -192,7 +199,7 @@ def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
     preview = (comfy_backend.vae_preview_decoder(model, vae, device) if vae is not None
                else comfy_backend.latent_preview_decoder(model))
     runtime = ComfyRuntime(backend, config, device, preview,
-                           comfy_backend.family_metadata(grid.preset, family))
+                           comfy_backend.family_metadata(grid.preset, family), comfy_model=model.model)
     return runtime, teacher, grid
 
 

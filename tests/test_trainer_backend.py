@@ -331,3 +331,21 @@ def test_text_encoders_leave_comfyuis_device_after_encoding(backend_module):
         clip.encode_from_tokens_scheduled(clip.tokenize("a dog"))  # ComfyUI loads it again when a prompt needs it
     assert loaded()
     assert backend_module.release_text_encoders(clip) == 1
+
+
+def test_parking_a_job_moves_only_what_comfyui_does_not_hold(trainer_module, backend_module, sd3_twin):
+    """A waiting or stopped job parks its network off the device, except the weights it shares with ComfyUI's loaded
+    model (moving those frees nothing and would add a copy). This machine's only device is the CPU, so the test asks
+    what parking on another device would move."""
+    runtime, _, _ = _runtime(trainer_module, sd3_twin)
+    comfy_network = sd3_twin.comfy.model.diffusion_model
+    assert runtime.comfy_model is sd3_twin.comfy.model
+    in_use = backend_module.weight_memory(comfy_network)
+    elsewhere = torch.device("meta")
+    moved = {id(t) for _, _, t in runtime.backend.tensors_to_move(elsewhere, keep=in_use)}
+    named = dict(runtime.backend.model.named_parameters())
+    assert {n for n, p in named.items() if id(p) in moved} == {n for n in named if ".lora_" in n}  # the job's own
+    # once ComfyUI holds them no more (unloaded, replaced), the job's aliases are their only holder: they move too
+    everything = {id(t) for _, _, t in runtime.backend.tensors_to_move(elsewhere)}
+    assert everything == {id(t) for t in [*named.values(), *runtime.backend.model.buffers()]}
+    assert not list(runtime.backend.tensors_to_move(torch.device("cpu")))  # nothing to do where it already is

@@ -1,0 +1,283 @@
+"""GPU benchmark at real model sizes with random weights (nothing to download); prints ONE JSON line.
+
+    .venv/bin/python bench/gpu.py            on CUDA: SD1.5 (860 M UNet) at 512², SD3-medium (2 B MMDiT) at 1024², bf16
+    .venv/bin/python bench/gpu.py --tiny     any device: the same code on tiny models at 64² (the test suite runs it on
+                                             the CPU so that this script cannot rot between GPU sessions)
+
+Sections of the line:
+- `sampling.<family>`: TDM 4 steps through the TDM KSampler node (ComfyUI's sample_custom with the TDM sampler and
+  sigmas, CFG 1) against the base model's own recipe through ComfyUI's sampling path (the preset's teacher steps and
+  CFG, ComfyUI's euler on the simple schedule): NFE of each, wall seconds (median of `--repeats`, CUDA synchronised),
+  speed-up. ComfyUI picks the compute dtype for bf16 weights on the device (bf16 on a bf16 GPU).
+- `distill.<family>.batch<B>`: TDM Distill's own `build_runtime` (one teacher, adapters on ComfyUI's weights) in
+  bf16 with gradient checkpointing, batch 1 and 4: iterations/s over `--iterations` steps after one warm-up step,
+  and peak memory (CUDA: torch.cuda.max_memory_allocated from before the job was built; CPU: the process's peak
+  resident size, which only grows across sections).
+Text encoders are not benchmarked: prompts are random tensors of the real shapes (SD1.5: 77×768; SD3: 154×4096 and
+a 2048-d pooled vector).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from harness import comfy_runtime  # noqa: E402
+
+SEED = 0
+PROMPTS = ["a photo of a red fox in fresh snow", "a bowl of ramen, studio light", "a lighthouse at dusk",
+           "a watercolor of a sailing boat"]
+
+# ComfyUI's configs as its model detection finds them in real checkpoints (SD1.5; SD3-medium), and tiny twins of
+# the same layouts for --tiny.
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def sd3_config(depth: int, context_dim: int, pooled_dim: int, pos_embed_max_size: int) -> dict:
+    return {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": depth, "input_size": None,
+            "adm_in_channels": pooled_dim,
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": context_dim, "out_features": 64 * depth}},
+            "num_patches": pos_embed_max_size ** 2, "pos_embed_max_size": pos_embed_max_size,
+            "pos_embed_scaling_factor": None, "x_block_self_attn_layers": []}
+
+
+SIZES = {
+    "real": {
+        "sd15": {"unet": SD15_UNET, "context": (77, 768), "pooled": None, "pixels": 512},
+        "sd3": {"unet": sd3_config(24, 4096, 2048, 192), "context": (154, 4096), "pooled": 2048, "pixels": 1024},
+    },
+    "tiny": {
+        "sd15": {"unet": dict(SD15_UNET, model_channels=32, context_dim=64), "context": (77, 64), "pooled": None,
+                 "pixels": 64},
+        "sd3": {"unet": sd3_config(2, 64, 32, 16), "context": (154, 64), "pooled": 32, "pixels": 64},
+    },
+}
+PRESET = {"sd15": "dreamshaper", "sd3": "sd3"}
+
+
+def bootstrap() -> None:
+    """ComfyUI as a library: the test harness's CPU set-up, or the GPU when there is one."""
+    if not torch.cuda.is_available():
+        comfy_runtime.bootstrap()
+        return
+    sys.path.insert(0, str(comfy_runtime.comfyui_dir()))
+    sys.path.append(str(REPO))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+    import comfy.model_management  # noqa: F401
+
+    import nodes  # noqa: F401  (ComfyUI's nodes.py before this repo's nodes/ package)
+
+
+def log(message: str) -> None:
+    print(f"[bench/gpu] {message}", file=sys.stderr, flush=True)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(function, repeats: int) -> float:
+    """Median wall seconds of `repeats` calls after one warm-up call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        function()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_model(family: str, size: dict, dtype: torch.dtype):
+    """A ComfyUI MODEL of the family's layout with random weights, built on ComfyUI's device in `dtype` (the compute
+    dtype is what ComfyUI's loaders would pick for those weights there)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from harness import twins
+
+    device = comfy.model_management.get_torch_device()
+    config_class = comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SD3
+    model_config = config_class(dict(size["unet"]))
+    model_config.set_inference_dtype(dtype, comfy.model_management.unet_manual_cast(dtype, device))
+    with torch.inference_mode():  # as a checkpoint loader node runs
+        base = model_config.get_model({}, device=device)
+        twins.randomise_(base.diffusion_model, SEED)
+    base.eval()
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=device,
+                                               offload_device=comfy.model_management.unet_offload_device())
+    return patcher
+
+
+class BenchCLIP:
+    """The two calls TDM Distill makes on a CLIP, with random encodings of the family's real shapes."""
+
+    def __init__(self, size: dict):
+        self.size = size
+
+    def tokenize(self, text, **kwargs):
+        return {"text": text}
+
+    def encode_from_tokens_scheduled(self, tokens, **kwargs):
+        return conditioning(self.size, tokens["text"])
+
+
+def conditioning(size: dict, text: str) -> list:
+    generator = torch.Generator().manual_seed(sum(map(ord, text)))
+    context = torch.randn(1, *size["context"], generator=generator)
+    extra = {} if size["pooled"] is None else {"pooled_output": torch.randn(1, size["pooled"], generator=generator)}
+    return [[context, extra]]
+
+
+class CountNFE:
+    """Model evaluations per image: the images each forward call of the network is given (ComfyUI batches CFG's
+    conditional and unconditional halves into one call), divided by the latent batch."""
+
+    def __init__(self, module, images: int = 1):
+        self.total, self.images = 0, images
+        self.handle = module.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        self.total += x.shape[0]
+
+    def stop(self) -> int:
+        self.handle.remove()
+        return self.total // self.images
+
+
+def bench_sampling(family: str, model, size: dict, sampling_nodes, repeats: int) -> dict:
+    import comfy.sample
+    import comfy.samplers
+
+    from tdm_core import presets
+
+    preset = presets.get_preset(PRESET[family])
+    channels = int(model.model.latent_format.latent_channels)
+    side = size["pixels"] // 8
+    latent = torch.zeros(1, channels, side, side)
+    cond = conditioning(size, PROMPTS[0])
+    uncond = [[torch.zeros_like(cond[0][0]), {k: torch.zeros_like(v) for k, v in cond[0][1].items()}]]
+    noise = comfy.sample.prepare_noise(latent, SEED)
+    teacher_sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple",
+                                                     preset.teacher.steps).cpu()
+
+    def tdm():
+        sampling_nodes.TDMKSampler.execute(model=model, positive=cond, latent_image={"samples": latent},
+                                           preset=preset.name, steps=preset.steps, seed=SEED)
+
+    def teacher():
+        comfy.sample.sample_custom(model, noise, preset.teacher.cfg, comfy.samplers.sampler_object("euler"),
+                                   teacher_sigmas, cond, uncond, latent, disable_pbar=True, seed=SEED)
+
+    counts = {}
+    for name, function in (("tdm", tdm), ("teacher", teacher)):
+        counter = CountNFE(model.model.diffusion_model)
+        function()
+        counts[name] = counter.stop()
+    with torch.inference_mode():
+        t_tdm, t_teacher = timed(tdm, repeats), timed(teacher, repeats)
+    log(f"sampling {family}: tdm {t_tdm:.3f}s ({counts['tdm']} NFE), teacher {t_teacher:.3f}s ({counts['teacher']})")
+    return {"preset": preset.name, "pixels": size["pixels"], "nfe_tdm": counts["tdm"],
+            "nfe_teacher": counts["teacher"], "time_tdm_s": round(t_tdm, 4), "time_teacher_s": round(t_teacher, 4),
+            "speedup": round(t_teacher / t_tdm, 2), "nfe_ratio": round(counts["teacher"] / counts["tdm"], 2)}
+
+
+def bench_distill(family: str, model, size: dict, trainer_nodes, batch: int, iterations: int) -> dict:
+    import resource
+
+    settings = dict(steps=4, grid="auto", iterations=iterations + 1, lora_rank=16, lora_alpha=0.0,
+                    learning_rate=1e-4, cfg=2.0, batch_size=batch, width=size["pixels"], height=size["pixels"],
+                    save_every=0, keep_last=1, preview_every=0, seed=SEED, gradient_checkpointing=True,
+                    dtype="bfloat16", offload="none", unconditional_prompt="")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():  # as ComfyUI executes TDM Distill
+        runtime, _, _ = trainer_nodes.build_runtime(model, BenchCLIP(size), settings, PROMPTS)
+    with torch.inference_mode(False):
+        session = runtime.build(None)
+        session.step()  # warm-up (kernels, allocator)
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(iterations):
+            metrics = session.step()
+        synchronize()
+        seconds = time.perf_counter() - start
+    if torch.cuda.is_available():
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {"batch": batch, "pixels": size["pixels"], "iterations": iterations,
+              "it_per_s": round(iterations / seconds, 4), "peak_mb": round(peak_mb, 1),
+              "student_steps_per_iteration": float(metrics["student_steps"]),
+              "finite": all(torch.isfinite(torch.tensor(float(metrics[k]))) for k in ("loss_fake", "loss_gen"))}
+    log(f"distill {family} batch {batch}: {result['it_per_s']} it/s, peak {result['peak_mb']} MB")
+    del runtime, session
+    import gc
+
+    gc.collect()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models at 64² (runs anywhere; the suite's check)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=5, help="timed distillation iterations per setting")
+    parser.add_argument("--families", default="sd15,sd3")
+    parser.add_argument("--batches", default="1,4")
+    args = parser.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("no CUDA device: real sizes need a GPU; use --tiny on the CPU")
+    bootstrap()
+    pack = comfy_runtime.load_pack()
+    sampling_nodes = sys.modules[pack.__name__ + ".nodes.sampling"]
+    trainer_nodes = sys.modules[pack.__name__ + ".nodes.trainer"]
+    sizes = SIZES["tiny" if args.tiny else "real"]
+    dtype = torch.float32 if args.tiny and not torch.cuda.is_available() else torch.bfloat16
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report = {"bench": "gpu", "device": device, "sizes": "tiny" if args.tiny else "real",
+              "weights_dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+              "comfyui": comfy_runtime.comfyui_version(), "sampling": {}, "distill": {}}
+    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+        if family not in sizes:
+            parser.error(f"unknown family {family!r}; choose from {', '.join(sizes)}")
+        model = build_model(family, sizes[family], dtype)
+        params = sum(p.numel() for p in model.model.diffusion_model.parameters())
+        report.setdefault("params_m", {})[family] = round(params / 1e6, 1)
+        report["sampling"][family] = bench_sampling(family, model, sizes[family], sampling_nodes, args.repeats)
+        for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
+            report["distill"][f"{family}.batch{batch}"] = bench_distill(family, model, sizes[family], trainer_nodes,
+                                                                        batch, args.iterations)
+        del model
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
