@@ -81,15 +81,6 @@ def measure(mode: str) -> dict:
     return {"mode": mode, "peak_mb": peak, "params": params, "trainable": trainable, "device": str(device)}
 
 
-# ComfyUI's SD15 UNet (comfy.supported_models.SD15 with the values model detection finds in an SD1.5 checkpoint)
-SD15_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
 COMFY_JOB_SETTINGS = dict(steps=4, grid="auto", iterations=2, lora_rank=16, lora_alpha=0.0, learning_rate=1e-4,
                           cfg=2.0, batch_size=1, width=64, height=64, save_every=0, keep_last=1, preview_every=0,
                           seed=0, gradient_checkpointing=False, dtype="auto", offload="none", unconditional_prompt="")
@@ -113,6 +104,9 @@ def measure_comfy_job(mode: str) -> dict:
     import resource
 
     sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu import SD15_UNET  # ComfyUI's SD1.5 UNet config, one copy for both benches
+
     from harness import comfy_runtime
 
     comfy_runtime.bootstrap()
@@ -127,7 +121,7 @@ def measure_comfy_job(mode: str) -> dict:
         backend_module._alias = lambda tensor: tensor.detach().clone()  # the weights copied, as a deep copy did
     baseline = _rss_mb()
     with torch.inference_mode():  # as ComfyUI executes nodes (a checkpoint loader's weights are inference tensors)
-        config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG))
+        config = comfy.supported_models.SD15(dict(SD15_UNET))
         config.set_inference_dtype(torch.float32, None)
         base = config.get_model({})
         generator = torch.Generator().manual_seed(0)

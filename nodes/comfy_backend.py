@@ -373,9 +373,33 @@ class ComfyBackend(PeftBackend):
                         yield table, name, tensor
 
 
+# Pixels per latent cell of the image models TDM distils (SD1.5, SD3): the latent preview is shown at image size.
+LATENT_TO_PIXELS = 8
+
+
+def vae_preview_decoder(model, vae, device):
+    """x0 (model latent space) → uint8 H×(B·W)×3 decoded by a private copy of the teacher's VAE on the training
+    device. The job thread decodes with it directly, never through ComfyUI's memory manager, which belongs to the
+    prompt executor's thread and may unload or move ComfyUI's own VAE at any time."""
+    device = torch.device(device)
+    dtype = torch.float32 if device.type == "cpu" else getattr(vae, "vae_dtype", torch.float32)
+    decoder = copy.deepcopy(vae.first_stage_model).to(device=device, dtype=dtype).eval()
+    latent_format = model.model.latent_format
+
+    def decode(x0: torch.Tensor):
+        with torch.no_grad():
+            latents = latent_format.process_out(x0.detach().to(device, torch.float32)).to(dtype)
+            images = decoder.decode(latents).float()  # ComfyUI's VAE models decode to [-1, 1]
+        images = ((images + 1.0) / 2.0).clamp(0, 1).movedim(1, -1).cpu()
+        strip = torch.cat(list(images), dim=1)
+        return (strip * 255).round().to(torch.uint8).numpy()
+
+    return decode
+
+
 def latent_preview_decoder(model):
-    """x0 (model latent space, [B, C, H, W]) → uint8 H×(B·W)×3, with the latent format's RGB factors (ComfyUI's
-    own cheap live preview; a VAE decode would have to run inside ComfyUI's memory manager)."""
+    """x0 (model latent space, [B, C, H, W]) → uint8 H×(B·W)×3 at image size, with the latent format's RGB factors
+    (ComfyUI's own cheap live preview, upscaled ×8 so it reads at the size the samples have)."""
     latent_format = model.model.latent_format
     factors = getattr(latent_format, "latent_rgb_factors", None)
     if factors is None:
@@ -387,6 +411,8 @@ def latent_preview_decoder(model):
     def decode(x0: torch.Tensor):
         x0 = x0.detach().to("cpu", torch.float32)
         images = torch.nn.functional.linear(x0.movedim(1, -1), weight, bias)  # [B, H, W, 3]
+        images = torch.nn.functional.interpolate(images.movedim(-1, 1), scale_factor=LATENT_TO_PIXELS,
+                                                 mode="bilinear", align_corners=False).movedim(1, -1)
         images = ((images + 1.0) / 2.0).clamp(0, 1)
         strip = torch.cat(list(images), dim=1)
         return (strip * 255).round().to(torch.uint8).numpy()

@@ -15,7 +15,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from tdm_core import lora as tdm_lora
 
-from . import inputs
+from . import categories, inputs
 
 LOG = logging.getLogger("comfyui-tdm")
 
@@ -103,8 +103,9 @@ class LoraApplication:
     strength_source: str
 
     def report(self) -> str:
-        lines = [self.match.lora.summary(), self.match.status_line(),
-                 f"strength {self.strength:g} ({self.strength_source})"]
+        auto = "" if self.strength_source == "manual" else "; strength_mode auto, the strength widget is not used"
+        lines = [f"applied strength {self.strength:g} ({self.strength_source}){auto}", self.match.status_line(),
+                 self.match.lora.summary()]
         warning = self.match.warning()
         if warning:
             lines.append("WARNING: " + warning)
@@ -172,7 +173,7 @@ class TDMLoraLoader(io.ComfyNode):
         return io.Schema(
             node_id="TDMLoraLoader",
             display_name="TDM LoRA Loader",
-            category="loaders",
+            category=categories.LOADERS,
             description=(
                 "Loads a TDM (Trajectory Distribution Matching) 4-step LoRA onto a MODEL: SD3/SD3.5 (peft "
                 "safetensors), Dreamshaper/SD1.5 (kohya .pt, read without running any code in the pickle), "
@@ -195,7 +196,8 @@ class TDMLoraLoader(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "strength", default=1.0, min=-10.0, max=10.0, step=0.005,
-                    tooltip="The LoRA strength used when strength_mode is manual (ignored in auto mode).",
+                    tooltip="The LoRA strength used when strength_mode is manual. In auto mode this widget is greyed "
+                            "out and ignored: the strength applied is shown on the node after the run.",
                 ),
                 io.Clip.Input(
                     "clip", optional=True,
@@ -203,8 +205,8 @@ class TDMLoraLoader(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Model.Output(tooltip="The model with the TDM LoRA applied."),
-                io.Clip.Output(tooltip="The CLIP with the LoRA's text-encoder weights applied (the input CLIP "
+                io.Model.Output(display_name="model", tooltip="The model with the TDM LoRA applied."),
+                io.Clip.Output(display_name="clip", tooltip="The CLIP with the LoRA's text-encoder weights applied (the input CLIP "
                                        "unchanged, or nothing, if the file has none or no CLIP is connected)."),
             ],
         )

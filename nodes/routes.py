@@ -5,6 +5,8 @@
   GET  /tdm/jobs/{job}/preview.png  the latest student preview
   POST /tdm/jobs/{job}/stop         stop after the current iteration (with a checkpoint)
   POST /tdm/jobs/{job}/resume       resume from the newest checkpoint; body {"iterations": N} optional
+  DELETE /tdm/jobs/{job}            forget a finished, failed or stopped job (record, checkpoints, preview; its LoRA
+                                    files stay); 409 while it is active
 
 Every handler runs the manager's work on a thread of the loop's executor: the event loop (ComfyUI's whole server) never
 waits for a lock, a disk write, a PNG encode or a model moving between devices.
@@ -13,7 +15,8 @@ Errors answer {"error": message} with 400 (bad request), 404 (no such job), 409 
 (tdm_core.validation, through the job manager); an unexpected failure answers 500 with its reason and never stops the
 server. Like ComfyUI's own routes these have no authentication: see the README's Security section.
 Websocket events (PromptServer.send_sync): tdm.job.progress {id, name, step, iterations, loss_fake, loss_gen,
-it_per_s, eta_s}, tdm.job.state (the job's record), tdm.job.saved {id, name, step, lora, snapshot}.
+it_per_s, eta_s}, tdm.job.state (the job's record), tdm.job.saved {id, name, step, lora, snapshot},
+tdm.job.removed {id, name}.
 """
 
 from __future__ import annotations
@@ -99,6 +102,16 @@ def register(get_manager) -> bool:
         except jobs.JobError as error:
             return error_response(error)
         return web.json_response(record)
+
+    @routes.delete("/tdm/jobs/{job}")
+    @guarded
+    async def remove_job(request):
+        try:
+            # off the event loop: it deletes the job's checkpoints
+            record = await _in_thread(lambda: get_manager().remove(request.match_info["job"]).to_dict(history=False))
+        except jobs.JobError as error:
+            return error_response(error)
+        return web.json_response({"removed": record["id"], "name": record["name"]})
 
     @routes.post("/tdm/jobs/{job}/resume")
     @guarded

@@ -37,18 +37,36 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
-from comfy_api.v0_0_2 import io
+from comfy_api.v0_0_2 import io, ui
 
 from tdm_core import presets, schedules, solvers
 
-from . import inputs
+from . import categories, inputs
 from .lora_loader import model_family, native_cogvideox_variant
 
 PARAMETRISATION_LABELS = {"flow": "rectified flow", "eps": "ε-prediction", "v": "v-prediction"}
 SOLVER_CHOICES = ["auto", "dpmpp_2m", "ddim"]
 # Preset solver names → the node's solver (the same algorithm; the state space comes from the model).
-_SOLVER_ALIASES = {"flow_dpmpp_2m": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m", "ddim": "ddim", "ddim_v": "ddim"}
+_SOLVER_ALIASES = solvers.WIDGET_NAMES
 GRID_CHOICES = ["preset", *schedules.GRIDS]
+AUTO_PRESET = "auto"
+# The flow presets' shift (6 for SD3/SD3.5, the official recipe): TDM Scheduler's shift widget shows it as a value.
+DEFAULT_SHIFT = next(p.shift for p in presets.PRESETS.values() if p.shift)
+
+
+def has_native_cogvideox() -> bool:
+    """Newer ComfyUI runs CogVideoX natively; 0.3.75 has no such MODEL, so the preset is not offered there."""
+    import comfy.model_base
+
+    return hasattr(comfy.model_base, "CogVideoX")
+
+
+def preset_choices() -> list[str]:
+    """The presets a MODEL input can use on this ComfyUI: "auto" first, then every preset whose model family this
+    ComfyUI can load as a MODEL (CogVideoX only with native support; the diffusers-backed TDM CogVideoX nodes serve
+    it elsewhere)."""
+    usable = [p.name for p in presets.PRESETS.values() if p.family != "cogvideox" or has_native_cogvideox()]
+    return [AUTO_PRESET, *usable]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,6 +142,37 @@ def is_flux_sampling(model_sampling) -> bool:
     return isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux)
 
 
+def resolve_preset(model, preset_name: str) -> presets.ModelPreset:
+    """The preset to sample `model` with. "auto" reads the MODEL's family (the same detection the TDM LoRA Loader
+    uses) and takes the first preset of that family in tdm_core.presets, so a preset added there is found without
+    code changes here."""
+    if preset_name != AUTO_PRESET:
+        return presets.get_preset(preset_name)
+    family = model_family(model)
+    matching = presets.presets_for_family(family)
+    if not matching:
+        known = ", ".join(f"{p.name} ({p.display_name})" for p in presets.PRESETS.values())
+        raise ValueError(f"TDM preset auto: no TDM recipe exists for this MODEL, {describe_model(model)} (model "
+                         f"family {family!r}). TDM presets: {known}. Load one of those models, or sample this one "
+                         "with ComfyUI's own samplers.")
+    return matching[0]
+
+
+def img2img_step_count(steps: int, denoise: float, rule: str) -> int:
+    """How many of `steps` steps an img2img pass at strength `denoise` runs, counted as the preset's diffusers
+    img2img pipeline counts it (`get_timesteps`; see ModelPreset.img2img_steps)."""
+    if rule == "sd3":
+        return steps - int(max(steps - min(steps * denoise, steps), 0))
+    return min(int(steps * denoise), steps)
+
+
+def denoise_tail(sigmas: torch.Tensor, run: int) -> torch.Tensor:
+    """img2img: the last `run` steps of the full grid, as diffusers' img2img pipelines do, so a 4-step TDM LoRA still
+    sees its trained timesteps. (ComfyUI's BasicScheduler instead stretches the schedule to steps/denoise steps and
+    runs the last `steps` of them.) A tail of no step leaves the latent unchanged."""
+    return sigmas[len(sigmas) - 1 - run:]
+
+
 def _flow_multiplier(model_sampling) -> float:
     return float(getattr(model_sampling, "multiplier", schedules.NUM_TRAIN_TIMESTEPS))
 
@@ -132,11 +181,9 @@ def _flow_multiplier(model_sampling) -> float:
 # SIGMAS
 
 
-def flux_mu_for(model_sampling, latent_size: tuple[int, int] | None, shift: float = 0.0) -> float:
-    """μ of Flux's time shift: the shift input if set, else that of the latent being sampled (H, W), else the
-    MODEL's own (ModelSamplingFlux sets it from width and height; 1.15 by default)."""
-    if shift > 0:
-        return float(shift)
+def flux_mu_for(model_sampling, latent_size: tuple[int, int] | None) -> float:
+    """μ of Flux's time shift: that of the latent being sampled (H, W), else the MODEL's own (ModelSamplingFlux sets
+    it from width and height; 1.15 by default)."""
     if latent_size is not None:
         return schedules.flux_mu(*latent_size)
     return float(getattr(model_sampling, "shift", schedules.FLUX_MAX_SHIFT))
@@ -144,11 +191,20 @@ def flux_mu_for(model_sampling, latent_size: tuple[int, int] | None, shift: floa
 
 def tdm_sigmas(model, preset_name: str, steps: int, shift: float = 0.0, grid: str = "preset",
                custom_timesteps: str = "", demo_total_steps: int = schedules.TRAINING_DEMO_TOTAL_STEPS,
-               latent_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """The preset's grid as sigmas of this MODEL (float32, ending in 0). `latent_size` (H, W of the latent) sets
-    Flux's resolution-dependent shift."""
-    preset = presets.get_preset(preset_name)
+               denoise: float = 1.0, latent_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The preset's grid as sigmas of this MODEL (float32, ending in 0); its img2img tail for denoise < 1.
+    shift 0 means the preset's (what workflows saved before the shift widget showed its value hold). `latent_size`
+    (H, W of the latent) sets Flux's resolution-dependent shift."""
+    preset = resolve_preset(model, preset_name)
     check_preset_fits(preset, model)
+    full = _grid_sigmas(model, preset, steps, shift, grid, custom_timesteps, demo_total_steps, latent_size)
+    if denoise >= 1.0:
+        return full
+    return denoise_tail(full, img2img_step_count(len(full) - 1, denoise, preset.img2img_steps))
+
+
+def _grid_sigmas(model, preset, steps, shift, grid, custom_timesteps, demo_total_steps,
+                 latent_size=None) -> torch.Tensor:
     model_sampling = model.get_model_object("model_sampling")
     flow = model_parametrisation(model_sampling) == "flow"
     grid_name = preset.grid if grid == "preset" else grid
@@ -160,7 +216,8 @@ def tdm_sigmas(model, preset_name: str, steps: int, shift: float = 0.0, grid: st
     elif grid_name == "flux_shift":
         if not is_flux_sampling(model_sampling):
             raise ValueError(f"the flux_shift grid is for Flux models; this MODEL is {describe_model(model)}")
-        flux_grid = schedules.flux_shift_grid(steps, flux_mu_for(model_sampling, latent_size, float(shift)))
+        # The shift input is SD3's flow shift (default 6), not Flux's μ: μ comes from the latent or the MODEL.
+        flux_grid = schedules.flux_shift_grid(steps, flux_mu_for(model_sampling, latent_size))
         return torch.tensor(flux_grid.sigmas, dtype=torch.float32)
     elif grid_name == "flow_shift":
         if not flow:
@@ -376,10 +433,22 @@ class _PositiveOnlyGuider(comfy.samplers.CFGGuider):
 # ---------------------------------------------------------------------------------------------------------------
 # Nodes
 
-_PRESET_TOOLTIP = "TDM recipe: " + "; ".join(
+_PRESET_TOOLTIP = "TDM recipe. auto: picked from the MODEL (its model family) and named on the node after the run. " + "; ".join(
     f"{p.name} = {p.display_name}: {p.steps} steps, grid {p.grid}" + (f" (shift {p.shift:g})" if p.shift else "")
     + f", solver {p.solver}" for p in presets.PRESETS.values()
 )
+_DENOISE_TOOLTIP = (
+    "img2img / hires-fix strength, as the base model's diffusers img2img pipeline (the TDM recipes' convention): the "
+    "last steps × denoise steps of the same grid run (4 steps at 0.5 → the last 2 of the trained 4; SD3 rounds up, "
+    "SD1.5 down), starting from the input latent noised to the first of them. Unlike core BasicScheduler's denoise, "
+    "which stretches the schedule to steps/denoise steps and runs `steps` of them (timesteps a 4-step LoRA never saw). "
+    "1.0 = txt2img. Optional: prompts saved before it existed run as 1.0.")
+
+
+def _named(preset: presets.ModelPreset, requested: str) -> str:
+    """The line the node shows after a run: which preset it used, and why."""
+    how = "picked from the MODEL" if requested == AUTO_PRESET else "as set"
+    return f"preset {preset.name} ({preset.display_name}), {how}"
 
 
 class TDMSampler(io.ComfyNode):
@@ -388,7 +457,7 @@ class TDMSampler(io.ComfyNode):
         return io.Schema(
             node_id="TDMSampler",
             display_name="TDM Sampler",
-            category="sampling/custom_sampling/samplers",
+            category=categories.CUSTOM_SAMPLERS,
             description="The few-step sampler of the official TDM recipes, for SamplerCustom / "
                         "SamplerCustomAdvanced. Use with TDM Scheduler sigmas and CFG 1.",
             inputs=[
@@ -397,17 +466,18 @@ class TDMSampler(io.ComfyNode):
                     "Flux students: ddim). "
                     "dpmpp_2m: DPM-Solver++(2M) as in diffusers, λ = ln(α/σ) of the model's own parametrisation — "
                     "flow-aware on SD3 (ComfyUI's built-in dpmpp_2m is not). ddim: the deterministic TDM/DDIM step.")),
-                io.Float.Input("gamma", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=(
+                categories.advanced(io.Float.Input("gamma", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Extension, not part of TDM (which is deterministic): TCD-style stochasticity for the ddim "
-                    "solver. 0 = deterministic; γ > 0 re-noises each step from ⌊(1−γ)·t_next⌋ with fresh noise.")),
-                io.Combo.Input("model_timesteps", options=["integer", "float"], default="integer", tooltip=(
+                    "solver. 0 = deterministic; γ > 0 re-noises each step from ⌊(1−γ)·t_next⌋ with fresh noise."))),
+                categories.advanced(io.Combo.Input("model_timesteps", options=["integer", "float"], default="integer",
+                               tooltip=(
                     "integer: give the model the integer timesteps int(σ·1000) as diffusers does (exact parity "
-                    "with the official SD3 recipe). float: ComfyUI's σ·1000. No effect on SD1.5 (already integer).")),
-                io.Combo.Input("initial_noise", options=["unit", "scaled"], default="unit", tooltip=(
+                    "with the official SD3 recipe). float: ComfyUI's σ·1000. No effect on SD1.5 (already integer)."))),
+                categories.advanced(io.Combo.Input("initial_noise", options=["unit", "scaled"], default="unit", tooltip=(
                     "unit: from an empty latent, start from plain N(0, I) noise as diffusers and the TDM rollout do. "
-                    "scaled: ComfyUI's σ_0-scaled noise. Non-empty latents (img2img) are never changed.")),
+                    "scaled: ComfyUI's σ_0-scaled noise. Non-empty latents (img2img) are never changed."))),
             ],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(display_name="sampler", tooltip="For SamplerCustom / SamplerCustomAdvanced.")],
         )
 
     @classmethod
@@ -421,37 +491,42 @@ class TDMSampler(io.ComfyNode):
 
 
 class TDMScheduler(io.ComfyNode):
+    # Widget values are saved by position: new inputs go last (denoise), so workflows saved earlier keep loading.
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="TDMScheduler",
             display_name="TDM Scheduler",
-            category="sampling/custom_sampling/schedulers",
+            category=categories.CUSTOM_SCHEDULERS,
             description="The exact timestep grid of a TDM recipe as SIGMAS of this MODEL (its own model_sampling, so "
-                        "t ↔ σ matches the model). Errors if the preset is for another kind of model.",
+                        "t ↔ σ matches the model). preset auto picks the recipe from the MODEL; a preset for "
+                        "another kind of model is refused, naming both.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample (with its TDM LoRA); its parametrisation must "
                                                 "match the preset."),
-                io.Combo.Input("preset", options=list(presets.PRESETS), default="sd3", tooltip=_PRESET_TOOLTIP),
+                io.Combo.Input("preset", options=preset_choices(), default=AUTO_PRESET, tooltip=_PRESET_TOOLTIP),
                 io.Int.Input("steps", default=4, min=1, max=1000, tooltip=(
                     "Number of steps. The released TDM LoRAs are 4-step students; other counts follow the same grid "
                     "rule. Ignored when custom timesteps are given.")),
-                io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.05, tooltip=(
-                    "Flow shift for SD3/SD3.5 (flow_shift grid). 0 = the preset's (6, the official recipe; 1–6 are "
-                    "documented). Flux (flux_shift grid): μ of its time shift; 0 = the MODEL's own, which "
-                    "ModelSamplingFlux sets from the image size. Ignored by ε/v presets.")),
-                io.Combo.Input("grid", options=GRID_CHOICES, default="preset", tooltip=(
-                    "preset: the recipe's grid. flow_shift: diffusers' flow sigmas at the shift. flux_shift: FluxPipeline's "
-                    "sigmas at Flux's size-dependent shift (μ: the shift input, else the MODEL's). sd15_linspace: "
+                io.Float.Input("shift", default=DEFAULT_SHIFT, min=0.0, max=20.0, step=0.05, tooltip=(
+                    f"Flow shift of rectified-flow presets (SD3/SD3.5: {DEFAULT_SHIFT:g}, the official recipe; 1–6 "
+                    "are documented). Ignored by ε/v presets (SD1.5, CogVideoX) and by Flux, whose shift follows the "
+                    "image size (ModelSamplingFlux on the MODEL). 0, saved by older versions of this node, means the "
+                    "preset's.")),
+                categories.advanced(io.Combo.Input("grid", options=GRID_CHOICES, default="preset", tooltip=(
+                    "preset: the recipe's grid. flow_shift: diffusers' flow sigmas at the shift. flux_shift: "
+                    "FluxPipeline's sigmas at Flux's size-dependent shift (the MODEL's). sd15_linspace: "
                     "999, 749, 500, 250 at 4 steps. trailing: 999, 749, 499, 249. cogvideox_trained: 999, 856, 665, "
-                    "399. training_demo: t_k = N−1−k·N/K of train_tdm_demo.py (N = demo_total_steps).")),
-                io.String.Input("custom_timesteps", default="", tooltip=(
-                    "Optional integer timesteps, descending, e.g. '999, 856, 665, 399'; overrides grid and steps.")),
-                io.Int.Input("demo_total_steps", default=schedules.TRAINING_DEMO_TOTAL_STEPS, min=1, max=1000,
-                             tooltip="N of the training_demo grid (train_tdm_demo.py total_steps: 800 by default, "
-                                     "900 in the README run). Used only by that grid."),
+                    "399. training_demo: t_k = N−1−k·N/K of train_tdm_demo.py (N = demo_total_steps)."))),
+                categories.advanced(io.String.Input("custom_timesteps", default="", tooltip=(
+                    "Optional integer timesteps, descending, e.g. '999, 856, 665, 399'; overrides grid and steps."))),
+                categories.advanced(io.Int.Input("demo_total_steps", default=schedules.TRAINING_DEMO_TOTAL_STEPS, min=1, max=1000,
+                             tooltip="Only for grid training_demo: N of train_tdm_demo.py (total_steps: 800 by "
+                                     "default, 900 in the README run).")),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip=_DENOISE_TOOLTIP),
             ],
-            outputs=[io.Sigmas.Output()],
+            outputs=[io.Sigmas.Output(display_name="sigmas", tooltip="For SamplerCustom / SamplerCustomAdvanced.")],
         )
 
     @classmethod
@@ -459,32 +534,40 @@ class TDMScheduler(io.ComfyNode):
         return inputs.validate(cls, values)
 
     @classmethod
-    def execute(cls, model, preset, steps, shift, grid, custom_timesteps, demo_total_steps) -> io.NodeOutput:
+    def execute(cls, model, preset, steps, shift, grid, custom_timesteps, demo_total_steps,
+                denoise=1.0) -> io.NodeOutput:
         inputs.check_inputs(cls, locals())
-        return io.NodeOutput(tdm_sigmas(model, preset, steps, shift, grid, custom_timesteps, demo_total_steps))
+        recipe = resolve_preset(model, preset)
+        sigmas = tdm_sigmas(model, recipe.name, steps, shift, grid, custom_timesteps, demo_total_steps, denoise)
+        return io.NodeOutput(sigmas, ui=ui.PreviewText(
+            f"{_named(recipe, preset)}\nsigmas {', '.join(f'{s:.4g}' for s in sigmas.tolist())}"))
 
 
 class TDMKSampler(io.ComfyNode):
+    # Widget values are saved by position: new inputs go last (denoise), so workflows saved earlier keep loading.
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="TDMKSampler",
             display_name="TDM KSampler",
-            category="sampling",
+            category=categories.SAMPLING,
             description="All-in-one TDM sampling: the preset's grid and solver, CFG 1 (one model evaluation per step, "
-                        "no negative prompt), seeded noise.",
+                        "no negative prompt), seeded noise. preset auto picks the recipe from the MODEL.",
             inputs=[
                 io.Model.Input("model", tooltip="The model with its TDM LoRA applied."),
                 io.Conditioning.Input("positive", tooltip="The prompt. TDM samples without CFG, so there is no "
                                                           "negative prompt."),
-                io.Latent.Input("latent_image", tooltip="The latent to start from (an empty latent for txt2img)."),
-                io.Combo.Input("preset", options=list(presets.PRESETS), default="sd3", tooltip=_PRESET_TOOLTIP),
+                io.Latent.Input("latent_image", tooltip="The latent to start from (an empty latent for txt2img, an "
+                                                        "encoded image with denoise < 1 for img2img)."),
+                io.Combo.Input("preset", options=preset_choices(), default=AUTO_PRESET, tooltip=_PRESET_TOOLTIP),
                 io.Int.Input("steps", default=4, min=1, max=1000, tooltip="Number of steps (the released TDM LoRAs "
                                                                           "are 4-step students)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the initial noise; the same seed gives the same latent."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip=_DENOISE_TOOLTIP),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(display_name="latent")],
         )
 
     @classmethod
@@ -492,14 +575,17 @@ class TDMKSampler(io.ComfyNode):
         return inputs.validate(cls, values)
 
     @classmethod
-    def execute(cls, model, positive, latent_image, preset, steps, seed) -> io.NodeOutput:
+    def execute(cls, model, positive, latent_image, preset, steps, seed, denoise=1.0) -> io.NodeOutput:
         inputs.check_inputs(cls, locals())
-        recipe = presets.get_preset(preset)
+        recipe = resolve_preset(model, preset)
         latent_size = tuple(int(n) for n in latent_image["samples"].shape[-2:])
-        sigmas = tdm_sigmas(model, preset, steps, latent_size=latent_size)
+        sigmas = tdm_sigmas(model, recipe.name, steps, denoise=denoise, latent_size=latent_size)
         sampler = tdm_sampler(recipe.solver, 0.0, recipe.model_timesteps, recipe.initial_noise)
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        report = ui.PreviewText(f"{_named(recipe, preset)}; {len(sigmas) - 1} of {steps} steps")
+        if len(sigmas) <= 1:  # denoise so small that no step runs: the latent is returned as it came
+            return io.NodeOutput(latent, ui=report)
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         guider = _PositiveOnlyGuider(model)
         guider.set_conds(positive)
@@ -507,7 +593,7 @@ class TDMKSampler(io.ComfyNode):
         result = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                                callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         latent["samples"] = result.to(comfy.model_management.intermediate_device())
-        return io.NodeOutput(latent)
+        return io.NodeOutput(latent, ui=report)
 
 
 NODES: list = [TDMSampler, TDMScheduler, TDMKSampler]

@@ -26,7 +26,7 @@ from comfy_api.v0_0_2 import io, ui
 from tdm_core import jobs, presets, schedules
 from tdm_core.distill import ConfigError, DistillConfig
 
-from . import comfy_backend, comfy_families, inputs
+from . import categories, comfy_backend, comfy_families, inputs
 
 # Outputs carry an explicit display name: ComfyUI 0.3.75 would label an unnamed output by its type ("STRING"),
 # newer versions by its id, and saved workflows must not depend on the version.
@@ -37,7 +37,7 @@ _SEED_CONTROL = getattr(getattr(io, "ControlAfterGenerate", None), "fixed", True
 
 LOG = logging.getLogger("comfyui-tdm")
 
-CATEGORY = "training"
+CATEGORY = categories.TRAINING
 GRID_CHOICES = ["auto", *[p.name for p in presets.PRESETS.values() if p.family != "cogvideox"], "training_demo"]
 IF_EXISTS = ["refuse", "resume"]
 OFFLOAD = ["none", "unload_comfy_models", "train_on_cpu"]
@@ -147,7 +147,7 @@ def _settings_from_inputs(values: dict, prompts: list[str]) -> dict:
     return settings
 
 
-def build_runtime(model, clip, settings: dict, prompts: list[str]):
+def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
     """The job's runtime from the teacher MODEL/CLIP and the node's settings: (runtime, teacher fingerprint, grid).
     Runs on the prompt executor's thread (CLIP encoding, the weight snapshot and adapter creation use ComfyUI's
     memory manager and the process RNG)."""
@@ -196,7 +196,9 @@ def build_runtime(model, clip, settings: dict, prompts: list[str]):
                                              schedule=grid.schedule, latent_shape=latent_shape, conds=conds,
                                              lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
                                              adapter_seed=config.seed)
-    runtime = ComfyRuntime(backend, config, device, comfy_backend.latent_preview_decoder(model),
+    preview = (comfy_backend.vae_preview_decoder(model, vae, device) if vae is not None
+               else comfy_backend.latent_preview_decoder(model))
+    runtime = ComfyRuntime(backend, config, device, preview,
                            comfy_backend.family_metadata(grid.preset, family), comfy_model=model.model)
     return runtime, teacher, grid
 
@@ -210,7 +212,7 @@ def _recorded_prompts(settings: dict, record: jobs.JobRecord) -> list[str]:
     return list(prompts)
 
 
-def start_job(model, clip, values: dict) -> jobs.JobRecord:
+def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
     """Everything the start node does (see the module docstring); raises ValueError with the reason to refuse."""
     manager = get_manager()
     name = jobs.validate_output_name(values["output_name"], manager.loras_dir)
@@ -237,7 +239,7 @@ def start_job(model, clip, values: dict) -> jobs.JobRecord:
         prompts = read_prompts(values["prompts"], values["prompts_file"])
         settings = _settings_from_inputs(values, prompts)
 
-    runtime, teacher, grid = build_runtime(model, clip, settings, prompts)
+    runtime, teacher, grid = build_runtime(model, clip, settings, prompts, vae)
     settings["grid_description"] = grid.description
     return manager.submit(name, runtime, int(settings["iterations"]), save_every=int(settings["save_every"]),
                           keep_last=int(settings["keep_last"]), preview_every=int(settings["preview_every"]),
@@ -398,6 +400,12 @@ class TDMDistillStart(io.ComfyNode):
                                        "train_on_cpu: the job's copy of the teacher goes straight to CPU memory "
                                        "(slow; the GPU keeps only ComfyUI's own weights). A waiting or stopped job "
                                        "parks its network on the CPU."),
+                # Last, and a socket: workflows saved before it keep their links and widget values.
+                io.Vae.Input("vae", optional=True, tooltip=(
+                    "Optional: the teacher's VAE (from the same loader). The status and jobs-panel previews are "
+                    "then decoded images at full size; without it they are ComfyUI's cheap latent-RGB preview, "
+                    "upscaled to the image size. The job keeps its own copy of the VAE on the training device (SD's VAE: "
+                    "about 0.3 GB in float32).")),
             ],
             outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
                                                         "/tdm/jobs HTTP routes.")],
@@ -420,10 +428,10 @@ class TDMDistillStart(io.ComfyNode):
         return inputs.validate(cls, values)
 
     @classmethod
-    def execute(cls, model, clip, **values) -> io.NodeOutput:
+    def execute(cls, model, clip, vae=None, **values) -> io.NodeOutput:
         inputs.check_inputs(cls, values)
         try:
-            record = start_job(model, clip, values)
+            record = start_job(model, clip, values, vae)
         except jobs.JobError as error:
             _refuse(error)
         return io.NodeOutput(record.id, ui=ui.PreviewText(record.progress_text()))
@@ -449,7 +457,7 @@ class TDMDistillStatus(io.ComfyNode):
             outputs=[
                 io.String.Output("status", display_name="status", tooltip="Progress text: state, step, losses, it/s, ETA, messages."),
                 io.Image.Output("loss_curve", display_name="loss_curve", tooltip="Fake-score and generator losses over the steps."),
-                io.Image.Output("preview", display_name="preview", tooltip="The latest student samples (latent RGB preview)."),
+                io.Image.Output("preview", display_name="preview", tooltip="The latest student samples: decoded by the VAE given to TDM Distill, else the latent-RGB preview at image size."),
                 io.String.Output("lora_name", display_name="lora_name", tooltip="The newest LoRA file under models/loras (pick it in the TDM "
                                                       "LoRA Loader)."),
             ],

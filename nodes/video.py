@@ -17,7 +17,7 @@ from tdm_core import cogvideox as video_core  # not `cogvideox`: that is the sam
 from tdm_core import schedules, validation
 from tdm_core.presets import get_preset
 
-from . import inputs
+from . import categories, inputs
 
 CogVideoXPipe = io.Custom("TDM_COGVIDEOX")
 
@@ -66,7 +66,7 @@ class TDMCogVideoXLoader(io.ComfyNode):
         return io.Schema(
             node_id="TDMCogVideoXLoader",
             display_name="TDM CogVideoX Loader",
-            category="loaders/video_models",
+            category=categories.LOADERS,
             description="Loads a CogVideoX diffusers folder (e.g. THUDM/CogVideoX-2b in models/diffusers/) with an "
                         "optional TDM LoRA for 4-step sampling. Runs through diffusers: ComfyUI 0.3.75 has no "
                         "native CogVideoX.",
@@ -116,7 +116,7 @@ class TDMCogVideoXSampler(io.ComfyNode):
         return io.Schema(
             node_id="TDMCogVideoXSampler",
             display_name="TDM CogVideoX Sampler",
-            category="sampling/video_models",
+            category=categories.SAMPLING,
             description="Samples a CogVideoX video in 4 steps with v-prediction DDIM at the TDM LoRA's trained "
                         "timesteps (999, 856, 665, 399), CFG off. Output: the frames as an IMAGE batch + fps.",
             inputs=[

@@ -22,80 +22,132 @@ from harness.workflow_build import Node  # noqa: E402
 from harness.workflow_build import build as build_ui  # noqa: E402
 from tdm_core import __version__ as PACK_VERSION  # noqa: E402
 from tdm_core.presets import PRESETS, get_preset  # noqa: E402
+from tdm_core.solvers import WIDGET_NAMES  # noqa: E402
 
 WORKFLOWS_DIR = REPO / "workflows"
 PACK_PROPERTIES = {"cnr_id": "comfyui-tdm", "ver": PACK_VERSION}
 CORE_VERSION = "0.3.75"
+DOCS_LINE = ("Help: select a node and open its help (the ? / info panel), or read the pack's README and "
+             "docs/ folder.")
+NOTE_SIZE = (460, 400)
 PROMPT = "a photo of a red fox sitting in fresh snow at sunrise, highly detailed"
 
 
+def _file_line(name: str, folder: str, url: str, page: str, gated: bool = False) -> str:
+    """One markdown bullet: the file (a direct download link where there is one), its folder, its page."""
+    link = f"[{name}]({url})" if url else f"`{name}`"
+    line = f"- {link} → `models/{folder}/`"
+    repo_name = url.rsplit("/", 1)[-1] if url else ""
+    if url and repo_name != name:
+        line += f" (the repository calls it `{repo_name}`: save it as `{name}`)"
+    if page and page.startswith("https://"):
+        line += f" · [model page]({page})"
+    if gated:
+        line += ("\n  **Gated on Hugging Face**: log in and accept the licence on the model page first, or the "
+                 "download is refused.")
+    return line
+
+
+def _recipe_line(preset) -> str:
+    solver = WIDGET_NAMES[preset.solver]
+    parts = [f"{preset.steps} steps", f"CFG {preset.cfg:g}",
+             f"LoRA strength {preset.lora_strength:g} (TDM LoRA Loader, `strength_mode` auto)"]
+    if preset.shift:
+        parts.append(f"shift {preset.shift:g} (TDM Scheduler `shift`)")
+    parts.append(f"solver {solver} (TDM KSampler applies it; TDM Sampler's `solver` auto picks it)")
+    return "**Recipe**: " + ", ".join(parts) + "."
+
+
 def _note(preset_names: list[str], extra_lines: list[str] = ()) -> str:
+    """The workflow's "Read me" (a MarkdownNote: headings render, links are clickable)."""
     lines = []
     for name in preset_names:
         preset = get_preset(name)
-        lines += [
-            f"## {preset.display_name}",
-            f"Base model: {preset.base_model_source}",
-            f"  → models/{preset.base_model_folder}/{preset.base_model_file}",
-            f"TDM LoRA: {preset.lora_source}",
-            f"  → models/loras/{preset.lora_file}",
-            f"Recipe: {preset.steps} steps, CFG {preset.cfg:g}, LoRA strength {preset.lora_strength:g}"
-            + (f", shift {preset.shift:g}" if preset.shift else "") + f", solver {preset.solver}.",
-        ]
+        lines += [f"## {preset.display_name}", "",
+                  _file_line(preset.base_model_file, preset.base_model_folder, preset.base_model_url,
+                             preset.base_model_source, preset.base_model_gated),
+                  _file_line(preset.lora_file, "loras", preset.lora_url, preset.lora_source), "",
+                  _recipe_line(preset)]
         if preset.notes:
-            lines.append(preset.notes)
+            lines += ["", preset.notes]
         lines.append("")
-    return "\n".join([*lines, *extra_lines]).strip()
+    lines += [*extra_lines, "", DOCS_LINE]
+    return "\n".join(lines).strip()
 
 
-def _image_tail(nodes, latent_key, vae_source, x, prefix):
-    nodes += [
-        Node("decode", "VAEDecode", links={"samples": (latent_key, 0), "vae": vae_source}, pos=(x, 100)),
-        Node("save", "SaveImage", {"filename_prefix": prefix}, links={"images": ("decode", 0)}, pos=(x + 380, 100),
-             size=(400, 440)),
-    ]
+def _models(*entries: tuple[str, str, str]) -> dict:
+    """`properties.models` of a loader node: the file its widget names, where it downloads from, its folder. Newer
+    frontends offer "Download" / "Copy URL" for each one that is missing. Entries without a URL are left out."""
+    models = [{"name": name, "url": url, "directory": folder} for name, url, folder in entries if url]
+    return {"models": models} if models else {}
+
+
+def _checkpoint_models(preset) -> dict:
+    return _models((preset.base_model_file, preset.base_model_url, preset.base_model_folder))
+
+
+def _lora_models(preset) -> dict:
+    return _models((preset.lora_file, preset.lora_url, "loras"))
+
+
+# Columns of the layout (canvas units): the note and the checkpoint loader first, then one column per stage. Nodes in
+# a column stack downwards (harness.workflow_build keeps them from overlapping); widths stay inside the columns.
+COL = [0, 500, 880, 1260, 1640, 2020]
+PROMPT_SIZE = (340, 170)
+SAVER_SIZE = (400, 440)
+
+
+def _read_me(text: str, size=NOTE_SIZE) -> Node:
+    return Node("note", "MarkdownNote", {"text": text}, pos=(COL[0], 0), size=size, title="Read me")
 
 
 def sd3_workflow(preset_name: str) -> list[Node]:
     """SD3/SD3.5 checkpoint → TDM LoRA Loader (auto strength = preset) → TDM Scheduler + TDM Sampler in
     SamplerCustomAdvanced (CFG 1) → decode → save. Shows the SAMPLER/SIGMAS nodes the way power users wire them."""
     preset = get_preset(preset_name)
-    nodes = [
-        Node("note", "Note", {"text": _note([preset_name])}, pos=(-480, 0), size=(440, 360), title="Read me"),
-        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(0, 0)),
+    return [
+        _read_me(_note([preset_name])),
+        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[0], 460),
+             properties=_checkpoint_models(preset)),
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
-             links={"model": ("ckpt", 0)}, pos=(380, 0)),
-        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(380, 260)),
-        Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(380, 500)),
-        Node("noise", "RandomNoise", {"noise_seed": 42}, pos=(760, 0)),
-        Node("guider", "BasicGuider", links={"model": ("lora", 0), "conditioning": ("positive", 0)}, pos=(760, 160)),
-        Node("sampler", "TDMSampler", {"solver": "auto"}, pos=(760, 300)),
+             links={"model": ("ckpt", 0)}, pos=(COL[1], 0), properties=_lora_models(preset)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 300),
+             size=PROMPT_SIZE),
+        Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(COL[1], 540)),
+        Node("noise", "RandomNoise", {"noise_seed": 42}, pos=(COL[2], 0)),
+        Node("guider", "BasicGuider", links={"model": ("lora", 0), "conditioning": ("positive", 0)},
+             pos=(COL[2], 150)),
+        Node("sampler", "TDMSampler", {"solver": "auto"}, pos=(COL[2], 300)),
         Node("sigmas", "TDMScheduler", {"preset": preset_name, "steps": preset.steps, "shift": preset.shift},
-             links={"model": ("lora", 0)}, pos=(760, 520)),
+             links={"model": ("lora", 0)}, pos=(COL[2], 520)),
         Node("sample", "SamplerCustomAdvanced",
              links={"noise": ("noise", 0), "guider": ("guider", 0), "sampler": ("sampler", 0),
-                    "sigmas": ("sigmas", 0), "latent_image": ("latent", 0)}, pos=(1140, 0)),
+                    "sigmas": ("sigmas", 0), "latent_image": ("latent", 0)}, pos=(COL[3], 0)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("ckpt", 2)}, pos=(COL[3], 300)),
+        Node("save", "SaveImage", {"filename_prefix": f"tdm_{preset_name}"}, links={"images": ("decode", 0)},
+             pos=(COL[4], 0), size=SAVER_SIZE),
     ]
-    _image_tail(nodes, "sample", ("ckpt", 2), 1500, f"tdm_{preset_name}")
-    return nodes
 
 
 def dreamshaper_workflow() -> list[Node]:
     """Dreamshaper-7 → TDM LoRA Loader (the .pt release, read safely) → TDM KSampler (all-in-one) → decode → save."""
     preset = get_preset("dreamshaper")
-    nodes = [
-        Node("note", "Note", {"text": _note(["dreamshaper"])}, pos=(-480, 0), size=(440, 360), title="Read me"),
-        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(0, 0)),
+    return [
+        _read_me(_note(["dreamshaper"])),
+        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[0], 460),
+             properties=_checkpoint_models(preset)),
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
-             links={"model": ("ckpt", 0)}, pos=(380, 0)),
-        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(380, 260)),
-        Node("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(380, 500)),
+             links={"model": ("ckpt", 0)}, pos=(COL[1], 0), properties=_lora_models(preset)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 300),
+             size=PROMPT_SIZE),
+        Node("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(COL[1], 540)),
         Node("sample", "TDMKSampler", {"preset": "dreamshaper", "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
-             pos=(760, 0)),
+             pos=(COL[2], 0)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("ckpt", 2)}, pos=(COL[2], 400)),
+        Node("save", "SaveImage", {"filename_prefix": "tdm_dreamshaper"}, links={"images": ("decode", 0)},
+             pos=(COL[3], 0), size=SAVER_SIZE),
     ]
-    _image_tail(nodes, "sample", ("ckpt", 2), 1140, "tdm_dreamshaper")
-    return nodes
 
 
 def cogvideox_workflow() -> list[Node]:
@@ -103,21 +155,23 @@ def cogvideox_workflow() -> list[Node]:
     SaveVideo (mp4)."""
     preset = get_preset("cogvideox")
     return [
-        Node("note", "Note", {"text": _note(["cogvideox"], [
-            "The whole diffusers repository goes into models/diffusers/CogVideoX-2b/ (model_index.json, "
+        _read_me(_note(["cogvideox"], [
+            f"The whole diffusers repository ([{preset.base_model_source.removeprefix('https://huggingface.co/')}]"
+            f"({preset.base_model_source})) goes into `models/diffusers/CogVideoX-2b/` (model_index.json, "
             "transformer/, vae/, text_encoder/, tokenizer/, scheduler/).",
-            "Low VRAM: keep VAE tiling/slicing on and set offload to 'model' (≈10–12 GB) or 'sequential' (≈4 GB)."])},
-             pos=(-480, 0), size=(440, 420), title="Read me"),
+            "",
+            "Low VRAM: keep VAE tiling/slicing on and set `offload` to `model` (≈10–12 GB) or `sequential` "
+            "(≈4 GB)."]), size=(460, 480)),
         Node("load", "TDMCogVideoXLoader", {"model_folder": preset.base_model_file, "dtype": "bf16",
                                             "lora_name": preset.lora_file, "lora_strength": preset.lora_strength},
-             pos=(0, 0)),
+             pos=(COL[1], 0), properties=_lora_models(preset)),
         Node("sample", "TDMCogVideoXSampler", {"prompt": "a red fox trotting through fresh snow, cinematic",
                                                "frames": 49, "width": 720, "height": 480, "grid": "trained",
                                                "steps": preset.steps, "cfg": preset.cfg, "seed": 42},
-             links={"cogvideox": ("load", 0)}, pos=(380, 0)),
-        Node("video", "CreateVideo", links={"images": ("sample", 0), "fps": ("sample", 1)}, pos=(800, 0)),
+             links={"cogvideox": ("load", 0)}, pos=(COL[2], 0)),
+        Node("video", "CreateVideo", links={"images": ("sample", 0), "fps": ("sample", 1)}, pos=(COL[3], 0)),
         Node("save", "SaveVideo", {"filename_prefix": "video/tdm_cogvideox", "format": "mp4", "codec": "h264"},
-             links={"video": ("video", 0)}, pos=(1100, 0), size=(400, 400)),
+             links={"video": ("video", 0)}, pos=(COL[4], 0), size=(400, 400)),
     ]
 
 
@@ -128,33 +182,45 @@ def cogvideox_native_workflow() -> list[Node]:
     preset = get_preset("cogvideox")
     files = preset.extra["native_files"]
     geometry = {"width": 720, "height": 480, "length": 49}  # the 2B's training size (its position table's)
+
+    def file_line(folder):
+        name, source = files[folder]
+        url = source if source.startswith("https://") and source.endswith(".safetensors") else ""
+        return _file_line(name, folder, url, "") + ("" if url else f": {source}")
+
+    def models(folder):
+        name, source = files[folder]
+        url = source if source.startswith("https://") and source.endswith(".safetensors") else ""
+        return _models((name, url, folder))
+
+    text = "\n".join([
+        "## CogVideoX-2B (TDM_CogVideoX-2B_LoRA), native ComfyUI nodes", "",
+        "Needs a ComfyUI with native CogVideoX (2026 upstream); on older ComfyUI use the "
+        "`tdm_cogvideox_2b_4step` workflow (diffusers folder).", "",
+        *[file_line(folder) for folder in files],
+        _file_line(preset.lora_file, "loras", preset.lora_url, preset.lora_source), "",
+        f"**Recipe**: {preset.steps} steps at the trained timesteps 999/856/665/399 (TDM KSampler preset "
+        f"`cogvideox`), CFG {preset.cfg:g}, LoRA strength {preset.lora_strength:g}; 720×480, 49 frames (the size "
+        "the 2B's position table is for).", "", DOCS_LINE])
     return [
-        Node("note", "Note", {"text": "\n".join([
-            "## CogVideoX-2B (TDM_CogVideoX-2B_LoRA), native ComfyUI nodes",
-            "Needs a ComfyUI with native CogVideoX (2026 upstream); on older ComfyUI use the "
-            "tdm_cogvideox_2b_4step workflow (diffusers folder).",
-            *[f"{folder}: {name}\n  from {source}\n  → models/{folder}/{name}"
-              for folder, (name, source) in files.items()],
-            f"TDM LoRA: {preset.lora_source}\n  → models/loras/{preset.lora_file}",
-            f"Recipe: {preset.steps} steps at the trained timesteps 999/856/665/399, CFG {preset.cfg:g}, LoRA "
-            f"strength {preset.lora_strength:g}; 720×480, 49 frames (the size the 2B's position table is for).",
-        ])}, pos=(-480, 0), size=(440, 460), title="Read me"),
+        _read_me(text, size=(460, 520)),
         Node("unet", "UNETLoader", {"unet_name": files["diffusion_models"][0], "weight_dtype": "default"},
-             pos=(0, 0)),
-        Node("clip", "CLIPLoader", {"clip_name": files["text_encoders"][0], "type": "cogvideox"}, pos=(0, 160)),
-        Node("vae", "VAELoader", {"vae_name": files["vae"][0]}, pos=(0, 320)),
+             pos=(COL[0], 580), properties=models("diffusion_models")),
+        Node("clip", "CLIPLoader", {"clip_name": files["text_encoders"][0], "type": "cogvideox"},
+             pos=(COL[0], 740), properties=models("text_encoders")),
+        Node("vae", "VAELoader", {"vae_name": files["vae"][0]}, pos=(COL[0], 900), properties=models("vae")),
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
-             links={"model": ("unet", 0)}, pos=(380, 0)),
+             links={"model": ("unet", 0)}, pos=(COL[1], 0), properties=_lora_models(preset)),
         Node("positive", "CLIPTextEncode", {"text": "a red fox trotting through fresh snow, cinematic"},
-             links={"clip": ("clip", 0)}, pos=(380, 260)),
-        Node("latent", "EmptyHunyuanLatentVideo", {**geometry, "batch_size": 1}, pos=(380, 500)),
+             links={"clip": ("clip", 0)}, pos=(COL[1], 300), size=PROMPT_SIZE),
+        Node("latent", "EmptyHunyuanLatentVideo", {**geometry, "batch_size": 1}, pos=(COL[1], 540)),
         Node("sample", "TDMKSampler", {"preset": "cogvideox", "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
-             pos=(760, 0)),
-        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("vae", 0)}, pos=(1140, 0)),
-        Node("video", "CreateVideo", {"fps": 8.0}, links={"images": ("decode", 0)}, pos=(1140, 160)),
+             pos=(COL[2], 0)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("vae", 0)}, pos=(COL[2], 400)),
+        Node("video", "CreateVideo", {"fps": 8.0}, links={"images": ("decode", 0)}, pos=(COL[2], 540)),
         Node("save", "SaveVideo", {"filename_prefix": "video/tdm_cogvideox_native", "format": "mp4",
-                                   "codec": "h264"}, links={"video": ("video", 0)}, pos=(1500, 0), size=(400, 400)),
+                                   "codec": "h264"}, links={"video": ("video", 0)}, pos=(COL[3], 0), size=(400, 400)),
     ]
 
 
@@ -163,33 +229,35 @@ def sd3_comparison_workflow() -> list[Node]:
     as diffusers' StableDiffusion3Pipeline samples by default) beside TDM (4 steps, CFG 1 → 4 NFE)."""
     preset = get_preset("sd3")
     teacher = preset.teacher
-    nodes = [
-        Node("note", "Note", {"text": _note(["sd3"], [
-            f"Left: the base model's recipe, {teacher.steps} steps at CFG {teacher.cfg:g} ({teacher.nfe} model "
-            f"evaluations). Right: TDM, {preset.steps} steps at CFG 1 ({preset.nfe} evaluations) — same prompt, "
-            "same seed."])}, pos=(-480, 0), size=(440, 420), title="Read me"),
-        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(0, 0)),
-        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(0, 200)),
-        Node("negative", "CLIPTextEncode", {"text": ""}, links={"clip": ("ckpt", 1)}, pos=(0, 420)),
-        Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(0, 600)),
+    return [
+        _read_me(_note(["sd3"], [
+            f"Top: the base model's recipe, {teacher.steps} steps at CFG {teacher.cfg:g} ({teacher.nfe} model "
+            f"evaluations). Bottom: TDM, {preset.steps} steps at CFG 1 ({preset.nfe} evaluations) — same prompt, "
+            "same seed."]), size=(460, 460)),
+        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[0], 520),
+             properties=_checkpoint_models(preset)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 0),
+             size=PROMPT_SIZE),
+        Node("negative", "CLIPTextEncode", {"text": ""}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 240),
+             size=PROMPT_SIZE),
+        Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(COL[1], 480)),
         Node("teacher", "KSampler", {"seed": 42, "steps": teacher.steps, "cfg": teacher.cfg,
                                      "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
              links={"model": ("ckpt", 0), "positive": ("positive", 0), "negative": ("negative", 0),
-                    "latent_image": ("latent", 0)}, pos=(400, 0), title=f"Teacher: {teacher.steps} steps, CFG "
-                                                                        f"{teacher.cfg:g}"),
-        Node("teacher_decode", "VAEDecode", links={"samples": ("teacher", 0), "vae": ("ckpt", 2)}, pos=(780, 0)),
-        Node("teacher_save", "SaveImage", {"filename_prefix": "compare/teacher_sd3"},
-             links={"images": ("teacher_decode", 0)}, pos=(1160, 0), size=(400, 440)),
+                    "latent_image": ("latent", 0)}, pos=(COL[2], 0),
+             title=f"Teacher: {teacher.steps} steps, CFG {teacher.cfg:g}"),
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
-             links={"model": ("ckpt", 0)}, pos=(400, 520)),
+             links={"model": ("ckpt", 0)}, pos=(COL[2], 480), properties=_lora_models(preset)),
         Node("tdm", "TDMKSampler", {"preset": "sd3", "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
-             pos=(400, 800), title=f"TDM: {preset.steps} steps, CFG 1"),
-        Node("tdm_decode", "VAEDecode", links={"samples": ("tdm", 0), "vae": ("ckpt", 2)}, pos=(780, 800)),
+             pos=(COL[2], 780), title=f"TDM: {preset.steps} steps, CFG 1"),
+        Node("teacher_decode", "VAEDecode", links={"samples": ("teacher", 0), "vae": ("ckpt", 2)}, pos=(COL[3], 0)),
+        Node("tdm_decode", "VAEDecode", links={"samples": ("tdm", 0), "vae": ("ckpt", 2)}, pos=(COL[3], 780)),
+        Node("teacher_save", "SaveImage", {"filename_prefix": "compare/teacher_sd3"},
+             links={"images": ("teacher_decode", 0)}, pos=(COL[4], 0), size=SAVER_SIZE),
         Node("tdm_save", "SaveImage", {"filename_prefix": "compare/tdm_sd3"}, links={"images": ("tdm_decode", 0)},
-             pos=(1160, 520), size=(400, 440)),
+             pos=(COL[4], 520), size=SAVER_SIZE),
     ]
-    return nodes
 
 
 def distillation_workflow() -> list[Node]:
@@ -198,27 +266,32 @@ def distillation_workflow() -> list[Node]:
     status; the finished LoRA appears in models/loras for the TDM LoRA Loader."""
     preset = get_preset("dreamshaper")
     guide = [
-        "## Distill your own 4-step LoRA (TDM)",
-        "Queue once: training starts in the background and ComfyUI stays free for other prompts.",
-        "Queue again (same settings) to refresh TDM Distill Status; stop with TDM Distill Stop or "
-        "POST /tdm/jobs/<name>/stop.",
-        "The LoRA is written to models/loras/<output_name>.safetensors every save_every steps; load it with "
-        f"TDM LoRA Loader and sample with TDM KSampler, preset '{preset.name}' (SD1.5 teachers) or 'sd3'.",
-        f"This example's teacher: {preset.base_model_source} → models/{preset.base_model_folder}/"
-        f"{preset.base_model_file}. Any SD1.5- or SD3-family checkpoint works.",
+        "## Distill your own 4-step LoRA (TDM)", "",
+        "1. **Queue once**: training starts in the background and ComfyUI stays free for other prompts.",
+        "2. **Watch it** in the *TDM jobs* sidebar tab (chart icon: loss curve, preview, Stop / Resume), or queue "
+        "again with the same settings to refresh TDM Distill Status.",
+        "3. **Stop** with TDM Distill Stop, the jobs tab, or `POST /tdm/jobs/<name>/stop`.",
+        "4. **Use it**: the LoRA is written to `models/loras/<output_name>.safetensors` every `save_every` steps; "
+        f"load it with TDM LoRA Loader and sample with TDM KSampler (preset `auto`, or `{preset.name}` for SD1.5 "
+        "teachers, `sd3` for SD3).", "",
+        "This example's teacher:",
+        _file_line(preset.base_model_file, preset.base_model_folder, preset.base_model_url,
+                   preset.base_model_source, preset.base_model_gated),
+        "Any SD1.5- or SD3-family checkpoint works.", "", DOCS_LINE,
     ]
     return [
-        Node("note", "Note", {"text": "\n".join(guide)}, pos=(-480, 0), size=(440, 360), title="Read me"),
-        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(0, 0)),
+        _read_me("\n".join(guide), size=(460, 480)),
+        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[0], 540),
+             properties=_checkpoint_models(preset)),
         Node("start", "TDMDistillStart", {
             "prompts": "a photo of a red fox in the snow\na watercolor painting of a lighthouse\n"
                        "a portrait of an old sailor, studio lighting\na bowl of ramen, food photography",
             "output_name": "tdm_dreamshaper_distilled", "steps": preset.steps, "width": 512, "height": 512},
-             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(380, 0)),
-        Node("status", "TDMDistillStatus", links={"job": ("start", 0)}, pos=(780, 0)),
-        Node("status_text", "PreviewAny", links={"source": ("status", 0)}, pos=(1160, 0), size=(400, 200)),
-        Node("loss", "PreviewImage", links={"images": ("status", 1)}, pos=(1160, 240), size=(400, 320)),
-        Node("preview", "PreviewImage", links={"images": ("status", 2)}, pos=(1580, 240), size=(400, 320)),
+             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(COL[1], 0)),
+        Node("status", "TDMDistillStatus", links={"job": ("start", 0)}, pos=(COL[2], 0)),
+        Node("status_text", "PreviewAny", links={"source": ("status", 0)}, pos=(COL[3], 0), size=(400, 200)),
+        Node("loss", "PreviewImage", links={"images": ("status", 1)}, pos=(COL[3], 260), size=(400, 320)),
+        Node("preview", "PreviewImage", links={"images": ("status", 2)}, pos=(COL[4] + 60, 260), size=(400, 320)),
     ]
 
 
@@ -247,6 +320,21 @@ def model_files() -> dict[str, list[str]]:
         for folder, (name, _source) in preset.extra.get("native_files", {}).items():
             files.setdefault(folder, set()).add(name)
     return {k: sorted(v) for k, v in files.items()}
+
+
+def downloads() -> dict[str, tuple[str, str]]:
+    """Every file the presets give a direct download for: name → (url, model folder). Each loader node that names
+    one must carry it in `properties.models` (a test checks every workflow file)."""
+    found = {}
+    for preset in PRESETS.values():
+        if preset.lora_url:
+            found[preset.lora_file] = (preset.lora_url, "loras")
+        if preset.base_model_url:
+            found[preset.base_model_file] = (preset.base_model_url, preset.base_model_folder)
+        for folder, (name, source) in preset.extra.get("native_files", {}).items():
+            if source.startswith("https://") and source.endswith(".safetensors"):
+                found[name] = (source, folder)
+    return found
 
 
 def build_all(object_info: dict) -> dict[str, dict]:

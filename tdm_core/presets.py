@@ -1,7 +1,7 @@
 """The released TDM LoRAs and how each must be sampled: the one source of truth for every model preset.
 
 Nodes (preset combos, strength "auto"), tests, workflows and the README table all read these entries; a number
-written anywhere else is a bug. Figures and sources: `docs/tdm_method.md` §3 of the project brief (the official
+written anywhere else is a bug. Figures and sources: `docs/tdm_method.md` §3 (the official
 TDM README recipes and diffusers 0.42.1 scheduler configs).
 """
 
@@ -40,6 +40,14 @@ class ModelPreset:
     base_model_source: str = ""
     base_model_file: str = ""  # the name the example workflows load, in ComfyUI's `base_model_folder`
     base_model_folder: str = "checkpoints"
+    # Direct file links (Hugging Face "resolve" URLs): the example workflows' loader nodes carry them as
+    # `properties.models`, which newer frontends offer to download when the file is missing, and pyproject.toml lists
+    # them for the registry. Empty where there is no single file to fetch (a diffusers folder). The file is saved
+    # under lora_file / base_model_file, whatever its name in the repository.
+    lora_url: str = ""
+    base_model_url: str = ""
+    # Hugging Face makes the user accept a licence before the base model downloads (log in, then "Agree").
+    base_model_gated: bool = False
     notes: str = ""
     extra: dict = field(default_factory=dict)
     # The official recipe this preset reproduces, and its two conventions where ComfyUI's defaults differ from it
@@ -49,6 +57,10 @@ class ModelPreset:
     # - initial_noise "unit": a pure-noise start is plain N(0, I) noise labelled σ_0, as diffusers' pipelines and the
     #   TDM rollout start; ComfyUI scales it by σ_0 for flow models ("scaled").
     reference: str = ""
+    # img2img (`denoise` d of n steps) runs the tail of the same grid, as the base model's diffusers img2img pipeline
+    # counts it (`get_timesteps`): "floor" runs int(n·d) steps (StableDiffusionImg2ImgPipeline, CogVideoX
+    # video-to-video); "sd3" runs n − int(n − n·d) (StableDiffusion3Img2ImgPipeline: 3 of 4 at d = 0.6, not 2).
+    img2img_steps: str = "floor"
     model_timesteps: str = "integer"
     initial_noise: str = "unit"
 
@@ -78,6 +90,12 @@ PRESETS: dict[str, ModelPreset] = {
             lora_file="tdm_sd3.safetensors",
             base_model_source="https://huggingface.co/stabilityai/stable-diffusion-3-medium",
             base_model_file="sd3_medium_incl_clips_t5xxlfp16.safetensors",
+            # diffusers' default LoRA file name: the official README loads the repository without a weight_name.
+            lora_url="https://huggingface.co/Luo-Yihong/TDM_sd3_lora/resolve/main/pytorch_lora_weights.safetensors",
+            base_model_url="https://huggingface.co/stabilityai/stable-diffusion-3-medium/resolve/main/"
+                           "sd3_medium_incl_clips_t5xxlfp16.safetensors",
+            base_model_gated=True,
+            img2img_steps="sd3",
         ),
         ModelPreset(
             name="sd35",
@@ -97,7 +115,11 @@ PRESETS: dict[str, ModelPreset] = {
             # ComfyUI's single-file repackaging with the text encoders included (the official repo ships them apart).
             base_model_source="https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8",
             base_model_file="sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",
+            lora_url="https://huggingface.co/Luo-Yihong/TDM_sd3-5_lora/resolve/main/pytorch_lora_weights.safetensors",
+            base_model_url="https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
+                           "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",
             notes="Strength and shift follow the SD3 release; the SD3.5 model card does not state them.",
+            img2img_steps="sd3",
         ),
         ModelPreset(
             name="dreamshaper",
@@ -116,6 +138,7 @@ PRESETS: dict[str, ModelPreset] = {
             # Lykon/dreamshaper-7 is the diffusers release; ComfyUI loads the single-file DreamShaper 7 checkpoint.
             base_model_source="https://huggingface.co/Lykon/dreamshaper-7",
             base_model_file="dreamshaper_7.safetensors",
+            lora_url="https://huggingface.co/Luo-Yihong/TDM_dreamshaper_LoRA/resolve/main/tdm_dreamshaper.pt",
         ),
         ModelPreset(
             name="cogvideox",
@@ -136,6 +159,8 @@ PRESETS: dict[str, ModelPreset] = {
             base_model_source="https://huggingface.co/THUDM/CogVideoX-2b",
             base_model_file="CogVideoX-2b",  # the whole diffusers repository, as a folder
             base_model_folder="diffusers",
+            lora_url="https://huggingface.co/Luo-Yihong/TDM_CogVideoX-2B_LoRA/resolve/main/"
+                     "pytorch_lora_weights.safetensors",
             # Newer ComfyUI (upstream, 2026) runs CogVideoX natively from its core loaders; the files it loads,
             # by model folder: (file name, where it comes from). Its UNETLoader detects CogVideoX only by native
             # keys (blocks.N.*), and detects the 2B's sin-cos positions only when the file carries
@@ -145,7 +170,8 @@ PRESETS: dict[str, ModelPreset] = {
                                      "(https://huggingface.co/THUDM/CogVideoX-2b) in ComfyUI's native layout, with "
                                      "patch_embed.pos_embedding"),
                 "text_encoders": ("t5xxl_fp16.safetensors",
-                                  "https://huggingface.co/comfyanonymous/flux_text_encoders"),
+                                  "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/"
+                                  "t5xxl_fp16.safetensors"),
                 "vae": ("cogvideox_vae.safetensors", "https://huggingface.co/Comfy-Org/void-model (vae/)"),
             }},
         ),

@@ -176,6 +176,9 @@ SOLVERS = {
     "ddim": sample_ddim,
     "ddim_v": sample_ddim,
 }
+# The same solvers as TDM Sampler's `solver` widget names them: the widget has one entry per algorithm, and the
+# state space comes from the MODEL. Notes and docs that tell a user what to pick use these names.
+WIDGET_NAMES = {"flow_dpmpp_2m": "dpmpp_2m", "dpmpp_2m": "dpmpp_2m", "ddim": "ddim", "ddim_v": "ddim"}
 
 
 def get_solver(name: str):

@@ -66,7 +66,7 @@ def test_schema_is_a_v3_loader_with_tooltips(pack, loader):
 
     assert loader.TDMLoraLoader in NODE_CLASSES
     schema = loader.TDMLoraLoader.define_schema()
-    assert (schema.node_id, schema.display_name, schema.category) == ("TDMLoraLoader", "TDM LoRA Loader", "loaders")
+    assert (schema.node_id, schema.display_name, schema.category) == ("TDMLoraLoader", "TDM LoRA Loader", "TDM/loaders")
     assert schema.description
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     inputs = {i.id: i for i in schema.inputs}
@@ -295,7 +295,7 @@ def test_live_server_graph_with_the_loader_moves_the_output_as_predicted(comfy_s
     synthetic = lora_files.synthesise(sd3_twin.diffusers, "sd3", seed=21)
     lora_files.write_peft(synthetic, comfy_server.base_directory / "models" / "loras" / "tdm_live_sd3.safetensors")
     info = comfy_server.object_info()["TDMLoraLoader"]
-    assert info["category"] == "loaders" and info["display_name"] == "TDM LoRA Loader"
+    assert info["category"] == "TDM/loaders" and info["display_name"] == "TDM LoRA Loader"
     spec = info["input"]["required"]["lora_name"]
     options = spec[1]["options"] if spec[0] == "COMBO" else spec[0]  # V3 combos: ["COMBO", {"options": [...]}]
     assert "tdm_live_sd3.safetensors" in options

@@ -17,7 +17,7 @@ from tdm_core import presets
 TDM_NODES = {
     "TDMSampler": "sampling/custom_sampling/samplers",
     "TDMScheduler": "sampling/custom_sampling/schedulers",
-    "TDMKSampler": "sampling",
+    "TDMKSampler": "TDM/sampling",
 }
 PROMPT = "a lighthouse at dusk"  # the parity helpers encode the same text
 SEED = 42
@@ -35,7 +35,15 @@ def test_schemas_have_ids_categories_descriptions_and_tooltips(comfy_server):
         assert inputs
         for name, (_, options) in ((n, spec if len(spec) > 1 else (spec[0], {})) for n, spec in inputs.items()):
             assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
-    assert info["TDMScheduler"]["input"]["required"]["preset"][1]["options"] == list(presets.PRESETS)
+    # "auto" first; CogVideoX only where ComfyUI has a native CogVideoX MODEL (the diffusers nodes serve it elsewhere)
+    import comfy.model_base
+
+    offered = [p for p in presets.PRESETS if p != "cogvideox" or hasattr(comfy.model_base, "CogVideoX")]
+    for node_id in ("TDMScheduler", "TDMKSampler"):
+        assert info[node_id]["input"]["required"]["preset"][1]["options"] == ["auto", *offered]
+        assert info[node_id]["input"]["required"]["preset"][1]["default"] == "auto"
+    outputs = [name for node_id in TDM_NODES for name in info[node_id]["output_name"]]
+    assert outputs == ["sampler", "sigmas", "latent"]
 
 
 def _base_graph(family):

@@ -306,6 +306,10 @@ def test_preset_that_does_not_fit_the_model_is_a_clear_error(sampling, request, 
     with pytest.raises(ValueError) as error:
         sampling.TDMScheduler.execute(twin.comfy, preset, 4, 0.0, "preset", "", 800)
     message = str(error.value)
+    if preset not in sampling.preset_choices():
+        # a ComfyUI without native CogVideoX does not offer the preset: refused as not one of the options
+        assert repr(preset) in message and "auto" in message
+        return
     assert repr(preset) in message and recipe.display_name in message
     for word in model_words:
         assert word in message

@@ -40,10 +40,10 @@ def _clip(family):
     return TinyCLIP(family)
 
 
-def _runtime(trainer_module, twin, **overrides):
+def _runtime(trainer_module, twin, vae=None, **overrides):
     settings = dict(DEFAULTS, **overrides)
     with torch.inference_mode():  # as ComfyUI executes nodes
-        return trainer_module.build_runtime(twin.comfy, _clip(twin.family), settings, PROMPTS)
+        return trainer_module.build_runtime(twin.comfy, _clip(twin.family), settings, PROMPTS, vae)
 
 
 def test_sd15_schedule_is_the_models_own(backend_module, sd15_twin):
@@ -144,8 +144,25 @@ def test_a_training_step_leaves_the_model_untouched(trainer_module, sd3_twin):
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.dtype == torch.float32 for p in runtime.backend.trainable_parameters("student"))
-    preview = session.preview()  # latent RGB preview of the two prompts side by side (8×8 latents)
-    assert preview.shape == (8, 16, 3) and preview.dtype.name == "uint8"
+    preview = session.preview()  # latent RGB preview of the two prompts side by side (8×8 latents), at image size
+    assert preview.shape == (64, 128, 3) and preview.dtype.name == "uint8"
+
+
+def test_preview_is_decoded_by_the_teachers_vae_when_one_is_given(trainer_module, sd3_twin):
+    """With a VAE (a real ComfyUI VAE object: TAESD with random weights) the preview is what that VAE decodes from
+    the student's samples — the same pixels ComfyUI's own VAE Decode gives for them."""
+    from harness import twins
+
+    vae = twins.tiny_vae("sd3", seed=3)
+    runtime, _, _ = _runtime(trainer_module, sd3_twin, vae=vae)
+    session = runtime.build(None)
+    preview = session.preview()
+    x0 = session.trainer.sample(session.preview_prompts, seed=0)  # what the preview rendered (seeded)
+    expected = vae.decode(sd3_twin.comfy.model.process_latent_out(x0.detach().float().cpu()))  # [B, H, W, 3] in 0..1
+    expected = (torch.cat(list(expected), dim=1) * 255).round().to(torch.uint8).numpy()
+    assert preview.shape == expected.shape == (64, 128, 3)
+    assert abs(preview.astype(int) - expected.astype(int)).max() <= 1
+    assert preview.std() > 1  # an image, not a flat fill
 
 
 def test_the_job_trains_on_comfyuis_weights_without_copying_them(trainer_module, backend_module, sd3_twin):

@@ -123,7 +123,7 @@ def test_trainer_nodes_are_registered_with_tooltips(comfy_server):
     info = comfy_server.object_info()
     for node_id in ("TDMDistillStart", "TDMDistillStatus", "TDMDistillStop"):
         schema = info[node_id]
-        assert schema["category"] == "training" and schema["description"]
+        assert schema["category"] == "TDM/training" and schema["description"]
         inputs = {**schema["input"].get("required", {}), **schema["input"].get("optional", {})}
         for name, spec in inputs.items():
             assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
@@ -201,6 +201,12 @@ def test_sd15_job_finishes_and_samples_with_the_dreamshaper_preset(comfy_server)
         assert handle.metadata()["tdm.preset"] == "dreamshaper"
         assert all(k.startswith("diffusion_model.") for k in handle.keys())
     check_lora_loads_and_samples(server, "sd15", record["latest_lora"], "dreamshaper", 2)
+    # The jobs panel's Remove: DELETE forgets the finished job; its LoRAs stay for the user's workflows.
+    assert server.request("DELETE", f"/tdm/jobs/{name}") == {"removed": record["id"], "name": name}
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        job(server, name)
+    assert missing.value.code == 404
+    assert (loras / f"{name}.safetensors").is_file()
 
 
 @pytest.mark.parametrize("name", ["../escape", "/tmp/absolute", "sub/../../escape", "a\\b", ".tdm_jobs/x"])

@@ -14,7 +14,7 @@ import pytest
 from harness import cogvideox_native, cogvideox_tiny, lora_files, twins
 from harness.workflow_check import Substitute, check_workflow, to_api
 from harness.workflow_placeholders import install_placeholders
-from tdm_core.presets import get_preset
+from tdm_core.presets import PRESETS, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -97,8 +97,91 @@ def test_workflow_is_valid_for_the_server(object_info, name):
     assert check_workflow(workflow, object_info) == []
     tdm_nodes = [n for n in workflow["nodes"] if n["type"].startswith("TDM")]
     assert tdm_nodes and all(n["properties"]["cnr_id"] == "comfyui-tdm" and n["properties"]["ver"] for n in tdm_nodes)
-    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
-    assert notes and "huggingface.co" in notes[0]["widgets_values"][0] and "models/loras/" in notes[0]["widgets_values"][0]
+    notes = [n for n in workflow["nodes"] if n["type"] == "MarkdownNote"]
+    assert notes and "](https://huggingface.co/" in notes[0]["widgets_values"][0]
+    assert "models/loras/" in notes[0]["widgets_values"][0]
+
+
+# Every workflow file, the ones other presets add included: checked from the saved JSON alone (no server).
+ALL_WORKFLOW_FILES = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", ALL_WORKFLOW_FILES)
+def test_workflow_opens_with_every_node_on_screen_and_none_overlapping(name):
+    """The saved view (extra.ds) shows every node, the note included, inside a 1280×720 canvas clear of the toolbar
+    and sidebar, and no two saved node boxes (title bars included) intersect. The real-browser check repeats this
+    with the live node sizes the frontend computes."""
+    from harness.workflow_build import VIEW, bounding_box, overlaps
+
+    workflow = committed(name)
+    assert overlaps(workflow["nodes"]) == []
+    scale, (dx, dy) = workflow["extra"]["ds"]["scale"], workflow["extra"]["ds"]["offset"]
+    assert 0.4 <= scale <= 1.0  # smaller and the node titles are unreadable
+    off_screen = []
+    for node in workflow["nodes"]:
+        left, top, right, bottom = ((v + d) * scale for v, d in zip(bounding_box(node), (dx, dy, dx, dy), strict=True))
+        if left < VIEW["left"] - 1 or top < VIEW["top"] - 1 or right > VIEW["width"] - VIEW["right"] + 1 \
+                or bottom > VIEW["height"] - VIEW["bottom"] + 1:
+            off_screen.append((node["id"], node["type"], (round(left), round(top), round(right), round(bottom))))
+    assert off_screen == []
+
+
+@pytest.mark.parametrize("name", ALL_WORKFLOW_FILES)
+def test_workflow_note_and_download_entries(name):
+    """A MarkdownNote (headings render, links click) whose solver names are the widget's options, and a
+    `properties.models` entry (name, url, directory) on every loader node whose widget names a file the presets
+    give a download for: what the newer frontend turns into a Download / Copy URL offer."""
+    from tdm_core.solvers import WIDGET_NAMES
+
+    workflow = committed(name)
+    notes = [n for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert [n["type"] for n in notes] == ["MarkdownNote"]
+    text = notes[0]["widgets_values"][0]
+    assert text.startswith("## ") and "](https://" in text
+    for internal in ("flow_dpmpp_2m", "ddim_v"):  # tdm_core's names, not what the solver widget offers
+        assert internal not in text
+    assert "solver" not in text or any(f"solver {o}" in text or f"`solver` {o}" in text
+                                       for o in set(WIDGET_NAMES.values()))
+    downloads = build_workflows.downloads()
+    missing = []
+    for node in workflow["nodes"]:
+        entries = {m["name"]: m for m in node.get("properties", {}).get("models", [])}
+        for value in node.get("widgets_values", []):
+            if isinstance(value, str) and value in downloads:
+                url, folder = downloads[value]
+                if entries.get(value) != {"name": value, "url": url, "directory": folder}:
+                    missing.append((node["type"], value))
+    assert missing == []
+    gated = [p for p in PRESETS.values() if p.base_model_gated and p.base_model_file in json.dumps(workflow)]
+    for preset in gated:
+        assert "Gated on Hugging Face" in text, preset.name
+
+
+LEGACY_WORKFLOWS = REPO / "tests" / "data" / "legacy_workflows"  # as comfyui-tdm 0.1.0 shipped them (before denoise,
+# preset auto, the shift value and the TDM categories): what users have saved
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in LEGACY_WORKFLOWS.glob("*.json")))
+def test_workflows_saved_by_the_previous_version_load_and_queue_the_same_prompt(object_info, name):
+    """Widget values are stored by position: the inputs added since (denoise, an optional VAE socket) went last, so
+    an old file validates and queues exactly the prompt today's file queues (which the end-to-end test runs)."""
+    legacy = json.loads((LEGACY_WORKFLOWS / f"{name}.json").read_text())
+    assert check_workflow(legacy, object_info) == []
+
+    def prompt(workflow):
+        return {node_id: {"class_type": e["class_type"], "inputs": e["inputs"]}
+                for node_id, e in to_api(workflow, object_info, {}).items()}
+
+    assert prompt(legacy) == prompt(committed(name))
+
+
+def test_solver_names_in_notes_are_the_widget_options(object_info):
+    """The notes name solvers by tdm_core.solvers.WIDGET_NAMES: those are exactly TDM Sampler's solver options."""
+    from tdm_core.solvers import WIDGET_NAMES
+
+    options = object_info["TDMSampler"]["input"]["required"]["solver"]
+    options = options[1]["options"] if options[0] == "COMBO" else options[0]
+    assert set(WIDGET_NAMES.values()) | {"auto"} == set(options)
 
 
 def test_template_browser_lists_the_workflows(server):

@@ -1,9 +1,22 @@
 // TDM distillation jobs panel: a sidebar tab listing the background jobs of comfyui-tdm with live progress
-// (websocket events tdm.job.*) and Stop / Resume buttons (POST /tdm/jobs/<id>/stop|resume).
+// (websocket events tdm.job.*), each job's loss curve (GET /tdm/jobs/<id> history) and latest student preview
+// (GET /tdm/jobs/<id>/preview.png), Stop / Resume (POST /tdm/jobs/<id>/stop|resume) and Remove for jobs that are
+// over (DELETE /tdm/jobs/<id>: the record and checkpoints go, the LoRA files stay). Errors appear in ComfyUI's toast.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const ACTIVE = new Set(["queued", "running", "stopping"]);
+const REMOVABLE = new Set(["finished", "failed", "stopped"]);
+const STATE_COLORS = {
+  queued: "#b0a24a", running: "#4a90d9", stopping: "#c78a3b", stopped: "#888", failed: "#d9534f", finished: "#4caf50",
+};
+const SVG = "http://www.w3.org/2000/svg";
+
+function notify(severity, detail) {
+  const toast = app.extensionManager?.toast;
+  if (toast?.add) toast.add({ severity, summary: "TDM jobs", detail, life: severity === "error" ? 8000 : 3000 });
+  else console[severity === "error" ? "error" : "log"]("[TDM jobs]", detail);
+}
 
 function formatEta(seconds) {
   if (seconds == null || !isFinite(seconds)) return "";
@@ -11,49 +24,140 @@ function formatEta(seconds) {
   return m > 0 ? `${m} min ${s} s` : `${s} s`;
 }
 
-function jobRow(job, refresh) {
-  const row = document.createElement("div");
+function element(tag, css, text) {
+  const el = document.createElement(tag);
+  if (css) el.style.cssText = css;
+  if (text != null) el.textContent = text;
+  return el;
+}
+
+// The job's message without the queue position the server wrote when it was queued: that goes stale as jobs ahead
+// finish, so the panel states the current one itself (queueLine).
+function freshMessage(job) {
+  return (job.message || "").replace(/\s*\(waits for job [^)]*\)/, "");
+}
+
+function queueLine(job, jobs) {
+  if (job.state !== "queued") return "";
+  const ahead = jobs.filter((j) => ACTIVE.has(j.state) && j.id !== job.id && (j.state !== "queued" || j.created < job.created));
+  if (!ahead.length) return "starts next";
+  const running = ahead.find((j) => j.state !== "queued");
+  return `${ahead.length} job${ahead.length > 1 ? "s" : ""} ahead` + (running ? ` (training now: ${running.name})` : "");
+}
+
+// Fake-score and generator losses over the steps, as a small SVG line chart (log scale when they span decades).
+function lossCurve(history) {
+  const width = 260, height = 90, pad = 4;
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height + 14}`);
+  svg.setAttribute("class", "tdm-loss-curve");
+  svg.style.cssText = "width:100%;max-width:420px;background:rgba(0,0,0,.15);border-radius:4px;margin-top:6px;";
+  const points = history.filter((p) => p.every((v) => isFinite(v)));
+  if (points.length < 2) {
+    const text = document.createElementNS(SVG, "text");
+    text.setAttribute("x", 8); text.setAttribute("y", 20); text.setAttribute("fill", "#aaa");
+    text.setAttribute("font-size", "10");
+    text.textContent = "loss curve: after the first steps";
+    svg.appendChild(text);
+    return svg;
+  }
+  const values = points.flatMap((p) => [p[1], p[2]]);
+  const positive = values.every((v) => v > 0);
+  const useLog = positive && Math.max(...values) / Math.min(...values) > 30;
+  const f = useLog ? Math.log10 : (v) => v;
+  const ys = values.map(f);
+  const yMin = Math.min(...ys), yMax = Math.max(...ys) || yMin + 1;
+  const xMin = points[0][0], xMax = points[points.length - 1][0] || xMin + 1;
+  const x = (step) => pad + ((step - xMin) / Math.max(1, xMax - xMin)) * (width - 2 * pad);
+  const y = (v) => pad + (1 - (f(v) - yMin) / Math.max(1e-12, yMax - yMin)) * (height - 2 * pad);
+  for (const [index, color, label] of [[1, "#e8a33d", "fake score"], [2, "#5fa8e8", "generator"]]) {
+    const line = document.createElementNS(SVG, "polyline");
+    line.setAttribute("points", points.map((p) => `${x(p[0]).toFixed(1)},${y(p[index]).toFixed(1)}`).join(" "));
+    line.setAttribute("fill", "none"); line.setAttribute("stroke", color); line.setAttribute("stroke-width", "1.5");
+    svg.appendChild(line);
+    const legend = document.createElementNS(SVG, "text");
+    legend.setAttribute("x", index === 1 ? 6 : 90); legend.setAttribute("y", height + 11);
+    legend.setAttribute("fill", color); legend.setAttribute("font-size", "9");
+    legend.textContent = `${label} ${points[points.length - 1][index].toPrecision(3)}`;
+    svg.appendChild(legend);
+  }
+  const axis = document.createElementNS(SVG, "text");
+  axis.setAttribute("x", width - 4); axis.setAttribute("y", height + 11); axis.setAttribute("text-anchor", "end");
+  axis.setAttribute("fill", "#aaa"); axis.setAttribute("font-size", "9");
+  axis.textContent = `steps ${xMin}–${xMax}${useLog ? " · log" : ""}`;
+  svg.appendChild(axis);
+  return svg;
+}
+
+async function request(path, method, label) {
+  try {
+    const response = await api.fetchApi(path, { method });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      notify("error", `${label}: ${body.error || `HTTP ${response.status}`}`);
+      return false;
+    }
+    return true;
+  } catch (error) {
+    notify("error", `${label}: ${error}`);
+    return false;
+  }
+}
+
+function jobRow(job, jobs, details, refresh) {
+  const row = element("div", "border:1px solid var(--border-color,#444);border-radius:6px;padding:8px;margin:8px 0;");
   row.className = "tdm-job";
   row.dataset.jobId = job.id;
   row.dataset.state = job.state;
-  row.style.cssText = "border:1px solid var(--border-color,#444);border-radius:6px;padding:8px;margin:6px 0;";
-  const pct = job.iterations ? Math.min(100, (100 * job.step) / job.iterations) : 0;
-  const title = document.createElement("div");
-  title.style.cssText = "display:flex;justify-content:space-between;font-weight:600;";
-  title.textContent = job.name;
-  const state = document.createElement("span");
+  const title = element("div", "display:flex;justify-content:space-between;align-items:center;gap:6px;");
+  title.appendChild(element("span", "font-weight:600;overflow:hidden;text-overflow:ellipsis;", job.name));
+  const state = element("span", `font-size:11px;padding:1px 6px;border-radius:8px;color:#fff;` +
+                        `background:${STATE_COLORS[job.state] || "#666"};`, job.state);
   state.className = "tdm-job-state";
-  state.textContent = job.state;
   title.appendChild(state);
-  const bar = document.createElement("div");
-  bar.style.cssText = "height:6px;background:#333;border-radius:3px;margin:6px 0;";
-  bar.innerHTML = `<div style="height:6px;width:${pct}%;background:#6a9ff7;border-radius:3px;"></div>`;
-  const detail = document.createElement("div");
-  detail.style.cssText = "font-size:12px;opacity:.85;white-space:pre-wrap;";
+  const pct = job.iterations ? Math.min(100, (100 * job.step) / job.iterations) : 0;
+  const bar = element("div", "height:6px;background:rgba(127,127,127,.3);border-radius:3px;margin:6px 0;");
+  bar.appendChild(element("div", `height:6px;width:${pct}%;background:${STATE_COLORS[job.state] || "#4a90d9"};` +
+                          "border-radius:3px;"));
   const speed = job.it_per_s ? ` · ${job.it_per_s.toFixed(2)} it/s` : "";
   const eta = ACTIVE.has(job.state) && job.eta_s ? ` · ETA ${formatEta(job.eta_s)}` : "";
-  detail.textContent = `step ${job.step}/${job.iterations}${speed}${eta}` +
-    (job.latest_lora ? `\nLoRA: ${job.latest_lora}` : "") + (job.message ? `\n${job.message}` : "");
+  const lines = [`step ${job.step}/${job.iterations}${speed}${eta}`];
+  const queue = queueLine(job, jobs);
+  if (queue) lines.push(`queued: ${queue}`);
+  if (job.latest_lora) lines.push(`LoRA: ${job.latest_lora}`);
+  const message = freshMessage(job);
+  if (message) lines.push(message);
+  const detail = element("div", "font-size:12px;opacity:.85;white-space:pre-wrap;", lines.join("\n"));
+  detail.className = "tdm-job-detail";
   row.append(title, bar, detail);
-  const actions = document.createElement("div");
-  actions.style.cssText = "margin-top:6px;display:flex;gap:6px;";
-  const button = (label, path) => {
-    const b = document.createElement("button");
-    b.textContent = label;
+
+  const history = details?.history;
+  if (history) row.appendChild(lossCurve(history));
+  if (job.has_preview) {
+    const image = element("img", "display:block;width:100%;max-width:420px;margin-top:6px;border-radius:4px;" +
+                          "image-rendering:auto;");
+    image.className = "tdm-job-preview";
+    image.alt = `latest student preview of ${job.name}`;
+    image.src = api.apiURL(`/tdm/jobs/${encodeURIComponent(job.id)}/preview.png?step=${job.step}`);
+    row.appendChild(image);
+  }
+
+  const actions = element("div", "margin-top:6px;display:flex;gap:6px;");
+  const button = (label, path, method, done) => {
+    const b = element("button", "padding:2px 10px;", label);
     b.className = `tdm-job-${label.toLowerCase()}`;
     b.onclick = async () => {
       b.disabled = true;
-      const response = await api.fetchApi(`/tdm/jobs/${encodeURIComponent(job.id)}/${path}`, { method: "POST" });
-      if (!response.ok) {
-        const body = await response.json().catch(() => ({}));
-        alert(body.error || `${label} failed (${response.status})`);
+      if (await request(`/tdm/jobs/${encodeURIComponent(job.id)}${path}`, method, `${label} '${job.name}'`)) {
+        notify("success", `${done} '${job.name}'`);
       }
       refresh();
     };
     return b;
   };
-  if (job.state === "running" || job.state === "queued") actions.appendChild(button("Stop", "stop"));
-  if (job.state === "stopped" || job.state === "failed") actions.appendChild(button("Resume", "resume"));
+  if (job.state === "running" || job.state === "queued") actions.appendChild(button("Stop", "/stop", "POST", "Stopping"));
+  if (job.state === "stopped" || job.state === "failed") actions.appendChild(button("Resume", "/resume", "POST", "Resumed"));
+  if (REMOVABLE.has(job.state)) actions.appendChild(button("Remove", "", "DELETE", "Removed"));
   if (actions.childElementCount) row.appendChild(actions);
   return row;
 }
@@ -62,35 +166,74 @@ app.registerExtension({
   name: "comfyui-tdm.jobs",
   async setup() {
     let container = null;
-    let pending = false;
+    let running = false;
+    let again = false;
+    let timer = null;
+    const details = new Map(); // job id -> {step, history}: refetched only when the job's step moved
+
+    const render = async () => {
+      if (!container) return;
+      const response = await api.fetchApi("/tdm/jobs");
+      if (!response.ok) throw new Error(`GET /tdm/jobs answered ${response.status}`);
+      const { jobs } = await response.json();
+      jobs.sort((a, b) => b.created - a.created);
+      await Promise.all(jobs.map(async (job) => {
+        const known = details.get(job.id);
+        if (known && known.step === job.step && known.state === job.state) return;
+        const answer = await api.fetchApi(`/tdm/jobs/${encodeURIComponent(job.id)}`);
+        if (answer.ok) details.set(job.id, { step: job.step, state: job.state, history: (await answer.json()).history });
+      }));
+      const list = element("div");
+      list.className = "tdm-jobs-list";
+      if (!jobs.length) {
+        const empty = element("div", "padding:16px 8px;opacity:.8;line-height:1.5;");
+        empty.className = "tdm-jobs-empty";
+        empty.innerHTML = "<b>No distillation jobs yet.</b><br>Open the <i>tdm_distillation</i> workflow (Templates → " +
+          "comfyui-tdm) or add a <i>TDM Distill</i> node, and queue it: its job appears here with live progress, " +
+          "the loss curve and the latest student preview.";
+        list.appendChild(empty);
+      }
+      for (const job of jobs) list.appendChild(jobRow(job, jobs, details.get(job.id), refresh));
+      const active = jobs.filter((j) => ACTIVE.has(j.state)).length;
+      container.querySelector(".tdm-jobs-summary").textContent =
+        jobs.length ? `${jobs.length} job${jobs.length > 1 ? "s" : ""}, ${active} active` : "";
+      container.querySelector(".tdm-jobs-list")?.remove();
+      container.appendChild(list);
+    };
+
+    // One render at a time; events arriving meanwhile are folded into one more render after it.
     const refresh = async () => {
-      if (!container || pending) return;
-      pending = true;
+      if (running) { again = true; return; }
+      running = true;
       try {
-        const response = await api.fetchApi("/tdm/jobs");
-        const { jobs } = await response.json();
-        container.replaceChildren();
-        if (!jobs.length) {
-          container.textContent = "No TDM distillation jobs yet. Queue a workflow with the TDM Distill node.";
-        }
-        for (const job of jobs.sort((a, b) => b.created - a.created)) container.appendChild(jobRow(job, refresh));
+        do { again = false; await render(); } while (again);
+      } catch (error) {
+        notify("error", `could not load the jobs: ${error}`);
       } finally {
-        pending = false;
+        running = false;
       }
     };
-    for (const event of ["tdm.job.progress", "tdm.job.state", "tdm.job.saved"]) {
-      api.addEventListener(event, refresh);
-    }
+    const soon = () => { clearTimeout(timer); timer = setTimeout(refresh, 300); };
+    for (const event of ["tdm.job.progress", "tdm.job.state", "tdm.job.saved", "tdm.job.removed"]) api.addEventListener(event, soon);
+
     app.extensionManager.registerSidebarTab({
       id: "tdm-jobs",
       icon: "pi pi-chart-line",
       title: "TDM jobs",
-      tooltip: "TDM distillation jobs: progress, stop, resume",
+      tooltip: "TDM distillation jobs: progress, loss curves, previews, stop, resume",
       type: "custom",
       render: (el) => {
         el.style.padding = "8px";
-        container = document.createElement("div");
+        container = element("div");
         container.className = "tdm-jobs";
+        const header = element("div", "display:flex;justify-content:space-between;align-items:baseline;" +
+                               "border-bottom:1px solid var(--border-color,#444);padding-bottom:6px;margin-bottom:4px;");
+        header.className = "tdm-jobs-header";
+        header.appendChild(element("span", "font-size:15px;font-weight:600;", "TDM distillation jobs"));
+        const summary = element("span", "font-size:11px;opacity:.7;");
+        summary.className = "tdm-jobs-summary";
+        header.appendChild(summary);
+        container.appendChild(header);
         el.replaceChildren(container);
         refresh();
       },

@@ -13,6 +13,7 @@ the write of that state was attempted (a failed write is noted in the record's m
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import threading
 import time
 import uuid
@@ -316,6 +317,29 @@ class JobManager:
         # Moving a job's network to the CPU takes seconds: never while holding the lock every status read needs.
         if to_offload is not None and hasattr(to_offload, "offload"):
             to_offload.offload()
+        return record
+
+    def remove(self, job: str) -> JobRecord:
+        """Forgets a job that is over (finished, failed or stopped): its record, checkpoints and preview are deleted;
+        the LoRA files it wrote stay in the LoRA folder, where the user's workflows load them. An active job must be
+        stopped first (409). Returns the removed record."""
+        with self._lock:
+            record = self.get(job)
+            if record.state in ACTIVE_STATES or record.id in self._reserved:
+                raise JobError(f"TDM job {record.id} '{record.name}' is {record.state}: stop it before removing it",
+                               status=409)
+            for table in (self._records, self._settled, self._runtimes, self._stops, self._previews):
+                table.pop(record.id, None)
+        # The folder is renamed first (one atomic step, and the record loader skips dot-folders), then deleted: an
+        # interrupted deletion never brings the job back half-removed.
+        folder = self.job_dir(record.id)
+        tombstone = folder.with_name(f".removed-{record.id}")
+        try:
+            folder.rename(tombstone)
+        except FileNotFoundError:
+            return record
+        shutil.rmtree(tombstone, ignore_errors=True)
+        self._emit("tdm.job.removed", {"id": record.id, "name": record.name})
         return record
 
     def close(self, timeout: float = 30.0) -> None:

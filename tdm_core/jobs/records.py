@@ -315,7 +315,11 @@ class RecordStore:
     def load(self) -> list[JobRecord]:
         """Every valid record on disk, oldest folder first; damaged or planted records are reported and skipped."""
         try:
+            # dot-folders are removed jobs whose deletion was interrupted (JobManager.remove): finished here
             folders = sorted(p for p in self.jobs_dir.iterdir() if p.is_dir()) if self.jobs_dir.is_dir() else []
+            for leftover in [p for p in folders if p.name.startswith(".removed-")]:
+                shutil.rmtree(leftover, ignore_errors=True)
+            folders = [p for p in folders if not p.name.startswith(".")]
         except OSError as error:
             print(f"[comfyui-tdm] cannot list the job records in {self.jobs_dir}: {error}")
             return []

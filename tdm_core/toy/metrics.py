@@ -16,7 +16,7 @@ Definitions (all fixed: no metric depends on the model being measured or on the 
 - **Accuracy**: the fraction of samples generated for class c that `DigitsClassifier` labels c, averaged over the
   classes (the generated set is class-balanced). For the mixture: the fraction of samples whose nearest mode
   belongs to the requested class.
-- **Sample counts and seeds** live in the benchmark (`tdm_core.toy.bench`): a fixed number of samples per class
+- **Sample counts and seeds** live in the benchmark (`bench/distill.py`): a fixed number of samples per class
   from fixed noise seeds, identical for every model compared.
 """
 

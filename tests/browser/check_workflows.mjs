@@ -29,6 +29,8 @@ function parseArgs(argv) {
     else if (key === "--workflow") args.workflows.push(argv[++i]);
     else if (key === "--control") args.controls.push(argv[++i]);
     else if (key === "--no-queue") args.queue = false;
+    else if (key === "--report") args.report = argv[++i];
+    else if (key === "--jobs") args.jobs = argv[++i];
     else throw new Error(`unknown argument ${key}`);
   }
   if (!args.url || !args.out) throw new Error("--url and --out are required");
@@ -75,6 +77,50 @@ function inspectPage(expectedTypes) {
     nodeCount: nodes.length,
     badNodes: bad,
   };
+}
+
+// In the page, right after loading with the workflow's saved view: every node's live box (LiteGraph's boundingRect,
+// title bar included, with the sizes the frontend computed) must lie inside the window and not under the toolbar or
+// sidebar (the canvas itself must be the element at its title and at its corners), and no two boxes may intersect.
+function inspectLayout() {
+  const { canvas, graph } = window.app;
+  const canvasElement = canvas.canvas;
+  const problems = [];
+  const boxes = graph.nodes.map((node) => {
+    const [x, y, w, h] = node.boundingRect;
+    const [left, top] = canvas.ds.convertOffsetToCanvas([x, y]);
+    const [right, bottom] = canvas.ds.convertOffsetToCanvas([x + w, y + h]);
+    const rect = canvasElement.getBoundingClientRect();
+    return { id: node.id, type: node.type, title: node.title, x, y, w, h,
+             screen: [left + rect.left, top + rect.top, right + rect.left, bottom + rect.top] };
+  });
+  const visibleAt = (px, py) => {
+    if (px < 0 || py < 0 || px >= window.innerWidth || py >= window.innerHeight) return false;
+    const hit = document.elementFromPoint(px, py);
+    return hit === canvasElement || canvasElement.contains(hit) ||
+      // DOM widgets (text areas, the note's markdown) sit over the canvas inside their node: still the node
+      !!hit?.closest?.(".dom-widget, .comfy-markdown, .comfy-multiline-input, .p-panel, .lg-node");
+  };
+  for (const box of boxes) {
+    const [l, t, r, b] = box.screen;
+    const inset = 3;
+    const points = [[(l + r) / 2, t + 12], [l + inset, t + inset], [r - inset, t + inset], [l + inset, b - inset],
+                    [r - inset, b - inset]];
+    const hidden = points.filter(([px, py]) => !visibleAt(px, py));
+    if (hidden.length) {
+      problems.push(`node ${box.id} ${box.type} ("${box.title}") is not fully on screen at the saved view: ` +
+                    `screen box ${[l, t, r, b].map(Math.round)} in a ${window.innerWidth}×${window.innerHeight} window`);
+    }
+  }
+  for (let i = 0; i < boxes.length; i++) {
+    for (let j = i + 1; j < boxes.length; j++) {
+      const a = boxes[i], b = boxes[j];
+      if (a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h) {
+        problems.push(`nodes ${a.id} ${a.type} and ${b.id} ${b.type} overlap (live sizes ${a.w}×${a.h}, ${b.w}×${b.h})`);
+      }
+    }
+  }
+  return { problems, boxes: boxes.map(({ id, type, x, y, w, h }) => ({ id, type, x, y, w, h })) };
 }
 
 async function closeDialogs(page) {
@@ -128,6 +174,14 @@ async function checkOne(page, file, { control, queue, out }) {
   await page.waitForFunction(() => window.app.graph.nodes.length > 0, null, { timeout: 10000 });
   Object.assign(result, await page.evaluate(inspectPage, [...expectedTypes, "Note", "MarkdownNote"]));
   result.loadMs = Date.now() - started;
+  if (!control) {
+    // the pointer may still rest on the Run button of the previous check, whose tooltip would cover a node
+    await page.mouse.move(640, 900);
+    await sleep(400);
+    const layout = await page.evaluate(inspectLayout);
+    result.layoutProblems = layout.problems;
+    result.liveBoxes = layout.boxes;
+  }
   result.jsonNodeCount = graph.nodes.length;
   result.missingNodesDialog =
     result.storeDialogs.includes("global-missing-nodes") || result.domDialogs.some((t) => /missing nodes/i.test(t));
@@ -195,8 +249,52 @@ async function checkOne(page, file, { control, queue, out }) {
   return result;
 }
 
-// The pack's "TDM jobs" sidebar tab (web/tdm_jobs.js): it must register and render the /tdm/jobs list.
-async function checkJobsPanel(page, out) {
+async function loadAndRun(page, file, timeoutMs) {
+  const graph = JSON.parse(readFileSync(file, "utf8"));
+  await closeDialogs(page);
+  await closeToasts(page);
+  await page.evaluate(async ({ graph }) => { await window.app.loadGraphData(graph, true, true, "feature check"); },
+                      { graph });
+  await sleep(800);
+  const responsePromise = page.waitForResponse(
+    (r) => r.url().endsWith("/api/prompt") && r.request().method() === "POST", { timeout: 30000 });
+  await page.locator('[data-testid="queue-button"]').first().click();
+  const response = await responsePromise;
+  await waitForIdleQueue(page, timeoutMs);
+  await sleep(800);
+  return response.status();
+}
+
+// A real run of TDM LoRA Loader (auto) + TDM KSampler (auto) on tiny models: the reports drawn on the nodes.
+async function checkReport(page, file, out) {
+  const status = await loadAndRun(page, file, 180000);
+  const found = await page.evaluate(() => {
+    const reports = {};
+    let strengthWidget = null;
+    for (const node of window.app.graph.nodes) {
+      const widget = node.widgets?.find((w) => w.name === "report");
+      if (widget) reports[node.type] = String(widget.value ?? "");
+      if (node.type === "TDMLoraLoader") {
+        const strength = node.widgets.find((w) => w.name === "strength");
+        strengthWidget = { label: strength.label ?? null, disabled: !!(strength.disabled ?? strength.computedDisabled),
+                           value: strength.value };
+      }
+    }
+    const drawn = [...document.querySelectorAll(".tdm-report")].map((el) => ({
+      text: el.textContent, visible: el.getClientRects().length > 0 && getComputedStyle(el).display !== "none" }));
+    return { reports, strengthWidget, drawn };
+  });
+  await page.mouse.move(640, 900); // off the Run button: its tooltip would cover the picture
+  await sleep(300);
+  await page.screenshot({ path: path.join(out, "lora_report.png") });
+  log(`LoRA report: HTTP ${status}, ${JSON.stringify(found).slice(0, 400)}`);
+  return { status, ...found };
+}
+
+// The pack's "TDM jobs" sidebar tab (web/tdm_jobs.js): it must register and render the /tdm/jobs list; after a real
+// tiny job (when given) it must show the header, the loss curve, the preview and a Remove button.
+async function checkJobsPanel(page, out, jobsFile) {
+  if (jobsFile) await loadAndRun(page, jobsFile, 300000);
   await closeDialogs(page);
   const registered = await page.evaluate(async () => {
     try {
@@ -207,16 +305,32 @@ async function checkJobsPanel(page, out) {
     }
   });
   let text = null;
+  let features = {};
   try {
     await page.locator(".tdm-jobs").first().waitFor({ timeout: 15000 });
+    if (jobsFile) {
+      await page.locator(".tdm-job .tdm-loss-curve polyline").first().waitFor({ timeout: 20000 }).catch(() => {});
+      await page.waitForFunction(() => [...document.querySelectorAll(".tdm-job-preview")]
+        .some((img) => img.complete && img.naturalWidth > 0), null, { timeout: 20000 }).catch(() => {});
+    }
     await sleep(500);
     text = await page.locator(".tdm-jobs").first().textContent();
+    features = await page.evaluate(() => ({
+      header: !!document.querySelector(".tdm-jobs-header"),
+      curve: document.querySelectorAll(".tdm-job .tdm-loss-curve polyline").length >= 2,
+      preview: [...document.querySelectorAll(".tdm-job-preview")].some((img) => img.complete && img.naturalWidth > 0),
+      previewSize: [...document.querySelectorAll(".tdm-job-preview")].map((img) => [img.naturalWidth, img.naturalHeight]),
+      remove: !!document.querySelector(".tdm-job .tdm-job-remove"),
+      states: [...document.querySelectorAll(".tdm-job")].map((el) => el.dataset.state),
+    }));
   } catch (error) {
     text = null;
   }
+  await page.mouse.move(640, 900);
+  await sleep(300);
   await page.screenshot({ path: path.join(out, "jobs_panel.png") });
-  log(`jobs panel: registered=${registered === true}, rendered=${text !== null}`);
-  return { registered: registered === true, error: registered === true ? null : registered, text };
+  log(`jobs panel: registered=${registered === true}, rendered=${text !== null}, ${JSON.stringify(features)}`);
+  return { registered: registered === true, error: registered === true ? null : registered, text, ...features };
 }
 
 async function main() {
@@ -253,7 +367,8 @@ async function main() {
     for (const file of args.controls) {
       results.workflows.push(await checkOne(page, file, { control: true, queue: false, out: args.out }));
     }
-    results.jobsPanel = await checkJobsPanel(page, args.out);
+    if (args.report) results.loraReport = await checkReport(page, args.report, args.out);
+    results.jobsPanel = await checkJobsPanel(page, args.out, args.jobs);
   } finally {
     await context.close();
     rmSync(profile, { recursive: true, force: true });

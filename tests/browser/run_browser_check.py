@@ -26,11 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,6 +78,81 @@ def _has_native_cogvideox() -> bool:
     import comfy.model_base
 
     return hasattr(comfy.model_base, "CogVideoX")
+
+
+REPORT_LORA = "tdm_browser_check_sd3.safetensors"
+
+
+def feature_workflows(object_info: dict, base: Path, folder: Path) -> dict[str, Path]:
+    """Two small graphs on the test pack's tiny models that really run in the page's ComfyUI, so what the pack shows
+    after a run is checked as drawn: `lora_report` (a real tiny SD3 LoRA through TDM LoRA Loader in auto mode, then
+    TDM KSampler with preset auto) and `jobs_demo` (a 3-iteration distillation, for the jobs panel's curve and
+    preview). Written as UI-format files the driver loads like any workflow."""
+    import build_workflows
+
+    from harness import lora_files, twins
+    from harness.workflow_build import Node
+    from harness.workflow_build import build as build_ui
+
+    lora = lora_files.synthesise(twins.comfy_twin("sd3").diffusers, "sd3", rank=4, seed=7)
+    lora_files.write_peft(lora, base / "models" / "loras" / REPORT_LORA)
+    graphs = {
+        "lora_report": [
+            Node("model", "TDMTest_TinyModel", {"family": "sd3", "seed": 0}, pos=(0, 0)),
+            Node("cond", "TDMTest_TinyConditioning", {"family": "sd3", "text": "a lighthouse"}, pos=(0, 200)),
+            Node("latent", "EmptySD3LatentImage", {"width": 128, "height": 128, "batch_size": 1}, pos=(0, 420)),
+            Node("lora", "TDMLoraLoader", {"lora_name": REPORT_LORA, "strength_mode": "auto"},
+                 links={"model": ("model", 0)}, pos=(380, 0), size=(420, 300)),
+            Node("sample", "TDMKSampler", {"preset": "auto", "steps": 4, "seed": 42},
+                 links={"model": ("lora", 0), "positive": ("cond", 0), "latent_image": ("latent", 0)},
+                 pos=(840, 0), size=(420, 330)),
+            Node("save", "SaveLatent", {"filename_prefix": "browser_check/lora_report"},
+                 links={"samples": ("sample", 0)}, pos=(1300, 0)),
+        ],
+        "jobs_demo": [
+            Node("model", "TDMTest_TinyModel", {"family": "sd15", "seed": 0}, pos=(0, 0)),
+            Node("clip", "TDMTest_TinyCLIP", {"family": "sd15"}, pos=(0, 200)),
+            Node("vae", "TDMTest_TinyVAE", {"family": "sd15", "seed": 0}, pos=(0, 360)),
+            Node("start", "TDMDistillStart", {
+                "prompts": "a red fox\na lighthouse", "output_name": "tdm_browser_check_job", "steps": 4,
+                "iterations": 3, "width": 64, "height": 64, "save_every": 1, "preview_every": 1},
+                 links={"model": ("model", 0), "clip": ("clip", 0), "vae": ("vae", 0)}, pos=(380, 0)),
+            Node("status", "TDMDistillStatus", {"wait": True}, links={"job": ("start", 0)}, pos=(780, 0)),
+            Node("text", "PreviewAny", links={"source": ("status", 0)}, pos=(1160, 0), size=(400, 200)),
+        ],
+    }
+    paths = {}
+    for name, nodes in graphs.items():
+        workflow = build_ui(nodes, object_info, build_workflows.PACK_PROPERTIES, build_workflows.CORE_VERSION,
+                            str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-tdm/browser-check/{name}")))
+        paths[name] = folder / f"{name}.json"
+        paths[name].write_text(json.dumps(workflow))
+    return paths
+
+
+def check_features(results: dict) -> list[str]:
+    """Failures of the on-node report and the jobs panel, as the driver read them from the page."""
+    failures = []
+    report = results.get("loraReport") or {}
+    texts = report.get("reports", {})
+    lora_text, sampler_text = texts.get("TDMLoraLoader", ""), texts.get("TDMKSampler", "")
+    if not re.search(r"applied strength 0\.125 \(.*\); strength_mode auto", lora_text) \
+            or not re.search(r"matched (\d+)/\1 modules", lora_text):
+        failures.append(f"TDM LoRA Loader does not show its report on the node: {lora_text!r}")
+    if "preset sd3 (" not in sampler_text or "picked from the MODEL" not in sampler_text:
+        failures.append(f"TDM KSampler does not name the preset auto picked: {sampler_text!r}")
+    strength = report.get("strengthWidget") or {}
+    if not (strength.get("disabled") and "auto" in str(strength.get("label"))):
+        failures.append(f"in auto mode the strength widget is not marked unused: {strength}")
+    panel = results.get("jobsPanel") or {}
+    for key, what in (("header", "a header"), ("curve", "a loss curve"), ("preview", "a loaded preview image"),
+                      ("remove", "a Remove button for the finished job")):
+        if not panel.get(key):
+            failures.append(f"the jobs panel shows no {what}: {panel}")
+    # decoded by the job's VAE at image size: two 64×64 samples side by side
+    if panel.get("previewSize") and [128, 64] not in panel["previewSize"]:
+        failures.append(f"the jobs panel's preview is not the decoded 2×64×64 strip: {panel.get('previewSize')}")
+    return failures
 
 
 def frontend_version() -> str:
@@ -147,7 +224,9 @@ def main() -> int:
         server = ComfyServer(base)
         try:
             server.start()
-            command = ["node", str(DRIVER), "--url", server.url, "--out", str(ARTIFACTS), "--control", str(control)]
+            features = feature_workflows(server.object_info(), base, Path(tmp))
+            command = ["node", str(DRIVER), "--url", server.url, "--out", str(ARTIFACTS), "--control", str(control),
+                       "--report", str(features["lora_report"]), "--jobs", str(features["jobs_demo"])]
             for f in files:
                 command += ["--workflow", str(f)]
             proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=900)
@@ -206,6 +285,10 @@ def main() -> int:
     panel_ok = bool(panel.get("registered") and panel.get("text"))
     if not panel_ok:
         failures.append(f"the TDM jobs sidebar panel did not render: {panel}")
+    failures += check_features(results)
+    layout_failures = [f"{r['name']}: {problem}" for r in results["workflows"] if not r["control"]
+                       for problem in r.get("layoutProblems", [])]
+    failures += layout_failures
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
     if results.get("pageErrors"):
@@ -215,7 +298,9 @@ def main() -> int:
     print(f"browser: {loaded} workflows loaded, {dialogs} missing-node dialogs/notices, {queued} queued, "
           f"{alerted} with load alerts; control with an unknown node type detected: {bool(control_detected)} "
           f"({control_how}); "
-          f"jobs panel rendered: {panel_ok}"
+          f"jobs panel rendered: {panel_ok}; layout problems (overlaps, off-screen): {len(layout_failures)}; "
+          f"LoRA report on the node: {(results.get('loraReport') or {}).get('reports', {}).get('TDMLoraLoader', '')!r}; "
+          f"jobs panel curve/preview/remove: {panel.get('curve')}/{panel.get('preview')}/{panel.get('remove')}"
           + (f"; skipped (need native CogVideoX): {', '.join(skipped)}" if skipped else ""))
     return 1 if failures else 0
 

@@ -41,9 +41,14 @@ def extra_site_packages() -> Path | None:
 
 
 def comfyui_version() -> str:
-    namespace: dict = {}
-    exec((comfyui_dir() / "comfyui_version.py").read_text(), namespace)
-    return namespace["__version__"]
+    """The `__version__ = "…"` assignment of the tree's comfyui_version.py, read as data (never executed)."""
+    import ast
+
+    tree = ast.parse((comfyui_dir() / "comfyui_version.py").read_text())
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in statement.targets):
+            return ast.literal_eval(statement.value)
+    raise ValueError(f"no __version__ in {comfyui_dir() / 'comfyui_version.py'}")
 
 
 _bootstrapped = False

@@ -8,6 +8,41 @@ from dataclasses import dataclass, field
 from .workflow_check import WIDGET_TYPES, _input_type, widget_specs
 
 NODE_WIDTH = 340
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
+GAP = 40  # free space kept between stacked nodes
+# The view a workflow opens with must show every node on a 1280×720 canvas (a laptop browser window), clear of the
+# frontend's toolbar and the queue notice under its Run button (top: 136 px) and its sidebar (left); the
+# real-browser check measures it with live node sizes.
+VIEW = {"width": 1280, "height": 720, "left": 72, "top": 136, "right": 24, "bottom": 24}
+# Nodes that show a report box on the canvas (web/tdm_nodes.js): room for it below their widgets.
+REPORT_HEIGHT = 70
+REPORTING_NODES = {"TDMLoraLoader", "TDMKSampler", "TDMScheduler"}
+
+
+def bounding_box(ui_node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a saved node in canvas units, its title bar included."""
+    x, y = ui_node["pos"]
+    width, height = ui_node["size"]
+    return (x, y - TITLE_HEIGHT, x + width, y + height)
+
+
+def overlaps(ui_nodes: list[dict]) -> list[tuple]:
+    """Pairs of saved nodes (by id) whose boxes intersect."""
+    boxes = [(n["id"], bounding_box(n)) for n in ui_nodes]
+    return [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:]
+            if box_a[0] < box_b[2] and box_b[0] < box_a[2] and box_a[1] < box_b[3] and box_b[1] < box_a[3]]
+
+
+def fit_view(ui_nodes: list[dict]) -> dict:
+    """`extra.ds` that shows every node inside VIEW: LiteGraph draws canvas point p at (p + offset) · scale."""
+    boxes = [bounding_box(n) for n in ui_nodes]
+    left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    right, bottom = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    usable_w = VIEW["width"] - VIEW["left"] - VIEW["right"]
+    usable_h = VIEW["height"] - VIEW["top"] - VIEW["bottom"]
+    scale = min(1.0, usable_w / (right - left), usable_h / (bottom - top))
+    scale = int(scale * 100) / 100  # a round zoom, rounded down so it still fits
+    return {"scale": scale, "offset": [round(VIEW["left"] / scale - left, 1), round(VIEW["top"] / scale - top, 1)]}
 
 
 @dataclass
@@ -20,6 +55,19 @@ class Node:
     title: str | None = None
     size: tuple | None = None
     properties: dict = field(default_factory=dict)
+
+
+def _stack_columns(ui_nodes: list[dict]) -> None:
+    """Nodes sharing an x stack downwards in their description order: each starts at its given y or just below the
+    one above it (title bar and GAP included), whichever is lower, so a node grown by new widgets never covers the
+    next one."""
+    bottoms: dict[float, float] = {}
+    for ui_node in sorted(ui_nodes, key=lambda n: (n["pos"][0], n["pos"][1], n["order"])):
+        x, y = ui_node["pos"]
+        if x in bottoms:
+            y = max(y, bottoms[x] + GAP + TITLE_HEIGHT)
+        ui_node["pos"] = [x, y]
+        bottoms[x] = y + ui_node["size"][1]
 
 
 def _default(spec) -> object:
@@ -54,6 +102,7 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
         # Trailing optional widgets the description leaves unset are not saved (the frontend gives them their
         # defaults): newer ComfyUI versions add such widgets (CreateVideo's bit_depth), and one file must serve all.
         specs = widget_specs(info)
+        shown_widgets = sum(spec.saved_values for spec in specs)  # the frontend shows unsaved trailing ones too
         while specs and specs[-1].optional and specs[-1].name not in node.widgets:
             specs.pop()
         widgets_values = []
@@ -74,7 +123,8 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
                 inputs.append(entry)
         ui_node = {
             "id": ids[node.key], "type": node.type, "pos": list(node.pos),
-            "size": list(node.size or (NODE_WIDTH, 60 + 26 * (len(widgets_values) + len(inputs)))),
+            "size": list(node.size or (NODE_WIDTH, 60 + 26 * (shown_widgets + len(inputs))
+                                       + (REPORT_HEIGHT if node.type in REPORTING_NODES else 0))),
             "flags": {}, "order": order, "mode": 0, "inputs": inputs,
             "outputs": [{"name": name, "type": "COMBO" if isinstance(kind, list) else kind, "links": [],
                          "slot_index": slot}
@@ -90,6 +140,10 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
         ui_nodes.append(ui_node)
         outputs_by_key[node.key] = ui_node["outputs"]
 
+    _stack_columns(ui_nodes)
+    clashes = overlaps(ui_nodes)
+    if clashes:
+        raise ValueError(f"workflow nodes overlap (ids): {clashes}; move them apart in the description")
     by_key = {node.key: ui for node, ui in zip(nodes, ui_nodes, strict=True)}
     for node in nodes:
         target = by_key[node.key]
@@ -113,5 +167,5 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
         # The frontend's schema wants a string id (a uuid); a stable one keeps generated files reproducible.
         "id": workflow_id, "revision": 0, "last_node_id": len(nodes), "last_link_id": len(links),
         "nodes": ui_nodes, "links": links, "groups": [], "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, **(extra or {})}, "version": 0.4,
+        "extra": {"ds": fit_view(ui_nodes), **(extra or {})}, "version": 0.4,
     }

@@ -1,0 +1,76 @@
+"""What the registry and ComfyUI-Manager see: registry fields, model entries, what the archive leaves out, the
+install line, and no dynamic code execution (comfy node validate's S102)."""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+import sys
+from pathlib import Path
+
+import tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import build_workflows  # noqa: E402
+
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_registry_fields_are_filled():
+    project = PYPROJECT["project"]
+    urls = project["urls"]
+    for key in ("Repository", "Documentation", "Issues"):
+        assert urls.get(key, "").startswith("https://"), key
+    classifiers = project["classifiers"]
+    assert any(c.startswith("Operating System :: ") for c in classifiers)
+    assert any(c.startswith("Environment :: GPU :: ") for c in classifiers)
+    assert set(PYPROJECT["tool"]["comfy"]["includes"]) >= {"web", "workflows", "docs"}
+
+
+def test_registry_models_are_the_presets_downloads():
+    listed = {(m["location"], m["model_url"]) for m in PYPROJECT["tool"]["comfy"]["Models"]}
+    expected = {(f"/{folder}/{name}", url) for name, (url, folder) in build_workflows.downloads().items()}
+    assert listed == expected
+
+
+def test_comfyignore_keeps_developer_tooling_out_and_the_pack_in():
+    patterns = [line.strip() for line in (REPO / ".comfyignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def ignored(path: str) -> bool:
+        return any(fnmatch.fnmatch(path, p) or (p.endswith("/") and path.startswith(p)) for p in patterns)
+
+    for path in ("tests/test_docs.py", "bench/sampling.py", "scripts/setup.sh", ".ci/run"):
+        assert ignored(path), path
+    for path in ("__init__.py", "nodes/sampling.py", "tdm_core/presets.py", "web/tdm_jobs.js",
+                 "web/docs/TDMKSampler/en.md", "workflows/tdm_sd3_4step.json", "docs/tdm_method.md",
+                 "pyproject.toml", "requirements.txt", "LICENSE", "README.md"):
+        assert not ignored(path), path
+
+
+def test_readme_install_line_is_real():
+    readme = (REPO / "README.md").read_text()
+    repository = PYPROJECT["project"]["urls"]["Repository"]
+    assert f"git clone {repository}" in readme
+    assert "<this repository>" not in readme
+
+
+def test_no_exec_or_eval_in_the_project():
+    """`comfy node validate` flags exec/eval (ruff S102/S307) anywhere in the archive's source, tests included."""
+    calls = []
+    for path in REPO.rglob("*.py"):
+        relative = path.relative_to(REPO)
+        if relative.parts[0] in {".venv", ".comfyui", ".comfyui-upstream", ".browser"}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("exec", "eval"):
+                calls.append(f"{relative}:{node.lineno}")
+    assert calls == []
+
+
+def test_every_node_is_in_a_tdm_category_or_a_core_socket_folder():
+    text = (REPO / "nodes" / "categories.py").read_text()
+    values = re.findall(r'^[A-Z_]+ = "([^"]+)"', text, re.MULTILINE)
+    assert values and all(v.startswith("TDM/") or v.startswith("sampling/custom_sampling/") for v in values)
