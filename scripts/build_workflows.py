@@ -95,6 +95,9 @@ def _lora_models(preset) -> dict:
 COL = [0, 500, 880, 1260, 1640, 2020]
 PROMPT_SIZE = (340, 170)
 SAVER_SIZE = (400, 440)
+# CreateVideo shows one more widget on newer ComfyUI (bit_depth) than on 0.3.75: sized for it, so the one committed
+# file is what the builder writes on either runtime and nothing below it is covered.
+CREATE_VIDEO_SIZE = (340, 190)
 
 
 def _read_me(text: str, size=NOTE_SIZE) -> Node:
@@ -169,7 +172,8 @@ def cogvideox_workflow() -> list[Node]:
                                                "frames": 49, "width": 720, "height": 480, "grid": "trained",
                                                "steps": preset.steps, "cfg": preset.cfg, "seed": 42},
              links={"cogvideox": ("load", 0)}, pos=(COL[2], 0)),
-        Node("video", "CreateVideo", links={"images": ("sample", 0), "fps": ("sample", 1)}, pos=(COL[3], 0)),
+        Node("video", "CreateVideo", links={"images": ("sample", 0), "fps": ("sample", 1)}, pos=(COL[3], 0),
+             size=CREATE_VIDEO_SIZE),
         Node("save", "SaveVideo", {"filename_prefix": "video/tdm_cogvideox", "format": "mp4", "codec": "h264"},
              links={"video": ("video", 0)}, pos=(COL[4], 0), size=(400, 400)),
     ]
@@ -218,7 +222,8 @@ def cogvideox_native_workflow() -> list[Node]:
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
              pos=(COL[2], 0)),
         Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("vae", 0)}, pos=(COL[2], 400)),
-        Node("video", "CreateVideo", {"fps": 8.0}, links={"images": ("decode", 0)}, pos=(COL[2], 540)),
+        Node("video", "CreateVideo", {"fps": 8.0}, links={"images": ("decode", 0)}, pos=(COL[2], 540),
+             size=CREATE_VIDEO_SIZE),
         Node("save", "SaveVideo", {"filename_prefix": "video/tdm_cogvideox_native", "format": "mp4",
                                    "codec": "h264"}, links={"video": ("video", 0)}, pos=(COL[3], 0), size=(400, 400)),
     ]
