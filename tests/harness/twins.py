@@ -112,20 +112,23 @@ def sd15_diffusers_unet(seed: int = 0):
     return randomise_(unet, seed).eval()
 
 
-def sd15_twin(seed: int = 0) -> Twin:
-    unet = sd15_diffusers_unet(seed)
-    key_map = comfy.utils.unet_to_diffusers(SD15_TINY_UNET_CONFIG)
+def unet_twin(family: str, unet, config_class, unet_config: dict) -> Twin:
+    """A ComfyUI MODEL of `config_class` holding a diffusers UNet's weights (SD1.5 and SDXL layouts)."""
+    key_map = comfy.utils.unet_to_diffusers(unet_config)
     diffusers_sd = unet.state_dict()
-    comfy_sd = {key_map[k]: v.clone() for k, v in diffusers_sd.items()}
     unmapped = sorted(set(diffusers_sd) - set(key_map))
     if unmapped:
         raise AssertionError(f"diffusers keys without a ComfyUI counterpart: {unmapped[:5]}")
-    model_config = comfy.supported_models.SD15(dict(SD15_TINY_UNET_CONFIG))
+    model_config = config_class(dict(unet_config))
     model_config.set_inference_dtype(torch.float32, None)
     base_model = model_config.get_model({})
-    base_model.diffusion_model.load_state_dict(comfy_sd, strict=True)
+    base_model.diffusion_model.load_state_dict({key_map[k]: v.clone() for k, v in diffusers_sd.items()}, strict=True)
     base_model.eval()
-    return Twin("sd15", _patcher(base_model), unet, key_map)
+    return Twin(family, _patcher(base_model), unet, key_map)
+
+
+def sd15_twin(seed: int = 0) -> Twin:
+    return unet_twin("sd15", sd15_diffusers_unet(seed), comfy.supported_models.SD15, SD15_TINY_UNET_CONFIG)
 
 
 def sd3_diffusers_transformer(seed: int = 0, dual_attention_layers: tuple = ()):

@@ -17,7 +17,7 @@ import dataclasses
 import torch
 
 from . import comfy_runtime
-from .twins import Twin, _patcher, randomise_
+from .twins import Twin, _patcher, randomise_, unet_twin
 
 comfy_runtime.bootstrap()
 
@@ -90,18 +90,7 @@ def sdxl_diffusers_unet(seed: int = 0):
 
 
 def sdxl_twin(seed: int = 0) -> Twin:
-    unet = sdxl_diffusers_unet(seed)
-    key_map = comfy.utils.unet_to_diffusers(SDXL_TINY_UNET_CONFIG)
-    diffusers_sd = unet.state_dict()
-    unmapped = sorted(set(diffusers_sd) - set(key_map))
-    if unmapped:
-        raise AssertionError(f"diffusers keys without a ComfyUI counterpart: {unmapped[:5]}")
-    model_config = comfy.supported_models.SDXL(dict(SDXL_TINY_UNET_CONFIG))
-    model_config.set_inference_dtype(torch.float32, None)
-    base_model = model_config.get_model({})
-    base_model.diffusion_model.load_state_dict({key_map[k]: v.clone() for k, v in diffusers_sd.items()}, strict=True)
-    base_model.eval()
-    return Twin("sdxl", _patcher(base_model), unet, key_map)
+    return unet_twin("sdxl", sdxl_diffusers_unet(seed), comfy.supported_models.SDXL, SDXL_TINY_UNET_CONFIG)
 
 
 def flux_diffusers_transformer(seed: int = 0):
