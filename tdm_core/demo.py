@@ -2,7 +2,7 @@
 
     python -m tdm_core.demo [--output demo-output] [--iterations 500] [--eval-every 50] [--threads 1]
 
-1. trains the class-conditional 8x8-digits teacher (about a minute or two; cached under ~/.cache/comfyui-tdm, or
+1. trains the class-conditional 8x8-digits teacher (about three minutes on 2 cores; cached under ~/.cache/comfyui-tdm, or
    $TDM_TOY_CACHE, so later runs reuse it),
 2. scores the teacher's own 50-step and 4-step DDIM samples (cfg 1, i.e. no guidance: the recipe in tdm_core.toy.experiment),
 3. distills a 4-step student with TDM (two peft LoRA adapters — student and fake score — on the frozen teacher),
