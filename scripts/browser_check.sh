@@ -8,7 +8,9 @@
 #
 # Installs what is missing (idempotent): Debian's `chromium` (apt-get), playwright-core from npm into .browser/
 # (never a downloaded browser), the Python environment (scripts/setup.sh). Needs Node.js 20+.
-# Arguments go to tests/browser/run_browser_check.py (--no-thumbnails, --only NAME, --workflows DIR).
+# Arguments go to tests/browser/run_browser_check.py (--no-thumbnails, --only NAME, --workflows DIR), except a first
+# --no-setup, which skips scripts/setup.sh (an environment that is already set up and must not be changed, e.g. a
+# worktree sharing another checkout's .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -43,7 +45,11 @@ if [ "$installed" != "$PLAYWRIGHT_CORE_VERSION" ]; then
   npm install --prefix .browser --no-audit --no-fund --silent --save-exact "playwright-core@$PLAYWRIGHT_CORE_VERSION"
 fi
 
-bash scripts/setup.sh >/dev/null
+if [ "${1:-}" = "--no-setup" ]; then
+  shift
+else
+  bash scripts/setup.sh >/dev/null
+fi
 
 # Both runtimes, as scripts/test.sh: ComfyUI 0.3.75 with frontend 1.32.9, then upstream with its own frontend (1.49.6)
 # where set-up unpacked it.
