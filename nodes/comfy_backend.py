@@ -33,12 +33,9 @@ from tdm_core import presets, schedules
 from tdm_core.distill import DiscreteSchedule, PeftBackend
 from tdm_core.lora import tdm_metadata
 
+# Per-family tables (LoRA targets, default preset, extra network inputs) live in comfy_families.
 from . import comfy_families
 
-# Per-family tables (LoRA targets, default preset, extra network inputs) live in comfy_families.
-MMDIT_TARGETS = comfy_families.MMDIT_TARGETS
-FAMILY_TARGETS = comfy_families.FAMILY_TARGETS
-FAMILY_PRESET = comfy_families.FAMILY_PRESET
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -86,7 +83,7 @@ def training_grid(model, family: str, grid: str, steps: int, total_steps: int = 
     schedule = comfy_families.family_schedule(family, latent_shape) or comfy_schedule(model_sampling)
     if grid == "training_demo":
         return TrainingGrid(schedule, None, "", f"training_demo N={total_steps} K={steps}")
-    name = FAMILY_PRESET.get(family) if grid == "auto" else grid
+    name = comfy_families.FAMILY_PRESET.get(family) if grid == "auto" else grid
     if name is None:
         raise ValueError(f"no TDM sampling preset for a {family} model; choose grid 'training_demo'")
     preset = presets.get_preset(name)
@@ -232,16 +229,16 @@ def weight_memory(network: torch.nn.Module) -> frozenset[int]:
 
 def shares_weights(network: torch.nn.Module, model) -> int:
     """How many of `network`'s weights use the memory of ComfyUI's loaded weights (tests and the memory bench)."""
-    ours = {p.data_ptr() for p in model.model.diffusion_model.parameters()}
+    ours = weight_memory(model.model.diffusion_model)
     return sum(1 for p in network.parameters() if p.data_ptr() in ours)
 
 
 def make_uninterruptible(network: torch.nn.Module) -> int:
-    """Detaches the copy from ComfyUI's Cancel button.
+    """Detaches the training tree from ComfyUI's Cancel button.
 
     Every `comfy.ops` layer calls `run_every_op()`, which raises (and clears) the process-wide interrupt flag that
     Cancel sets for the *prompt* being executed. A training thread running those layers would both die on an
-    unrelated Cancel and swallow it, so the prompt it was meant for would go on. The copy's layers get the same
+    unrelated Cancel and swallow it, so the prompt it was meant for would go on. The tree's layers get the same
     forward function bound to a namespace whose `run_every_op` does nothing; the job has its own stop event.
     """
     count = 0
@@ -337,7 +334,7 @@ class ComfyBackend(PeftBackend):
         super().__init__(network, schedule=schedule, parametrisation=parametrisation, latent_shape=latent_shape,
                          encode=encode, call=self._call_network, family=family, mode="lora", export_format="comfyui",
                          lora_rank=lora_rank, lora_alpha=lora_alpha,
-                         target_modules=target_modules or FAMILY_TARGETS[family], adapter_seed=adapter_seed)
+                         target_modules=target_modules or comfy_families.FAMILY_TARGETS[family], adapter_seed=adapter_seed)
 
     def _call_network(self, network, x, model_t, cond):
         dtype = self.compute_dtype

@@ -149,8 +149,8 @@ def _settings_from_inputs(values: dict, prompts: list[str]) -> dict:
 
 def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
     """The job's runtime from the teacher MODEL/CLIP and the node's settings: (runtime, teacher fingerprint, grid).
-    Runs on the prompt executor's thread (CLIP encoding, the weight snapshot and adapter creation use ComfyUI's
-    memory manager and the process RNG)."""
+    Runs on the prompt executor's thread (CLIP encoding, building the training network on ComfyUI's loaded weights
+    and adapter creation use ComfyUI's memory manager and the process RNG)."""
     import comfy.model_management
 
     family = comfy_backend.model_family(model)
@@ -329,7 +329,8 @@ class TDMDistillStart(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The teacher: the MODEL of Load Checkpoint or Load Diffusion Model "
                                                 "(SD1.5-family, SDXL, SD3/SD3.5 or Flux-dev). LoRAs applied to it are part of the "
-                                                "teacher. It is copied; sampling from it meanwhile is unaffected."),
+                                                "teacher. The job trains on its loaded weights (shared, not copied); "
+                                                "sampling from it meanwhile is unaffected."),
                 io.Clip.Input("clip", tooltip="The teacher's text encoder (from the same loader); it encodes the "
                                               "prompts once, when the job starts."),
                 io.String.Input("prompts", multiline=True, default="a photo of a cat\na watercolor landscape",
