@@ -170,22 +170,28 @@ def diffusers_flux(twin, noise, steps, guidance):
     return FluxPipeline._unpack_latents(out, height * 8, width * 8, 8)
 
 
-def test_flux_twins_are_the_same_network(flux_twin):
+def _diffusers_flux(transformer, x, context, pooled, sigma=0.7, guidance=3.5):
+    """diffusers' Flux transformer on a ComfyUI-layout latent x [1, 16, H, W]: packed into 2×2 patches, with the
+    pipeline's text and image ids, and unpacked back."""
     from diffusers import FluxPipeline
 
+    _, channels, height, width = x.shape
+    out = transformer(hidden_states=FluxPipeline._pack_latents(x, 1, channels, height, width),
+                      timestep=torch.tensor([sigma]), guidance=torch.tensor([guidance]), pooled_projections=pooled,
+                      encoder_hidden_states=context, txt_ids=torch.zeros(context.shape[1], 3),
+                      img_ids=FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, "cpu", torch.float32),
+                      return_dict=False)[0]
+    return FluxPipeline._unpack_latents(out, height * 8, width * 8, 8)
+
+
+def test_flux_twins_are_the_same_network(flux_twin):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 16, 16, 16, generator=g)
     context, pooled = xf.tiny_text_embedding("flux", PROMPT)
     with torch.no_grad():
         ours = flux_twin.comfy.model.diffusion_model(x, torch.tensor([0.7]), context=context, y=pooled,
                                                      guidance=torch.tensor([3.5]))
-        out = flux_twin.diffusers(hidden_states=FluxPipeline._pack_latents(x, 1, 16, 16, 16),
-                                  timestep=torch.tensor([0.7]), guidance=torch.tensor([3.5]),
-                                  pooled_projections=pooled, encoder_hidden_states=context,
-                                  txt_ids=torch.zeros(context.shape[1], 3),
-                                  img_ids=FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32),
-                                  return_dict=False)[0]
-    reference = FluxPipeline._unpack_latents(out, 128, 128, 8)
+        reference = _diffusers_flux(flux_twin.diffusers, x, context, pooled)
     torch.testing.assert_close(ours, reference, rtol=0, atol=2e-6 * reference.abs().max().item())
 
 
@@ -400,13 +406,7 @@ def test_flux_distillation_step_and_student_lora_in_comfyui_and_diffusers(pack, 
     pipe.load_lora_weights(_kohya_names(lora_sd), adapter_name="tdm")
 
     def run():
-        out = pipe.transformer(hidden_states=FluxPipeline._pack_latents(x, 1, 16, 8, 8),
-                               timestep=torch.tensor([0.7]), guidance=torch.tensor([3.5]),
-                               pooled_projections=pooled, encoder_hidden_states=context,
-                               txt_ids=torch.zeros(context.shape[1], 3),
-                               img_ids=FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32),
-                               return_dict=False)[0]
-        return FluxPipeline._unpack_latents(out, 64, 64, 8)
+        return _diffusers_flux(pipe.transformer, x, context, pooled)
 
     try:
         with torch.no_grad():
