@@ -72,24 +72,6 @@ SIZES = {
 PRESET = {"sd15": "dreamshaper", "sd3": "sd3"}
 
 
-def bootstrap() -> None:
-    """ComfyUI as a library: the test harness's CPU set-up, or the GPU when there is one."""
-    if not torch.cuda.is_available():
-        comfy_runtime.bootstrap()
-        return
-    sys.path.insert(0, str(comfy_runtime.comfyui_dir()))
-    sys.path.append(str(REPO))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401
-
-    import nodes  # noqa: F401  (ComfyUI's nodes.py before this repo's nodes/ package)
-
-
 def log(message: str) -> None:
     print(f"[bench/gpu] {message}", file=sys.stderr, flush=True)
 
@@ -255,7 +237,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: real sizes need a GPU; use --tiny on the CPU")
-    bootstrap()
+    comfy_runtime.bootstrap_on_device()
     pack = comfy_runtime.load_pack()
     sampling_nodes = sys.modules[pack.__name__ + ".nodes.sampling"]
     trainer_nodes = sys.modules[pack.__name__ + ".nodes.trainer"]

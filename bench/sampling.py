@@ -214,23 +214,6 @@ def bench_cogvideox(repeats, dtype=torch.float32):
     return result, size
 
 
-def bootstrap():
-    """ComfyUI as a library: the test harness's CPU set-up, or the GPU when there is one."""
-    if not torch.cuda.is_available():
-        return comfy_runtime.bootstrap()
-    sys.path.insert(0, str(comfy_runtime.comfyui_dir()))
-    sys.path.append(str(REPO))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401
-
-    import nodes  # noqa: F401  (ComfyUI's nodes.py before this repo's nodes/ package)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -241,7 +224,7 @@ def main():
     unknown = sorted(set(dtypes) - {"float32", "bfloat16"})
     if unknown:
         parser.error(f"unknown dtypes {unknown}; use float32 and/or bfloat16")
-    bootstrap()
+    comfy_runtime.bootstrap_on_device()
     sampling = comfy_runtime.load_pack().nodes.sampling
     torch.set_grad_enabled(False)
     report = {"bench": "sampling", "device": str(comfy_runtime_device()), "torch_threads": torch.get_num_threads()}

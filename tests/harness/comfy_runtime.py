@@ -89,6 +89,29 @@ def bootstrap() -> Path:
     return root
 
 
+def bootstrap_on_device() -> None:
+    """For the benchmarks: ComfyUI on its own CUDA device when there is one (same attention choice as the tests),
+    else the CPU set-up of `bootstrap()`."""
+    import torch
+
+    if not torch.cuda.is_available():
+        bootstrap()
+        return
+    root = comfyui_dir()
+    sys.path.insert(0, str(root))
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+    import comfy.model_management  # noqa: F401
+
+    import nodes  # noqa: F401  (ComfyUI's nodes.py before this repo's nodes/ package)
+
+
 def load_pack():
     """Imports this repository as ComfyUI imports a custom-node pack (a package from its folder), once."""
     bootstrap()
