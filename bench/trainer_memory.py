@@ -86,53 +86,32 @@ COMFY_JOB_SETTINGS = dict(steps=4, grid="auto", iterations=2, lora_rank=16, lora
                           seed=0, gradient_checkpointing=False, dtype="auto", offload="none", unconditional_prompt="")
 
 
-class _BenchCLIP:
-    """The two calls TDM Distill makes on a CLIP, returning fixed 77×768 SD1.5-shaped encodings (the text encoder is
-    not what this bench measures)."""
-
-    def tokenize(self, text, **kwargs):
-        return {"text": text}
-
-    def encode_from_tokens_scheduled(self, tokens, **kwargs):
-        import torch
-
-        g = torch.Generator().manual_seed(len(tokens["text"]))
-        return [[torch.randn(1, 77, 768, generator=g), {}]]
-
-
 def measure_comfy_job(mode: str) -> dict:
     import resource
 
     sys.path.insert(0, str(REPO / "tests"))
     sys.path.insert(0, str(REPO / "bench"))
-    from gpu import SD15_UNET  # ComfyUI's SD1.5 UNet config, one copy for both benches
+    import gpu  # ComfyUI's real SD1.5 layout, its model builder and CLIP stand-in: one copy for both benches
 
     from harness import comfy_runtime
 
     comfy_runtime.bootstrap()
     import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
     import torch
 
     trainer = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.trainer"]
     backend_module = sys.modules[trainer.__name__.rsplit(".", 1)[0] + ".comfy_backend"]
     if mode == "copy":
         backend_module._alias = lambda tensor: tensor.detach().clone()  # the weights copied, as a deep copy did
+    size = gpu.SIZES["real"]["sd15"]
     baseline = _rss_mb()
-    with torch.inference_mode():  # as ComfyUI executes nodes (a checkpoint loader's weights are inference tensors)
-        config = comfy.supported_models.SD15(dict(SD15_UNET))
-        config.set_inference_dtype(torch.float32, None)
-        base = config.get_model({})
-        generator = torch.Generator().manual_seed(0)
-        for parameter in base.diffusion_model.parameters():
-            parameter.normal_(0.0, 0.02, generator=generator)
-        device = comfy.model_management.get_torch_device()
-        model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+    model = gpu.build_model("sd15", size, torch.float32)  # random weights, built as a checkpoint loader node does
+    base = model.model
+    with torch.inference_mode():
         comfy.model_management.load_models_gpu([model], force_full_load=True)
     teacher_mb = sum(p.numel() * p.element_size() for p in base.diffusion_model.parameters()) / 2**20
     with torch.inference_mode():
-        runtime, _, _ = trainer.build_runtime(model, _BenchCLIP(), dict(COMFY_JOB_SETTINGS), ["a cat", "a dog"])
+        runtime, _, _ = trainer.build_runtime(model, gpu.BenchCLIP(size), dict(COMFY_JOB_SETTINGS), ["a cat", "a dog"])
     shared = backend_module.shares_weights(runtime.backend.model, model)
     session = runtime.build(None)
     with torch.inference_mode(False):
@@ -140,7 +119,8 @@ def measure_comfy_job(mode: str) -> dict:
             session.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
     return {"mode": mode, "peak_mb": peak, "teacher_mb": teacher_mb, "params": int(teacher_mb * 2**20 / 4),
-            "shared_weights": shared, "comfyui": comfy_runtime.comfyui_version(), "device": str(device)}
+            "shared_weights": shared, "comfyui": comfy_runtime.comfyui_version(),
+            "device": str(comfy.model_management.get_torch_device())}
 
 
 def _subprocess(*args) -> dict:
