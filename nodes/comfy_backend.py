@@ -265,6 +265,7 @@ _quiet_namespaces: dict[int, dict] = {}
 # stream blocks.
 CHECKPOINTED_BLOCKS = ("input_blocks", "middle_block", "output_blocks", "joint_blocks", "double_blocks",
                        "single_blocks")
+INPUT_UPDATING_BLOCKS = ("double_blocks", "single_blocks")  # Flux's blocks add to their inputs in place
 
 
 def enable_gradient_checkpointing(network: torch.nn.Module) -> int:
@@ -275,12 +276,13 @@ def enable_gradient_checkpointing(network: torch.nn.Module) -> int:
     count = 0
     for list_name in CHECKPOINTED_BLOCKS:
         blocks = getattr(network, list_name, None)
+        copy_inputs = list_name in INPUT_UPDATING_BLOCKS
         if isinstance(blocks, torch.nn.ModuleList):
             for block in blocks:
-                _wrap_checkpoint(block, checkpoint)
+                _wrap_checkpoint(block, checkpoint, copy_inputs)
                 count += 1
         elif isinstance(blocks, torch.nn.Module):
-            _wrap_checkpoint(blocks, checkpoint)
+            _wrap_checkpoint(blocks, checkpoint, copy_inputs)
             count += 1
     if count == 0:
         raise ValueError(f"gradient_checkpointing does not know the blocks of {type(network).__name__} (it knows "
@@ -288,13 +290,22 @@ def enable_gradient_checkpointing(network: torch.nn.Module) -> int:
     return count
 
 
-def _wrap_checkpoint(block: torch.nn.Module, checkpoint) -> None:
+def _wrap_checkpoint(block: torch.nn.Module, checkpoint, copy_inputs: bool = False) -> None:
     forward = block.forward
+
+    def recomputable(*args, **kwargs):
+        # The block updates its input tensors in place (Flux: `img += …`, `txt += …`), but the checkpoint keeps its
+        # inputs, unchanged, to run the block again in the backward pass (autograd refuses the changed version). The
+        # block gets copies made inside the recomputed region instead.
+        def copy(value):
+            return value.clone() if isinstance(value, torch.Tensor) else value
+
+        return forward(*[copy(a) for a in args], **{k: copy(v) for k, v in kwargs.items()})
 
     def checkpointed(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(recomputable if copy_inputs else forward, *args, use_reentrant=False, **kwargs)
 
     block.forward = checkpointed
 

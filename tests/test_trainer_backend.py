@@ -196,16 +196,20 @@ def test_aliases_of_inference_weights_train(backend_module):
     assert torch.equal(x.grad, weight.sum(0).expand(2, 4))
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "sdxl", "flux"])
 def test_gradient_checkpointing_gives_the_same_gradients(trainer_module, backend_module, family, sd15_twin, sd3_twin):
-    twin = sd15_twin if family == "sd15" else sd3_twin
+    from harness import twins_xl_flux
+
+    twin = {"sd15": sd15_twin, "sd3": sd3_twin}.get(family) or getattr(twins_xl_flux, f"{family}_twin")(0)
     wrapped = []
     real = backend_module._wrap_checkpoint
-    backend_module._wrap_checkpoint = lambda block, checkpoint: (wrapped.append(block), real(block, checkpoint))
+    backend_module._wrap_checkpoint = lambda block, *args: (wrapped.append(block), real(block, *args))
     grads = []
     try:
         for checkpointing in (False, True):
-            runtime, _, _ = _runtime(trainer_module, twin, gradient_checkpointing=checkpointing)
+            # cfg: Flux-dev takes 1 (it is refused otherwise); the others keep DEFAULTS' 2
+            runtime, _, _ = _runtime(trainer_module, twin, gradient_checkpointing=checkpointing,
+                                     **({"cfg": 1.0} if family == "flux" else {}))
             backend = runtime.backend
             for _, param in backend._params["student"]:
                 param.data = torch.full_like(param, 0.01)
@@ -215,9 +219,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(trainer_module, backend
             grads.append(torch.cat([p.grad.reshape(-1) for p in backend.trainable_parameters("student")]))
     finally:
         backend_module._wrap_checkpoint = real
-    # every repeated block of the layout is recomputed: SD1.5's 12 input, 1 middle, 12 output blocks; the MMDiT's
-    # joint blocks
-    expected = 25 if family == "sd15" else len(twin.comfy.model.diffusion_model.joint_blocks)
+    # every repeated block of the layout is recomputed: the UNets' input, middle and output blocks (SD1.5: 12, 1,
+    # 12); the MMDiT's joint blocks; Flux's double and single blocks
+    network = twin.comfy.model.diffusion_model
+    expected = sum(len(getattr(network, name)) if isinstance(getattr(network, name), torch.nn.ModuleList) else 1
+                   for name in backend_module.CHECKPOINTED_BLOCKS if hasattr(network, name))
+    if family == "sd15":
+        assert expected == 25
     assert len(wrapped) == expected
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
