@@ -6,6 +6,6 @@ every saved workflow: never rename one once shipped.
 
 from __future__ import annotations
 
-from . import lora_loader, sampling, trainer, video
+from . import job_lora, lora_loader, sampling, trainer, video
 
-NODE_CLASSES: list = [*sampling.NODES, *lora_loader.NODES, *video.NODES, *trainer.NODES]
+NODE_CLASSES: list = [*sampling.NODES, *lora_loader.NODES, *video.NODES, *trainer.NODES, *job_lora.NODES]

@@ -5,8 +5,9 @@
 // values keep their positions.
 import { app } from "../../scripts/app.js";
 
-const REPORTING_NODES = new Set(["TDMLoraLoader", "TDMKSampler", "TDMScheduler"]);
+const REPORTING_NODES = new Set(["TDMLoraLoader", "TDMDistillLoraLoader", "TDMKSampler", "TDMScheduler"]);
 const REPORT = "report";
+const STRENGTH_MODE_NODES = new Set(["TDMLoraLoader", "TDMDistillLoraLoader"]);
 
 function addReportWidget(node) {
   const box = document.createElement("div");
@@ -25,7 +26,7 @@ function addReportWidget(node) {
   return widget;
 }
 
-// TDM LoRA Loader: in auto mode the strength widget is not used; grey it out and say so, so its 1.000 is never read
+// TDM LoRA Loader and TDM LoRA from Distill Job: in auto mode the strength widget is not used; grey it out and say so, so its 1.000 is never read
 // as the applied strength (SD3 gets 0.125).
 function linkStrengthToMode(node) {
   const mode = node.widgets?.find((w) => w.name === "strength_mode");
@@ -55,7 +56,7 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function (...args) {
       const result = onNodeCreated?.apply(this, args);
       addReportWidget(this);
-      if (nodeData.name === "TDMLoraLoader") this.tdmUpdateStrength = linkStrengthToMode(this);
+      if (STRENGTH_MODE_NODES.has(nodeData.name)) this.tdmUpdateStrength = linkStrengthToMode(this);
       return result;
     };
     const onConfigure = nodeType.prototype.onConfigure;

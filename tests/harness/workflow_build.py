@@ -16,7 +16,7 @@ GAP = 40  # free space kept between stacked nodes
 VIEW = {"width": 1280, "height": 720, "left": 72, "top": 136, "right": 24, "bottom": 24}
 # Nodes that show a report box on the canvas (web/tdm_nodes.js): room for it below their widgets.
 REPORT_HEIGHT = 70
-REPORTING_NODES = {"TDMLoraLoader", "TDMKSampler", "TDMScheduler"}
+REPORTING_NODES = {"TDMLoraLoader", "TDMDistillLoraLoader", "TDMKSampler", "TDMScheduler"}
 
 
 def bounding_box(ui_node: dict) -> tuple[float, float, float, float]:
