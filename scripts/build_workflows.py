@@ -300,6 +300,152 @@ def distillation_workflow() -> list[Node]:
     ]
 
 
+# What both distil-then-sample workflows say about the run, and the prompts they train on.
+DISTILL_PROMPTS = ("a photo of a red fox in the snow\na watercolor painting of a lighthouse\n"
+                   "a portrait of an old sailor, studio lighting\na bowl of ramen, food photography")
+
+
+def _distill_guide(preset, sampler_line: str, settings_lines: list[str]) -> list[str]:
+    """The Read me's guide for a workflow that distils `preset`'s student and samples it in the same graph."""
+    return [
+        "**How it runs**", "",
+        "1. **Queue once.** TDM Distill starts the job in the background and returns its id; *TDM LoRA from Distill "
+        "Job* (`use` finished) waits until the job ends, then loads its LoRA and " + sampler_line + " ComfyUI's "
+        "Cancel ends the wait, never the job.",
+        "2. **Watch it** in the *TDM jobs* sidebar tab (loss curve, preview, Stop / Resume) or on TDM Distill Status "
+        "(queue again to refresh it; TDM Distill is cached, so no second job starts). Once the job has ended, "
+        "queueing the unchanged graph again is served from ComfyUI's cache.",
+        f"3. **Keep it**: the LoRA is `models/loras/{preset.lora_file}` (the `{preset.name}` preset's name); load "
+        "it with TDM LoRA Loader in any other workflow. A stopped job's last checkpoint is used and the node says so; "
+        "`use` latest samples the newest LoRA saved so far without waiting.", "",
+        "**Settings**", "", *settings_lines, "",
+        f"**Sampling**: {preset.steps} steps at CFG 1 on the `{preset.name}` preset (TDM KSampler; solver "
+        f"{WIDGET_NAMES[preset.solver]}), LoRA strength {preset.lora_strength:g} (`strength_mode` auto: the strength "
+        "the distilled file records).",
+    ]
+
+
+def _distill_status_nodes(column: int) -> list[Node]:
+    """TDM Distill Status (wait off: the sampling branch waits) with its text, loss curve and preview shown."""
+    return [
+        Node("status", "TDMDistillStatus", links={"job": ("start", 0)}, pos=(COL[column], 0)),
+        Node("status_text", "PreviewAny", links={"source": ("status", 0)}, pos=(COL[column + 1], 0), size=(340, 200)),
+        Node("loss", "PreviewImage", links={"images": ("status", 1)}, pos=(COL[column + 1], 260), size=(340, 300)),
+        Node("preview", "PreviewImage", links={"images": ("status", 2)}, pos=(COL[column + 1], 620),
+             size=(340, 300)),
+    ]
+
+
+def sdxl_distill_workflow() -> list[Node]:
+    """SDXL base from the checkpoint loader → TDM Distill (background job) → TDM Distill Status; and, in the same
+    graph, TDM LoRA from Distill Job (waits for the job) → TDM KSampler preset sdxl, 4 steps → decode → save."""
+    preset = get_preset("sdxl")
+    size = 1024  # SDXL's native resolution: train at the size you sample at
+    guide = [
+        f"## {preset.display_name}: distil a 4-step LoRA, then sample it", "",
+        _file_line(preset.base_model_file, preset.base_model_folder, preset.base_model_url,
+                   preset.base_model_source, preset.base_model_gated),
+        f"- `{preset.lora_file}` → `models/loras/`: written by this workflow (no TDM LoRA is released for SDXL).", "",
+        *_distill_guide(preset, f"TDM KSampler samples the student in {preset.steps} steps.", [
+            f"- {size}×{size}, SDXL's native size, in TDM Distill and in the latent.",
+            "- `gradient_checkpointing` **on**: at 1024² the UNet's activations kept for the backward passes (student "
+            "and fake score) are the largest memory cost; checkpointing recomputes them instead, for about one more "
+            "forward pass per step and the same gradients.",
+            "- Everything else is TDM Distill's default (500 iterations, rank 16, teacher CFG 2, grid auto = the "
+            "`sdxl` grid 999/749/500/250).",
+            "- Memory (an estimate, not measured by this project): roughly 12–16 GB at 1024 px with checkpointing and "
+            "bf16 (`dtype`, or load the checkpoint in bf16); lower `width`/`height`, or `offload` "
+            "unload_comfy_models, if it runs out.",
+        ]), "", DOCS_LINE,
+    ]
+    return [
+        _read_me("\n".join(guide), size=(460, 640)),
+        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[0], 700),
+             properties=_checkpoint_models(preset)),
+        Node("start", "TDMDistillStart", {"prompts": DISTILL_PROMPTS, "output_name": Path(preset.lora_file).stem,
+                                          "width": size, "height": size, "gradient_checkpointing": True},
+             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(COL[1], 0)),
+        *_distill_status_nodes(2),
+        Node("lora", "TDMDistillLoraLoader", {"use": "finished", "strength_mode": "auto"},
+             links={"model": ("ckpt", 0), "job": ("start", 0)}, pos=(COL[2], 220)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[2], 600),
+             size=PROMPT_SIZE),
+        Node("latent", "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, pos=(COL[2], 840)),
+        Node("sample", "TDMKSampler", {"preset": preset.name, "steps": preset.steps, "seed": 42},
+             links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
+             pos=(COL[4], 0)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("ckpt", 2)}, pos=(COL[4], 420)),
+        Node("save", "SaveImage", {"filename_prefix": "tdm_sdxl_student"}, links={"images": ("decode", 0)},
+             pos=(COL[5], 0), size=SAVER_SIZE),
+    ]
+
+
+def flux_distill_workflow() -> list[Node]:
+    """Flux-dev from the split-file loaders (UNETLoader, DualCLIPLoader clip_l + t5xxl type flux, VAELoader) → TDM
+    Distill at cfg 1 → status; TDM LoRA from Distill Job → CLIPTextEncode → FluxGuidance 3.5 → TDM KSampler preset
+    flux (μ from the latent's size, so no ModelSamplingFlux) on EmptySD3LatentImage → decode → save."""
+    preset = get_preset("flux")
+    size = 1024  # the flux grid's shift depends on the size: TDM Distill and the latent must agree
+    files = preset.extra["split_files"]
+    guidance = preset.extra["guidance"]
+    guide = [
+        f"## {preset.display_name}: distil a 4-step LoRA, then sample it", "",
+        _file_line(preset.base_model_file, preset.base_model_folder, preset.base_model_url,
+                   preset.base_model_source, preset.base_model_gated),
+        *[_file_line(name, folder, url, "") for folder, name, url in files],
+        "  (`ae.safetensors` is in the same gated FLUX.1-dev repository.)",
+        f"- `{preset.lora_file}` → `models/loras/`: written by this workflow (no TDM LoRA is released for Flux).", "",
+        *_distill_guide(preset, f"TDM KSampler samples the student in {preset.steps} steps at FluxGuidance "
+                                f"{guidance:g}.", [
+            "- `cfg` **1**: Flux-dev is guidance-distilled, its guidance is an input, not a second pass (TDM Distill "
+            "refuses other values).",
+            f"- Guidance {guidance:g}: the job encodes its prompts without FluxGuidance, so they carry ComfyUI's "
+            f"default {guidance:g}; the student is sampled with the same FluxGuidance {guidance:g}.",
+            f"- {size}×{size} in TDM Distill **and** in the latent: Flux's shift depends on the image size, so "
+            "train at the size you sample at (change both together). TDM KSampler's `flux` preset takes the shift "
+            "from the latent, so no ModelSamplingFlux is needed.",
+            "- `gradient_checkpointing` **on**: Flux's double/single blocks are recomputed in the backward passes "
+            "instead of stored (same gradients, about one more forward pass per step).",
+            "- Memory (an estimate, not measured by this project): the bf16 weights alone are ~24 GB, so plan on a "
+            "40–80 GB card; otherwise load the model in fp8 (UNETLoader `weight_dtype`) and lower `width`/`height` "
+            "(and the latent's) to 512.",
+        ]), "", DOCS_LINE,
+    ]
+    clip_names = [name for folder, name, _ in files if folder == "text_encoders"]
+    vae_name = next(name for folder, name, _ in files if folder == "vae")
+
+    def models(*names):
+        return _models(*[(name, url, folder) for folder, name, url in files if name in names])
+
+    return [
+        _read_me("\n".join(guide), size=(460, 760)),
+        Node("unet", "UNETLoader", {"unet_name": preset.base_model_file, "weight_dtype": "default"},
+             pos=(COL[0], 820), properties=_checkpoint_models(preset)),
+        Node("clip", "DualCLIPLoader", {"clip_name1": clip_names[0], "clip_name2": clip_names[1], "type": "flux"},
+             pos=(COL[0], 1000), properties=models(*clip_names)),
+        Node("start", "TDMDistillStart", {"prompts": DISTILL_PROMPTS, "output_name": Path(preset.lora_file).stem,
+                                          "cfg": 1.0, "width": size, "height": size,
+                                          "gradient_checkpointing": True},
+             links={"model": ("unet", 0), "clip": ("clip", 0)}, pos=(COL[1], 0)),
+        *_distill_status_nodes(2),
+        Node("lora", "TDMDistillLoraLoader", {"use": "finished", "strength_mode": "auto"},
+             links={"model": ("unet", 0), "job": ("start", 0)}, pos=(COL[2], 220)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("clip", 0)}, pos=(COL[2], 600),
+             size=PROMPT_SIZE),
+        Node("guidance", "FluxGuidance", {"guidance": guidance}, links={"conditioning": ("positive", 0)},
+             pos=(COL[2], 840)),
+        Node("latent", "EmptySD3LatentImage", {"width": size, "height": size, "batch_size": 1}, pos=(COL[2], 1000)),
+        Node("sample", "TDMKSampler", {"preset": preset.name, "steps": preset.steps, "seed": 42},
+             links={"model": ("lora", 0), "positive": ("guidance", 0), "latent_image": ("latent", 0)},
+             pos=(COL[4], 0)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("vae", 0)}, pos=(COL[4], 420)),
+        # next to the one node that uses it, which keeps the loader column short enough for a readable zoom
+        Node("vae", "VAELoader", {"vae_name": vae_name}, pos=(COL[4], 600), properties=models(vae_name)),
+        Node("save", "SaveImage", {"filename_prefix": "tdm_flux_student"}, links={"images": ("decode", 0)},
+             pos=(COL[5], 0), size=SAVER_SIZE),
+    ]
+
+
 WORKFLOWS = {
     "tdm_sd3_4step": lambda: sd3_workflow("sd3"),
     "tdm_sd35_4step": lambda: sd3_workflow("sd35"),
@@ -308,6 +454,8 @@ WORKFLOWS = {
     "tdm_cogvideox_2b_native_4step": cogvideox_native_workflow,
     "tdm_sd3_teacher_vs_tdm": sd3_comparison_workflow,
     "tdm_distillation": distillation_workflow,
+    "tdm_sdxl_distill": sdxl_distill_workflow,
+    "tdm_flux_distill": flux_distill_workflow,
 }
 
 
@@ -321,8 +469,11 @@ def model_files() -> dict[str, list[str]]:
     files: dict[str, set] = {}
     for preset in PRESETS.values():
         files.setdefault(preset.base_model_folder, set()).add(preset.base_model_file)
-        files.setdefault("loras", set()).add(preset.lora_file)
+        if preset.lora_source:  # an unreleased LoRA is the output of a distill workflow: a stand-in would block it
+            files.setdefault("loras", set()).add(preset.lora_file)
         for folder, (name, _source) in preset.extra.get("native_files", {}).items():
+            files.setdefault(folder, set()).add(name)
+        for folder, name, _url in preset.extra.get("split_files", ()):
             files.setdefault(folder, set()).add(name)
     return {k: sorted(v) for k, v in files.items()}
 
@@ -339,6 +490,8 @@ def downloads() -> dict[str, tuple[str, str]]:
         for folder, (name, source) in preset.extra.get("native_files", {}).items():
             if source.startswith("https://") and source.endswith(".safetensors"):
                 found[name] = (source, folder)
+        for folder, name, url in preset.extra.get("split_files", ()):
+            found[name] = (url, folder)
     return found
 
 

@@ -196,6 +196,8 @@ PRESETS: dict[str, ModelPreset] = {
             "which is DDIM (η = 0)",
             base_model_source="https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0",
             base_model_file="sd_xl_base_1.0.safetensors",
+            base_model_url="https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+                           "sd_xl_base_1.0.safetensors",
             lora_file="tdm_sdxl_student.safetensors",  # the name the example workflow distils into
             notes="No released TDM LoRA: distil one with TDM Distill (prompts only), then sample it here.",
         ),
@@ -220,11 +222,24 @@ PRESETS: dict[str, ModelPreset] = {
             base_model_source="https://huggingface.co/black-forest-labs/FLUX.1-dev",
             base_model_file="flux1-dev.safetensors",
             base_model_folder="diffusion_models",
+            base_model_url="https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors",
+            base_model_gated=True,
             lora_file="tdm_flux_student.safetensors",
             notes="No released TDM LoRA: distil one with TDM Distill from Flux-dev (guidance-distilled; the "
             "conditioning's guidance, FluxGuidance 3.5 by default, is the teacher's guidance), then sample it here "
             "with the same guidance. Flux-schnell is already a few-step model.",
-            extra={"guidance": 3.5},
+            extra={"guidance": 3.5,
+                   # Loaded from split files (UNETLoader + DualCLIPLoader + VAELoader): the other files the diffusion
+                   # model needs, as (model folder, file name, direct link). The VAE is in the gated FLUX.1-dev
+                   # repository too; the text encoders are ComfyUI's own repackaging (not gated).
+                   "split_files": (
+                       ("text_encoders", "clip_l.safetensors",
+                        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
+                       ("text_encoders", "t5xxl_fp16.safetensors",
+                        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
+                       ("vae", "ae.safetensors",
+                        "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors"),
+                   )},
         ),
     )
 }

@@ -28,13 +28,17 @@ WORKFLOW_FAMILY = {  # which tiny twin stands in for each workflow's checkpoint
     "tdm_cogvideox_2b_native_4step": "cogvideox",
     "tdm_sd3_teacher_vs_tdm": "sd3",
     "tdm_distillation": "sd15",
+    "tdm_sdxl_distill": "sdxl",
+    "tdm_flux_distill": "flux",
 }
 EXPECTED_SUFFIXES = {"tdm_cogvideox_2b_4step": {".mp4"}, "tdm_cogvideox_2b_native_4step": {".mp4"}}
 NATIVE = cogvideox_native.has_native_cogvideox()
 # The two CogVideoX workflows name the same released LoRA, but their tiny stand-in models differ in width (the native
 # twin needs ComfyUI's 64-wide heads), so the native run points its loader at a LoRA made for its twin.
 NATIVE_TWIN_LORA = "tdm_cogvideox_2b_native_twin.safetensors"
-DISTILLED_LORA = "tdm_dreamshaper_distilled.safetensors"
+# The LoRA each distillation workflow's job writes (its TDM Distill output_name), checked after its end-to-end run.
+DISTILLED_LORA = {"tdm_distillation": "tdm_dreamshaper_distilled.safetensors",
+                  "tdm_sdxl_distill": get_preset("sdxl").lora_file, "tdm_flux_distill": get_preset("flux").lora_file}
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +202,15 @@ def _substitutions(family: str) -> dict:
                                              lambda inputs: {"family": family, "text": inputs["text"]})},
             "VAELoader": {0: Substitute("TDMTest_TinyVAE", {"family": family, "seed": 0})},
         }
+    if family == "flux":
+        # Flux-dev from split files: the diffusion model, both text encoders and the VAE become the tiny Flux twin's
+        return {
+            "UNETLoader": {0: Substitute("TDMTest_TinyModel", {"family": family, "seed": 0})},
+            "DualCLIPLoader": {0: Substitute("TDMTest_TinyCLIP", {"family": family})},
+            "CLIPTextEncode": {0: Substitute("TDMTest_TinyConditioning",
+                                             lambda inputs: {"family": family, "text": inputs["text"]})},
+            "VAELoader": {0: Substitute("TDMTest_TinyVAE", {"family": family, "seed": 0})},
+        }
     return {
         "CheckpointLoaderSimple": {0: Substitute("TDMTest_TinyModel", {"family": family, "seed": 0}),
                                    1: Substitute("TDMTest_TinyCLIP", {"family": family}),
@@ -227,7 +240,8 @@ TINY_MODEL_OVERRIDES = {
     ("TDMDistillStatus", "wait"): True,
 }
 # The checkpoint, text-encoder and VAE nodes are swapped for test injectors that build tiny models (`_substitutions`).
-SUBSTITUTED_NODES = {"CheckpointLoaderSimple", "CLIPLoader", "CLIPTextEncode", "VAELoader"}
+SUBSTITUTED_NODES = {"CheckpointLoaderSimple", "CLIPLoader", "CLIPTextEncode", "VAELoader", "UNETLoader",
+                     "DualCLIPLoader"}
 
 
 # The native CogVideoX run points its LoRA loader at a LoRA made for its twin (see NATIVE_TWIN_LORA).
@@ -241,9 +255,18 @@ def _shrink_for_tiny_models(api: dict, overrides: dict = TINY_MODEL_OVERRIDES) -
                 entry["inputs"][name] = value
 
 
+# The distil-then-sample workflows train and sample at one size (Flux's grid depends on it): their runs sample at the
+# tiny training size above too, instead of the other workflows' 128.
+SAMPLE_AT_TRAINING_SIZE = {
+    (latent, side): TINY_MODEL_OVERRIDES[("TDMDistillStart", side)]
+    for latent in ("EmptyLatentImage", "EmptySD3LatentImage") for side in ("width", "height")}
+
+
 def _overrides(name: str) -> dict:
     if name in build_workflows.NEEDS_NATIVE_COGVIDEOX:
         return TINY_MODEL_OVERRIDES | NATIVE_TWIN_OVERRIDES
+    if name in ("tdm_sdxl_distill", "tdm_flux_distill"):
+        return TINY_MODEL_OVERRIDES | SAMPLE_AT_TRAINING_SIZE
     return TINY_MODEL_OVERRIDES
 
 
@@ -306,11 +329,19 @@ def test_workflow_runs_end_to_end(server, object_info, name):
     assert {p.suffix for p in paths} == EXPECTED_SUFFIXES.get(name, {".png"})
     log = server.log_tail(400_000)
     assert "lora key not loaded" not in log
-    if name == "tdm_distillation":
+    if name in DISTILLED_LORA:
         status_id = next(i for i, e in api.items() if e["class_type"] == "TDMDistillStatus")
         status = entry["outputs"][status_id]["text"]
         assert "finished" in str(status), status
-        assert (server.base_directory / "models" / "loras" / DISTILLED_LORA).is_file()
+        assert (server.base_directory / "models" / "loras" / DISTILLED_LORA[name]).is_file()
+    job_loras = [i for i, e in api.items() if e["class_type"] == "TDMDistillLoraLoader"]
+    for node_id in job_loras:  # the 4-step sample (checked above: saved) used the job's final LoRA
+        report = "\n".join(entry["outputs"][node_id]["text"])
+        iterations = TINY_MODEL_OVERRIDES[("TDMDistillStart", "iterations")]
+        assert f"{DISTILLED_LORA[name]}, its final LoRA (step {iterations} of {iterations})" in report, report
+        assert "strength 1 (recorded in the LoRA file)" in report and "WARNING" not in report, report
+    if name in ("tdm_sdxl_distill", "tdm_flux_distill"):
+        assert job_loras and any(e["class_type"] == "SaveImage" for e in api.values())
 
 
 def test_every_seed_has_control_after_generate(object_info):
