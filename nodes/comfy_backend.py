@@ -291,21 +291,36 @@ def enable_gradient_checkpointing(network: torch.nn.Module) -> int:
 
 
 def _wrap_checkpoint(block: torch.nn.Module, checkpoint, copy_inputs: bool = False) -> None:
+    import comfy.model_management as model_management
+
     forward = block.forward
-
-    def recomputable(*args, **kwargs):
-        # The block updates its input tensors in place (Flux: `img += …`, `txt += …`), but the checkpoint keeps its
-        # inputs, unchanged, to run the block again in the backward pass (autograd refuses the changed version). The
-        # block gets copies made inside the recomputed region instead.
-        def copy(value):
-            return value.clone() if isinstance(value, torch.Tensor) else value
-
-        return forward(*[copy(a) for a in args], **{k: copy(v) for k, v in kwargs.items()})
 
     def checkpointed(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(recomputable if copy_inputs else forward, *args, use_reentrant=False, **kwargs)
+        # Newer ComfyUI picks some kernels by the process-wide `in_training` flag (comfy_families sets it for the
+        # forward passes that record gradients); the backward pass recomputes the block after that forward has
+        # returned, so the recomputation sets the flag it was first run under (the same kernels save the same
+        # tensors, which the checkpoint requires).
+        in_training = getattr(model_management, "in_training", None)
+
+        def recomputable(*args, **kwargs):
+            if copy_inputs:
+                # The block updates its input tensors in place (Flux: `img += …`, `txt += …`), but the checkpoint
+                # keeps its inputs, unchanged, to run the block again (autograd refuses a changed version): the
+                # block gets copies made inside the recomputed region instead.
+                args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+                kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            if in_training is None:
+                return forward(*args, **kwargs)
+            previous = model_management.in_training
+            model_management.in_training = in_training
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                model_management.in_training = previous
+
+        return checkpoint(recomputable, *args, use_reentrant=False, **kwargs)
 
     block.forward = checkpointed
 
