@@ -317,7 +317,9 @@ def _distill_guide(preset, sampler_line: str, settings_lines: list[str]) -> list
         "queueing the unchanged graph again is served from ComfyUI's cache.",
         f"3. **Keep it**: the LoRA is `models/loras/{preset.lora_file}` (the `{preset.name}` preset's name); load "
         "it with TDM LoRA Loader in any other workflow. A stopped job's last checkpoint is used and the node says so; "
-        "`use` latest samples the newest LoRA saved so far without waiting.", "",
+        "`use` latest samples the newest LoRA saved so far without waiting.",
+        "4. **After a restart** TDM Distill runs again and refuses the output name in use: set `if_exists` to resume "
+        "and the finished job is reused (nothing retrains; a stopped job continues).", "",
         "**Settings**", "", *settings_lines, "",
         f"**Sampling**: {preset.steps} steps at CFG 1 on the `{preset.name}` preset (TDM KSampler; solver "
         f"{WIDGET_NAMES[preset.solver]}), LoRA strength {preset.lora_strength:g} (`strength_mode` auto: the strength "
