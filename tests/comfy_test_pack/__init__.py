@@ -29,11 +29,20 @@ class TDMTestTinyModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (FAMILIES,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31, "control_after_generate": True})}}
+        return {"required": {"family": (FAMILIES,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31, "control_after_generate": True})},
+                "optional": {"weights_file": ("STRING", {"default": "", "tooltip": "SDXL/Flux only: a trained toy "
+                                                         "teacher's weights (harness/toy_latent_teacher.teacher_file)"})}}
 
-    def build(self, family, seed):
+    def build(self, family, seed, weights_file=""):
         if family in XL_FLUX_TWINS:
-            return (XL_FLUX_TWINS[family](seed).comfy,)
+            model = XL_FLUX_TWINS[family](seed).comfy
+            if weights_file:
+                from harness import toy_latent_teacher
+
+                toy_latent_teacher.load_weights(model, weights_file)
+            return (model,)
+        if weights_file:
+            raise ValueError(f"weights_file is for the sdxl and flux toy teachers, not {family}")
         return (twins.comfy_twin(family, seed).comfy,)
 
 
