@@ -17,6 +17,9 @@ if [ -f .comfyui-upstream/ComfyUI/comfyui_version.py ]; then
   [ "$upstream" = "${runtimes[0]}" ] || runtimes+=("$upstream")
 fi
 
+# The minutes-long student-vs-teacher check (tests/test_sdxl_flux_quality.py) runs on the last, newest, runtime only.
+export TDM_QUALITY_COMFYUI="${runtimes[-1]}"
+
 summaries=()
 failed=0
 for tree in "${runtimes[@]}"; do
