@@ -18,7 +18,6 @@ sampling gives). Training is deterministic on the CPU and cached per task and se
 **The criterion** (`value_distance`): the 1-D Wasserstein distance between the element values of a set of 4-step
 samples and of the teacher's many-step samples for the same prompt (the elements are independent in the task, so
 their value distribution is what sampling must get right; pooled over every element it is measured precisely).
-`energy_distance` compares whole samples.
 """
 
 from __future__ import annotations
@@ -200,21 +199,6 @@ def teacher_file(config: TeacherConfig, log=print) -> Path:
 def load_weights(model, path: str | os.PathLike) -> None:
     """Loads a `teacher_file` into a twin's ComfyUI MODEL (the test pack's TDMTest_TinyModel does this)."""
     model.model.diffusion_model.load_state_dict(load_file(str(path)), strict=True)
-
-
-def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Energy distance between two sample sets [N, ...] and [M, ...] (flattened), with the within-set means over
-    distinct pairs (the unbiased U-statistic form, so two draws of one distribution score about zero)."""
-    a, b = a.flatten(1).double(), b.flatten(1).double()
-
-    def mean_distance(x, y, same):
-        d = torch.cdist(x, y)
-        if same:
-            n = len(x)
-            return d.sum() / (n * (n - 1))
-        return d.mean()
-
-    return float(2 * mean_distance(a, b, False) - mean_distance(a, a, True) - mean_distance(b, b, True))
 
 
 def value_distance(a: torch.Tensor, b: torch.Tensor) -> float:
