@@ -10,6 +10,29 @@ from harness import comfy_runtime
 comfy_runtime.bootstrap()
 
 
+class _RepositoryRootIsNotATestPackage:
+    """Collects the repository root as a plain folder.
+
+    The root holds the pack's `__init__.py` (ComfyUI imports the folder as a package), so pytest would collect it as
+    a test package and import that `__init__.py` itself, under the folder's name. A clone named `comfyui-tdm` (the
+    README's own name, and the usual folder under custom_nodes) is no Python identifier: pytest then imports the file
+    as a lone module and its relative imports fail, erroring every test. Even under a valid name it would load a
+    second copy of the pack beside the one `comfy_runtime.load_pack()` loads. Nothing in the root is a test.
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if path.resolve() == comfy_runtime.REPO_ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    # Registered as a plugin, not written as a hook of this conftest: conftest hooks only see paths at or below
+    # tests/, and the root folder is collected before them.
+    config.pluginmanager.register(_RepositoryRootIsNotATestPackage(), "tdm-repository-root")
+
+
 def pytest_report_header(config):
     return f"ComfyUI {comfy_runtime.comfyui_version()} from {comfy_runtime.comfyui_dir()}"
 

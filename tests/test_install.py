@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from harness import comfy_runtime
 from harness.server import ComfyServer, make_base_directory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,3 +68,60 @@ def test_registry_metadata_is_complete():
         assert comfy.get(key), key
     assert (REPO / comfy["Icon"].rsplit("/main/", 1)[1]).is_file()  # the icon the registry shows is committed
     assert all((REPO / folder).is_dir() for folder in comfy["includes"])
+
+
+# Where users put a clone (README: `git clone … comfyui-tdm`; ComfyUI-Manager: custom_nodes/<repo name>). None of
+# these folder names is a Python identifier, which once made pytest import the pack's own __init__.py as a test
+# module and error every test (tests/conftest.py now collects the repository root as a plain folder).
+CLONE_FOLDERS = {
+    "readme_name": "comfyui-tdm",
+    "spaces": "my packs/comfyui tdm",
+    "inside_custom_nodes": "ComfyUI/custom_nodes/comfyui-tdm",
+}
+# A few real tests, run from the copy: the docs scan, the TDM LoRA Loader on a real peft file, and sampler parity
+# with diffusers, all through the copy's own pack (imported from its folder as ComfyUI imports it).
+REAL_TESTS_FROM_THE_COPY = (
+    "tests/test_docs.py::test_every_cited_docs_path_exists_with_its_section",
+    "tests/test_lora_node.py::test_auto_strength_is_the_sd3_preset_and_manual_overrides",
+    "tests/test_sampler_parity.py::test_sd35_tdm_nodes_equal_the_diffusers_recipe",
+)
+
+
+def _collected_files(output: str) -> set[str]:
+    return {line.split("::", 1)[0] for line in output.splitlines() if line.startswith("tests/") and "::" in line}
+
+
+def _pytest(cwd: Path, comfyui: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TDM_COMFYUI_DIR=str(comfyui))
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _comfyui_tree_around(tree: Path) -> Path:
+    """A ComfyUI tree at `tree` whose entries are this run's ComfyUI (linked), with an empty custom_nodes/ of its
+    own: the layout of a user's install, where the pack is cloned into ComfyUI/custom_nodes/."""
+    source = comfy_runtime.comfyui_dir()
+    tree.mkdir(parents=True)
+    for entry in source.iterdir():
+        if entry.name != "custom_nodes":
+            (tree / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    (tree / "custom_nodes").mkdir()
+    return tree
+
+
+@pytest.mark.parametrize("layout", list(CLONE_FOLDERS))
+def test_the_suite_runs_from_a_clone_in_any_folder(tmp_path, layout):
+    clone = tmp_path / CLONE_FOLDERS[layout]
+    comfyui = (_comfyui_tree_around(tmp_path / "ComfyUI") if layout == "inside_custom_nodes"
+               else comfy_runtime.comfyui_dir())
+    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(*NOT_SHIPPED))
+
+    if layout == "readme_name":  # the whole suite collects there, every test module with its tests
+        collected = _pytest(clone, comfyui, "--collect-only", "-q")
+        assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
+        modules = {str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py")}
+        assert modules and _collected_files(collected.stdout) == modules, collected.stdout[-3000:]
+
+    run = _pytest(clone, comfyui, "-q", *REAL_TESTS_FROM_THE_COPY)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert re.search(rf"\b{len(REAL_TESTS_FROM_THE_COPY)} passed\b", run.stdout), run.stdout[-2000:]
