@@ -48,12 +48,13 @@ COMMON = {
 }
 FAMILY_SETTINGS = {
     # iterations/learning rate: the node's 500 / 1e-4 are for real models on a GPU; the toy task gets there sooner
-    # with a larger step, within CI's time on 2 CPU cores (an SDXL iteration costs ~10× a Flux one here)
+    # with a larger step, within CI's time on 2 CPU cores (an SDXL iteration costs ~4× a Flux one here). Flux at 300
+    # iterations removed 49 % of its teacher's 4-step distance (52 % at 600, for twice the time).
     "sdxl": {"iterations": 120, "learning_rate": 5e-4},
-    "flux": {"iterations": 600, "learning_rate": 5e-4},
+    "flux": {"iterations": 300, "learning_rate": 5e-4},
 }
 # The student must remove at least this share of its teacher's 4-step distance (summed over the prompts), and be no
-# worse than it, give or take the noise floor, on any one prompt. Measured when this was written: SDXL 37 %, Flux 60 %.
+# worse than it, give or take the noise floor, on any one prompt. Measured with these settings: SDXL 39 %, Flux 49 %.
 REQUIRED_IMPROVEMENT = 0.25
 
 
@@ -90,9 +91,9 @@ def samples(server, family: str, graph: dict) -> torch.Tensor:
     return latent_format(family).process_in(saved_latent(server, server.run_prompt(graph)))
 
 
-# Beyond the suite's 600 s per test: a cold cache trains the SDXL teacher first (~5 min on 2 CPU cores), then the job
-# and 6 sample sets of 128 latents (~8 min in CI on ComfyUI 0.33.0).
-@pytest.mark.timeout(1800)
+# About 2 minutes each on 2 CPU cores with a cold cache (teacher ~40 s, 6 sample sets of 128 latents, the job); the
+# limit leaves room for a loaded machine.
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("family", list(FAMILY_SETTINGS))
 def test_distilled_student_beats_the_teachers_own_four_steps(comfy_server, family):
     server, name = comfy_server, f"tdm_quality_{family}"
@@ -110,7 +111,7 @@ def test_distilled_student_beats_the_teachers_own_four_steps(comfy_server, famil
                         **COMMON, **FAMILY_SETTINGS[family])
     graph["model"]["inputs"]["weights_file"] = weights
     server.run_prompt(graph)
-    record = wait_job(server, name, lambda r: r["state"] in ("finished", "failed"), timeout=1800, what="ended")
+    record = wait_job(server, name, lambda r: r["state"] in ("finished", "failed"), timeout=1200, what="ended")
     assert record["state"] == "finished", record["message"]
 
     lines, teacher_total, student_total = [], 0.0, 0.0

@@ -35,12 +35,11 @@ class TDMTestTinyModel:
 
     def build(self, family, seed, weights_file=""):
         if family in XL_FLUX_TWINS:
-            model = XL_FLUX_TWINS[family](seed).comfy
             if weights_file:
                 from harness import toy_latent_teacher
 
-                toy_latent_teacher.load_weights(model, weights_file)
-            return (model,)
+                return (toy_latent_teacher.teacher_model(family, weights_file, seed),)
+            return (XL_FLUX_TWINS[family](seed).comfy,)
         if weights_file:
             raise ValueError(f"weights_file is for the sdxl and flux toy teachers, not {family}")
         return (twins.comfy_twin(family, seed).comfy,)
