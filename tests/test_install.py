@@ -121,6 +121,7 @@ def test_the_suite_runs_from_a_clone_in_any_folder(tmp_path, layout):
         assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
         modules = {str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py")}
         assert modules and _collected_files(collected.stdout) == modules, collected.stdout[-3000:]
+        return  # real tests under a hyphenated name: inside_custom_nodes (each run costs a ComfyUI start-up)
 
     run = _pytest(clone, comfyui, "-q", *REAL_TESTS_FROM_THE_COPY)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
