@@ -7,8 +7,10 @@
 # Extra arguments go to both pytest runs (e.g. `bash scripts/test.sh -k sampler`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+started=$SECONDS
 bash scripts/setup.sh
 .venv/bin/ruff check .
+setup_line="test.sh: set-up and ruff took $((SECONDS - started)) s"
 
 version_of() { sed -n 's/.*"\(.*\)".*/\1/p' "$1/comfyui_version.py"; }
 runtimes=("$(realpath "${TDM_COMFYUI_DIR:-.comfyui}")")
@@ -26,6 +28,7 @@ for tree in "${runtimes[@]}"; do
   label="ComfyUI $(version_of "$tree")"
   echo "test.sh: $label ($tree)"
   log=$(mktemp)
+  run_started=$SECONDS
   set +e
   TDM_COMFYUI_DIR="$tree" .venv/bin/python -m pytest "$@" 2>&1 | tee "$log"
   status=${PIPESTATUS[0]}
@@ -38,8 +41,10 @@ for tree in "${runtimes[@]}"; do
     status=1
   fi
   [ "$status" -eq 0 ] || failed=1
-  summaries+=("$label: ${summary:-no summary} (exit $status)")
+  summaries+=("$label: ${summary:-no summary} (exit $status, $((SECONDS - run_started)) s wall)")
 done
 
+echo "$setup_line"
 for line in "${summaries[@]}"; do echo "test.sh: $line"; done
+echo "test.sh: $((SECONDS - started)) s in all"
 exit "$failed"

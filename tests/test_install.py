@@ -74,8 +74,7 @@ def test_registry_metadata_is_complete():
 # these folder names is a Python identifier, which once made pytest import the pack's own __init__.py as a test
 # module and error every test (tests/conftest.py now collects the repository root as a plain folder).
 CLONE_FOLDERS = {
-    "readme_name": "comfyui-tdm",
-    "spaces": "my packs/comfyui tdm",
+    "hyphen_and_spaces": "my packs/comfyui-tdm copy",  # a Finder-style copy of the README's clone
     "inside_custom_nodes": "ComfyUI/custom_nodes/comfyui-tdm",
 }
 # A few real tests, run from the copy: the docs scan, the TDM LoRA Loader on a real peft file, and sampler parity
@@ -116,13 +115,12 @@ def test_the_suite_runs_from_a_clone_in_any_folder(tmp_path, layout):
                else comfy_runtime.comfyui_dir())
     shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(*NOT_SHIPPED))
 
-    if layout == "readme_name":  # the whole suite collects there, every test module with its tests
+    if layout == "inside_custom_nodes":  # a few real tests (each run costs a ComfyUI start-up)
+        run = _pytest(clone, comfyui, "-q", *REAL_TESTS_FROM_THE_COPY)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert re.search(rf"\b{len(REAL_TESTS_FROM_THE_COPY)} passed\b", run.stdout), run.stdout[-2000:]
+    else:  # the whole suite collects there, every test module with its tests
         collected = _pytest(clone, comfyui, "--collect-only", "-q")
         assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
         modules = {str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py")}
         assert modules and _collected_files(collected.stdout) == modules, collected.stdout[-3000:]
-        return  # real tests under a hyphenated name: inside_custom_nodes (each run costs a ComfyUI start-up)
-
-    run = _pytest(clone, comfyui, "-q", *REAL_TESTS_FROM_THE_COPY)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert re.search(rf"\b{len(REAL_TESTS_FROM_THE_COPY)} passed\b", run.stdout), run.stdout[-2000:]

@@ -34,30 +34,30 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def gmm_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("toy_cache")
+def gmm_teacher():
+    # The shipped GMM teacher, trained once per machine in the toy cache (TDM_TOY_CACHE, else ~/.cache/comfyui-tdm)
+    # and shared by both ComfyUI runs of test.sh, as the SDXL/Flux toy teachers are.
+    return load_or_train_teacher(GMM_TEACHER)
 
 
-@pytest.fixture(scope="module")
-def gmm_teacher(gmm_cache):
-    return load_or_train_teacher(GMM_TEACHER, gmm_cache)
-
-
-def test_cache_reuses_the_trained_teacher(gmm_teacher, gmm_cache, monkeypatch):
-    assert not gmm_teacher.from_cache and gmm_teacher.path.is_file()
-    assert gmm_teacher.path.parent == gmm_cache and GMM_TEACHER.key() in gmm_teacher.path.name
+def test_cache_reuses_the_trained_teacher(tmp_path, monkeypatch):
+    # The cache logic on a short-trained teacher in a fresh folder: the first call trains, the second must not.
+    config = teacher_module.with_overrides(GMM_TEACHER, train_steps=20)
+    trained = load_or_train_teacher(config, tmp_path)
+    assert not trained.from_cache and trained.path.is_file()
+    assert trained.path.parent == tmp_path and config.key() in trained.path.name
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached teacher must not be retrained")
 
     monkeypatch.setattr(teacher_module, "train_teacher", no_training)
-    again = load_or_train_teacher(GMM_TEACHER, gmm_cache)
-    assert again.from_cache and again.path == gmm_teacher.path
-    for (name, a), (_, b) in zip(gmm_teacher.net.state_dict().items(), again.net.state_dict().items(), strict=True):
+    again = load_or_train_teacher(config, tmp_path)
+    assert again.from_cache and again.path == trained.path
+    for (name, a), (_, b) in zip(trained.net.state_dict().items(), again.net.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     # Another config is another file: the cache key covers every setting.
-    other = teacher_module.teacher_path(teacher_module.with_overrides(GMM_TEACHER, seed=1), gmm_cache)
-    assert other != gmm_teacher.path
+    assert teacher_module.teacher_path(teacher_module.with_overrides(config, seed=1), tmp_path) != trained.path
+    assert teacher_module.teacher_path(GMM_TEACHER, tmp_path) != trained.path
 
 
 def test_backend_satisfies_the_distill_protocol(gmm_teacher):
