@@ -9,8 +9,8 @@ the exact posterior, 4 DDIM steps on the SDXL grid give mean |x| 0.77 against 0.
 steps 0.81). Distribution matching has exactly this to fix.
 
 **The teacher** is a tiny twin of the family (`twins_xl_flux`: ComfyUI layout, real block structure; for SDXL the
-compact twin, one block per level) with all its weights trained on that task with the family's own objective, through the same network call the trainer uses (the
-VP state and integer-valued timesteps for SDXL's ε-UNet, the flow state and σ for Flux; the conditioning built by
+compact twin, one block per level) with all its weights trained on that task with the family's own objective,
+through the same network call the trainer uses (the VP state and integer-valued timesteps for SDXL's ε-UNet, the flow state and σ for Flux; the conditioning built by
 `comfy_backend.encode_prompts` from the test pack's tiny CLIP, so SDXL's `y` and Flux's `y`/`guidance` are what
 sampling gives). Training is deterministic on the CPU and cached per task and settings (`TDM_TOY_CACHE`, else
 ~/.cache/comfyui-tdm), shared by both ComfyUI runtimes.
