@@ -434,3 +434,30 @@ def test_unsupported_families_fail_early_naming_the_supported_list(pack, flux_tw
     sd2 = twins._patcher(config.get_model({}))
     with pytest.raises(ValueError, match=r"family 'unet' \(SD20\); supported families: sd15.*sdxl.*flux"):
         trainer_nodes.build_runtime(sd2, clip, dict(SETTINGS, cfg=2.0), ["a cat"])
+
+
+def test_a_cached_flux_toy_teacher_loads_on_either_comfyui(tmp_path, monkeypatch):
+    """The quality check's trained teachers are cached per machine and shared by the runs on 0.3.75 and on upstream
+    ComfyUI, which name Flux's q/k RMSNorm gains differently (`scale`, `weight`). A teacher trained here is written
+    under the released checkpoints' names and loads back through ComfyUI's own renaming; CI once loaded a cached
+    0.3.75 teacher into upstream's Flux and failed on exactly these keys."""
+    from dataclasses import replace
+
+    from harness import toy_latent_teacher as toy
+
+    monkeypatch.setenv("TDM_TOY_CACHE", str(tmp_path))
+    config = replace(toy.TeacherConfig.for_family("flux"), train_steps=2)
+    path = toy.teacher_file(config, log=lambda message: None)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(path))
+    norm_keys = sorted(k for k in stored if "_norm." in k)
+    assert norm_keys and all(k.endswith("_norm.scale") for k in norm_keys), norm_keys
+    assert all(float(stored[k].min()) != 0.0 for k in norm_keys)  # trained from unit gains, not zeroed or left out
+
+    network = toy.teacher_model("flux", path).model.diffusion_model
+    loaded = network.state_dict()
+    assert len(loaded) == len(stored)
+    for key, tensor in stored.items():
+        runtime_key = key if key in loaded else key[:-len("scale")] + "weight"
+        torch.testing.assert_close(loaded[runtime_key], tensor, rtol=0, atol=0)

@@ -54,6 +54,13 @@ def comfyui_version() -> str:
 _bootstrapped = False
 
 
+def _pin_configured_tree() -> None:
+    """Makes a relative TDM_COMFYUI_DIR absolute in this process's environment: the servers and subprocesses the
+    harness starts inherit it but run in other folders (a server's is the ComfyUI tree itself)."""
+    if os.environ.get("TDM_COMFYUI_DIR"):
+        os.environ["TDM_COMFYUI_DIR"] = str(comfyui_dir())
+
+
 def bootstrap() -> Path:
     """Puts ComfyUI first on sys.path (its top-level `nodes.py` must win over this repo's `nodes/` package) and
     configures it for the CPU. The repo root goes last so that `import tdm_core` works as it does headless."""
@@ -66,6 +73,7 @@ def bootstrap() -> Path:
             sys.path.append(str(REPO_ROOT))
         _bootstrapped = True
         return Path(sys.modules["comfy.model_management"].__file__).resolve().parents[1]
+    _pin_configured_tree()
     root = comfyui_dir()
     packages = extra_site_packages()
     if packages is not None and str(packages) not in sys.path:
@@ -97,6 +105,7 @@ def bootstrap_on_device() -> None:
     if not torch.cuda.is_available():
         bootstrap()
         return
+    _pin_configured_tree()
     root = comfyui_dir()
     sys.path.insert(0, str(root))
     if str(REPO_ROOT) not in sys.path:

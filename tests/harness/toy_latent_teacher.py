@@ -41,7 +41,7 @@ from . import twins_xl_flux  # noqa: E402
 
 PROMPTS = ("a cat", "a dog")
 MODE_NOISE = 0.25
-TEACHER_FORMAT_VERSION = 3  # bump when the training below changes in a way TeacherConfig does not capture
+TEACHER_FORMAT_VERSION = 4  # bump when the training below changes in a way TeacherConfig does not capture
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class TeacherConfig:
         return (channels, self.image_size // 8, self.image_size // 8)
 
     def key(self) -> str:
-        # Not the ComfyUI version: both runtimes build the same twin (same keys and maths), so one trained teacher
-        # serves the test runs on both.
+        # Not the ComfyUI version: both runtimes build the same twin (same maths; the file holds the released
+        # checkpoints' key names, see `_file_layout`), so one trained teacher serves the test runs on both.
         payload = json.dumps({"format": TEACHER_FORMAT_VERSION, "prompts": PROMPTS, "shares": POSITIVE_SHARE,
                               "mode_noise": MODE_NOISE, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -120,7 +120,7 @@ def _trainable_start(family: str, network: torch.nn.Module) -> None:
                 if name.startswith("final_layer.linear") or any(
                         part in name for part in ("_mod.lin.", "modulation.lin.", "adaLN_modulation.")):
                     tensor.zero_()
-                elif name.endswith("_norm.scale"):
+                elif name.endswith(("_norm.scale", "_norm.weight")):  # 0.3.75 says scale, newer ComfyUI weight
                     tensor.fill_(1.0)
             elif name.startswith("out.2.") or ".out_layers.3." in name or ".proj_out." in name:
                 tensor.zero_()
@@ -185,7 +185,17 @@ def train_teacher(config: TeacherConfig, log=print) -> dict[str, torch.Tensor]:
                 log(f"toy {config.family} teacher step {step}: loss {loss.item():.4f} "
                     f"({time.monotonic() - started:.0f} s)")
         network.eval()
-        return {k: v.detach().clone().contiguous() for k, v in network.state_dict().items()}
+        return _file_layout(config.family, network.state_dict())
+
+
+def _file_layout(family: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained weights under the key names of the released checkpoints, so that one cached file loads on every
+    ComfyUI: Flux's q/k RMSNorm gains are `*_norm.scale` in BFL's files and in 0.3.75's Flux module; newer ComfyUI
+    names the parameter `weight` and renames on load (`process_unet_state_dict`, which `teacher_model` applies as
+    ComfyUI does to every Flux file)."""
+    def file_key(key: str) -> str:
+        return key[:-len("weight")] + "scale" if family == "flux" and key.endswith("_norm.weight") else key
+    return {file_key(k): v.detach().clone().contiguous() for k, v in state_dict.items()}
 
 
 def cache_dir() -> Path:
@@ -217,7 +227,8 @@ def teacher_twin(family: str, seed: int = 0):
 def teacher_model(family: str, path: str | os.PathLike, seed: int = 0):
     """A trained `teacher_file` as a ComfyUI MODEL (the test pack's TDMTest_TinyModel with `weights_file`)."""
     model = teacher_twin(family, seed)
-    model.model.diffusion_model.load_state_dict(load_file(str(path)), strict=True)
+    weights = model.model.model_config.process_unet_state_dict(load_file(str(path)))  # the runtime's key names
+    model.model.diffusion_model.load_state_dict(weights, strict=True)
     return model
 
 
