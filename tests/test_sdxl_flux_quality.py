@@ -49,13 +49,14 @@ COMMON = {
 FAMILY_SETTINGS = {
     # iterations/learning rate: the node's 500 / 1e-4 are for real models on a GPU; the toy task gets there sooner
     # with a larger step, within CI's time on 2 CPU cores (an SDXL iteration costs ~4× a Flux one here). Share of the
-    # teacher's 4-step distance removed, measured: SDXL 39 % at 80 iterations and at 120; Flux 38 % at 200, 49 % at
-    # 300, 52 % at 600.
-    "sdxl": {"iterations": 80, "learning_rate": 5e-4},
+    # teacher's 4-step distance removed, measured on both runtimes (same teacher file, same figures): SDXL 21 % at 80
+    # iterations (CI once passed there, this machine fails: too close to call), 31 % at 120, 45 % at 160; Flux 38 %
+    # at 200, 49 % at 300, 52 % at 600.
+    "sdxl": {"iterations": 160, "learning_rate": 5e-4},
     "flux": {"iterations": 200, "learning_rate": 5e-4},
 }
 # The student must remove at least this share of its teacher's 4-step distance (summed over the prompts), and be no
-# worse than it, give or take the noise floor, on any one prompt. Measured with these settings: SDXL 39 %, Flux 38 %.
+# worse than it, give or take the noise floor, on any one prompt. Measured with these settings: SDXL 45 %, Flux 38 %.
 REQUIRED_IMPROVEMENT = 0.25
 
 
