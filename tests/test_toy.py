@@ -60,6 +60,28 @@ def test_cache_reuses_the_trained_teacher(tmp_path, monkeypatch):
     assert teacher_module.teacher_path(GMM_TEACHER, tmp_path) != trained.path
 
 
+def test_two_processes_missing_the_cache_at_once_train_it_once(tmp_path):
+    # Parallel test workers (and the demo run beside the tests) share the toy cache: the second to ask waits for the
+    # first one's file (tdm_core.toy.cache_lock) instead of training the same teacher again. Threads stand in for
+    # processes here: each opens the lock file itself, and flock locks belong to the open file, not the process.
+    import threading
+
+    config = teacher_module.with_overrides(GMM_TEACHER, train_steps=200)
+    start, results = threading.Barrier(2), []
+
+    def ask():
+        start.wait()
+        results.append(load_or_train_teacher(config, tmp_path))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(result.from_cache for result in results) == [False, True]
+    assert len({result.path for result in results}) == 1
+
+
 def test_backend_satisfies_the_distill_protocol(gmm_teacher):
     backend = ToyBackend(gmm_teacher, lora_rank=4)
     assert isinstance(backend, TeacherBackend)

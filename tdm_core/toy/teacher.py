@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .cache_lock import training_lock
 from .data import DIGITS_CLASSES, DIGITS_DIM, GaussianMixture2D, load_digits_tensor
 from .networks import ToyEpsNet
 
@@ -174,6 +175,11 @@ def load_or_train_teacher(
 ) -> ToyTeacher:
     """The cached teacher for `config` if present, else trains it and writes the cache atomically."""
     path = teacher_path(config, Path(directory) if directory is not None else None)
+    with training_lock(path):
+        return _load_or_train(config, path, log)
+
+
+def _load_or_train(config: ToyTeacherConfig, path: Path, log) -> ToyTeacher:
     abar = vp_alphas_cumprod(config.schedule, config.num_timesteps)
     net = _build_net(config)
     if path.is_file():

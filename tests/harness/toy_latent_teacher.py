@@ -37,6 +37,8 @@ comfy_runtime.bootstrap()
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from tdm_core.toy.cache_lock import training_lock  # noqa: E402
+
 from . import twins_xl_flux  # noqa: E402
 
 PROMPTS = ("a cat", "a dog")
@@ -206,12 +208,12 @@ def cache_dir() -> Path:
 def teacher_file(config: TeacherConfig, log=print) -> Path:
     """The trained teacher's weights (ComfyUI layout, safetensors), trained once and cached."""
     path = cache_dir() / f"toy_latent_{config.family}_{config.key()}.safetensors"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        weights = train_teacher(config, log)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(weights, str(tmp), metadata={"config": json.dumps(asdict(config))})
-        os.replace(tmp, path)
+    with training_lock(path):  # a parallel test worker that needs the same teacher waits for this one
+        if not path.is_file():
+            weights = train_teacher(config, log)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file(weights, str(tmp), metadata={"config": json.dumps(asdict(config))})
+            os.replace(tmp, path)
     return path
 
 
