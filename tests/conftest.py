@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from harness import comfy_runtime
 
 # Before anything imports `comfy`: CPU mode, ComfyUI first on sys.path.
 comfy_runtime.bootstrap()
+
+
+def _share_the_cores_among_workers() -> None:
+    """Under pytest-xdist (scripts/test.sh runs the suite in parallel workers), each worker and every server or
+    subprocess it starts gets its share of the cores: torch's default of one thread per core in every process
+    oversubscribes the machine, and the tiny models here are faster on fewer threads anyway."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the servers and subprocesses this worker starts
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+_share_the_cores_among_workers()
 
 
 class _RepositoryRootIsNotATestPackage:
