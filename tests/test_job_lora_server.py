@@ -27,6 +27,11 @@ def job_lora_graph(job_ref: str, use: str = "finished") -> dict:
     return graph
 
 
+def execution_start(entry: dict) -> float:
+    """When ComfyUI began the prompt (ms since the epoch, the server's clock), from its history entry."""
+    return next(data["timestamp"] for kind, data in entry["status"]["messages"] if kind == "execution_start")
+
+
 def cached_nodes(entry: dict) -> list[str]:
     return [node for kind, data in entry["status"]["messages"] if kind == "execution_cached" for node in data["nodes"]]
 
@@ -43,8 +48,10 @@ def test_finished_job_samples_like_tdm_lora_loader_and_is_then_served_from_the_c
     assert ui_text(entry, "name") == f"{name}.safetensors"
     # Queued while the job trained, the node ran unkeyed; from the first queue after the job ended it has a stable
     # key, so the next unchanged queue is served from ComfyUI's cache (which keeps the previous prompt's outputs:
-    # nothing else may run in between).
-    assert "lora" not in cached_nodes(server.run_prompt(job_lora_graph(name)))
+    # nothing else may run in between). A 3-iteration job may end before the first queue began (one thread per test
+    # worker is fast): then that queue was keyed already, and the very next one is served from the cache.
+    ended_before_the_first_queue = job(server, name)["updated"] * 1000 < execution_start(entry)
+    assert ("lora" in cached_nodes(server.run_prompt(job_lora_graph(name)))) == ended_before_the_first_queue
     assert "lora" in cached_nodes(server.run_prompt(job_lora_graph(name)))
 
     # the same file through TDM LoRA Loader: the same patches, so the same 4-step sample
@@ -112,7 +119,9 @@ def test_failed_and_unknown_jobs_are_errors_that_say_why(comfy_server):
 
     with pytest.raises(ServerError, match="no TDM job with id or output name 'tdm_no_such_job'"):
         server.run_prompt(job_lora_graph("tdm_no_such_job"))
-    with pytest.raises(ServerError, match="input 'use' 'soon' is not one of the choices"):
+    # Refused once, on `use`: by ComfyUI's own combo check where it has one (upstream), else by the node at execute
+    # (0.3.75 checks no V3 combo).
+    with pytest.raises(ServerError, match=r"input 'use' 'soon' is not one of the choices|use: 'soon' not in \["):
         server.run_prompt(job_lora_graph(name, use="soon"))
 
 

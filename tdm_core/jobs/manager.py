@@ -169,6 +169,16 @@ class JobManager:
             matches = [r for r in self._records.values() if r.name == name]
             return max(matches, key=lambda r: r.created) if matches else None
 
+    def free_name(self, name: str) -> str:
+        """`name_2`, `name_3`, ...: the first output name no job and no file in the LoRA folder uses (offered by
+        refusals, so that the fix is one paste)."""
+        for number in range(2, 1000):
+            candidate = f"{name}_{number}"
+            if (self.find(candidate) is None and not (self.loras_dir / (candidate + LORA_EXTENSION)).exists()
+                    and not self.outputs.snapshot_files(candidate)):
+                return candidate
+        return f"{name}_{uuid.uuid4().hex[:8]}"
+
     def has_runtime(self, job_id: str) -> bool:
         with self._lock:
             return job_id in self._runtimes
@@ -209,8 +219,8 @@ class JobManager:
                 return self.resume(existing.id, runtime=runtime, iterations=iterations)
             raise JobError(
                 f"output name '{name}' is already used by TDM job {existing.id} ({existing.state} at step "
-                f"{existing.step}/{existing.iterations}); choose another output name, or set if_exists to "
-                "'resume' to continue that job", status=409)
+                f"{existing.step}/{existing.iterations}); choose another output name (e.g. "
+                f"'{self.free_name(name)}'), or set if_exists to 'resume' to continue that job", status=409)
         if (self.loras_dir / (name + LORA_EXTENSION)).exists():
             raise JobError(f"models/loras/{name}{LORA_EXTENSION} already exists and was not written by a TDM "
                            "job here; choose another output name (jobs never overwrite other LoRAs)", status=409)
@@ -244,7 +254,9 @@ class JobManager:
             self._records[record.id] = record
             self._runtimes[record.id] = runtime
             self._queue_up(record)
-        self._publish(record)
+            # Under the lock: the worker takes it to "running" only after this, so no listener ever sees the queued
+            # state after the running one (the submitting thread could lose that race once the lock was released).
+            self._publish(record)
         return record
 
     def resume(self, job: str, runtime=None, iterations: int | None = None) -> JobRecord:
@@ -291,7 +303,7 @@ class JobManager:
             for key in ("state", "iterations", "step", "message", "updated"):
                 setattr(record, key, getattr(queued, key))
             self._queue_up(record)
-        self._publish(record)
+            self._publish(record)  # under the lock, before the worker can move it on (see submit)
         return record
 
     def stop(self, job: str) -> JobRecord:
