@@ -27,6 +27,7 @@ import torch
 from tdm_core import schedules
 from tdm_core.distill import DiscreteSchedule
 from tdm_core.distill.backend import UNET_TARGETS
+from tdm_core.families import DISTILLABLE_FAMILY_LABELS, distillable_families_text
 
 # ComfyUI's MMDiT (SD3/SD3.5): the joint blocks' attention (fused qkv), output projections and MLPs; SD3.5's dual
 # attention (`attn2`) too. The SD1.5 and SDXL UNets' transformer blocks use the same names as diffusers' (to_q, ...).
@@ -39,15 +40,13 @@ FAMILY_TARGETS = {"sd15": UNET_TARGETS, "sdxl": UNET_TARGETS, "sd3": MMDIT_TARGE
                   "flux": FLUX_TARGETS}
 # The sampling preset a family's student is trained for by default (grid "auto").
 FAMILY_PRESET = {"sd15": "dreamshaper", "sdxl": "sdxl", "sd3": "sd3", "sd35": "sd35", "flux": "flux"}
-FAMILY_LABELS = {"sd15": "SD1.5 family", "sdxl": "SDXL", "sd3": "SD3-medium", "sd35": "SD3.5-medium",
-                 "flux": "Flux-dev"}
+FAMILY_LABELS = DISTILLABLE_FAMILY_LABELS
 # Network inputs (besides the context) that ComfyUI's `extra_conds` builds for these families; SD1.5 has none and
 # SD3/SD3.5 pass their pooled output as `y` directly (comfy_backend.encode_prompts).
 EXTRA_INPUTS = {"sdxl": ("y",), "flux": ("y", "guidance")}
 
 
-def supported_families_text() -> str:
-    return ", ".join(f"{name} ({label})" for name, label in FAMILY_LABELS.items())
+supported_families_text = distillable_families_text
 
 
 def check_distillable(model, family: str, cfg: float) -> None:

@@ -8,12 +8,20 @@ from a fresh schema, so file lists are current.
 
 File and folder combos (LoRA files, model folders, prompt files) are names of the user's own files: they must be one
 of the listed choices and must not be absolute or hold '..'. The lists are ComfyUI's own (they follow links the
-user placed in models/), and nothing a client can upload (input/, output/) is ever in a models/ listing.
+user placed in models/), and nothing a client can upload (input/, output/) is ever in a models/ listing. A node
+names them in `USER_FILES` (input → the folder, as users know it); a missing file is reported as missing, with where
+to get it when the pack knows (`download_hint`), never with the folder's listing.
+
+**One mistake, one error.** ComfyUI attaches whatever `validate_inputs` returns to *every* input the function
+declares (a `**kwargs` function: every input of the node), so a missing LoRA came back as four copies of one error.
+A node's `validate_inputs` therefore declares exactly one input, its user file (`validate_file`); ComfyUI's own
+validation checks the rest (types, min/max; upstream also combo values), and `check_inputs` checks everything again
+at the top of `execute` (0.3.75 checks no V3 combo, and NaN passes every min/max).
 """
 
 from __future__ import annotations
 
-from tdm_core import validation
+from tdm_core import presets, validation
 
 MAX_TEXT = 1_000_000  # characters of a text widget (prompts): far above any real prompt list
 
@@ -34,7 +42,9 @@ def check_inputs(node, values: dict, *, at_validation: bool = False) -> None:
         kind = str(spec.get_io_type())
         what = f"{title}: input '{spec.id}'"
         try:
-            if kind == "COMBO":
+            if kind == "COMBO" and spec.id in getattr(node, "USER_FILES", {}):
+                _user_file(node, spec.id, value, spec.options or [], title)
+            elif kind == "COMBO":
                 validation.one_of(value, spec.options or [], what)
                 if isinstance(value, str):
                     validation.lexical_relative(value, what)
@@ -52,10 +62,25 @@ def check_inputs(node, values: dict, *, at_validation: bool = False) -> None:
             raise ValueError(str(error)) from None
 
 
-def validate(node, values: dict):
-    """`validate_inputs` for a node: True, or the reason ComfyUI shows for the refused prompt."""
+def _user_file(node, input_id: str, value, options: list, title: str) -> None:
+    folder = node.USER_FILES[input_id]
+    what = f"{title}: {input_id}"
+    if not isinstance(value, str) or not value:
+        raise validation.ValidationError(f"{what} must be the name of a file in {folder}")
+    validation.lexical_relative(value, f"{what}:")
+    if value not in options:
+        hint = presets.where_to_get(value)
+        raise validation.ValidationError(
+            f"{what}: {value[:200]!r} is not in {folder}. "
+            + (hint or "Put it there, or pick a file that is, from the list")
+            + ". After adding a file, refresh ComfyUI (R) so that the list shows it.")
+
+
+def validate_file(node, input_id: str, value):
+    """`validate_inputs` for a node's one user-file input (see the module docstring): True, or the one error ComfyUI
+    shows on that input."""
     try:
-        check_inputs(node, values, at_validation=True)
+        check_inputs(node, {input_id: value}, at_validation=True)
     except ValueError as error:
         return str(error)
     return True

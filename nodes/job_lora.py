@@ -125,10 +125,6 @@ class TDMDistillLoraLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **values):
-        return inputs.validate(cls, values)
-
-    @classmethod
     def fingerprint_inputs(cls, job=None, **kwargs):
         # Run again while the job can still change what this node loads (NaN never equals itself); once it has
         # ended, a key of the job and its file, so re-queueing an unchanged graph is served from ComfyUI's cache

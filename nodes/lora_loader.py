@@ -211,9 +211,11 @@ class TDMLoraLoader(io.ComfyNode):
             ],
         )
 
+    USER_FILES = {"lora_name": "models/loras"}
+
     @classmethod
-    def validate_inputs(cls, **values):
-        return inputs.validate(cls, values)
+    def validate_inputs(cls, lora_name):  # one declared input: see nodes/inputs.py
+        return inputs.validate_file(cls, "lora_name", lora_name)
 
     @classmethod
     def fingerprint_inputs(cls, lora_name, **kwargs):

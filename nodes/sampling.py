@@ -105,6 +105,17 @@ def describe_model(model) -> str:
     return f"{name} ({PARAMETRISATION_LABELS.get(parametrisation, parametrisation)})"
 
 
+def _fitting_presets_hint(suitable: list[str], model) -> str:
+    """What to pick instead, `auto` first where it would have found the right recipe by itself."""
+    if not suitable:
+        return "no TDM preset exists for it"
+    picked = presets.presets_for_family(model_family(model))
+    names = " or ".join(repr(name) for name in suitable)
+    if picked and picked[0].name in suitable:
+        return f"use preset 'auto' (it picks {picked[0].name!r} for this MODEL) or {names}"
+    return f"use preset {names}"
+
+
 def check_preset_fits(preset: presets.ModelPreset, model) -> None:
     """A preset made for another kind of model gives noise, not an image: refuse it with both names."""
     parametrisation = model_parametrisation(model.get_model_object("model_sampling"))
@@ -124,13 +135,13 @@ def check_preset_fits(preset: presets.ModelPreset, model) -> None:
     if fits and "flux" in (preset.family, model_family(model)) and preset.family != model_family(model):
         family = model_family(model)
         raise ValueError(f"TDM preset {preset.name!r} ({preset.display_name}) does not fit this MODEL: "
-                         f"{describe_model(model)}, family {family}; use preset "
-                         f"{' or '.join(repr(p.name) for p in presets.presets_for_family(family)) or 'none'}")
+                         f"{describe_model(model)}, family {family}; "
+                         f"{_fitting_presets_hint([p.name for p in presets.presets_for_family(family)], model)}")
     if fits:
         return
     suitable = [p.name for p in presets.presets_for_parametrisation(parametrisation)
                 if (p.family == "cogvideox") == (cogvideox == "cogvideox")]
-    hint = f"use preset {' or '.join(repr(n) for n in suitable)}" if suitable else "no TDM preset exists for it"
+    hint = _fitting_presets_hint(suitable, model)
     raise ValueError(
         f"TDM preset {preset.name!r} ({preset.display_name}, {PARAMETRISATION_LABELS[preset.parametrisation]}) does "
         f"not fit this MODEL: {describe_model(model)}; {hint}, or load the {preset.display_name.split(' (')[0]} model."
@@ -433,16 +444,11 @@ class _PositiveOnlyGuider(comfy.samplers.CFGGuider):
 # ---------------------------------------------------------------------------------------------------------------
 # Nodes
 
-_PRESET_TOOLTIP = "TDM recipe. auto: picked from the MODEL (its model family) and named on the node after the run. " + "; ".join(
-    f"{p.name} = {p.display_name}: {p.steps} steps, grid {p.grid}" + (f" (shift {p.shift:g})" if p.shift else "")
-    + f", solver {p.solver}" for p in presets.PRESETS.values()
-)
+_PRESET_TOOLTIP = ("TDM recipe: the timestep grid, steps and solver a TDM LoRA was trained for. auto picks it from "
+                   "the MODEL's family and names it on the node after the run; the help page lists every preset.")
 _DENOISE_TOOLTIP = (
-    "img2img / hires-fix strength, as the base model's diffusers img2img pipeline (the TDM recipes' convention): the "
-    "last steps × denoise steps of the same grid run (4 steps at 0.5 → the last 2 of the trained 4; SD3 rounds up, "
-    "SD1.5 down), starting from the input latent noised to the first of them. Unlike core BasicScheduler's denoise, "
-    "which stretches the schedule to steps/denoise steps and runs `steps` of them (timesteps a 4-step LoRA never saw). "
-    "1.0 = txt2img. Optional: prompts saved before it existed run as 1.0.")
+    "img2img / hires-fix strength, diffusers' convention: the last steps × denoise steps of the trained grid run (4 "
+    "at 0.5: the last 2), not BasicScheduler's stretched schedule, which a 4-step LoRA never saw. 1.0 = txt2img.")
 
 
 def _named(preset: presets.ModelPreset, requested: str) -> str:
@@ -462,9 +468,7 @@ class TDMSampler(io.ComfyNode):
                         "SamplerCustomAdvanced. Use with TDM Scheduler sigmas and CFG 1.",
             inputs=[
                 io.Combo.Input("solver", options=SOLVER_CHOICES, default="auto", tooltip=(
-                    "auto: the recipe's solver for this model (SD3/SD3.5 and SD1.5: dpmpp_2m, v-prediction, SDXL and "
-                    "Flux students: ddim). "
-                    "dpmpp_2m: DPM-Solver++(2M) as in diffusers, λ = ln(α/σ) of the model's own parametrisation — "
+                    "auto: the recipe's solver for this model. dpmpp_2m: DPM-Solver++(2M) as diffusers computes it, "
                     "flow-aware on SD3 (ComfyUI's built-in dpmpp_2m is not). ddim: the deterministic TDM/DDIM step.")),
                 categories.advanced(io.Float.Input("gamma", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Extension, not part of TDM (which is deterministic): TCD-style stochasticity for the ddim "
@@ -479,10 +483,6 @@ class TDMSampler(io.ComfyNode):
             ],
             outputs=[io.Sampler.Output(display_name="sampler", tooltip="For SamplerCustom / SamplerCustomAdvanced.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, **values):
-        return inputs.validate(cls, values)
 
     @classmethod
     def execute(cls, solver, gamma, model_timesteps, initial_noise) -> io.NodeOutput:
@@ -509,15 +509,13 @@ class TDMScheduler(io.ComfyNode):
                     "Number of steps. The released TDM LoRAs are 4-step students; other counts follow the same grid "
                     "rule. Ignored when custom timesteps are given.")),
                 io.Float.Input("shift", default=DEFAULT_SHIFT, min=0.0, max=20.0, step=0.05, tooltip=(
-                    f"Flow shift of rectified-flow presets (SD3/SD3.5: {DEFAULT_SHIFT:g}, the official recipe; 1–6 "
-                    "are documented). Ignored by ε/v presets (SD1.5, CogVideoX) and by Flux, whose shift follows the "
-                    "image size (ModelSamplingFlux on the MODEL). 0, saved by older versions of this node, means the "
+                    f"Flow shift of the SD3/SD3.5 presets ({DEFAULT_SHIFT:g}, the official recipe). Ignored by SD1.5, "
+                    "CogVideoX and Flux (its shift follows the image size). 0, saved by older versions, means the "
                     "preset's.")),
                 categories.advanced(io.Combo.Input("grid", options=GRID_CHOICES, default="preset", tooltip=(
-                    "preset: the recipe's grid. flow_shift: diffusers' flow sigmas at the shift. flux_shift: "
-                    "FluxPipeline's sigmas at Flux's size-dependent shift (the MODEL's). sd15_linspace: "
-                    "999, 749, 500, 250 at 4 steps. trailing: 999, 749, 499, 249. cogvideox_trained: 999, 856, 665, "
-                    "399. training_demo: t_k = N−1−k·N/K of train_tdm_demo.py (N = demo_total_steps)."))),
+                    "preset: the recipe's grid (the right choice for a TDM LoRA). The others reproduce particular "
+                    "schedules (diffusers' flow or Flux sigmas, SD1.5 linspace, trailing, CogVideoX's trained steps, "
+                    "the training demo's); the help page lists them."))),
                 categories.advanced(io.String.Input("custom_timesteps", default="", tooltip=(
                     "Optional integer timesteps, descending, e.g. '999, 856, 665, 399'; overrides grid and steps."))),
                 categories.advanced(io.Int.Input("demo_total_steps", default=schedules.TRAINING_DEMO_TOTAL_STEPS, min=1, max=1000,
@@ -528,10 +526,6 @@ class TDMScheduler(io.ComfyNode):
             ],
             outputs=[io.Sigmas.Output(display_name="sigmas", tooltip="For SamplerCustom / SamplerCustomAdvanced.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, **values):
-        return inputs.validate(cls, values)
 
     @classmethod
     def execute(cls, model, preset, steps, shift, grid, custom_timesteps, demo_total_steps,
@@ -569,10 +563,6 @@ class TDMKSampler(io.ComfyNode):
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
-
-    @classmethod
-    def validate_inputs(cls, **values):
-        return inputs.validate(cls, values)
 
     @classmethod
     def execute(cls, model, positive, latent_image, preset, steps, seed, denoise=1.0) -> io.NodeOutput:

@@ -212,12 +212,44 @@ def _recorded_prompts(settings: dict, record: jobs.JobRecord) -> list[str]:
     return list(prompts)
 
 
+# Inputs a queue may change without making another job: how long and how it runs, not what it learns. Every other
+# setting defines the LoRA (prompts, grid, steps, cfg, rates, rank, size, batch, seed, ...).
+RUN_OPTIONS = ("iterations", "gradient_checkpointing", "dtype", "offload", "save_every", "keep_last", "preview_every",
+               "if_exists", "output_name")
+
+
+def _edited_settings(recorded: dict, queued: dict) -> list[str]:
+    """What the queued node changes in what the existing job learns, in words ("cfg 2.0 → 3.0")."""
+    edited = []
+    for key, value in queued.items():
+        if key in RUN_OPTIONS or key not in recorded or recorded[key] == value:
+            continue
+        old = recorded[key]
+        if key == "prompt_list":
+            edited.append(f"prompts ({len(old) if isinstance(old, list) else '?'} → {len(value)} lines, edited)"
+                          if not isinstance(old, list) or len(old) != len(value) else "prompts (edited)")
+        else:
+            edited.append(f"{key} {str(old)[:40]} → {str(value)[:40]}")
+    return edited
+
+
 def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
     """Everything the start node does (see the module docstring); raises ValueError with the reason to refuse."""
     manager = get_manager()
     name = jobs.validate_output_name(values["output_name"], manager.loras_dir)
     existing = manager.find(name)
     if existing is not None:
+        # A queue with edited settings (the prompts of a distil-then-sample graph, say) must not come back with the
+        # old job's LoRA: neither reuse nor resume it, say what differs and offer a free name.
+        edited = _edited_settings(existing.settings,
+                                  _settings_from_inputs(values, read_prompts(values["prompts"], values["prompts_file"])))
+        if edited:
+            raise ValueError(
+                f"output name '{name}' belongs to TDM job {existing.id} ({existing.state} at step {existing.step}/"
+                f"{existing.iterations}), which was started with other settings: {'; '.join(edited[:6])}"
+                f"{'; ...' if len(edited) > 6 else ''}. Its LoRA would not have your edits: set output_name to "
+                f"'{manager.free_name(name)}' to train a new one, or undo the edits to use or continue "
+                "that job.")
         if values["if_exists"] != "resume":
             manager.submit(name, None, values["iterations"])  # raises the duplicate-name refusal
         if existing.state in jobs.ACTIVE_STATES and manager.has_runtime(existing.id):
@@ -226,8 +258,8 @@ def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
             return existing
         # Resume: the job's own settings (a different rank or grid could not load its checkpoint).
         settings = dict(existing.settings, iterations=values["iterations"])
-        # Memory options may change on resume (the usual fix after running out of memory).
-        settings.update({k: values[k] for k in ("gradient_checkpointing", "dtype", "offload")})
+        # Run options may change on resume (memory: the usual fix after running out of it; how often to save).
+        settings.update({k: values[k] for k in RUN_OPTIONS if k in values and k not in ("if_exists", "output_name")})
         prompts = _recorded_prompts(settings, existing)
         # An input added to the node after the job started takes the workflow's value.
         for key, value in values.items():
@@ -327,10 +359,9 @@ class TDMDistillStart(io.ComfyNode):
                 ".safetensors every save_every steps (plus numbered snapshots). Stop it with TDM Distill Stop (the "
                 "Cancel button does not stop training); watch it with TDM Distill Status."),
             inputs=[
-                io.Model.Input("model", tooltip="The teacher: the MODEL of Load Checkpoint or Load Diffusion Model "
-                                                "(SD1.5-family, SDXL, SD3/SD3.5 or Flux-dev). LoRAs applied to it are part of the "
-                                                "teacher. The job trains on its loaded weights (shared, not copied); "
-                                                "sampling from it meanwhile is unaffected."),
+                io.Model.Input("model", tooltip="The teacher (SD1.5-family, SDXL, SD3/SD3.5 or Flux-dev), with any "
+                                                "LoRAs applied to it. The job shares its loaded weights; sampling "
+                                                "from it meanwhile is unaffected."),
                 io.Clip.Input("clip", tooltip="The teacher's text encoder (from the same loader); it encodes the "
                                               "prompts once, when the job starts."),
                 io.String.Input("prompts", multiline=True, default="a photo of a cat\na watercolor landscape",
@@ -352,11 +383,9 @@ class TDMDistillStart(io.ComfyNode):
                 io.Int.Input("steps", default=4, min=1, max=16,
                              tooltip="K, the student's number of sampling steps (the released TDM LoRAs: 4)."),
                 io.Combo.Input("grid", options=GRID_CHOICES, default="auto",
-                               tooltip="Timestep grid the student is trained on = the TDM sampler preset to sample "
-                                       "it with. auto: sd3/sd35 for SD3-family models, dreamshaper (999, 749, 500, "
-                                       "250) for SD1.5, sdxl (the same grid) for SDXL, flux (Flux's own shift at "
-                                       "this width/height) for Flux-dev. training_demo: t_k = 799 − k·800/K of train_tdm_demo.py "
-                                       "(sample with the TDM Scheduler's training_demo grid)."),
+                               tooltip="The timesteps the student is trained on, i.e. the TDM preset to sample it "
+                                       "with. auto: the preset of the teacher's family (sd3, sd35, dreamshaper, sdxl, "
+                                       "flux). training_demo: the official demo script's grid."),
                 io.Int.Input("iterations", default=500, min=1, max=1_000_000,
                              tooltip="Training iterations (the official demo trains a few hundred to thousands)."),
                 io.Int.Input("lora_rank", default=16, min=1, max=256, tooltip="Rank of the student and fake-score "
@@ -390,23 +419,17 @@ class TDMDistillStart(io.ComfyNode):
                                          "storing them: much less VRAM for about one extra forward pass of time; "
                                          "gradients are the same."),
                 io.Combo.Input("dtype", options=list(comfy_backend.DTYPES), default="auto",
-                               tooltip="Precision of the teacher: auto = as ComfyUI loaded it (its weights are shared, "
-                                       "no copy); another dtype makes one converted copy. It runs under autocast in "
-                                       "this dtype; the LoRAs, their gradients and the optimiser stay float32, and "
-                                       "the network always gets exact float32 timesteps. float16 scales its losses "
-                                       "and skips overflowing updates; bfloat16 needs no scaling and is preferred."),
+                               tooltip="Precision of the teacher: auto = as ComfyUI loaded it (shared, no copy); "
+                                       "another dtype makes one converted copy. The LoRAs and optimiser stay float32. "
+                                       "Prefer bfloat16 to float16 (loss scaling)."),
                 io.Combo.Input("offload", options=OFFLOAD, default="none",
                                tooltip="none: train on ComfyUI's device, on its loaded weights. "
-                                       "unload_comfy_models: unload ComfyUI's other models from VRAM first. "
-                                       "train_on_cpu: the job's copy of the teacher goes straight to CPU memory "
-                                       "(slow; the GPU keeps only ComfyUI's own weights). A waiting or stopped job "
-                                       "parks its network on the CPU."),
+                                       "unload_comfy_models: free VRAM from ComfyUI's other models first. "
+                                       "train_on_cpu: train a copy in CPU memory (slow)."),
                 # Last, and a socket: workflows saved before it keep their links and widget values.
                 io.Vae.Input("vae", optional=True, tooltip=(
-                    "Optional: the teacher's VAE (from the same loader). The status and jobs-panel previews are "
-                    "then decoded images at full size; without it they are ComfyUI's cheap latent-RGB preview, "
-                    "upscaled to the image size. The job keeps its own copy of the VAE on the training device (SD's VAE: "
-                    "about 0.3 GB in float32).")),
+                    "Optional: the teacher's VAE. Previews are then decoded images (the job keeps a copy of the VAE, "
+                    "about 0.3 GB for SD's); without it, ComfyUI's latent-RGB preview.")),
             ],
             outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
                                                         "/tdm/jobs HTTP routes.")],
@@ -424,9 +447,11 @@ class TDMDistillStart(io.ComfyNode):
             return "new"
         return f"{record.id}:{record.state}:{record.checkpoint_step}"
 
+    USER_FILES = {"prompts_file": "ComfyUI's input folder"}
+
     @classmethod
-    def validate_inputs(cls, **values):
-        return inputs.validate(cls, values)
+    def validate_inputs(cls, prompts_file):  # one declared input: see nodes/inputs.py
+        return inputs.validate_file(cls, "prompts_file", prompts_file)
 
     @classmethod
     def execute(cls, model, clip, vae=None, **values) -> io.NodeOutput:
@@ -469,10 +494,6 @@ class TDMDistillStatus(io.ComfyNode):
         return float("nan")  # always re-run: the job moves on between prompts
 
     @classmethod
-    def validate_inputs(cls, **values):
-        return inputs.validate(cls, values)
-
-    @classmethod
     def execute(cls, job, wait=False) -> io.NodeOutput:
         inputs.check_inputs(cls, locals())
         manager = get_manager()
@@ -509,10 +530,6 @@ class TDMDistillStop(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, **kwargs):
         return float("nan")
-
-    @classmethod
-    def validate_inputs(cls, **values):
-        return inputs.validate(cls, values)
 
     @classmethod
     def execute(cls, job, wait=True) -> io.NodeOutput:

@@ -92,9 +92,11 @@ class TDMCogVideoXLoader(io.ComfyNode):
             outputs=[CogVideoXPipe.Output(display_name="cogvideox")],
         )
 
+    USER_FILES = {"model_folder": "models/diffusers", "lora_name": "models/loras"}
+
     @classmethod
-    def validate_inputs(cls, **values):
-        return inputs.validate(cls, values)
+    def validate_inputs(cls, model_folder):  # one declared input (see nodes/inputs.py); lora_name at execute
+        return inputs.validate_file(cls, "model_folder", model_folder)
 
     @classmethod
     def execute(cls, model_folder, dtype, lora_name, lora_strength, vae_tiling, vae_slicing, offload) -> io.NodeOutput:
@@ -146,11 +148,12 @@ class TDMCogVideoXSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, frames, **values):
-        # this signature makes ComfyUI skip its own min/max checks for every input: inputs.validate does them
-        checked = inputs.validate(cls, dict(values, frames=frames))
-        if checked is not True:
-            return checked
+    def validate_inputs(cls, frames):
+        # One declared input (nodes/inputs.py): ComfyUI checks the others' ranges itself, execute checks them again.
+        try:
+            inputs.check_inputs(cls, {"frames": frames}, at_validation=True)
+        except ValueError as error:
+            return str(error)
         try:
             video_core.check_frame_count(frames)
         except video_core.CogVideoXError as error:

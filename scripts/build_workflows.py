@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 from harness.workflow_build import Node  # noqa: E402
 from harness.workflow_build import build as build_ui  # noqa: E402
 from tdm_core import __version__ as PACK_VERSION  # noqa: E402
+from tdm_core.families import distillable_labels_text  # noqa: E402
 from tdm_core.presets import PRESETS, get_preset  # noqa: E402
 from tdm_core.solvers import WIDGET_NAMES  # noqa: E402
 
@@ -277,12 +278,12 @@ def distillation_workflow() -> list[Node]:
         "again with the same settings to refresh TDM Distill Status.",
         "3. **Stop** with TDM Distill Stop, the jobs tab, or `POST /tdm/jobs/<name>/stop`.",
         "4. **Use it**: the LoRA is written to `models/loras/<output_name>.safetensors` every `save_every` steps; "
-        f"load it with TDM LoRA Loader and sample with TDM KSampler (preset `auto`, or `{preset.name}` for SD1.5 "
-        "teachers, `sd3` for SD3).", "",
+        "load it with TDM LoRA Loader and sample with TDM KSampler (preset `auto` picks the recipe of the "
+        "teacher's family).", "",
         "This example's teacher:",
         _file_line(preset.base_model_file, preset.base_model_folder, preset.base_model_url,
                    preset.base_model_source, preset.base_model_gated),
-        "Any SD1.5- or SD3-family checkpoint works.", "", DOCS_LINE,
+        f"Any {distillable_labels_text()} checkpoint works.", "", DOCS_LINE,
     ]
     return [
         _read_me("\n".join(guide), size=(460, 480)),

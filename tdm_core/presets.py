@@ -267,3 +267,23 @@ def solver_for_parametrisation(parametrisation: str) -> str:
         known = sorted({p.parametrisation for p in PRESETS.values()})
         raise KeyError(f"no TDM preset for {parametrisation!r} models; TDM recipes exist for {', '.join(known)}")
     return matching[0].solver
+
+
+def where_to_get(name: str) -> str | None:
+    """For a file or folder name a workflow of this pack loads (a preset's `lora_file` or `base_model_file`), where
+    to get it, in a sentence for an error message; None for any other name."""
+    for preset in PRESETS.values():
+        if name == preset.lora_file:
+            if preset.lora_url:
+                return (f"It is the {preset.display_name} LoRA: download {preset.lora_url} and save it as "
+                        f"models/loras/{preset.lora_file}")
+            return (f"It is the {preset.display_name} LoRA that the example workflow's TDM Distill writes: run "
+                    "that workflow (or TDM Distill) to make it")
+        if name == preset.base_model_file:
+            gated = " (log in and accept its licence first)" if preset.base_model_gated else ""
+            if preset.base_model_url:
+                return (f"It is the {preset.display_name} base model: download {preset.base_model_url}{gated} and "
+                        f"save it as models/{preset.base_model_folder}/{preset.base_model_file}")
+            return (f"It is the {preset.display_name} base model: download the whole {preset.base_model_source} "
+                    f"repository{gated} into models/{preset.base_model_folder}/{preset.base_model_file}/")
+    return None

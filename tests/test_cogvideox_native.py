@@ -202,7 +202,7 @@ def test_sigmas_of_the_native_table_are_refused(twin, modules):
 def test_image_presets_and_other_cogvideox_models_are_refused(twin, modules):
     _, model = twin
     _, sampling = modules
-    with pytest.raises(ValueError, match=r"preset 'sd3'.*does not fit.*CogVideoX.*use preset 'cogvideox'"):
+    with pytest.raises(ValueError, match=r"preset 'sd3'.*does not fit.*CogVideoX.*use preset 'auto' \(it picks 'cogvideox' for this MODEL\)"):
         sampling.tdm_sigmas(model, "sd3", 4)
     # An image-to-video (32-channel) native CogVideoX: no TDM LoRA was released for it. (A fresh transformer: the
     # parity tests leave peft wrappers on the shared one.)

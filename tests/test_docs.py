@@ -103,6 +103,22 @@ def test_every_node_has_a_help_page_served_where_the_frontend_asks(comfy_server,
     assert problems == []
 
 
+# About three lines of the frontend's tooltip box: the preset tooltip once ran to ten lines of internal names and
+# covered the Run button. Detail belongs on the help page, which the test above checks names every input.
+MAX_TOOLTIP = 240
+
+
+def test_every_tooltip_is_short(object_info):
+    long = []
+    for node_id in _node_ids(object_info):
+        for group in ("required", "optional"):
+            for name, spec in object_info[node_id]["input"].get(group, {}).items():
+                tooltip = spec[1].get("tooltip", "") if len(spec) > 1 and isinstance(spec[1], dict) else ""
+                if len(tooltip) > MAX_TOOLTIP:
+                    long.append(f"{node_id}.{name}: {len(tooltip)} characters")
+    assert long == [], f"tooltips over {MAX_TOOLTIP} characters (move the detail to the help page): {long}"
+
+
 def test_every_output_has_a_display_name_and_every_node_a_tdm_place(object_info):
     """Outputs are named for what they carry (not "STRING", "IMAGE"); nodes sit under TDM/ or, for the two that fill
     a SamplerCustom socket, in core's sampler/scheduler folders."""
@@ -120,11 +136,29 @@ def test_every_output_has_a_display_name_and_every_node_a_tdm_place(object_info)
     assert unnamed == [] and misplaced == []
 
 
-def test_the_distill_help_page_names_every_family_the_trainer_takes(pack):
-    """The help page once said "SD1.5 or SD3 family" long after SDXL and Flux-dev were added: it is checked against
-    the trainer's own family table so it cannot fall behind again."""
+@pytest.mark.parametrize("document", ["web/docs/TDMDistillStart/en.md", "workflows/tdm_distillation.json"])
+def test_distillation_docs_name_every_family_the_trainer_takes(pack, document):
+    """The help page and the distillation workflow's note once said "SD1.5 or SD3 family" long after SDXL and
+    Flux-dev were added: both are checked against the trainer's own family table so they cannot fall behind again."""
     from comfyui_tdm.nodes.comfy_families import FAMILY_LABELS
 
-    page = (REPO / "web" / "docs" / "TDMDistillStart" / "en.md").read_text()
-    missing = [label for label in FAMILY_LABELS.values() if label not in page]
-    assert missing == [], f"TDM Distill help page does not name {missing}"
+    text = (REPO / document).read_text()
+    missing = [label for label in FAMILY_LABELS.values() if label not in text]
+    assert missing == [], f"{document} does not name {missing}"
+
+
+@pytest.mark.parametrize("node_id", ["TDMKSampler", "TDMScheduler"])
+def test_the_preset_help_names_what_auto_picks_for_every_family(node_id):
+    """TDM KSampler's help listed auto's picks for SD3, SD3.5, SD1.5 and CogVideoX long after SDXL and Flux-dev had
+    presets (and its preset tooltip now points users to the help page): the `preset` bullet is checked against the
+    presets themselves, family by family, so it cannot fall behind again."""
+    from tdm_core import presets
+
+    page = (REPO / "web" / "docs" / node_id / "en.md").read_text()
+    bullet = re.search(r"^- \*\*preset\*\*:.*?(?=^- |^#|\Z)", page, re.S | re.M)
+    assert bullet, f"{node_id}'s help page has no preset bullet"
+    text = " ".join(bullet.group(0).split())  # the page wraps its lines anywhere
+    families = dict.fromkeys(preset.family for preset in presets.PRESETS.values())
+    missing = [f"{family} → {presets.presets_for_family(family)[0].name}" for family in families
+               if f"→ `{presets.presets_for_family(family)[0].name}`" not in text]
+    assert missing == [], f"{node_id} help: the auto list lacks {missing}"

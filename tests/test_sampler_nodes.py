@@ -129,3 +129,4 @@ def test_mismatched_preset_fails_the_prompt_naming_both(comfy_server):
         comfy_server.run_prompt(_save(graph, ["sample", 0]))
     message = str(error.value)
     assert "'sd3'" in message and "SD15" in message and "does not fit this MODEL" in message
+    assert "use preset 'auto' (it picks 'dreamshaper' for this MODEL)" in message  # the fix, in one word

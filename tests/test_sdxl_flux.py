@@ -243,9 +243,10 @@ def test_tdm_ksampler_flux_grid_comes_from_the_latent(sampling, flux_twin):
 
 
 def test_presets_refuse_the_other_family(sampling, flux_twin, sdxl_twin, sd3_twin):
-    with pytest.raises(ValueError, match="'sd3'.*does not fit.*flux"):
+    # Each refusal names the preset that fits, and `auto`, which would have picked it.
+    with pytest.raises(ValueError, match=r"'sd3'.*does not fit.*flux; use preset 'auto' \(it picks 'flux'"):
         sampling.tdm_sigmas(flux_twin.comfy, "sd3", 4)
-    with pytest.raises(ValueError, match="'flux'.*does not fit"):
+    with pytest.raises(ValueError, match=r"'flux'.*does not fit.*use preset 'auto' \(it picks 'sd3' for this MODEL\)"):
         sampling.tdm_sigmas(sd3_twin.comfy, "flux", 4)
     assert len(sampling.tdm_sigmas(sdxl_twin.comfy, "sdxl", 4)) == 5
 

@@ -111,7 +111,7 @@ def test_lora_names_outside_models_loras_are_refused(comfy_server, tiny_cogvideo
     ("start", "seed", -1),
     ("sampler", "preset", "nope"),
     ("sampler", "steps", -1),
-    ("video", "width", 100_000),  # its validate_inputs(**kwargs) makes ComfyUI skip its own min/max checks
+    ("video", "width", 100_000),  # ComfyUI's own max check (the node declares only frames to validate_inputs)
     ("video", "grid", "trained; rm -rf"),
     ("video", "cfg", -1e30),
 ])
@@ -211,3 +211,45 @@ def test_planted_records_and_hostile_bodies_never_break_the_routes(tmp_path):
         # the server serves prompts and starts jobs after all of it
         server.run_prompt(start_graph("sd3", "tdm_after_attacks", iterations=1, save_every=0, preview_every=0))
         assert job(server, "tdm_after_attacks")["state"] in ("queued", "running", "finished")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One mistake, one error (issue 27): a missing file is reported once, on its own input, with where to get it
+
+
+def _validation_errors(server, graph) -> dict:
+    code, body = _raw(server, "POST", "/prompt", json.dumps({"prompt": graph}).encode())
+    assert code == 400, body
+    return body["node_errors"]
+
+
+@pytest.fixture(scope="module")
+def server_with_two_loras(tmp_path_factory):
+    """A server of its own (the session's gathers the files other tests write, the released names among them), whose
+    models/loras holds two files the error must not list."""
+    base = make_base_directory(tmp_path_factory.mktemp("one_error"))
+    for name in ("tdm_listed_one.safetensors", "tdm_listed_two.safetensors"):
+        save_file({"x": torch.zeros(1)}, str(base / "models" / "loras" / name))
+    with ComfyServer(base) as server:
+        yield server
+
+
+@pytest.mark.parametrize("missing,expected", [
+    # a released LoRA the example workflows load: its direct download and the name to save it under
+    ("tdm_sd3.safetensors", "download https://huggingface.co/Luo-Yihong/TDM_sd3_lora/resolve/main/"
+                            "pytorch_lora_weights.safetensors and save it as models/loras/tdm_sd3.safetensors"),
+    # the student the SDXL distil-then-sample workflow writes: nothing to download
+    ("tdm_sdxl_student.safetensors", "run that workflow (or TDM Distill) to make it"),
+    ("my_own_lora.safetensors", "Put it there, or pick a file that is, from the list"),
+])
+def test_a_missing_lora_is_one_error_on_lora_name_saying_where_to_get_it(server_with_two_loras, missing, expected):
+    server = server_with_two_loras
+    listed = sorted(p.name for p in (server.base_directory / "models" / "loras").iterdir() if p.is_file())
+    assert len(listed) == 2, listed
+    errors = _validation_errors(server, sample_graph("sd3", "sd3", 2, loader="tdm", lora=missing))
+    assert list(errors) == ["lora"], errors  # only the loader, and nothing downstream of it
+    found = errors["lora"]["errors"]
+    assert [e["extra_info"]["input_name"] for e in found] == ["lora_name"], found
+    details = found[0]["details"]
+    assert f"{missing!r} is not in models/loras" in details and expected in details, details
+    assert not [name for name in listed if name in details], f"the error lists the folder: {details}"

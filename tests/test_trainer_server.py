@@ -222,9 +222,35 @@ def test_duplicate_output_name_is_refused(comfy_server):
     server.run_prompt(start_graph("sd3", name, iterations=1, save_every=0, preview_every=0))
     wait_job(server, name, lambda r: r["state"] == "finished", what="finished")
     with pytest.raises(ServerError) as error:
-        server.run_prompt(start_graph("sd3", name, iterations=2, seed=1))  # changed input: the node runs
+        server.run_prompt(start_graph("sd3", name, iterations=2))  # changed input: the node runs
     assert f"output name '{name}' is already used by TDM job" in str(error.value)
+    assert f"(e.g. '{name}_2')" in str(error.value)  # a free name, ready to paste
     assert job(server, name)["state"] == "finished"
+
+
+@pytest.mark.parametrize("if_exists", ["refuse", "resume"])
+def test_a_queue_with_edited_settings_never_gets_the_old_jobs_lora(comfy_server, if_exists):
+    """The distil-then-sample trap (issue 27): the user edits the prompts (or cfg) and queues again. Neither mode may
+    hand back the finished job's LoRA as if it had the edits: the refusal names what differs and a free name."""
+    server, name = comfy_server, f"tdm_edited_{if_exists}"
+    settings = dict(iterations=1, save_every=0, preview_every=0, if_exists=if_exists)
+    server.run_prompt(start_graph("sd3", name, **settings))
+    finished = wait_job(server, name, lambda r: r["state"] == "finished", what="finished")
+    for edit, said in ((dict(prompts="a cat\na dog\na bird"), "prompts (2 → 3 lines, edited)"),
+                       (dict(cfg=3.5), "cfg 2.0 → 3.5")):
+        with pytest.raises(ServerError) as error:
+            server.run_prompt(start_graph("sd3", name, **settings, **edit))
+        message = str(error.value)  # ComfyUI's error JSON: "→" reads \u2192 in 0.3.75's, itself in upstream's
+        assert "started with other settings" in message, message
+        assert said in message or json.dumps(said)[1:-1] in message, message
+        assert f"set output_name to '{name}_2'" in message, message
+        record = job(server, name)
+        assert (record["id"], record["state"], record["step"]) == (finished["id"], "finished", 1)
+    # Run options are not edits of what the LoRA learns: resuming with more iterations continues the same job.
+    if if_exists == "resume":
+        server.run_prompt(start_graph("sd3", name, **dict(settings, iterations=2)))
+        resumed = wait_job(server, name, lambda r: r["state"] == "finished" and r["step"] == 2, what="resumed")
+        assert resumed["id"] == finished["id"]
 
 
 def test_failures_mark_the_job_failed_and_comfyui_keeps_serving(comfy_server):
