@@ -327,18 +327,30 @@ def _refuse(error: Exception):
 
 def _wait_for_job(manager, job_id: str, timeout: float | None = None):
     """Waits for a job to leave its active states while honouring the canvas Cancel button (the job itself keeps
-    running: Cancel only stops this node from waiting)."""
+    running: Cancel only stops this node from waiting). The waiting node's progress bar follows the job's steps, so
+    a graph that waits for training (TDM LoRA from Distill Job, Status with wait) does not sit at 0 %."""
     import comfy.model_management
+    import comfy.utils
 
     deadline = None if timeout is None else time.monotonic() + timeout
+    record = manager.get(job_id)
+    bar = comfy.utils.ProgressBar(max(1, record.iterations))
+    shown = None
     while True:
         comfy.model_management.throw_exception_if_processing_interrupted()
+        if (record.step, record.iterations) != shown:
+            shown = (record.step, record.iterations)
+            bar.update_absolute(min(record.step, record.iterations), max(1, record.iterations))
         try:
-            return manager.wait(job_id, timeout=1.0)
+            ended = manager.wait(job_id, timeout=1.0)
         except TimeoutError:
+            record = manager.get(job_id)
             if deadline is not None and time.monotonic() > deadline:
                 raise ValueError(f"TDM job {job_id} did not stop within {timeout:.0f} s; it is "
                                  f"{manager.get(job_id).state}. Check TDM Distill Status, or stop it again.") from None
+        else:
+            bar.update_absolute(min(ended.step, ended.iterations), max(1, ended.iterations))
+            return ended
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,20 @@ def test_finished_job_samples_like_tdm_lora_loader_and_is_then_served_from_the_c
     assert "lora" in cached_nodes(server.run_prompt(by_id))
 
 
+def test_the_waiting_node_shows_the_jobs_progress(comfy_server):
+    """Issue 27: a graph that waits for training sat at 0 % on the waiting node while the job ran. The node's
+    progress bar now follows the job's steps (the messages the browser gets on /ws); the last one is the job's end.
+    Intermediate values depend on timing (the node looks once a second), so only their order is asserted."""
+    server, name = comfy_server, "tdm_joblora_progress"
+    server.run_prompt(start_graph("sd3", name, iterations=12, save_every=12, preview_every=0))
+    _, messages = server.run_prompt_watching(job_lora_graph(name))
+    progress = [(m["data"]["value"], m["data"]["max"]) for m in messages
+                if m["type"] == "progress" and m["data"].get("node") == "lora"]
+    assert progress and progress[-1] == (12, 12), progress
+    assert all(total == 12 for _, total in progress), progress
+    assert [value for value, _ in progress] == sorted(value for value, _ in progress), progress
+
+
 def test_latest_before_the_first_save_cancel_while_waiting_and_a_stopped_job(comfy_server):
     server, name = comfy_server, "tdm_joblora_stopped"
     # iterations 400, save_every 100: a job still far from its first save when the node asks (CPU time aside, the

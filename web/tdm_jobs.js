@@ -14,7 +14,7 @@ const SVG = "http://www.w3.org/2000/svg";
 
 function notify(severity, detail) {
   const toast = app.extensionManager?.toast;
-  if (toast?.add) toast.add({ severity, summary: "TDM jobs", detail, life: severity === "error" ? 8000 : 3000 });
+  if (toast?.add) toast.add({ severity, summary: "TDM jobs", detail, life: severity === "error" ? 8000 : 5000 });
   else console[severity === "error" ? "error" : "log"]("[TDM jobs]", detail);
 }
 
@@ -214,6 +214,26 @@ app.registerExtension({
       }
     };
     const soon = () => { clearTimeout(timer); timer = setTimeout(refresh, 300); };
+    // A job that ends says so wherever the user is (the panel may be closed): one toast per job and end. The event
+    // carries the job's record (tdm_core.jobs.JobRecord.to_dict); only live state changes come as events, so
+    // opening ComfyUI later shows no stale toasts.
+    const announced = new Map(); // job id -> the state last announced
+    api.addEventListener("tdm.job.state", (event) => {
+      const job = event.detail;
+      if (!job?.id || !REMOVABLE.has(job.state) || announced.get(job.id) === job.state) return;
+      announced.set(job.id, job.state);
+      const name = `'${job.name}'`;
+      if (job.state === "finished") {
+        notify("success", `${name} finished at step ${job.step}: models/loras/${job.latest_lora || job.name}`);
+      } else if (job.state === "failed") {
+        notify("error", `${name} failed at step ${job.step}/${job.iterations}: ${job.message || "see the jobs panel"}`);
+      } else {
+        notify("info", `${name} stopped at step ${job.step}/${job.iterations}; Resume continues it`);
+      }
+    });
+    api.addEventListener("tdm.job.state", (event) => {
+      if (ACTIVE.has(event.detail?.state)) announced.delete(event.detail.id); // a resumed job may end again
+    });
     for (const event of ["tdm.job.progress", "tdm.job.state", "tdm.job.saved", "tdm.job.removed"]) api.addEventListener(event, soon);
 
     app.extensionManager.registerSidebarTab({

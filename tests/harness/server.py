@@ -130,9 +130,9 @@ class ComfyServer:
     def object_info(self) -> dict:
         return self.get("/object_info", timeout=60)
 
-    def queue_prompt(self, prompt: dict) -> str:
+    def queue_prompt(self, prompt: dict, client_id: str | None = None) -> str:
         """POSTs an API-format graph; a validation failure raises with ComfyUI's own error text."""
-        body = {"prompt": prompt, "client_id": uuid.uuid4().hex}
+        body = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
         try:
             return self.post("/prompt", body)["prompt_id"]
         except urllib.error.HTTPError as error:
@@ -157,3 +157,32 @@ class ComfyServer:
 
     def run_prompt(self, prompt: dict, timeout: float = 300.0) -> dict:
         return self.wait_for(self.queue_prompt(prompt), timeout)
+
+    def run_prompt_watching(self, prompt: dict, timeout: float = 300.0) -> tuple[dict, list[dict]]:
+        """Runs a prompt as the browser does, connected to /ws under its client id: (history entry, every JSON message
+        the server sent that client while the prompt ran, e.g. {"type": "progress", "data": {...}})."""
+        import asyncio
+
+        import aiohttp
+
+        client_id = uuid.uuid4().hex
+        messages: list[dict] = []
+
+        async def watch() -> str:
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}") as socket_:
+                    prompt_id = await asyncio.to_thread(self.queue_prompt, prompt, client_id)
+                    async with asyncio.timeout(timeout):
+                        async for frame in socket_:
+                            if frame.type != aiohttp.WSMsgType.TEXT:
+                                continue
+                            message = json.loads(frame.data)
+                            messages.append(message)
+                            data = message.get("data") or {}
+                            if data.get("prompt_id") == prompt_id and (
+                                    message["type"] in ("execution_success", "execution_error")
+                                    or (message["type"] == "executing" and data.get("node") is None)):
+                                return prompt_id
+            raise ServerError(f"the websocket closed before prompt {prompt_id} ended")
+
+        return self.wait_for(asyncio.run(watch()), timeout), messages
