@@ -12,6 +12,7 @@ import shutil
 import time
 import urllib.error
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -307,3 +308,22 @@ def test_restart_lists_jobs_and_the_workflow_resumes_them(tmp_path):
         finished = wait_job(server, name, lambda r: r["state"] == "finished", what="finished")
         assert finished["step"] == checkpoint + 2 and finished["id"] == listed[name]["id"]
         assert (base / "models" / "loras" / f"{name}.safetensors").is_file()
+
+
+def test_both_loss_curves_use_the_same_colours_on_a_dark_background(pack):
+    """Issue 27: TDM Distill Status's curve image (fake score blue on white) and the jobs panel's (fake score orange
+    on dark) had the colours the other way round. One table, held to the panel's copy of it, on a dark ground."""
+    import re
+
+    from comfyui_tdm.nodes import trainer
+
+    script = Path(trainer.__file__).parents[1] / "web" / "tdm_jobs.js"
+    table = re.search(r"LOSS_COLOURS = \{(.*?)\}", script.read_text()).group(1)
+    panel = {key.strip().strip('"'): colour for key, colour in re.findall(r'([^,:]+): "(#[0-9a-f]{6})"', table)}
+    assert panel == trainer.LOSS_COLOURS, (panel, trainer.LOSS_COLOURS)
+    history = [[step, 1.0 / step, 0.5 + 0.01 * step] for step in range(1, 30)]
+    image = (trainer.loss_curve_image(history)[0] * 255).round().to(torch.int64)
+    assert image[2:, 2:].float().mean() < 80, "the curve's background is not dark"
+    for label, colour in trainer.LOSS_COLOURS.items():
+        rgb = torch.tensor([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        assert (image == rgb).all(-1).sum() > 50, f"no {label} line in {colour}"

@@ -11,6 +11,8 @@ const STATE_COLORS = {
   queued: "#b0a24a", running: "#4a90d9", stopping: "#c78a3b", stopped: "#888", failed: "#d9534f", finished: "#4caf50",
 };
 const SVG = "http://www.w3.org/2000/svg";
+// The same colours as TDM Distill Status's curve image (nodes/trainer.py LOSS_COLOURS; a test holds them together).
+const LOSS_COLOURS = { "fake score": "#e8a33d", generator: "#5fa8e8" };
 
 function notify(severity, detail) {
   const toast = app.extensionManager?.toast;
@@ -51,7 +53,7 @@ function lossCurve(history) {
   const svg = document.createElementNS(SVG, "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height + 14}`);
   svg.setAttribute("class", "tdm-loss-curve");
-  svg.style.cssText = "width:100%;max-width:420px;background:rgba(0,0,0,.15);border-radius:4px;margin-top:6px;";
+  svg.style.cssText = "width:100%;max-width:420px;background:#202020;border-radius:4px;margin-top:6px;";
   const points = history.filter((p) => p.every((v) => isFinite(v)));
   if (points.length < 2) {
     const text = document.createElementNS(SVG, "text");
@@ -70,7 +72,8 @@ function lossCurve(history) {
   const xMin = points[0][0], xMax = points[points.length - 1][0] || xMin + 1;
   const x = (step) => pad + ((step - xMin) / Math.max(1, xMax - xMin)) * (width - 2 * pad);
   const y = (v) => pad + (1 - (f(v) - yMin) / Math.max(1e-12, yMax - yMin)) * (height - 2 * pad);
-  for (const [index, color, label] of [[1, "#e8a33d", "fake score"], [2, "#5fa8e8", "generator"]]) {
+  for (const [index, label] of [[1, "fake score"], [2, "generator"]]) {
+    const color = LOSS_COLOURS[label];
     const line = document.createElementNS(SVG, "polyline");
     line.setAttribute("points", points.map((p) => `${x(p[0]).toFixed(1)},${y(p[index]).toFixed(1)}`).join(" "));
     line.setAttribute("fill", "none"); line.setAttribute("stroke", color); line.setAttribute("stroke-width", "1.5");
@@ -87,6 +90,19 @@ function lossCurve(history) {
   axis.textContent = `steps ${xMin}–${xMax}${useLog ? " · log" : ""}`;
   svg.appendChild(axis);
   return svg;
+}
+
+// The frontend's confirmation dialog where it offers one to extensions (dialog service), else the browser's.
+async function confirmed(title, message) {
+  const dialog = app.extensionManager?.dialog;
+  if (typeof dialog?.confirm === "function") {
+    try {
+      return (await dialog.confirm({ title, message, type: "delete" })) === true;
+    } catch (error) {
+      console.warn("[TDM jobs] the frontend's confirm dialog failed, using the browser's:", error);
+    }
+  }
+  return window.confirm(`${title}\n\n${message}`);
 }
 
 async function request(path, method, label) {
@@ -121,15 +137,25 @@ function jobRow(job, jobs, details, refresh) {
                           "border-radius:3px;"));
   const speed = job.it_per_s ? ` · ${job.it_per_s.toFixed(2)} it/s` : "";
   const eta = ACTIVE.has(job.state) && job.eta_s ? ` · ETA ${formatEta(job.eta_s)}` : "";
-  const lines = [`step ${job.step}/${job.iterations}${speed}${eta}`];
+  // A failed job's step is where a resume restarts (its last checkpoint); its curve goes on to where it failed.
+  const reached = details?.history?.length ? details.history[details.history.length - 1][0] : job.step;
+  const lines = [job.state === "failed" && reached > job.step
+    ? `failed at step ${reached}/${job.iterations} · a resume restarts from step ${job.step}`
+    : `step ${job.step}/${job.iterations}${speed}${eta}`];
   const queue = queueLine(job, jobs);
   if (queue) lines.push(`queued: ${queue}`);
   if (job.latest_lora) lines.push(`LoRA: ${job.latest_lora}`);
   const message = freshMessage(job);
-  if (message) lines.push(message);
+  if (message && job.state !== "failed") lines.push(message);
   const detail = element("div", "font-size:12px;opacity:.85;white-space:pre-wrap;", lines.join("\n"));
   detail.className = "tdm-job-detail";
   row.append(title, bar, detail);
+  if (job.state === "failed" && job.message) {
+    const error = element("div", `font-size:12px;white-space:pre-wrap;margin-top:4px;color:${STATE_COLORS.failed};`,
+                          job.message);
+    error.className = "tdm-job-error";
+    row.appendChild(error);
+  }
 
   const history = details?.history;
   if (history) row.appendChild(lossCurve(history));
@@ -143,10 +169,12 @@ function jobRow(job, jobs, details, refresh) {
   }
 
   const actions = element("div", "margin-top:6px;display:flex;gap:6px;");
-  const button = (label, path, method, done) => {
+  const button = (label, path, method, done, confirmation) => {
     const b = element("button", "padding:2px 10px;", label);
-    b.className = `tdm-job-${label.toLowerCase()}`;
+    // The frontend's own (PrimeVue) button look, where its theme styles these classes; the tdm-job-* class is ours.
+    b.className = `tdm-job-${label.toLowerCase()} p-button p-component p-button-sm p-button-secondary`;
     b.onclick = async () => {
+      if (confirmation && !(await confirmed(`${label} '${job.name}'?`, confirmation))) return;
       b.disabled = true;
       if (await request(`/tdm/jobs/${encodeURIComponent(job.id)}${path}`, method, `${label} '${job.name}'`)) {
         notify("success", `${done} '${job.name}'`);
@@ -157,7 +185,11 @@ function jobRow(job, jobs, details, refresh) {
   };
   if (job.state === "running" || job.state === "queued") actions.appendChild(button("Stop", "/stop", "POST", "Stopping"));
   if (job.state === "stopped" || job.state === "failed") actions.appendChild(button("Resume", "/resume", "POST", "Resumed"));
-  if (REMOVABLE.has(job.state)) actions.appendChild(button("Remove", "", "DELETE", "Removed"));
+  if (REMOVABLE.has(job.state)) {
+    actions.appendChild(button("Remove", "", "DELETE", "Removed",
+      "The job's record and checkpoints are deleted: it can no longer be resumed. Its LoRA files in models/loras " +
+      "stay."));
+  }
   if (actions.childElementCount) row.appendChild(actions);
   return row;
 }
