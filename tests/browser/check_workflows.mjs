@@ -79,13 +79,28 @@ function inspectPage(expectedTypes) {
   };
 }
 
-// In the page, right after loading with the workflow's saved view: every node's live box (LiteGraph's boundingRect,
-// title bar included, with the sizes the frontend computed) must lie inside the window and not under the toolbar or
-// sidebar (the canvas itself must be the element at its title and at its corners), and no two boxes may intersect.
+// In the page, right after loading with the workflow's saved view, at the user's default settings:
+// - the frontend draws node text at the saved zoom: LiteGraph drops to its low-quality drawing (no titles, labels or
+//   widget values) below min_font_size_for_lod / (NODE_TEXT_SIZE · sqrt(devicePixelRatio)); checked for a 1× screen,
+//   the common and the strictest case (this browser renders at 2× for sharper thumbnails);
+// - the Read me and every loader (what a user fills in first) lie whole inside the window, not under the toolbar or
+//   sidebar (the canvas itself must be the element at its title and at its corners): live boxes (LiteGraph's
+//   boundingRect, title bar included, with the sizes the frontend computed);
+// - no two node boxes intersect.
 function inspectLayout() {
   const { canvas, graph } = window.app;
   const canvasElement = canvas.canvas;
   const problems = [];
+  const textSize = window.LiteGraph?.NODE_TEXT_SIZE ?? 14;
+  const lod = canvas.min_font_size_for_lod;
+  if (typeof lod !== "number") {
+    problems.push("this frontend exposes no canvas.min_font_size_for_lod: the readability check cannot run");
+  } else if (lod > 0 && canvas.ds.scale < lod / textSize) {
+    problems.push(`the saved zoom ${canvas.ds.scale} is below ${(lod / textSize).toFixed(3)}, where the frontend's ` +
+                  `default level of detail (${lod} px) stops drawing node text on a 1× screen`);
+  } else if (lod === 0) {
+    problems.push("LiteGraph.Canvas.MinFontSizeForLOD is 0 here: the check must run with the user's default settings");
+  }
   const boxes = graph.nodes.map((node) => {
     const [x, y, w, h] = node.boundingRect;
     const [left, top] = canvas.ds.convertOffsetToCanvas([x, y]);
@@ -101,7 +116,8 @@ function inspectLayout() {
       // DOM widgets (text areas, the note's markdown) sit over the canvas inside their node: still the node
       !!hit?.closest?.(".dom-widget, .comfy-markdown, .comfy-multiline-input, .p-panel, .lg-node");
   };
-  for (const box of boxes) {
+  const mustShow = (box) => box.type === "MarkdownNote" || box.type.includes("Loader");
+  for (const box of boxes.filter(mustShow)) {
     const [l, t, r, b] = box.screen;
     const inset = 3;
     const points = [[(l + r) / 2, t + 12], [l + inset, t + inset], [r - inset, t + inset], [l + inset, b - inset],
@@ -340,7 +356,7 @@ async function main() {
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.TDM_CHROMIUM || "/usr/bin/chromium",
     headless: true,
-    viewport: { width: 1280, height: 960 },
+    viewport: { width: 1920, height: 1080 }, // the window of the issue that found the unreadable zooms
     deviceScaleFactor: 2, // a sharper canvas for the thumbnails
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync"],

@@ -212,11 +212,11 @@ def main() -> int:
         # A returning user's settings: no first-run template browser; the missing-nodes warning on (the default).
         settings = base / "user" / "default" / "comfy.settings.json"
         settings.parent.mkdir(parents=True, exist_ok=True)
-        # Node text is drawn at every zoom (LOD off) so the fitted-view screenshots and thumbnails are readable.
-        # Frontend 1.49 shows a minimap by default; it would cover a corner of every thumbnail.
+        # Every other setting at its default (the level of detail included: the check fails on a workflow whose text
+        # would not be drawn at its saved zoom). Frontend 1.49 shows a minimap by default; it would cover a corner of
+        # every thumbnail and screenshot, and hides nothing the check looks at.
         settings.write_text(json.dumps({"Comfy.TutorialCompleted": True,
                                         "Comfy.Workflow.ShowMissingNodesWarning": True,
-                                        "LiteGraph.Canvas.MinFontSizeForLOD": 0,
                                         "Comfy.Minimap.Visible": False}))
         control = Path(tmp) / f"{files[0].stem}__unknown_node.json"
         control.write_text(json.dumps(make_control(json.loads(files[0].read_text()))))

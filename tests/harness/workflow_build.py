@@ -10,10 +10,14 @@ from .workflow_check import WIDGET_TYPES, _input_type, widget_specs
 NODE_WIDTH = 340
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
 GAP = 40  # free space kept between stacked nodes
-# The view a workflow opens with must show every node on a 1280×720 canvas (a laptop browser window), clear of the
-# frontend's toolbar and the queue notice under its Run button (top: 136 px) and its sidebar (left); the
-# real-browser check measures it with live node sizes.
-VIEW = {"width": 1280, "height": 720, "left": 72, "top": 136, "right": 24, "bottom": 24}
+# The view a workflow opens with, in a 1920×1080 browser window clear of the frontend's toolbar and the queue notice
+# under its Run button (top: 136 px) and its sidebar (left): the whole graph when it fits at a readable zoom, else
+# the top-left part at MIN_READABLE_ZOOM, where the Read me and the loaders are (the user pans to the rest). Below
+# about 0.57 the frontend's default level of detail (LiteGraph.Canvas.MinFontSizeForLOD 8 px, 14 px node text on a
+# 1× screen) draws no text at all: workflows once opened at 0.46–0.57 as blank grey boxes. Core's templates open at
+# 0.66–0.88. The real-browser check measures it with live node sizes at the user's default settings.
+VIEW = {"width": 1920, "height": 1080, "left": 72, "top": 136, "right": 24, "bottom": 24}
+MIN_READABLE_ZOOM = 0.75
 # Nodes that show a report box on the canvas (web/tdm_nodes.js): room for it below their widgets.
 REPORT_HEIGHT = 70
 REPORTING_NODES = {"TDMLoraLoader", "TDMDistillLoraLoader", "TDMKSampler", "TDMScheduler"}
@@ -34,15 +38,21 @@ def overlaps(ui_nodes: list[dict]) -> list[tuple]:
 
 
 def fit_view(ui_nodes: list[dict]) -> dict:
-    """`extra.ds` that shows every node inside VIEW: LiteGraph draws canvas point p at (p + offset) · scale."""
+    """`extra.ds` for VIEW (see there): LiteGraph draws canvas point p at (p + offset) · scale. The whole graph when
+    it fits at MIN_READABLE_ZOOM or more, else MIN_READABLE_ZOOM anchored at the graph's top-left corner."""
     boxes = [bounding_box(n) for n in ui_nodes]
     left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
     right, bottom = max(b[2] for b in boxes), max(b[3] for b in boxes)
     usable_w = VIEW["width"] - VIEW["left"] - VIEW["right"]
     usable_h = VIEW["height"] - VIEW["top"] - VIEW["bottom"]
-    scale = min(1.0, usable_w / (right - left), usable_h / (bottom - top))
-    scale = int(scale * 100) / 100  # a round zoom, rounded down so it still fits
+    fits = min(1.0, usable_w / (right - left), usable_h / (bottom - top))
+    scale = max(MIN_READABLE_ZOOM, int(fits * 100) / 100)  # a round zoom, rounded down so it still fits
     return {"scale": scale, "offset": [round(VIEW["left"] / scale - left, 1), round(VIEW["top"] / scale - top, 1)]}
+
+
+def must_be_on_screen(ui_node: dict) -> bool:
+    """The nodes the saved view always shows whole: the Read me and the loaders (what a user fills in first)."""
+    return ui_node["type"] == "MarkdownNote" or "Loader" in ui_node["type"]
 
 
 @dataclass
