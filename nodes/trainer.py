@@ -367,6 +367,16 @@ def _wait_for_job(manager, job_id: str, timeout: float | None = None):
 # Nodes
 
 
+# What most users set on TDM Distill: the prompts, the name, how long, how strongly guided, at what size, and memory.
+# The rest keeps working defaults and is marked advanced (folded where the frontend folds advanced inputs).
+_RARELY_USED = {"prompts_file", "unconditional_prompt", "steps", "grid", "lora_rank", "lora_alpha", "learning_rate",
+                "batch_size", "keep_last", "preview_every", "seed", "dtype", "offload"}
+
+
+def _fold_rarely_used(widget_inputs: list) -> list:
+    return [categories.advanced(spec) if spec.id in _RARELY_USED else spec for spec in widget_inputs]
+
+
 class TDMDistillStart(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -380,7 +390,7 @@ class TDMDistillStart(io.ComfyNode):
                 "running other prompts while it trains. The student LoRA is saved to models/loras/<output_name>"
                 ".safetensors every save_every steps (plus numbered snapshots). Stop it with TDM Distill Stop (the "
                 "Cancel button does not stop training); watch it with TDM Distill Status."),
-            inputs=[
+            inputs=_fold_rarely_used([
                 io.Model.Input("model", tooltip="The teacher (SD1.5-family, SDXL, SD3/SD3.5 or Flux-dev), with any "
                                                 "LoRAs applied to it. The job shares its loaded weights; sampling "
                                                 "from it meanwhile is unaffected."),
@@ -452,7 +462,7 @@ class TDMDistillStart(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip=(
                     "Optional: the teacher's VAE. Previews are then decoded images (the job keeps a copy of the VAE, "
                     "about 0.3 GB for SD's); without it, ComfyUI's latent-RGB preview.")),
-            ],
+            ]),
             outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
                                                         "/tdm/jobs HTTP routes.")],
         )

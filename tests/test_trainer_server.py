@@ -132,6 +132,16 @@ def test_trainer_nodes_are_registered_with_tooltips(comfy_server):
     assert comfy_server.get("/tdm/jobs")["jobs"] is not None
 
 
+def test_tdm_distill_shows_the_handful_of_inputs_most_users_set(comfy_server):
+    """Issue 27: TDM Distill showed 23 widgets. The schema the frontend gets marks all but the everyday ones advanced
+    (folded where the frontend folds advanced inputs); the sockets stay."""
+    info = comfy_server.object_info()["TDMDistillStart"]["input"]
+    inputs = {**info.get("required", {}), **info.get("optional", {})}
+    shown = [name for name, spec in inputs.items() if not (len(spec) > 1 and spec[1].get("advanced"))]
+    assert shown == ["model", "clip", "prompts", "output_name", "if_exists", "iterations", "cfg", "width", "height",
+                     "save_every", "gradient_checkpointing", "vae"], shown
+
+
 def test_sd3_start_status_stop_resume_finish_while_the_queue_serves(comfy_server):
     server, name = comfy_server, "tdm_sd3_lifecycle"
     server.run_prompt(sample_graph("sd3", "sd3", 4))  # builds (and caches) the tiny teacher
