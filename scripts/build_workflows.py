@@ -34,8 +34,9 @@ NOTE_SIZE = (460, 400)
 PROMPT = "a photo of a red fox sitting in fresh snow at sunrise, highly detailed"
 
 
-def _file_line(name: str, folder: str, url: str, page: str, gated: bool = False) -> str:
-    """One markdown bullet: the file (a direct download link where there is one), its folder, its page."""
+def _file_line(name: str, folder: str, url: str, page: str, gated: bool = False, how: str = "") -> str:
+    """One markdown bullet: the file (a direct download link where there is one), its folder, its page; where there
+    is no direct link, `how` says why and where the file comes from."""
     link = f"[{name}]({url})" if url else f"`{name}`"
     line = f"- {link} → `models/{folder}/`"
     repo_name = url.rsplit("/", 1)[-1] if url else ""
@@ -46,6 +47,11 @@ def _file_line(name: str, folder: str, url: str, page: str, gated: bool = False)
     if gated:
         line += ("\n  **Gated on Hugging Face**: log in and accept the licence on the model page first, or the "
                  "download is refused.")
+    if how and not url:
+        line += f"\n  No direct link: {how}."
+    if url.endswith((".pt", ".pth", ".ckpt")):
+        # ComfyUI 0.3.75's frontend (1.32) offers only .safetensors-style files in its Missing Models dialog.
+        line += "\n  Older frontends' Missing Models dialog will not fetch a .pt file: download it with the link."
     return line
 
 
@@ -66,7 +72,7 @@ def _note(preset_names: list[str], extra_lines: list[str] = ()) -> str:
         preset = get_preset(name)
         lines += [f"## {preset.display_name}", "",
                   _file_line(preset.base_model_file, preset.base_model_folder, preset.base_model_url,
-                             preset.base_model_source, preset.base_model_gated),
+                             preset.base_model_source, preset.base_model_gated, preset.base_model_how),
                   _file_line(preset.lora_file, "loras", preset.lora_url, preset.lora_source), "",
                   _recipe_line(preset)]
         if preset.notes:
@@ -282,7 +288,7 @@ def distillation_workflow() -> list[Node]:
         "teacher's family).", "",
         "This example's teacher:",
         _file_line(preset.base_model_file, preset.base_model_folder, preset.base_model_url,
-                   preset.base_model_source, preset.base_model_gated),
+                   preset.base_model_source, preset.base_model_gated, preset.base_model_how),
         f"Any {distillable_labels_text()} checkpoint works.", "", DOCS_LINE,
     ]
     return [

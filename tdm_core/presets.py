@@ -48,6 +48,8 @@ class ModelPreset:
     base_model_url: str = ""
     # Hugging Face makes the user accept a licence before the base model downloads (log in, then "Agree").
     base_model_gated: bool = False
+    # Where base_model_url is empty: why there is no direct link, and where the single file comes from instead.
+    base_model_how: str = ""
     notes: str = ""
     extra: dict = field(default_factory=dict)
     # The official recipe this preset reproduces, and its two conventions where ComfyUI's defaults differ from it
@@ -138,6 +140,9 @@ PRESETS: dict[str, ModelPreset] = {
             # Lykon/dreamshaper-7 is the diffusers release; ComfyUI loads the single-file DreamShaper 7 checkpoint.
             base_model_source="https://huggingface.co/Lykon/dreamshaper-7",
             base_model_file="dreamshaper_7.safetensors",
+            base_model_how=("the model page holds the diffusers folder, not one file: get DreamShaper 7's single-file "
+                            "checkpoint from its author's page, https://civitai.com/models/4384/dreamshaper (version "
+                            "7; the page the Hugging Face README links), and save it under this name"),
             lora_url="https://huggingface.co/Luo-Yihong/TDM_dreamshaper_LoRA/resolve/main/tdm_dreamshaper.pt",
         ),
         ModelPreset(

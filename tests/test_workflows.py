@@ -364,3 +364,19 @@ def test_readme_table_is_generated_from_the_presets():
 
     assert readme_table.table() in (REPO / "README.md").read_text(), (
         "README's model table is stale: paste the output of .venv/bin/python scripts/readme_table.py")
+
+
+def test_every_single_file_a_workflow_loads_has_a_direct_link_or_says_where_it_comes_from():
+    """Issue 27: dreamshaper_7 had no download entry and its page is the diffusers release, with no word on where the
+    single file comes from. A file a loader takes (not a diffusers folder) has a direct link, or its Read me says why
+    not and where to get it; a .pt link warns that older Missing Models dialogs will not fetch it."""
+    from tdm_core.presets import PRESETS
+
+    silent = [p.name for p in PRESETS.values()
+              if p.base_model_file and p.base_model_folder != "diffusers" and not p.base_model_url
+              and not p.base_model_how]
+    assert silent == [], f"presets whose base model has no direct link and no explanation: {silent}"
+    note = next(n for n in committed("tdm_dreamshaper_4step")["nodes"] if n["type"] == "MarkdownNote")
+    text = note["widgets_values"][0]
+    assert f"No direct link: {PRESETS['dreamshaper'].base_model_how}." in text, text
+    assert "will not fetch a .pt file" in text, text
