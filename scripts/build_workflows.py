@@ -107,6 +107,11 @@ SAVER_SIZE = (400, 440)
 CREATE_VIDEO_SIZE = (340, 190)
 
 
+# The training prompts are TDM Distill's first box, and multiline boxes show no label: the title says what it holds
+# (the sampling prompt's node is titled too, so the two boxes of a distil-then-sample graph cannot be confused).
+DISTILL_TITLE = "TDM Distill: training prompts, one per line"
+
+
 def _read_me(text: str, size=NOTE_SIZE) -> Node:
     return Node("note", "MarkdownNote", {"text": text}, pos=(COL[0], 0), size=size, title="Read me")
 
@@ -122,7 +127,7 @@ def sd3_workflow(preset_name: str) -> list[Node]:
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
              links={"model": ("ckpt", 0)}, pos=(COL[1], 0), properties=_lora_models(preset)),
         Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 300),
-             size=PROMPT_SIZE),
+             size=PROMPT_SIZE, title='Prompt'),
         Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(COL[1], 540)),
         Node("noise", "RandomNoise", {"noise_seed": 42}, pos=(COL[2], 0)),
         Node("guider", "BasicGuider", links={"model": ("lora", 0), "conditioning": ("positive", 0)},
@@ -149,7 +154,7 @@ def dreamshaper_workflow() -> list[Node]:
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
              links={"model": ("ckpt", 0)}, pos=(COL[1], 0), properties=_lora_models(preset)),
         Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 300),
-             size=PROMPT_SIZE),
+             size=PROMPT_SIZE, title='Prompt'),
         Node("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(COL[1], 540)),
         Node("sample", "TDMKSampler", {"preset": "dreamshaper", "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
@@ -223,7 +228,7 @@ def cogvideox_native_workflow() -> list[Node]:
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
              links={"model": ("unet", 0)}, pos=(COL[1], 0), properties=_lora_models(preset)),
         Node("positive", "CLIPTextEncode", {"text": "a red fox trotting through fresh snow, cinematic"},
-             links={"clip": ("clip", 0)}, pos=(COL[1], 300), size=PROMPT_SIZE),
+             links={"clip": ("clip", 0)}, pos=(COL[1], 300), size=PROMPT_SIZE, title='Prompt'),
         Node("latent", "EmptyHunyuanLatentVideo", {**geometry, "batch_size": 1}, pos=(COL[1], 540)),
         Node("sample", "TDMKSampler", {"preset": "cogvideox", "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
@@ -249,9 +254,9 @@ def sd3_comparison_workflow() -> list[Node]:
         Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[0], 520),
              properties=_checkpoint_models(preset)),
         Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 0),
-             size=PROMPT_SIZE),
+             size=PROMPT_SIZE, title='Prompt'),
         Node("negative", "CLIPTextEncode", {"text": ""}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 240),
-             size=PROMPT_SIZE),
+             size=PROMPT_SIZE, title='Negative prompt (teacher only)'),
         Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(COL[1], 480)),
         Node("teacher", "KSampler", {"seed": 42, "steps": teacher.steps, "cfg": teacher.cfg,
                                      "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
@@ -299,7 +304,7 @@ def distillation_workflow() -> list[Node]:
             "prompts": "a photo of a red fox in the snow\na watercolor painting of a lighthouse\n"
                        "a portrait of an old sailor, studio lighting\na bowl of ramen, food photography",
             "output_name": "tdm_dreamshaper_distilled", "steps": preset.steps, "width": 512, "height": 512},
-             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(COL[1], 0)),
+             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(COL[1], 0), title=DISTILL_TITLE),
         Node("status", "TDMDistillStatus", links={"job": ("start", 0)}, pos=(COL[2], 0)),
         Node("status_text", "PreviewAny", links={"source": ("status", 0)}, pos=(COL[3], 0), size=(400, 200)),
         Node("loss", "PreviewImage", links={"images": ("status", 1)}, pos=(COL[3], 260), size=(400, 320)),
@@ -373,12 +378,12 @@ def sdxl_distill_workflow() -> list[Node]:
              properties=_checkpoint_models(preset)),
         Node("start", "TDMDistillStart", {"prompts": DISTILL_PROMPTS, "output_name": Path(preset.lora_file).stem,
                                           "width": size, "height": size, "gradient_checkpointing": True},
-             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(COL[1], 0)),
+             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(COL[1], 0), title=DISTILL_TITLE),
         *_distill_status_nodes(2),
         Node("lora", "TDMDistillLoraLoader", {"use": "finished", "strength_mode": "auto"},
              links={"model": ("ckpt", 0), "job": ("start", 0)}, pos=(COL[2], 220)),
         Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[2], 600),
-             size=PROMPT_SIZE),
+             size=PROMPT_SIZE, title='Prompt to sample the student with'),
         Node("latent", "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, pos=(COL[2], 840)),
         Node("sample", "TDMKSampler", {"preset": preset.name, "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
@@ -435,12 +440,12 @@ def flux_distill_workflow() -> list[Node]:
         Node("start", "TDMDistillStart", {"prompts": DISTILL_PROMPTS, "output_name": Path(preset.lora_file).stem,
                                           "cfg": 1.0, "width": size, "height": size,
                                           "gradient_checkpointing": True},
-             links={"model": ("unet", 0), "clip": ("clip", 0)}, pos=(COL[1], 0)),
+             links={"model": ("unet", 0), "clip": ("clip", 0)}, pos=(COL[1], 0), title=DISTILL_TITLE),
         *_distill_status_nodes(2),
         Node("lora", "TDMDistillLoraLoader", {"use": "finished", "strength_mode": "auto"},
              links={"model": ("unet", 0), "job": ("start", 0)}, pos=(COL[2], 220)),
         Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("clip", 0)}, pos=(COL[2], 600),
-             size=PROMPT_SIZE),
+             size=PROMPT_SIZE, title='Prompt to sample the student with'),
         Node("guidance", "FluxGuidance", {"guidance": guidance}, links={"conditioning": ("positive", 0)},
              pos=(COL[2], 840)),
         Node("latent", "EmptySD3LatentImage", {"width": size, "height": size, "batch_size": 1}, pos=(COL[2], 1000)),

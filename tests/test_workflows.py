@@ -380,3 +380,12 @@ def test_every_single_file_a_workflow_loads_has_a_direct_link_or_says_where_it_c
     text = note["widgets_values"][0]
     assert f"No direct link: {PRESETS['dreamshaper'].base_model_how}." in text, text
     assert "will not fetch a .pt file" in text, text
+
+
+@pytest.mark.parametrize("name", ALL_WORKFLOW_FILES)
+def test_every_prompt_box_is_titled(name):
+    """Issue 27: multiline boxes show no label, and a distil-then-sample graph has two (the training prompts and the
+    prompt the student samples): every node holding a prompt box carries a title that says which it is."""
+    untitled = [f"{n['id']} {n['type']}" for n in committed(name)["nodes"]
+                if n["type"] in ("CLIPTextEncode", "TDMDistillStart") and not n.get("title")]
+    assert untitled == []
