@@ -289,6 +289,8 @@ def where_to_get(name: str) -> str | None:
             if preset.base_model_url:
                 return (f"It is the {preset.display_name} base model: download {preset.base_model_url}{gated} and "
                         f"save it as models/{preset.base_model_folder}/{preset.base_model_file}")
+            if preset.base_model_how:  # a single file with no direct link (the page holds a diffusers folder)
+                return f"It is the {preset.display_name} base model: {preset.base_model_how}"
             return (f"It is the {preset.display_name} base model: download the whole {preset.base_model_source} "
                     f"repository{gated} into models/{preset.base_model_folder}/{preset.base_model_file}/")
     return None

@@ -380,6 +380,10 @@ def test_every_single_file_a_workflow_loads_has_a_direct_link_or_says_where_it_c
     text = note["widgets_values"][0]
     assert f"No direct link: {PRESETS['dreamshaper'].base_model_how}." in text, text
     assert "will not fetch a .pt file" in text, text
+    # and the error a node gives for that name says the same, not "download the whole repository into a .safetensors"
+    from tdm_core.presets import where_to_get
+
+    assert PRESETS["dreamshaper"].base_model_how in where_to_get(PRESETS["dreamshaper"].base_model_file)
 
 
 @pytest.mark.parametrize("name", ALL_WORKFLOW_FILES)
