@@ -40,13 +40,10 @@ FAMILY_TARGETS = {"sd15": UNET_TARGETS, "sdxl": UNET_TARGETS, "sd3": MMDIT_TARGE
                   "flux": FLUX_TARGETS}
 # The sampling preset a family's student is trained for by default (grid "auto").
 FAMILY_PRESET = {"sd15": "dreamshaper", "sdxl": "sdxl", "sd3": "sd3", "sd35": "sd35", "flux": "flux"}
-FAMILY_LABELS = DISTILLABLE_FAMILY_LABELS
 # Network inputs (besides the context) that ComfyUI's `extra_conds` builds for these families; SD1.5 has none and
 # SD3/SD3.5 pass their pooled output as `y` directly (comfy_backend.encode_prompts).
 EXTRA_INPUTS = {"sdxl": ("y",), "flux": ("y", "guidance")}
 
-
-supported_families_text = distillable_families_text
 
 
 def check_distillable(model, family: str, cfg: float) -> None:
@@ -54,7 +51,7 @@ def check_distillable(model, family: str, cfg: float) -> None:
     if family not in FAMILY_TARGETS:
         config = type(model.model.model_config).__name__
         raise ValueError(f"TDM distillation does not support this MODEL: family {family!r} ({config}); supported "
-                         f"families: {supported_families_text()}")
+                         f"families: {distillable_families_text()}")
     if family == "flux":
         params = getattr(model.model.diffusion_model, "params", None)
         if not getattr(params, "guidance_embed", False):
@@ -82,7 +79,7 @@ def extra_inputs(model, family: str, extra: dict, context: torch.Tensor,
     built = model.model.extra_conds(**params)
     missing = [key for key in keys if key not in built]
     if missing:
-        raise ValueError(f"ComfyUI built no {missing[0]!r} input for this {FAMILY_LABELS[family]} MODEL from the "
+        raise ValueError(f"ComfyUI built no {missing[0]!r} input for this {DISTILLABLE_FAMILY_LABELS[family]} MODEL from the "
                          "CLIP's conditioning (a CLIP without pooled output?); load the model's own text encoders")
     return {key: built[key].cond.detach().clone() for key in keys}
 

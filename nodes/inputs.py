@@ -10,11 +10,11 @@ File and folder combos (LoRA files, model folders, prompt files) are names of th
 of the listed choices and must not be absolute or hold '..'. The lists are ComfyUI's own (they follow links the
 user placed in models/), and nothing a client can upload (input/, output/) is ever in a models/ listing. A node
 names them in `USER_FILES` (input → the folder, as users know it); a missing file is reported as missing, with where
-to get it when the pack knows (`download_hint`), never with the folder's listing.
+to get it when a preset names the file (`tdm_core.presets.where_to_get`), never with the folder's listing.
 
 **One mistake, one error.** ComfyUI attaches whatever `validate_inputs` returns to *every* input the function
 declares (a `**kwargs` function: every input of the node), so a missing LoRA came back as four copies of one error.
-A node's `validate_inputs` therefore declares exactly one input, its user file (`validate_file`); ComfyUI's own
+A node's `validate_inputs` therefore declares exactly one input, its user file (`validate_one`); ComfyUI's own
 validation checks the rest (types, min/max; upstream also combo values), and `check_inputs` checks everything again
 at the top of `execute` (0.3.75 checks no V3 combo, and NaN passes every min/max).
 """
@@ -76,9 +76,9 @@ def _user_file(node, input_id: str, value, options: list, title: str) -> None:
             + ". After adding a file, refresh ComfyUI (R) so that the list shows it.")
 
 
-def validate_file(node, input_id: str, value):
-    """`validate_inputs` for a node's one user-file input (see the module docstring): True, or the one error ComfyUI
-    shows on that input."""
+def validate_one(node, input_id: str, value):
+    """`validate_inputs` for the one input a node declares, usually its user file (see the module docstring): True,
+    or the one error ComfyUI shows on that input."""
     try:
         check_inputs(node, {input_id: value}, at_validation=True)
     except ValueError as error:

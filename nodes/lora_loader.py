@@ -215,7 +215,7 @@ class TDMLoraLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name):  # one declared input: see nodes/inputs.py
-        return inputs.validate_file(cls, "lora_name", lora_name)
+        return inputs.validate_one(cls, "lora_name", lora_name)
 
     @classmethod
     def fingerprint_inputs(cls, lora_name, **kwargs):

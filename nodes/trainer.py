@@ -212,17 +212,18 @@ def _recorded_prompts(settings: dict, record: jobs.JobRecord) -> list[str]:
     return list(prompts)
 
 
-# Inputs a queue may change without making another job: how long and how it runs, not what it learns. Every other
-# setting defines the LoRA (prompts, grid, steps, cfg, rates, rank, size, batch, seed, ...).
-RUN_OPTIONS = ("iterations", "gradient_checkpointing", "dtype", "offload", "save_every", "keep_last", "preview_every",
-               "if_exists", "output_name")
+# Inputs a queue may change without making another job, applied when it resumes one: how long and how it runs, not
+# what it learns. Every other setting defines the LoRA (prompts, grid, steps, cfg, rates, rank, size, batch, seed...).
+RUN_OPTIONS = ("iterations", "gradient_checkpointing", "dtype", "offload", "save_every", "keep_last", "preview_every")
+# Never compared with the existing job's: the run options, and how the node names the job and treats a taken name.
+_NOT_LEARNED = (*RUN_OPTIONS, "if_exists", "output_name")
 
 
 def _edited_settings(recorded: dict, queued: dict) -> list[str]:
     """What the queued node changes in what the existing job learns, in words ("cfg 2.0 → 3.0")."""
     edited = []
     for key, value in queued.items():
-        if key in RUN_OPTIONS or key not in recorded or recorded[key] == value:
+        if key in _NOT_LEARNED or key not in recorded or recorded[key] == value:
             continue
         old = recorded[key]
         if key == "prompt_list":
@@ -257,9 +258,8 @@ def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
         if existing.state == "finished" and values["iterations"] <= existing.step:
             return existing
         # Resume: the job's own settings (a different rank or grid could not load its checkpoint).
-        settings = dict(existing.settings, iterations=values["iterations"])
         # Run options may change on resume (memory: the usual fix after running out of it; how often to save).
-        settings.update({k: values[k] for k in RUN_OPTIONS if k in values and k not in ("if_exists", "output_name")})
+        settings = dict(existing.settings, **{k: values[k] for k in RUN_OPTIONS})
         prompts = _recorded_prompts(settings, existing)
         # An input added to the node after the job started takes the workflow's value.
         for key, value in values.items():
@@ -346,11 +346,16 @@ def _wait_for_job(manager, job_id: str, timeout: float | None = None):
     record = manager.get(job_id)
     bar = comfy.utils.ProgressBar(max(1, record.iterations))
     shown = None
-    while True:
-        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def show(record) -> None:  # one message per change, not one a second
+        nonlocal shown
         if (record.step, record.iterations) != shown:
             shown = (record.step, record.iterations)
             bar.update_absolute(min(record.step, record.iterations), max(1, record.iterations))
+
+    while True:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        show(record)
         try:
             ended = manager.wait(job_id, timeout=1.0)
         except TimeoutError:
@@ -359,7 +364,7 @@ def _wait_for_job(manager, job_id: str, timeout: float | None = None):
                 raise ValueError(f"TDM job {job_id} did not stop within {timeout:.0f} s; it is "
                                  f"{manager.get(job_id).state}. Check TDM Distill Status, or stop it again.") from None
         else:
-            bar.update_absolute(min(ended.step, ended.iterations), max(1, ended.iterations))
+            show(ended)
             return ended
 
 
@@ -483,7 +488,7 @@ class TDMDistillStart(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, prompts_file):  # one declared input: see nodes/inputs.py
-        return inputs.validate_file(cls, "prompts_file", prompts_file)
+        return inputs.validate_one(cls, "prompts_file", prompts_file)
 
     @classmethod
     def execute(cls, model, clip, vae=None, **values) -> io.NodeOutput:

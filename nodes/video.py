@@ -96,7 +96,7 @@ class TDMCogVideoXLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_folder):  # one declared input (see nodes/inputs.py); lora_name at execute
-        return inputs.validate_file(cls, "model_folder", model_folder)
+        return inputs.validate_one(cls, "model_folder", model_folder)
 
     @classmethod
     def execute(cls, model_folder, dtype, lora_name, lora_strength, vae_tiling, vae_slicing, offload) -> io.NodeOutput:
@@ -150,10 +150,9 @@ class TDMCogVideoXSampler(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, frames):
         # One declared input (nodes/inputs.py): ComfyUI checks the others' ranges itself, execute checks them again.
-        try:
-            inputs.check_inputs(cls, {"frames": frames}, at_validation=True)
-        except ValueError as error:
-            return str(error)
+        checked = inputs.validate_one(cls, "frames", frames)
+        if checked is not True:
+            return checked
         try:
             video_core.check_frame_count(frames)
         except video_core.CogVideoXError as error:

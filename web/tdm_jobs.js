@@ -252,7 +252,9 @@ app.registerExtension({
     const announced = new Map(); // job id -> the state last announced
     api.addEventListener("tdm.job.state", (event) => {
       const job = event.detail;
-      if (!job?.id || !REMOVABLE.has(job.state) || announced.get(job.id) === job.state) return;
+      if (!job?.id) return;
+      if (ACTIVE.has(job.state)) announced.delete(job.id); // a resumed job may end again
+      if (!REMOVABLE.has(job.state) || announced.get(job.id) === job.state) return;
       announced.set(job.id, job.state);
       const name = `'${job.name}'`;
       if (job.state === "finished") {
@@ -262,9 +264,6 @@ app.registerExtension({
       } else {
         notify("info", `${name} stopped at step ${job.step}/${job.iterations}; Resume continues it`);
       }
-    });
-    api.addEventListener("tdm.job.state", (event) => {
-      if (ACTIVE.has(event.detail?.state)) announced.delete(event.detail.id); // a resumed job may end again
     });
     for (const event of ["tdm.job.progress", "tdm.job.state", "tdm.job.saved", "tdm.job.removed"]) api.addEventListener(event, soon);
 
