@@ -74,6 +74,18 @@ def _allreduce_mean_(tensors: list[torch.Tensor], world: int) -> None:
         offset += n
 
 
+def _adamw(params: list[torch.nn.Parameter], **settings) -> torch.optim.AdamW:
+    """AdamW as one fused kernel where torch has it for these parameters (CPU and CUDA, float32 adapters), else
+    torch's default implementation: the adapters are hundreds of small tensors, and the per-tensor loop cost an
+    update more than a millisecond of host time on the toy teacher. The same update rule either way."""
+    if params:
+        try:
+            return torch.optim.AdamW(params, fused=True, **settings)
+        except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+            pass
+    return torch.optim.AdamW(params, **settings)
+
+
 class TDMTrainer:
     """TDM distillation of `backend`'s teacher into a K-step student (see the module docstring)."""
 
@@ -95,6 +107,7 @@ class TDMTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step_count = 0
         self.skipped_in_a_row = 0
+        self._updated: list[torch.nn.Parameter] = []  # adapter weights the current iteration's updates changed
         if config.dtype != "auto":
             set_dtype = getattr(backend, "set_compute_dtype", None)
             if set_dtype is None and getattr(backend, "compute_dtype", torch.float32) != COMPUTE_DTYPES[config.dtype]:
@@ -102,13 +115,13 @@ class TDMTrainer:
             if set_dtype is not None:
                 set_dtype(COMPUTE_DTYPES[config.dtype])
         self.compute_dtype = getattr(backend, "compute_dtype", torch.float32)
-        betas = tuple(config.adam_betas)
+        betas = tuple(float(b) for b in config.adam_betas)
         self.fake_params = list(backend.trainable_parameters("fake"))
         self.student_params = list(backend.trainable_parameters("student"))
-        self.opt_fake = torch.optim.AdamW(self.fake_params, lr=config.lr, betas=betas, eps=config.adam_eps,
-                                          weight_decay=config.weight_decay)
-        self.opt_gen = torch.optim.AdamW(self.student_params, lr=config.lr * config.generator_lr_scale, betas=betas,
-                                         eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.opt_fake = _adamw(self.fake_params, lr=config.lr, betas=betas, eps=config.adam_eps,
+                               weight_decay=config.weight_decay)
+        self.opt_gen = _adamw(self.student_params, lr=config.lr * config.generator_lr_scale, betas=betas,
+                              eps=config.adam_eps, weight_decay=config.weight_decay)
         warmup = config.lr_warmup_steps
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.opt_gen, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -143,8 +156,11 @@ class TDMTrainer:
         hi = t_g - TAU_MARGIN if self.config.tau_mode == "separate" else torch.full_like(t_g, self.grid_top - TAU_MARGIN)
         tau = _uniform_int(lo, hi, g)
         z = torch.randn((b, *self.backend.latent_shape), generator=g)
-        # drawn on the CPU generator (reproducible on any device), then moved once per draw
-        return {k: self._local(v).to(self.device) for k, v in dict(j=j, t_g=t_g, t_mid=t_mid, tau=tau, z=z).items()}
+        # drawn on the CPU generator (reproducible on any device), then moved once per draw; the largest state index
+        # of this process's slice is read here, on the CPU, so the rollout's length costs no device sync
+        draw = {k: self._local(v).to(self.device) for k, v in dict(j=j, t_g=t_g, t_mid=t_mid, tau=tau, z=z).items()}
+        draw["j_max"] = int(self._local(j).max())
+        return draw
 
     def _tables(self, device: torch.device):
         """α, σ and SNR as tensors on `device`, made once per device (a parked job moves to the CPU and back):
@@ -245,8 +261,8 @@ class TDMTrainer:
     def _apply_update(self, loss, optimizer, scaler, params, clip: float | None):
         """Backward (loss-scaled in fp16), gradient averaging across processes, unscaling, optional clipping, and
         the optimiser step — unless the loss or the gradients are non-finite, when the step is skipped (and fp16's
-        loss scale lowered). Returns (gradient norm, applied)."""
-        optimizer.zero_grad(set_to_none=True)
+        loss scale lowered). Returns (gradient norm, applied). Gradients are None before and after (the trainer
+        never leaves them set), so nothing accumulates across updates."""
         scaler.scale(loss).backward()
         grads = [p.grad for p in params if p.grad is not None]
         _allreduce_mean_(grads, self.world)  # identical gradients on every process, so every process skips alike
@@ -255,17 +271,24 @@ class TDMTrainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        applied = bool(torch.isfinite(loss.detach()) and torch.isfinite(grad_norm))
+        applied = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))  # one host sync per update
         if applied:
             scaler.step(optimizer)
-            if not bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in params]))):
-                raise NonFiniteTrainingError(
-                    f"the adapter weights became non-finite at step {self.step_count + 1} (finite loss "
-                    f"{float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g}); nothing of this step was saved. "
-                    "Lower the learning rate, or resume from the last checkpoint.")
-        optimizer.zero_grad(set_to_none=True)
+            self._updated.extend(params)
+        for param in params:  # what zero_grad(set_to_none=True) does, without its per-call profiling wrapper
+            param.grad = None
         scaler.update()
         return grad_norm, applied
+
+    def _check_updated_weights(self, metrics: dict) -> None:
+        """The adapter weights this iteration updated are finite (one check for both updates, before anything of
+        the iteration can be saved): a finite loss and finite gradients can still overflow AdamW's moments."""
+        updated, self._updated = self._updated, []
+        if updated and not bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in updated]))):
+            raise NonFiniteTrainingError(
+                f"the adapter weights became non-finite at step {self.step_count + 1} (finite losses: loss_fake "
+                f"{float(metrics['loss_fake']):.4g}, loss_gen {float(metrics['loss_gen']):.4g}); nothing of this step "
+                "was saved. Lower the learning rate, or resume from the last checkpoint.")
 
     def step(self) -> dict[str, float]:
         """One TDM iteration; returns its metrics (averaged over processes)."""
@@ -277,11 +300,12 @@ class TDMTrainer:
         prompts = [cfg.prompts[i] for i in prompt_index.tolist()]
         cond = self.backend.encode(prompts)
         uncond = self.backend.uncond(len(prompts)) if cfg.cfg != 1.0 else None
-        forwards = max(int(draw_fake["j"].max()) + 1, int(draw_gen["j"].max()))
+        forwards = max(draw_fake["j_max"] + 1, draw_gen["j_max"])
         trajectory = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond, forwards=forwards)
         metrics = self.fake_update(trajectory, cond, draw_fake)
         metrics["student_steps"] = torch.tensor(float(forwards))
         metrics.update(self.generator_update(trajectory, cond, uncond, draw_gen))
+        self._check_updated_weights(metrics)
         if self.scaler_gen.is_enabled():
             metrics["loss_scale"] = torch.tensor(float(self.scaler_gen.get_scale()))
         names = sorted(metrics)
