@@ -170,14 +170,19 @@ PRESETS: dict[str, ModelPreset] = {
             # by model folder: (file name, where it comes from). Its UNETLoader detects CogVideoX only by native
             # keys (blocks.N.*), and detects the 2B's sin-cos positions only when the file carries
             # patch_embed.pos_embedding (without it, it assumes the 5B's rotary positions).
+            # Nobody publishes the 2B's transformer in that layout: tdm_core.cogvideox_convert writes it from the
+            # diffusers folder the other CogVideoX workflow uses. The diffusers VAE file has ComfyUI's key names.
             extra={"native_files": {
-                "diffusion_models": ("cogvideox_2b.safetensors", "the CogVideoX-2b transformer "
-                                     "(https://huggingface.co/THUDM/CogVideoX-2b) in ComfyUI's native layout, with "
-                                     "patch_embed.pos_embedding"),
+                "diffusion_models": ("cogvideox_2b.safetensors", "make it from the CogVideoX-2b diffusers folder "
+                                     "(models/diffusers/CogVideoX-2b, https://huggingface.co/THUDM/CogVideoX-2b): in "
+                                     "this pack's folder run `python -m tdm_core.cogvideox_convert "
+                                     "../../models/diffusers/CogVideoX-2b "
+                                     "../../models/diffusion_models/cogvideox_2b.safetensors` with ComfyUI's Python"),
                 "text_encoders": ("t5xxl_fp16.safetensors",
                                   "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/"
                                   "t5xxl_fp16.safetensors"),
-                "vae": ("cogvideox_vae.safetensors", "https://huggingface.co/Comfy-Org/void-model (vae/)"),
+                "vae": ("cogvideox_vae.safetensors", "https://huggingface.co/THUDM/CogVideoX-2b/resolve/main/vae/"
+                                                     "diffusion_pytorch_model.safetensors"),
             }},
         ),
         # No TDM LoRA is released for SDXL or Flux: these presets sample students distilled by TDM Distill, which
@@ -227,23 +232,26 @@ PRESETS: dict[str, ModelPreset] = {
             base_model_source="https://huggingface.co/black-forest-labs/FLUX.1-dev",
             base_model_file="flux1-dev.safetensors",
             base_model_folder="diffusion_models",
-            base_model_url="https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors",
-            base_model_gated=True,
+            # The official repository is gated; ComfyUI's own Flux-dev templates (comfyui-workflow-templates'
+            # flux_dev_full_text_to_image) download the same files from Comfy-Org's ungated mirrors, as do these.
+            # The FLUX.1-dev licence (model page) applies either way.
+            base_model_url="https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors",
             lora_file="tdm_flux_student.safetensors",
             notes="No released TDM LoRA: distil one with TDM Distill from Flux-dev (guidance-distilled; the "
             "conditioning's guidance, FluxGuidance 3.5 by default, is the teacher's guidance), then sample it here "
             "with the same guidance. Flux-schnell is already a few-step model.",
             extra={"guidance": 3.5,
                    # Loaded from split files (UNETLoader + DualCLIPLoader + VAELoader): the other files the diffusion
-                   # model needs, as (model folder, file name, direct link). The VAE is in the gated FLUX.1-dev
-                   # repository too; the text encoders are ComfyUI's own repackaging (not gated).
+                   # model needs, as (model folder, file name, direct link): ComfyUI's repackaged text encoders
+                   # and the Flux VAE (ae.safetensors) from the ungated mirror core's Flux templates use.
                    "split_files": (
                        ("text_encoders", "clip_l.safetensors",
                         "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
                        ("text_encoders", "t5xxl_fp16.safetensors",
                         "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
                        ("vae", "ae.safetensors",
-                        "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors"),
+                        "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/"
+                        "ae.safetensors"),
                    )},
         ),
     )

@@ -45,7 +45,7 @@ def test_comfyignore_keeps_developer_tooling_out_and_the_pack_in():
     for path in ("tests/test_docs.py", "bench/sampling.py", "scripts/setup.sh", ".ci/run"):
         assert ignored(path), path
     for path in ("__init__.py", "nodes/sampling.py", "tdm_core/presets.py", "web/tdm_jobs.js",
-                 "web/docs/TDMKSampler/en.md", "workflows/tdm_sd3_4step.json", "docs/tdm_method.md",
+                 "web/docs/TDMKSampler/en.md", "workflows/SD3 Medium in 4 steps (TDM LoRA).json", "docs/tdm_method.md",
                  "pyproject.toml", "requirements.txt", "LICENSE", "README.md"):
         assert not ignored(path), path
 
@@ -74,3 +74,45 @@ def test_every_node_is_in_a_tdm_category_or_a_core_socket_folder():
     text = (REPO / "nodes" / "categories.py").read_text()
     values = re.findall(r'^[A-Z_]+ = "([^"]+)"', text, re.MULTILINE)
     assert values and all(v.startswith("TDM/") or v.startswith("sampling/custom_sampling/") for v in values)
+
+
+def _core_template_downloads() -> dict[tuple[str, str], set[str]]:
+    """(model folder, file name) → the URLs ComfyUI's own templates (comfyui-workflow-templates, installed with
+    ComfyUI) download it from, read from their `properties.models` entries."""
+    import importlib.util
+    import json
+
+    found: dict[tuple[str, str], set[str]] = {}
+    for package in ("comfyui_workflow_templates_media_image", "comfyui_workflow_templates_media_video",
+                    "comfyui_workflow_templates_core"):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for path in Path(next(iter(spec.submodule_search_locations))).glob("templates/*.json"):
+            try:
+                workflow = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                continue
+            nodes = workflow.get("nodes", []) if isinstance(workflow, dict) else []
+            for node in nodes:
+                for entry in (node.get("properties") or {}).get("models") or []:
+                    if isinstance(entry, dict) and {"name", "url", "directory"} <= set(entry):
+                        url = entry["url"].removesuffix("?download=true")
+                        found.setdefault((entry["directory"], entry["name"]), set()).add(url)
+    return found
+
+
+def test_a_file_cores_templates_also_download_comes_from_the_same_place():
+    """Where ComfyUI's own templates download a file this pack's workflows need, the pack links the same URL: core's
+    links are the ungated mirrors a first-time user can fetch (Flux-dev's official repository is gated; the
+    Comfy-Org mirror core uses is not)."""
+    import pytest
+
+    core = _core_template_downloads()
+    if not core:
+        pytest.skip("comfyui-workflow-templates is not installed in this runtime")
+    shared = {(folder, name): url for name, (url, folder) in build_workflows.downloads().items()
+              if (folder, name) in core}
+    assert ("diffusion_models", "flux1-dev.safetensors") in shared  # the case that matters: a gated original
+    differing = {key: (url, sorted(core[key])) for key, url in shared.items() if url not in core[key]}
+    assert differing == {}
