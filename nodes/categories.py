@@ -17,9 +17,10 @@ CUSTOM_SCHEDULERS = "sampling/custom_sampling/schedulers"
 
 
 def advanced(widget_input):
-    """Marks an input as rarely used and returns it: newer frontends (1.4x) fold it under "show advanced inputs";
-    older ones ignore the flag and show it as before. Newer ComfyUI has an `advanced` argument; on 0.3.75 the flag
-    travels in the input's `extra_dict`, which every version merges into the schema it sends."""
+    """Marks an input as rarely used and returns it: the Nodes 2.0 mode of newer frontends (1.4x) folds it under
+    "Show advanced inputs"; on the standard canvas, where the frontends show it with the rest, web/tdm_advanced.js
+    folds it under the node's "show N advanced inputs" row. Newer ComfyUI has an `advanced` argument; on 0.3.75 the
+    flag travels in the input's `extra_dict`, which every version merges into the schema it sends."""
     if hasattr(widget_input, "advanced"):
         widget_input.advanced = True
     else:

@@ -373,7 +373,7 @@ def _wait_for_job(manager, job_id: str, timeout: float | None = None):
 
 
 # What most users set on TDM Distill: the prompts, the name, how long, how strongly guided, at what size, and memory.
-# The rest keeps working defaults and is marked advanced (folded where the frontend folds advanced inputs).
+# The rest keeps working defaults and is marked advanced (folded on the node, web/tdm_advanced.js).
 _RARELY_USED = {"prompts_file", "unconditional_prompt", "steps", "grid", "lora_rank", "lora_alpha", "learning_rate",
                 "batch_size", "keep_last", "preview_every", "seed", "dtype", "offload"}
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from harness.workflow_build import Node  # noqa: E402
+from harness.workflow_build import Group, Node  # noqa: E402
 from harness.workflow_build import build as build_ui  # noqa: E402
 from tdm_core import __version__ as PACK_VERSION  # noqa: E402
 from tdm_core.families import distillable_labels_text  # noqa: E402
@@ -44,14 +44,16 @@ def _file_line(name: str, folder: str, url: str, page: str, gated: bool = False,
         line += f" (the repository calls it `{repo_name}`: save it as `{name}`)"
     if page and page.startswith("https://"):
         line += f" · [model page]({page})"
+    # Notes under a file start with a Markdown hard break (two spaces before the newline): the frontends' Markdown
+    # drops a soft one, and "model page" ran into "Gated on Hugging Face".
     if gated:
-        line += ("\n  **Gated on Hugging Face**: log in and accept the licence on the model page first, or the "
+        line += ("  \n  **Gated on Hugging Face**: log in and accept the licence on the model page first, or the "
                  "download is refused.")
     if how and not url:
-        line += f"\n  No direct link: {how}."
+        line += f"  \n  No direct link: {how}."
     if url.endswith((".pt", ".pth", ".ckpt")):
         # ComfyUI 0.3.75's frontend (1.32) offers only .safetensors-style files in its Missing Models dialog.
-        line += "\n  Older frontends' Missing Models dialog will not fetch a .pt file: download it with the link."
+        line += "  \n  Older frontends' Missing Models dialog will not fetch a .pt file: download it with the link."
     return line
 
 
@@ -99,9 +101,14 @@ def _lora_models(preset) -> dict:
 
 # Columns of the layout (canvas units): the note and the checkpoint loader first, then one column per stage. Nodes in
 # a column stack downwards (harness.workflow_build keeps them from overlapping); widths stay inside the columns.
-COL = [0, 500, 880, 1260, 1640, 2020]
+COL = [0, 500, 880, 1260, 1640, 2020, 2400, 2780]
 PROMPT_SIZE = (340, 170)
 SAVER_SIZE = (400, 440)
+# The VAE's link from the loader (top of its column) to the decoder runs straight along the top of the graph ("the
+# bus"): the decoder sits ON_BUS so its vae input is level with the loader's VAE output, and every node between them
+# starts BELOW_BUS, so the link passes over them instead of under.
+ON_BUS = 20
+BELOW_BUS = 140
 # CreateVideo shows one more widget on newer ComfyUI (bit_depth) than on 0.3.75: sized for it, so the one committed
 # file is what the builder writes on either runtime and nothing below it is covered.
 CREATE_VIDEO_SIZE = (340, 190)
@@ -122,25 +129,28 @@ def sd3_workflow(preset_name: str) -> list[Node]:
     preset = get_preset(preset_name)
     return [
         _read_me(_note([preset_name])),
-        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[0], 460),
+        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[1], 0),
              properties=_checkpoint_models(preset)),
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
-             links={"model": ("ckpt", 0)}, pos=(COL[1], 0), properties=_lora_models(preset)),
-        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 300),
-             size=PROMPT_SIZE, title='Prompt'),
-        Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(COL[1], 540)),
-        Node("noise", "RandomNoise", {"noise_seed": 42}, pos=(COL[2], 0)),
+             links={"model": ("ckpt", 0)}, pos=(COL[2], BELOW_BUS), properties=_lora_models(preset)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)},
+             pos=(COL[2], BELOW_BUS + 400), size=PROMPT_SIZE, title='Prompt'),
+        # The five inputs of SamplerCustomAdvanced, stacked in its input order beside it (ids in the order
+        # earlier versions saved them, so old files queue the same prompt)
+        Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1},
+             pos=(COL[3], BELOW_BUS + 1000)),
+        Node("noise", "RandomNoise", {"noise_seed": 42}, pos=(COL[3], BELOW_BUS)),
         Node("guider", "BasicGuider", links={"model": ("lora", 0), "conditioning": ("positive", 0)},
-             pos=(COL[2], 150)),
-        Node("sampler", "TDMSampler", {"solver": "auto"}, pos=(COL[2], 300)),
+             pos=(COL[3], BELOW_BUS + 180)),
+        Node("sampler", "TDMSampler", {"solver": "auto"}, pos=(COL[3], BELOW_BUS + 360)),
         Node("sigmas", "TDMScheduler", {"preset": preset_name, "steps": preset.steps, "shift": preset.shift},
-             links={"model": ("lora", 0)}, pos=(COL[2], 520)),
+             links={"model": ("lora", 0)}, pos=(COL[3], BELOW_BUS + 590)),
         Node("sample", "SamplerCustomAdvanced",
              links={"noise": ("noise", 0), "guider": ("guider", 0), "sampler": ("sampler", 0),
-                    "sigmas": ("sigmas", 0), "latent_image": ("latent", 0)}, pos=(COL[3], 0)),
-        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("ckpt", 2)}, pos=(COL[3], 300)),
+                    "sigmas": ("sigmas", 0), "latent_image": ("latent", 0)}, pos=(COL[4], BELOW_BUS + 500)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("ckpt", 2)}, pos=(COL[5], ON_BUS)),
         Node("save", "SaveImage", {"filename_prefix": f"tdm_{preset_name}"}, links={"images": ("decode", 0)},
-             pos=(COL[4], 0), size=SAVER_SIZE),
+             pos=(COL[6], 0), size=SAVER_SIZE),
     ]
 
 
@@ -149,19 +159,20 @@ def dreamshaper_workflow() -> list[Node]:
     preset = get_preset("dreamshaper")
     return [
         _read_me(_note(["dreamshaper"])),
-        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[0], 460),
+        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[1], 0),
              properties=_checkpoint_models(preset)),
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
-             links={"model": ("ckpt", 0)}, pos=(COL[1], 0), properties=_lora_models(preset)),
-        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 300),
-             size=PROMPT_SIZE, title='Prompt'),
-        Node("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(COL[1], 540)),
+             links={"model": ("ckpt", 0)}, pos=(COL[2], BELOW_BUS), properties=_lora_models(preset)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)},
+             pos=(COL[2], BELOW_BUS + 400), size=PROMPT_SIZE, title='Prompt'),
+        Node("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1},
+             pos=(COL[2], BELOW_BUS + 640)),
         Node("sample", "TDMKSampler", {"preset": "dreamshaper", "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
-             pos=(COL[2], 0)),
-        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("ckpt", 2)}, pos=(COL[2], 400)),
+             pos=(COL[3], BELOW_BUS + 300)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("ckpt", 2)}, pos=(COL[4], ON_BUS)),
         Node("save", "SaveImage", {"filename_prefix": "tdm_dreamshaper"}, links={"images": ("decode", 0)},
-             pos=(COL[3], 0), size=SAVER_SIZE),
+             pos=(COL[5], 0), size=SAVER_SIZE),
     ]
 
 
@@ -212,7 +223,7 @@ def cogvideox_native_workflow() -> list[Node]:
     text = "\n".join([
         "## CogVideoX-2B (TDM_CogVideoX-2B_LoRA), native ComfyUI nodes", "",
         "Needs a ComfyUI with native CogVideoX (2026 upstream); on older ComfyUI use the "
-        "`tdm_cogvideox_2b_4step` workflow (diffusers folder).", "",
+        f"*{TITLES['tdm_cogvideox_2b_4step']}* workflow.", "",
         *[file_line(folder) for folder in files],
         _file_line(preset.lora_file, "loras", preset.lora_url, preset.lora_source), "",
         f"**Recipe**: {preset.steps} steps at the trained timesteps 999/856/665/399 (TDM KSampler preset "
@@ -221,23 +232,23 @@ def cogvideox_native_workflow() -> list[Node]:
     return [
         _read_me(text, size=(460, 520)),
         Node("unet", "UNETLoader", {"unet_name": files["diffusion_models"][0], "weight_dtype": "default"},
-             pos=(COL[0], 580), properties=models("diffusion_models")),
+             pos=(COL[1], 0), properties=models("diffusion_models")),
         Node("clip", "CLIPLoader", {"clip_name": files["text_encoders"][0], "type": "cogvideox"},
-             pos=(COL[0], 740), properties=models("text_encoders")),
-        Node("vae", "VAELoader", {"vae_name": files["vae"][0]}, pos=(COL[0], 900), properties=models("vae")),
+             pos=(COL[1], 200), properties=models("text_encoders")),
         Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
-             links={"model": ("unet", 0)}, pos=(COL[1], 0), properties=_lora_models(preset)),
+             links={"model": ("unet", 0)}, pos=(COL[2], 0), properties=_lora_models(preset)),
         Node("positive", "CLIPTextEncode", {"text": "a red fox trotting through fresh snow, cinematic"},
-             links={"clip": ("clip", 0)}, pos=(COL[1], 300), size=PROMPT_SIZE, title='Prompt'),
-        Node("latent", "EmptyHunyuanLatentVideo", {**geometry, "batch_size": 1}, pos=(COL[1], 540)),
+             links={"clip": ("clip", 0)}, pos=(COL[2], 470), size=PROMPT_SIZE, title="Prompt"),
+        Node("latent", "EmptyHunyuanLatentVideo", {**geometry, "batch_size": 1}, pos=(COL[2], 770)),
+        Node("vae", "VAELoader", {"vae_name": files["vae"][0]}, pos=(COL[3], 0), properties=models("vae")),
         Node("sample", "TDMKSampler", {"preset": "cogvideox", "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
-             pos=(COL[2], 0)),
-        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("vae", 0)}, pos=(COL[2], 400)),
-        Node("video", "CreateVideo", {"fps": 8.0}, links={"images": ("decode", 0)}, pos=(COL[2], 540),
+             pos=(COL[3], 200)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("vae", 0)}, pos=(COL[4], 200)),
+        Node("video", "CreateVideo", {"fps": 8.0}, links={"images": ("decode", 0)}, pos=(COL[5], 200),
              size=CREATE_VIDEO_SIZE),
         Node("save", "SaveVideo", {"filename_prefix": "video/tdm_cogvideox_native", "format": "mp4",
-                                   "codec": "h264"}, links={"video": ("video", 0)}, pos=(COL[3], 0), size=(400, 400)),
+                                   "codec": "h264"}, links={"video": ("video", 0)}, pos=(COL[6], 0), size=(400, 400)),
     ]
 
 
@@ -246,34 +257,38 @@ def sd3_comparison_workflow() -> list[Node]:
     as diffusers' StableDiffusion3Pipeline samples by default) beside TDM (4 steps, CFG 1 → 4 NFE)."""
     preset = get_preset("sd3")
     teacher = preset.teacher
+    below_both_buses = 300  # the two VAE links to the decoders run above this
     return [
         _read_me(_note(["sd3"], [
             f"Top: the base model's recipe, {teacher.steps} steps at CFG {teacher.cfg:g} ({teacher.nfe} model "
             f"evaluations). Bottom: TDM, {preset.steps} steps at CFG 1 ({preset.nfe} evaluations) — same prompt, "
             "same seed."]), size=(460, 460)),
-        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[0], 520),
+        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[1], 0),
              properties=_checkpoint_models(preset)),
-        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 0),
-             size=PROMPT_SIZE, title='Prompt'),
-        Node("negative", "CLIPTextEncode", {"text": ""}, links={"clip": ("ckpt", 1)}, pos=(COL[1], 240),
-             size=PROMPT_SIZE, title='Negative prompt (teacher only)'),
-        Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(COL[1], 480)),
+        # the teacher's MODEL link drops from the loader to the teacher over this column: its nodes start lower
+        Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
+             links={"model": ("ckpt", 0)}, pos=(COL[2], below_both_buses + 200), properties=_lora_models(preset)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)},
+             pos=(COL[2], below_both_buses + 530), size=PROMPT_SIZE, title='Prompt'),
+        Node("negative", "CLIPTextEncode", {"text": ""}, links={"clip": ("ckpt", 1)},
+             pos=(COL[2], below_both_buses + 770), size=PROMPT_SIZE, title='Negative prompt (teacher only)'),
+        Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1},
+             pos=(COL[2], below_both_buses + 1010)),
         Node("teacher", "KSampler", {"seed": 42, "steps": teacher.steps, "cfg": teacher.cfg,
                                      "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
              links={"model": ("ckpt", 0), "positive": ("positive", 0), "negative": ("negative", 0),
-                    "latent_image": ("latent", 0)}, pos=(COL[2], 0),
+                    "latent_image": ("latent", 0)}, pos=(COL[3], below_both_buses),
              title=f"Teacher: {teacher.steps} steps, CFG {teacher.cfg:g}"),
-        Node("lora", "TDMLoraLoader", {"lora_name": preset.lora_file, "strength_mode": "auto"},
-             links={"model": ("ckpt", 0)}, pos=(COL[2], 480), properties=_lora_models(preset)),
         Node("tdm", "TDMKSampler", {"preset": "sd3", "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
-             pos=(COL[2], 780), title=f"TDM: {preset.steps} steps, CFG 1"),
-        Node("teacher_decode", "VAEDecode", links={"samples": ("teacher", 0), "vae": ("ckpt", 2)}, pos=(COL[3], 0)),
-        Node("tdm_decode", "VAEDecode", links={"samples": ("tdm", 0), "vae": ("ckpt", 2)}, pos=(COL[3], 780)),
+             pos=(COL[3], below_both_buses + 420), title=f"TDM: {preset.steps} steps, CFG 1"),
+        Node("teacher_decode", "VAEDecode", links={"samples": ("teacher", 0), "vae": ("ckpt", 2)},
+             pos=(COL[4], ON_BUS)),
+        Node("tdm_decode", "VAEDecode", links={"samples": ("tdm", 0), "vae": ("ckpt", 2)}, pos=(COL[4], 170)),
         Node("teacher_save", "SaveImage", {"filename_prefix": "compare/teacher_sd3"},
-             links={"images": ("teacher_decode", 0)}, pos=(COL[4], 0), size=SAVER_SIZE),
+             links={"images": ("teacher_decode", 0)}, pos=(COL[5], 0), size=SAVER_SIZE),
         Node("tdm_save", "SaveImage", {"filename_prefix": "compare/tdm_sd3"}, links={"images": ("tdm_decode", 0)},
-             pos=(COL[4], 520), size=SAVER_SIZE),
+             pos=(COL[5], 520), size=SAVER_SIZE),
     ]
 
 
@@ -298,17 +313,17 @@ def distillation_workflow() -> list[Node]:
     ]
     return [
         _read_me("\n".join(guide), size=(460, 480)),
-        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[0], 540),
+        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[1], 0),
              properties=_checkpoint_models(preset)),
         Node("start", "TDMDistillStart", {
             "prompts": "a photo of a red fox in the snow\na watercolor painting of a lighthouse\n"
                        "a portrait of an old sailor, studio lighting\na bowl of ramen, food photography",
             "output_name": "tdm_dreamshaper_distilled", "steps": preset.steps, "width": 512, "height": 512},
-             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(COL[1], 0), title=DISTILL_TITLE),
-        Node("status", "TDMDistillStatus", links={"job": ("start", 0)}, pos=(COL[2], 0)),
-        Node("status_text", "PreviewAny", links={"source": ("status", 0)}, pos=(COL[3], 0), size=(400, 200)),
-        Node("loss", "PreviewImage", links={"images": ("status", 1)}, pos=(COL[3], 260), size=(400, 320)),
-        Node("preview", "PreviewImage", links={"images": ("status", 2)}, pos=(COL[4] + 60, 260), size=(400, 320)),
+             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(COL[2], 0), title=DISTILL_TITLE),
+        Node("status", "TDMDistillStatus", links={"job": ("start", 0)}, pos=(COL[3], 0)),
+        Node("status_text", "PreviewAny", links={"source": ("status", 0)}, pos=(COL[4], 0), size=(400, 200)),
+        Node("loss", "PreviewImage", links={"images": ("status", 1)}, pos=(COL[4], 270), size=(400, 320)),
+        Node("preview", "PreviewImage", links={"images": ("status", 2)}, pos=(COL[4], 660), size=(400, 320)),
     ]
 
 
@@ -339,13 +354,22 @@ def _distill_guide(preset, sampler_line: str, settings_lines: list[str]) -> list
     ]
 
 
+# Distil-then-sample graphs have two rows: the sampling branch on top (what the user came for), the job's branch
+# (TDM Distill, its status, loss curve and preview) below it; the loader feeds both from the top-left. The student's
+# LoRA loader takes the base model along the top of the graph, over the prompt column.
+SAMPLE_ROW = 100
+JOB_ROW = 900
+
+
 def _distill_status_nodes(column: int) -> list[Node]:
     """TDM Distill Status (wait off: the sampling branch waits) with its text, loss curve and preview shown."""
     return [
-        Node("status", "TDMDistillStatus", links={"job": ("start", 0)}, pos=(COL[column], 0)),
-        Node("status_text", "PreviewAny", links={"source": ("status", 0)}, pos=(COL[column + 1], 0), size=(340, 200)),
-        Node("loss", "PreviewImage", links={"images": ("status", 1)}, pos=(COL[column + 1], 260), size=(340, 300)),
-        Node("preview", "PreviewImage", links={"images": ("status", 2)}, pos=(COL[column + 1], 620),
+        Node("status", "TDMDistillStatus", links={"job": ("start", 0)}, pos=(COL[column], JOB_ROW)),
+        Node("status_text", "PreviewAny", links={"source": ("status", 0)}, pos=(COL[column + 1], JOB_ROW),
+             size=(340, 200)),
+        Node("loss", "PreviewImage", links={"images": ("status", 1)}, pos=(COL[column + 1], JOB_ROW + 270),
+             size=(340, 300)),
+        Node("preview", "PreviewImage", links={"images": ("status", 2)}, pos=(COL[column + 1], JOB_ROW + 640),
              size=(340, 300)),
     ]
 
@@ -374,23 +398,25 @@ def sdxl_distill_workflow() -> list[Node]:
     ]
     return [
         _read_me("\n".join(guide), size=(460, 640)),
-        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[0], 700),
+        Node("ckpt", "CheckpointLoaderSimple", {"ckpt_name": preset.base_model_file}, pos=(COL[1], 0),
              properties=_checkpoint_models(preset)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)},
+             pos=(COL[2], SAMPLE_ROW + 340), size=PROMPT_SIZE, title='Prompt to sample the student with'),
         Node("start", "TDMDistillStart", {"prompts": DISTILL_PROMPTS, "output_name": Path(preset.lora_file).stem,
                                           "width": size, "height": size, "gradient_checkpointing": True},
-             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(COL[1], 0), title=DISTILL_TITLE),
-        *_distill_status_nodes(2),
+             links={"model": ("ckpt", 0), "clip": ("ckpt", 1)}, pos=(COL[2], JOB_ROW), title=DISTILL_TITLE),
         Node("lora", "TDMDistillLoraLoader", {"use": "finished", "strength_mode": "auto"},
-             links={"model": ("ckpt", 0), "job": ("start", 0)}, pos=(COL[2], 220)),
-        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("ckpt", 1)}, pos=(COL[2], 600),
-             size=PROMPT_SIZE, title='Prompt to sample the student with'),
-        Node("latent", "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, pos=(COL[2], 840)),
+             links={"model": ("ckpt", 0), "job": ("start", 0)}, pos=(COL[3], SAMPLE_ROW)),
+        # the prompt's link to the sampler runs level between the LoRA loader and the latent
+        Node("latent", "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1},
+             pos=(COL[3], SAMPLE_ROW + 420)),
+        *_distill_status_nodes(3),
         Node("sample", "TDMKSampler", {"preset": preset.name, "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
-             pos=(COL[4], 0)),
-        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("ckpt", 2)}, pos=(COL[4], 420)),
+             pos=(COL[4], SAMPLE_ROW + 320)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("ckpt", 2)}, pos=(COL[5], ON_BUS)),
         Node("save", "SaveImage", {"filename_prefix": "tdm_sdxl_student"}, links={"images": ("decode", 0)},
-             pos=(COL[5], 0), size=SAVER_SIZE),
+             pos=(COL[6], 0), size=SAVER_SIZE),
     ]
 
 
@@ -407,7 +433,6 @@ def flux_distill_workflow() -> list[Node]:
         _file_line(preset.base_model_file, preset.base_model_folder, preset.base_model_url,
                    preset.base_model_source, preset.base_model_gated),
         *[_file_line(name, folder, url, "") for folder, name, url in files],
-        "  (`ae.safetensors` is in the same gated FLUX.1-dev repository.)",
         f"- `{preset.lora_file}` → `models/loras/`: written by this workflow (no TDM LoRA is released for Flux).", "",
         *_distill_guide(preset, f"TDM KSampler samples the student in {preset.steps} steps at FluxGuidance "
                                 f"{guidance:g}.", [
@@ -434,29 +459,30 @@ def flux_distill_workflow() -> list[Node]:
     return [
         _read_me("\n".join(guide), size=(460, 760)),
         Node("unet", "UNETLoader", {"unet_name": preset.base_model_file, "weight_dtype": "default"},
-             pos=(COL[0], 820), properties=_checkpoint_models(preset)),
+             pos=(COL[1], 0), properties=_checkpoint_models(preset)),
         Node("clip", "DualCLIPLoader", {"clip_name1": clip_names[0], "clip_name2": clip_names[1], "type": "flux"},
-             pos=(COL[0], 1000), properties=models(*clip_names)),
+             pos=(COL[1], 200), properties=models(*clip_names)),
+        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("clip", 0)},
+             pos=(COL[2], SAMPLE_ROW + 340), size=PROMPT_SIZE, title='Prompt to sample the student with'),
         Node("start", "TDMDistillStart", {"prompts": DISTILL_PROMPTS, "output_name": Path(preset.lora_file).stem,
                                           "cfg": 1.0, "width": size, "height": size,
                                           "gradient_checkpointing": True},
-             links={"model": ("unet", 0), "clip": ("clip", 0)}, pos=(COL[1], 0), title=DISTILL_TITLE),
-        *_distill_status_nodes(2),
+             links={"model": ("unet", 0), "clip": ("clip", 0)}, pos=(COL[2], JOB_ROW), title=DISTILL_TITLE),
         Node("lora", "TDMDistillLoraLoader", {"use": "finished", "strength_mode": "auto"},
-             links={"model": ("unet", 0), "job": ("start", 0)}, pos=(COL[2], 220)),
-        Node("positive", "CLIPTextEncode", {"text": PROMPT}, links={"clip": ("clip", 0)}, pos=(COL[2], 600),
-             size=PROMPT_SIZE, title='Prompt to sample the student with'),
+             links={"model": ("unet", 0), "job": ("start", 0)}, pos=(COL[3], SAMPLE_ROW)),
         Node("guidance", "FluxGuidance", {"guidance": guidance}, links={"conditioning": ("positive", 0)},
-             pos=(COL[2], 840)),
-        Node("latent", "EmptySD3LatentImage", {"width": size, "height": size, "batch_size": 1}, pos=(COL[2], 1000)),
+             pos=(COL[3], SAMPLE_ROW + 360)),
+        Node("latent", "EmptySD3LatentImage", {"width": size, "height": size, "batch_size": 1},
+             pos=(COL[3], SAMPLE_ROW + 540)),
+        *_distill_status_nodes(3),
+        # next to the one node that uses it, so no link crosses the graph for it
+        Node("vae", "VAELoader", {"vae_name": vae_name}, pos=(COL[4], 0), properties=models(vae_name)),
         Node("sample", "TDMKSampler", {"preset": preset.name, "steps": preset.steps, "seed": 42},
              links={"model": ("lora", 0), "positive": ("guidance", 0), "latent_image": ("latent", 0)},
-             pos=(COL[4], 0)),
-        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("vae", 0)}, pos=(COL[4], 420)),
-        # next to the one node that uses it, which keeps the loader column short enough for a readable zoom
-        Node("vae", "VAELoader", {"vae_name": vae_name}, pos=(COL[4], 600), properties=models(vae_name)),
+             pos=(COL[4], SAMPLE_ROW + 320)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("vae", 0)}, pos=(COL[5], 200)),
         Node("save", "SaveImage", {"filename_prefix": "tdm_flux_student"}, links={"images": ("decode", 0)},
-             pos=(COL[5], 0), size=SAVER_SIZE),
+             pos=(COL[6], 0), size=SAVER_SIZE),
     ]
 
 
@@ -471,6 +497,27 @@ WORKFLOWS = {
     "tdm_sdxl_distill": sdxl_distill_workflow,
     "tdm_flux_distill": flux_distill_workflow,
 }
+
+
+# The file name of each workflow, by its id (the keys above, which tests and the layout use). Both frontends' template
+# browsers take a pack's template title and description from its file name alone (custom-node templates have no
+# index; checked in frontend 1.32.9 and 1.49.6), so the names are the titles a user reads there and on the tab.
+TITLES = {
+    "tdm_sd3_4step": "SD3 Medium in 4 steps (TDM LoRA)",
+    "tdm_sd35_4step": "SD3.5 Medium in 4 steps (TDM LoRA)",
+    "tdm_dreamshaper_4step": "Dreamshaper 7 (SD1.5) in 4 steps (TDM LoRA)",
+    "tdm_cogvideox_2b_4step": "CogVideoX-2B video in 4 steps (TDM LoRA, diffusers folder)",
+    # 0.3.75 lists it too (it lists every file); the title says it is not for that ComfyUI
+    "tdm_cogvideox_2b_native_4step": "CogVideoX-2B video in 4 steps (native nodes, needs a ComfyUI newer than 0.3.75)",
+    "tdm_sd3_teacher_vs_tdm": "SD3 Medium, 28-step teacher beside 4-step TDM",
+    "tdm_distillation": "Distil your own 4-step LoRA (SD1.5 teacher)",
+    "tdm_sdxl_distill": "SDXL, distil a 4-step LoRA then sample it",
+    "tdm_flux_distill": "Flux-dev, distil a 4-step LoRA then sample it",
+}
+
+
+def file_name(workflow_id: str) -> str:
+    return f"{TITLES[workflow_id]}.json"
 
 
 # Workflows that need a ComfyUI with native CogVideoX (upstream 2026): on 0.3.75 their loaders lack the "cogvideox"
@@ -509,10 +556,45 @@ def downloads() -> dict[str, tuple[str, str]]:
     return found
 
 
+# Core-style numbered frames (title, node keys): the steps a user goes through. A test holds every frame to whole
+# nodes only (LiteGraph moves what lies inside a frame with it) and frames to not overlap.
+LOAD = "1 Load models"
+DISTIL, SAMPLE_STUDENT = "2 Distil the student (a background job)", "3 Sample the student in 4 steps"
+GROUPS = {
+    "tdm_sd3_4step": [Group(LOAD, ["ckpt", "lora"]), Group("2 Prompt", ["positive"]),
+                      Group("3 Sample and save", ["noise", "guider", "sampler", "sigmas", "latent", "sample",
+                                                  "decode", "save"])],
+    "tdm_dreamshaper_4step": [Group(LOAD, ["ckpt", "lora"]), Group("2 Prompt and size", ["positive", "latent"]),
+                              Group("3 Sample and save", ["sample", "decode", "save"])],
+    "tdm_cogvideox_2b_4step": [Group("1 Load the model and the TDM LoRA", ["load"]),
+                               Group("2 Prompt and sample", ["sample"]), Group("3 Save the video", ["video", "save"])],
+    "tdm_cogvideox_2b_native_4step": [
+        Group(LOAD, ["unet", "clip", "lora"]), Group("2 Prompt and size", ["positive", "latent"]),
+        Group("3 Sample, decode and save", ["vae", "sample", "decode", "video", "save"])],
+    "tdm_sd3_teacher_vs_tdm": [
+        Group(LOAD, ["ckpt"]), Group("2 Prompts, size and the TDM LoRA", ["lora", "positive", "negative", "latent"]),
+        Group("3 Teacher (top) and TDM (bottom), same seed",
+              ["teacher", "tdm", "teacher_decode", "tdm_decode", "teacher_save", "tdm_save"])],
+    "tdm_distillation": [Group("1 Load the teacher", ["ckpt"]), Group("2 Distil (a background job)", ["start"]),
+                         Group("3 Watch the job", ["status", "status_text", "loss", "preview"])],
+    "tdm_sdxl_distill": [Group("1 Load the teacher", ["ckpt"]),
+                         Group(DISTIL, ["start", "status", "status_text", "loss", "preview"]),
+                         Group(SAMPLE_STUDENT, ["lora", "positive", "latent", "sample", "decode", "save"])],
+    "tdm_flux_distill": [Group("1 Load the teacher", ["unet", "clip"]),
+                         Group(DISTIL, ["start", "status", "status_text", "loss", "preview"]),
+                         Group(SAMPLE_STUDENT, ["lora", "positive", "guidance", "latent", "vae", "sample", "decode",
+                                                "save"])],
+}
+GROUPS["tdm_sd35_4step"] = GROUPS["tdm_sd3_4step"]
+
+
+def build_one(name: str, object_info: dict) -> dict:
+    return build_ui(WORKFLOWS[name](), object_info, PACK_PROPERTIES, CORE_VERSION,
+                    str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-tdm/workflows/{name}")), groups=GROUPS.get(name, ()))
+
+
 def build_all(object_info: dict) -> dict[str, dict]:
-    return {name: build_ui(make(), object_info, PACK_PROPERTIES, CORE_VERSION,
-                           str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-tdm/workflows/{name}")))
-            for name, make in WORKFLOWS.items()}
+    return {name: build_one(name, object_info) for name in WORKFLOWS}
 
 
 def dumps(workflow: dict) -> str:
@@ -533,8 +615,8 @@ def main() -> None:
             workflows = build_all(server.object_info())
     WORKFLOWS_DIR.mkdir(exist_ok=True)
     for name, workflow in workflows.items():
-        (WORKFLOWS_DIR / f"{name}.json").write_text(dumps(workflow))
-        print(f"wrote workflows/{name}.json")
+        (WORKFLOWS_DIR / file_name(name)).write_text(dumps(workflow))
+        print(f"wrote workflows/{file_name(name)}")
 
 
 if __name__ == "__main__":

@@ -78,17 +78,31 @@ def object_info(server):
 
 
 def committed(name: str) -> dict:
-    return json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    """A committed workflow by its generator id, or by its file's name (what ALL_WORKFLOW_FILES lists)."""
+    file = build_workflows.file_name(name) if name in build_workflows.TITLES else f"{name}.json"
+    return json.loads((REPO / "workflows" / file).read_text())
 
 
 def test_every_workflow_is_committed_and_current(object_info):
     """The files in workflows/ are exactly what the generator makes from today's presets and node schemas."""
     generated = build_workflows.build_all(object_info)
-    assert set(generated) == set(WORKFLOW_FAMILY)
-    assert sorted(p.stem for p in (REPO / "workflows").glob("*.json")) == sorted(generated)
+    assert set(generated) == set(WORKFLOW_FAMILY) == set(build_workflows.TITLES)
+    assert sorted(p.name for p in (REPO / "workflows").glob("*.json")) == \
+        sorted(build_workflows.file_name(name) for name in generated)
     for name, workflow in generated.items():
-        assert build_workflows.dumps(workflow) == (REPO / "workflows" / f"{name}.json").read_text(), (
-            f"workflows/{name}.json is stale: run .venv/bin/python scripts/build_workflows.py")
+        assert build_workflows.dumps(workflow) == (REPO / "workflows" / build_workflows.file_name(name)).read_text(), (
+            f"workflows/{build_workflows.file_name(name)} is stale: run .venv/bin/python scripts/build_workflows.py")
+
+
+def test_template_titles_are_human_and_safe_as_file_names():
+    """The template browser shows the file name as the title (and, dashes and underscores as spaces, as the
+    description): words a user reads, in a name every OS can store and a URL can carry."""
+    for title in build_workflows.TITLES.values():
+        assert 10 <= len(title) <= 90 and title[0].isupper() and "_" not in title, title
+        assert not set(title) & set('<>:"/\\|?*#%&'), title
+    assert len(set(build_workflows.TITLES.values())) == len(build_workflows.TITLES)
+    native = build_workflows.TITLES["tdm_cogvideox_2b_native_4step"]
+    assert "0.3.75" in native  # listed on 0.3.75 as well, where it cannot run: the title says so
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOW_FAMILY))
@@ -116,10 +130,22 @@ def test_workflow_opens_readable_with_the_read_me_and_loaders_on_screen_and_no_o
     (harness.workflow_build.MIN_READABLE_ZOOM; workflows once opened at 0.46–0.57 as blank boxes) and shows the Read me
     and every loader whole inside a 1920×1080 window clear of the toolbar and sidebar; no two saved node boxes (title
     bars included) intersect. The real-browser check repeats this with live node sizes and default settings."""
-    from harness.workflow_build import MIN_READABLE_ZOOM, VIEW, bounding_box, must_be_on_screen, overlaps
+    from harness.workflow_build import (
+        MIN_READABLE_ZOOM,
+        VIEW,
+        bounding_box,
+        group_problems,
+        links_under_nodes,
+        must_be_on_screen,
+        overlaps,
+    )
 
     workflow = committed(name)
     assert overlaps(workflow["nodes"]) == []
+    # core-style numbered frames around whole nodes, and no link drawn under a node it does not end at
+    assert len(workflow["groups"]) >= 3 and all(g["title"][0].isdigit() for g in workflow["groups"])
+    assert group_problems(workflow) == []
+    assert links_under_nodes(workflow) == []
     scale, (dx, dy) = workflow["extra"]["ds"]["scale"], workflow["extra"]["ds"]["offset"]
     assert MIN_READABLE_ZOOM <= scale <= 1.0
     off_screen = []
@@ -129,6 +155,22 @@ def test_workflow_opens_readable_with_the_read_me_and_loaders_on_screen_and_no_o
                 or bottom > VIEW["height"] - VIEW["bottom"] + 1:
             off_screen.append((node["id"], node["type"], (round(left), round(top), round(right), round(bottom))))
     assert off_screen == []
+
+
+def test_thumbnails_tell_the_templates_apart():
+    """The template browser shows each workflow's `<name>.jpg`: every pair of thumbnails differs visibly (mean
+    colour difference at 64×48 pixels). The graph screenshots alone looked alike (the SD3 and SD3.5 ones differed by
+    0.1 of 255); the banner with the title, coloured by what the workflow makes, tells them apart."""
+    import itertools
+
+    import numpy as np
+    from PIL import Image
+
+    thumbnails = {name: np.asarray(Image.open(REPO / "workflows" / f"{name}.jpg").convert("RGB").resize((64, 48)),
+                                   dtype=float) for name in ALL_WORKFLOW_FILES}
+    close = [(a, b, round(float(np.abs(thumbnails[a] - thumbnails[b]).mean()), 1))
+             for a, b in itertools.combinations(thumbnails, 2) if np.abs(thumbnails[a] - thumbnails[b]).mean() < 8]
+    assert close == []
 
 
 @pytest.mark.parametrize("name", ALL_WORKFLOW_FILES)
@@ -189,9 +231,21 @@ def test_solver_names_in_notes_are_the_widget_options(object_info):
     assert set(WIDGET_NAMES.values()) | {"auto"} == set(options)
 
 
-def test_template_browser_lists_the_workflows(server):
+def test_template_browser_lists_the_workflows_under_their_titles_and_serves_them(server):
+    """What the frontend's template browser does with a pack's templates: list the names, then fetch
+    `/api/workflow_templates/<pack>/<name>.json` and the `<name>.jpg` thumbnail (the browser percent-encodes the
+    spaces and parentheses of the titles)."""
+    import urllib.parse
+    import urllib.request
+
     templates = server.get("/workflow_templates")
-    assert sorted(templates.get("comfyui-tdm", [])) == sorted(WORKFLOW_FAMILY)
+    assert sorted(templates.get("comfyui-tdm", [])) == sorted(build_workflows.TITLES.values())
+    for title in templates["comfyui-tdm"]:
+        for suffix in (".json", ".jpg"):
+            url = f"{server.url}/api/workflow_templates/comfyui-tdm/{urllib.parse.quote(title)}{suffix}"
+            with urllib.request.urlopen(url, timeout=30) as response:
+                body = response.read()
+            assert body == (REPO / "workflows" / f"{title}{suffix}").read_bytes(), url
 
 
 def _substitutions(family: str) -> dict:

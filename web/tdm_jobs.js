@@ -2,6 +2,7 @@
 // (websocket events tdm.job.*), each job's loss curve (GET /tdm/jobs/<id> history) and latest student preview
 // (GET /tdm/jobs/<id>/preview.png), Stop / Resume (POST /tdm/jobs/<id>/stop|resume) and Remove for jobs that are
 // over (DELETE /tdm/jobs/<id>: the record and checkpoints go, the LoRA files stay). Errors appear in ComfyUI's toast.
+// The tab's icon carries a badge with the number of active jobs (queued, running or stopping), none when there are none.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -194,6 +195,25 @@ function jobRow(job, jobs, details, refresh) {
   return row;
 }
 
+// The badge on the sidebar icon. The frontend reads a tab's iconBadge inside a Vue computed (SidebarIcon, frontends
+// 1.32 and 1.49 alike), so assigning to the object this file passed to registerSidebarTab changes nothing on screen:
+// the sidebar store keeps the tabs in a reactive array, and a write through the store's (reactive) copy of the tab
+// re-renders the icon. Frontends without that store or without badges: nothing happens, nothing throws.
+const TAB_ID = "tdm-jobs";
+
+function setIconBadge(tab, count) {
+  const text = count > 0 ? String(count) : "";
+  try {
+    const manager = app.extensionManager;
+    const tabs = manager?.getSidebarTabs?.() ?? manager?.sidebarTab?.sidebarTabs;
+    const live = Array.isArray(tabs) ? tabs.find((t) => t?.id === TAB_ID) : null;
+    const target = live ?? tab; // the plain object: no re-render, but the value is right for the next one
+    if (target.iconBadge !== text) target.iconBadge = text;
+  } catch (error) {
+    console.warn("[TDM jobs] could not update the sidebar badge:", error);
+  }
+}
+
 app.registerExtension({
   name: "comfyui-tdm.jobs",
   async setup() {
@@ -220,13 +240,15 @@ app.registerExtension({
       if (!jobs.length) {
         const empty = element("div", "padding:16px 8px;opacity:.8;line-height:1.5;");
         empty.className = "tdm-jobs-empty";
-        empty.innerHTML = "<b>No distillation jobs yet.</b><br>Open the <i>tdm_distillation</i> workflow (Templates → " +
-          "comfyui-tdm) or add a <i>TDM Distill</i> node, and queue it: its job appears here with live progress, " +
+        empty.innerHTML = "<b>No distillation jobs yet.</b><br>Open the <i>Distil your own 4-step LoRA</i> workflow " +
+          "(Templates → Extensions → comfyui-tdm) or add a <i>TDM Distill</i> node, and queue it: its job appears " +
+          "here with live progress, " +
           "the loss curve and the latest student preview.";
         list.appendChild(empty);
       }
       for (const job of jobs) list.appendChild(jobRow(job, jobs, details.get(job.id), refresh));
       const active = jobs.filter((j) => ACTIVE.has(j.state)).length;
+      setIconBadge(tab, active);
       container.querySelector(".tdm-jobs-summary").textContent =
         jobs.length ? `${jobs.length} job${jobs.length > 1 ? "s" : ""}, ${active} active` : "";
       container.querySelector(".tdm-jobs-list")?.remove();
@@ -267,9 +289,28 @@ app.registerExtension({
     });
     for (const event of ["tdm.job.progress", "tdm.job.state", "tdm.job.saved", "tdm.job.removed"]) api.addEventListener(event, soon);
 
-    app.extensionManager.registerSidebarTab({
-      id: "tdm-jobs",
+    // The badge follows the jobs whether the panel is open or not: the list is read at start, after each state
+    // change or removal, and after the websocket reconnects (events missed meanwhile).
+    let badgeTimer = null;
+    let badgeRead = 0; // the latest read wins when two overlap
+    const countActive = async () => {
+      const read = ++badgeRead;
+      try {
+        const response = await api.fetchApi("/tdm/jobs");
+        if (!response.ok) return;
+        const { jobs } = await response.json();
+        if (read === badgeRead) setIconBadge(tab, jobs.filter((j) => ACTIVE.has(j.state)).length);
+      } catch (error) {
+        console.warn("[TDM jobs] could not count the active jobs:", error);
+      }
+    };
+    const countSoon = () => { clearTimeout(badgeTimer); badgeTimer = setTimeout(countActive, 200); };
+    for (const event of ["tdm.job.state", "tdm.job.removed", "reconnected"]) api.addEventListener(event, countSoon);
+
+    const tab = {
+      id: TAB_ID,
       icon: "pi pi-chart-line",
+      iconBadge: "",
       title: "TDM jobs",
       tooltip: "TDM distillation jobs: progress, loss curves, previews, stop, resume",
       type: "custom",
@@ -288,6 +329,8 @@ app.registerExtension({
         el.replaceChildren(container);
         refresh();
       },
-    });
+    };
+    app.extensionManager.registerSidebarTab(tab);
+    countActive();
   },
 });

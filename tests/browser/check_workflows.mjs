@@ -31,6 +31,8 @@ function parseArgs(argv) {
     else if (key === "--no-queue") args.queue = false;
     else if (key === "--report") args.report = argv[++i];
     else if (key === "--jobs") args.jobs = argv[++i];
+    else if (key === "--badge") args.badge = argv[++i];
+    else if (key === "--fold") args.fold = argv[++i];
     else throw new Error(`unknown argument ${key}`);
   }
   if (!args.url || !args.out) throw new Error("--url and --out are required");
@@ -86,7 +88,7 @@ function inspectPage(expectedTypes) {
 // - the Read me and every loader (what a user fills in first) lie whole inside the window, not under the toolbar or
 //   sidebar (the canvas itself must be the element at its title and at its corners): live boxes (LiteGraph's
 //   boundingRect, title bar included, with the sizes the frontend computed);
-// - no two node boxes intersect.
+// - no two node boxes intersect, and no link runs under a node (see the end).
 function inspectLayout() {
   const { canvas, graph } = window.app;
   const canvasElement = canvas.canvas;
@@ -134,6 +136,35 @@ function inspectLayout() {
       if (a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h) {
         problems.push(`nodes ${a.id} ${a.type} and ${b.id} ${b.type} overlap (live sizes ${a.w}×${a.h}, ${b.w}×${b.h})`);
       }
+    }
+  }
+  // No link drawn under a node (links are drawn before the nodes, so one that crosses a node is hidden and seems
+  // wired to it): each link as the frontend draws it by default (a spline that leaves its output rightwards and
+  // enters its input from the left, a quarter of its length out; the same geometry as harness.workflow_build
+  // .links_under_nodes), from the live slot positions, against every live node box; its own two nodes only beyond
+  // the slot strip it attaches at.
+  const links = graph.links instanceof Map ? [...graph.links.values()] : Object.values(graph.links ?? {});
+  const byId = new Map(boxes.map((box) => [box.id, box]));
+  for (const link of links) {
+    const source = graph.getNodeById(link.origin_id), target = graph.getNodeById(link.target_id);
+    if (!source || !target) continue;
+    const a = source.getConnectionPos(false, link.origin_slot), b = target.getConnectionPos(true, link.target_slot);
+    const reach = 0.25 * Math.hypot(b[0] - a[0], b[1] - a[1]);
+    const c1 = [a[0] + reach, a[1]], c2 = [b[0] - reach, b[1]];
+    const under = new Set();
+    for (let i = 0; i <= 48; i++) {
+      const t = i / 48, u = 1 - t;
+      const px = u * u * u * a[0] + 3 * u * u * t * c1[0] + 3 * u * t * t * c2[0] + t * t * t * b[0];
+      const py = u * u * u * a[1] + 3 * u * u * t * c1[1] + 3 * u * t * t * c2[1] + t * t * t * b[1];
+      for (const box of boxes) {
+        let [left, right] = [box.x, box.x + box.w];
+        if (box.id === link.origin_id) right -= 20;
+        if (box.id === link.target_id) left += 20;
+        if (px > left - 4 && px < right + 4 && py > box.y - 4 && py < box.y + box.h + 4) under.add(box.id);
+      }
+    }
+    for (const id of under) {
+      problems.push(`the link ${source.type} → ${target.type} runs under node ${id} ${byId.get(id).type}`);
     }
   }
   return { problems, boxes: boxes.map(({ id, type, x, y, w, h }) => ({ id, type, x, y, w, h })) };
@@ -349,6 +380,222 @@ async function checkJobsPanel(page, out, jobsFile) {
   return { registered: registered === true, error: registered === true ? null : registered, text, ...features };
 }
 
+// The "TDM jobs" sidebar icon's badge (web/tdm_jobs.js): the number of active jobs, none when there are none. A real
+// graph of two long tiny distillations is queued with the Queue button (one runs, one waits), then stopped one by one;
+// at each stage the badge drawn in the sidebar must say what /tdm/jobs says.
+const ACTIVE_STATES = ["queued", "running", "stopping"];
+
+async function jobsNow(page) {
+  return page.evaluate(async () => (await (await fetch("/tdm/jobs")).json()).jobs
+    .map((j) => ({ id: j.id, name: j.name, state: j.state })));
+}
+
+async function badgeNow(page) {
+  return page.evaluate(() => {
+    const button = document.querySelector(".tdm-jobs-tab-button");
+    // 1.32: PrimeVue OverlayBadge (.p-badge); 1.49: a span of its own (.sidebar-icon-badge)
+    const badge = button?.querySelector(".p-badge, .sidebar-icon-badge");
+    const shown = badge && badge.getClientRects().length > 0 && getComputedStyle(badge).display !== "none";
+    return { button: !!button, badge: shown ? badge.textContent.trim() : null };
+  });
+}
+
+// Waits until the badge matches the active jobs (the panel updates after the job event), then reads both.
+async function badgeSettled(page, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  let seen;
+  do {
+    const jobs = await jobsNow(page);
+    const active = jobs.filter((j) => ACTIVE_STATES.includes(j.state)).length;
+    seen = { active, states: jobs.map((j) => j.state), ...(await badgeNow(page)) };
+    if (seen.badge === (active ? String(active) : null)) return seen;
+    await sleep(300);
+  } while (Date.now() < deadline);
+  return seen;
+}
+
+async function waitForJobs(page, test, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const jobs = await jobsNow(page);
+    if (test(jobs)) return jobs;
+    await sleep(300);
+  }
+  return jobsNow(page);
+}
+
+async function sidebarShot(page, file) {
+  await page.mouse.move(900, 1000);
+  await sleep(1000); // the tooltips of the buttons last clicked fade
+  await page.screenshot({ path: file, clip: { x: 0, y: 0, width: 420, height: 560 } });
+}
+
+async function checkJobsBadge(page, out, badgeFile) {
+  await closeDialogs(page);
+  await closeToasts(page);
+  // the panel closed: the badge must follow the jobs without it
+  if (await page.locator(".tdm-jobs").first().isVisible().catch(() => false)) {
+    await page.evaluate(async () => window.app.extensionManager.command.execute("Workspace.ToggleSidebarTab.tdm-jobs"));
+    await sleep(300);
+  }
+  const result = { before: await badgeSettled(page, 5000) };
+  const graph = JSON.parse(readFileSync(badgeFile, "utf8"));
+  const names = graph.nodes.filter((n) => n.type === "TDMDistillStart").map((n) => n.widgets_values[3]);
+  await page.evaluate(async ({ graph }) => { await window.app.loadGraphData(graph, true, true, "badge check"); },
+                      { graph });
+  await sleep(800);
+  const responsePromise = page.waitForResponse(
+    (r) => r.url().endsWith("/api/prompt") && r.request().method() === "POST", { timeout: 30000 });
+  await page.locator('[data-testid="queue-button"]').first().click();
+  result.queueStatus = (await responsePromise).status();
+  const ours = (jobs) => jobs.filter((j) => names.includes(j.name));
+  await waitForJobs(page, (jobs) => ours(jobs).filter((j) => ACTIVE_STATES.includes(j.state)).length === names.length,
+                    120000);
+  result.during = await badgeSettled(page, 10000);
+  await sidebarShot(page, path.join(out, "badge.png"));
+  // stop the waiting one first: one active job is left
+  const started = ours(await jobsNow(page));
+  const stopJob = (job) => page.evaluate(async (id) => (await fetch(`/tdm/jobs/${encodeURIComponent(id)}/stop`,
+                                                                     { method: "POST" })).status, job.id);
+  const waiting = started.find((j) => j.state === "queued") ?? started[started.length - 1];
+  result.stopped = [await stopJob(waiting)];
+  await waitForJobs(page, (jobs) => !ACTIVE_STATES.includes(jobs.find((j) => j.id === waiting.id)?.state), 60000);
+  result.one = await badgeSettled(page, 10000);
+  for (const job of started.filter((j) => j.id !== waiting.id)) result.stopped.push(await stopJob(job));
+  await waitForJobs(page, (jobs) => !jobs.some((j) => ACTIVE_STATES.includes(j.state)), 120000);
+  result.after = await badgeSettled(page, 10000);
+  await sidebarShot(page, path.join(out, "badge_none.png"));
+  await waitForIdleQueue(page, 60000);
+  for (const job of started) {
+    await page.evaluate(async (id) => fetch(`/tdm/jobs/${encodeURIComponent(id)}`, { method: "DELETE" }), job.id);
+  }
+  log(`jobs badge: before ${JSON.stringify(result.before)}, during ${JSON.stringify(result.during)}, ` +
+      `one left ${JSON.stringify(result.one)}, after ${JSON.stringify(result.after)}`);
+  return result;
+}
+
+// TDM Distill's advanced inputs on the standard canvas (web/tdm_advanced.js): folded when the workflow loads, shown
+// after a click on the node's own toggle, folded again after a second; the saved widgets_values never change, and the
+// prompt the real Queue button posts carries every input's value, the folded ones included. The workflow's advanced
+// values are first set away from their defaults, so a value the server filled in would show.
+async function nodeState(page) {
+  return page.evaluate(async () => {
+    const node = window.app.graph.nodes.find((n) => n.type === "TDMDistillStart");
+    const spec = (await (await fetch("/api/object_info/TDMDistillStart")).json()).TDMDistillStart.input;
+    const inputs = { ...spec.required, ...(spec.optional ?? {}) };
+    const advanced = Object.keys(inputs).filter((name) => inputs[name][1]?.advanced);
+    const everyday = Object.keys(inputs).filter((name) => !inputs[name][1]?.advanced);
+    const byName = Object.fromEntries(node.widgets.map((w) => [w.name, w]));
+    const visible = (name) => !!byName[name] && node.isWidgetVisible(byName[name]);
+    const toggle = node.widgets.find((w) => w.name === "tdm_advanced_toggle");
+    const canvas = window.app.canvas;
+    const rect = canvas.canvas.getBoundingClientRect();
+    const screen = (x, y) => {
+      const [sx, sy] = canvas.ds.convertOffsetToCanvas([x, y]);
+      return [sx + rect.left, sy + rect.top];
+    };
+    const [x, y, w, h] = node.boundingRect;
+    const [left, top] = screen(x, y);
+    const [right, bottom] = screen(x + w, y + h);
+    const toggleAt = toggle && node.isWidgetVisible(toggle) && toggle.last_y != null
+      ? screen(node.pos[0] + node.size[0] / 2, node.pos[1] + toggle.last_y + (window.LiteGraph.NODE_WIDGET_HEIGHT ?? 20) / 2)
+      : null;
+    return {
+      vueNodesMode: !!window.LiteGraph.vueNodesMode,
+      size: [...node.size],
+      advancedShown: advanced.filter((name) => byName[name] && visible(name)),
+      advancedHidden: advanced.filter((name) => byName[name] && !visible(name)),
+      everydayHidden: everyday.filter((name) => byName[name] && !visible(name)),
+      toggle: toggle ? { label: toggle.label ?? toggle.name, at: toggleAt } : null,
+      widgetsValues: node.serialize().widgets_values,
+      box: [left, top, right, bottom],
+    };
+  });
+}
+
+async function nodeShot(page, state, file) {
+  await page.mouse.move(900, 1040);
+  await sleep(400);
+  const [l, t, r, b] = state.box;
+  const x = Math.max(0, l - 12), y = Math.max(0, t - 12);
+  await page.screenshot({ path: file, clip: { x, y, width: Math.min(1920 - x, r - l + 24),
+                                               height: Math.min(1080 - y, b - t + 24) } });
+}
+
+async function checkAdvancedFold(page, out, foldFile) {
+  await closeDialogs(page);
+  await closeToasts(page);
+  const graph = JSON.parse(readFileSync(foldFile, "utf8"));
+  const start = graph.nodes.find((n) => n.type === "TDMDistillStart");
+  const changes = { steps: 2, lora_rank: 8, learning_rate: 0.0002, batch_size: 2, keep_last: 5, preview_every: 25,
+                    seed: 1234, lora_alpha: 4, unconditional_prompt: "blurry" };
+  // the names of the saved widgets, in the order of widgets_values (a node made and thrown away)
+  const { widgetNames, inputNames } = await page.evaluate(async () => {
+    const info = (await (await fetch("/api/object_info/TDMDistillStart")).json()).TDMDistillStart;
+    const probe = window.LiteGraph.createNode("TDMDistillStart");
+    return { widgetNames: probe.widgets.filter((w) => w.serialize !== false).map((w) => w.name),
+             inputNames: [...(info.input_order?.required ?? Object.keys(info.input.required)),
+                          ...(info.input_order?.optional ?? Object.keys(info.input.optional ?? {}))] };
+  });
+  for (const [name, value] of Object.entries(changes)) {
+    const index = widgetNames.indexOf(name);
+    if (index >= 0) start.widgets_values[index] = value;
+  }
+  const expectedValues = [...start.widgets_values];
+  await page.evaluate(async ({ graph }) => { await window.app.loadGraphData(graph, true, true, "advanced inputs"); },
+                      { graph });
+  await sleep(1000);
+  // the node in view at zoom 1, so the toggle is clicked where a user would
+  await page.evaluate(() => {
+    const node = window.app.graph.nodes.find((n) => n.type === "TDMDistillStart");
+    const { ds } = window.app.canvas;
+    ds.scale = 1;
+    ds.offset = [-node.pos[0] + 420, -node.pos[1] + 140];
+    window.app.canvas.setDirty(true, true);
+  });
+  await sleep(500);
+  const result = { expectedValues, widgetNames, inputNames };
+  result.folded = await nodeState(page);
+  await nodeShot(page, result.folded, path.join(out, "distill_folded.png"));
+  if (result.folded.toggle?.at) {
+    await page.mouse.click(...result.folded.toggle.at);
+    await sleep(600);
+  }
+  result.unfolded = await nodeState(page);
+  await nodeShot(page, result.unfolded, path.join(out, "distill_unfolded.png"));
+
+  // the real Queue button, with the advanced inputs shown and then folded again
+  const queue = async () => {
+    const responsePromise = page.waitForResponse(
+      (r) => r.url().endsWith("/api/prompt") && r.request().method() === "POST", { timeout: 30000 });
+    await page.locator('[data-testid="queue-button"]').first().click();
+    const response = await responsePromise;
+    const posted = JSON.parse(response.request().postData() || "{}").prompt ?? {};
+    const entry = Object.values(posted).find((n) => n.class_type === "TDMDistillStart");
+    await waitForIdleQueue(page, 60000);
+    await sleep(500);
+    // the run fails at the stand-in checkpoint: the frontend's error dialog must not cover the node
+    await closeDialogs(page);
+    await closeToasts(page);
+    return { status: response.status(), inputs: entry?.inputs ?? null };
+  };
+  result.queuedUnfolded = await queue();
+  const shown = await nodeState(page);
+  if (shown.toggle?.at) {
+    await page.mouse.click(...shown.toggle.at);
+    await sleep(600);
+  }
+  result.refolded = await nodeState(page);
+  result.queuedFolded = await queue();
+  await closeDialogs(page);
+  await closeToasts(page);
+  log(`advanced inputs: folded ${result.folded.advancedHidden.length} hidden / ${result.folded.advancedShown.length} ` +
+      `shown, size ${result.folded.size}; after the toggle ${result.unfolded.advancedShown.length} shown, size ` +
+      `${result.unfolded.size}; folded again size ${result.refolded.size}; /api/prompt ` +
+      `${result.queuedUnfolded.status}/${result.queuedFolded.status}`);
+  return result;
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   const profile = mkdtempSync(path.join(tmpdir(), "tdm-chromium-"));
@@ -385,6 +632,8 @@ async function main() {
     }
     if (args.report) results.loraReport = await checkReport(page, args.report, args.out);
     results.jobsPanel = await checkJobsPanel(page, args.out, args.jobs);
+    if (args.fold) results.advancedFold = await checkAdvancedFold(page, args.out, args.fold);
+    if (args.badge) results.jobsBadge = await checkJobsBadge(page, args.out, args.badge);
   } finally {
     await context.close();
     rmSync(profile, { recursive: true, force: true });

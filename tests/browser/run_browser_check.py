@@ -55,23 +55,53 @@ def make_control(workflow: dict) -> dict:
     return control
 
 
-def write_thumbnail(canvas_png: Path, target: Path) -> None:
-    """Crops the graph screenshot to the thumbnail's 4:3 aspect (centred) and resizes it; a plain JPEG."""
-    from PIL import Image
+# Thumbnail banners by what the workflow makes (first key its title contains): graphs look alike at thumbnail size,
+# the banner's colour and title tell the cards apart (a test holds every pair of thumbnails apart).
+BANNER_KINDS = (("flux", "DISTIL YOUR OWN 4-STEP LORA", (109, 76, 65)), ("distil", "DISTIL YOUR OWN 4-STEP LORA", (46, 125, 50)), ("video", "VIDEO · 4 STEPS", (106, 27, 154)),
+                ("teacher", "TEACHER VS TDM", (191, 54, 12)), ("sd3.5", "IMAGE · 4 STEPS", (0, 121, 107)),
+                ("dreamshaper", "IMAGE · 4 STEPS", (173, 20, 87)), ("", "IMAGE · 4 STEPS", (21, 101, 192)))
+BANNER_HEIGHT = 132
 
+
+def _wrapped(draw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return [*lines, line]
+
+
+def write_thumbnail(canvas_png: Path, target: Path) -> None:
+    """The template browser's card image: a banner with the workflow's title (its file name, which the browser shows
+    under the card too) on a colour for what it makes, over the graph screenshot cropped to fit; a plain JPEG."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    title = target.stem
+    label, colour = next((label, colour) for key, label, colour in BANNER_KINDS if key in title.lower())
+    card = Image.new("RGB", THUMBNAIL_SIZE, colour)
+    graph_size = (THUMBNAIL_SIZE[0], THUMBNAIL_SIZE[1] - BANNER_HEIGHT)
     with Image.open(canvas_png) as image:
         image = image.convert("RGB")
         width, height = image.size
-        aspect = THUMBNAIL_SIZE[0] / THUMBNAIL_SIZE[1]
+        aspect = graph_size[0] / graph_size[1]
         if width / height > aspect:
             new_width = round(height * aspect)
             left = (width - new_width) // 2
             image = image.crop((left, 0, left + new_width, height))
         else:
             new_height = round(width / aspect)
-            top = (height - new_height) // 2
-            image = image.crop((0, top, width, top + new_height))
-        image.resize(THUMBNAIL_SIZE, Image.LANCZOS).save(target, "JPEG", quality=85, optimize=True)
+            image = image.crop((0, 0, width, new_height))  # the top: where the loaders and the Read me are
+        card.paste(image.resize(graph_size, Image.LANCZOS), (0, BANNER_HEIGHT))
+    draw = ImageDraw.Draw(card)
+    draw.text((16, 12), label, font=ImageFont.load_default(size=15), fill=(255, 255, 255, 200))
+    font = ImageFont.load_default(size=27)
+    for row, line in enumerate(_wrapped(draw, title, font, THUMBNAIL_SIZE[0] - 32)[:3]):
+        draw.text((16, 36 + 31 * row), line, font=font, fill=(255, 255, 255))
+    card.save(target, "JPEG", quality=85, optimize=True)
 
 
 def _has_native_cogvideox() -> bool:
@@ -99,8 +129,9 @@ def feature_workflows(object_info: dict, base: Path, folder: Path) -> dict[str, 
     graphs = {
         "lora_report": [
             Node("model", "TDMTest_TinyModel", {"family": "sd3", "seed": 0}, pos=(0, 0)),
-            Node("cond", "TDMTest_TinyConditioning", {"family": "sd3", "text": "a lighthouse"}, pos=(0, 200)),
-            Node("latent", "EmptySD3LatentImage", {"width": 128, "height": 128, "batch_size": 1}, pos=(0, 420)),
+            # beside the LoRA loader, so their links reach the sampler without passing under it
+            Node("cond", "TDMTest_TinyConditioning", {"family": "sd3", "text": "a lighthouse"}, pos=(380, 380)),
+            Node("latent", "EmptySD3LatentImage", {"width": 128, "height": 128, "batch_size": 1}, pos=(380, 600)),
             Node("lora", "TDMLoraLoader", {"lora_name": REPORT_LORA, "strength_mode": "auto"},
                  links={"model": ("model", 0)}, pos=(380, 0), size=(420, 300)),
             Node("sample", "TDMKSampler", {"preset": "auto", "steps": 4, "seed": 42},
@@ -155,6 +186,103 @@ def check_features(results: dict) -> list[str]:
     return failures
 
 
+def badge_workflow(object_info: dict, folder: Path) -> Path:
+    """`jobs_badge`: two long distillations on the tiny SD1.5 models (one runs, one waits behind it), for the badge on
+    the TDM jobs sidebar icon; the driver stops and removes them."""
+    import build_workflows
+
+    from harness.workflow_build import Node
+    from harness.workflow_build import build as build_ui
+
+    job = {"prompts": "a red fox", "steps": 4, "iterations": 1000000, "width": 64, "height": 64,
+           "save_every": 0, "preview_every": 0}
+    nodes = []
+    for row, which in enumerate("ab"):  # one row of tiny models and a TDM Distill per job
+        top = 900 * row
+        nodes += [
+            Node(f"model_{which}", "TDMTest_TinyModel", {"family": "sd15", "seed": 0}, pos=(0, top)),
+            Node(f"clip_{which}", "TDMTest_TinyCLIP", {"family": "sd15"}, pos=(0, top + 200)),
+            Node(f"vae_{which}", "TDMTest_TinyVAE", {"family": "sd15", "seed": 0}, pos=(0, top + 360)),
+            Node(f"start_{which}", "TDMDistillStart", {**job, "output_name": f"tdm_browser_check_badge_{which}"},
+                 links={"model": (f"model_{which}", 0), "clip": (f"clip_{which}", 0), "vae": (f"vae_{which}", 0)},
+                 pos=(380, top)),
+        ]
+    workflow = build_ui(nodes, object_info, build_workflows.PACK_PROPERTIES, build_workflows.CORE_VERSION,
+                        str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-tdm/browser-check/jobs_badge")))
+    path = folder / "jobs_badge.json"
+    path.write_text(json.dumps(workflow))
+    return path
+
+
+def fold_workflow(folder: Path) -> Path:
+    """The first workflow (by file name) with a TDM Distill node: the advanced-inputs check loads it as a user
+    opens it (whatever --only says)."""
+    for path in sorted(folder.glob("*.json")):
+        if any(node.get("type") == "TDMDistillStart" for node in json.loads(path.read_text()).get("nodes", [])):
+            return path
+    raise SystemExit(f"browser: no workflow in {folder} has a TDMDistillStart node for the advanced-inputs check")
+
+
+def check_badge_and_fold(results: dict) -> list[str]:
+    """Failures of the jobs badge on the sidebar icon and of TDM Distill's folded advanced inputs (the driver's
+    checkJobsBadge and checkAdvancedFold)."""
+    failures = []
+    badge = results.get("jobsBadge")
+    if not badge:
+        failures.append("the jobs badge check did not run")
+    else:
+        for stage, least in (("before", 0), ("during", 2), ("one", 1), ("after", 0)):
+            seen = badge.get(stage) or {}
+            want = str(seen.get("active")) if seen.get("active") else None
+            if not seen.get("button"):
+                failures.append(f"jobs badge ({stage}): no TDM jobs button in the sidebar: {seen}")
+            elif seen.get("badge") != want:
+                failures.append(f"jobs badge ({stage}): the icon shows {seen.get('badge')!r} with "
+                                f"{seen.get('active')} active jobs (expected {want!r}): {seen}")
+            if stage != "before" and seen.get("active") != least:
+                failures.append(f"jobs badge ({stage}): expected {least} active jobs, /tdm/jobs had {seen}")
+    fold = results.get("advancedFold")
+    if not fold:
+        failures.append("the advanced-inputs check did not run")
+        return failures
+    folded, unfolded, refolded = fold.get("folded") or {}, fold.get("unfolded") or {}, fold.get("refolded") or {}
+    if folded.get("vueNodesMode"):
+        failures.append("advanced inputs: the page is in Nodes 2.0 mode; the check is for the standard canvas")
+    if folded.get("advancedShown") or not folded.get("advancedHidden"):
+        failures.append(f"advanced inputs: not folded when TDM Distill loads: shown {folded.get('advancedShown')}")
+    for name, state in (("loaded", folded), ("after the toggle", unfolded), ("folded again", refolded)):
+        if state.get("everydayHidden"):
+            failures.append(f"advanced inputs ({name}): everyday inputs hidden: {state['everydayHidden']}")
+        if state.get("widgetsValues") != fold.get("expectedValues"):
+            failures.append(f"advanced inputs ({name}): saved widgets_values {state.get('widgetsValues')} differ "
+                            f"from the workflow's {fold.get('expectedValues')}")
+    if not (folded.get("toggle") or {}).get("at"):
+        failures.append(f"advanced inputs: no toggle on the node: {folded.get('toggle')}")
+    if unfolded.get("advancedHidden") or not unfolded.get("advancedShown"):
+        failures.append(f"advanced inputs: still hidden after the toggle: {unfolded.get('advancedHidden')}")
+    if refolded.get("advancedShown"):
+        failures.append(f"advanced inputs: not folded after the second toggle: {refolded.get('advancedShown')}")
+    if not folded.get("size", [0, 0])[1] < unfolded.get("size", [0, 0])[1]:
+        failures.append(f"advanced inputs: the node did not grow when shown: {folded.get('size')} -> "
+                        f"{unfolded.get('size')}")
+    if refolded.get("size") != folded.get("size"):
+        failures.append(f"advanced inputs: folded again, the node is {refolded.get('size')}, not {folded.get('size')}")
+    inputs = set(fold.get("inputNames") or [])
+    names, values = fold.get("widgetNames") or [], fold.get("expectedValues") or []
+    if len(names) != len(values):
+        failures.append(f"advanced inputs: {len(names)} saved widgets but {len(values)} saved values")
+    expected = {name: value for name, value in zip(names, values, strict=False) if name in inputs}
+    for when in ("queuedUnfolded", "queuedFolded"):
+        queued = fold.get(when) or {}
+        posted = queued.get("inputs") or {}
+        wrong = {name: (posted.get(name, "<missing>"), value) for name, value in expected.items()
+                 if posted.get(name, "<missing>") != value}
+        if queued.get("status") != 200 or not posted or wrong:
+            failures.append(f"advanced inputs ({when}): /api/prompt {queued.get('status')}, inputs that differ "
+                            f"(posted, expected): {wrong}")
+    return failures
+
+
 def frontend_version() -> str:
     try:
         from importlib.metadata import version
@@ -188,12 +316,14 @@ def main() -> int:
     from harness.workflow_placeholders import install_placeholders
 
     files = sorted(args.workflows.resolve().glob("*.json"))
-    if args.only:
-        files = [f for f in files if f.stem in args.only]
+    if args.only:  # a file's name (its title) or the generator's id of it
+        wanted = {build_workflows.TITLES.get(name, name) for name in args.only}
+        files = [f for f in files if f.stem in wanted]
     # Workflows for native CogVideoX cannot validate on a ComfyUI without it (0.3.75): checked on the runtimes that
     # have it, listed as skipped elsewhere. Feature detection, as in the tests.
     native = _has_native_cogvideox()
-    skipped = [] if native else [f.stem for f in files if f.stem in build_workflows.NEEDS_NATIVE_COGVIDEOX]
+    needs_native = {build_workflows.TITLES[name] for name in build_workflows.NEEDS_NATIVE_COGVIDEOX}
+    skipped = [] if native else [f.stem for f in files if f.stem in needs_native]
     files = [f for f in files if f.stem not in skipped]
     if not files:
         print("browser: no workflows to check", file=sys.stderr)
@@ -227,6 +357,8 @@ def main() -> int:
             features = feature_workflows(server.object_info(), base, Path(tmp))
             command = ["node", str(DRIVER), "--url", server.url, "--out", str(ARTIFACTS), "--control", str(control),
                        "--report", str(features["lora_report"]), "--jobs", str(features["jobs_demo"])]
+            command += ["--badge", str(badge_workflow(server.object_info(), Path(tmp))),
+                        "--fold", str(fold_workflow(args.workflows.resolve()))]
             for f in files:
                 command += ["--workflow", str(f)]
             proc = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, timeout=900)
@@ -286,6 +418,8 @@ def main() -> int:
     if not panel_ok:
         failures.append(f"the TDM jobs sidebar panel did not render: {panel}")
     failures += check_features(results)
+    badge_fold_failures = check_badge_and_fold(results)
+    failures += badge_fold_failures
     layout_failures = [f"{r['name']}: {problem}" for r in results["workflows"] if not r["control"]
                        for problem in r.get("layoutProblems", [])]
     failures += layout_failures
@@ -293,12 +427,22 @@ def main() -> int:
         print(f"FAIL {failure}", file=sys.stderr)
     if results.get("pageErrors"):
         print(f"page errors (informational): {results['pageErrors'][:5]}", file=sys.stderr)
+    badge, fold = results.get("jobsBadge") or {}, results.get("advancedFold") or {}
+    print("browser: jobs badge (active jobs → badge) "
+          + ", ".join(f"{stage} {(badge.get(stage) or {}).get('active')} → {(badge.get(stage) or {}).get('badge')!r}"
+                      for stage in ("before", "during", "one", "after"))
+          + f"; TDM Distill advanced inputs: {len((fold.get('folded') or {}).get('advancedHidden') or [])} hidden at "
+          f"load (size {(fold.get('folded') or {}).get('size')}), "
+          f"{len((fold.get('unfolded') or {}).get('advancedShown') or [])} shown after the toggle "
+          f"(size {(fold.get('unfolded') or {}).get('size')}), /api/prompt "
+          f"{(fold.get('queuedUnfolded') or {}).get('status')}/{(fold.get('queuedFolded') or {}).get('status')}; "
+          f"badge/fold failures: {len(badge_fold_failures)}")
     print(f"browser: ComfyUI {comfy_runtime.comfyui_version()}, frontend {frontend_version()}, headless Chromium; "
           f"screenshots in {ARTIFACTS.relative_to(REPO)}/, took {elapsed:.0f}s")
     print(f"browser: {loaded} workflows loaded, {dialogs} missing-node dialogs/notices, {queued} queued, "
           f"{alerted} with load alerts; control with an unknown node type detected: {bool(control_detected)} "
           f"({control_how}); "
-          f"jobs panel rendered: {panel_ok}; layout problems (overlaps, off-screen): {len(layout_failures)}; "
+          f"jobs panel rendered: {panel_ok}; layout problems (unreadable zoom, overlaps, off-screen, links under nodes): {len(layout_failures)}; "
           f"LoRA report on the node: {(results.get('loraReport') or {}).get('reports', {}).get('TDMLoraLoader', '')!r}; "
           f"jobs panel curve/preview/remove: {panel.get('curve')}/{panel.get('preview')}/{panel.get('remove')}"
           + (f"; skipped (need native CogVideoX): {', '.join(skipped)}" if skipped else ""))

@@ -37,10 +37,116 @@ def overlaps(ui_nodes: list[dict]) -> list[tuple]:
             if box_a[0] < box_b[2] and box_b[0] < box_a[2] and box_a[1] < box_b[3] and box_b[1] < box_a[3]]
 
 
-def fit_view(ui_nodes: list[dict]) -> dict:
-    """`extra.ds` for VIEW (see there): LiteGraph draws canvas point p at (p + offset) · scale. The whole graph when
-    it fits at MIN_READABLE_ZOOM or more, else MIN_READABLE_ZOOM anchored at the graph's top-left corner."""
-    boxes = [bounding_box(n) for n in ui_nodes]
+# LiteGraph's slot geometry (both frontends): slot rows are NODE_SLOT_HEIGHT apart, a slot's centre 0.7 of a row
+# below the row's top and half a row in from the node's edge; widgets are WIDGET_ROW apart below the slot rows.
+SLOT_HEIGHT = 20
+WIDGET_ROW = 24
+LINK_CLEARANCE = 4  # a link passing this close to a node's box counts as under it
+GROUP_PADDING = 12  # free space between a group's frame and the nodes in it
+GROUP_TITLE_HEIGHT = 40  # the group's title bar (font 24) above its nodes
+
+
+def slot_position(ui_node: dict, is_input: bool, slot: int) -> tuple[float, float]:
+    """Where a link meets a saved node (canvas units), as LiteGraph places it: socket inputs and outputs in rows
+    under the title; an input that feeds a widget sits on that widget's row."""
+    x, y = ui_node["pos"]
+    width = ui_node["size"][0]
+    inputs = ui_node.get("inputs", [])
+    socket_inputs = [entry for entry in inputs if "widget" not in entry]
+    if is_input and "widget" in inputs[slot]:
+        rows = max(len(socket_inputs), len(ui_node.get("outputs", [])))
+        widget_index = sum(1 for entry in inputs[:slot] if "widget" in entry)
+        return (x + SLOT_HEIGHT / 2, y + rows * SLOT_HEIGHT + 6 + (widget_index + 0.5) * WIDGET_ROW)
+    row = socket_inputs.index(inputs[slot]) if is_input else slot
+    return (x + SLOT_HEIGHT / 2 if is_input else x + width - SLOT_HEIGHT / 2, y + (row + 0.7) * SLOT_HEIGHT)
+
+
+def link_curve(start: tuple[float, float], end: tuple[float, float], points: int = 48) -> list[tuple[float, float]]:
+    """Points along the spline LiteGraph draws from an output to an input: a cubic Bézier whose control points
+    leave the output rightwards and enter the input from the left, a quarter of the distance out."""
+    reach = 0.25 * ((end[0] - start[0]) ** 2 + (end[1] - start[1]) ** 2) ** 0.5
+    c1, c2 = (start[0] + reach, start[1]), (end[0] - reach, end[1])
+    curve = []
+    for i in range(points + 1):
+        t = i / points
+        u = 1 - t
+        curve.append((u ** 3 * start[0] + 3 * u * u * t * c1[0] + 3 * u * t * t * c2[0] + t ** 3 * end[0],
+                      u ** 3 * start[1] + 3 * u * u * t * c1[1] + 3 * u * t * t * c2[1] + t ** 3 * end[1]))
+    return curve
+
+
+def links_under_nodes(workflow: dict) -> list[str]:
+    """Links of a saved workflow drawn across a node's box (its own ends excepted near their slots): a link there is
+    hidden by the node and reads as wired to it."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    found = []
+    for link_id, source, source_slot, target, target_slot, _kind in workflow["links"]:
+        start = slot_position(nodes[source], False, source_slot)
+        end = slot_position(nodes[target], True, target_slot)
+        curve = link_curve(start, end)
+        for node in workflow["nodes"]:
+            left, top, right, bottom = bounding_box(node)
+            # a link leaves its source at the right edge and enters its target at the left: only the slot's strip
+            # of its own nodes is its to cross (a link that loops back behind either end is flagged)
+            if node["id"] == source:
+                right -= SLOT_HEIGHT
+            if node["id"] == target:
+                left += SLOT_HEIGHT
+            for px, py in curve:
+                if left - LINK_CLEARANCE < px < right + LINK_CLEARANCE and \
+                        top - LINK_CLEARANCE < py < bottom + LINK_CLEARANCE:
+                    found.append(f"link {link_id} ({nodes[source]['type']} → {nodes[target]['type']}) runs under "
+                                 f"node {node['id']} {node['type']}")
+                    break
+    return found
+
+
+def group_bounding(members: list[dict]) -> list[float]:
+    """A group frame around `members` (LiteGraph's [x, y, width, height], its title bar included)."""
+    boxes = [bounding_box(n) for n in members]
+    left = min(b[0] for b in boxes) - GROUP_PADDING
+    top = min(b[1] for b in boxes) - GROUP_PADDING - GROUP_TITLE_HEIGHT
+    right = max(b[2] for b in boxes) + GROUP_PADDING
+    bottom = max(b[3] for b in boxes) + GROUP_PADDING
+    return [left, top, right - left, bottom - top]
+
+
+def group_members(workflow: dict) -> dict[str, list[int]]:
+    """Group title → ids of the nodes whose boxes lie wholly inside its frame (what LiteGraph moves with it)."""
+    members = {}
+    for group in workflow.get("groups", []):
+        gx, gy, gw, gh = group["bounding"]
+        members[group["title"]] = [n["id"] for n in workflow["nodes"]
+                                   if gx <= bounding_box(n)[0] and bounding_box(n)[2] <= gx + gw
+                                   and gy <= bounding_box(n)[1] and bounding_box(n)[3] <= gy + gh]
+    return members
+
+
+def group_problems(workflow: dict) -> list[str]:
+    """Group frames that overlap each other, or cut through a node (part in, part out: LiteGraph moves only nodes
+    wholly inside a frame with it, so a half-covered node is left behind and looks like it belongs)."""
+    problems = []
+    frames = [(g["title"], g["bounding"]) for g in workflow.get("groups", [])]
+    inside = group_members(workflow)
+    for i, (title_a, (ax, ay, aw, ah)) in enumerate(frames):
+        for title_b, (bx, by, bw, bh) in frames[i + 1:]:
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                problems.append(f"groups {title_a!r} and {title_b!r} overlap")
+        for node in workflow["nodes"]:
+            left, top, right, bottom = bounding_box(node)
+            touches = left < ax + aw and ax < right and top < ay + ah and ay < bottom
+            if touches and node["id"] not in inside[title_a]:
+                problems.append(f"group {title_a!r} cuts through node {node['id']} {node['type']}")
+    return problems
+
+
+def fit_view(ui_nodes: list[dict], groups: list[dict] = ()) -> dict:
+    """`extra.ds` for VIEW (see there): LiteGraph draws canvas point p at (p + offset) · scale. The whole graph (group
+    frames included) when it fits at MIN_READABLE_ZOOM or more, else MIN_READABLE_ZOOM anchored at the graph's
+    top-left corner."""
+    boxes = [bounding_box(n) for n in ui_nodes] + [
+        (g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2], g["bounding"][1] + g["bounding"][3])
+        for g in groups]
     left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
     right, bottom = max(b[2] for b in boxes), max(b[3] for b in boxes)
     usable_w = VIEW["width"] - VIEW["left"] - VIEW["right"]
@@ -53,6 +159,14 @@ def fit_view(ui_nodes: list[dict]) -> dict:
 def must_be_on_screen(ui_node: dict) -> bool:
     """The nodes the saved view always shows whole: the Read me and the loaders (what a user fills in first)."""
     return ui_node["type"] == "MarkdownNote" or "Loader" in ui_node["type"]
+
+
+@dataclass
+class Group:
+    """A titled frame around some nodes of the description, as core's templates number their steps."""
+    title: str
+    keys: list[str]
+    color: str = "#3f789e"  # LiteGraph's blue group colour, which core's templates use
 
 
 @dataclass
@@ -80,6 +194,33 @@ def _stack_columns(ui_nodes: list[dict]) -> None:
         bottoms[x] = y + ui_node["size"][1]
 
 
+MIN_COLUMN_GAP = 60
+GAP_STEP = 20
+
+
+def _spread_columns(ui_nodes: list[dict], links: list[list]) -> None:
+    """Widens the gap after each column (nodes sharing an x), left to right, until no link between it and the next
+    column runs under a node: LiteGraph's spline leaves and enters horizontally, a quarter of its length out, so a
+    link that climbs or falls steeply between close columns bulges under the nodes beside its ends. Links that skip
+    a column are the description's to route (a free lane at their height)."""
+    by_id = {n["id"]: n for n in ui_nodes}
+    for index in range(len({n["pos"][0] for n in ui_nodes}) - 1):
+        left_x, next_x = sorted({n["pos"][0] for n in ui_nodes})[index:index + 2]
+        right_edge = max(n["pos"][0] + n["size"][0] for n in ui_nodes if n["pos"][0] == left_x)
+        shift = max(0, right_edge + MIN_COLUMN_GAP - next_x)
+        between = [link for link in links
+                   if by_id[link[1]]["pos"][0] == left_x and by_id[link[3]]["pos"][0] == next_x]
+        while True:
+            moved = [dict(n, pos=[n["pos"][0] + shift, n["pos"][1]]) if n["pos"][0] >= next_x else n
+                     for n in ui_nodes]
+            if not links_under_nodes({"nodes": moved, "links": between}) or shift > 4000:
+                break
+            shift += GAP_STEP
+        for n in ui_nodes:
+            if n["pos"][0] >= next_x:
+                n["pos"] = [n["pos"][0] + shift, n["pos"][1]]
+
+
 def _default(spec) -> object:
     if "default" in spec.options:
         return spec.options["default"]
@@ -89,7 +230,7 @@ def _default(spec) -> object:
 
 
 def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_version: str,
-          workflow_id: str, extra: dict | None = None) -> dict:
+          workflow_id: str, extra: dict | None = None, groups: list[Group] = ()) -> dict:
     """The UI-format JSON for `nodes`. `pack_properties` ({"cnr_id", "ver"}) is stamped on this pack's nodes (ids
     starting with TDM) so ComfyUI-Manager can resolve them when missing; core nodes get comfy-core."""
     ids = {node.key: i + 1 for i, node in enumerate(nodes)}
@@ -151,9 +292,6 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
         outputs_by_key[node.key] = ui_node["outputs"]
 
     _stack_columns(ui_nodes)
-    clashes = overlaps(ui_nodes)
-    if clashes:
-        raise ValueError(f"workflow nodes overlap (ids): {clashes}; move them apart in the description")
     by_key = {node.key: ui for node, ui in zip(nodes, ui_nodes, strict=True)}
     for node in nodes:
         target = by_key[node.key]
@@ -164,6 +302,10 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
             links.append([link_id, ids[source_key], slot, ids[node.key], target_slot, link_type])
             target["inputs"][target_slot]["link"] = link_id
             outputs_by_key[source_key][slot]["links"].append(link_id)
+    _spread_columns(ui_nodes, links)
+    clashes = overlaps(ui_nodes)
+    if clashes:
+        raise ValueError(f"workflow nodes overlap (ids): {clashes}; move them apart in the description")
     # Newer ComfyUI gave core savers (SaveImage, SaveVideo) pass-through outputs that 0.3.75's lack; their unlinked
     # trailing outputs are left out so one file serves both (the frontend restores slots from the schema).
     for node in nodes:
@@ -173,9 +315,21 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
         outputs = by_key[node.key]["outputs"]
         while outputs and not outputs[-1]["links"]:
             outputs.pop()
-    return {
+    ui_groups = [{"id": number, "title": group.title, "bounding": group_bounding([by_key[k] for k in group.keys]),
+                  "color": group.color, "font_size": 24, "flags": {}}
+                 for number, group in enumerate(groups, start=1)]
+    workflow = {
         # The frontend's schema wants a string id (a uuid); a stable one keeps generated files reproducible.
         "id": workflow_id, "revision": 0, "last_node_id": len(nodes), "last_link_id": len(links),
-        "nodes": ui_nodes, "links": links, "groups": [], "config": {},
-        "extra": {"ds": fit_view(ui_nodes), **(extra or {})}, "version": 0.4,
+        "nodes": ui_nodes, "links": links, "groups": ui_groups, "config": {},
+        "extra": {"ds": fit_view(ui_nodes, ui_groups), **(extra or {})}, "version": 0.4,
     }
+    problems = group_problems(workflow) + links_under_nodes(workflow)
+    for group in groups:
+        meant = sorted(ids[k] for k in group.keys)
+        if sorted(group_members(workflow)[group.title]) != meant:
+            problems.append(f"group {group.title!r} holds nodes {sorted(group_members(workflow)[group.title])}, "
+                            f"meant {meant}")
+    if problems:
+        raise ValueError("workflow layout: " + "; ".join(problems) + " (move nodes in the description)")
+    return workflow
