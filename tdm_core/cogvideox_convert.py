@@ -26,24 +26,8 @@ from pathlib import Path
 
 import torch
 
-# diffusers parameter-name prefix → native ComfyUI prefix, first match wins; names not listed (patch_embed.proj,
-# patch_embed.text_proj, norm_final, norm_out, proj_out) are the same in both. The inverse of
-# tdm_core.lora.formats.cogvideox_diffusers_name (a test holds the two to each other on every key).
-_DIFFUSERS_TO_NATIVE = (
-    (r"transformer_blocks\.(\d+)\.attn1\.to_q\.", r"blocks.\1.q."),
-    (r"transformer_blocks\.(\d+)\.attn1\.to_k\.", r"blocks.\1.k."),
-    (r"transformer_blocks\.(\d+)\.attn1\.to_v\.", r"blocks.\1.v."),
-    (r"transformer_blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.attn_out."),
-    (r"transformer_blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.norm_\2."),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.", r"blocks.\1.ff_proj."),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.2\.", r"blocks.\1.ff_out."),
-    (r"transformer_blocks\.(\d+)\.(norm[12]\.(?:linear|norm)\.)", r"blocks.\1.\2"),
-    (r"time_embedding\.linear_([12])\.", r"time_embedding_linear_\1."),
-    (r"ofs_embedding\.linear_([12])\.", r"ofs_embedding_linear_\1."),
-    (r"patch_embed\.pos_embedding$", "patch_embed.pos_embedding"),  # a learned table (5B image-to-video)
-    (r"(patch_embed\.proj\.|patch_embed\.text_proj\.|norm_final\.|norm_out\.linear\.|norm_out\.norm\.|proj_out\.)",
-     r"\1"),
-)
+from .cogvideox_names import cogvideox_native_name
+
 _PARAMETER = re.compile(r"[A-Za-z0-9_.]{1,200}")
 POS_EMBEDDING_KEY = "patch_embed.pos_embedding"
 MAX_CONFIG_BYTES = 1 << 20  # a transformer config.json is about 1 KB
@@ -55,11 +39,16 @@ class ConvertError(ValueError):
 
 
 def native_name(diffusers_name: str) -> str:
-    """The native ComfyUI name of one diffusers CogVideoX transformer parameter (ConvertError if it has none)."""
-    for pattern, replacement in _DIFFUSERS_TO_NATIVE:
-        if re.match(pattern, diffusers_name):
-            return re.sub(pattern, replacement, diffusers_name, count=1)
-    raise ConvertError(f"{diffusers_name!r} is not a CogVideoX transformer weight this converter knows")
+    """The native ComfyUI name of one diffusers CogVideoX transformer tensor (ConvertError if it has none): the
+    module's name by tdm_core.cogvideox_names, the parameter's kept; a learned position table (the 5B image-to-video
+    model's) keeps its name."""
+    if diffusers_name == POS_EMBEDDING_KEY:
+        return diffusers_name
+    module, _, parameter = diffusers_name.rpartition(".")
+    native = cogvideox_native_name(module) if module else None
+    if native is None:
+        raise ConvertError(f"{diffusers_name!r} is not a CogVideoX transformer weight this converter knows")
+    return f"{native}.{parameter}"
 
 
 def transformer_folder(folder: Path) -> Path:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from harness import cogvideox_native
 from tdm_core import cogvideox_convert
-from tdm_core.lora.formats import cogvideox_diffusers_name
+from tdm_core.cogvideox_names import cogvideox_diffusers_name
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import validation
+from ..cogvideox_names import cogvideox_diffusers_name
 from .files import LoraFileError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -613,30 +614,8 @@ def to_comfy_state_dict(lora) -> dict[str, torch.Tensor]:
 
 
 # Newer ComfyUI (2026) has a native CogVideoX (`comfy/ldm/cogvideo/model.py`) whose module names differ from
-# diffusers' `CogVideoXTransformer3DModel`, which the released TDM LoRA's peft keys name. Native name → diffusers name;
-# names not listed (patch_embed.proj, patch_embed.text_proj, norm_final, norm_out.linear, proj_out, blocks' norm1/2)
-# are the same apart from the block prefix.
-_COGVIDEOX_NATIVE_TO_DIFFUSERS = (
-    (r"blocks\.(\d+)\.q", r"transformer_blocks.\1.attn1.to_q"),
-    (r"blocks\.(\d+)\.k", r"transformer_blocks.\1.attn1.to_k"),
-    (r"blocks\.(\d+)\.v", r"transformer_blocks.\1.attn1.to_v"),
-    (r"blocks\.(\d+)\.attn_out", r"transformer_blocks.\1.attn1.to_out.0"),
-    (r"blocks\.(\d+)\.norm_([qk])", r"transformer_blocks.\1.attn1.norm_\2"),
-    (r"blocks\.(\d+)\.ff_proj", r"transformer_blocks.\1.ff.net.0.proj"),
-    (r"blocks\.(\d+)\.ff_out", r"transformer_blocks.\1.ff.net.2"),
-    (r"blocks\.(\d+)\.(norm[12]\.(?:linear|norm))", r"transformer_blocks.\1.\2"),
-    (r"time_embedding_linear_([12])", r"time_embedding.linear_\1"),
-    (r"ofs_embedding_linear_([12])", r"ofs_embedding.linear_\1"),
-    (r"(patch_embed\.proj|patch_embed\.text_proj|norm_final|norm_out\.linear|norm_out\.norm|proj_out)", r"\1"),
-)
-
-
-def cogvideox_diffusers_name(native_name: str) -> str | None:
-    """The diffusers module path of a native ComfyUI CogVideoX module path (None if it has no counterpart)."""
-    for pattern, replacement in _COGVIDEOX_NATIVE_TO_DIFFUSERS:
-        if re.fullmatch(pattern, native_name):
-            return re.sub(pattern, replacement, native_name)
-    return None
+# diffusers' `CogVideoXTransformer3DModel`, which the released TDM LoRA's peft keys name: tdm_core.cogvideox_names
+# holds the one table of both.
 
 
 def cogvideox_native_lora_key_map(native_weight_keys) -> dict[str, str]:

@@ -6,7 +6,7 @@ names `blocks.N.{q,k,v,attn_out,ff_proj,ff_out}`. ComfyUI 0.3.75 has none of it 
 need it skip there with that reason.
 
 The key conversion below is written here from the two architectures' module lists, independently of
-`tdm_core.lora.cogvideox_diffusers_name` (the code under test), so a wrong mapping in either shows up as a strict-load
+`tdm_core.cogvideox_names` (the code under test), so a wrong mapping in either shows up as a strict-load
 failure or a parity failure rather than agreeing with itself.
 """
 
