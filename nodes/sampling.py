@@ -374,8 +374,8 @@ def _start_state(model, x, sigmas, space: str, initial_noise: str):
 
 
 # Families whose only presets are distilled students (no release): "auto" takes their preset's solver rather than
-# the release recipe of their parametrisation (SDXL is ε like Dreamshaper, Flux flow like SD3, but their students
-# are sampled with the DDIM step they were trained with).
+# the release recipe of their parametrisation (SDXL is ε like Dreamshaper, Flux flow like SD3, but their students'
+# solvers were chosen by measuring the students: SDXL's DDIM step, as trained; Flux's flow DPM-Solver++(2M)).
 _FAMILY_SOLVER = {family: presets.presets_for_family(family)[0].solver for family in ("sdxl", "flux")}
 
 

@@ -1,0 +1,149 @@
+"""Which solver samples a TDM student closest to its teacher: the DDIM step it was trained with, or DPM-Solver++(2M)
+on the same grid. Prints ONE JSON line.
+
+    .venv/bin/python bench/student_solver.py [--seeds 1] [--families digits,sdxl,flux]
+
+Each student is distilled here, then sampled from the same noise both ways:
+- digits (ε, the SD1.5/Dreamshaper grid 999/749/499/249): the toy digits teacher with its recipe
+  (tdm_core.toy.experiment, 500 iterations); Fréchet distance of 2000 samples to the teacher's 50-step samples
+  (`*_fd_to_teacher50`, lower is closer; the teacher's own 4 steps for scale) and to the real digits (`*_fd`).
+- sdxl (ε) and flux (flow): the toy latent teachers of tests/harness/toy_latent_teacher.py (every element ±1, the
+  prompt sets the share), distilled in-process through TDM Distill's own runtime with the quality check's settings
+  (cfg 1, rank 16, batch 4, lr 5e-4; SDXL 160 iterations, Flux 200); W1 distance of 128 samples' element values to
+  the teacher's 50-step samples per prompt (`floor`: two 50-step draws).
+The `flux` preset samples its students with the flow DPM-Solver++(2M) because of these figures (tdm_core.presets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+LATENT_SETTINGS = {"sdxl": 160, "flux": 200}
+LATENT_SAMPLES = 128
+
+
+def _student_denoiser(trainer, grid, sigmas, cond, adapter):
+    import torch
+
+    from tdm_core.distill import losses
+
+    def denoise(x, sigma_batch):
+        # the grid timestep whose σ this is (σ = 0, the end, is never evaluated)
+        t = min(zip(sigmas, grid, strict=False), key=lambda pair: abs(pair[0] - float(sigma_batch[0])))[1]
+        tt = torch.full((x.shape[0],), t, dtype=torch.long)
+        a, s = trainer._coef(tt)
+        prediction = trainer.backend.forward(x, tt, cond, adapter)
+        return losses.x0_and_eps(prediction, x, a, s, trainer.backend.parametrisation)[0]
+    return denoise
+
+
+def _sample(trainer, adapter, grid, solver, cond, noise, space):
+    """`grid`'s integer timesteps through `solver` (tdm_core.solvers), ending at σ = 0: with the DDIM step this is
+    exactly the trainer's own rollout."""
+    import torch
+
+    sigmas = [float(trainer.sigmas[t]) for t in grid] + [0.0]
+    return solver(_student_denoiser(trainer, grid, sigmas, cond, adapter), noise, torch.tensor(sigmas), space=space,
+                  disable=True)
+
+
+def digits(seed: int) -> dict:
+    import torch
+
+    from tdm_core import solvers
+    from tdm_core.toy.evaluate import ToyEvaluator
+    from tdm_core.toy.experiment import run_toy_distillation
+    from tdm_core.toy.metrics import frechet_distance
+
+    result = run_toy_distillation(iterations=500, eval_every=0, log=lambda message: None, seed=seed)
+    trainer = result.trainer
+    evaluator = ToyEvaluator(trainer.backend.teacher)
+    teacher_50 = result.samples["teacher_50"].float().clamp(-1, 1)
+    out = {"teacher_4_fd_to_teacher50": frechet_distance(result.samples["teacher_4"].float().clamp(-1, 1),
+                                                         teacher_50)}
+    for name in ("ddim", "dpmpp_2m"):
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(evaluator.prompts), 1000):
+                cond = trainer.backend.encode(evaluator.prompts[i:i + 1000])
+                parts.append(_sample(trainer, "student", list(trainer.grid), solvers.get_solver(name), cond,
+                                     evaluator.noise[i:i + 1000].float(), "vp"))
+        samples = torch.cat(parts)
+        out[f"{name}_fd_to_teacher50"] = frechet_distance(samples.clamp(-1, 1), teacher_50)
+        out[f"{name}_fd"] = evaluator.score(samples)["fd"]
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def latent(family: str, seed: int) -> dict:
+    import torch
+
+    from harness import comfy_runtime
+
+    comfy_runtime.bootstrap()
+    import comfy.model_management
+
+    from harness import toy_latent_teacher as toy
+    from tdm_core import solvers
+
+    trainer_module = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.trainer"]
+    config = toy.TeacherConfig.for_family(family)
+    model = toy.teacher_model(family, toy.teacher_file(config, log=lambda message: None))
+    settings = dict(steps=4, grid="auto", iterations=LATENT_SETTINGS[family], lora_rank=16, lora_alpha=0.0,
+                    learning_rate=5e-4, cfg=1.0, batch_size=4, width=config.image_size, height=config.image_size,
+                    save_every=0, keep_last=1, preview_every=0, seed=seed, gradient_checkpointing=False,
+                    dtype="auto", offload="none", unconditional_prompt="")
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        runtime, _, _ = trainer_module.build_runtime(model, toy.tiny_clip(family), settings, list(toy.PROMPTS))
+    with torch.inference_mode(False), torch.enable_grad():
+        session = runtime.build(None)
+        for _ in range(settings["iterations"]):
+            session.step()
+    trainer = session.trainer
+    space = "flow" if trainer.backend.parametrisation == "flow" else "vp"
+    grid, fine = list(trainer.grid), list(trainer.sample_grid(50))
+
+    def draw(adapter, steps_grid, solver, prompt, noise_seed):
+        noise = torch.randn((LATENT_SAMPLES, *trainer.backend.latent_shape),
+                            generator=torch.Generator().manual_seed(noise_seed))
+        cond = trainer.backend.encode([prompt] * LATENT_SAMPLES)
+        return _sample(trainer, adapter, steps_grid, solvers.get_solver(solver), cond, noise, space)
+
+    out = {}
+    with torch.no_grad():
+        for prompt in toy.PROMPTS:
+            reference = draw("teacher", fine, "ddim", prompt, 11)
+            row = {"floor": toy.value_distance(draw("teacher", fine, "ddim", prompt, 12), reference)}
+            for who in ("teacher", "student"):
+                for solver in ("ddim", "dpmpp_2m"):
+                    row[f"{who}_4_{solver}"] = toy.value_distance(draw(who, grid, solver, prompt, 7), reference)
+            out[prompt] = {k: round(v, 4) for k, v in row.items()}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--families", default="digits,sdxl,flux")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    line = {"bench": "student_solver"}
+    for family in args.families.split(","):
+        for seed in range(args.seeds):
+            line[f"{family}_seed{seed}"] = digits(seed) if family == "digits" else latent(family, seed)
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
