@@ -42,7 +42,7 @@ from comfy_api.v0_0_2 import io, ui
 from tdm_core import presets, schedules, solvers
 
 from . import categories, inputs
-from .lora_loader import model_family, native_cogvideox_variant
+from .lora_loader import STUDENT_SOLVER_OPTION, model_family, native_cogvideox_variant
 
 PARAMETRISATION_LABELS = {"flow": "rectified flow", "eps": "ε-prediction", "v": "v-prediction"}
 SOLVER_CHOICES = ["auto", "dpmpp_2m", "ddim"]
@@ -379,10 +379,14 @@ def _start_state(model, x, sigmas, space: str, initial_noise: str):
 _FAMILY_SOLVER = {family: presets.presets_for_family(family)[0].solver for family in ("sdxl", "flux")}
 
 
-def resolve_solver(solver: str, model_sampling, base_model=None) -> str:
+def resolve_solver(solver: str, model_sampling, base_model=None, recorded: str | None = None) -> str:
+    """The tdm_core solver for a widget's `solver`. "auto": the solver a distilled student's LoRA records
+    (`recorded`, which TDM LoRA Loader puts in the MODEL's options), else its family's students' solver, else the
+    release recipe of its parametrisation."""
     if solver == "auto":
         family = model_family(types.SimpleNamespace(model=base_model)) if base_model is not None else None
-        solver = _FAMILY_SOLVER.get(family) or presets.solver_for_parametrisation(model_parametrisation(model_sampling))
+        solver = recorded or _FAMILY_SOLVER.get(family) or \
+            presets.solver_for_parametrisation(model_parametrisation(model_sampling))
     try:
         return _SOLVER_ALIASES[solver]
     except KeyError:
@@ -395,7 +399,8 @@ def sample_tdm(model, x, sigmas, extra_args=None, callback=None, disable=None, s
     conventions, and reports every step through `callback` (previews, progress bar, Cancel)."""
     model_sampling = model.inner_model.inner_model.model_sampling
     space = state_space(model_sampling)
-    name = resolve_solver(solver, model_sampling, model.inner_model.inner_model)
+    recorded = ((extra_args or {}).get("model_options") or {}).get(STUDENT_SOLVER_OPTION)
+    name = resolve_solver(solver, model_sampling, model.inner_model.inner_model, recorded)
     if len(sigmas) <= 1:
         return x
     denoiser = model
@@ -570,10 +575,14 @@ class TDMKSampler(io.ComfyNode):
         recipe = resolve_preset(model, preset)
         latent_size = tuple(int(n) for n in latent_image["samples"].shape[-2:])
         sigmas = tdm_sigmas(model, recipe.name, steps, denoise=denoise, latent_size=latent_size)
-        sampler = tdm_sampler(recipe.solver, 0.0, recipe.model_timesteps, recipe.initial_noise)
+        # preset auto on a distilled student: the solver its LoRA records (a named preset is that preset's recipe)
+        recorded = model.model_options.get(STUDENT_SOLVER_OPTION) if preset == AUTO_PRESET else None
+        sampler = tdm_sampler(recorded or recipe.solver, 0.0, recipe.model_timesteps, recipe.initial_noise)
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-        report = ui.PreviewText(f"{_named(recipe, preset)}; {len(sigmas) - 1} of {steps} steps")
+        solver_note = (f"; solver {solvers.WIDGET_NAMES[recorded]}, as the distilled LoRA records"
+                       if recorded and recorded != recipe.solver else "")
+        report = ui.PreviewText(f"{_named(recipe, preset)}; {len(sigmas) - 1} of {steps} steps{solver_note}")
         if len(sigmas) <= 1:  # denoise so small that no step runs: the latent is returned as it came
             return io.NodeOutput(latent, ui=report)
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))

@@ -135,7 +135,20 @@ def test_checkpoints_keep_last_and_lora_metadata(tmp_path):
     assert meta["tdm.steps"] == "4" and meta["tdm.timesteps"] == "899,674,449,224"
     assert meta["tdm.lora_strength"] == "0.5" and meta["tdm.sampler_preset"] == "ddim"
     assert meta["tdm.family"] == "reference" and meta["tdm.trained_iterations"] == "3"
+    assert meta["tdm.solver"] == "ddim"  # a grid of no preset: the step the student was trained with
     assert keys == {f"{m}.lora_{ab}.weight" for m in ("in_proj", "mid", "out_proj") for ab in "AB"}
+
+
+def test_the_solver_a_distilled_lora_records_is_its_familys_measured_choice():
+    """What `tdm.solver` says for each preset's students (bench/student_solver.py measured them): SD1.5 and SDXL
+    students by the DDIM step they are trained with, Flux-dev's and SD3's by the flow DPM-Solver++(2M), CogVideoX's by
+    v DDIM; a grid of no preset by the trained step."""
+    from tdm_core.presets import student_solver
+
+    chosen = {name: student_solver(name, "eps") for name in ("dreamshaper", "sdxl", "flux", "sd3", "sd35", "cogvideox")}
+    assert chosen == {"dreamshaper": "ddim", "sdxl": "ddim", "flux": "flow_dpmpp_2m", "sd3": "flow_dpmpp_2m",
+                      "sd35": "flow_dpmpp_2m", "cogvideox": "ddim_v"}
+    assert student_solver("", "v") == "ddim_v" and student_solver("tdm_ddim_eps", "eps") == "ddim"
 
 
 def test_exception_between_write_and_rename_keeps_the_previous_state(tmp_path, monkeypatch):

@@ -130,3 +130,63 @@ def test_mismatched_preset_fails_the_prompt_naming_both(comfy_server):
     message = str(error.value)
     assert "'sd3'" in message and "SD15" in message and "does not fit this MODEL" in message
     assert "use preset 'auto' (it picks 'dreamshaper' for this MODEL)" in message  # the fix, in one word
+
+
+def test_auto_samples_a_distilled_student_with_the_solver_its_lora_records(comfy_server, sd15_twin):
+    """TDM Distill records in a student's LoRA the solver its family's students are sampled with (`tdm.solver`;
+    SD1.5: DDIM, measured closer to the teacher than the Dreamshaper release's DPM-Solver++(2M)). TDM LoRA Loader
+    puts it on the MODEL; `auto` (TDM KSampler's preset, TDM Sampler's solver) follows it. A released LoRA, which
+    records nothing, and a record that names no solver keep the release recipe; a named preset is that preset's."""
+    from harness import lora_files
+
+    loras = comfy_server.base_directory / "models" / "loras"
+    lora = lora_files.synthesise(sd15_twin.diffusers, "sd15", rank=4, seed=7)
+    files = {"student": {"tdm.solver": "ddim", "tdm.sampler_preset": "dreamshaper"}, "release": {},
+             "hostile": {"tdm.solver": "../../ddim; rm -rf"},
+             # a student written before `tdm.solver` existed: its family's choice from what it does record
+             "older": {"tdm.format_note": "trained by comfyui-tdm tdm_core.distill", "tdm.parametrisation": "eps",
+                       "tdm.sampler_preset": "dreamshaper"}}
+    for name, metadata in files.items():
+        lora_files.write_peft(lora, loras / f"tdm_solver_record_{name}.safetensors", metadata=metadata)
+
+    def run(lora_name, sample):
+        graph = _base_graph("sd15")
+        graph["lora"] = {"class_type": "TDMLoraLoader", "inputs": {
+            "model": ["model", 0], "lora_name": lora_name, "strength_mode": "manual", "strength": 1.0}}
+        graph.update(sample)
+        entry = comfy_server.run_prompt(_save(graph, ["sample", 0]))
+        saved = entry["outputs"]["save"]["latents"][0]
+        report = " ".join(entry["outputs"].get("sample", {}).get("text", []))
+        return load_file(str(comfy_server.base_directory / "output" / saved["subfolder"] / saved["filename"]))[
+            "latent_tensor"], report
+
+    def ksampler(preset):
+        return {"sample": {"class_type": "TDMKSampler", "inputs": {
+            "model": ["lora", 0], "positive": ["cond", 0], "latent_image": ["latent", 0], "preset": preset,
+            "steps": 4, "seed": SEED}}}
+
+    def advanced(solver):
+        sampler = _tdm_sampler()
+        sampler["inputs"]["solver"] = solver
+        scheduler = _tdm_scheduler("dreamshaper")
+        scheduler["inputs"]["model"] = ["lora", 0]
+        return {"sigmas": scheduler, "sampler": sampler,
+                "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
+                "guider": {"class_type": "BasicGuider", "inputs": {"model": ["lora", 0], "conditioning": ["cond", 0]}},
+                "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
+                    "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0],
+                    "sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}}}
+
+    student = "tdm_solver_record_student.safetensors"
+    ddim, _ = run(student, advanced("ddim"))
+    two_m, _ = run(student, advanced("dpmpp_2m"))
+    assert (ddim - two_m).abs().max() > 1e-3  # the two solvers differ here, so the checks below can fail
+    auto, report = run(student, ksampler("auto"))
+    torch.testing.assert_close(auto, ddim, rtol=0, atol=1e-6)
+    assert "solver ddim, as the distilled LoRA records" in report, report
+    torch.testing.assert_close(run(student, advanced("auto"))[0], ddim, rtol=0, atol=1e-6)
+    torch.testing.assert_close(run("tdm_solver_record_older.safetensors", ksampler("auto"))[0], ddim, rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(student, ksampler("dreamshaper"))[0], two_m, rtol=0, atol=1e-6)
+    for other in ("tdm_solver_record_release.safetensors", "tdm_solver_record_hostile.safetensors"):
+        torch.testing.assert_close(run(other, ksampler("auto"))[0], run(other, advanced("dpmpp_2m"))[0], rtol=0,
+                                   atol=1e-6)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..presets import student_solver
 from ..schedules import training_demo_timesteps
 from . import losses
 from .backend import COMPUTE_DTYPES, forward_pair
@@ -420,6 +421,8 @@ class TDMTrainer:
             "tdm.parametrisation": self.backend.parametrisation,
             "tdm.lora_strength": repr(float(c.recommended_strength)),
             "tdm.sampler_preset": c.sampler_preset or f"tdm_ddim_{self.backend.parametrisation}",
+            # what `auto` samples this student with (TDM LoRA Loader puts it on the MODEL)
+            "tdm.solver": student_solver(c.sampler_preset, self.backend.parametrisation),
             "tdm.trained_iterations": str(self.step_count),
             "tdm.cfg_distilled": repr(float(c.cfg)),
             "tdm.schedule_kind": self.backend.schedule.kind,

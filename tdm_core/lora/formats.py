@@ -28,6 +28,8 @@ import torch
 
 from .. import validation
 from ..cogvideox_names import cogvideox_diffusers_name
+from ..presets import student_solver
+from ..solvers import SOLVERS
 from .files import LoraFileError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -183,6 +185,20 @@ class LoraFile:
     def recorded_preset(self) -> str | None:
         return self.metadata.get(TDM_METADATA_PRESET) or None
 
+    @property
+    def recorded_solver(self) -> str | None:
+        """The solver a LoRA that TDM Distill wrote says its student is sampled with; None when the file records
+        none, or a name that is not one of tdm_core.solvers' (header values are untrusted). Students written before
+        `tdm.solver` existed get their family's choice from the preset and parametrisation they record."""
+        value = self.metadata.get(TDM_METADATA_SOLVER)
+        if value is not None:
+            return value if value in SOLVERS else None
+        trained_here = self.metadata.get("tdm.format_note", "").startswith("trained by comfyui-tdm")
+        parametrisation = self.metadata.get("tdm.parametrisation")
+        if trained_here and parametrisation in ("eps", "v", "flow"):
+            return student_solver(self.metadata.get("tdm.sampler_preset", ""), parametrisation)
+        return None
+
     def summary(self) -> str:
         alpha = "none (scale 1)" if self.alpha is None else f"{self.alpha:g}"
         ranks = "/".join(str(r) for r in sorted(self.ranks))
@@ -210,6 +226,7 @@ def module_kind(name: str) -> str:
 TDM_METADATA_PRESET = "tdm.preset"
 TDM_METADATA_FAMILY = "tdm.family"
 TDM_METADATA_STRENGTH = "tdm.lora_strength"
+TDM_METADATA_SOLVER = "tdm.solver"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LoraConfig dump, prefixed by component
 
 
