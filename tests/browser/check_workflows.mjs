@@ -274,10 +274,7 @@ async function checkOne(page, file, { control, queue, out }) {
   if (queue && !control) {
     await closeDialogs(page);
     // The real Queue/Run button; its POST /api/prompt is what is recorded.
-    const responsePromise = page.waitForResponse(
-      (r) => r.url().endsWith("/api/prompt") && r.request().method() === "POST", { timeout: 30000 });
-    await page.locator('[data-testid="queue-button"]').first().click();
-    const response = await responsePromise;
+    const response = await clickQueue(page);
     result.queueStatus = response.status();
     let body = null;
     try { body = await response.json(); } catch { body = await response.text(); }
@@ -296,17 +293,27 @@ async function checkOne(page, file, { control, queue, out }) {
   return result;
 }
 
+// Loads a graph as the frontend loads a dropped or opened workflow file (app.loadGraphData), in a tab titled `title`.
+async function loadGraph(page, graph, title, settleMs) {
+  await page.evaluate(async ({ graph, title }) => { await window.app.loadGraphData(graph, true, true, title); },
+                      { graph, title });
+  await sleep(settleMs);
+}
+
+// Clicks the real Queue/Run button; returns the response to the POST /api/prompt it sends.
+async function clickQueue(page) {
+  const responsePromise = page.waitForResponse(
+    (r) => r.url().endsWith("/api/prompt") && r.request().method() === "POST", { timeout: 30000 });
+  await page.locator('[data-testid="queue-button"]').first().click();
+  return responsePromise;
+}
+
 async function loadAndRun(page, file, timeoutMs) {
   const graph = JSON.parse(readFileSync(file, "utf8"));
   await closeDialogs(page);
   await closeToasts(page);
-  await page.evaluate(async ({ graph }) => { await window.app.loadGraphData(graph, true, true, "feature check"); },
-                      { graph });
-  await sleep(800);
-  const responsePromise = page.waitForResponse(
-    (r) => r.url().endsWith("/api/prompt") && r.request().method() === "POST", { timeout: 30000 });
-  await page.locator('[data-testid="queue-button"]').first().click();
-  const response = await responsePromise;
+  await loadGraph(page, graph, "feature check", 800);
+  const response = await clickQueue(page);
   await waitForIdleQueue(page, timeoutMs);
   await sleep(800);
   return response.status();
@@ -441,13 +448,8 @@ async function checkJobsBadge(page, out, badgeFile) {
   const result = { before: await badgeSettled(page, 5000) };
   const graph = JSON.parse(readFileSync(badgeFile, "utf8"));
   const names = graph.nodes.filter((n) => n.type === "TDMDistillStart").map((n) => n.widgets_values[3]);
-  await page.evaluate(async ({ graph }) => { await window.app.loadGraphData(graph, true, true, "badge check"); },
-                      { graph });
-  await sleep(800);
-  const responsePromise = page.waitForResponse(
-    (r) => r.url().endsWith("/api/prompt") && r.request().method() === "POST", { timeout: 30000 });
-  await page.locator('[data-testid="queue-button"]').first().click();
-  result.queueStatus = (await responsePromise).status();
+  await loadGraph(page, graph, "badge check", 800);
+  result.queueStatus = (await clickQueue(page)).status();
   const ours = (jobs) => jobs.filter((j) => names.includes(j.name));
   await waitForJobs(page, (jobs) => ours(jobs).filter((j) => ACTIVE_STATES.includes(j.state)).length === names.length,
                     120000);
@@ -542,9 +544,7 @@ async function checkAdvancedFold(page, out, foldFile) {
     if (index >= 0) start.widgets_values[index] = value;
   }
   const expectedValues = [...start.widgets_values];
-  await page.evaluate(async ({ graph }) => { await window.app.loadGraphData(graph, true, true, "advanced inputs"); },
-                      { graph });
-  await sleep(1000);
+  await loadGraph(page, graph, "advanced inputs", 1000);
   // the node in view at zoom 1, so the toggle is clicked where a user would
   await page.evaluate(() => {
     const node = window.app.graph.nodes.find((n) => n.type === "TDMDistillStart");
@@ -566,10 +566,7 @@ async function checkAdvancedFold(page, out, foldFile) {
 
   // the real Queue button, with the advanced inputs shown and then folded again
   const queue = async () => {
-    const responsePromise = page.waitForResponse(
-      (r) => r.url().endsWith("/api/prompt") && r.request().method() === "POST", { timeout: 30000 });
-    await page.locator('[data-testid="queue-button"]').first().click();
-    const response = await responsePromise;
+    const response = await clickQueue(page);
     const posted = JSON.parse(response.request().postData() || "{}").prompt ?? {};
     const entry = Object.values(posted).find((n) => n.class_type === "TDMDistillStart");
     await waitForIdleQueue(page, 60000);
