@@ -334,7 +334,7 @@ def main() -> int:
     # One thumbnail source per workflow however many runtimes are checked: the oldest runtime that loads it (0.3.75;
     # upstream only for the workflows that need it), so a second run does not rewrite the committed images.
     thumbnail_here = (lambda stem: True) if not native else (
-        lambda stem: stem in build_workflows.NEEDS_NATIVE_COGVIDEOX or not _older_runtime_present())
+        lambda stem: stem in needs_native or not _older_runtime_present())
 
     with tempfile.TemporaryDirectory(prefix="tdm_browser_") as tmp:
         base = make_base_directory(Path(tmp) / "base")
