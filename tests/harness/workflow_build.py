@@ -253,7 +253,11 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
         # Trailing optional widgets the description leaves unset are not saved (the frontend gives them their
         # defaults): newer ComfyUI versions add such widgets (CreateVideo's bit_depth), and one file must serve all.
         specs = widget_specs(info)
-        shown_widgets = sum(spec.saved_values for spec in specs)  # the frontend shows unsaved trailing ones too
+        # The rows the frontend shows: every widget (unsaved trailing ones too), except that the pack's nodes open
+        # with their advanced inputs folded under one toggle row (web/tdm_advanced.js), and are saved folded.
+        folds = node.type.startswith("TDM") and any(spec.options.get("advanced") for spec in specs)
+        shown_widgets = sum(spec.saved_values for spec in specs
+                            if not (folds and spec.options.get("advanced"))) + (1 if folds else 0)
         while specs and specs[-1].optional and specs[-1].name not in node.widgets:
             specs.pop()
         widgets_values = []
@@ -288,6 +292,8 @@ def build(nodes: list[Node], object_info: dict, pack_properties: dict, core_vers
         }
         if node.title:
             ui_node["title"] = node.title
+        if folds:
+            ui_node["showAdvanced"] = False  # LiteGraph's own field: the extension keeps the saved, folded size
         ui_nodes.append(ui_node)
         outputs_by_key[node.key] = ui_node["outputs"]
 
