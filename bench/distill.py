@@ -137,7 +137,7 @@ def _cost(trainer, rounds: int) -> dict:
 
 def iteration_cost(cache_dir=None, sd15_rounds: int = 5) -> dict:
     """`iteration_cost_ratio_*`: the wall time of one training iteration ÷ the wall time of the network passes it
-    needs (network_floor), same run, same shapes; goal ≤ 1.15. Host syncs, copies, adapter switches, the loss
+    needs (network_passes, timed in turn with the steps by _cost), same run, same shapes; goal ≤ 1.15. Host syncs, copies, adapter switches, the loss
     arithmetic, optimiser steps and logging are what the ratio adds above 1. On the toy digits teacher (batch 256 as
     the toy recipe) and on a real-size SD1.5 UNet in ComfyUI's layout through TDM Distill's own job runtime (random
     weights, fp32 CPU, batch 1, 64×64 px: 8×8 latents, cfg 2)."""

@@ -79,8 +79,9 @@ def extra_inputs(model, family: str, extra: dict, context: torch.Tensor,
     built = model.model.extra_conds(**params)
     missing = [key for key in keys if key not in built]
     if missing:
-        raise ValueError(f"ComfyUI built no {missing[0]!r} input for this {DISTILLABLE_FAMILY_LABELS[family]} MODEL from the "
-                         "CLIP's conditioning (a CLIP without pooled output?); load the model's own text encoders")
+        raise ValueError(f"ComfyUI built no {missing[0]!r} input for this {DISTILLABLE_FAMILY_LABELS[family]} MODEL "
+                         "from the CLIP's conditioning (a CLIP without pooled output?); load the model's own text "
+                         "encoders")
     return {key: built[key].cond.detach().clone() for key in keys}
 
 

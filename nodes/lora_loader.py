@@ -94,10 +94,10 @@ def _shape_lookup(state_dict):
     return weight_shape
 
 
-
 # The model option (copied with the MODEL by ComfyUI's clone, handed to samplers in extra_args["model_options"]) that
 # carries a distilled student's recorded solver from the loader to the TDM samplers' `auto`.
 STUDENT_SOLVER_OPTION = "tdm_student_solver"
+
 
 @dataclass
 class LoraApplication:

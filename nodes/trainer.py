@@ -362,7 +362,7 @@ def _wait_for_job(manager, job_id: str, timeout: float | None = None):
             record = manager.get(job_id)
             if deadline is not None and time.monotonic() > deadline:
                 raise ValueError(f"TDM job {job_id} did not stop within {timeout:.0f} s; it is "
-                                 f"{manager.get(job_id).state}. Check TDM Distill Status, or stop it again.") from None
+                                 f"{record.state}. Check TDM Distill Status, or stop it again.") from None
         else:
             show(ended)
             return ended

@@ -136,7 +136,8 @@ def test_every_output_has_a_display_name_and_every_node_a_tdm_place(object_info)
     assert unnamed == [] and misplaced == []
 
 
-@pytest.mark.parametrize("document", ["web/docs/TDMDistillStart/en.md", "workflows/Distil your own 4-step LoRA (SD1.5 teacher).json"])
+@pytest.mark.parametrize("document", ["web/docs/TDMDistillStart/en.md",
+                                      "workflows/Distil your own 4-step LoRA (SD1.5 teacher).json"])
 def test_distillation_docs_name_every_family_the_trainer_takes(document):
     """The help page and the distillation workflow's note once said "SD1.5 or SD3 family" long after SDXL and
     Flux-dev were added: both are checked against the trainer's own family table so they cannot fall behind again."""

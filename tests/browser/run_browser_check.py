@@ -57,7 +57,8 @@ def make_control(workflow: dict) -> dict:
 
 # Thumbnail banners by what the workflow makes (first key its title contains): graphs look alike at thumbnail size,
 # the banner's colour and title tell the cards apart (a test holds every pair of thumbnails apart).
-BANNER_KINDS = (("flux", "DISTIL YOUR OWN 4-STEP LORA", (109, 76, 65)), ("distil", "DISTIL YOUR OWN 4-STEP LORA", (46, 125, 50)), ("video", "VIDEO · 4 STEPS", (106, 27, 154)),
+BANNER_KINDS = (("flux", "DISTIL YOUR OWN 4-STEP LORA", (109, 76, 65)),
+                ("distil", "DISTIL YOUR OWN 4-STEP LORA", (46, 125, 50)), ("video", "VIDEO · 4 STEPS", (106, 27, 154)),
                 ("teacher", "TEACHER VS TDM", (191, 54, 12)), ("sd3.5", "IMAGE · 4 STEPS", (0, 121, 107)),
                 ("dreamshaper", "IMAGE · 4 STEPS", (173, 20, 87)), ("", "IMAGE · 4 STEPS", (21, 101, 192)))
 BANNER_HEIGHT = 132
@@ -442,7 +443,8 @@ def main() -> int:
     print(f"browser: {loaded} workflows loaded, {dialogs} missing-node dialogs/notices, {queued} queued, "
           f"{alerted} with load alerts; control with an unknown node type detected: {bool(control_detected)} "
           f"({control_how}); "
-          f"jobs panel rendered: {panel_ok}; layout problems (unreadable zoom, overlaps, off-screen, links under nodes): {len(layout_failures)}; "
+          f"jobs panel rendered: {panel_ok}; layout problems (unreadable zoom, overlaps, off-screen, links under "
+          f"nodes): {len(layout_failures)}; "
           f"LoRA report on the node: {(results.get('loraReport') or {}).get('reports', {}).get('TDMLoraLoader', '')!r}; "
           f"jobs panel curve/preview/remove: {panel.get('curve')}/{panel.get('preview')}/{panel.get('remove')}"
           + (f"; skipped (need native CogVideoX): {', '.join(skipped)}" if skipped else ""))
