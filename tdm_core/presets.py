@@ -69,6 +69,8 @@ class ModelPreset:
     img2img_steps: str = "floor"
     model_timesteps: str = "integer"
     initial_noise: str = "unit"
+    # The training recipe (tdm_core/recipes.py) TDM Distill's recipe "auto" uses for this preset's family.
+    training_recipe: str = "official_demo"
 
     @property
     def nfe(self) -> int:

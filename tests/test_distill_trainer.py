@@ -280,9 +280,14 @@ def test_cli_writes_metrics_previews_checkpoints_and_resumes(tmp_path):
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()][-2:] == [5, 6]
 
 
-def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
-    cfg_one = _write_cli_config(tmp_path / "one.json", tmp_path / "one", preview_every=0, checkpoint_every=0)
-    cfg_two = _write_cli_config(tmp_path / "two.json", tmp_path / "two", preview_every=0, checkpoint_every=0)
+# The official draws, and Flow-Factory's (every step of each sample, two fake updates, clipped fake gradients and
+# importance weights, logit-normal τ up to full noise): each process must take its own samples' rows.
+@pytest.mark.parametrize("recipe", [{}, {"recipe": "flow_factory_sd35", "fake_updates": 2, "lora_alpha": None}],
+                         ids=["official", "flow_factory"])
+def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path, recipe):
+    settings = dict(preview_every=0, checkpoint_every=0, lora_rank=4, **recipe)
+    cfg_one = _write_cli_config(tmp_path / "one.json", tmp_path / "one", **settings)
+    cfg_two = _write_cli_config(tmp_path / "two.json", tmp_path / "two", **settings)
     _run([sys.executable, "-m", "tdm_core.distill", "--config", str(cfg_one), "--no-progress"])
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))

@@ -20,7 +20,17 @@ TAU_MIN = 20
 TAU_MARGIN = 10
 RANDMID_MARGIN = 20
 
-TAU_MODES = ("separate", "shared")
+# τ's interval: "separate" [max(20, t_mid), t_g − 10) (official, the releases), "shared" [.., N − 10) with N the
+# grid's top (official option), "reverse" [.., the teacher schedule's end) (Flow-Factory's `tdm_query_interval:
+# reverse` at max σ 1, docs/recipes.md).
+TAU_MODES = ("separate", "shared", "reverse")
+# τ's density inside its interval: "uniform" over the integer timesteps (official), "logit_normal": a logit-normal
+# over the flow-equivalent noise level σ/(α + σ), truncated to the interval (Flow-Factory's
+# `conditional_logit_normal`).
+TAU_DENSITIES = ("uniform", "logit_normal")
+# "one": each sample trains one random step of its trajectory per update (official); "all": every sample trains all
+# K steps in each update, their losses averaged (Flow-Factory: "all four stage losses are averaged").
+STAGES = ("one", "all")
 GENERATOR_LOSSES = ("pseudo_huber", "pseudo_huber_vector", "mse")
 MODES = ("lora", "full")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -47,12 +57,20 @@ class DistillConfig:
     tau_mode: str = "separate"  # "separate": τ ∈ [max(20, t_mid), t_g − 10); "shared": τ ∈ [.., N − 10)
     randmid: bool = False  # jitter t_mid uniformly in [t_mid, t_g − 20) (regularises the generator)
     cfg: float = 2.0  # teacher guidance scale s of the generator target (4.5 in the README run)
-    lr: float = 1e-4  # fake-score learning rate; the generator gets lr · generator_lr_scale
-    generator_lr_scale: float = 0.2  # the official lr / 5
-    adam_betas: tuple[float, float] = (0.0, 0.95)
+    lr: float = 1e-4  # fake-score learning rate
+    generator_lr_scale: float = 0.2  # the student's lr is lr · generator_lr_scale (the official lr / 5) ...
+    student_lr: float | None = None  # ... unless given here
+    adam_betas: tuple[float, float] = (0.0, 0.95)  # both networks' AdamW
     adam_eps: float = 1e-8
     weight_decay: float = 1e-2
-    grad_clip: float = 1.0  # max grad norm of the generator (the fake score is not clipped)
+    grad_clip: float = 1.0  # max grad norm of the generator (student)
+    grad_clip_fake: float | None = None  # max grad norm of the fake score (None: not clipped, as officially)
+    importance_clip: float | None = None  # w_IS clipped into [1/c, c] (None: unclipped, official; Flow-Factory 20)
+    tau_density: str = "uniform"  # see TAU_DENSITIES
+    tau_logit_mean: float = 0.0  # of the logit-normal τ density
+    tau_logit_std: float = 1.0
+    fake_updates: int = 1  # fake-score updates per student update (each with fresh draws on the same rollout)
+    stages: str = "one"  # see STAGES
     lr_warmup_steps: int = 0  # linear warm-up of the generator LR (the official script's schedule is constant)
     batch_size: int = 1  # global batch; split evenly across data-parallel processes
     generator_loss: str = "pseudo_huber"  # "pseudo_huber" (element-wise, official), "pseudo_huber_vector", "mse"
@@ -78,6 +96,7 @@ class DistillConfig:
     family: str = ""  # teacher family ("sd15", "sd3", "sd35", "cogvideox", "toy", ...)
     recommended_strength: float = 1.0
     sampler_preset: str = ""  # the preset/solver name the student should be sampled with
+    recipe: str = ""  # the training recipe (tdm_core.recipes) the settings came from, for the record
     # How the CLI builds the teacher: {"factory": "package.module:function", ...kwargs}; the factory is called
     # with (config, **kwargs) and returns a TeacherBackend.
     teacher: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +123,20 @@ class DistillConfig:
              f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         need(_finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
         need(_finite(self.grad_clip) and self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip!r}")
+        need(self.student_lr is None or (_finite(self.student_lr) and self.student_lr > 0),
+             f"student_lr must be > 0 or null (lr · generator_lr_scale), got {self.student_lr!r}")
+        need(self.grad_clip_fake is None or (_finite(self.grad_clip_fake) and self.grad_clip_fake > 0),
+             f"grad_clip_fake must be > 0 or null (not clipped), got {self.grad_clip_fake!r}")
+        need(self.importance_clip is None or (_finite(self.importance_clip) and self.importance_clip > 1),
+             f"importance_clip must be > 1 or null (unclipped), got {self.importance_clip!r}")
+        need(self.tau_density in TAU_DENSITIES, f"tau_density must be one of {TAU_DENSITIES}, got {self.tau_density!r}")
+        need(_finite(self.tau_logit_mean), f"tau_logit_mean must be a finite number, got {self.tau_logit_mean!r}")
+        need(_finite(self.tau_logit_std) and self.tau_logit_std > 0,
+             f"tau_logit_std must be > 0, got {self.tau_logit_std!r}")
+        need(isinstance(self.fake_updates, int) and not isinstance(self.fake_updates, bool) and 1 <= self.fake_updates <= 16,
+             f"fake_updates must be an integer in [1, 16], got {self.fake_updates!r}")
+        need(self.stages in STAGES, f"stages must be one of {STAGES}, got {self.stages!r}")
+        need(isinstance(self.recipe, str), f"recipe must be a recipe name, got {self.recipe!r}")
         need(_finite(self.huber_c) and self.huber_c > 0, f"huber_c must be > 0, got {self.huber_c!r}")
         need(_finite(self.snr_clamp) and self.snr_clamp > 0, f"snr_clamp must be > 0, got {self.snr_clamp!r}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size!r}")
@@ -150,10 +183,9 @@ class DistillConfig:
         if any(t < 0 or t >= num_timesteps for t in grid):
             errors.append(f"grid {grid} does not fit the teacher schedule (indices 0..{num_timesteps - 1})")
             return errors
-        top = self.grid_top()
         for k, (t_g, t_mid) in enumerate(zip(grid, mids, strict=True)):
             lo = max(TAU_MIN, t_mid)
-            hi = t_g - TAU_MARGIN if self.tau_mode == "separate" else top - TAU_MARGIN
+            hi = self.tau_upper(t_g, num_timesteps)
             if lo >= hi:
                 errors.append(f"grid step {k} (t = {t_g}, ends at {t_mid}): the τ range [{lo}, {hi}) is empty; "
                               f"steps must be more than {TAU_MIN + TAU_MARGIN - 1} apart and t ≥ {TAU_MIN + TAU_MARGIN + 1}")
@@ -182,6 +214,17 @@ class DistillConfig:
         """N of the "shared" τ mode's upper bound N − 10."""
         return self.total_steps if self.timesteps is None else int(self.timesteps[0]) + 1
 
+    def tau_upper(self, t_g: int, num_timesteps: int) -> int:
+        """The exclusive upper end of τ's interval for the student step at t_g (see TAU_MODES)."""
+        if self.tau_mode == "separate":
+            return t_g - TAU_MARGIN
+        if self.tau_mode == "shared":
+            return self.grid_top() - TAU_MARGIN
+        return num_timesteps
+
+    def student_learning_rate(self) -> float:
+        return float(self.student_lr) if self.student_lr is not None else self.lr * self.generator_lr_scale
+
     def grid_name(self) -> str:
         if self.timesteps is not None:
             return "custom:" + ",".join(str(t) for t in self.grid())
@@ -200,6 +243,16 @@ class DistillConfig:
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         data = dict(data)
+        recipe = data.get("recipe") or ""
+        if recipe:  # a named recipe fills every knob the data does not set (tdm_core/recipes.py)
+            from ..recipes import recipe_settings
+
+            if not isinstance(recipe, str):
+                raise ConfigError(f"recipe must be a recipe name, got {recipe!r}")
+            try:
+                data = recipe_settings(recipe, str(data.get("family") or "")) | data
+            except KeyError as error:
+                raise ConfigError(str(error.args[0])) from None
         if "adam_betas" in data:
             data["adam_betas"] = tuple(data["adam_betas"])
         if data.get("prompts") is not None:
@@ -208,7 +261,8 @@ class DistillConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> DistillConfig:
-        """Reads a .json or .toml file (a TOML file may put the settings under a [distill] table)."""
+        """Reads a .json or .toml file (a TOML file may put the settings under a [distill] table); a `recipe` key
+        fills the knobs the file leaves out from that recipe (tdm_core/recipes.py)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")

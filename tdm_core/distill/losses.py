@@ -60,11 +60,15 @@ def mixed_noise(eps_hat: torch.Tensor, z: torch.Tensor, alpha1, sigma1, alpha2, 
     return (_b(alpha2 / alpha1 * sigma1, eps_hat) * eps_hat + _b(beta, z) * z) / _b(sigma2, z)
 
 
-def importance_weight(m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """w_IS = exp(−½ mean_d(m²)) / exp(−½ mean_d(z²)), per sample, as in the official script."""
+def importance_weight(m: torch.Tensor, z: torch.Tensor, clip: float | None = None) -> torch.Tensor:
+    """w_IS = exp(−½ mean_d(m²)) / exp(−½ mean_d(z²)), per sample, as in the official script; with `clip` = c,
+    log w_IS is clamped to [−ln c, ln c] (Flow-Factory's density-ratio clip, c = 20)."""
     m2 = m.flatten(1).pow(2).mean(dim=1)
     z2 = z.flatten(1).pow(2).mean(dim=1)
-    return torch.exp(-0.5 * m2) / torch.exp(-0.5 * z2)
+    if clip is None:
+        return torch.exp(-0.5 * m2) / torch.exp(-0.5 * z2)
+    bound = math.log(clip)
+    return torch.exp((-0.5 * (m2 - z2)).clamp(-bound, bound))
 
 
 def fake_score_loss(fake_x0: torch.Tensor, x0_hat: torch.Tensor, snr: torch.Tensor, weight: torch.Tensor,

@@ -39,7 +39,7 @@ from ..presets import student_solver
 from ..schedules import training_demo_timesteps
 from . import losses
 from .backend import COMPUTE_DTYPES, forward_pair
-from .config import RANDMID_MARGIN, TAU_MARGIN, TAU_MIN, DistillConfig
+from .config import RANDMID_MARGIN, TAU_MIN, DistillConfig
 
 # fp16's loss scale starts at 2¹⁶ and halves on each overflow: 20 skips in a row are far past any transient.
 MAX_SKIPPED_IN_A_ROW = 20
@@ -104,6 +104,9 @@ class TDMTrainer:
         self.grid_top = config.grid_top()
         self.alphas = schedule.alphas
         self.sigmas = schedule.sigmas
+        self.num_timesteps = schedule.num_timesteps
+        # rows of one update per sample: 1, or K when every sample trains all K steps of its trajectory
+        self.rows_per_sample = len(self.grid) if config.stages == "all" else 1
         self._device_tables: dict = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step_count = 0
@@ -121,7 +124,7 @@ class TDMTrainer:
         self.student_params = list(backend.trainable_parameters("student"))
         self.opt_fake = _adamw(self.fake_params, lr=config.lr, betas=betas, eps=config.adam_eps,
                                weight_decay=config.weight_decay)
-        self.opt_gen = _adamw(self.student_params, lr=config.lr * config.generator_lr_scale, betas=betas,
+        self.opt_gen = _adamw(self.student_params, lr=config.student_learning_rate(), betas=betas,
                               eps=config.adam_eps, weight_decay=config.weight_decay)
         warmup = config.lr_warmup_steps
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -141,27 +144,58 @@ class TDMTrainer:
         return torch.float32
 
     # ---- random draws (whole global batch, then this process's slice) ----------------------------------------------
-    def _local(self, t: torch.Tensor) -> torch.Tensor:
-        start = self.rank * self.local_batch
-        return t[start : start + self.local_batch]
+    def _local(self, t: torch.Tensor, rows_per_sample: int = 1) -> torch.Tensor:
+        start, count = self.rank * self.local_batch * rows_per_sample, self.local_batch * rows_per_sample
+        return t[start : start + count]
 
     def _draw_segment(self) -> dict[str, torch.Tensor]:
-        """j, t_g, t_mid, τ and z for one update (docs/tdm_method.md §2)."""
-        b, g = self.config.batch_size, self.generator
-        j = torch.randint(len(self.grid), (b,), generator=g)
+        """j, t_g, t_mid, τ and z for one update (docs/tdm_method.md §2), one row per (sample, trained step): one row
+        per sample with a random step j (official), or K rows per sample, j = 0..K−1 ("all" stages). "sample" is
+        the row's index into this process's rollout batch."""
+        b, g, rows = self.config.batch_size, self.generator, self.rows_per_sample
+        if rows == 1:
+            j = torch.randint(len(self.grid), (b,), generator=g)
+            sample = torch.arange(b)
+        else:  # sample-major, so each process's slice holds its own samples' rows
+            j = torch.arange(rows).repeat(b)
+            sample = torch.arange(b).repeat_interleave(rows)
         t_g = torch.tensor(self.grid)[j]
         t_mid = torch.tensor(self.mids)[j]
         if self.config.randmid:
             t_mid = _uniform_int(t_mid, t_g - RANDMID_MARGIN, g)
         lo = torch.clamp(t_mid, min=TAU_MIN)
-        hi = t_g - TAU_MARGIN if self.config.tau_mode == "separate" else torch.full_like(t_g, self.grid_top - TAU_MARGIN)
-        tau = _uniform_int(lo, hi, g)
-        z = torch.randn((b, *self.backend.latent_shape), generator=g)
+        hi = torch.tensor([self.config.tau_upper(int(t), self.num_timesteps) for t in t_g.tolist()])
+        if self.config.tau_density == "logit_normal":
+            tau = self._logit_normal_int(lo, hi, g)
+        else:
+            tau = _uniform_int(lo, hi, g)
+        z = torch.randn((len(j), *self.backend.latent_shape), generator=g)
+        sample = sample - self.rank * self.local_batch
         # drawn on the CPU generator (reproducible on any device), then moved once per draw; the largest state index
         # of this process's slice is read here, on the CPU, so the rollout's length costs no device sync
-        draw = {k: self._local(v).to(self.device) for k, v in dict(j=j, t_g=t_g, t_mid=t_mid, tau=tau, z=z).items()}
-        draw["j_max"] = int(self._local(j).max())
+        draw = {k: self._local(v, rows).to(self.device)
+                for k, v in dict(j=j, t_g=t_g, t_mid=t_mid, tau=tau, z=z, sample=sample).items()}
+        draw["j_max"] = int(self._local(j, rows).max())
         return draw
+
+    def _logit_normal_int(self, lo: torch.Tensor, hi: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Integer τ in [lo, hi) whose flow-equivalent noise level s = σ/(α + σ) follows a logit-normal
+        (tau_logit_mean, tau_logit_std) truncated to [s(lo), s(hi − 1)]: by inverting the normal's CDF between the
+        two ends (on the reflected side for intervals right of the mean, where 1 − Φ keeps its precision), then
+        taking the first timestep at or above the drawn s. For a flow schedule s is σ itself."""
+        cfg = self.config
+        s_table = (self.sigmas / (self.alphas + self.sigmas)).clamp(1e-12, 1 - 1e-12)
+        z_lo = (torch.logit(s_table[lo]) - cfg.tau_logit_mean) / cfg.tau_logit_std
+        z_hi = (torch.logit(s_table[hi - 1]) - cfg.tau_logit_mean) / cfg.tau_logit_std
+        reflect = z_lo > 0
+        a, b = torch.where(reflect, -z_hi, z_lo), torch.where(reflect, -z_lo, z_hi)
+        cdf_a, cdf_b = torch.special.ndtr(a), torch.special.ndtr(b)
+        u = torch.rand(lo.shape, generator=generator, dtype=torch.float64)
+        z = torch.special.ndtri((cdf_a + u * (cdf_b - cdf_a)).clamp(1e-300, 1 - 1e-16))
+        z = torch.where(reflect, -z, z)
+        s = torch.sigmoid(cfg.tau_logit_mean + cfg.tau_logit_std * z)
+        tau = torch.searchsorted(s_table.contiguous(), s.contiguous())
+        return torch.minimum(torch.maximum(tau, lo), hi - 1)
 
     def _tables(self, device: torch.device):
         """α, σ and SNR as tensors on `device`, made once per device (a parked job moves to the CPU and back):
@@ -220,25 +254,28 @@ class TDMTrainer:
     def _x0(self, prediction, x, t):
         return losses.x0_from_prediction(prediction, x, *self._coef(t), self.backend.parametrisation)
 
-    def _gather(self, per_step: list[torch.Tensor], j: torch.Tensor) -> torch.Tensor:
+    def _gather(self, per_step: list[torch.Tensor], draw: dict) -> torch.Tensor:
+        """Each row's value at its step j of its sample's trajectory."""
         stacked = torch.stack(per_step)
-        return stacked[j.to(stacked.device), torch.arange(stacked.shape[1], device=stacked.device)]
+        return stacked[draw["j"].to(stacked.device), draw["sample"].to(stacked.device)]
 
     def fake_update(self, rollout, cond, draw) -> dict[str, float]:
         states, x0s, epss = rollout
-        x0_hat, eps_hat = self._gather(x0s, draw["j"]), self._gather(epss, draw["j"])
+        x0_hat, eps_hat = self._gather(x0s, draw), self._gather(epss, draw)
         with torch.no_grad():
             x_tau, m, z = self._noised(x0_hat, eps_hat, draw)
-            w_is = losses.importance_weight(m, z)
+            w_is = losses.importance_weight(m, z, self.config.importance_clip)
         tau = draw["tau"]
         fake_x0 = self._x0(self.backend.forward(x_tau, tau, cond, "fake"), x_tau, tau)
         loss = losses.fake_score_loss(fake_x0, x0_hat, self._tables(tau.device)[2][tau], w_is, self.config.snr_clamp)
-        _, applied = self._apply_update(loss, self.opt_fake, self.scaler_fake, self.fake_params, clip=None)
-        return {"loss_fake": loss.detach(), "is_weight": w_is.mean(), "skipped_fake": torch.tensor(float(not applied))}
+        grad_norm, applied = self._apply_update(loss, self.opt_fake, self.scaler_fake, self.fake_params,
+                                                clip=self.config.grad_clip_fake)
+        return {"loss_fake": loss.detach(), "grad_norm_fake": grad_norm.detach(), "is_weight": w_is.mean(),
+                "skipped_fake": torch.tensor(float(not applied))}
 
     def generator_update(self, rollout, cond, uncond, draw) -> dict[str, float]:
         states = rollout[0]
-        x_tg, t_g = self._gather(states, draw["j"]), draw["t_g"]
+        x_tg, t_g = self._gather(states, draw), draw["t_g"]
         pred = self.backend.forward(x_tg, t_g, cond, "student")
         x0_hat, eps_hat = losses.x0_and_eps(pred, x_tg, *self._coef(t_g), self.backend.parametrisation)
         tau = draw["tau"]
@@ -297,15 +334,22 @@ class TDMTrainer:
         cfg, g = self.config, self.generator
         prompt_index = self._local(torch.randint(len(cfg.prompts), (cfg.batch_size,), generator=g))
         noise = self._local(torch.randn((cfg.batch_size, *self.backend.latent_shape), generator=g))
-        draw_fake, draw_gen = self._draw_segment(), self._draw_segment()
+        draws_fake = [self._draw_segment() for _ in range(cfg.fake_updates)]
+        draw_gen = self._draw_segment()
         prompts = [cfg.prompts[i] for i in prompt_index.tolist()]
         cond = self.backend.encode(prompts)
-        uncond = self.backend.uncond(len(prompts)) if cfg.cfg != 1.0 else None
-        forwards = max(draw_fake["j_max"] + 1, draw_gen["j_max"])
+        if self.rows_per_sample == 1:
+            row_cond = cond
+        else:  # the updates' rows: each sample's conditioning once per trained step
+            row_cond = self.backend.encode([p for p in prompts for _ in range(self.rows_per_sample)])
+        rows = len(prompts) * self.rows_per_sample
+        uncond = self.backend.uncond(rows) if cfg.cfg != 1.0 else None
+        forwards = max(max(d["j_max"] for d in draws_fake) + 1, draw_gen["j_max"])
         trajectory = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond, forwards=forwards)
-        metrics = self.fake_update(trajectory, cond, draw_fake)
+        fake_metrics = [self.fake_update(trajectory, row_cond, draw) for draw in draws_fake]
+        metrics = {k: torch.stack([m[k] for m in fake_metrics]).mean() for k in fake_metrics[0]}
         metrics["student_steps"] = torch.tensor(float(forwards))
-        metrics.update(self.generator_update(trajectory, cond, uncond, draw_gen))
+        metrics.update(self.generator_update(trajectory, row_cond, uncond, draw_gen))
         self._check_updated_weights(metrics)
         if self.scaler_gen.is_enabled():
             metrics["loss_scale"] = torch.tensor(float(self.scaler_gen.get_scale()))
@@ -426,10 +470,14 @@ class TDMTrainer:
             "tdm.trained_iterations": str(self.step_count),
             "tdm.cfg_distilled": repr(float(c.cfg)),
             "tdm.schedule_kind": self.backend.schedule.kind,
+            "tdm.recipe": c.recipe or "custom",
             "tdm.format_note": "trained by comfyui-tdm tdm_core.distill",
         } | ({"tdm.family": c.family} if c.family else {})
 
 
 def nfe_per_iteration(config: DistillConfig) -> int:
-    """Network evaluations per sample and iteration (batched cond+uncond counted as 2)."""
-    return config.steps + 1 + 1 + (2 if config.cfg != 1.0 else 1) + 1
+    """Network evaluations per sample and iteration (batched cond+uncond counted as 2): the K-step rollout, then per
+    trained step (K of them with "all" stages) each fake update's forward and the generator's student, teacher and
+    fake forwards."""
+    rows = config.steps if config.stages == "all" else 1
+    return config.steps + rows * (config.fake_updates + 1 + (2 if config.cfg != 1.0 else 1) + 1)

@@ -1,0 +1,166 @@
+"""TDM training recipes as data: every value with the source it comes from.
+
+A recipe is the set of `DistillConfig` training knobs a published run used (teacher CFG, both learning rates, AdamW,
+gradient clipping per network, LoRA size, how τ is drawn, the importance-weight clip, fake-score updates per
+student update, which trajectory steps each update trains, batch). Each sampling preset names the recipe its
+family trains with (`tdm_core.presets.ModelPreset.training_recipe`); TDM Distill's `recipe` input ("auto": the
+preset's) fills its defaults from it, any advanced input overrides a value, and the headless config takes the same
+field names. The sources, in this project's words, are in `docs/recipes.md`:
+
+  demo     the official training script `train_tdm_demo.py` (Luo-Yihong/TDM), its defaults (docs/tdm_method.md §2);
+  readme   the official README's training command (cfg 4.5, lr 2e-5, pseudo-Huber, separate τ);
+  ff       the TDM authors' group's Flow-Factory TDM recipe for SD3.5-medium (`examples/tdm/lora/sd3_5/ocr.yaml`,
+           `hparams/training_args/tdm.py` in X-GenGroup/Flow-Factory);
+  here     this project's choice where no source applies (the LoRA layout, one GPU), with its reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SOURCES = {
+    "demo": "official train_tdm_demo.py defaults",
+    "readme": "official README training command",
+    "ff": "Flow-Factory examples/tdm/lora/sd3_5/ocr.yaml",
+    "here": "comfyui-tdm",
+}
+
+
+@dataclass(frozen=True)
+class Value:
+    value: Any
+    source: str  # a SOURCES key
+    why: str = ""  # for "here", and wherever the value is a translation of the source's setting
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown recipe source {self.source!r}; known: {sorted(SOURCES)}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str  # stable id, stored in job records and LoRA metadata: never rename
+    title: str
+    summary: str
+    values: dict[str, Value] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        """The DistillConfig fields this recipe sets."""
+        return {key: v.value for key, v in self.values.items()}
+
+    def cited(self) -> str:
+        """One line per value, "name value (source: why)", for the job panel and the README table."""
+        lines = []
+        for key, v in self.values.items():
+            note = f"{SOURCES[v.source]}" + (f": {v.why}" if v.why else "")
+            lines.append(f"{key} {v.value!r} ({note})")
+        return "\n".join(lines)
+
+
+_LORA_HERE = "the official script fine-tunes full copies; here both networks are LoRAs on one frozen teacher"
+_ONE_GPU = "ComfyUI trains on one GPU; one sample fits a 24 GB card at the family's native size"
+
+_DEMO = {
+    "cfg": Value(2.0, "demo"),
+    "lr": Value(1e-4, "demo", "the fake score's learning rate"),
+    "student_lr": Value(2e-5, "demo", "the student at lr / 5"),
+    "adam_betas": Value((0.0, 0.95), "demo"),
+    "weight_decay": Value(1e-2, "demo"),
+    "grad_clip": Value(1.0, "demo", "the student's gradient norm"),
+    "grad_clip_fake": Value(None, "demo", "the fake score is not clipped"),
+    "lora_rank": Value(16, "here", _LORA_HERE),
+    "lora_alpha": Value(None, "here", "alpha = rank: scale 1 in every loader"),
+    "tau_mode": Value("separate", "demo", "τ in [max(20, t_mid), t_g − 10): each student step owns its τ range"),
+    "tau_density": Value("uniform", "demo"),
+    "importance_clip": Value(None, "demo", "unclipped"),
+    "fake_updates": Value(1, "demo"),
+    "stages": Value("one", "demo", "each sample trains one random step of its trajectory"),
+    "batch_size": Value(1, "here", _ONE_GPU),
+}
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe("official_demo", "Official demo script",
+               "The TDM authors' training script as published (PixArt-α): teacher CFG 2, fake score at 1e-4, student "
+               "at a fifth, AdamW (0, 0.95).", dict(_DEMO)),
+        Recipe("official_readme", "Official README run",
+               "The official README's command: the demo script at CFG 4.5 and learning rate 2e-5.",
+               _DEMO | {"cfg": Value(4.5, "readme"), "lr": Value(2e-5, "readme", "the fake score's learning rate"),
+                        "student_lr": Value(4e-6, "readme", "the student at lr / 5, as the script does")}),
+        Recipe("flow_factory_sd35", "Flow-Factory SD3.5 (the authors' group)",
+               "The TDM authors' group's later SD3.5-medium recipe: CFG 4 on the teacher only, both networks at "
+               "1e-5 with AdamW (0.9, 0.999), clipped at 1, rank 32 / alpha 64, τ logit-normal up to full noise, "
+               "importance weights clipped at 20, all four steps trained in every update.",
+               {
+                   "cfg": Value(4.0, "ff", "real_guidance_scale; the student and fake score are unguided"),
+                   "lr": Value(1e-5, "ff", "the fake optimiser"),
+                   "student_lr": Value(1e-5, "ff", "the generator optimiser"),
+                   "adam_betas": Value((0.9, 0.999), "ff"),
+                   "weight_decay": Value(1e-4, "ff"),
+                   "grad_clip": Value(1.0, "ff", "generator max_grad_norm"),
+                   "grad_clip_fake": Value(1.0, "ff", "fake max_grad_norm"),
+                   "lora_rank": Value(32, "ff"),
+                   "lora_alpha": Value(64.0, "ff"),
+                   "tau_mode": Value("reverse", "ff", "tdm_query_interval reverse, tdm_query_max_sigma 1.0"),
+                   "tau_density": Value("logit_normal", "ff", "conditional_logit_normal, mean 0, std 1"),
+                   "tau_logit_mean": Value(0.0, "ff"),
+                   "tau_logit_std": Value(1.0, "ff"),
+                   "importance_clip": Value(20.0, "ff", "tdm_importance_clip"),
+                   "fake_updates": Value(1, "ff", "ttur_fake_updates"),
+                   "stages": Value("all", "ff", "all four stage losses averaged"),
+                   "batch_size": Value(1, "here", _ONE_GPU + " (Flow-Factory: 128 prompts a step on 8 GPUs)"),
+               }),
+    )
+}
+
+#: What TDM Distill's `recipe` input offers besides these names: the family's recipe.
+AUTO = "auto"
+#: The recipe the headless trainer and a preset without one use.
+DEFAULT_RECIPE = "official_demo"
+
+# Values a family cannot train with whatever the recipe says.
+FAMILY_OVERRIDES: dict[str, dict[str, Value]] = {
+    "flux": {"cfg": Value(1.0, "here", "Flux-dev is guidance-distilled: its guidance is an input, not a second "
+                                        "pass")},
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        raise KeyError(f"unknown TDM training recipe {name!r}; known: {', '.join(RECIPES)}")
+    return recipe
+
+
+def resolve(name: str, family: str = "") -> tuple[Recipe, dict[str, Value]]:
+    """The recipe and the values it gives a `family` teacher (the recipe's, then the family's overrides)."""
+    recipe = get_recipe(name)
+    return recipe, dict(recipe.values) | FAMILY_OVERRIDES.get(family, {})
+
+
+def recipe_settings(name: str, family: str = "") -> dict[str, Any]:
+    """DistillConfig keyword arguments of `name` for a `family` teacher, plus `recipe=name`."""
+    _, values = resolve(name, family)
+    return {key: v.value for key, v in values.items()} | {"recipe": name}
+
+
+def markdown_table() -> str:
+    """The recipes side by side, each value with its source: the table of docs/recipes.md (a test keeps the two
+    equal; regenerate with `python -c "from tdm_core.recipes import markdown_table; print(markdown_table())"`)."""
+    names = list(RECIPES)
+    keys = list(dict.fromkeys(key for name in names for key in RECIPES[name].values))
+    lines = ["| knob | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key in keys:
+        cells = []
+        for name in names:
+            value = RECIPES[name].values.get(key)
+            if value is None:
+                cells.append("–")
+                continue
+            shown = ("= rank" if key == "lora_alpha" else "off") if value.value is None else (
+                f"({value.value[0]}, {value.value[1]})" if isinstance(value.value, tuple) else f"{value.value}")
+            cells.append(f"{shown} <sub>{value.source}</sub>")
+        lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

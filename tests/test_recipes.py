@@ -1,0 +1,166 @@
+"""Training recipes as data (tdm_core/recipes.py) and the trainer knobs they set: τ's interval and density, the
+importance-weight clip, the fake score's gradient clip, fake updates per student update, all trajectory steps per
+update, and the student's own learning rate."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from tdm_core import presets, recipes
+from tdm_core.distill import ConfigError, DistillConfig, TDMTrainer, losses
+from tdm_core.distill.reference import make_backend
+
+
+def _config(**kw):
+    base = dict(prompts=["a cat", "a dog", "a bird"], batch_size=4, total_steps=900, lora_rank=4, seed=3)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_every_recipe_value_is_a_valid_knob_with_a_source():
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    for recipe in recipes.RECIPES.values():
+        assert set(recipe.values) <= fields, recipe.name
+        for key, value in recipe.values.items():
+            assert value.source in recipes.SOURCES, (recipe.name, key)
+            if value.source == "here":
+                assert value.why, f"{recipe.name}.{key}: a departure from the sources says why"
+        DistillConfig(prompts=["x"], **recipe.settings()).validate(num_timesteps=1000)
+        assert recipe.cited().count("\n") == len(recipe.values) - 1
+    for preset in presets.PRESETS.values():
+        assert preset.training_recipe in recipes.RECIPES, preset.name
+
+
+def test_the_official_recipe_is_the_trainers_default_and_keeps_the_official_draws():
+    """Naming the official recipe changes nothing: same optimisers, same draws, same numbers."""
+    a, b = make_backend(parametrisation="eps", lora_rank=4), make_backend(parametrisation="eps", lora_rank=4)
+    plain = TDMTrainer(a, _config())
+    # only what is not a recipe knob, and the test's small rank: the recipe fills the rest
+    named = TDMTrainer(b, DistillConfig.from_dict(dict(prompts=["a cat", "a dog", "a bird"], batch_size=4,
+                                                       total_steps=900, lora_rank=4, seed=3, recipe="official_demo")))
+    assert named.config.recipe == "official_demo"
+    for _ in range(2):
+        one, two = plain.step(), named.step()
+        assert one["loss_gen"] == two["loss_gen"] and one["loss_fake"] == two["loss_fake"]
+    assert plain.opt_gen.param_groups[0]["lr"] == pytest.approx(named.opt_gen.param_groups[0]["lr"])
+
+
+def test_a_recipe_fills_only_what_the_config_leaves_out():
+    config = DistillConfig.from_dict({"prompts": ["a"], "recipe": "flow_factory_sd35", "lr": 3e-5})
+    assert config.lr == 3e-5 and config.student_lr == 1e-5
+    assert config.adam_betas == (0.9, 0.999) and config.importance_clip == 20.0 and config.stages == "all"
+    assert DistillConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="unknown TDM training recipe 'nope'"):
+        DistillConfig.from_dict({"prompts": ["a"], "recipe": "nope"})
+    # a family's overrides win over the recipe (Flux-dev cannot take a second, unguided pass)
+    assert DistillConfig.from_dict({"prompts": ["a"], "recipe": "official_readme", "family": "flux"}).cfg == 1.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"tau_density": "gaussian"}, "tau_density must be one of"),
+    ({"tau_logit_std": 0.0}, "tau_logit_std must be > 0"),
+    ({"importance_clip": 1.0}, "importance_clip must be > 1"),
+    ({"grad_clip_fake": 0.0}, "grad_clip_fake must be > 0"),
+    ({"fake_updates": 0}, "fake_updates must be an integer in"),
+    ({"stages": "some"}, "stages must be one of"),
+    ({"student_lr": -1e-5}, "student_lr must be > 0"),
+    ({"tau_mode": "forward"}, "tau_mode must be one of"),
+])
+def test_impossible_knobs_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _config(**overrides).validate()
+
+
+def _tau_draws(config, n=20000):
+    trainer = TDMTrainer(make_backend(parametrisation="flow", lora_rank=4), config)
+    trainer.config.batch_size = n  # only the draws: no network runs
+    trainer.local_batch = n
+    return trainer, trainer._draw_segment()
+
+
+def test_reverse_interval_reaches_the_end_of_the_schedule_and_separate_stays_below_the_step():
+    trainer, draw = _tau_draws(_config(tau_mode="reverse"))
+    n = trainer.num_timesteps
+    assert int(draw["tau"].max()) == n - 1 and bool((draw["tau"] >= torch.clamp(draw["t_mid"], min=20)).all())
+    _, draw = _tau_draws(_config())
+    assert bool((draw["tau"] < draw["t_g"] - 10).all())
+
+
+def test_logit_normal_tau_follows_the_truncated_density():
+    """τ's flow-equivalent level s = σ/(α+σ) must follow the logit-normal truncated to each step's interval: its
+    CDF, checked at the interval's quartiles of the exact truncated distribution (Kolmogorov-Smirnov style)."""
+    config = _config(tau_mode="reverse", tau_density="logit_normal", tau_logit_mean=0.5, tau_logit_std=0.8)
+    trainer, draw = _tau_draws(config)
+    s_table = (trainer.sigmas / (trainer.alphas + trainer.sigmas))
+    normal = torch.distributions.Normal(torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64))
+    for j in range(len(trainer.grid)):
+        rows = draw["j"] == j
+        taus = draw["tau"][rows]
+        lo, hi = max(20, trainer.mids[j]), trainer.num_timesteps
+        assert int(taus.min()) >= lo and int(taus.max()) < hi
+        cdf_lo, cdf_hi = (normal.cdf(torch.logit(s_table[t].clamp(1e-12, 1 - 1e-12))) for t in (lo, hi - 1))
+        for q in (0.25, 0.5, 0.75):
+            # the exact truncated distribution's q-quantile level, and the share of draws at or below its timestep
+            level = torch.sigmoid(normal.icdf(cdf_lo + q * (cdf_hi - cdf_lo)))
+            t_q = int(torch.searchsorted(s_table, level))
+            share = float((taus <= t_q).double().mean())
+            assert abs(share - q) < 0.03, (j, q, share)
+
+
+def test_importance_clip_bounds_the_log_weight_and_none_is_the_official_weight():
+    torch.manual_seed(0)
+    z = torch.randn(64, 16)
+    m = 3.0 * torch.randn(64, 16)  # far from z: weights far from 1
+    official = losses.importance_weight(m, z)
+    assert float(official.min()) < 1 / 20
+    clipped = losses.importance_weight(m, z, clip=20.0)
+    assert float(clipped.min()) == pytest.approx(1 / 20) and float(clipped.max()) <= 20 + 1e-4
+    inside = (official > 1 / 20) & (official < 20)
+    torch.testing.assert_close(clipped[inside], official[inside])
+
+
+def test_fake_gradient_clip_bounds_adams_first_moment():
+    """With betas (0.9, ·), one AdamW step leaves exp_avg = 0.1 · g: its norm is at most 0.1 × the clip."""
+    norms = {}
+    for clip in (None, 1e-3):
+        trainer = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4),
+                             _config(adam_betas=(0.9, 0.999), grad_clip_fake=clip))
+        metrics = trainer.step()
+        moments = [trainer.opt_fake.state[p]["exp_avg"] for p in trainer.fake_params]
+        norms[clip] = float(torch.nn.utils.get_total_norm(moments))
+        assert metrics["grad_norm_fake"] > 1e-3  # the norm before clipping is reported
+    assert norms[1e-3] <= 1e-4 * (1 + 1e-4)
+    assert norms[None] > 10 * norms[1e-3]
+
+
+def test_fake_updates_and_student_lr():
+    trainer = TDMTrainer(make_backend(parametrisation="v", lora_rank=4), _config(fake_updates=3, student_lr=7e-6))
+    for _ in range(2):
+        metrics = trainer.step()
+    assert int(trainer.opt_fake.state[trainer.fake_params[0]]["step"]) == 6
+    assert int(trainer.opt_gen.state[trainer.student_params[0]]["step"]) == 2
+    assert metrics["lr_gen"] == pytest.approx(7e-6) and metrics["lr_fake"] == pytest.approx(1e-4)
+
+
+def test_all_stages_train_every_step_of_every_sample():
+    trainer = TDMTrainer(make_backend(parametrisation="flow", lora_rank=4), _config(stages="all"))
+    draw = trainer._draw_segment()
+    k, b = len(trainer.grid), trainer.local_batch
+    assert draw["j"].tolist() == list(range(k)) * b
+    assert draw["sample"].tolist() == [i for i in range(b) for _ in range(k)]
+    assert draw["z"].shape[0] == b * k
+    metrics = trainer.step()
+    assert metrics["student_steps"] == k  # every step's state is needed
+    assert all(math.isfinite(metrics[key]) for key in ("loss_fake", "loss_gen"))
+
+
+def test_the_docs_table_is_the_data():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text(encoding="utf-8")
+    start = text.index("-->", text.index("<!-- recipes-table")) + 3
+    assert text[start:text.index("<!-- /recipes-table -->")].strip() == recipes.markdown_table()
