@@ -46,8 +46,9 @@ EXTRA_INPUTS = {"sdxl": ("y",), "flux": ("y", "guidance")}
 
 
 
-def check_distillable(model, family: str, cfg: float) -> None:
-    """Refuses, before anything is copied or encoded, a MODEL the trainer cannot distil, naming what would work."""
+def check_distillable(model, family: str, cfg: float | None = None) -> None:
+    """Refuses, before anything is copied or encoded, a MODEL the trainer cannot distil, naming what would work;
+    with `cfg`, also a teacher guidance the family cannot train with."""
     if family not in FAMILY_TARGETS:
         config = type(model.model.model_config).__name__
         raise ValueError(f"TDM distillation does not support this MODEL: family {family!r} ({config}); supported "
@@ -57,7 +58,7 @@ def check_distillable(model, family: str, cfg: float) -> None:
         if not getattr(params, "guidance_embed", False):
             raise ValueError("this Flux MODEL has no guidance input (Flux-schnell or a de-distilled Flux): TDM "
                              "distillation supports Flux-dev; Flux-schnell already samples in 1–4 steps")
-        if float(cfg) != 1.0:
+        if cfg is not None and float(cfg) != 1.0:
             raise ValueError(f"cfg is {cfg:g}, but Flux-dev is guidance-distilled: its guidance is the conditioning's "
                              "`guidance` (FluxGuidance, 3.5 by default), not a second, unconditional pass. Set cfg "
                              "to 1")

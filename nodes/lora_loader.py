@@ -97,6 +97,8 @@ def _shape_lookup(state_dict):
 # The model option (copied with the MODEL by ComfyUI's clone, handed to samplers in extra_args["model_options"]) that
 # carries a distilled student's recorded solver from the loader to the TDM samplers' `auto`.
 STUDENT_SOLVER_OPTION = "tdm_student_solver"
+# ... and the grid it was trained on (LoraFile.recorded_grid), which the samplers' preset auto follows
+STUDENT_GRID_OPTION = "tdm_student_grid"
 
 
 @dataclass
@@ -149,6 +151,9 @@ def apply_tdm_lora(model, clip, lora: tdm_lora.LoraFile, strength: float | None 
     new_model = model.clone()
     if lora.recorded_solver:  # a TDM-distilled student: `auto` in the TDM samplers follows what the file records
         new_model.model_options[STUDENT_SOLVER_OPTION] = lora.recorded_solver
+    recorded_grid = lora.recorded_grid
+    if recorded_grid is not None:
+        new_model.model_options[STUDENT_GRID_OPTION] = recorded_grid
     applied = new_model.add_patches(model_patches, strength)
     if len(applied) != len(model_patches):  # cannot happen after shape matching; never fail silently if it does
         raise RuntimeError(f"TDM LoRA '{lora.name}': ComfyUI applied {len(applied)} of {len(model_patches)} patches")

@@ -42,7 +42,7 @@ from comfy_api.v0_0_2 import io, ui
 from tdm_core import presets, schedules, solvers
 
 from . import categories, inputs
-from .lora_loader import STUDENT_SOLVER_OPTION, model_family, native_cogvideox_variant
+from .lora_loader import STUDENT_GRID_OPTION, STUDENT_SOLVER_OPTION, model_family, native_cogvideox_variant
 
 PARAMETRISATION_LABELS = {"flow": "rectified flow", "eps": "ε-prediction", "v": "v-prediction"}
 SOLVER_CHOICES = ["auto", "dpmpp_2m", "ddim"]
@@ -159,6 +159,14 @@ def resolve_preset(model, preset_name: str) -> presets.ModelPreset:
     code changes here."""
     if preset_name != AUTO_PRESET:
         return presets.get_preset(preset_name)
+    recorded = recorded_student_grid(model)
+    if recorded is not None and recorded[0] == "preset":  # a distilled student: the preset it was trained on
+        preset = presets.get_preset(recorded[1])
+        try:
+            check_preset_fits(preset, model)
+            return preset
+        except ValueError:  # the LoRA on another family's model: the loader has said so; the model decides
+            pass
     family = model_family(model)
     matching = presets.presets_for_family(family)
     if not matching:
@@ -167,6 +175,21 @@ def resolve_preset(model, preset_name: str) -> presets.ModelPreset:
                          f"family {family!r}). TDM presets: {known}. Load one of those models, or sample this one "
                          "with ComfyUI's own samplers.")
     return matching[0]
+
+
+def recorded_student_grid(model):
+    """What a TDM-distilled LoRA on `model` records about its training grid (nodes/lora_loader.py puts it on the
+    MODEL): ("preset", name), ("timesteps", (t_0, …)) or None."""
+    return (getattr(model, "model_options", None) or {}).get(STUDENT_GRID_OPTION)
+
+
+def recorded_timesteps(model, preset_name: str, steps: int) -> str:
+    """preset auto on a student trained on a grid of no preset (the training demo's): its timesteps as
+    custom_timesteps text when `steps` is its K, else "" (the preset's grid at that many steps)."""
+    recorded = recorded_student_grid(model) if preset_name == AUTO_PRESET else None
+    if recorded is None or recorded[0] != "timesteps" or len(recorded[1]) != steps:
+        return ""
+    return ", ".join(str(t) for t in recorded[1])
 
 
 def img2img_step_count(steps: int, denoise: float, rule: str) -> int:
@@ -537,9 +560,12 @@ class TDMScheduler(io.ComfyNode):
                 denoise=1.0) -> io.NodeOutput:
         inputs.check_inputs(cls, locals())
         recipe = resolve_preset(model, preset)
-        sigmas = tdm_sigmas(model, recipe.name, steps, shift, grid, custom_timesteps, demo_total_steps, denoise)
+        trained = recorded_timesteps(model, preset, steps) if grid == "preset" and not custom_timesteps.strip() else ""
+        sigmas = tdm_sigmas(model, recipe.name, steps, shift, grid, custom_timesteps or trained, demo_total_steps,
+                            denoise)
+        note = f"\ntimesteps {trained}, as the distilled LoRA records" if trained else ""
         return io.NodeOutput(sigmas, ui=ui.PreviewText(
-            f"{_named(recipe, preset)}\nsigmas {', '.join(f'{s:.4g}' for s in sigmas.tolist())}"))
+            f"{_named(recipe, preset)}{note}\nsigmas {', '.join(f'{s:.4g}' for s in sigmas.tolist())}"))
 
 
 class TDMKSampler(io.ComfyNode):
@@ -574,7 +600,9 @@ class TDMKSampler(io.ComfyNode):
         inputs.check_inputs(cls, locals())
         recipe = resolve_preset(model, preset)
         latent_size = tuple(int(n) for n in latent_image["samples"].shape[-2:])
-        sigmas = tdm_sigmas(model, recipe.name, steps, denoise=denoise, latent_size=latent_size)
+        trained = recorded_timesteps(model, preset, steps)  # a student of a grid of no preset: its own grid
+        sigmas = tdm_sigmas(model, recipe.name, steps, custom_timesteps=trained, denoise=denoise,
+                            latent_size=latent_size)
         # preset auto on a distilled student: the solver its LoRA records (a named preset is that preset's recipe)
         recorded = model.model_options.get(STUDENT_SOLVER_OPTION) if preset == AUTO_PRESET else None
         sampler = tdm_sampler(recorded or recipe.solver, 0.0, recipe.model_timesteps, recipe.initial_noise)
@@ -582,6 +610,8 @@ class TDMKSampler(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         solver_note = (f"; solver {solvers.WIDGET_NAMES[recorded]}, as the distilled LoRA records"
                        if recorded and recorded != recipe.solver else "")
+        if trained:
+            solver_note += f"; timesteps {trained}, as the distilled LoRA records"
         report = ui.PreviewText(f"{_named(recipe, preset)}; {len(sigmas) - 1} of {steps} steps{solver_note}")
         if len(sigmas) <= 1:  # denoise so small that no step runs: the latent is returned as it came
             return io.NodeOutput(latent, ui=report)

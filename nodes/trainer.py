@@ -26,7 +26,7 @@ from comfy_api.v0_0_2 import io, ui
 from tdm_core import jobs, presets, schedules
 from tdm_core.distill import ConfigError, DistillConfig
 
-from . import categories, comfy_backend, comfy_families, inputs
+from . import categories, comfy_backend, comfy_families, inputs, recipe_inputs
 
 # Outputs carry an explicit display name: ComfyUI 0.3.75 would label an unnamed output by its type ("STRING"),
 # newer versions by its id, and saved workflows must not depend on the version.
@@ -154,7 +154,7 @@ def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
     import comfy.model_management
 
     family = comfy_backend.model_family(model)
-    comfy_families.check_distillable(model, family, float(settings["cfg"]))
+    comfy_families.check_distillable(model, family)
     parametrisation = comfy_backend.model_parametrisation(model)
     latent_format = model.model.latent_format
     channels = int(latent_format.latent_channels)
@@ -164,17 +164,19 @@ def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
     latent_shape = (channels, height // 8, width // 8)
     grid = comfy_backend.training_grid(model, family, settings["grid"], int(settings["steps"]),
                                        schedules.TRAINING_DEMO_TOTAL_STEPS, latent_shape=latent_shape)
-    alpha = float(settings["lora_alpha"]) or None
-    config = DistillConfig(
-        prompts=prompts, steps=int(settings["steps"]), timesteps=grid.timesteps, cfg=float(settings["cfg"]),
-        lr=float(settings["learning_rate"]), batch_size=int(settings["batch_size"]), seed=int(settings["seed"]),
-        lora_rank=int(settings["lora_rank"]), lora_alpha=alpha, iterations=int(settings["iterations"]),
-        total_steps=schedules.TRAINING_DEMO_TOTAL_STEPS, keep_last=int(settings["keep_last"]), family=family, recommended_strength=1.0,
-        sampler_preset=grid.preset)
+    knobs, changed, recipe = recipe_inputs.distill_settings(settings, family, grid.preset)
+    comfy_families.check_distillable(model, family, knobs["cfg"])
     try:
+        config = DistillConfig(
+            prompts=prompts, steps=int(settings["steps"]), timesteps=grid.timesteps, seed=int(settings["seed"]),
+            iterations=int(settings["iterations"]), total_steps=schedules.TRAINING_DEMO_TOTAL_STEPS,
+            keep_last=int(settings["keep_last"]), family=family, recommended_strength=1.0, sampler_preset=grid.preset,
+            **knobs)
         config.validate(num_timesteps=grid.schedule.num_timesteps)
-    except ConfigError as error:
-        raise ValueError(str(error)) from None
+    except (ConfigError, TypeError, ValueError) as error:
+        raise ValueError(f"TDM Distill (recipe {recipe}): {error}") from None
+    settings["recipe_used"] = recipe
+    settings["recipe_description"] = recipe_inputs.description(recipe, changed)
 
     offload = settings["offload"]
     if offload == "unload_comfy_models":
@@ -198,8 +200,8 @@ def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
                                              adapter_seed=config.seed)
     preview = (comfy_backend.vae_preview_decoder(model, vae, device) if vae is not None
                else comfy_backend.latent_preview_decoder(model))
-    runtime = ComfyRuntime(backend, config, device, preview,
-                           comfy_backend.family_metadata(grid.preset, family), comfy_model=model.model)
+    metadata = comfy_backend.family_metadata(grid.preset, family) | {"tdm.recipe_changes": ", ".join(changed)[:500]}
+    runtime = ComfyRuntime(backend, config, device, preview, metadata, comfy_model=model.model)
     return runtime, teacher, grid
 
 
@@ -375,7 +377,8 @@ def _wait_for_job(manager, job_id: str, timeout: float | None = None):
 # What most users set on TDM Distill: the prompts, the name, how long, how strongly guided, at what size, and memory.
 # The rest keeps working defaults and is marked advanced (folded on the node, web/tdm_advanced.js).
 _RARELY_USED = {"prompts_file", "unconditional_prompt", "steps", "grid", "lora_rank", "lora_alpha", "learning_rate",
-                "batch_size", "keep_last", "preview_every", "seed", "dtype", "offload"}
+                "batch_size", "keep_last", "preview_every", "seed", "dtype", "offload",
+                *(spec.id for spec in recipe_inputs.knob_inputs())}
 
 
 def _fold_rarely_used(widget_inputs: list) -> list:
@@ -425,18 +428,19 @@ class TDMDistillStart(io.ComfyNode):
                                        "flux). training_demo: the official demo script's grid."),
                 io.Int.Input("iterations", default=500, min=1, max=1_000_000,
                              tooltip="Training iterations (the official demo trains a few hundred to thousands)."),
-                io.Int.Input("lora_rank", default=16, min=1, max=256, tooltip="Rank of the student and fake-score "
-                                                                               "LoRAs."),
-                io.Float.Input("lora_alpha", default=0.0, min=0.0, max=1024.0, step=1.0,
-                               tooltip="LoRA alpha; 0 = rank (scale 1 in every loader)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-2, step=1e-6, round=False,
-                               tooltip="Fake-score learning rate; the student gets a fifth of it (official: 1e-4; "
-                                       "the README run 2e-5)."),
-                io.Float.Input("cfg", default=2.0, min=1.0, max=20.0, step=0.1,
-                               tooltip="Teacher guidance distilled into the student (official demo 2.0, README "
-                                       "run 4.5). The student then samples with CFG 1. Flux-dev: 1 (its guidance "
-                                       "is the conditioning's FluxGuidance value, not a second pass)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Samples per iteration."),
+                io.Int.Input("lora_rank", default=-1, min=-1, max=256, tooltip="Rank of the student and fake-score "
+                                                                                "LoRAs. -1: the recipe's."),
+                io.Float.Input("lora_alpha", default=-1.0, min=-1.0, max=1024.0, step=1.0,
+                               tooltip="LoRA alpha; 0 = rank (scale 1 in every loader). -1: the recipe's."),
+                io.Float.Input("learning_rate", default=-1.0, min=-1.0, max=1e-2, step=1e-6, round=False,
+                               tooltip="Fake-score learning rate (official 1e-4, README run 2e-5). -1: the "
+                                       "recipe's."),
+                io.Float.Input("cfg", default=-1.0, min=-1.0, max=20.0, step=0.1,
+                               tooltip="Teacher guidance distilled into the student (official demo 2, README run 4.5, "
+                                       "Flow-Factory 4); the student then samples with CFG 1. Flux-dev: 1 (its "
+                                       "guidance is FluxGuidance's value). -1: the recipe's."),
+                io.Int.Input("batch_size", default=-1, min=-1, max=64,
+                             tooltip="Trajectories per iteration. -1: the recipe's (1)."),
                 io.Int.Input("width", default=512, min=16, max=4096, step=16,
                              tooltip="Training resolution in pixels (latents are 1/8); use the teacher's native "
                                      "size (SD1.5 512, SD3 1024) or smaller to save memory."),
@@ -467,6 +471,9 @@ class TDMDistillStart(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip=(
                     "Optional: the teacher's VAE. Previews are then decoded images (the job keeps a copy of the VAE, "
                     "about 0.3 GB for SD's); without it, ComfyUI's latent-RGB preview.")),
+                # After every older widget (saved workflows hold widget values by position), and optional.
+                recipe_inputs.recipe_input(),
+                *recipe_inputs.knob_inputs(),
             ]),
             outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
                                                         "/tdm/jobs HTTP routes.")],

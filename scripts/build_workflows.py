@@ -23,6 +23,7 @@ from harness.workflow_build import build as build_ui  # noqa: E402
 from tdm_core import __version__ as PACK_VERSION  # noqa: E402
 from tdm_core.families import distillable_labels_text  # noqa: E402
 from tdm_core.presets import PRESETS, get_preset  # noqa: E402
+from tdm_core.recipes import resolve as resolve_recipe  # noqa: E402
 from tdm_core.solvers import WIDGET_NAMES  # noqa: E402
 
 WORKFLOWS_DIR = REPO / "workflows"
@@ -327,6 +328,13 @@ def distillation_workflow() -> list[Node]:
     ]
 
 
+def _training_recipe_phrase(preset) -> str:
+    """The training recipe TDM Distill's recipe auto gives `preset`'s family, in a phrase with its main values."""
+    recipe, values = resolve_recipe(preset.training_recipe, preset.family)
+    return (f"`{recipe.name}` ({recipe.title}: teacher CFG {values['cfg'].value:g}, rank {values['lora_rank'].value}, "
+            f"learning rates {values['lr'].value:g} / {values['student_lr'].value:g}; see docs/recipes.md)")
+
+
 # What both distil-then-sample workflows say about the run, and the prompts they train on.
 DISTILL_PROMPTS = ("a photo of a red fox in the snow\na watercolor painting of a lighthouse\n"
                    "a portrait of an old sailor, studio lighting\na bowl of ramen, food photography")
@@ -389,8 +397,8 @@ def sdxl_distill_workflow() -> list[Node]:
             "- `gradient_checkpointing` **on**: at 1024² the UNet's activations kept for the backward passes (student "
             "and fake score) are the largest memory cost; checkpointing recomputes them instead, for about one more "
             "forward pass per step and the same gradients.",
-            "- Everything else is TDM Distill's default (500 iterations, rank 16, teacher CFG 2, grid auto = the "
-            "`sdxl` grid 999/749/500/250).",
+            "- Everything else is TDM Distill's default: 500 iterations, grid auto = the `sdxl` grid 999/749/500/250, "
+            f"and recipe auto = {_training_recipe_phrase(preset)}.",
             "- Memory (an estimate, not measured by this project): roughly 12–16 GB at 1024 px with checkpointing and "
             "bf16 (`dtype`, or load the checkpoint in bf16); lower `width`/`height`, or `offload` "
             "unload_comfy_models, if it runs out.",

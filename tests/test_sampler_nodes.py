@@ -190,3 +190,62 @@ def test_auto_samples_a_distilled_student_with_the_solver_its_lora_records(comfy
     for other in ("tdm_solver_record_release.safetensors", "tdm_solver_record_hostile.safetensors"):
         torch.testing.assert_close(run(other, ksampler("auto"))[0], run(other, advanced("dpmpp_2m"))[0], rtol=0,
                                    atol=1e-6)
+
+
+def test_auto_samples_a_student_of_a_grid_of_no_preset_on_the_grid_its_lora_records(comfy_server, sd15_twin):
+    """A student TDM Distill trained on the training demo's grid records it (`tdm.timesteps`; its sampler preset is
+    no preset's); TDM KSampler's and TDM Scheduler's preset auto sample it there, at its K steps. Other step counts,
+    a released LoRA and an unreadable record keep the family preset's grid."""
+    from harness import lora_files
+
+    loras = comfy_server.base_directory / "models" / "loras"
+    lora = lora_files.synthesise(sd15_twin.diffusers, "sd15", rank=4, seed=7)
+    trained = {"tdm.format_note": "trained by comfyui-tdm tdm_core.distill", "tdm.parametrisation": "eps",
+               "tdm.sampler_preset": "tdm_ddim_eps", "tdm.solver": "ddim"}
+    files = {"demo": trained | {"tdm.timesteps": "799,599,399,199"},
+             "hostile": trained | {"tdm.timesteps": "999,999,5000,-1"}}
+    for name, metadata in files.items():
+        lora_files.write_peft(lora, loras / f"tdm_grid_record_{name}.safetensors", metadata=metadata)
+
+    def run(lora_name, nodes):
+        graph = _base_graph("sd15")
+        graph["lora"] = {"class_type": "TDMLoraLoader", "inputs": {
+            "model": ["model", 0], "lora_name": lora_name, "strength_mode": "manual", "strength": 1.0}}
+        graph.update(nodes)
+        entry = comfy_server.run_prompt(_save(graph, ["sample", 0]))
+        saved = entry["outputs"]["save"]["latents"][0]
+        texts = " ".join(" ".join(out.get("text", [])) for out in entry["outputs"].values())
+        return load_file(str(comfy_server.base_directory / "output" / saved["subfolder"] / saved["filename"]))[
+            "latent_tensor"], texts
+
+    def ksampler(steps=4):
+        return {"sample": {"class_type": "TDMKSampler", "inputs": {
+            "model": ["lora", 0], "positive": ["cond", 0], "latent_image": ["latent", 0], "preset": "auto",
+            "steps": steps, "seed": SEED}}}
+
+    def advanced(preset="dreamshaper", custom="", steps=4):
+        scheduler = _tdm_scheduler(preset)
+        scheduler["inputs"].update(model=["lora", 0], custom_timesteps=custom, steps=steps)
+        sampler = _tdm_sampler()
+        sampler["inputs"]["solver"] = "ddim"
+        return {"sigmas": scheduler, "sampler": sampler,
+                "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
+                "guider": {"class_type": "BasicGuider", "inputs": {"model": ["lora", 0], "conditioning": ["cond", 0]}},
+                "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
+                    "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0],
+                    "sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}}}
+
+    demo = "tdm_grid_record_demo.safetensors"
+    on_demo_grid, _ = run(demo, advanced(custom="799, 599, 399, 199"))
+    on_preset_grid, _ = run(demo, advanced())
+    assert (on_demo_grid - on_preset_grid).abs().max() > 1e-3  # the grids differ here, so the checks can fail
+    auto, report = run(demo, ksampler())
+    torch.testing.assert_close(auto, on_demo_grid, rtol=0, atol=1e-6)
+    assert "timesteps 799, 599, 399, 199, as the distilled LoRA records" in report, report
+    scheduled, report = run(demo, advanced(preset="auto"))
+    torch.testing.assert_close(scheduled, on_demo_grid, rtol=0, atol=1e-6)
+    assert "as the distilled LoRA records" in report, report
+    # two steps: not the recorded K, so the preset's grid at 2 steps
+    torch.testing.assert_close(run(demo, ksampler(steps=2))[0], run(demo, advanced(steps=2))[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(run("tdm_grid_record_hostile.safetensors", ksampler())[0],
+                               run("tdm_grid_record_hostile.safetensors", advanced())[0], rtol=0, atol=1e-6)

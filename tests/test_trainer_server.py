@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from harness.server import ComfyServer, ServerError, make_base_directory
+from tdm_core import jobs
 
 START_DEFAULTS = dict(prompts="a cat\na dog", prompts_file="(none)", unconditional_prompt="", if_exists="refuse",
                       steps=4, grid="auto", iterations=12, lora_rank=4, lora_alpha=0.0, learning_rate=1e-4, cfg=2.0,
@@ -139,7 +140,7 @@ def test_tdm_distill_shows_the_handful_of_inputs_most_users_set(comfy_server):
     inputs = {**info.get("required", {}), **info.get("optional", {})}
     shown = [name for name, spec in inputs.items() if not (len(spec) > 1 and spec[1].get("advanced"))]
     assert shown == ["model", "clip", "prompts", "output_name", "if_exists", "iterations", "cfg", "width", "height",
-                     "save_every", "gradient_checkpointing", "vae"], shown
+                     "save_every", "gradient_checkpointing", "vae", "recipe"], shown
 
 
 def test_sd3_start_status_stop_resume_finish_while_the_queue_serves(comfy_server):
@@ -195,6 +196,38 @@ def test_sd3_start_status_stop_resume_finish_while_the_queue_serves(comfy_server
     preview = server.request("GET", f"/tdm/jobs/{name}")["has_preview"]
     assert preview
     check_lora_loads_and_samples(server, "sd3", f"{name}.safetensors", "sd3", 4)
+
+
+def test_a_recipe_fills_what_the_node_leaves_to_it_and_the_job_and_lora_name_it(comfy_server):
+    """Numbers at -1 and choices at 'recipe' come from the recipe; a value set on the node wins and is named."""
+    server, name = comfy_server, "tdm_sd3_recipe"
+    # cfg, learning rate, alpha and batch left to the recipe (-1, the node's defaults); rank 4 keeps the job tiny
+    overrides = dict(cfg=-1.0, learning_rate=-1.0, lora_alpha=-1.0, batch_size=-1, iterations=2, save_every=0,
+                     preview_every=0, recipe="flow_factory_sd35", tau_density="recipe", tau_logit_std=0.5,
+                     fake_updates=2)
+    server.run_prompt(start_graph("sd3", name, **overrides))
+    entry = server.run_prompt(status_graph(name, wait=True), timeout=600)
+    text = ui_text(entry, "status")
+    assert "finished, step 2/2" in text
+    assert "recipe: flow_factory_sd35 (Flow-Factory SD3.5 (the authors' group)); changed on the node: lora_rank 4, " \
+           "fake_updates 2" in text  # tau_logit_std is not used: the density is the recipe's
+    loras = server.base_directory / "models" / "loras"
+    with safe_open(str(loras / f"{name}.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["tdm.recipe"] == "flow_factory_sd35" and metadata["tdm.cfg_distilled"] == "4.0"
+    assert metadata["tdm.recipe_changes"] == "lora_rank 4, fake_updates 2"
+    # the job's resumable state holds the whole training config the recipe filled
+    state_file = sorted((loras / jobs.JOBS_FOLDER / job(server, name)["id"]).glob(f"checkpoints/*/{jobs.CHECKPOINT_FILE}"))
+    config = torch.load(state_file[-1], weights_only=True)["config"]
+    assert config["adam_betas"] == [0.9, 0.999] and config["stages"] == "all" and config["lora_alpha"] == 64.0
+    assert config["importance_clip"] == 20.0 and config["tau_mode"] == "reverse" and config["student_lr"] == 1e-5
+    entry = server.run_prompt(sample_graph("sd3", "sd3", 4, loader="tdm", lora=f"{name}.safetensors"))
+    assert "trained with the flow_factory_sd35 recipe" in ui_text(entry, "lora")
+    # auto: the family preset's recipe (SD1.5 → dreamshaper → the official demo)
+    server.run_prompt(start_graph("sd15", "tdm_sd15_auto_recipe", iterations=1, save_every=0, preview_every=0,
+                                  cfg=-1.0, recipe="auto"))
+    entry = server.run_prompt(status_graph("tdm_sd15_auto_recipe", wait=True), timeout=600)
+    assert "recipe: official_demo (Official demo script); changed on the node: lora_rank 4" in ui_text(entry, "status")
 
 
 def test_sd15_job_finishes_and_samples_with_the_dreamshaper_preset(comfy_server):

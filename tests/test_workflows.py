@@ -209,15 +209,25 @@ LEGACY_WORKFLOWS = REPO / "tests" / "data" / "legacy_workflows"  # as comfyui-td
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in LEGACY_WORKFLOWS.glob("*.json")))
-def test_workflows_saved_by_the_previous_version_load_and_queue_the_same_prompt(object_info, name):
-    """Widget values are stored by position: the inputs added since (denoise, an optional VAE socket) went last, so
-    an old file validates and queues exactly the prompt today's file queues (which the end-to-end test runs)."""
+def test_workflows_saved_by_the_previous_version_load_and_queue_the_same_prompt(object_info, pack, name):
+    """Widget values are stored by position: the inputs added since (denoise, an optional VAE socket, TDM Distill's
+    recipe and its knobs) went last, so an old file validates and queues the prompt today's file queues (which the
+    end-to-end test runs). TDM Distill's older training inputs now default to -1, "the recipe's": an old file's
+    explicit numbers must train exactly as today's file does with its teacher's recipe."""
+    recipe_inputs = sys.modules[f"{pack.__name__}.nodes.recipe_inputs"]
     legacy = json.loads((LEGACY_WORKFLOWS / f"{name}.json").read_text())
     assert check_workflow(legacy, object_info) == []
 
     def prompt(workflow):
-        return {node_id: {"class_type": e["class_type"], "inputs": e["inputs"]}
-                for node_id, e in to_api(workflow, object_info, {}).items()}
+        nodes = {node_id: {"class_type": e["class_type"], "inputs": dict(e["inputs"])}
+                 for node_id, e in to_api(workflow, object_info, {}).items()}
+        for node in nodes.values():
+            if node["class_type"] == "TDMDistillStart":  # the example's teacher is SD1.5 (the dreamshaper grid)
+                knobs = recipe_inputs.distill_settings(node["inputs"], "sd15", "dreamshaper")[0]
+                for key in ("learning_rate", "cfg", "lora_rank", "lora_alpha", "batch_size"):
+                    node["inputs"].pop(key)
+                node["inputs"]["training"] = knobs
+        return nodes
 
     assert prompt(legacy) == prompt(committed(name))
 

@@ -146,6 +146,9 @@ function jobRow(job, jobs, details, refresh) {
   const queue = queueLine(job, jobs);
   if (queue) lines.push(`queued: ${queue}`);
   if (job.latest_lora) lines.push(`LoRA: ${job.latest_lora}`);
+  // the training recipe and its source (docs/recipes.md), as the job resolved it; text, never markup
+  const recipe = job.settings?.recipe_description;
+  if (typeof recipe === "string" && recipe) lines.push(`recipe: ${recipe.slice(0, 300)}`);
   const message = freshMessage(job);
   if (message && job.state !== "failed") lines.push(message);
   const detail = element("div", "font-size:12px;opacity:.85;white-space:pre-wrap;", lines.join("\n"));

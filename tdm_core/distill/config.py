@@ -63,7 +63,7 @@ class DistillConfig:
     adam_betas: tuple[float, float] = (0.0, 0.95)  # both networks' AdamW
     adam_eps: float = 1e-8
     weight_decay: float = 1e-2
-    grad_clip: float = 1.0  # max grad norm of the generator (student)
+    grad_clip: float | None = 1.0  # max grad norm of the generator (student); None: not clipped
     grad_clip_fake: float | None = None  # max grad norm of the fake score (None: not clipped, as officially)
     importance_clip: float | None = None  # w_IS clipped into [1/c, c] (None: unclipped, official; Flow-Factory 20)
     tau_density: str = "uniform"  # see TAU_DENSITIES
@@ -122,7 +122,8 @@ class DistillConfig:
         need(len(self.adam_betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.adam_betas),
              f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         need(_finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be ≥ 0, got {self.weight_decay!r}")
-        need(_finite(self.grad_clip) and self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip!r}")
+        need(self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
+             f"grad_clip must be > 0 or null (not clipped), got {self.grad_clip!r}")
         need(self.student_lr is None or (_finite(self.student_lr) and self.student_lr > 0),
              f"student_lr must be > 0 or null (lr · generator_lr_scale), got {self.student_lr!r}")
         need(self.grad_clip_fake is None or (_finite(self.grad_clip_fake) and self.grad_clip_fake > 0),

@@ -144,6 +144,9 @@ class JobRecord:
             line += f", {self.it_per_s:.2f} it/s"
             if self.eta_s is not None:
                 line += f", ETA {_duration(self.eta_s)}"
+        recipe = self.settings.get("recipe_description")
+        if isinstance(recipe, str) and recipe:  # text from job.json: shown, never interpreted
+            line += f"\nrecipe: {recipe[:300]}"
         if self.latest_lora:
             line += f"\nLoRA: {self.latest_lora} (checkpoint at step {self.checkpoint_step})"
         if self.message:

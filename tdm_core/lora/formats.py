@@ -28,7 +28,9 @@ import torch
 
 from .. import validation
 from ..cogvideox_names import cogvideox_diffusers_name
-from ..presets import student_solver
+from ..presets import PRESETS, student_solver
+from ..recipes import RECIPES
+from ..schedules import parse_timesteps
 from ..solvers import SOLVERS
 from .files import LoraFileError
 
@@ -199,13 +201,46 @@ class LoraFile:
             return student_solver(self.metadata.get("tdm.sampler_preset", ""), parametrisation)
         return None
 
+    @property
+    def recorded_grid(self) -> tuple[str, str | tuple[int, ...]] | None:
+        """The grid a student TDM Distill trained is sampled on, from its header (untrusted, so checked):
+        ("preset", name) for a preset's grid, ("timesteps", (t_0, …)) for a grid of no preset on an ε/v model (the
+        training demo's, say: schedule indices, at most 64, strictly descending in [0, 999]); None for any other
+        file, or a value that does not check."""
+        if not self.metadata.get("tdm.format_note", "").startswith("trained by comfyui-tdm"):
+            return None
+        preset = self.metadata.get("tdm.sampler_preset", "")
+        if preset in PRESETS:
+            return ("preset", preset)
+        text = self.metadata.get("tdm.timesteps", "")
+        if self.metadata.get("tdm.parametrisation") not in ("eps", "v") or not 0 < len(text) <= 400:
+            return None
+        try:
+            timesteps = parse_timesteps(text)
+        except ValueError:
+            return None
+        return ("timesteps", timesteps) if len(timesteps) <= 64 else None
+
+    def trained_recipe(self) -> str | None:
+        """"trained with <recipe> (<title>)[; changed: ...]" for a LoRA TDM Distill wrote with a known recipe; None
+        otherwise (header values are untrusted: an unknown name is not repeated, the changes are cut short)."""
+        recipe = RECIPES.get(self.metadata.get("tdm.recipe", ""))
+        if recipe is None:
+            return None
+        text = f"trained with the {recipe.name} recipe ({recipe.title})"
+        changes = self.metadata.get("tdm.recipe_changes", "")
+        if changes and changes.isprintable():
+            text += f"; changed: {changes[:200]}"
+        return text
+
     def summary(self) -> str:
         alpha = "none (scale 1)" if self.alpha is None else f"{self.alpha:g}"
         ranks = "/".join(str(r) for r in sorted(self.ranks))
         te = f", {len(self.text_encoder_modules)} text-encoder" if self.text_encoder_modules else ""
+        recipe = self.trained_recipe()
         return (
             f"{self.name}: {self.format} LoRA for {family_name(self.family)}, {len(self.model_modules)} model "
-            f"modules{te}, rank {ranks}, alpha {alpha}"
+            f"modules{te}, rank {ranks}, alpha {alpha}" + (f"; {recipe}" if recipe else "")
         )
 
 

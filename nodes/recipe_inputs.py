@@ -1,0 +1,140 @@
+"""TDM Distill's training recipe: the `recipe` input, the advanced knob inputs, and how they become the job's
+DistillConfig.
+
+A knob at its "from the recipe" value (-1 for numbers, "recipe" for choices) takes the recipe's value
+(tdm_core/recipes.py; `auto` is the recipe of the teacher family's preset); any other value overrides it, and the
+job records which ones did. Inputs that predate the recipes (learning_rate, cfg, lora_rank, lora_alpha,
+batch_size) follow the same rule, so workflows saved with explicit values keep training with them.
+"""
+
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import io
+
+from tdm_core import presets, recipes
+
+FROM_RECIPE = -1
+FROM_RECIPE_CHOICE = "recipe"
+RECIPE_CHOICES = [recipes.AUTO, *recipes.RECIPES]
+_NUMBER_HINT = " -1: the recipe's."
+
+
+def recipe_input():
+    return io.Combo.Input(
+        "recipe", options=RECIPE_CHOICES, default=recipes.AUTO, optional=True,
+        tooltip="Fills every setting left at -1 / 'recipe': auto = the teacher family's; official_demo / "
+                "official_readme = the TDM authors' script and README run; flow_factory_sd35 = their group's later "
+                "SD3.5 recipe.")
+
+
+def knob_inputs() -> list:
+    """The recipe knobs besides the older inputs, in the order they are appended to the node (saved workflows hold
+    widget values by position: new widgets only ever go at the end). Optional, like `recipe`: a prompt in API format
+    saved before they existed lacks them, and a missing one means "the recipe's"."""
+    return [
+        io.Float.Input("student_learning_rate", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=1e-2, step=1e-6, round=False,
+                       tooltip="The student's learning rate. -1: the recipe's, scaled by learning_rate like the "
+                               "recipe's (official: a fifth of it)."),
+        io.Float.Input("adam_beta1", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=0.9999, step=0.01, round=False,
+                       tooltip="AdamW β1 of both networks (official 0, Flow-Factory 0.9)." + _NUMBER_HINT),
+        io.Float.Input("adam_beta2", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=0.99999, step=0.001, round=False,
+                       tooltip="AdamW β2 of both networks (official 0.95, Flow-Factory 0.999)." + _NUMBER_HINT),
+        io.Float.Input("weight_decay", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=1.0, step=1e-4, round=False,
+                       tooltip="AdamW weight decay of both networks." + _NUMBER_HINT),
+        io.Float.Input("grad_clip_student", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=1e4, step=0.1, round=False,
+                       tooltip="Maximum gradient norm of the student; 0: not clipped." + _NUMBER_HINT),
+        io.Float.Input("grad_clip_fake", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=1e4, step=0.1, round=False,
+                       tooltip="Maximum gradient norm of the fake score; 0: not clipped (official)." + _NUMBER_HINT),
+        io.Float.Input("importance_clip", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=1e6, step=1.0, round=False,
+                       tooltip="Keeps the importance weight within [1/c, c]; 0: unclipped (official), Flow-Factory "
+                               "20." + _NUMBER_HINT),
+        io.Combo.Input("tau_mode", optional=True, options=[FROM_RECIPE_CHOICE, "separate", "shared", "reverse"],
+                       default=FROM_RECIPE_CHOICE,
+                       tooltip="Where the score comparison time τ is drawn: separate = inside each student step "
+                               "(official), shared = up to the grid's top, reverse = up to full noise (Flow-Factory)."),
+        io.Combo.Input("tau_density", optional=True, options=[FROM_RECIPE_CHOICE, "uniform", "logit_normal"],
+                       default=FROM_RECIPE_CHOICE,
+                       tooltip="How τ is drawn there: uniform (official) or logit_normal over the noise level "
+                               "(Flow-Factory), with the two inputs below."),
+        io.Float.Input("tau_logit_mean", optional=True, default=0.0, min=-5.0, max=5.0, step=0.1,
+                       tooltip="Mean of the logit-normal τ density; used when tau_density is logit_normal."),
+        io.Float.Input("tau_logit_std", optional=True, default=1.0, min=0.05, max=5.0, step=0.05,
+                       tooltip="Standard deviation of the logit-normal τ density; used when tau_density is "
+                               "logit_normal."),
+        io.Int.Input("fake_updates", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=16,
+                     tooltip="Fake-score updates per student update." + _NUMBER_HINT),
+        io.Combo.Input("stages", optional=True, options=[FROM_RECIPE_CHOICE, "one", "all"], default=FROM_RECIPE_CHOICE,
+                       tooltip="Trajectory steps each update trains per sample: one at random (official) or all K "
+                               "(Flow-Factory; K times the update's cost)."),
+    ]
+
+
+def recipe_name(settings: dict, preset_name: str) -> str:
+    """The recipe the job trains with: the one chosen, or for auto the grid preset's (the official demo's for a
+    grid of no preset). A job records the name it resolved (`recipe_used`), so resuming it later keeps it even if
+    auto's choice changed in between."""
+    chosen = settings.get("recipe_used") or settings.get("recipe", recipes.AUTO)
+    if chosen != recipes.AUTO:
+        recipes.get_recipe(chosen)  # an unknown name from a record on disk is refused here
+        return chosen
+    preset = presets.PRESETS.get(preset_name)
+    return preset.training_recipe if preset is not None else recipes.DEFAULT_RECIPE
+
+
+def _set(value) -> bool:
+    return value is not None and value != FROM_RECIPE and value != FROM_RECIPE_CHOICE
+
+
+def distill_settings(settings: dict, family: str, preset_name: str) -> tuple[dict, list[str], str]:
+    """(DistillConfig keyword arguments of the recipe knobs, the knobs the node overrode as "name value" texts,
+    the recipe's name) for a job's settings."""
+    name = recipe_name(settings, preset_name)
+    _, values = recipes.resolve(name, family)
+    knobs = {key: v.value for key, v in values.items()}
+    changed: list[str] = []
+
+    def override(field: str, value) -> None:
+        if knobs.get(field) != value:
+            changed.append(f"{field} {value!r}")
+        knobs[field] = value
+
+    lr = settings.get("learning_rate", FROM_RECIPE)
+    if _set(lr):
+        # the student's lr keeps the recipe's ratio to the fake score's, unless it is set itself
+        knobs["student_lr"] = knobs["student_lr"] * float(lr) / knobs["lr"]
+        override("lr", float(lr))
+    if _set(settings.get("student_learning_rate")):
+        override("student_lr", float(settings["student_learning_rate"]))
+    for node_key, field, convert in (("cfg", "cfg", float), ("lora_rank", "lora_rank", int),
+                                     ("batch_size", "batch_size", int), ("weight_decay", "weight_decay", float),
+                                     ("fake_updates", "fake_updates", int), ("tau_mode", "tau_mode", str),
+                                     ("stages", "stages", str)):
+        if _set(settings.get(node_key)):
+            override(field, convert(settings[node_key]))
+    alpha = settings.get("lora_alpha", FROM_RECIPE)
+    if _set(alpha):
+        override("lora_alpha", float(alpha) or None)  # 0: alpha = rank
+    betas = list(knobs["adam_betas"])
+    for index, node_key in enumerate(("adam_beta1", "adam_beta2")):
+        if _set(settings.get(node_key)):
+            betas[index] = float(settings[node_key])
+    if tuple(betas) != tuple(knobs["adam_betas"]):
+        override("adam_betas", tuple(betas))
+    for node_key, field in (("grad_clip_student", "grad_clip"), ("grad_clip_fake", "grad_clip_fake"),
+                            ("importance_clip", "importance_clip")):
+        if _set(settings.get(node_key)):
+            override(field, float(settings[node_key]) or None)  # 0: off
+    if _set(settings.get("tau_density")):
+        override("tau_density", settings["tau_density"])
+        if settings["tau_density"] == "logit_normal":
+            override("tau_logit_mean", float(settings.get("tau_logit_mean", 0.0)))
+            override("tau_logit_std", float(settings.get("tau_logit_std", 1.0)))
+    knobs["recipe"] = name
+    return knobs, changed, name
+
+
+def description(name: str, changed: list[str]) -> str:
+    """One line for the job's panel, its status text and the LoRA's record: the recipe, its source, the changes."""
+    recipe = recipes.get_recipe(name)
+    text = f"{name} ({recipe.title})"
+    return text + (f"; changed on the node: {', '.join(changed)}" if changed else "")
