@@ -8,8 +8,8 @@ mean, so a teacher's 4-step samples land between or beyond the modes while its m
 the exact posterior, 4 DDIM steps on the SDXL grid give mean |x| 0.77 against 0.99 for 50 steps; Flux's 4 Euler
 steps 0.81). Distribution matching has exactly this to fix.
 
-**The teacher** is a tiny twin of the family (`twins_xl_flux`: ComfyUI layout, real block structure; for SDXL the
-compact twin, one block per level) with all its weights trained on that task with the family's own objective,
+**The teacher** is a tiny twin of the family (`twins_xl_flux`, and `twins` for SD3-medium: ComfyUI layout, real block
+structure; for SDXL the compact twin, one block per level) with all its weights trained on that task with the family's own objective,
 through the same network call the trainer uses (the VP state and integer-valued timesteps for SDXL's ε-UNet, the flow state and σ for Flux; the conditioning built by
 `comfy_backend.encode_prompts` from the test pack's tiny CLIP, so SDXL's `y` and Flux's `y`/`guidance` are what
 sampling gives). Training is deterministic on the CPU and cached per task and settings (`TDM_TOY_CACHE`, else
@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from tdm_core.toy.cache_lock import training_lock  # noqa: E402
 
-from . import twins_xl_flux  # noqa: E402
+from . import twins, twins_xl_flux  # noqa: E402
 
 PROMPTS = ("a cat", "a dog")
 MODE_NOISE = 0.25
@@ -64,11 +64,12 @@ class TeacherConfig:
         started as latent-diffusion UNets are (`_trainable_start`), is a good enough teacher after 200 steps: its
         student removed 39 % of its 4-step distance, where the randomised start needed 800 steps for 26 % and failed
         at 400. Flux at 400 steps failed (19 %), so it keeps 800."""
-        return cls(family, lr=1e-3) if family == "flux" else cls(family, train_steps=200)
+        return cls(family, lr=1e-3) if family in ("flux", "sd3") else cls(family, train_steps=200)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        channels = 4 if self.family == "sdxl" else twins_xl_flux.FLUX_LATENT_CHANNELS
+        channels = 4 if self.family == "sdxl" else (twins.SD3_LATENT_CHANNELS if self.family == "sd3"
+                                                   else twins_xl_flux.FLUX_LATENT_CHANNELS)
         return (channels, self.image_size // 8, self.image_size // 8)
 
     def key(self) -> str:
@@ -118,7 +119,12 @@ def _trainable_start(family: str, network: torch.nn.Module) -> None:
       projection of every transformer and a zero output convolution, unit norms."""
     with torch.no_grad():
         for name, tensor in network.named_parameters():
-            if family == "flux":
+            if family == "sd3":  # MMDiT, adaLN-Zero as Flux: every modulation and the output layer at zero
+                if name.startswith("final_layer.linear") or "adaLN_modulation." in name:
+                    tensor.zero_()
+                elif name.endswith(("ln_q.weight", "ln_k.weight")):
+                    tensor.fill_(1.0)
+            elif family == "flux":
                 if name.startswith("final_layer.linear") or any(
                         part in name for part in ("_mod.lin.", "modulation.lin.", "adaLN_modulation.")):
                     tensor.zero_()
@@ -185,9 +191,12 @@ def _train_teacher(config: TeacherConfig, log) -> dict[str, torch.Tensor]:
             else:
                 sigma = torch.rand((config.batch_size,), generator=generator)
                 s = sigma[:, None, None, None]
-                x_t, model_t, target = (1 - s) * x0 + s * noise, sigma, noise - x0
+                # Flux is fed σ (and its guidance input), SD3 σ·1000 (its model_sampling's multiplier)
+                feed = sigma * float(getattr(model.model.model_sampling, "multiplier", 1.0))
+                x_t, model_t, target = (1 - s) * x0 + s * noise, feed, noise - x0
                 weight = torch.ones(config.batch_size)
-                extra["guidance"] = batch["guidance"].float()
+                if config.family == "flux":
+                    extra["guidance"] = batch["guidance"].float()
             out = network(x_t, model_t, context=batch["context"], y=batch["y"], **extra)
             loss = ((out.float() - target) ** 2).mean(dim=(1, 2, 3)).mul(weight).sum() / weight.sum()
             optimiser.zero_grad(set_to_none=True)
@@ -234,6 +243,8 @@ def teacher_twin(family: str, seed: int = 0):
     pass of the quality check cost half as much)."""
     if family == "sdxl":
         return twins_xl_flux.sdxl_twin(seed, compact=True).comfy
+    if family == "sd3":
+        return twins.sd3_twin(seed).comfy
     return twins_xl_flux.flux_twin(seed).comfy
 
 
