@@ -178,6 +178,10 @@ def main(argv=None) -> int:
             summary = {"done": True, "step": trainer.step_count, "seconds": round(time.perf_counter() - started, 3),
                        "output_dir": str(out_dir), "world_size": trainer.world}
             print(json.dumps(summary), flush=True)
+        if distributed:
+            # every process leaves together: a process that tears its gloo group down while process 0 still
+            # exports the LoRA can abort the other ("terminate called without an active exception", seen under load)
+            torch.distributed.barrier()
     finally:
         if progress is not None:
             progress.close()
