@@ -1,0 +1,248 @@
+"""The analytic mixture teachers of tdm_core/toy/mixture.py and the pace benchmark (bench/pace.py): exact posterior
+means, a base network that IS the analytic teacher, the teachers' 50- vs 4-step quality, the metrics, a short TDM
+run on the mixture backend, and the benchmark's JSON line and config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdm_core.distill import DistillConfig, TDMTrainer
+from tdm_core.distill.cli import build_backend
+from tdm_core.toy import mixture as mx
+from tdm_core.toy.teacher import vp_alphas_cumprod
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _alpha_sigma(t: int) -> tuple[float, float]:
+    abar = float(vp_alphas_cumprod("scaled_linear")[t])
+    return math.sqrt(abar), math.sqrt(1.0 - abar)
+
+
+# ---- the mixture --------------------------------------------------------------------------------------------------
+
+
+def test_posterior_mean_of_one_component_is_the_gaussian_closed_form():
+    mu = (0.3, -1.2, 0.7)
+    spec = mx.MixtureSpec("one", 3, (1.0,), (mu,), 0.25)
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mu_t = torch.tensor(mu, dtype=torch.float64)
+    for alpha, sigma in ((0.999, 0.04), (0.7, 0.714), (0.068, 0.998)):
+        gain = alpha * 0.25**2 / (alpha**2 * 0.25**2 + sigma**2)
+        expected = mu_t + gain * (x - alpha * mu_t)
+        torch.testing.assert_close(spec.x0_mean(x, alpha, sigma), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("target,t", [("mix2d", 200), ("mix2d", 450), ("mix16d", 700)])
+def test_posterior_mean_matches_monte_carlo(target, t):
+    """E[x0 | x_t] by self-normalised importance sampling over 400k exact x0 draws, at points on the modes and
+    half-way between two of them (where the responsibilities matter)."""
+    spec = mx.MIXTURES[target]
+    alpha, sigma = _alpha_sigma(t)
+    centres = spec.centre_tensor()
+    points = torch.stack([alpha * centres[0], alpha * centres[-1], alpha * 0.5 * (centres[0] + centres[1]),
+                          alpha * 0.5 * (centres[1] + centres[-1])])
+    x0 = spec.sample(400_000, torch.Generator().manual_seed(2)).double()
+    logw = -((points[:, None, :] - alpha * x0[None]) ** 2).sum(-1) / (2 * sigma**2)  # [P, n]
+    w = torch.softmax(logw, dim=-1)
+    ess = 1.0 / (w**2).sum(-1)
+    assert bool((ess > 2000).all()), f"importance sampling too degenerate: ESS {ess.tolist()}"
+    mc = w @ x0
+    exact = spec.x0_mean(points, alpha, sigma)
+    err = (mc - exact).norm(dim=-1)
+    assert float(err.max()) < 0.01, f"posterior mean off the Monte-Carlo estimate by {err.tolist()}"
+    # and it is not trivially the prior mean or the first mode
+    assert float((exact - spec.weight_tensor() @ centres).norm(dim=-1).max()) > 0.1
+
+
+def test_chi2_quantile_and_between_modes_on_exact_data():
+    assert mx.chi2_quantile(2) == pytest.approx(-2 * math.log(0.001), rel=1e-9)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for dim in (1, 2, 5, 16):
+        assert mx.chi2_quantile(dim) == pytest.approx(scipy_stats.chi2.ppf(0.999, dim), rel=1e-9)
+    for spec in mx.MIXTURES.values():
+        data = spec.sample(20000, torch.Generator().manual_seed(3))
+        assert mx.between_share(spec, data) < 0.003  # 0.001 by construction
+        assert mx.mode_weight_tv(spec, data) < 0.02
+        centres = spec.centre_tensor()
+        midpoint = (0.5 * (centres[0] + centres[1]))[None]
+        assert bool(spec.between_modes(midpoint).all())
+        assert not bool(spec.between_modes(centres).any())
+
+
+def test_named_targets_have_unequal_weights_and_separated_modes():
+    for name, dim, modes in (("mix2d", 2, 5), ("mix16d", 16, 8)):
+        spec = mx.MIXTURES[name]
+        assert (spec.dim, spec.modes) == (dim, modes)
+        assert max(spec.weights) / min(spec.weights) > 10
+        c = spec.centre_tensor()
+        d = torch.cdist(c, c) + torch.eye(modes) * 1e9
+        assert float(d.min()) > 2 * math.sqrt(spec.between_threshold)  # the 99.9 % balls do not overlap
+
+
+# ---- the teacher network --------------------------------------------------------------------------------------------
+
+
+def test_base_network_is_the_analytic_teacher_and_lora_moves_it():
+    backend = mx.MixtureBackend("mix2d", lora_rank=8)
+    spec = backend.spec
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(128, 2, generator=g)
+    t = torch.randint(0, 1000, (128,), generator=g)
+    abar = vp_alphas_cumprod("scaled_linear")[t]
+    expected = spec.eps(x, abar.sqrt(), (1 - abar).sqrt()).float()
+    cond = backend.encode(["0"] * 128)
+    with torch.no_grad():
+        teacher = backend.forward(x, t, cond, "teacher")
+        torch.testing.assert_close(teacher, expected, rtol=0, atol=1e-6)
+        assert torch.equal(backend.forward(x, t, backend.uncond(128), "teacher"), teacher)  # "" = the same mixture
+        for adapter in ("student", "fake"):  # LoRA B = 0: both start exactly at the teacher
+            assert torch.equal(backend.forward(x, t, cond, adapter), teacher)
+        for name, param in backend._params["student"]:
+            if ".lora_B." in name:
+                param.add_(0.05)
+        student = backend.forward(x, t, cond, "student")
+        assert float((student - teacher).abs().max()) > 1e-3
+        assert torch.equal(backend.forward(x, t, cond, "teacher"), teacher)
+        assert torch.equal(backend.forward(x, t, cond, "fake"), teacher)
+    with pytest.raises(ValueError, match="not a class label"):
+        backend.encode(["1"])
+
+
+def test_teacher_50_lands_on_the_data_and_teacher_4_between_modes():
+    spec = mx.MIXTURES["mix2d"]
+    reference = spec.sample(20000, torch.Generator().manual_seed(1234))
+    noise = torch.randn(4096, 2, generator=torch.Generator().manual_seed(0))
+    t50, t4 = mx.teacher_samples(spec, noise, 50), mx.teacher_samples(spec, noise, 4)
+    d50, d4 = mx.sliced_wasserstein(t50, reference), mx.sliced_wasserstein(t4, reference)
+    b50, b4 = mx.between_share(spec, t50), mx.between_share(spec, t4)
+    assert d50 < 0.1, d50
+    assert b50 <= 0.01, b50
+    assert d4 > 2 * d50, (d4, d50)
+    assert b4 > 0.1 and b4 > 10 * b50, (b4, b50)
+    assert mx.mode_weight_tv(spec, t4) > mx.mode_weight_tv(spec, t50)
+
+
+# ---- metrics --------------------------------------------------------------------------------------------------------
+
+
+def test_sliced_wasserstein_zero_for_identical_sets_and_exact_for_a_shift():
+    a = mx.MIXTURES["mix16d"].sample(3000, torch.Generator().manual_seed(5)).double()
+    assert mx.sliced_wasserstein(a, a.clone()) == 0.0
+    dirs = torch.randn(16, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    shift_unit = torch.zeros(16, dtype=torch.float64)
+    shift_unit[3] = 1.0
+    previous = 0.0
+    for delta in (0.1, 0.5, 2.0):
+        d = mx.sliced_wasserstein(a, a + delta * shift_unit)
+        # a constant shift moves every projection by δ u_3: W2 = δ |u_3| per direction, exactly
+        assert d == pytest.approx(delta * float(dirs[3].square().mean().sqrt()), rel=1e-7)
+        assert d > previous
+        previous = d
+    # unequal sizes: quantile interpolation; same law ~ 0, a shifted law ~ the shift's distance
+    b = mx.MIXTURES["mix16d"].sample(20000, torch.Generator().manual_seed(6))
+    same = mx.sliced_wasserstein(a, b)
+    assert same < 0.03
+    assert mx.sliced_wasserstein(b, a) == pytest.approx(same, rel=1e-9)
+    assert mx.sliced_wasserstein(a + 0.5 * shift_unit, b) > 3 * same
+
+
+def test_mode_weight_tv_sees_a_lost_mode():
+    spec = mx.MIXTURES["mix2d"]
+    data = spec.sample(20000, torch.Generator().manual_seed(7))
+    centres = spec.centre_tensor().float()
+    lost = data.clone()
+    small = spec.nearest_mode(data) == spec.modes - 1  # the 3 % mode, moved onto the biggest
+    lost[small] = lost[small] - centres[-1] + centres[0]
+    assert mx.mode_weight_tv(spec, lost) == pytest.approx(mx.mode_weight_tv(spec, data) + 0.03, abs=0.01)
+
+
+# ---- distillation ---------------------------------------------------------------------------------------------------
+
+
+def test_short_tdm_run_on_the_mixture_backend_changes_the_student():
+    config = mx.mixture_distill_config("mix16d", batch_size=64, lora_rank=8, iterations=20)
+    assert config.grid() == [999, 749, 499, 249] and config.prompts == ["0"] and config.family == "toy_mix16d"
+    backend = mx.make_backend(config, target="mix16d")
+    assert (backend.lora_rank, backend.family, backend.latent_shape) == (8, "toy_mix16d", (16,))
+    trainer = TDMTrainer(backend, config)
+    noise = torch.randn(256, 16, generator=torch.Generator().manual_seed(8))
+    before_student = backend.adapter_state_dict("student")
+    before_samples = trainer.sample(["0"] * 256, noise=noise)
+    # the untrained student's 4 steps are the teacher's own 4-step DDIM
+    torch.testing.assert_close(before_samples, mx.teacher_samples("mix16d", noise, 4), rtol=0, atol=1e-4)
+    metrics = trainer.train(20)
+    assert trainer.step_count == 20 and math.isfinite(metrics["loss_gen"]) and math.isfinite(metrics["loss_fake"])
+    after = backend.adapter_state_dict("student")
+    moved = max(float((after[k] - before_student[k]).abs().max()) for k in after)
+    assert moved > 1e-4
+    assert float((trainer.sample(["0"] * 256, noise=noise) - before_samples).abs().max()) > 1e-4
+    x, t = noise[:32], torch.full((32,), 500, dtype=torch.long)
+    with torch.no_grad():
+        a, s = _alpha_sigma(500)
+        torch.testing.assert_close(backend.forward(x, t, backend.encode(["0"] * 32), "teacher"),
+                                   mx.MIXTURES["mix16d"].eps(x, a, s).float(), rtol=0, atol=1e-6)
+    tensors, metadata = backend.export_student_lora()
+    assert metadata["tdm.family"] == "toy_mix16d" and all(k.startswith("toy.residual.") for k in tensors)
+
+
+def test_cli_factory_builds_the_named_target():
+    config = DistillConfig(prompts=["0"], lora_rank=4, teacher={"factory": "tdm_core.toy.mixture:make_backend",
+                                                                  "target": "mix16d"})
+    backend = build_backend(config)
+    assert isinstance(backend, mx.MixtureBackend)
+    assert backend.spec is mx.MIXTURES["mix16d"] and backend.lora_rank == 4
+    with pytest.raises(ValueError, match="unknown mixture target"):
+        mx.make_backend(None, target="mix3d")
+
+
+# ---- the benchmark --------------------------------------------------------------------------------------------------
+
+
+def _bench(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bench" / "pace.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bench_prints_one_json_line_with_the_documented_keys():
+    proc = _bench("--iterations", "20", "--targets", "mix2d", "--threads", "1", "--set", "batch_size=64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout
+    line = json.loads(lines[0])
+    assert line["bench"] == "pace" and line["iterations"] == 20 and line["seeds"] == [0]
+    assert line["recipe"]["batch_size"] == 64 and line["recipe"]["lr"] == 1e-3 and line["recipe"]["lora_rank"] == 64
+    assert "prompts" not in line["recipe"] and "family" not in line["recipe"]
+    for key in ("d_teacher50", "d_teacher4", "d_student", "ratio", "floor", "between_student", "between_teacher50",
+                "between_data", "tv_student", "tv_teacher50", "seconds", "ratio_at", "ratio_by_seed"):
+        assert f"mix2d_{key}" in line, key
+    assert line["mix2d_ratio"] == pytest.approx(line["mix2d_d_student"] / line["mix2d_d_teacher50"], rel=1e-3)
+    assert line["mix2d_ratio_at"] == {}  # no checkpoint ≤ 20 iterations
+    assert line["mix2d_floor"] < line["mix2d_d_teacher50"] < line["mix2d_d_teacher4"]
+    assert line["worst_ratio"] == line["mix2d_ratio"]
+    assert isinstance(line["goal_met"], bool)
+
+
+@pytest.mark.parametrize("setting,named", [("not_a_field=1", "not_a_field"), ("lr=-1", "lr")])
+def test_bench_rejects_a_bad_setting_before_training(setting, named):
+    proc = _bench("--iterations", "20", "--targets", "mix2d", "--set", setting, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout.strip() == ""
+    assert named in proc.stderr and "config" in proc.stderr
+    assert "teacher-50" not in proc.stderr  # nothing was sampled, trained or evaluated
