@@ -22,9 +22,9 @@ _NUMBER_HINT = " -1: the recipe's."
 def recipe_input():
     return io.Combo.Input(
         "recipe", options=RECIPE_CHOICES, default=recipes.AUTO, optional=True,
-        tooltip="Fills every setting left at -1 / 'recipe': auto = the teacher family's; official_demo / "
-                "official_readme = the TDM authors' script and README run; flow_factory_sd35 = their group's later "
-                "SD3.5 recipe.")
+        tooltip="Fills every setting left at -1 / 'recipe'. auto: the teacher family's (official_demo); "
+                "official_demo / official_readme: the TDM authors' script and README run; flow_factory_sd35: their "
+                "group's SD3.5 recipe.")
 
 
 def knob_inputs() -> list:
@@ -66,6 +66,9 @@ def knob_inputs() -> list:
         io.Combo.Input("stages", optional=True, options=[FROM_RECIPE_CHOICE, "one", "all"], default=FROM_RECIPE_CHOICE,
                        tooltip="Trajectory steps each update trains per sample: one at random (official) or all K "
                                "(Flow-Factory; K times the update's cost)."),
+        io.Combo.Input("lr_decay", optional=True, options=[FROM_RECIPE_CHOICE, "constant", "cosine"],
+                       default=FROM_RECIPE_CHOICE,
+                       tooltip="Both learning rates: constant (official) or a half cosine to 0 over the iterations."),
     ]
 
 
@@ -108,7 +111,7 @@ def distill_settings(settings: dict, family: str, preset_name: str) -> tuple[dic
     for node_key, field, convert in (("cfg", "cfg", float), ("lora_rank", "lora_rank", int),
                                      ("batch_size", "batch_size", int), ("weight_decay", "weight_decay", float),
                                      ("fake_updates", "fake_updates", int), ("tau_mode", "tau_mode", str),
-                                     ("stages", "stages", str)):
+                                     ("stages", "stages", str), ("lr_decay", "lr_decay", str)):
         if _set(settings.get(node_key)):
             override(field, convert(settings[node_key]))
     alpha = settings.get("lora_alpha", FROM_RECIPE)

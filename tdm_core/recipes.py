@@ -61,6 +61,13 @@ class Recipe:
 _LORA_HERE = "the official script fine-tunes full copies; here both networks are LoRAs on one frozen teacher"
 _ONE_GPU = "ComfyUI trains on one GPU; one sample fits a 24 GB card at the family's native size"
 
+# bench/pace.py (500 iterations, seeds 0/1/2) and tests/test_sdxl_flux_quality.py's latent toys (its settings)
+_COSINE_MEASURED = ("measured here: closer to the teacher on bench/pace.py's mixtures and digits at 500 iterations "
+                    "(ratio to teacher-50: 2-D 2.02–2.14 → 1.83–1.91, 16-D 2.60–2.68 → 2.50–2.60, digits "
+                    "1.04–1.10 → 1.00–1.01), farther on the Flux latent toy (share of the teacher's 4-step distance "
+                    "removed at 500 iterations 70 → 63 %; at the quality check's 160–200 iterations SDXL 19 %, Flux "
+                    "13 %, below its 25 %)")
+
 _DEMO = {
     "cfg": Value(2.0, "demo"),
     "lr": Value(1e-4, "demo", "the fake score's learning rate"),
@@ -77,6 +84,7 @@ _DEMO = {
     "fake_updates": Value(1, "demo"),
     "stages": Value("one", "demo", "each sample trains one random step of its trajectory"),
     "batch_size": Value(1, "here", _ONE_GPU),
+    "lr_decay": Value("constant", "demo", "a constant learning rate"),
 }
 
 RECIPES: dict[str, Recipe] = {
@@ -85,6 +93,10 @@ RECIPES: dict[str, Recipe] = {
         Recipe("official_demo", "Official demo script",
                "The TDM authors' training script as published (PixArt-α): teacher CFG 2, fake score at 1e-4, student "
                "at a fifth, AdamW (0, 0.95).", dict(_DEMO)),
+        Recipe("official_demo_cosine", "Official demo script, cosine-decayed learning rates",
+               "The official demo script with both learning rates decayed along a half cosine to 0 over the run: "
+               "closer to the teacher on the mixture and digits toys, farther on the SDXL and Flux latent toys.",
+               _DEMO | {"lr_decay": Value("cosine", "here", _COSINE_MEASURED)}),
         Recipe("official_readme", "Official README run",
                "The official README's command: the demo script at CFG 4.5 and learning rate 2e-5.",
                _DEMO | {"cfg": Value(4.5, "readme"), "lr": Value(2e-5, "readme", "the fake score's learning rate"),
@@ -111,13 +123,15 @@ RECIPES: dict[str, Recipe] = {
                    "fake_updates": Value(1, "ff", "ttur_fake_updates"),
                    "stages": Value("all", "ff", "all four stage losses averaged"),
                    "batch_size": Value(1, "here", _ONE_GPU + " (Flow-Factory: 128 prompts a step on 8 GPUs)"),
+                   "lr_decay": Value("constant", "ff", "the config sets no learning-rate schedule"),
                }),
     )
 }
 
 #: What TDM Distill's `recipe` input offers besides these names: the family's recipe.
 AUTO = "auto"
-#: The recipe the headless trainer and a preset without one use.
+#: The recipe of a grid of no preset (TDM Distill's training_demo grid) under recipe auto. (A headless config without
+#: a `recipe` key keeps DistillConfig's defaults: the official demo's.)
 DEFAULT_RECIPE = "official_demo"
 
 # Values a family cannot train with whatever the recipe says.

@@ -164,3 +164,19 @@ def test_the_docs_table_is_the_data():
     text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text(encoding="utf-8")
     start = text.index("-->", text.index("<!-- recipes-table")) + 3
     assert text[start:text.index("<!-- /recipes-table -->")].strip() == recipes.markdown_table()
+
+
+def test_cosine_decay_takes_both_learning_rates_to_zero_over_the_run(tmp_path):
+    trainer = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4), _config(lr_decay="cosine", iterations=4))
+    seen = [(m["lr_fake"], m["lr_gen"]) for m in (trainer.step() for _ in range(4))]
+    # after update s the rate is base · ½(1 + cos(π s / 4)): 0.854, 0.5, 0.146, 0 of it
+    for (fake, gen), s in zip(seen, range(1, 5), strict=True):
+        factor = 0.5 * (1 + math.cos(math.pi * s / 4))
+        assert fake == pytest.approx(1e-4 * factor, abs=1e-9) and gen == pytest.approx(2e-5 * factor, abs=1e-9)
+    # a resumed run continues the decay where it was
+    state = trainer.state_dict()
+    again = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4), _config(lr_decay="cosine", iterations=4))
+    again.load_state_dict(state)
+    assert again.opt_fake.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ConfigError, match="lr_decay must be one of"):
+        _config(lr_decay="linear").validate()

@@ -31,6 +31,7 @@ TAU_DENSITIES = ("uniform", "logit_normal")
 # "one": each sample trains one random step of its trajectory per update (official); "all": every sample trains all
 # K steps in each update, their losses averaged (Flow-Factory: "all four stage losses are averaged").
 STAGES = ("one", "all")
+LR_DECAYS = ("constant", "cosine")
 GENERATOR_LOSSES = ("pseudo_huber", "pseudo_huber_vector", "mse")
 MODES = ("lora", "full")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -72,6 +73,7 @@ class DistillConfig:
     fake_updates: int = 1  # fake-score updates per student update (each with fresh draws on the same rollout)
     stages: str = "one"  # see STAGES
     lr_warmup_steps: int = 0  # linear warm-up of the generator LR (the official script's schedule is constant)
+    lr_decay: str = "constant"  # both LRs: "constant" (official) or "cosine" (half cosine to 0 over `iterations`)
     batch_size: int = 1  # global batch; split evenly across data-parallel processes
     generator_loss: str = "pseudo_huber"  # "pseudo_huber" (element-wise, official), "pseudo_huber_vector", "mse"
     huber_c: float = 1e-3  # c of the element-wise pseudo-Huber loss
@@ -137,6 +139,7 @@ class DistillConfig:
         need(isinstance(self.fake_updates, int) and not isinstance(self.fake_updates, bool) and 1 <= self.fake_updates <= 16,
              f"fake_updates must be an integer in [1, 16], got {self.fake_updates!r}")
         need(self.stages in STAGES, f"stages must be one of {STAGES}, got {self.stages!r}")
+        need(self.lr_decay in LR_DECAYS, f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         need(isinstance(self.recipe, str), f"recipe must be a recipe name, got {self.recipe!r}")
         need(_finite(self.huber_c) and self.huber_c > 0, f"huber_c must be > 0, got {self.huber_c!r}")
         need(_finite(self.snr_clamp) and self.snr_clamp > 0, f"snr_clamp must be > 0, got {self.snr_clamp!r}")

@@ -28,6 +28,7 @@ B samples (gradients are averaged across processes before clipping and the optim
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +74,15 @@ def _allreduce_mean_(tensors: list[torch.Tensor], world: int) -> None:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
+
+
+def _lr_decay(config: DistillConfig) -> Callable[[int], float]:
+    """The learning-rate factor after s updates: 1 ("constant", official), or a half cosine from 1 to 0 over
+    config.iterations ("cosine"; a resume with more iterations stretches what is left of it)."""
+    if config.lr_decay == "constant":
+        return lambda s: 1.0
+    total = max(1, config.iterations)
+    return lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
 
 
 def _adamw(params: list[torch.nn.Parameter], **settings) -> torch.optim.AdamW:
@@ -126,9 +136,10 @@ class TDMTrainer:
                                weight_decay=config.weight_decay)
         self.opt_gen = _adamw(self.student_params, lr=config.student_learning_rate(), betas=betas,
                               eps=config.adam_eps, weight_decay=config.weight_decay)
-        warmup = config.lr_warmup_steps
+        warmup, decay = config.lr_warmup_steps, _lr_decay(config)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.opt_gen, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+            self.opt_gen, lambda s: (min(1.0, (s + 1) / warmup) if warmup else 1.0) * decay(s))
+        self.lr_schedule_fake = torch.optim.lr_scheduler.LambdaLR(self.opt_fake, decay)
         scaled = self.compute_dtype == torch.float16
         self.scaler_fake = torch.amp.GradScaler(self.device.type, enabled=scaled)
         self.scaler_gen = torch.amp.GradScaler(self.device.type, enabled=scaled)
@@ -274,6 +285,8 @@ class TDMTrainer:
         loss = losses.fake_score_loss(fake_x0, x0_hat, self._tables(tau.device)[2][tau], w_is, self.config.snr_clamp)
         grad_norm, applied = self._apply_update(loss, self.opt_fake, self.scaler_fake, self.fake_params,
                                                 clip=self.config.grad_clip_fake)
+        if applied:
+            self.lr_schedule_fake.step()
         return {"loss_fake": loss.detach(), "grad_norm_fake": grad_norm.detach(), "is_weight": w_is.mean(),
                 "skipped_fake": torch.tensor(float(not applied))}
 
@@ -351,7 +364,8 @@ class TDMTrainer:
         forwards = max(max(d["j_max"] for d in draws_fake) + 1, draw_gen["j_max"])
         trajectory = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond, forwards=forwards)
         fake_metrics = [self.fake_update(trajectory, row_cond, draw) for draw in draws_fake]
-        metrics = {k: torch.stack([m[k] for m in fake_metrics]).mean() for k in fake_metrics[0]}
+        metrics = fake_metrics[0] if len(fake_metrics) == 1 else {  # averaged over the fake updates
+            k: torch.stack([m[k] for m in fake_metrics]).mean() for k in fake_metrics[0]}
         metrics["student_steps"] = torch.tensor(float(forwards))
         metrics.update(self.generator_update(trajectory, row_cond, uncond, draw_gen))
         self._check_updated_weights(metrics)
@@ -417,6 +431,7 @@ class TDMTrainer:
             "opt_gen": self.opt_gen.state_dict(),
             "opt_fake": self.opt_fake.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
+            "lr_schedule_fake": self.lr_schedule_fake.state_dict(),
             "generator_rng": self.generator.get_state(),
             "scaler_fake": self.scaler_fake.state_dict(),
             "scaler_gen": self.scaler_gen.state_dict(),
@@ -432,6 +447,8 @@ class TDMTrainer:
         self.opt_gen.load_state_dict(state["opt_gen"])
         self.opt_fake.load_state_dict(state["opt_fake"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if "lr_schedule_fake" in state:  # states saved before it existed had a constant fake-score lr
+            self.lr_schedule_fake.load_state_dict(state["lr_schedule_fake"])
         self.generator.set_state(state["generator_rng"])
         for name, scaler in (("scaler_fake", self.scaler_fake), ("scaler_gen", self.scaler_gen)):
             if state.get(name) and scaler.is_enabled():  # a resume in another dtype starts a fresh loss scale
