@@ -1,7 +1,7 @@
 """How fast and how close a TDM student gets to its teacher on multi-modal toy targets; prints ONE JSON line.
 
-    .venv/bin/python bench/pace.py [--iterations 500] [--targets mix2d,mix16d,digits] [--set key=json ...]
-                                   [--seeds 0] [--threads 1]
+    .venv/bin/python bench/pace.py [--iterations 500] [--targets mix2d,mix16d,digits,sdxl,flux,sd3]
+                                   [--set key=json ...] [--seeds 0] [--threads 1]
 
 Targets. "mix2d" / "mix16d": the analytic Gaussian mixtures of tdm_core/toy/mixture.py (2-D: 5 modes on the unit
 circle, weights 0.5/0.25/0.15/0.07/0.03, std 0.1; 16-D: 8 mutually orthogonal centres of norm 2, weights ∝ 0.6^i
@@ -48,15 +48,27 @@ digits target builds its backend inside run_toy_distillation (rank and seed from
 lora_target_modules and mode keep ToyBackend's defaults there), the mixtures through tdm_core.toy.mixture's
 make_backend (every LoRA field of the config).
 
+Latent targets. "sdxl" / "flux" / "sd3": the toy latent teachers of tests/harness/toy_latent_teacher.py (tiny twins
+of the family in ComfyUI's layout, trained on latents whose every element is ±1 plus a little noise, the prompt
+setting the share), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the quality
+check's settings ("latent_recipe": learning_rate 5e-4, batch 4, rank 16, cfg 1, then every --set field but the
+LoRA's shape). Their 50-step samples are themselves far from the task's data (Flux: W1 0.74 against a floor of
+0.016), so a distance to the data would measure the teacher: they are scored as tests/test_sdxl_flux_quality.py
+scores them, by the W1 distance of 128 samples' element values per prompt to the teacher's own 50-step samples
+(summed over the two prompts; `floor`: a second 50-step draw), and report <t>_removed = 1 − d_student / d_teacher4,
+the share of the teacher's 4-step distance the student removes (<t>_removed_at at 100/250/500 iterations,
+<t>_removed_by_seed). They are not part of worst_ratio / goal_met.
+
 Time on 2 CPU cores (--threads 1; measured): 500 iterations train in ~14 s per mixture target (~25 s wall each
 with sampling and evaluation), ~35 s for digits (~45 s wall once its teacher is cached; the first use trains and
 caches it, about a minute more); the default three-target run takes about 1.5 minutes. --iterations 20 --targets
-mix2d: ~10 s.
+mix2d: ~10 s. The three latent targets at 500 iterations: a few minutes (each teacher is trained once and cached).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -184,6 +196,106 @@ def digits_run(config) -> tuple[dict, dict]:
     return teacher, {"d_student": result.student["fd"], "at": at, "seconds": result.distill_seconds}
 
 
+# The toy latent teachers of tests/harness/toy_latent_teacher.py (every latent element ±1 plus a little noise, the
+# prompt sets the share of +1), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the
+# quality check's settings; --set overrides every DistillConfig field but the LoRA's shape (rank 16, alpha = rank).
+LATENT_TARGETS = ("sdxl", "flux", "sd3")
+LATENT_SAMPLES = 128
+LATENT_SETTINGS = dict(steps=4, grid="auto", lora_rank=16, lora_alpha=0.0, learning_rate=5e-4, cfg=1.0, batch_size=4,
+                       save_every=0, keep_last=1, preview_every=0, gradient_checkpointing=False, dtype="auto",
+                       offload="none", unconditional_prompt="")
+_LORA_SHAPE = ("lora_rank", "lora_alpha", "lora_target_modules", "mode")
+
+
+def _latent_draw(trainer, prompts, adapter: str, grid: list[int], solver: str, noise_seed: int) -> dict:
+    """{prompt: LATENT_SAMPLES samples} of `adapter` on `grid` with `solver`, from fixed noise."""
+    import torch
+    from student_solver import _sample
+
+    from tdm_core import solvers
+
+    space = "flow" if trainer.backend.parametrisation == "flow" else "vp"
+    out = {}
+    with torch.no_grad():
+        for prompt in prompts:
+            noise = torch.randn((LATENT_SAMPLES, *trainer.backend.latent_shape),
+                                generator=torch.Generator().manual_seed(noise_seed))
+            cond = trainer.backend.encode([prompt] * LATENT_SAMPLES)
+            out[prompt] = _sample(trainer, adapter, grid, solvers.get_solver(solver), cond, noise, space)
+    return out
+
+
+def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int]) -> tuple[dict, dict]:
+    """(teacher figures, {seed: student figures}) of a toy latent teacher, scored as tests/test_sdxl_flux_quality.py
+    scores it: the 1-D Wasserstein distance of the element values of 128 samples per prompt to the teacher's own
+    50-step samples (noise seed 11), summed over the two prompts; `floor` is a second 50-step draw (seed 12). The
+    teacher's 4 steps use DDIM, the student the solver its LoRA records (its family's)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from harness import comfy_runtime
+
+    comfy_runtime.bootstrap()
+    import comfy.model_management
+
+    from harness import toy_latent_teacher as toy
+    from tdm_core import presets
+    from tdm_core.distill import DistillConfig
+
+    trainer_module = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.trainer"]
+    config = toy.TeacherConfig.for_family(family)
+    model = toy.teacher_model(family, toy.teacher_file(config, log=log))
+    teacher, runs, reference = None, {}, None
+
+    def distance(samples: dict) -> float:
+        return sum(toy.value_distance(samples[p], reference[p]) for p in toy.PROMPTS)
+
+    for seed in seeds:
+        settings = dict(LATENT_SETTINGS, iterations=iterations, seed=seed, width=config.image_size,
+                        height=config.image_size)
+        with torch.inference_mode():
+            comfy.model_management.load_models_gpu([model], force_full_load=True)
+            runtime, _, _ = trainer_module.build_runtime(model, toy.tiny_clip(family), settings, list(toy.PROMPTS))
+        learned = {k: v for k, v in overrides.items() if k not in _LORA_SHAPE}
+        runtime.config = DistillConfig.from_dict({**runtime.config.to_dict(), **learned})
+        with torch.inference_mode(False), torch.enable_grad():
+            session = runtime.build(None)
+        trainer = session.trainer
+        student_solver = presets.student_solver(trainer.config.sampler_preset, trainer.backend.parametrisation)
+        draw = functools.partial(_latent_draw, trainer, toy.PROMPTS)
+        fine = list(trainer.sample_grid(50))
+        if teacher is None:
+            reference = draw("teacher", fine, "ddim", 11)
+            teacher = {"d_teacher4": distance(draw("teacher", list(trainer.grid), "ddim", 7)),
+                       "floor": distance(draw("teacher", fine, "ddim", 12))}
+        seconds, at = 0.0, {}
+        with torch.inference_mode(False), torch.enable_grad():
+            while trainer.step_count < iterations:
+                seconds += session.step()["seconds"]
+                if trainer.step_count in CHECKPOINTS:
+                    at[trainer.step_count] = distance(draw("student", list(trainer.grid), student_solver, 7))
+                    log(f"{family} seed {seed} iteration {trainer.step_count}: W1 to teacher-50 "
+                        f"{at[trainer.step_count]:.4f} (teacher-4 {teacher['d_teacher4']:.4f})")
+        runs[seed] = {"d_student": distance(draw("student", list(trainer.grid), student_solver, 7)), "at": at,
+                      "seconds": seconds}
+    return teacher, runs
+
+
+def summarise_latent(target: str, teacher: dict, runs: dict[int, dict]) -> dict:
+    """A latent target's figures: the share of the teacher's 4-step distance the student removes (mean over seeds)."""
+    d4 = teacher["d_teacher4"]
+    out = {f"{target}_{k}": round(v, 5) for k, v in teacher.items()}
+    mean = sum(r["d_student"] for r in runs.values()) / len(runs)
+    out[f"{target}_d_student"] = round(mean, 5)
+    out[f"{target}_removed"] = round(1 - mean / d4, 4)
+    out[f"{target}_removed_by_seed"] = {str(s): round(1 - r["d_student"] / d4, 4) for s, r in runs.items()}
+    steps = sorted(set.intersection(*(set(r["at"]) for r in runs.values())))
+    out[f"{target}_removed_at"] = {str(i): round(1 - sum(r["at"][i] for r in runs.values()) / len(runs) / d4, 4)
+                                   for i in steps}
+    out[f"{target}_seconds"] = round(sum(r["seconds"] for r in runs.values()) / len(runs), 1)
+    return out
+
+
 def summarise(target: str, teacher: dict, runs: dict[int, dict]) -> dict:
     """The figures of one target, student figures averaged over the seeds."""
     d50 = teacher["d_teacher50"]
@@ -220,29 +332,38 @@ def main() -> int:
     from tdm_core.toy.mixture import MIXTURES
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = [t for t in targets if t != "digits" and t not in MIXTURES]
+    unknown = [t for t in targets if t != "digits" and t not in MIXTURES and t not in LATENT_TARGETS]
     if unknown or not targets:
-        print(f"error: unknown target(s) {unknown}; use {sorted(MIXTURES) + ['digits']}", file=sys.stderr)
+        print(f"error: unknown target(s) {unknown}; use {sorted(MIXTURES) + ['digits', *LATENT_TARGETS]}",
+              file=sys.stderr)
         return 2
     try:
         overrides = parse_sets(args.set)
         iterations = int(overrides.pop("iterations", args.iterations))
         set_seed = overrides.pop("seed", 0)
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [set_seed]
-        configs = {seed: build_configs(targets, overrides, iterations, seed) for seed in seeds}
+        toy_targets = [t for t in targets if t not in LATENT_TARGETS] or ["mix2d"]  # also checks the --set keys
+        configs = {seed: build_configs(toy_targets, overrides, iterations, seed) for seed in seeds}
     except (ConfigError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, args.threads))
 
-    line = {"bench": "pace", "iterations": iterations, "seeds": seeds,
-            "recipe": recipe(configs[seeds[0]][targets[0]])}
+    line = {"bench": "pace", "iterations": iterations, "seeds": seeds}
+    if any(t not in LATENT_TARGETS for t in targets):
+        line["recipe"] = recipe(configs[seeds[0]][toy_targets[0]])
+    if any(t in LATENT_TARGETS for t in targets):  # TDM Distill's inputs, then the --set fields on its config
+        line["latent_recipe"] = {k: LATENT_SETTINGS[k] for k in ("learning_rate", "batch_size", "lora_rank", "cfg")}
+        line["latent_recipe"].update({k: v for k, v in overrides.items() if k not in _LORA_SHAPE})
     ratios, between_ok = [], True
     for target in targets:
         if target == "digits":
             runs, teacher = {}, None
             for seed in seeds:
                 teacher, runs[seed] = digits_run(configs[seed][target])
+        elif target in LATENT_TARGETS:
+            line.update(summarise_latent(target, *latent_runs(target, overrides, iterations, seeds)))
+            continue
         else:
             ref = mixture_reference(target)
             teacher = ref["figures"]
@@ -252,10 +373,10 @@ def main() -> int:
         figures = summarise(target, teacher, runs)
         line.update(figures)
         ratios.append(figures[f"{target}_ratio"])
-        if target != "digits":
+        if target in MIXTURES:
             between_ok &= figures[f"{target}_between_student"] <= 2 * figures[f"{target}_between_teacher50"]
-    line["worst_ratio"] = max(ratios)
-    line["goal_met"] = bool(line["worst_ratio"] <= GOAL_RATIO and between_ok)
+    line["worst_ratio"] = max(ratios) if ratios else None
+    line["goal_met"] = bool(ratios and line["worst_ratio"] <= GOAL_RATIO and between_ok)
     print(json.dumps(line))
     return 0
 
