@@ -530,15 +530,24 @@ async function checkAdvancedFold(page, out, foldFile) {
   const graph = JSON.parse(readFileSync(foldFile, "utf8"));
   const start = graph.nodes.find((n) => n.type === "TDMDistillStart");
   const changes = { steps: 2, lora_rank: 8, learning_rate: 0.0002, batch_size: 2, keep_last: 5, preview_every: 25,
-                    seed: 1234, lora_alpha: 4, unconditional_prompt: "blurry" };
-  // the names of the saved widgets, in the order of widgets_values (a node made and thrown away)
-  const { widgetNames, inputNames } = await page.evaluate(async () => {
+                    seed: 1234, lora_alpha: 4, unconditional_prompt: "blurry",
+                    // the recipe's knobs: optional widgets after every older one
+                    recipe: "official_readme", adam_beta1: 0.5, tau_density: "logit_normal", tau_logit_std: 0.5,
+                    stages: "all", lr_decay: "cosine" };
+  // the names of the saved widgets, in the order of widgets_values, and their defaults (a node made and thrown away)
+  const { widgetNames, widgetDefaults, inputNames } = await page.evaluate(async () => {
     const info = (await (await fetch("/api/object_info/TDMDistillStart")).json()).TDMDistillStart;
     const probe = window.LiteGraph.createNode("TDMDistillStart");
-    return { widgetNames: probe.widgets.filter((w) => w.serialize !== false).map((w) => w.name),
+    const saved = probe.widgets.filter((w) => w.serialize !== false);
+    return { widgetNames: saved.map((w) => w.name), widgetDefaults: saved.map((w) => w.value),
              inputNames: [...(info.input_order?.required ?? Object.keys(info.input.required)),
                           ...(info.input_order?.optional ?? Object.keys(info.input.optional ?? {}))] };
   });
+  // A workflow file leaves out trailing optional widgets it does not set (the frontend gives them their defaults and
+  // saves them from then on): the values this node saves are the file's, then those defaults.
+  while (start.widgets_values.length < widgetNames.length) {
+    start.widgets_values.push(widgetDefaults[start.widgets_values.length]);
+  }
   for (const [name, value] of Object.entries(changes)) {
     const index = widgetNames.indexOf(name);
     if (index >= 0) start.widgets_values[index] = value;
@@ -577,6 +586,15 @@ async function checkAdvancedFold(page, out, foldFile) {
     return { status: response.status(), inputs: entry?.inputs ?? null };
   };
   result.queuedUnfolded = await queue();
+  // shown, the node may reach below the window (TDM Distill: ~1100 px at zoom 1): scroll its toggle into view, as a
+  // user would, before clicking it
+  await page.evaluate(() => {
+    const node = window.app.graph.nodes.find((n) => n.type === "TDMDistillStart");
+    const { ds } = window.app.canvas;
+    ds.offset = [ds.offset[0], Math.min(ds.offset[1], 1080 - 160 - node.pos[1] - node.size[1])];
+    window.app.canvas.setDirty(true, true);
+  });
+  await sleep(500);
   const shown = await nodeState(page);
   if (shown.toggle?.at) {
     await page.mouse.click(...shown.toggle.at);
