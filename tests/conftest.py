@@ -96,3 +96,15 @@ def comfy_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module of small-matrix tests: one thread is faster, and on a shared 2-core machine more threads
+    contend (and a result summed on 1 thread is the same whatever the machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

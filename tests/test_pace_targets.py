@@ -21,12 +21,7 @@ from tdm_core.toy.teacher import vp_alphas_cumprod
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _alpha_sigma(t: int) -> tuple[float, float]:

@@ -132,6 +132,20 @@ def test_mismatched_preset_fails_the_prompt_naming_both(comfy_server):
     assert "use preset 'auto' (it picks 'dreamshaper' for this MODEL)" in message  # the fix, in one word
 
 
+def _sample_with_lora(server, lora_name: str, nodes: dict):
+    """Runs the SD1.5 twin with `lora_name` through TDM LoRA Loader (strength 1) and `nodes`, whose "sample" makes
+    the latent: (the saved latent, every report text of the run)."""
+    graph = _base_graph("sd15")
+    graph["lora"] = {"class_type": "TDMLoraLoader", "inputs": {
+        "model": ["model", 0], "lora_name": lora_name, "strength_mode": "manual", "strength": 1.0}}
+    graph.update(nodes)
+    entry = server.run_prompt(_save(graph, ["sample", 0]))
+    saved = entry["outputs"]["save"]["latents"][0]
+    texts = " ".join(" ".join(out.get("text", [])) for out in entry["outputs"].values())
+    return load_file(str(server.base_directory / "output" / saved["subfolder"] / saved["filename"]))[
+        "latent_tensor"], texts
+
+
 def test_auto_samples_a_distilled_student_with_the_solver_its_lora_records(comfy_server, sd15_twin):
     """TDM Distill records in a student's LoRA the solver its family's students are sampled with (`tdm.solver`;
     SD1.5: DDIM, measured closer to the teacher than the Dreamshaper release's DPM-Solver++(2M)). TDM LoRA Loader
@@ -150,15 +164,7 @@ def test_auto_samples_a_distilled_student_with_the_solver_its_lora_records(comfy
         lora_files.write_peft(lora, loras / f"tdm_solver_record_{name}.safetensors", metadata=metadata)
 
     def run(lora_name, sample):
-        graph = _base_graph("sd15")
-        graph["lora"] = {"class_type": "TDMLoraLoader", "inputs": {
-            "model": ["model", 0], "lora_name": lora_name, "strength_mode": "manual", "strength": 1.0}}
-        graph.update(sample)
-        entry = comfy_server.run_prompt(_save(graph, ["sample", 0]))
-        saved = entry["outputs"]["save"]["latents"][0]
-        report = " ".join(entry["outputs"].get("sample", {}).get("text", []))
-        return load_file(str(comfy_server.base_directory / "output" / saved["subfolder"] / saved["filename"]))[
-            "latent_tensor"], report
+        return _sample_with_lora(comfy_server, lora_name, sample)
 
     def ksampler(preset):
         return {"sample": {"class_type": "TDMKSampler", "inputs": {
@@ -208,15 +214,7 @@ def test_auto_samples_a_student_of_a_grid_of_no_preset_on_the_grid_its_lora_reco
         lora_files.write_peft(lora, loras / f"tdm_grid_record_{name}.safetensors", metadata=metadata)
 
     def run(lora_name, nodes):
-        graph = _base_graph("sd15")
-        graph["lora"] = {"class_type": "TDMLoraLoader", "inputs": {
-            "model": ["model", 0], "lora_name": lora_name, "strength_mode": "manual", "strength": 1.0}}
-        graph.update(nodes)
-        entry = comfy_server.run_prompt(_save(graph, ["sample", 0]))
-        saved = entry["outputs"]["save"]["latents"][0]
-        texts = " ".join(" ".join(out.get("text", [])) for out in entry["outputs"].values())
-        return load_file(str(comfy_server.base_directory / "output" / saved["subfolder"] / saved["filename"]))[
-            "latent_tensor"], texts
+        return _sample_with_lora(comfy_server, lora_name, nodes)
 
     def ksampler(steps=4):
         return {"sample": {"class_type": "TDMKSampler", "inputs": {

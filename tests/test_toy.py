@@ -23,14 +23,7 @@ from tdm_core.toy import (
 from tdm_core.toy import teacher as teacher_module
 from tdm_core.toy.evaluate import ToyEvaluator
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small matrices: one thread is faster, and on a shared 2-core machine more threads contend.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

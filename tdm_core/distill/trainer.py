@@ -284,9 +284,7 @@ class TDMTrainer:
         fake_x0 = self._x0(self.backend.forward(x_tau, tau, cond, "fake"), x_tau, tau)
         loss = losses.fake_score_loss(fake_x0, x0_hat, self._tables(tau.device)[2][tau], w_is, self.config.snr_clamp)
         grad_norm, applied = self._apply_update(loss, self.opt_fake, self.scaler_fake, self.fake_params,
-                                                clip=self.config.grad_clip_fake)
-        if applied:
-            self.lr_schedule_fake.step()
+                                                self.config.grad_clip_fake, self.lr_schedule_fake)
         return {"loss_fake": loss.detach(), "grad_norm_fake": grad_norm.detach(), "is_weight": w_is.mean(),
                 "skipped_fake": torch.tensor(float(not applied))}
 
@@ -307,15 +305,13 @@ class TDMTrainer:
             f = self._x0(self.backend.forward(x_tau, tau_d, cond, "fake"), x_tau, tau)
         loss, w = losses.generator_loss(x0_hat, r, f, self.config.generator_loss, self.config.huber_c)
         grad_norm, applied = self._apply_update(loss, self.opt_gen, self.scaler_gen, self.student_params,
-                                                clip=self.config.grad_clip)
-        if applied:
-            self.lr_schedule.step()
+                                                self.config.grad_clip, self.lr_schedule)
         return {"loss_gen": loss.detach(), "grad_norm_gen": grad_norm.detach(), "w_mean": w.mean(),
                 "skipped_gen": torch.tensor(float(not applied))}
 
-    def _apply_update(self, loss, optimizer, scaler, params, clip: float | None):
+    def _apply_update(self, loss, optimizer, scaler, params, clip: float | None, schedule):
         """Backward (loss-scaled in fp16), gradient averaging across processes, unscaling, optional clipping, and
-        the optimiser step — unless the loss or the gradients are non-finite, when the step is skipped (and fp16's
+        the optimiser step with its learning-rate schedule's step — unless the loss or the gradients are non-finite, when the step is skipped (and fp16's
         loss scale lowered). Returns (gradient norm, applied). Gradients are None before and after (the trainer
         never leaves them set), so nothing accumulates across updates."""
         scaler.scale(loss).backward()
@@ -329,6 +325,7 @@ class TDMTrainer:
         applied = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))  # one host sync per update
         if applied:
             scaler.step(optimizer)
+            schedule.step()
             self._updated.extend(params)
         for param in params:  # what zero_grad(set_to_none=True) does, without its per-call profiling wrapper
             param.grad = None

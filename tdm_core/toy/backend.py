@@ -32,23 +32,22 @@ def class_prompts(num_classes: int) -> list[str]:
     return [str(c) for c in range(num_classes)]
 
 
-class ToyBackend(PeftBackend):
-    """A `TeacherBackend` (ε-parametrised, VP schedule, N = 1000) over a toy teacher. The teacher's network is
-    copied, so several backends can share one `ToyTeacher`."""
+class LabelledToyBackend(PeftBackend):
+    """The toys' common layout: an ε-parametrised network on a VP schedule (N = 1000) whose prompts are class labels
+    ("0", "1", …; "" the null class), student and fake score as peft LoRAs (or full copies) on its linears,
+    exported in peft layout under "toy."."""
 
-    def __init__(self, teacher: ToyTeacher, *, mode: str = "lora", lora_rank: int = 16, lora_alpha: float | None = None,
+    def __init__(self, net: torch.nn.Module, alphas_cumprod: torch.Tensor, dim: int, family: str, num_classes: int, *,
+                 mode: str = "lora", lora_rank: int = 16, lora_alpha: float | None = None,
                  target_modules: list[str] | None = None, adapter_seed: int = 0):
-        self.teacher = teacher
-        self.num_classes = teacher.config.num_classes
-        self.task = teacher.config.task
-        net = copy.deepcopy(teacher.net)
+        self.num_classes = num_classes
         super().__init__(
             net,
-            schedule=DiscreteSchedule.from_alphas_cumprod(teacher.alphas_cumprod),
+            schedule=DiscreteSchedule.from_alphas_cumprod(alphas_cumprod),
             parametrisation="eps",
-            latent_shape=(teacher.config.dim,),
+            latent_shape=(dim,),
             encode=self._labels,
-            family=f"toy_{teacher.config.task}",
+            family=family,
             mode=mode,
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
@@ -60,6 +59,19 @@ class ToyBackend(PeftBackend):
 
     def _labels(self, prompts: list[str]) -> torch.Tensor:
         return torch.tensor([prompt_to_label(p, self.num_classes) for p in prompts], dtype=torch.long)
+
+
+class ToyBackend(LabelledToyBackend):
+    """A `TeacherBackend` over a trained toy teacher. The teacher's network is copied, so several backends can share
+    one `ToyTeacher`."""
+
+    def __init__(self, teacher: ToyTeacher, *, mode: str = "lora", lora_rank: int = 16, lora_alpha: float | None = None,
+                 target_modules: list[str] | None = None, adapter_seed: int = 0):
+        self.teacher = teacher
+        self.task = teacher.config.task
+        super().__init__(copy.deepcopy(teacher.net), teacher.alphas_cumprod, teacher.config.dim,
+                         f"toy_{teacher.config.task}", teacher.config.num_classes, mode=mode, lora_rank=lora_rank,
+                         lora_alpha=lora_alpha, target_modules=target_modules, adapter_seed=adapter_seed)
 
     @property
     def class_prompts(self) -> list[str]:

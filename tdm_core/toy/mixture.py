@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..distill import DiscreteSchedule, DistillConfig, PeftBackend
-from .backend import prompt_to_label
-from .networks import LORA_TARGET_MODULES, ToyEpsNet
+from ..distill import DistillConfig
+from .backend import LabelledToyBackend
+from .networks import ToyEpsNet
 from .sampling import ddim_sample, uniform_grid
 from .teacher import vp_alphas_cumprod
 
@@ -241,33 +241,17 @@ class MixtureEpsNet(nn.Module):
         return eps + self.residual(x, t, labels).to(x.dtype)
 
 
-class MixtureBackend(PeftBackend):
+class MixtureBackend(LabelledToyBackend):
     """A `TeacherBackend` (ε-parametrised, VP scaled-linear, N = 1000) over `MixtureEpsNet`: student and fake score
     are peft LoRA adapters on the residual's linears (or full copies in "full" mode), as `ToyBackend` does."""
 
     def __init__(self, spec: MixtureSpec | str = "mix2d", *, mode: str = "lora", lora_rank: int = 16,
                  lora_alpha: float | None = None, target_modules: list[str] | None = None, adapter_seed: int = 0):
         self.spec = get_mixture(spec)
-        self.num_classes = 1
         net = MixtureEpsNet(self.spec)
-        super().__init__(
-            net,
-            schedule=DiscreteSchedule.from_alphas_cumprod(net.alphas_cumprod),
-            parametrisation="eps",
-            latent_shape=(self.spec.dim,),
-            encode=self._labels,
-            family=f"toy_{self.spec.name}",
-            mode=mode,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            target_modules=list(target_modules or LORA_TARGET_MODULES),
-            export_format="peft",
-            export_prefix="toy.",
-            adapter_seed=adapter_seed,
-        )
-
-    def _labels(self, prompts: list[str]) -> torch.Tensor:
-        return torch.tensor([prompt_to_label(p, self.num_classes) for p in prompts], dtype=torch.long)
+        super().__init__(net, net.alphas_cumprod, self.spec.dim, f"toy_{self.spec.name}", 1, mode=mode,
+                         lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules,
+                         adapter_seed=adapter_seed)
 
     @property
     def class_prompts(self) -> list[str]:
