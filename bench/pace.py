@@ -1,6 +1,6 @@
 """How fast and how close a TDM student gets to its teacher on multi-modal toy targets; prints ONE JSON line.
 
-    .venv/bin/python bench/pace.py [--iterations 500] [--targets mix2d,mix16d,digits,sdxl,flux,sd3]
+    .venv/bin/python bench/pace.py [--iterations 500] [--targets mix2d,mix16d,digits,sdxl,flux,sd3,sd35]
                                    [--set key=json ...] [--seeds 0] [--threads 1]
 
 Targets. "mix2d" / "mix16d": the analytic Gaussian mixtures of tdm_core/toy/mixture.py (2-D: 5 modes on the unit
@@ -48,7 +48,7 @@ digits target builds its backend inside run_toy_distillation (rank and seed from
 lora_target_modules and mode keep ToyBackend's defaults there), the mixtures through tdm_core.toy.mixture's
 make_backend (every LoRA field of the config).
 
-Latent targets. "sdxl" / "flux" / "sd3": the toy latent teachers of tests/harness/toy_latent_teacher.py (tiny twins
+Latent targets. "sdxl" / "flux" / "sd3" / "sd35": the toy latent teachers of tests/harness/toy_latent_teacher.py (tiny twins
 of the family in ComfyUI's layout, trained on latents whose every element is ±1 plus a little noise, the prompt
 setting the share), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the quality
 check's settings ("latent_recipe": learning_rate 5e-4, batch 4, rank 16, cfg 1, then every --set field but the
@@ -199,7 +199,7 @@ def digits_run(config) -> tuple[dict, dict]:
 # The toy latent teachers of tests/harness/toy_latent_teacher.py (every latent element ±1 plus a little noise, the
 # prompt sets the share of +1), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the
 # quality check's settings; --set overrides every DistillConfig field but the LoRA's shape (rank 16, alpha = rank).
-LATENT_TARGETS = ("sdxl", "flux", "sd3")
+LATENT_TARGETS = ("sdxl", "flux", "sd3", "sd35")
 LATENT_SAMPLES = 128
 LATENT_SETTINGS = dict(steps=4, grid="auto", lora_rank=16, lora_alpha=0.0, learning_rate=5e-4, cfg=1.0, batch_size=4,
                        save_every=0, keep_last=1, preview_every=0, gradient_checkpointing=False, dtype="auto",

@@ -1,19 +1,20 @@
 """Which solver samples a TDM student closest to its teacher: the DDIM step it was trained with, or DPM-Solver++(2M)
 on the same grid. Prints ONE JSON line.
 
-    .venv/bin/python bench/student_solver.py [--seeds 1] [--families digits,sdxl,flux,sd3]
+    .venv/bin/python bench/student_solver.py [--seeds 1] [--families digits,sdxl,flux,sd3,sd35]
 
 Each student is distilled here, then sampled from the same noise both ways:
 - digits (ε, the SD1.5/Dreamshaper grid 999/749/499/249): the toy digits teacher with its recipe
   (tdm_core.toy.experiment, 500 iterations); Fréchet distance of 2000 samples to the teacher's 50-step samples
   (`*_fd_to_teacher50`, lower is closer; the teacher's own 4 steps for scale) and to the real digits (`*_fd`).
-- sdxl (ε), flux and sd3 (flow): the toy latent teachers of tests/harness/toy_latent_teacher.py (every element ±1,
-  the prompt sets the share; the compact SDXL twin, the Flux twin, the SD3-medium twin), distilled in-process through
-  TDM Distill's own runtime with the quality check's settings (cfg 1, rank 16, batch 4, lr 5e-4; SDXL 160 iterations,
-  Flux and SD3 200); W1 distance of 128 samples' element values to the teacher's 50-step samples per prompt
+- sdxl (ε), flux, sd3 and sd35 (flow): the toy latent teachers of tests/harness/toy_latent_teacher.py (every
+  element ±1, the prompt sets the share; the compact SDXL twin, the Flux twin, the SD3-medium and SD3.5-medium
+  twins), distilled in-process through TDM Distill's own runtime with the quality check's settings (cfg 1, rank 16,
+  batch 4, lr 5e-4; SDXL 160 iterations, the others 200); W1 distance of 128 samples' element values to the teacher's 50-step samples per prompt
   (`floor`: two 50-step draws).
 The `flux` preset samples its students with the flow DPM-Solver++(2M) because of these figures (tdm_core.presets),
-and SD3/SD3.5 students keep their release's 2M (the SD3 toy: 1.1–1.2 % closer than DDIM on every prompt and seed).
+and SD3/SD3.5 students keep their release's 2M (the SD3 and SD3.5 toys: 1.1–1.3 % closer than DDIM on every prompt
+and seed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-LATENT_SETTINGS = {"sdxl": 160, "flux": 200, "sd3": 200}
+LATENT_SETTINGS = {"sdxl": 160, "flux": 200, "sd3": 200, "sd35": 200}
 LATENT_SAMPLES = 128
 
 
@@ -133,7 +134,7 @@ def latent(family: str, seed: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--families", default="digits,sdxl,flux,sd3")
+    parser.add_argument("--families", default="digits,sdxl,flux,sd3,sd35")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import torch

@@ -8,8 +8,8 @@ mean, so a teacher's 4-step samples land between or beyond the modes while its m
 the exact posterior, 4 DDIM steps on the SDXL grid give mean |x| 0.77 against 0.99 for 50 steps; Flux's 4 Euler
 steps 0.81). Distribution matching has exactly this to fix.
 
-**The teacher** is a tiny twin of the family (`twins_xl_flux`, and `twins` for SD3-medium: ComfyUI layout, real block
-structure; for SDXL the compact twin, one block per level) with all its weights trained on that task with the family's own objective,
+**The teacher** is a tiny twin of the family (`twins_xl_flux`, and `twins` for SD3- and SD3.5-medium: ComfyUI layout,
+real block structure; for SDXL the compact twin, one block per level) with all its weights trained on that task with the family's own objective,
 through the same network call the trainer uses (the VP state and integer-valued timesteps for SDXL's ε-UNet, the flow state and σ for Flux; the conditioning built by
 `comfy_backend.encode_prompts` from the test pack's tiny CLIP, so SDXL's `y` and Flux's `y`/`guidance` are what
 sampling gives). Training is deterministic on the CPU and cached per task and settings (`TDM_TOY_CACHE`, else
@@ -64,11 +64,11 @@ class TeacherConfig:
         started as latent-diffusion UNets are (`_trainable_start`), is a good enough teacher after 200 steps: its
         student removed 39 % of its 4-step distance, where the randomised start needed 800 steps for 26 % and failed
         at 400. Flux at 400 steps failed (19 %), so it keeps 800."""
-        return cls(family, lr=1e-3) if family in ("flux", "sd3") else cls(family, train_steps=200)
+        return cls(family, lr=1e-3) if family in ("flux", "sd3", "sd35") else cls(family, train_steps=200)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        channels = 4 if self.family == "sdxl" else (twins.SD3_LATENT_CHANNELS if self.family == "sd3"
+        channels = 4 if self.family == "sdxl" else (twins.SD3_LATENT_CHANNELS if self.family in ("sd3", "sd35")
                                                    else twins_xl_flux.FLUX_LATENT_CHANNELS)
         return (channels, self.image_size // 8, self.image_size // 8)
 
@@ -119,7 +119,7 @@ def _trainable_start(family: str, network: torch.nn.Module) -> None:
       projection of every transformer and a zero output convolution, unit norms."""
     with torch.no_grad():
         for name, tensor in network.named_parameters():
-            if family == "sd3":  # MMDiT, adaLN-Zero as Flux: every modulation and the output layer at zero
+            if family in ("sd3", "sd35"):  # MMDiT, adaLN-Zero as Flux: modulations and the output layer at zero
                 if name.startswith("final_layer.linear") or "adaLN_modulation." in name:
                     tensor.zero_()
                 elif name.endswith(("ln_q.weight", "ln_k.weight")):
@@ -243,8 +243,8 @@ def teacher_twin(family: str, seed: int = 0):
     pass of the quality check cost half as much)."""
     if family == "sdxl":
         return twins_xl_flux.sdxl_twin(seed, compact=True).comfy
-    if family == "sd3":
-        return twins.sd3_twin(seed).comfy
+    if family in ("sd3", "sd35"):  # SD3.5-medium: dual attention in block 0, RMS q/k norms
+        return twins.sd3_twin(seed, sd35=family == "sd35").comfy
     return twins_xl_flux.flux_twin(seed).comfy
 
 
