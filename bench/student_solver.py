@@ -10,8 +10,8 @@ Each student is distilled here, then sampled from the same noise both ways:
 - sdxl (ε), flux, sd3 and sd35 (flow): the toy latent teachers of tests/harness/toy_latent_teacher.py (every
   element ±1, the prompt sets the share; the compact SDXL twin, the Flux twin, the SD3-medium and SD3.5-medium
   twins), distilled in-process through TDM Distill's own runtime with the quality check's settings (cfg 1, rank 16,
-  batch 4, lr 5e-4; SDXL 160 iterations, the others 200); W1 distance of 128 samples' element values to the teacher's 50-step samples per prompt
-  (`floor`: two 50-step draws).
+  batch 4, lr 5e-4; SDXL 160 iterations, the others 200); W1 distance of 128 samples' element values to the
+  teacher's 50-step samples per prompt (`floor`: two 50-step draws).
 The `flux` preset samples its students with the flow DPM-Solver++(2M) because of these figures (tdm_core.presets),
 and SD3/SD3.5 students keep their release's 2M (the SD3 and SD3.5 toys: 1.1–1.3 % closer than DDIM on every prompt
 and seed).

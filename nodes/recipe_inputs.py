@@ -27,35 +27,42 @@ def recipe_input():
                 "group's SD3.5 recipe.")
 
 
+def _number(name: str, tooltip: str, *, maximum: float, step: float):
+    """A float knob whose -1 (its default) means "the recipe's"."""
+    return io.Float.Input(name, optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=maximum, step=step,
+                          round=False, tooltip=tooltip)
+
+
+def _choice(name: str, options: list[str], tooltip: str):
+    """A choice knob whose "recipe" (its default) means "the recipe's"."""
+    return io.Combo.Input(name, optional=True, options=[FROM_RECIPE_CHOICE, *options], default=FROM_RECIPE_CHOICE,
+                          tooltip=tooltip)
+
+
 def knob_inputs() -> list:
     """The recipe knobs besides the older inputs, in the order they are appended to the node (saved workflows hold
     widget values by position: new widgets only ever go at the end). Optional, like `recipe`: a prompt in API format
     saved before they existed lacks them, and a missing one means "the recipe's"."""
     return [
-        io.Float.Input("student_learning_rate", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=1e-2, step=1e-6, round=False,
-                       tooltip="The student's learning rate. -1: the recipe's, scaled by learning_rate like the "
-                               "recipe's (official: a fifth of it)."),
-        io.Float.Input("adam_beta1", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=0.9999, step=0.01, round=False,
-                       tooltip="AdamW β1 of both networks (official 0, Flow-Factory 0.9)." + _NUMBER_HINT),
-        io.Float.Input("adam_beta2", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=0.99999, step=0.001, round=False,
-                       tooltip="AdamW β2 of both networks (official 0.95, Flow-Factory 0.999)." + _NUMBER_HINT),
-        io.Float.Input("weight_decay", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=1.0, step=1e-4, round=False,
-                       tooltip="AdamW weight decay of both networks." + _NUMBER_HINT),
-        io.Float.Input("grad_clip_student", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=1e4, step=0.1, round=False,
-                       tooltip="Maximum gradient norm of the student; 0: not clipped." + _NUMBER_HINT),
-        io.Float.Input("grad_clip_fake", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=1e4, step=0.1, round=False,
-                       tooltip="Maximum gradient norm of the fake score; 0: not clipped (official)." + _NUMBER_HINT),
-        io.Float.Input("importance_clip", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=1e6, step=1.0, round=False,
-                       tooltip="Keeps the importance weight within [1/c, c]; 0: unclipped (official), Flow-Factory "
-                               "20." + _NUMBER_HINT),
-        io.Combo.Input("tau_mode", optional=True, options=[FROM_RECIPE_CHOICE, "separate", "shared", "reverse"],
-                       default=FROM_RECIPE_CHOICE,
-                       tooltip="Where the score comparison time τ is drawn: separate = inside each student step "
-                               "(official), shared = up to the grid's top, reverse = up to full noise (Flow-Factory)."),
-        io.Combo.Input("tau_density", optional=True, options=[FROM_RECIPE_CHOICE, "uniform", "logit_normal"],
-                       default=FROM_RECIPE_CHOICE,
-                       tooltip="How τ is drawn there: uniform (official) or logit_normal over the noise level "
-                               "(Flow-Factory), with the two inputs below."),
+        _number("student_learning_rate", "The student's learning rate. -1: the recipe's, scaled by learning_rate like "
+                "the recipe's (official: a fifth of it).", maximum=1e-2, step=1e-6),
+        _number("adam_beta1", "AdamW β1 of both networks (official 0, Flow-Factory 0.9)." + _NUMBER_HINT,
+                maximum=0.9999, step=0.01),
+        _number("adam_beta2", "AdamW β2 of both networks (official 0.95, Flow-Factory 0.999)." + _NUMBER_HINT,
+                maximum=0.99999, step=0.001),
+        _number("weight_decay", "AdamW weight decay of both networks." + _NUMBER_HINT, maximum=1.0, step=1e-4),
+        _number("grad_clip_student", "Maximum gradient norm of the student; 0: not clipped." + _NUMBER_HINT,
+                maximum=1e4, step=0.1),
+        _number("grad_clip_fake", "Maximum gradient norm of the fake score; 0: not clipped (official)." + _NUMBER_HINT,
+                maximum=1e4, step=0.1),
+        _number("importance_clip", "Keeps the importance weight within [1/c, c]; 0: unclipped (official), "
+                "Flow-Factory 20." + _NUMBER_HINT, maximum=1e6, step=1.0),
+        _choice("tau_mode", ["separate", "shared", "reverse"],
+                "Where the score comparison time τ is drawn: separate = inside each student step (official), shared = "
+                "up to the grid's top, reverse = up to full noise (Flow-Factory)."),
+        _choice("tau_density", ["uniform", "logit_normal"],
+                "How τ is drawn there: uniform (official) or logit_normal over the noise level (Flow-Factory), with "
+                "the two inputs below."),
         io.Float.Input("tau_logit_mean", optional=True, default=0.0, min=-5.0, max=5.0, step=0.1,
                        tooltip="Mean of the logit-normal τ density; used when tau_density is logit_normal."),
         io.Float.Input("tau_logit_std", optional=True, default=1.0, min=0.05, max=5.0, step=0.05,
@@ -63,12 +70,10 @@ def knob_inputs() -> list:
                                "logit_normal."),
         io.Int.Input("fake_updates", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=16,
                      tooltip="Fake-score updates per student update." + _NUMBER_HINT),
-        io.Combo.Input("stages", optional=True, options=[FROM_RECIPE_CHOICE, "one", "all"], default=FROM_RECIPE_CHOICE,
-                       tooltip="Trajectory steps each update trains per sample: one at random (official) or all K "
-                               "(Flow-Factory; K times the update's cost)."),
-        io.Combo.Input("lr_decay", optional=True, options=[FROM_RECIPE_CHOICE, "constant", "cosine"],
-                       default=FROM_RECIPE_CHOICE,
-                       tooltip="Both learning rates: constant (official) or a half cosine to 0 over the iterations."),
+        _choice("stages", ["one", "all"], "Trajectory steps each update trains per sample: one at random (official) "
+                "or all K (Flow-Factory; K times the update's cost)."),
+        _choice("lr_decay", ["constant", "cosine"],
+                "Both learning rates: constant (official) or a half cosine to 0 over the iterations."),
     ]
 
 

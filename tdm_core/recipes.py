@@ -62,11 +62,11 @@ _LORA_HERE = "the official script fine-tunes full copies; here both networks are
 _ONE_GPU = "ComfyUI trains on one GPU; one sample fits a 24 GB card at the family's native size"
 
 # bench/pace.py (500 iterations, seeds 0/1/2) and tests/test_sdxl_flux_quality.py's latent toys (its settings)
-_COSINE_MEASURED = ("measured here: closer to the teacher on bench/pace.py's mixtures and digits at 500 iterations "
-                    "(ratio to teacher-50: 2-D 2.02–2.14 → 1.83–1.91, 16-D 2.60–2.68 → 2.50–2.60, digits "
-                    "1.04–1.10 → 1.00–1.01), farther on the Flux latent toy (share of the teacher's 4-step distance "
-                    "removed at 500 iterations 70 → 63 %; at the quality check's 160–200 iterations SDXL 19 %, Flux "
-                    "13 %, below its 25 %)")
+_COSINE_MEASURED = (
+    "measured here: closer to the teacher on bench/pace.py's mixtures and digits at 500 iterations (ratio to "
+    "teacher-50: 2-D 2.02–2.14 → 1.83–1.91, 16-D 2.60–2.68 → 2.50–2.60, digits 1.04–1.10 → 1.00–1.01), farther on "
+    "the Flux latent toy (share of the teacher's 4-step distance removed at 500 iterations 70 → 63 %; at the quality "
+    "check's 160–200 iterations SDXL 19 %, Flux 13 %, below its 25 %)")
 
 _DEMO = {
     "cfg": Value(2.0, "demo"),
