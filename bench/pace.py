@@ -3,7 +3,10 @@
     .venv/bin/python bench/pace.py [--iterations 500] [--targets mix2d,mix16d,digits,sdxl,flux,sd3,sd35]
                                    [--set key=json ...] [--seeds 0] [--threads 1]
 
-Targets. "mix2d" / "mix16d": the analytic Gaussian mixtures of tdm_core/toy/mixture.py (2-D: 5 modes on the unit
+Targets. "mix2d_learned" / "mix16d_learned": the same mixtures and data, with a teacher that learned them from
+samples (tdm_core.toy.teacher.LEARNED_MIXTURE_TEACHERS: a 3-block MLP, 6000 steps, trained once and cached, about
+five minutes each on 2 CPU cores), the LoRAs on its own linears as on a real checkpoint's.
+"mix2d" / "mix16d": the analytic Gaussian mixtures of tdm_core/toy/mixture.py (2-D: 5 modes on the unit
 circle, weights 0.5/0.25/0.15/0.07/0.03, std 0.1; 16-D: 8 mutually orthogonal centres of norm 2, weights ∝ 0.6^i
 (0.41 … 0.011), std 0.2), whose teacher is the EXACT ε of the mixture (a frozen zero-output residual MLP carries
 the LoRA adapters). "digits": the trained 8x8-digits teacher of bench/distill.py, run through
@@ -48,9 +51,9 @@ digits target builds its backend inside run_toy_distillation (rank and seed from
 lora_target_modules and mode keep ToyBackend's defaults there), the mixtures through tdm_core.toy.mixture's
 make_backend (every LoRA field of the config).
 
-Latent targets. "sdxl" / "flux" / "sd3" / "sd35": the toy latent teachers of tests/harness/toy_latent_teacher.py (tiny twins
-of the family in ComfyUI's layout, trained on latents whose every element is ±1 plus a little noise, the prompt
-setting the share), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the quality
+Latent targets. "sdxl" / "flux" / "sd3" / "sd35": the toy latent teachers of tests/harness/toy_latent_teacher.py
+(tiny twins of the family in ComfyUI's layout, trained on latents whose every element is ±1 plus a little noise,
+the prompt setting the share), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the quality
 check's settings ("latent_recipe": learning_rate 5e-4, batch 4, rank 16, cfg 1, then every --set field but the
 LoRA's shape). Their 50-step samples are themselves far from the task's data (Flux: W1 0.74 against a floor of
 0.016), so a distance to the data would measure the teacher: they are scored as tests/test_sdxl_flux_quality.py
@@ -112,7 +115,7 @@ def build_configs(targets: list[str], overrides: dict, iterations: int, seed: in
 
     configs = {}
     for target in targets:
-        base = digits_distill_config() if target == "digits" else mixture_distill_config(target)
+        base = digits_distill_config() if target == "digits" else mixture_distill_config(target.removesuffix(LEARNED))
         data = {**base.to_dict(), **overrides, "iterations": iterations, "seed": seed}
         configs[target] = DistillConfig.from_dict(data).validate(num_timesteps=1000)
     return configs
@@ -152,15 +155,54 @@ def mixture_reference(target: str) -> dict:
     }}
 
 
+LEARNED = "_learned"  # suffix of a mixture target whose teacher is a network that learned the mixture
+
+
+def learned_reference(target: str) -> dict:
+    """mixture_reference for a "<mixture>_learned" target: the same data, reference and noise; the teacher is the
+    toy MLP trained on the mixture's samples (tdm_core.toy.teacher.LEARNED_MIXTURE_TEACHERS, cached), sampled by
+    DDIM with its own ε."""
+    import torch
+
+    from tdm_core.toy import mixture as mx
+    from tdm_core.toy.sampling import ddim_sample, uniform_grid
+    from tdm_core.toy.teacher import LEARNED_MIXTURE_TEACHERS, load_or_train_teacher
+
+    name = target.removesuffix(LEARNED)
+    ref = mixture_reference(name)
+    teacher = load_or_train_teacher(LEARNED_MIXTURE_TEACHERS[name], log=log)
+    labels = torch.zeros(len(ref["noise"]), dtype=torch.long)
+
+    def samples(steps: int) -> torch.Tensor:
+        with torch.no_grad():
+            return ddim_sample(lambda x, t: teacher.net(x, t, labels[:len(x)]), ref["noise"], uniform_grid(steps),
+                               teacher.alphas_cumprod).float()
+
+    t50, t4 = samples(50), samples(4)
+    spec, reference = ref["spec"], ref["reference"]
+    ref["figures"].update(d_teacher50=mx.sliced_wasserstein(t50, reference),
+                          d_teacher4=mx.sliced_wasserstein(t4, reference),
+                          between_teacher50=mx.between_share(spec, t50), between_teacher4=mx.between_share(spec, t4),
+                          tv_teacher50=mx.mode_weight_tv(spec, t50), tv_teacher4=mx.mode_weight_tv(spec, t4))
+    ref["teacher"] = teacher
+    return ref
+
+
 def mixture_student(target: str, ref: dict, config) -> dict:
     """Distils a student with `config` and scores it at the checkpoints and at the end."""
     import torch
 
     from tdm_core.distill import TDMTrainer
     from tdm_core.toy import mixture as mx
+    from tdm_core.toy.backend import ToyBackend
 
     spec, reference, noise = ref["spec"], ref["reference"], ref["noise"]
-    backend = mx.make_backend(config, target=target)
+    if "teacher" in ref:  # a learned target: the LoRAs on the trained teacher's own linears
+        backend = ToyBackend(ref["teacher"], mode=config.mode, lora_rank=config.lora_rank,
+                             lora_alpha=config.lora_alpha, target_modules=config.lora_target_modules,
+                             adapter_seed=config.seed)
+    else:
+        backend = mx.make_backend(config, target=target)
     trainer = TDMTrainer(backend, config)
     prompts = ["0"] * noise.shape[0]
     seconds, at = 0.0, {}
@@ -332,10 +374,10 @@ def main() -> int:
     from tdm_core.toy.mixture import MIXTURES
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = [t for t in targets if t != "digits" and t not in MIXTURES and t not in LATENT_TARGETS]
+    known = [*sorted(MIXTURES), *(m + LEARNED for m in sorted(MIXTURES)), "digits", *LATENT_TARGETS]
+    unknown = [t for t in targets if t not in known]
     if unknown or not targets:
-        print(f"error: unknown target(s) {unknown}; use {sorted(MIXTURES) + ['digits', *LATENT_TARGETS]}",
-              file=sys.stderr)
+        print(f"error: unknown target(s) {unknown}; use {known}", file=sys.stderr)
         return 2
     try:
         overrides = parse_sets(args.set)
@@ -365,7 +407,7 @@ def main() -> int:
             line.update(summarise_latent(target, *latent_runs(target, overrides, iterations, seeds)))
             continue
         else:
-            ref = mixture_reference(target)
+            ref = learned_reference(target) if target.endswith(LEARNED) else mixture_reference(target)
             teacher = ref["figures"]
             log(f"{target}: teacher-50 {teacher['d_teacher50']:.4f}, teacher-4 {teacher['d_teacher4']:.4f}, "
                 f"floor {teacher['floor']:.4f} (sliced W2 to the data)")
@@ -373,7 +415,7 @@ def main() -> int:
         figures = summarise(target, teacher, runs)
         line.update(figures)
         ratios.append(figures[f"{target}_ratio"])
-        if target in MIXTURES:
+        if target.removesuffix(LEARNED) in MIXTURES:
             between_ok &= figures[f"{target}_between_student"] <= 2 * figures[f"{target}_between_teacher50"]
     line["worst_ratio"] = max(ratios) if ratios else None
     line["goal_met"] = bool(ratios and line["worst_ratio"] <= GOAL_RATIO and between_ok)

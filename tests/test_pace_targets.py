@@ -241,3 +241,20 @@ def test_bench_rejects_a_bad_setting_before_training(setting, named):
     assert proc.stdout.strip() == ""
     assert named in proc.stderr and "config" in proc.stderr
     assert "teacher-50" not in proc.stderr  # nothing was sampled, trained or evaluated
+
+
+def test_a_learned_mixture_teacher_trains_on_the_mixtures_samples():
+    """bench/pace.py's "<mixture>_learned" targets: a toy MLP teacher learns the mixture from its samples, one
+    class; its training batches are the mixture's exact samples (a few steps of the real training run here)."""
+    from dataclasses import replace
+
+    from tdm_core.toy import teacher as toy_teacher
+
+    config = toy_teacher.LEARNED_MIXTURE_TEACHERS["mix16d"]
+    assert (config.dim, config.num_classes) == (16, 1)
+    x0, labels = toy_teacher._training_data(config, torch.Generator().manual_seed(0))()
+    assert x0.shape == (config.batch_size, 16) and bool((labels == 0).all())
+    spec = mx.get_mixture("mix16d")
+    assert mx.between_share(spec, x0) < 0.01  # data, not noise
+    net = toy_teacher.train_teacher(replace(config, train_steps=3, batch_size=8))
+    assert net(torch.zeros(2, 16), torch.tensor([999, 0]), torch.zeros(2, dtype=torch.long)).shape == (2, 16)

@@ -1,10 +1,13 @@
 """Toy teachers: train (once) and cache a small class-conditional ε-prediction diffusion model.
 
-Two tasks:
+Tasks:
 - ``"digits"``: scikit-learn's 8x8 digits, 10 classes, a residual MLP trained for a few thousand steps
   (about a minute on 2 CPU cores), the task of the demo and of `bench/distill.py`;
 - ``"gmm"``: a 2-D class-conditional Gaussian mixture (`data.GaussianMixture2D`), a tiny MLP trained in seconds,
-  for fast tests.
+  for fast tests;
+- ``"mix2d"`` / ``"mix16d"``: the unequal-weight mixtures of `tdm_core.toy.mixture` (one class), learned from their
+  samples like any diffusion model: the "learned" targets of `bench/pace.py`, whose LoRAs sit on features the
+  teacher has learned (the exact-ε targets put them on a frozen random residual).
 
 Both use a VP schedule with N = 1000 integer timesteps (`x_t = α_t x0 + σ_t ε`, α_t = sqrt(ᾱ_t),
 σ_t = sqrt(1 − ᾱ_t)) and the standard ε-MSE loss with label dropout (the null class is the empty prompt of CFG).
@@ -32,6 +35,8 @@ from .networks import ToyEpsNet
 
 #: Bump when the training procedure changes in a way the config does not capture: it invalidates the cache.
 TEACHER_FORMAT_VERSION = 1
+#: The tdm_core.toy.mixture targets a teacher can also learn from samples.
+MIXTURE_TASKS = ("mix2d", "mix16d")
 
 
 def cache_dir() -> Path:
@@ -79,10 +84,16 @@ class ToyTeacherConfig:
 
     @property
     def dim(self) -> int:
+        if self.task in MIXTURE_TASKS:
+            from .mixture import get_mixture
+
+            return get_mixture(self.task).dim
         return DIGITS_DIM if self.task == "digits" else 2
 
     @property
     def num_classes(self) -> int:
+        if self.task in MIXTURE_TASKS:
+            return 1
         return DIGITS_CLASSES if self.task == "digits" else GaussianMixture2D().classes
 
 
@@ -90,6 +101,10 @@ class ToyTeacherConfig:
 DIGITS_TEACHER = ToyTeacherConfig()
 #: The 2-D mixture teacher of the fast tests (trains in a few seconds).
 GMM_TEACHER = ToyTeacherConfig(task="gmm", hidden=128, depth=2, train_steps=2000, batch_size=256, lr=2e-3)
+#: bench/pace.py's learned mixture teachers (about a minute each on 2 CPU cores, then cached).
+LEARNED_MIXTURE_TEACHERS = {task: ToyTeacherConfig(task=task, hidden=256, depth=3, train_steps=6000, batch_size=512,
+                                                   lr=2e-3, label_dropout=0.0)
+                            for task in MIXTURE_TASKS}
 
 
 @dataclass
@@ -122,6 +137,15 @@ def _training_data(config: ToyTeacherConfig, generator: torch.Generator):
             return images[idx], labels[idx]
 
         return batch
+    if config.task in MIXTURE_TASKS:
+        from .mixture import get_mixture
+
+        spec = get_mixture(config.task)
+
+        def batch():
+            return spec.sample(config.batch_size, generator).float(), torch.zeros(config.batch_size, dtype=torch.long)
+
+        return batch
     if config.task == "gmm":
         gmm = GaussianMixture2D()
 
@@ -130,7 +154,7 @@ def _training_data(config: ToyTeacherConfig, generator: torch.Generator):
             return gmm.sample(lab, generator), lab
 
         return batch
-    raise ValueError(f"unknown toy task {config.task!r}; use 'digits' or 'gmm'")
+    raise ValueError(f"unknown toy task {config.task!r}; use 'digits', 'gmm' or one of {MIXTURE_TASKS}")
 
 
 def train_teacher(config: ToyTeacherConfig, log=None) -> ToyEpsNet:
