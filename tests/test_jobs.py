@@ -403,3 +403,43 @@ def test_status_reads_never_wait_for_disk_writes_or_offloads(tmp_path, monkeypat
     assert manager.wait(record.id, timeout=30).state in ("finished", "stopped")
     assert gate.lock_held and not any(gate.lock_held), f"the manager's lock was held during a {blocked}"
     manager.close()
+
+
+def test_a_record_lists_only_files_that_exist_after_a_kill_between_naming_and_writing(tmp_path):
+    """A save names its snapshot and checkpoint in job.json before writing them (so no file of ours is ever
+    unowned); a kill -9 in between left names of files that never came to exist. Reconciled when the record is
+    loaded again: the names go, the files that exist stay named."""
+    manager = _manager(tmp_path)
+    record = manager.submit("killed", FakeRuntime(), 2, save_every=1, keep_last=3)
+    manager.wait(record.id, timeout=30)
+    manager.close()
+    job_json = tmp_path / "loras" / jobs.JOBS_FOLDER / record.id / "job.json"
+    data = json.loads(job_json.read_text())
+    existing = list(data["loras"])
+    # what the kill left: the names of step 3's snapshot and checkpoint, written ahead, and neither file
+    data["loras"].append("killed-step00000003.safetensors")
+    data["checkpoints"].append(3)
+    job_json.write_text(json.dumps(data))
+    restarted = _manager(tmp_path)
+    listed = restarted.get(record.id)
+    assert listed.loras == existing and 3 not in listed.checkpoints and listed.latest_lora == "killed.safetensors"
+    assert json.loads(job_json.read_text())["loras"] == existing  # durable, not just in memory
+    restarted.close()
+
+
+def test_leftover_cleaning_spares_the_temporary_files_of_live_writes(tmp_path):
+    """Two submits of one output name at once: the accepted job's record write lost its temporary file to the other
+    thread's crash-leftover cleaning. A temporary file of this process is another thread's write in progress; only
+    those of other (dead) processes are leftovers."""
+    manager = _manager(tmp_path)
+    record = manager.submit("tidy", FakeRuntime(), 1, save_every=0)
+    manager.wait(record.id, timeout=30)
+    folder = tmp_path / "loras" / jobs.JOBS_FOLDER / record.id
+    live = folder / f".job.json.{os.getpid()}.{threading.get_ident()}.partial"
+    dead = folder / f".job.json.{os.getpid() + 100000}.1.partial"
+    beside = tmp_path / "loras" / f".tidy.safetensors.{os.getpid() + 100000}.7.partial"
+    for path in (live, dead, beside):
+        path.write_bytes(b"x")
+    manager.outputs.clean_leftovers(manager.get(record.id))
+    assert live.exists() and not dead.exists() and not beside.exists()
+    manager.close()

@@ -110,6 +110,11 @@ def _good_record(job_id=PLANTED_ID, name="good", **changes) -> dict:
     return record
 
 
+def _write_its_loras(loras, record: dict) -> None:
+    for name in (record["latest_lora"], *record["loras"]):
+        (loras / name).write_bytes(b"lora")
+
+
 PLANTED = {
     "list": "[]",
     "string": '"job"',
@@ -153,6 +158,7 @@ def test_planted_or_damaged_records_are_skipped_and_nothing_outside_is_touched(t
     good = _good_record("0123456789ab", "good_one")
     (loras / ".tdm_jobs" / good["id"]).mkdir()
     (loras / ".tdm_jobs" / good["id"] / "job.json").write_text(json.dumps(good))
+    _write_its_loras(loras, good)  # a good record's files exist (else loading it would rightly drop their names)
     folder = loras / ".tdm_jobs" / PLANTED_ID
     folder.mkdir()
     planted = PLANTED[case]
@@ -175,6 +181,7 @@ def test_a_good_old_record_without_the_new_fields_still_loads(tmp_path):
         record.pop(key)
     (loras / ".tdm_jobs" / record["id"]).mkdir(parents=True)
     (loras / ".tdm_jobs" / record["id"] / "job.json").write_text(json.dumps(record))
+    _write_its_loras(loras, record)
     loaded = _manager(tmp_path).get(record["id"])
     assert loaded.checkpoints == [4] and loaded.loras == ["good-step00000004.safetensors"]
 

@@ -164,9 +164,12 @@ class OutputWriter:
 
     def clean_leftovers(self, record: JobRecord) -> None:
         """What a crash can leave: temporary files of this job's own writes (`.<file>.<pid>.<thread>.partial` next
-        to each file the record names, temporary checkpoint folders in the job's folder) and deletions the record
-        had made durable but not done. Only names derived from the record are touched."""
+        to each file the record names, temporary checkpoint folders in the job's folder), deletions the record
+        had made durable but not done, and names the record wrote ahead of files that never came to exist
+        (`reconcile`). Only names derived from the record are touched, and never a temporary file of this process
+        (another thread may be writing it: a failed write removes its own)."""
         try:
+            self.reconcile(record)
             owned = {record.latest_lora, *record.loras, *record.pruning} - {""}
             folders: dict[Path, set[str]] = {}
             for file_name in owned:
@@ -175,7 +178,7 @@ class OutputWriter:
             for folder, prefixes in folders.items():
                 if folder.is_dir():
                     for entry in os.listdir(folder):
-                        if entry.endswith(".partial") and any(entry.startswith(p) for p in prefixes):
+                        if _crash_leftover(entry) and any(entry.startswith(p) for p in prefixes):
                             (folder / entry).unlink(missing_ok=True)
             own = self.job_dir(record.id)
             for folder in (own, own / "checkpoints", *[own / "checkpoints" / f"step-{s:08d}"
@@ -185,11 +188,37 @@ class OutputWriter:
                 for entry in os.listdir(folder):
                     if entry.startswith(".tmp-step-") and (folder / entry).is_dir():
                         shutil.rmtree(folder / entry, ignore_errors=True)
-                    elif entry.startswith(".") and entry.endswith(".partial"):
+                    elif entry.startswith(".") and _crash_leftover(entry):
                         (folder / entry).unlink(missing_ok=True)
             self.prune(record)
         except (OSError, NotOwned) as error:
             print(f"[comfyui-tdm] TDM job {record.id}: cleaning crash leftovers failed: {error}")
+
+    def reconcile(self, record: JobRecord) -> None:
+        """A save names its snapshot and checkpoint in the record before writing them (write-ahead, so a file of
+        ours is never unowned); a process killed in between leaves names of files that do not exist. Those names
+        go: a snapshot or latest LoRA not in the LoRA folder, an unpublished checkpoint step without its state
+        file."""
+        def exists(file_name: str) -> bool:
+            try:
+                return self.lora_path(file_name).is_file()
+            except NotOwned:
+                return True  # not ours to judge: the record's validation and pruning deal with it
+
+        missing = [f for f in record.loras if not exists(f)]
+        latest_missing = bool(record.latest_lora) and not exists(record.latest_lora)
+        gone = [s for s in record.checkpoints if s != record.checkpoint_step
+                and not (self.checkpoint_dir(record.id, s) / CHECKPOINT_FILE).is_file()]
+        if not missing and not gone and not latest_missing:
+            return
+
+        def forget(r: JobRecord) -> None:
+            r.loras = [f for f in r.loras if f not in missing]
+            r.checkpoints = [s for s in r.checkpoints if s not in gone]
+            if latest_missing:
+                r.latest_lora = ""
+
+        self.commit_or_note(record, forget)
 
     # ---- previews ----------------------------------------------------------------------------------------------
     def write_preview(self, record: JobRecord, image):
@@ -219,3 +248,12 @@ class OutputWriter:
         except (OSError, ValueError) as error:
             print(f"[comfyui-tdm] ignoring the preview {path}: {error}")
             return None
+
+
+def _crash_leftover(entry: str) -> bool:
+    """A `.partial` temporary file (`atomic_write_bytes`: `.<file>.<pid>.<thread>.partial`) that no live write of
+    this process owns."""
+    if not entry.endswith(".partial"):
+        return False
+    parts = entry[: -len(".partial")].rsplit(".", 2)
+    return not (len(parts) == 3 and parts[1] == str(os.getpid()))
