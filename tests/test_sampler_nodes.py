@@ -132,6 +132,21 @@ def test_mismatched_preset_fails_the_prompt_naming_both(comfy_server):
     assert "use preset 'auto' (it picks 'dreamshaper' for this MODEL)" in message  # the fix, in one word
 
 
+def _custom_sampling_with_lora(solver: str, preset: str = "dreamshaper", **scheduler_inputs) -> dict:
+    """SamplerCustomAdvanced on the LoRA'd model ("lora") with TDM Sampler's `solver` and TDM Scheduler's `preset`
+    (and `scheduler_inputs`): the nodes for `_sample_with_lora`."""
+    scheduler = _tdm_scheduler(preset)
+    scheduler["inputs"].update(model=["lora", 0], **scheduler_inputs)
+    sampler = _tdm_sampler()
+    sampler["inputs"]["solver"] = solver
+    return {"sigmas": scheduler, "sampler": sampler,
+            "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
+            "guider": {"class_type": "BasicGuider", "inputs": {"model": ["lora", 0], "conditioning": ["cond", 0]}},
+            "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
+                "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0],
+                "sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}}}
+
+
 def _sample_with_lora(server, lora_name: str, nodes: dict):
     """Runs the SD1.5 twin with `lora_name` through TDM LoRA Loader (strength 1) and `nodes`, whose "sample" makes
     the latent: (the saved latent, every report text of the run)."""
@@ -172,16 +187,7 @@ def test_auto_samples_a_distilled_student_with_the_solver_its_lora_records(comfy
             "steps": 4, "seed": SEED}}}
 
     def advanced(solver):
-        sampler = _tdm_sampler()
-        sampler["inputs"]["solver"] = solver
-        scheduler = _tdm_scheduler("dreamshaper")
-        scheduler["inputs"]["model"] = ["lora", 0]
-        return {"sigmas": scheduler, "sampler": sampler,
-                "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
-                "guider": {"class_type": "BasicGuider", "inputs": {"model": ["lora", 0], "conditioning": ["cond", 0]}},
-                "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
-                    "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0],
-                    "sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}}}
+        return _custom_sampling_with_lora(solver)
 
     student = "tdm_solver_record_student.safetensors"
     ddim, _ = run(student, advanced("ddim"))
@@ -222,16 +228,7 @@ def test_auto_samples_a_student_of_a_grid_of_no_preset_on_the_grid_its_lora_reco
             "steps": steps, "seed": SEED}}}
 
     def advanced(preset="dreamshaper", custom="", steps=4):
-        scheduler = _tdm_scheduler(preset)
-        scheduler["inputs"].update(model=["lora", 0], custom_timesteps=custom, steps=steps)
-        sampler = _tdm_sampler()
-        sampler["inputs"]["solver"] = "ddim"
-        return {"sigmas": scheduler, "sampler": sampler,
-                "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
-                "guider": {"class_type": "BasicGuider", "inputs": {"model": ["lora", 0], "conditioning": ["cond", 0]}},
-                "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
-                    "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0],
-                    "sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}}}
+        return _custom_sampling_with_lora("ddim", preset, custom_timesteps=custom, steps=steps)
 
     demo = "tdm_grid_record_demo.safetensors"
     on_demo_grid, _ = run(demo, advanced(custom="799, 599, 399, 199"))

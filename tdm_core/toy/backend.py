@@ -101,11 +101,14 @@ def make_backend(config=None, task: str = "digits", cache_dir: str | None = None
     if base is None:
         raise ValueError(f"unknown toy task {task!r}; use 'digits' or 'gmm'")
     teacher = load_or_train_teacher(replace(base, **teacher_overrides), cache_dir)
-    return ToyBackend(
-        teacher,
-        mode=mode or (config.mode if config is not None else "lora"),
-        lora_rank=lora_rank or (config.lora_rank if config is not None else 16),
-        lora_alpha=config.lora_alpha if config is not None else None,
-        target_modules=config.lora_target_modules if config is not None else None,
-        adapter_seed=config.seed if config is not None else 0,
-    )
+    return ToyBackend(teacher, **adapter_settings(config, lora_rank, mode))
+
+
+def adapter_settings(config=None, lora_rank: int | None = None, mode: str | None = None) -> dict:
+    """The LoRA keyword arguments of a toy CLI factory: the DistillConfig's (rank, alpha, target modules, mode,
+    adapter seed = config.seed), a factory argument winning for rank and mode, else the defaults."""
+    return dict(mode=mode or (config.mode if config is not None else "lora"),
+                lora_rank=lora_rank or (config.lora_rank if config is not None else 16),
+                lora_alpha=config.lora_alpha if config is not None else None,
+                target_modules=config.lora_target_modules if config is not None else None,
+                adapter_seed=config.seed if config is not None else 0)

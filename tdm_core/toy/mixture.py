@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..distill import DistillConfig
-from .backend import LabelledToyBackend
+from .backend import LabelledToyBackend, adapter_settings
 from .networks import ToyEpsNet
 from .sampling import ddim_sample, uniform_grid
 from .teacher import vp_alphas_cumprod
@@ -280,14 +280,7 @@ def make_backend(config=None, target: str = "mix2d", lora_rank: int | None = Non
     settings come from the DistillConfig (rank, alpha, target modules, adapter seed = config.seed)."""
     if _ignored:
         raise TypeError(f"make_backend got unexpected arguments {sorted(_ignored)}; it takes target, lora_rank, mode")
-    return MixtureBackend(
-        target,
-        mode=mode or (config.mode if config is not None else "lora"),
-        lora_rank=lora_rank or (config.lora_rank if config is not None else 16),
-        lora_alpha=config.lora_alpha if config is not None else None,
-        target_modules=config.lora_target_modules if config is not None else None,
-        adapter_seed=config.seed if config is not None else 0,
-    )
+    return MixtureBackend(target, **adapter_settings(config, lora_rank, mode))
 
 
 def mixture_distill_config(target: str | MixtureSpec, **overrides) -> DistillConfig:
