@@ -218,8 +218,9 @@ class DistillConfig:
         """N of the "shared" τ mode's upper bound N − 10."""
         return self.total_steps if self.timesteps is None else int(self.timesteps[0]) + 1
 
-    def tau_upper(self, t_g: int, num_timesteps: int) -> int:
-        """The exclusive upper end of τ's interval for the student step at t_g (see TAU_MODES)."""
+    def tau_upper(self, t_g, num_timesteps: int):
+        """The exclusive upper end of τ's interval for the student step at t_g (see TAU_MODES); t_g may be a tensor
+        of steps (the trainer's draws), and only "separate" depends on it."""
         if self.tau_mode == "separate":
             return t_g - TAU_MARGIN
         if self.tau_mode == "shared":

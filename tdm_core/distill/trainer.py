@@ -40,7 +40,7 @@ from ..presets import student_solver
 from ..schedules import training_demo_timesteps
 from . import losses
 from .backend import COMPUTE_DTYPES, forward_pair
-from .config import RANDMID_MARGIN, TAU_MARGIN, TAU_MIN, DistillConfig
+from .config import RANDMID_MARGIN, TAU_MIN, DistillConfig
 
 # fp16's loss scale starts at 2¹⁶ and halves on each overflow: 20 skips in a row are far past any transient.
 MAX_SKIPPED_IN_A_ROW = 20
@@ -115,6 +115,9 @@ class TDMTrainer:
         self.alphas = schedule.alphas
         self.sigmas = schedule.sigmas
         self.num_timesteps = schedule.num_timesteps
+        # the flow-equivalent noise level σ/(α + σ) of each timestep (σ itself for a flow schedule), increasing in t:
+        # the logit-normal τ density is drawn on it
+        self.flow_levels = (self.sigmas / (self.alphas + self.sigmas)).clamp(1e-12, 1 - 1e-12).contiguous()
         # rows of one update per sample: 1, or K when every sample trains all K steps of its trajectory
         self.rows_per_sample = len(self.grid) if config.stages == "all" else 1
         self._device_tables: dict = {}
@@ -175,11 +178,7 @@ class TDMTrainer:
         if self.config.randmid:
             t_mid = _uniform_int(t_mid, t_g - RANDMID_MARGIN, g)
         lo = torch.clamp(t_mid, min=TAU_MIN)
-        # τ's upper end depends on t_g only in "separate" mode (t_g − 10): one vectorised rule, not one call a row
-        if self.config.tau_mode == "separate":
-            hi = t_g - TAU_MARGIN
-        else:
-            hi = torch.full_like(t_g, self.config.tau_upper(self.grid[0], self.num_timesteps))
+        hi = torch.broadcast_to(torch.as_tensor(self.config.tau_upper(t_g, self.num_timesteps)), t_g.shape)
         if self.config.tau_density == "logit_normal":
             tau = self._logit_normal_int(lo, hi, g)
         else:
@@ -198,8 +197,7 @@ class TDMTrainer:
         (tau_logit_mean, tau_logit_std) truncated to [s(lo), s(hi − 1)]: by inverting the normal's CDF between the
         two ends (on the reflected side for intervals right of the mean, where 1 − Φ keeps its precision), then
         taking the first timestep at or above the drawn s. For a flow schedule s is σ itself."""
-        cfg = self.config
-        s_table = (self.sigmas / (self.alphas + self.sigmas)).clamp(1e-12, 1 - 1e-12)
+        cfg, s_table = self.config, self.flow_levels
         z_lo = (torch.logit(s_table[lo]) - cfg.tau_logit_mean) / cfg.tau_logit_std
         z_hi = (torch.logit(s_table[hi - 1]) - cfg.tau_logit_mean) / cfg.tau_logit_std
         reflect = z_lo > 0
@@ -209,7 +207,7 @@ class TDMTrainer:
         z = torch.special.ndtri((cdf_a + u * (cdf_b - cdf_a)).clamp(1e-300, 1 - 1e-16))
         z = torch.where(reflect, -z, z)
         s = torch.sigmoid(cfg.tau_logit_mean + cfg.tau_logit_std * z)
-        tau = torch.searchsorted(s_table.contiguous(), s.contiguous())
+        tau = torch.searchsorted(s_table, s.contiguous())
         return torch.minimum(torch.maximum(tau, lo), hi - 1)
 
     def _tables(self, device: torch.device):
@@ -311,8 +309,8 @@ class TDMTrainer:
 
     def _apply_update(self, loss, optimizer, scaler, params, clip: float | None, schedule):
         """Backward (loss-scaled in fp16), gradient averaging across processes, unscaling, optional clipping, and
-        the optimiser step with its learning-rate schedule's step — unless the loss or the gradients are non-finite, when the step is skipped (and fp16's
-        loss scale lowered). Returns (gradient norm, applied). Gradients are None before and after (the trainer
+        the optimiser step with its learning-rate schedule's step — unless the loss or the gradients are non-finite,
+        when the step is skipped (and fp16's loss scale lowered). Returns (gradient norm, applied). Gradients are None before and after (the trainer
         never leaves them set), so nothing accumulates across updates."""
         scaler.scale(loss).backward()
         grads = [p.grad for p in params if p.grad is not None]

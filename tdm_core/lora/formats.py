@@ -188,6 +188,11 @@ class LoraFile:
         return self.metadata.get(TDM_METADATA_PRESET) or None
 
     @property
+    def trained_here(self) -> bool:
+        """Whether TDM Distill wrote this LoRA (its `tdm.format_note`, tdm_core.distill.trainer.export_metadata)."""
+        return self.metadata.get("tdm.format_note", "").startswith("trained by comfyui-tdm")
+
+    @property
     def recorded_solver(self) -> str | None:
         """The solver a LoRA that TDM Distill wrote says its student is sampled with; None when the file records
         none, or a name that is not one of tdm_core.solvers' (header values are untrusted). Students written before
@@ -195,9 +200,8 @@ class LoraFile:
         value = self.metadata.get(TDM_METADATA_SOLVER)
         if value is not None:
             return value if value in SOLVERS else None
-        trained_here = self.metadata.get("tdm.format_note", "").startswith("trained by comfyui-tdm")
         parametrisation = self.metadata.get("tdm.parametrisation")
-        if trained_here and parametrisation in ("eps", "v", "flow"):
+        if self.trained_here and parametrisation in ("eps", "v", "flow"):
             return student_solver(self.metadata.get("tdm.sampler_preset", ""), parametrisation)
         return None
 
@@ -207,7 +211,7 @@ class LoraFile:
         ("preset", name) for a preset's grid, ("timesteps", (t_0, …)) for a grid of no preset on an ε/v model (the
         training demo's, say: schedule indices, at most 64, strictly descending in [0, 999]); None for any other
         file, or a value that does not check."""
-        if not self.metadata.get("tdm.format_note", "").startswith("trained by comfyui-tdm"):
+        if not self.trained_here:
             return None
         preset = self.metadata.get("tdm.sampler_preset", "")
         if preset in PRESETS:
