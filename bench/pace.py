@@ -53,14 +53,15 @@ make_backend (every LoRA field of the config).
 
 Latent targets. "sdxl" / "flux" / "sd3" / "sd35": the toy latent teachers of tests/harness/toy_latent_teacher.py
 (tiny twins of the family in ComfyUI's layout, trained on latents whose every element is ±1 plus a little noise,
-the prompt setting the share), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the quality
-check's settings ("latent_recipe": learning_rate 5e-4, batch 4, rank 16, cfg 1, then every --set field but the
-LoRA's shape). Their 50-step samples are themselves far from the task's data (Flux: W1 0.74 against a floor of
-0.016), so a distance to the data would measure the teacher: they are scored as tests/test_sdxl_flux_quality.py
-scores them, by the W1 distance of 128 samples' element values per prompt to the teacher's own 50-step samples
-(summed over the two prompts; `floor`: a second 50-step draw), and report <t>_removed = 1 − d_student / d_teacher4,
-the share of the teacher's 4-step distance the student removes (<t>_removed_at at 100/250/500 iterations,
-<t>_removed_by_seed). They are not part of worst_ratio / goal_met.
+the prompt setting the share), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the
+quality check's settings (student_solver.LATENT_SETTINGS; "latent_recipe": learning_rate 5e-4, batch 4, rank 16,
+cfg 1, then every --set field but the LoRA's shape). Their 50-step samples are themselves far from the task's data
+(Flux: W1 0.74 against a floor of 0.016), so a distance to the data would measure the teacher: they are scored as
+tests/test_sdxl_flux_quality.py scores them, by the W1 distance of 128 samples' element values per prompt to the
+teacher's own 50-step samples (summed over the two prompts; `floor`: a second 50-step draw), and report <t>_removed =
+1 − d_student / d_teacher4, the share of the teacher's 4-step distance the student removes (<t>_removed_at at
+100/250/500 iterations, <t>_removed_by_seed).
+They are not part of worst_ratio / goal_met.
 
 Time on 2 CPU cores (--threads 1; measured): 500 iterations train in ~14 s per mixture target (~25 s wall each
 with sampling and evaluation), ~35 s for digits (~45 s wall once its teacher is cached; the first use trains and
@@ -242,29 +243,14 @@ def digits_run(config) -> tuple[dict, dict]:
 # prompt sets the share of +1), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the
 # quality check's settings; --set overrides every DistillConfig field but the LoRA's shape (rank 16, alpha = rank).
 LATENT_TARGETS = ("sdxl", "flux", "sd3", "sd35")
-LATENT_SAMPLES = 128
-LATENT_SETTINGS = dict(steps=4, grid="auto", lora_rank=16, lora_alpha=0.0, learning_rate=5e-4, cfg=1.0, batch_size=4,
-                       save_every=0, keep_last=1, preview_every=0, gradient_checkpointing=False, dtype="auto",
-                       offload="none", unconditional_prompt="")
 _LORA_SHAPE = ("lora_rank", "lora_alpha", "lora_target_modules", "mode")
 
 
-def _latent_draw(trainer, prompts, adapter: str, grid: list[int], solver: str, noise_seed: int) -> dict:
-    """{prompt: LATENT_SAMPLES samples} of `adapter` on `grid` with `solver`, from fixed noise."""
-    import torch
-    from student_solver import _sample
+def _latent_samples(trainer, prompts, adapter: str, grid: list[int], solver: str, noise_seed: int) -> dict:
+    """{prompt: samples} of `adapter` (student_solver.latent_draw, per prompt)."""
+    from student_solver import latent_draw
 
-    from tdm_core import solvers
-
-    space = "flow" if trainer.backend.parametrisation == "flow" else "vp"
-    out = {}
-    with torch.no_grad():
-        for prompt in prompts:
-            noise = torch.randn((LATENT_SAMPLES, *trainer.backend.latent_shape),
-                                generator=torch.Generator().manual_seed(noise_seed))
-            cond = trainer.backend.encode([prompt] * LATENT_SAMPLES)
-            out[prompt] = _sample(trainer, adapter, grid, solvers.get_solver(solver), cond, noise, space)
-    return out
+    return {p: latent_draw(trainer, p, adapter, grid, solver, noise_seed) for p in prompts}
 
 
 def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int]) -> tuple[dict, dict]:
@@ -273,54 +259,38 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int])
     50-step samples (noise seed 11), summed over the two prompts; `floor` is a second 50-step draw (seed 12). The
     teacher's 4 steps use DDIM, the student the solver its LoRA records (its family's)."""
     import torch
+    from student_solver import latent_session
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from harness import comfy_runtime
-
-    comfy_runtime.bootstrap()
-    import comfy.model_management
-
-    from harness import toy_latent_teacher as toy
     from tdm_core import presets
-    from tdm_core.distill import DistillConfig
 
-    trainer_module = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.trainer"]
-    config = toy.TeacherConfig.for_family(family)
-    model = toy.teacher_model(family, toy.teacher_file(config, log=log))
     teacher, runs, reference = None, {}, None
-
-    def distance(samples: dict) -> float:
-        return sum(toy.value_distance(samples[p], reference[p]) for p in toy.PROMPTS)
-
+    learned = {k: v for k, v in overrides.items() if k not in _LORA_SHAPE}
     for seed in seeds:
-        settings = dict(LATENT_SETTINGS, iterations=iterations, seed=seed, width=config.image_size,
-                        height=config.image_size)
-        with torch.inference_mode():
-            comfy.model_management.load_models_gpu([model], force_full_load=True)
-            runtime, _, _ = trainer_module.build_runtime(model, toy.tiny_clip(family), settings, list(toy.PROMPTS))
-        learned = {k: v for k, v in overrides.items() if k not in _LORA_SHAPE}
-        runtime.config = DistillConfig.from_dict({**runtime.config.to_dict(), **learned})
-        with torch.inference_mode(False), torch.enable_grad():
-            session = runtime.build(None)
+        session, toy = latent_session(family, iterations, seed, learned)
         trainer = session.trainer
-        student_solver = presets.student_solver(trainer.config.sampler_preset, trainer.backend.parametrisation)
-        draw = functools.partial(_latent_draw, trainer, toy.PROMPTS)
-        fine = list(trainer.sample_grid(50))
+        solver = presets.student_solver(trainer.config.sampler_preset, trainer.backend.parametrisation)
+        grid, fine = list(trainer.grid), list(trainer.sample_grid(50))
+        if reference is None:
+            reference = _latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 11)
+        distance = functools.partial(_latent_distance, toy, reference)
         if teacher is None:
-            reference = draw("teacher", fine, "ddim", 11)
-            teacher = {"d_teacher4": distance(draw("teacher", list(trainer.grid), "ddim", 7)),
-                       "floor": distance(draw("teacher", fine, "ddim", 12))}
+            teacher = {"d_teacher4": distance(_latent_samples(trainer, toy.PROMPTS, "teacher", grid, "ddim", 7)),
+                       "floor": distance(_latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 12))}
         seconds, at = 0.0, {}
         with torch.inference_mode(False), torch.enable_grad():
             while trainer.step_count < iterations:
                 seconds += session.step()["seconds"]
                 if trainer.step_count in CHECKPOINTS:
-                    at[trainer.step_count] = distance(draw("student", list(trainer.grid), student_solver, 7))
+                    at[trainer.step_count] = distance(_latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7))
                     log(f"{family} seed {seed} iteration {trainer.step_count}: W1 to teacher-50 "
                         f"{at[trainer.step_count]:.4f} (teacher-4 {teacher['d_teacher4']:.4f})")
-        runs[seed] = {"d_student": distance(draw("student", list(trainer.grid), student_solver, 7)), "at": at,
-                      "seconds": seconds}
+        runs[seed] = {"d_student": distance(_latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7)),
+                      "at": at, "seconds": seconds}
     return teacher, runs
+
+
+def _latent_distance(toy, reference: dict, samples: dict) -> float:
+    return sum(toy.value_distance(samples[p], reference[p]) for p in toy.PROMPTS)
 
 
 def summarise_latent(target: str, teacher: dict, runs: dict[int, dict]) -> dict:
@@ -395,6 +365,8 @@ def main() -> int:
     if any(t not in LATENT_TARGETS for t in targets):
         line["recipe"] = recipe(configs[seeds[0]][toy_targets[0]])
     if any(t in LATENT_TARGETS for t in targets):  # TDM Distill's inputs, then the --set fields on its config
+        from student_solver import LATENT_SETTINGS
+
         line["latent_recipe"] = {k: LATENT_SETTINGS[k] for k in ("learning_rate", "batch_size", "lora_rank", "cfg")}
         line["latent_recipe"].update({k: v for k, v in overrides.items() if k not in _LORA_SHAPE})
     ratios, between_ok = [], True

@@ -28,8 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-LATENT_SETTINGS = {"sdxl": 160, "flux": 200, "sd3": 200, "sd35": 200}
+LATENT_ITERATIONS = {"sdxl": 160, "flux": 200, "sd3": 200, "sd35": 200}
 LATENT_SAMPLES = 128
+# TDM Distill's inputs for a toy latent teacher: the quality check's (tests/test_sdxl_flux_quality.py) settings
+LATENT_SETTINGS = dict(steps=4, grid="auto", lora_rank=16, lora_alpha=0.0, learning_rate=5e-4, cfg=1.0, batch_size=4,
+                       save_every=0, keep_last=1, preview_every=0, gradient_checkpointing=False, dtype="auto",
+                       offload="none", unconditional_prompt="")
 
 
 def _student_denoiser(trainer, grid, sigmas, cond, adapter):
@@ -84,7 +88,9 @@ def digits(seed: int) -> dict:
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def latent(family: str, seed: int) -> dict:
+def latent_session(family: str, iterations: int, seed: int, overrides: dict | None = None):
+    """(an untrained job session, the toy module) for a toy latent teacher, built through TDM Distill's own runtime
+    (nodes.trainer.build_runtime) with LATENT_SETTINGS; `overrides` replace fields of the job's DistillConfig."""
     import torch
 
     from harness import comfy_runtime
@@ -93,41 +99,54 @@ def latent(family: str, seed: int) -> dict:
     import comfy.model_management
 
     from harness import toy_latent_teacher as toy
-    from tdm_core import solvers
+    from tdm_core.distill import DistillConfig
 
     trainer_module = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.trainer"]
     config = toy.TeacherConfig.for_family(family)
-    model = toy.teacher_model(family, toy.teacher_file(config, log=lambda message: None))
-    settings = dict(steps=4, grid="auto", iterations=LATENT_SETTINGS[family], lora_rank=16, lora_alpha=0.0,
-                    learning_rate=5e-4, cfg=1.0, batch_size=4, width=config.image_size, height=config.image_size,
-                    save_every=0, keep_last=1, preview_every=0, seed=seed, gradient_checkpointing=False,
-                    dtype="auto", offload="none", unconditional_prompt="")
+    model = toy.teacher_model(family, toy.teacher_file(config, log=lambda message: print(message, file=sys.stderr)))
+    settings = dict(LATENT_SETTINGS, iterations=iterations, seed=seed, width=config.image_size,
+                    height=config.image_size)
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model], force_full_load=True)
         runtime, _, _ = trainer_module.build_runtime(model, toy.tiny_clip(family), settings, list(toy.PROMPTS))
+    if overrides:
+        runtime.config = DistillConfig.from_dict({**runtime.config.to_dict(), **overrides})
     with torch.inference_mode(False), torch.enable_grad():
-        session = runtime.build(None)
-        for _ in range(settings["iterations"]):
+        return runtime.build(None), toy
+
+
+def latent_draw(trainer, prompt: str, adapter: str, grid: list[int], solver: str, noise_seed: int):
+    """LATENT_SAMPLES samples of `prompt` from `adapter` on `grid` with `solver`, from fixed noise."""
+    import torch
+
+    from tdm_core import solvers
+
+    space = "flow" if trainer.backend.parametrisation == "flow" else "vp"
+    noise = torch.randn((LATENT_SAMPLES, *trainer.backend.latent_shape),
+                        generator=torch.Generator().manual_seed(noise_seed))
+    cond = trainer.backend.encode([prompt] * LATENT_SAMPLES)
+    with torch.no_grad():
+        return _sample(trainer, adapter, grid, solvers.get_solver(solver), cond, noise, space)
+
+
+def latent(family: str, seed: int) -> dict:
+    import torch
+
+    session, toy = latent_session(family, LATENT_ITERATIONS[family], seed)
+    with torch.inference_mode(False), torch.enable_grad():
+        for _ in range(LATENT_ITERATIONS[family]):
             session.step()
     trainer = session.trainer
-    space = "flow" if trainer.backend.parametrisation == "flow" else "vp"
     grid, fine = list(trainer.grid), list(trainer.sample_grid(50))
-
-    def draw(adapter, steps_grid, solver, prompt, noise_seed):
-        noise = torch.randn((LATENT_SAMPLES, *trainer.backend.latent_shape),
-                            generator=torch.Generator().manual_seed(noise_seed))
-        cond = trainer.backend.encode([prompt] * LATENT_SAMPLES)
-        return _sample(trainer, adapter, steps_grid, solvers.get_solver(solver), cond, noise, space)
-
     out = {}
-    with torch.no_grad():
-        for prompt in toy.PROMPTS:
-            reference = draw("teacher", fine, "ddim", prompt, 11)
-            row = {"floor": toy.value_distance(draw("teacher", fine, "ddim", prompt, 12), reference)}
-            for who in ("teacher", "student"):
-                for solver in ("ddim", "dpmpp_2m"):
-                    row[f"{who}_4_{solver}"] = toy.value_distance(draw(who, grid, solver, prompt, 7), reference)
-            out[prompt] = {k: round(v, 4) for k, v in row.items()}
+    for prompt in toy.PROMPTS:
+        reference = latent_draw(trainer, prompt, "teacher", fine, "ddim", 11)
+        row = {"floor": toy.value_distance(latent_draw(trainer, prompt, "teacher", fine, "ddim", 12), reference)}
+        for who in ("teacher", "student"):
+            for solver in ("ddim", "dpmpp_2m"):
+                row[f"{who}_4_{solver}"] = toy.value_distance(latent_draw(trainer, prompt, who, grid, solver, 7),
+                                                              reference)
+        out[prompt] = {k: round(v, 4) for k, v in row.items()}
     return out
 
 
