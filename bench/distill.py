@@ -160,12 +160,11 @@ def iteration_cost(cache_dir=None, sd15_rounds: int = 5) -> dict:
 def _comfy_sd15_trainer():
     """TDM Distill's runtime on a real-size SD1.5 UNet as a ComfyUI checkpoint loader builds it (bench/gpu.py's
     model builder and CLIP stand-in), the trainer of the job session."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import gpu
     import trainer_memory
 
-    from harness import comfy_runtime
+    from tdm_devkit import comfy_runtime
 
     comfy_runtime.bootstrap()
     import comfy.model_management

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
-from harness import comfy_runtime  # noqa: E402
+from tdm_devkit import comfy_runtime  # noqa: E402
 
 SEED = 0
 PROMPTS = ["a photo of a red fox in fresh snow", "a bowl of ramen, studio light", "a lighthouse at dusk",
@@ -101,7 +101,7 @@ def build_model(family: str, size: dict, dtype: torch.dtype):
     import comfy.model_patcher
     import comfy.supported_models
 
-    from harness import twins
+    from tdm_devkit import twins
 
     device = comfy.model_management.get_torch_device()
     config_class = comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SD3

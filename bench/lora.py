@@ -14,17 +14,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
-from harness import comfy_runtime  # noqa: E402
+from tdm_devkit import comfy_runtime  # noqa: E402
 
 comfy_runtime.bootstrap()
 comfy_runtime.load_pack()
 
-import test_lora_parity as parity  # noqa: E402
-
-from harness import lora_files, twins  # noqa: E402
 from tdm_core import lora as tdm_lora  # noqa: E402
+from tdm_devkit import lora_files, twins  # noqa: E402
+from tdm_devkit import lora_parity as parity  # noqa: E402
 
 
 def main() -> None:
@@ -35,12 +34,7 @@ def main() -> None:
         for case_id, twin_name, options, write, diffusers_loads in parity.CASES:
             twin = made[twin_name]
             family = "sd15" if twin.family == "sd15" else "sd3"
-            targets = lora_files.lora_targets(twin.diffusers, twin.family)
-            if options.get("targets") == "attention":
-                targets = [t for t in targets if t.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or t.endswith("to_out.0")]
-            elif options.get("targets") == "transformer":
-                targets = [t for t in targets if ".attentions." in t]
-            synthetic = lora_files.synthesise(twin.diffusers, twin.family, targets=targets, alpha=options.get("alpha"), seed=7)
+            synthetic = lora_files.synthesise(twin.diffusers, twin.family, targets=parity.case_targets(twin, options), alpha=options.get("alpha"), seed=7)
             path = write(synthetic, _mkdir(Path(folder) / case_id), twin)
             start = time.perf_counter()
             parsed = tdm_lora.load_lora(path)

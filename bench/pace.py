@@ -51,7 +51,7 @@ digits target builds its backend inside run_toy_distillation (rank and seed from
 lora_target_modules and mode keep ToyBackend's defaults there), the mixtures through tdm_core.toy.mixture's
 make_backend (every LoRA field of the config).
 
-Latent targets. "sdxl" / "flux" / "sd3" / "sd35": the toy latent teachers of tests/harness/toy_latent_teacher.py
+Latent targets. "sdxl" / "flux" / "sd3" / "sd35": the toy latent teachers of tdm_devkit/toy_latent_teacher.py
 (tiny twins of the family in ComfyUI's layout, trained on latents whose every element is ±1 plus a little noise,
 the prompt setting the share), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the
 quality check's settings (student_solver.LATENT_SETTINGS; "latent_recipe": learning_rate 5e-4, batch 4, rank 16,
@@ -239,7 +239,7 @@ def digits_run(config) -> tuple[dict, dict]:
     return teacher, {"d_student": result.student["fd"], "at": at, "seconds": result.distill_seconds}
 
 
-# The toy latent teachers of tests/harness/toy_latent_teacher.py (every latent element ±1 plus a little noise, the
+# The toy latent teachers of tdm_devkit/toy_latent_teacher.py (every latent element ±1 plus a little noise, the
 # prompt sets the share of +1), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the
 # quality check's settings; --set overrides every DistillConfig field but the LoRA's shape (rank 16, alpha = rank).
 LATENT_TARGETS = ("sdxl", "flux", "sd3", "sd35")

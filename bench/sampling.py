@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
-from harness import comfy_runtime  # noqa: E402
+from tdm_devkit import comfy_runtime  # noqa: E402
 
 SEED = 0
 TEXT_TOKENS = 16
@@ -98,8 +98,8 @@ def comfy_family(family, sampling, repeats, dtype=torch.float32):
     import comfy.sd
     import comfy.supported_models
 
-    from harness import twins
     from tdm_core import presets
+    from tdm_devkit import twins
 
     preset = presets.get_preset("sd3" if family == "sd3" else "dreamshaper")
     if family == "sd3":
@@ -179,8 +179,8 @@ def bench_cogvideox(repeats, dtype=torch.float32):
     bit-identical to CogVideoXPipeline in the tests). Text encoding is cached, as in the node; decoding is excluded."""
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    from harness import cogvideox_tiny, twins
     from tdm_core import cogvideox, presets, schedules
+    from tdm_devkit import cogvideox_tiny, twins
 
     preset = presets.get_preset("cogvideox")
     components = cogvideox_tiny.build_tiny_cogvideox(0)

@@ -7,7 +7,7 @@ Each student is distilled here, then sampled from the same noise both ways:
 - digits (ε, the SD1.5/Dreamshaper grid 999/749/499/249): the toy digits teacher with its recipe
   (tdm_core.toy.experiment, 500 iterations); Fréchet distance of 2000 samples to the teacher's 50-step samples
   (`*_fd_to_teacher50`, lower is closer; the teacher's own 4 steps for scale) and to the real digits (`*_fd`).
-- sdxl (ε), flux, sd3 and sd35 (flow): the toy latent teachers of tests/harness/toy_latent_teacher.py (every
+- sdxl (ε), flux, sd3 and sd35 (flow): the toy latent teachers of tdm_devkit/toy_latent_teacher.py (every
   element ±1, the prompt sets the share; the compact SDXL twin, the Flux twin, the SD3-medium and SD3.5-medium
   twins), distilled in-process through TDM Distill's own runtime with the quality check's settings (cfg 1, rank 16,
   batch 4, lr 5e-4; SDXL 160 iterations, the others 200); W1 distance of 128 samples' element values to the
@@ -26,7 +26,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 LATENT_ITERATIONS = {"sdxl": 160, "flux": 200, "sd3": 200, "sd35": 200}
 LATENT_SAMPLES = 128
@@ -93,13 +92,13 @@ def latent_session(family: str, iterations: int, seed: int, overrides: dict | No
     (nodes.trainer.build_runtime) with LATENT_SETTINGS; `overrides` replace fields of the job's DistillConfig."""
     import torch
 
-    from harness import comfy_runtime
+    from tdm_devkit import comfy_runtime
 
     comfy_runtime.bootstrap()
     import comfy.model_management
 
-    from harness import toy_latent_teacher as toy
     from tdm_core.distill import DistillConfig
+    from tdm_devkit import toy_latent_teacher as toy
 
     trainer_module = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.trainer"]
     config = toy.TeacherConfig.for_family(family)

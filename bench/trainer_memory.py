@@ -89,11 +89,11 @@ COMFY_JOB_SETTINGS = dict(steps=4, grid="auto", iterations=2, lora_rank=16, lora
 def measure_comfy_job(mode: str) -> dict:
     import resource
 
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "bench"))
     import gpu  # ComfyUI's real SD1.5 layout, its model builder and CLIP stand-in: one copy for both benches
 
-    from harness import comfy_runtime
+    from tdm_devkit import comfy_runtime
 
     comfy_runtime.bootstrap()
     import comfy.model_management

@@ -15,16 +15,15 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from harness.workflow_build import Group, Node  # noqa: E402
-from harness.workflow_build import build as build_ui  # noqa: E402
 from tdm_core import __version__ as PACK_VERSION  # noqa: E402
 from tdm_core.families import distillable_labels_text  # noqa: E402
 from tdm_core.presets import PRESETS, get_preset  # noqa: E402
 from tdm_core.recipes import resolve as resolve_recipe  # noqa: E402
 from tdm_core.solvers import WIDGET_NAMES  # noqa: E402
+from tdm_devkit.workflow_build import Group, Node  # noqa: E402
+from tdm_devkit.workflow_build import build as build_ui  # noqa: E402
 
 WORKFLOWS_DIR = REPO / "workflows"
 PACK_PROPERTIES = {"cnr_id": "comfyui-tdm", "ver": PACK_VERSION}
@@ -101,7 +100,7 @@ def _lora_models(preset) -> dict:
 
 
 # Columns of the layout (canvas units): the note and the checkpoint loader first, then one column per stage. Nodes in
-# a column stack downwards (harness.workflow_build keeps them from overlapping); widths stay inside the columns.
+# a column stack downwards (tdm_devkit.workflow_build keeps them from overlapping); widths stay inside the columns.
 COL = [0, 500, 880, 1260, 1640, 2020, 2400, 2780]
 PROMPT_SIZE = (340, 170)
 SAVER_SIZE = (400, 440)
@@ -610,11 +609,11 @@ def dumps(workflow: dict) -> str:
 
 
 def main() -> None:
-    from harness import comfy_runtime
+    from tdm_devkit import comfy_runtime
 
     comfy_runtime.bootstrap()
-    from harness.server import ComfyServer, make_base_directory
-    from harness.workflow_placeholders import install_placeholders
+    from tdm_devkit.server import ComfyServer, make_base_directory
+    from tdm_devkit.workflow_placeholders import install_placeholders
 
     with tempfile.TemporaryDirectory() as tmp:
         base = make_base_directory(Path(tmp))

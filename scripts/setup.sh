@@ -7,7 +7,7 @@
 #   - where the upstream ComfyUI snapshot exists (../shared/comfyui-upstream/*.tar.gz: developer machines and CI,
 #     never a user's clone), that tree unpacked into .comfyui-upstream/ComfyUI (git-ignored), upstream's extra
 #     requirements in the same environment (same torch constraints), and its newer frontend, which conflicts with
-#     0.3.75's pin, into the tree's own .tdm-site-packages/ (see tests/harness/comfy_runtime.py).
+#     0.3.75's pin, into the tree's own .tdm-site-packages/ (see tdm_devkit/comfy_runtime.py).
 # Set TDM_COMFYUI_DIR to use your own ComfyUI checkout instead of the extracted one.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from harness import comfy_runtime
+from tdm_devkit import comfy_runtime
 
 # Before anything imports `comfy`: CPU mode, ComfyUI first on sys.path.
 comfy_runtime.bootstrap()
@@ -65,21 +65,21 @@ def pack():
 
 @pytest.fixture(scope="session")
 def sd15_twin():
-    from harness import twins
+    from tdm_devkit import twins
 
     return twins.sd15_twin(seed=0)
 
 
 @pytest.fixture(scope="session")
 def sd3_twin():
-    from harness import twins
+    from tdm_devkit import twins
 
     return twins.sd3_twin(seed=0)
 
 
 @pytest.fixture(scope="session")
 def sd35_twin():
-    from harness import twins
+    from tdm_devkit import twins
 
     return twins.sd3_twin(seed=0, sd35=True)
 
@@ -87,7 +87,7 @@ def sd35_twin():
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """One live ComfyUI server for the session (start-up costs seconds); tests keep their files apart by name."""
-    from harness.server import ComfyServer, make_base_directory
+    from tdm_devkit.server import ComfyServer, make_base_directory
 
     base = make_base_directory(tmp_path_factory.mktemp("comfy_base"))
     server = ComfyServer(base)

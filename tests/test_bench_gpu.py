@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_gpu_bench_runs_tiny_and_prints_one_json_line(tmp_path):
-    from harness import comfy_runtime
+    from tdm_devkit import comfy_runtime
 
     env = dict(os.environ, TDM_COMFYUI_DIR=str(comfy_runtime.comfyui_dir()))
     result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--repeats", "1",

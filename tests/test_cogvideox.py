@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import cogvideox_tiny, lora_files
 from tdm_core import cogvideox
 from tdm_core.lora import LoraMismatchError
+from tdm_devkit import cogvideox_tiny, lora_files
 
 GEOMETRY = cogvideox_tiny.tiny_frame_geometry()
 
@@ -182,7 +182,7 @@ def test_bad_frame_count_is_refused_by_the_server(comfy_server, folder):
                                                               "fps": 8.0, "lossless": False, "quality": 80,
                                                               "method": "default"}},
     }
-    from harness.server import ServerError
+    from tdm_devkit.server import ServerError
 
     with pytest.raises(ServerError, match="4k\\+1"):
         comfy_server.run_prompt(graph)

@@ -1,7 +1,7 @@
 """tdm_core.cogvideox_convert: the diffusers CogVideoX-2B transformer written as the file newer ComfyUI's native
 CogVideoX (UNETLoader) loads — the source the native workflow's Read me names for `cogvideox_2b.safetensors`.
 
-Checked against the test harness's own diffusers→native mapping (tests/harness/cogvideox_native.py, written from the
+Checked against the test harness's own diffusers→native mapping (tdm_devkit/cogvideox_native.py, written from the
 two module lists independently of the converter), against the LoRA loader's native→diffusers names, and, where the
 runtime has native CogVideoX, through upstream's real file loader and detection."""
 
@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness import cogvideox_native
 from tdm_core import cogvideox_convert
 from tdm_core.cogvideox_names import cogvideox_diffusers_name
+from tdm_devkit import cogvideox_native
 
 REPO = Path(__file__).resolve().parents[1]
 

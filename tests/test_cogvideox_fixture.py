@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from harness import cogvideox_tiny as cvx
+from tdm_devkit import cogvideox_tiny as cvx
 
 PROMPTS = ["a panda playing a guitar in a bamboo forest", "zebra café: Ünïcode & digits 42!"]
 

@@ -1,6 +1,6 @@
 """TDM on newer ComfyUI's native CogVideoX (upstream 2026; absent from 0.3.75, where these tests skip).
 
-A tiny native CogVideoX-2B and diffusers' `CogVideoXTransformer3DModel` share weights (`harness.cogvideox_native`):
+A tiny native CogVideoX-2B and diffusers' `CogVideoXTransformer3DModel` share weights (`tdm_devkit.cogvideox_native`):
 the TDM LoRA Loader maps every key of a released-format (peft, diffusers names) LoRA onto the native modules, and the
 TDM graph on the native model reproduces diffusers — its own pipeline on the trailing grid, the DDIM formula on the
 2B scheduler's ᾱ at the trained timesteps — with the same LoRA and the same noise.
@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from harness import cogvideox_native, cogvideox_tiny, lora_files
 from tdm_core import cogvideox, schedules
 from tdm_core.lora import LoraMismatchError
+from tdm_devkit import cogvideox_native, cogvideox_tiny, lora_files
 
 pytestmark = pytest.mark.skipif(not cogvideox_native.has_native_cogvideox(), reason=cogvideox_native.SKIP_REASON)
 

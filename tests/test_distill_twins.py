@@ -13,7 +13,7 @@ from tdm_core.distill import DiscreteSchedule, DistillConfig, TDMTrainer, checkp
 
 
 def _encoder(family: str):
-    from harness import twins
+    from tdm_devkit import twins
 
     def encode(prompts):
         parts = [twins.tiny_text_embedding(family, p) for p in prompts]
@@ -115,7 +115,7 @@ def test_sd3_one_iteration_and_comfy_loads_the_student(sd3_twin, tmp_path, caplo
 
 
 def test_cogvideox_one_iteration_v_prediction(tmp_path):
-    cogvideox_tiny = pytest.importorskip("harness.cogvideox_tiny")
+    cogvideox_tiny = pytest.importorskip("tdm_devkit.cogvideox_tiny")
     from diffusers import CogVideoXDDIMScheduler
 
     transformer = cogvideox_tiny.build_tiny_transformer(seed=0)

@@ -25,8 +25,8 @@ from diffusers import DPMSolverMultistepScheduler
 from test_sampler_parity import SD3_RTOL, SD15_RTOL
 from test_schedules import SD15_SCHEDULER_CONFIG
 
-from harness import lora_files, twins
 from tdm_core import presets, schedules
+from tdm_devkit import lora_files, twins
 
 PROMPT = "a lighthouse at dusk"
 SEED = 42
@@ -277,14 +277,14 @@ COGVIDEOX_PROMPT = "a red fox running in snow"
 
 @pytest.fixture(scope="module")
 def cogvideox_folder(tmp_path_factory):
-    from harness import cogvideox_tiny
+    from tdm_devkit import cogvideox_tiny
 
     return cogvideox_tiny.save_tiny_cogvideox_folder(tmp_path_factory.mktemp("cogvideox_half") / "tiny-cogvideox")
 
 
 @pytest.fixture(scope="module")
 def cogvideox_lora(tmp_path_factory):
-    from harness import cogvideox_tiny
+    from tdm_devkit import cogvideox_tiny
 
     lora = lora_files.synthesise(cogvideox_tiny.build_tiny_transformer(0), "cogvideox", rank=4, seed=7)
     return lora_files.write_peft(lora, tmp_path_factory.mktemp("cogvideox_lora") / "tdm_cogvideox_2b.safetensors")
@@ -309,8 +309,8 @@ def test_cogvideox_loader_and_sampler_in_each_dtype_match_diffusers(cogvideox_fo
     transformer exactly 999/856/665/399, and the frames decode."""
     from diffusers import CogVideoXPipeline
 
-    from harness import cogvideox_tiny
     from tdm_core import cogvideox
+    from tdm_devkit import cogvideox_tiny
 
     geometry = cogvideox_tiny.tiny_frame_geometry()
     dtype = COGVIDEOX_DTYPES[dtype_name]

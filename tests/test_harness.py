@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from harness import twins
+from tdm_devkit import twins
 
 
 def _sd15_inputs(seed=1):

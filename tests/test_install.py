@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from harness import comfy_runtime
-from harness.server import ComfyServer, make_base_directory
+from tdm_devkit import comfy_runtime
+from tdm_devkit.server import ComfyServer, make_base_directory
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_SHIPPED = (".git", ".venv", ".comfyui", ".comfyui-upstream", ".browser", "test-artifacts", "demo-output", "__pycache__",

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from test_trainer_server import job, post_status, sample_graph, saved_latent, start_graph, ui_text, wait_job
 
-from harness.server import ServerError
+from tdm_devkit.server import ServerError
 
 
 def job_lora_graph(job_ref: str, use: str = "finished") -> dict:

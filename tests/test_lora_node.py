@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from harness import lora_files
 from tdm_core import lora as tdm_lora
 from tdm_core.presets import PRESETS
+from tdm_devkit import lora_files
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +283,7 @@ def _saved_latent(server, entry):
 
 def _in_process(model):
     import nodes
-    from harness import twins
+    from tdm_devkit import twins
 
     positive = twins.tiny_conditioning("sd3", "a cat")
     negative = twins.tiny_conditioning("sd3", "")

@@ -13,9 +13,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from harness import lora_files
 from tdm_core import lora as tdm_lora
 from tdm_core.presets import PRESETS
+from tdm_devkit import lora_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def _linear_and_conv_names(module):
 def cogvideox_transformer():
     from diffusers import CogVideoXTransformer3DModel
 
-    from harness.twins import randomise_
+    from tdm_devkit.twins import randomise_
 
     model = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,

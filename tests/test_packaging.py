@@ -35,6 +35,19 @@ def test_registry_models_are_the_presets_downloads():
     assert listed == expected
 
 
+def test_the_product_never_imports_the_development_kit():
+    """tdm_devkit is left out of the registry archive (.comfyignore), so nothing a user's install runs may import it."""
+    product = [REPO / "__init__.py", *(REPO / "nodes").rglob("*.py"), *(REPO / "tdm_core").rglob("*.py")]
+    importers = []
+    for path in product:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name.split(".")[0] == "tdm_devkit" for name in names):
+                importers.append(str(path.relative_to(REPO)))
+    assert importers == []
+
+
 def test_comfyignore_keeps_developer_tooling_out_and_the_pack_in():
     patterns = [line.strip() for line in (REPO / ".comfyignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
@@ -42,7 +55,7 @@ def test_comfyignore_keeps_developer_tooling_out_and_the_pack_in():
     def ignored(path: str) -> bool:
         return any(fnmatch.fnmatch(path, p) or (p.endswith("/") and path.startswith(p)) for p in patterns)
 
-    for path in ("tests/test_docs.py", "bench/sampling.py", "scripts/setup.sh", ".ci/run"):
+    for path in ("tests/test_docs.py", "tdm_devkit/twins.py", "bench/sampling.py", "scripts/setup.sh", ".ci/run"):
         assert ignored(path), path
     for path in ("__init__.py", "nodes/sampling.py", "tdm_core/presets.py", "web/tdm_jobs.js",
                  "web/docs/TDMKSampler/en.md", "workflows/SD3 Medium in 4 steps (TDM LoRA).json", "docs/tdm_method.md",

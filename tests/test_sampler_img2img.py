@@ -21,8 +21,8 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img 
 from test_sampler_parity import PROMPT, SD3_RTOL, SD15_RTOL, SEED, empty_latent
 from test_schedules import SD15_SCHEDULER_CONFIG
 
-from harness import twins
 from tdm_core import presets
+from tdm_devkit import twins
 
 
 @pytest.fixture(scope="module")

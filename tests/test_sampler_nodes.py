@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from test_sampler_parity import SD3_RTOL, SD15_RTOL, diffusers_sd3, diffusers_sd15
 
-from harness.server import ServerError
 from tdm_core import presets
+from tdm_devkit.server import ServerError
 
 TDM_NODES = {
     "TDMSampler": "sampling/custom_sampling/samplers",
@@ -166,7 +166,7 @@ def test_auto_samples_a_distilled_student_with_the_solver_its_lora_records(comfy
     SD1.5: DDIM, measured closer to the teacher than the Dreamshaper release's DPM-Solver++(2M)). TDM LoRA Loader
     puts it on the MODEL; `auto` (TDM KSampler's preset, TDM Sampler's solver) follows it. A released LoRA, which
     records nothing, and a record that names no solver keep the release recipe; a named preset is that preset's."""
-    from harness import lora_files
+    from tdm_devkit import lora_files
 
     loras = comfy_server.base_directory / "models" / "loras"
     lora = lora_files.synthesise(sd15_twin.diffusers, "sd15", rank=4, seed=7)
@@ -208,7 +208,7 @@ def test_auto_samples_a_student_of_a_grid_of_no_preset_on_the_grid_its_lora_reco
     """A student TDM Distill trained on the training demo's grid records it (`tdm.timesteps`; its sampler preset is
     no preset's); TDM KSampler's and TDM Scheduler's preset auto sample it there, at its K steps. Other step counts,
     a released LoRA and an unreadable record keep the family preset's grid."""
-    from harness import lora_files
+    from tdm_devkit import lora_files
 
     loras = comfy_server.base_directory / "models" / "loras"
     lora = lora_files.synthesise(sd15_twin.diffusers, "sd15", rank=4, seed=7)

@@ -17,8 +17,8 @@ from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 from diffusers import DPMSolverMultistepScheduler
 from test_schedules import SD15_SCHEDULER_CONFIG
 
-from harness import twins
 from tdm_core import presets, schedules
+from tdm_devkit import twins
 
 PROMPT = "a lighthouse at dusk"
 SEED = 42

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, DPMSolverMultistepScheduler
 
-from harness import comfy_runtime
 from tdm_core import presets, schedules, solvers
+from tdm_devkit import comfy_runtime
 
 # SD1.5 / Dreamshaper scheduler_config.json (the "SD1.5 DDPM config" of the TDM README's DPM-Solver++ recipe).
 SD15_SCHEDULER_CONFIG = {

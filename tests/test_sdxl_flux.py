@@ -23,8 +23,8 @@ import pytest
 import torch
 from comfy_extras.nodes_custom_sampler import SamplerCustom
 
-from harness import twins_xl_flux as xf
 from tdm_core import schedules
+from tdm_devkit import twins_xl_flux as xf
 
 PROMPT = "a lighthouse at dusk"
 SEED = 42
@@ -430,7 +430,7 @@ def test_unsupported_families_fail_early_naming_the_supported_list(pack, flux_tw
     # An SD2 UNet (ComfyUI's SD20 config class, tiny width): refused before any copy or encode.
     import comfy.supported_models
 
-    from harness import twins
+    from tdm_devkit import twins
 
     config = comfy.supported_models.SD20(dict(twins.SD15_TINY_UNET_CONFIG))
     config.set_inference_dtype(torch.float32, None)
@@ -446,7 +446,7 @@ def test_a_cached_flux_toy_teacher_loads_on_either_comfyui(tmp_path, monkeypatch
     0.3.75 teacher into upstream's Flux and failed on exactly these keys."""
     from dataclasses import replace
 
-    from harness import toy_latent_teacher as toy
+    from tdm_devkit import toy_latent_teacher as toy
 
     monkeypatch.setenv("TDM_TOY_CACHE", str(tmp_path))
     config = replace(toy.TeacherConfig.for_family("flux"), train_steps=2)

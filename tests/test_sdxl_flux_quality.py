@@ -1,5 +1,5 @@
 """The 4-step SDXL and Flux-dev students that TDM Distill makes through a live ComfyUI server beat their teacher's own
-4 steps, on a toy teacher that has learned something (`harness/toy_latent_teacher.py`: every latent element is ±1,
+4 steps, on a toy teacher that has learned something (`tdm_devkit/toy_latent_teacher.py`: every latent element is ±1,
 the prompt sets the share of +1; the teacher is the family's tiny twin trained on it, cached between runs).
 
 **The criterion** (stated in the issue note too): for each training prompt, the 1-D Wasserstein distance between the
@@ -24,8 +24,8 @@ import pytest
 import torch
 from test_trainer_server import saved_latent, start_graph, wait_job
 
-from harness import comfy_runtime
-from harness import toy_latent_teacher as toy
+from tdm_devkit import comfy_runtime
+from tdm_devkit import toy_latent_teacher as toy
 
 # test.sh runs the suite on each ComfyUI it has (0.3.75, then the newest) and names the last in TDM_QUALITY_COMFYUI:
 # this test costs minutes, so it runs on that one only (the newest, what users run); test_sdxl_flux_server runs the

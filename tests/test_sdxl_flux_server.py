@@ -24,7 +24,7 @@ def test_distillation_job_finishes_and_its_student_samples_with_the_preset(comfy
 
 
 def test_flux_job_with_cfg_is_refused_with_the_reason(comfy_server):
-    from harness.server import ServerError
+    from tdm_devkit.server import ServerError
 
     with pytest.raises(ServerError, match="guidance-distilled"):
         comfy_server.run_prompt(start_graph("flux", "tdm_flux_cfg2", iterations=3, cfg=2.0))

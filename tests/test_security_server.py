@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from test_trainer_server import job, sample_graph, start_graph
 
-from harness import cogvideox_tiny
-from harness.server import ComfyServer, ServerError, make_base_directory
+from tdm_devkit import cogvideox_tiny
+from tdm_devkit.server import ComfyServer, ServerError, make_base_directory
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def test_server_loads_this_pack_without_import_failure(comfy_server):
 def test_server_reports_a_failing_prompt(comfy_server):
     graph = tiny_ksampler_graph("sd15", "harness_bad")
     graph["sample"]["inputs"]["model"] = ["missing_node", 0]
-    from harness.server import ServerError
+    from tdm_devkit.server import ServerError
 
     # the harness must surface ComfyUI's own refusal (naming the dangling node), not hang or pass
     with pytest.raises(ServerError, match=r"/prompt refused the graph.*prompt_outputs_failed_validation.*missing_node"):

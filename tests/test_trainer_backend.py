@@ -151,7 +151,7 @@ def test_a_training_step_leaves_the_model_untouched(trainer_module, sd3_twin):
 def test_preview_is_decoded_by_the_teachers_vae_when_one_is_given(trainer_module, sd3_twin):
     """With a VAE (a real ComfyUI VAE object: TAESD with random weights) the preview is what that VAE decodes from
     the student's samples — the same pixels ComfyUI's own VAE Decode gives for them."""
-    from harness import twins
+    from tdm_devkit import twins
 
     vae = twins.tiny_vae("sd3", seed=3)
     runtime, _, _ = _runtime(trainer_module, sd3_twin, vae=vae)
@@ -198,7 +198,7 @@ def test_aliases_of_inference_weights_train(backend_module):
 
 @pytest.mark.parametrize("family", ["sd15", "sd3", "sdxl", "flux"])
 def test_gradient_checkpointing_gives_the_same_gradients(trainer_module, backend_module, family, sd15_twin, sd3_twin):
-    from harness import twins_xl_flux
+    from tdm_devkit import twins_xl_flux
 
     twin = {"sd15": sd15_twin, "sd3": sd3_twin}.get(family) or getattr(twins_xl_flux, f"{family}_twin")(0)
     wrapped = []

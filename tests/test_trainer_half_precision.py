@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import twins
 from tdm_core.distill import DiscreteSchedule, DistillConfig, TDMTrainer, cli
 from tdm_core.distill.backend import diffusers_backend
 from tdm_core.distill.trainer import MAX_SKIPPED_IN_A_ROW, NonFiniteTrainingError
+from tdm_devkit import twins
 
 HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

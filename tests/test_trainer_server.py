@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from harness.server import ComfyServer, ServerError, make_base_directory
 from tdm_core import jobs
+from tdm_devkit.server import ComfyServer, ServerError, make_base_directory
 
 START_DEFAULTS = dict(prompts="a cat\na dog", prompts_file="(none)", unconditional_prompt="", if_exists="refuse",
                       steps=4, grid="auto", iterations=12, lora_rank=4, lora_alpha=0.0, learning_rate=1e-4, cfg=2.0,

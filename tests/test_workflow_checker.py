@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.workflow_check import Substitute, WorkflowError, check_workflow, to_api
+from tdm_devkit.workflow_check import Substitute, WorkflowError, check_workflow, to_api
 
 DATA = Path(__file__).parent / "data"
 

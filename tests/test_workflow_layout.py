@@ -1,10 +1,10 @@
-"""The layout rules the example workflows are held to (harness.workflow_build): links drawn under nodes, group frames
+"""The layout rules the example workflows are held to (tdm_devkit.workflow_build): links drawn under nodes, group frames
 that cut through nodes or overlap, and the column spreading that keeps steep links between their columns. Each rule
 is shown to flag the layouts the workflows once had."""
 
 from __future__ import annotations
 
-from harness.workflow_build import _spread_columns, group_bounding, group_problems, links_under_nodes
+from tdm_devkit.workflow_build import _spread_columns, group_bounding, group_problems, links_under_nodes
 
 
 def _node(node_id, x, y, w=340, h=120, inputs=1, outputs=1):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import cogvideox_native, cogvideox_tiny, lora_files, twins
-from harness.workflow_check import Substitute, check_workflow, to_api
-from harness.workflow_placeholders import install_placeholders
 from tdm_core.presets import PRESETS, get_preset
+from tdm_devkit import cogvideox_native, cogvideox_tiny, lora_files, twins
+from tdm_devkit.workflow_check import Substitute, check_workflow, to_api
+from tdm_devkit.workflow_placeholders import install_placeholders
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -127,10 +127,10 @@ ALL_WORKFLOW_FILES = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
 @pytest.mark.parametrize("name", ALL_WORKFLOW_FILES)
 def test_workflow_opens_readable_with_the_read_me_and_loaders_on_screen_and_no_overlaps(name):
     """The saved view (extra.ds) is at a zoom where the frontend draws text at its default level of detail
-    (harness.workflow_build.MIN_READABLE_ZOOM; workflows once opened at 0.46–0.57 as blank boxes) and shows the Read me
+    (tdm_devkit.workflow_build.MIN_READABLE_ZOOM; workflows once opened at 0.46–0.57 as blank boxes) and shows the Read me
     and every loader whole inside a 1920×1080 window clear of the toolbar and sidebar; no two saved node boxes (title
     bars included) intersect. The real-browser check repeats this with live node sizes and default settings."""
-    from harness.workflow_build import (
+    from tdm_devkit.workflow_build import (
         MIN_READABLE_ZOOM,
         VIEW,
         bounding_box,

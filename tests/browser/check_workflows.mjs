@@ -140,7 +140,7 @@ function inspectLayout() {
   }
   // No link drawn under a node (links are drawn before the nodes, so one that crosses a node is hidden and seems
   // wired to it): each link as the frontend draws it by default (a spline that leaves its output rightwards and
-  // enters its input from the left, a quarter of its length out; the same geometry as harness.workflow_build
+  // enters its input from the left, a quarter of its length out; the same geometry as tdm_devkit.workflow_build
   // .links_under_nodes), from the live slot positions, against every live node box; its own two nodes only beyond
   // the slot strip it attaches at.
   const links = graph.links instanceof Map ? [...graph.links.values()] : Object.values(graph.links ?? {});

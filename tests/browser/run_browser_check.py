@@ -36,10 +36,10 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from harness import comfy_runtime  # noqa: E402
+from tdm_devkit import comfy_runtime  # noqa: E402
 
 ARTIFACTS_ROOT = REPO / "test-artifacts" / "browser"
 DRIVER = REPO / "tests" / "browser" / "check_workflows.mjs"
@@ -121,9 +121,9 @@ def feature_workflows(object_info: dict, base: Path, folder: Path) -> dict[str, 
     preview). Written as UI-format files the driver loads like any workflow."""
     import build_workflows
 
-    from harness import lora_files, twins
-    from harness.workflow_build import Node
-    from harness.workflow_build import build as build_ui
+    from tdm_devkit import lora_files, twins
+    from tdm_devkit.workflow_build import Node
+    from tdm_devkit.workflow_build import build as build_ui
 
     lora = lora_files.synthesise(twins.comfy_twin("sd3").diffusers, "sd3", rank=4, seed=7)
     lora_files.write_peft(lora, base / "models" / "loras" / REPORT_LORA)
@@ -192,8 +192,8 @@ def badge_workflow(object_info: dict, folder: Path) -> Path:
     the TDM jobs sidebar icon; the driver stops and removes them."""
     import build_workflows
 
-    from harness.workflow_build import Node
-    from harness.workflow_build import build as build_ui
+    from tdm_devkit.workflow_build import Node
+    from tdm_devkit.workflow_build import build as build_ui
 
     job = {"prompts": "a red fox", "steps": 4, "iterations": 1000000, "width": 64, "height": 64,
            "save_every": 0, "preview_every": 0}
@@ -313,8 +313,8 @@ def main() -> int:
     ARTIFACTS = ARTIFACTS_ROOT / f"comfyui-{comfy_runtime.comfyui_version()}"  # one folder per runtime checked
     import build_workflows
 
-    from harness.server import ComfyServer, make_base_directory
-    from harness.workflow_placeholders import install_placeholders
+    from tdm_devkit.server import ComfyServer, make_base_directory
+    from tdm_devkit.workflow_placeholders import install_placeholders
 
     files = sorted(args.workflows.resolve().glob("*.json"))
     if args.only:  # a file's name (its title) or the generator's id of it

@@ -8,11 +8,12 @@ instead; everything downstream (samplers, LoRA loaders, decoders, savers) is the
 import os
 import sys
 
-_TESTS_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-if _TESTS_DIR not in sys.path:
-    sys.path.append(_TESTS_DIR)
+# The repository root, for the development kit (tdm_devkit); appended, so ComfyUI's own `nodes` still wins.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+if _REPO_ROOT not in sys.path:
+    sys.path.append(_REPO_ROOT)
 
-from harness import cogvideox_native, twins, twins_xl_flux  # noqa: E402
+from tdm_devkit import cogvideox_native, twins, twins_xl_flux  # noqa: E402
 
 FAMILIES = ["sd15", "sd3", "sd35", "sdxl", "flux"]
 XL_FLUX_TWINS = {"sdxl": twins_xl_flux.sdxl_twin, "flux": twins_xl_flux.flux_twin}
@@ -31,12 +32,12 @@ class TDMTestTinyModel:
     def INPUT_TYPES(cls):
         return {"required": {"family": (FAMILIES,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31, "control_after_generate": True})},
                 "optional": {"weights_file": ("STRING", {"default": "", "tooltip": "SDXL/Flux only: a trained toy "
-                                                         "teacher's weights (harness/toy_latent_teacher.teacher_file)"})}}
+                                                         "teacher's weights (tdm_devkit/toy_latent_teacher.teacher_file)"})}}
 
     def build(self, family, seed, weights_file=""):
         if family in XL_FLUX_TWINS:
             if weights_file:
-                from harness import toy_latent_teacher
+                from tdm_devkit import toy_latent_teacher
 
                 return (toy_latent_teacher.teacher_model(family, weights_file, seed),)
             return (XL_FLUX_TWINS[family](seed).comfy,)

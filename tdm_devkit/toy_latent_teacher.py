@@ -102,7 +102,7 @@ def tiny_clip(family: str):
 
     module = sys.modules.get("tdm_test_pack")
     if module is None:  # the same module name tests/test_sdxl_flux.py loads it under
-        path = Path(__file__).resolve().parents[1] / "comfy_test_pack" / "__init__.py"
+        path = Path(__file__).resolve().parents[1] / "tests" / "comfy_test_pack" / "__init__.py"
         spec = importlib.util.spec_from_file_location("tdm_test_pack", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules["tdm_test_pack"] = module

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_MODULE_NAME = "comfyui_tdm"
 SITE_PACKAGES_FOLDER = ".tdm-site-packages"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import comfy_runtime
 
-TEST_PACK_DIR = Path(__file__).resolve().parents[1] / "comfy_test_pack"
+TEST_PACK_DIR = Path(__file__).resolve().parents[1] / "tests" / "comfy_test_pack"
 PACK_FOLDER_NAME = "comfyui-tdm"
 
 

@@ -55,7 +55,7 @@ SDXL_TINY_UNET_CONFIG = {
 # The same SDXL layout (ADM `y`, linear transformers, 64-channel heads, no attention at the first level) with one
 # block where the twin has two and 64 channels at the last level: 1.9 M parameters against 8.2 M, about half the time
 # per call on the CPU. The toy teacher of the student-vs-teacher check trains and samples on it
-# (harness/toy_latent_teacher.py); the parity tests keep the full twin.
+# (tdm_devkit/toy_latent_teacher.py); the parity tests keep the full twin.
 SDXL_COMPACT_UNET_CONFIG = {
     **SDXL_TINY_UNET_CONFIG,
     "num_res_blocks": [1, 1, 1],
