@@ -347,7 +347,7 @@ class _Gate:
         self.manager, self.entered, self.release, self.lock_held = manager, threading.Event(), threading.Event(), []
 
     def __call__(self):
-        self.lock_held.append(self.manager._lock._is_owned())
+        self.lock_held.append(self.manager.board.lock._is_owned())
         self.entered.set()
         assert self.release.wait(30), "the test never released the gate"
 
@@ -443,3 +443,79 @@ def test_leftover_cleaning_spares_the_temporary_files_of_live_writes(tmp_path):
     manager.outputs.clean_leftovers(manager.get(record.id))
     assert live.exists() and not dead.exists() and not beside.exists()
     manager.close()
+
+
+# ---- concurrent commands never lose a record write ---------------------------------------------------------------
+
+
+def _on_disk(loras, job_id):
+    path = loras / jobs.JOBS_FOLDER / job_id / jobs.RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _race_on_one_output_name(loras, rng) -> None:
+    """Four threads submit one output name at once while three others stop, resume and remove it, then checks what
+    memory and disk hold once every job is over."""
+    manager = jobs.JobManager(loras)
+    name, accepted, removed = "race", [], []
+    start = threading.Barrier(7)
+
+    def submit():
+        start.wait()
+        try:
+            accepted.append(manager.submit(name, FakeRuntime(delay=0.002), 6, save_every=2, keep_last=2,
+                                           preview_every=3).id)
+        except jobs.JobError as error:
+            assert error.status == 409, error
+
+    def repeatedly(command, pauses):
+        def run():
+            start.wait()
+            for pause in pauses:
+                time.sleep(pause)
+                try:
+                    result = command(name)
+                except jobs.JobError as error:
+                    assert error.status in (404, 409), error
+                else:
+                    if command == manager.remove:
+                        removed.append(result.id)
+        return run
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    threads += [threading.Thread(target=repeatedly(command, [rng.uniform(0, 0.006) for _ in range(6)]))
+                for command in (manager.stop, manager.resume, manager.remove)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert accepted, "no submit was accepted"
+    kept = manager.list()
+    for record in kept:
+        manager.wait(record.id, timeout=30)
+    manager.close()
+    assert len([r for r in manager.list() if r.name == name]) <= 1, "two jobs hold one output name"
+    assert {r.id for r in kept} | set(removed) == set(accepted)
+    for record in kept:
+        assert record.state in ("stopped", "finished"), record.progress_text()
+        assert _on_disk(loras, record.id) == json.loads(json.dumps(record.to_dict())), record.progress_text()
+    for job_id in removed:
+        assert not (loras / jobs.JOBS_FOLDER / job_id).exists(), "a removed job came back"
+    restarted = jobs.JobManager(loras)
+    assert [r.to_dict() for r in restarted.list()] == [r.to_dict() for r in kept]  # read back as written
+    restarted.close()
+
+
+def test_concurrent_submits_stops_resumes_and_removes_never_lose_a_record_write(tmp_path, capsys):
+    """Commands race the worker and each other (the panel's buttons, a re-queued workflow). Every job that was
+    accepted and not removed has its record on disk equal to the one in memory (and read back unchanged by a
+    restart), at most one job holds the name, a removed job leaves no folder behind, and no write ever failed for a
+    folder a removal took away."""
+    import random
+
+    rng = random.Random(0)  # the pauses; the threads' interleaving still varies from run to run
+    for trial in range(30):
+        _race_on_one_output_name(tmp_path / f"trial{trial}", rng)
+    printed = capsys.readouterr()
+    for warning in ("FileNotFoundError", "kept in memory only", "TDM job worker:", "failed"):
+        assert warning not in printed.out + printed.err

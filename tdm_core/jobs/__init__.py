@@ -36,11 +36,14 @@ The manager knows nothing about ComfyUI: a job is given a *runtime* (`build(stat
 training session on the worker thread, from a checkpoint's state or from scratch. `TDMSession` adapts a
 `tdm_core.distill.TDMTrainer`. Events (progress, state changes) go to a `listener(event, payload)` callback.
 
-Modules, one responsibility each:
+Modules, one responsibility each, each importing only those above it (no cycle):
+  errors    the exception types
   records   names a job may write, the record (`JobRecord`), its validation when read back, the record store
+  board     the shared state (`JobBoard`): one lock, the job tables, a record change committed to disk and published;
+            the lock is never held across I/O or a device move
   outputs   checkpoints, LoRA snapshots, the latest LoRA and previews (write-ahead ownership, pruning, crash leftovers)
-  worker    the worker thread and one job's training loop
-  manager   commands, queries and the queue, under one lock that is never held across I/O or a device move
+  worker    the worker thread and one job's training loop, on the board and the output writer
+  manager   commands, queries and the queue, on the board; owns the worker
   session   what a job runs (`TDMSession`) and how a failure is described
 """
 

@@ -1,13 +1,15 @@
-"""The job manager: the commands (submit, resume, stop), the queries (list, get, wait, preview) and the queue.
+"""The job manager: the commands (submit, resume, stop, remove), the queries (list, get, wait, preview) and the queue.
 
-One lock (`_lock`) guards the state in memory: the records, the queue, the runtimes. It is never held across I/O
-or while a model moves between devices: a change is made under it, a snapshot of the record is taken under it, and
-the snapshot is written (fsynced) after it is released (`records.RecordStore` keeps writes of one job in order).
-Status reads, and so the HTTP routes, only ever wait for in-memory work.
+The state in memory (the records, the queue, the runtimes) lives on a `board.JobBoard`, shared with the worker and
+the output writer; its lock is never held across I/O or while a model moves between devices (see `board`). Status
+reads, and so the HTTP routes, only ever wait for in-memory work.
 
 Where a caller must know the change is on disk, it is: a new job exists once its record is written (a failed write
 leaves nothing), a resume is queued only once its queued state is written, and `wait()` returns a state only after
 the write of that state was attempted (a failed write is noted in the record's message, never raised to the worker).
+A command checks a job's state and changes it in one hold of the lock, and the reservation that keeps other commands
+off a job while its record is written is released in the same hold that enters the result: a submit, stop, resume
+or remove racing another never acts on a state that is already gone.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import shutil
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .board import JobBoard
 from .errors import JobError
 from .outputs import OutputWriter
 from .records import (
@@ -32,7 +34,7 @@ from .records import (
     MAX_KEEP,
     JobRecord,
     RecordStore,
-    _checked_int,
+    checked_int,
     validate_output_name,
 )
 from .worker import JobWorker
@@ -45,26 +47,25 @@ class JobManager:
         self.loras_dir = Path(loras_dir)
         self.store = RecordStore(self.loras_dir)
         self.jobs_dir = self.store.jobs_dir
-        self.listener = listener
-        self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
-        self._records: dict[str, JobRecord] = {}
-        self._settled: dict[str, str] = {}  # each job's state as last written (what wait() answers with)
-        self._runtimes: dict[str, Any] = {}
-        self._stops: dict[str, threading.Event] = {}
-        self._queue: deque[str] = deque()
-        self._previews: dict[str, Any] = {}
-        self._reserved: set[str] = set()  # output names (new jobs) and job ids (resumes) whose record is being written
-        self._closed = False
-        self.outputs = OutputWriter(self.loras_dir, self.store.job_dir, read=self._read, commit=self._commit,
-                                    commit_or_note=self._commit_or_note, emit=self._emit)
-        self.worker = JobWorker(self)
+        self.board = JobBoard(self.store, listener)
+        self.outputs = OutputWriter(self.loras_dir, self.board)
+        self.worker = JobWorker(self.board, self.outputs)
         self._load_records()
+
+    @property
+    def listener(self) -> Callable[[str, dict], Any] | None:
+        """The `listener(event, payload)` that job events go to; may be replaced while jobs run."""
+        return self.board.listener
+
+    @listener.setter
+    def listener(self, listener: Callable[[str, dict], Any] | None) -> None:
+        self.board.listener = listener
 
     def job_dir(self, job_id: str) -> Path:
         return self.store.job_dir(job_id)
 
     def _load_records(self) -> None:
+        board = self.board
         for record in self.store.load():
             was_active = record.state in ACTIVE_STATES
             if was_active:
@@ -74,86 +75,23 @@ class JobManager:
                 record.message = (f"The process ended while this job was {was}; resume continues from "
                                   + (f"the checkpoint at step {record.checkpoint_step}." if record.checkpoint_step
                                      else "the start (no checkpoint had been written)."))
-            self._records[record.id] = record
-            self._settled[record.id] = record.state
+            with board.lock:
+                board.records[record.id] = record
+                board.settled[record.id] = record.state
             if was_active:
-                self._commit_or_note(record, lambda r: None)
+                board.commit_or_note(record, lambda r: None)
             self.outputs.clean_leftovers(record)
-
-    # ---- record changes: in memory under the lock, on disk after it -------------------------------------------------
-    def _read(self, record: JobRecord, view: Callable[[JobRecord], Any]) -> Any:
-        with self._lock:
-            return view(record)
-
-    def _commit(self, record: JobRecord, change: Callable[[JobRecord], Any]) -> Any:
-        """Applies `change` to the record under the lock, then writes the record outside it; raises if the write
-        fails (the change stays in memory)."""
-        with self._lock:
-            result = change(record)
-            snapshot = self.store.snapshot(record)
-        self.store.write(snapshot)
-        return result
-
-    def _commit_or_note(self, record: JobRecord, change: Callable[[JobRecord], Any]) -> Any:
-        """`_commit`, but a failed write (a full disk, a read-only folder) is noted in the record's message instead
-        of raised: bookkeeping must never kill the worker or a command."""
-        with self._lock:
-            result = change(record)
-            snapshot = self.store.snapshot(record)
-        try:
-            self.store.write(snapshot)
-        except Exception as error:  # noqa: BLE001 - any failure to write is reported, never propagated
-            note = (f"(job.json could not be written: {type(error).__name__}: {str(error)[:200]}; free disk space "
-                    "or fix the folder's permissions — the state shown is kept in memory only)")
-            with self._lock:
-                if note not in record.message:
-                    record.message = f"{record.message} {note}".strip()
-            print(f"[comfyui-tdm] TDM job {record.id} '{record.name}': {note}")
-        return result
-
-    def _set_state(self, record: JobRecord, state: str, message: str | None = None) -> None:
-        """Changes a job's state and publishes it: written (or the failure noted), then announced to `wait()` and
-        the listener. Never call it with the lock held (it writes)."""
-
-        def change(r: JobRecord) -> None:
-            r.state = state
-            if message is not None:
-                r.message = message
-
-        self._commit_or_note(record, change)
-        self._publish(record)
-
-    def _write_and_publish(self, record: JobRecord) -> None:
-        """Writes a state already changed in memory (under the lock, by the caller) and publishes it."""
-        self._commit_or_note(record, lambda r: None)
-        self._publish(record)
-
-    def _publish(self, record: JobRecord) -> None:
-        """Tells `wait()` and the listener the job's current state (after it was written)."""
-        with self._lock:
-            self._settled[record.id] = record.state
-            self._wake.notify_all()
-            payload = record.to_dict(history=False)
-        self._emit("tdm.job.state", payload)
-
-    def _emit(self, event: str, payload: dict) -> None:
-        if self.listener is None:
-            return
-        try:
-            self.listener(event, payload)
-        except Exception as error:  # noqa: BLE001 - a broken listener must not fail the job
-            print(f"[comfyui-tdm] job event listener failed: {error}")
 
     # ---- queries ------------------------------------------------------------------------------------------------
     def list(self) -> list[JobRecord]:
-        with self._lock:
-            return sorted(self._records.values(), key=lambda r: r.created)
+        with self.board.lock:
+            return sorted(self.board.records.values(), key=lambda r: r.created)
 
     def get(self, job: str) -> JobRecord:
         """A job by id, or by output name (the newest job of that name)."""
-        with self._lock:
-            if job in self._records:
-                return self._records[job]
+        with self.board.lock:
+            if job in self.board.records:
+                return self.board.records[job]
             try:
                 name = validate_output_name(job, self.loras_dir)
             except JobError:
@@ -165,8 +103,8 @@ class JobManager:
             return found
 
     def find(self, name: str) -> JobRecord | None:
-        with self._lock:
-            matches = [r for r in self._records.values() if r.name == name]
+        with self.board.lock:
+            matches = [r for r in self.board.records.values() if r.name == name]
             return max(matches, key=lambda r: r.created) if matches else None
 
     def free_name(self, name: str) -> str:
@@ -180,25 +118,26 @@ class JobManager:
         return f"{name}_{uuid.uuid4().hex[:8]}"
 
     def has_runtime(self, job_id: str) -> bool:
-        with self._lock:
-            return job_id in self._runtimes
+        with self.board.lock:
+            return job_id in self.board.runtimes
 
     def preview(self, job_id: str):
         """The latest preview (uint8 H×W×3 numpy array) or None."""
-        with self._lock:
-            cached = self._previews.get(job_id)
+        with self.board.lock:
+            cached = self.board.previews.get(job_id)
         return cached if cached is not None else self.outputs.read_preview(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None, states: tuple = ("stopped", "failed", "finished")):
         """Blocks until the job's written state is one of `states` (default: not active); returns its record."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._wake:
-            while self._settled.get(job_id, self._records[job_id].state) not in states:
+        board = self.board
+        with board.changed:
+            while board.settled.get(job_id, board.records[job_id].state) not in states:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"TDM job {job_id} is still {self._records[job_id].state}")
-                self._wake.wait(remaining if remaining is not None else 1.0)
-            return self._records[job_id]
+                    raise TimeoutError(f"TDM job {job_id} is still {board.records[job_id].state}")
+                board.changed.wait(remaining if remaining is not None else 1.0)
+            return board.records[job_id]
 
     # ---- commands ----------------------------------------------------------------------------------------------
     def submit(self, name: str, runtime, iterations: int, *, save_every: int = 100, keep_last: int = 3,
@@ -206,10 +145,10 @@ class JobManager:
                if_exists: str = "refuse") -> JobRecord:
         """Queues a new job (or, with if_exists="resume", continues the job of that name). Returns at once."""
         name = validate_output_name(name, self.loras_dir)
-        iterations = _checked_int(iterations, "iterations", 1, MAX_ITERATIONS)
-        save_every = _checked_int(save_every, "save_every", 0, MAX_EVERY)
-        keep_last = _checked_int(keep_last, "keep_last", 1, MAX_KEEP)
-        preview_every = _checked_int(preview_every, "preview_every", 0, MAX_EVERY)
+        iterations = checked_int(iterations, "iterations", 1, MAX_ITERATIONS)
+        save_every = checked_int(save_every, "save_every", 0, MAX_EVERY)
+        keep_last = checked_int(keep_last, "keep_last", 1, MAX_KEEP)
+        preview_every = checked_int(preview_every, "preview_every", 0, MAX_EVERY)
         existing = self.find(name)
         if existing is not None:
             if if_exists == "resume":
@@ -233,99 +172,113 @@ class JobManager:
         record = JobRecord(id=uuid.uuid4().hex[:12], name=name, state="queued", iterations=iterations,
                            created=now, started=None, save_every=save_every, keep_last=keep_last,
                            preview_every=preview_every, settings=dict(settings or {}), teacher=dict(teacher or {}))
-        with self._lock:
-            if self.find(name) is not None or name in self._reserved:
+        board = self.board
+        with board.lock:
+            if self.find(name) is not None or name in board.reserved:
                 raise JobError(f"output name '{name}' is being used by a TDM job started just now; choose another "
                                "output name", status=409)
-            self._reserved.add(name)
+            board.reserved.add(name)
             record.message = "queued" + self._waits_for(record)
             snapshot = self.store.snapshot(record)
         try:
             # A job exists once its record is on disk: a failed write (a full disk) leaves no folder and no job.
             self.store.create(snapshot)
         except Exception as error:  # noqa: BLE001 - whatever failed, nothing half-created remains
+            with board.lock:
+                board.reserved.discard(name)
             raise JobError(f"could not create the job record in {self.job_dir(record.id)}: "
                            f"{type(error).__name__}: {str(error)[:300]}. Free disk space or fix the folder's "
                            "permissions, then start the job again.", status=507) from None
-        finally:
-            with self._lock:
-                self._reserved.discard(name)
-        with self._lock:
-            self._records[record.id] = record
-            self._runtimes[record.id] = runtime
+        with board.lock:
+            # The name is released in the hold that lists the job: a submit of the same name in between would find
+            # neither and start a second job under it.
+            board.reserved.discard(name)
+            board.records[record.id] = record
+            board.runtimes[record.id] = runtime
             self._queue_up(record)
             # Under the lock: the worker takes it to "running" only after this, so no listener ever sees the queued
             # state after the running one (the submitting thread could lose that race once the lock was released).
-            self._publish(record)
+            board.publish(record)
         return record
 
     def resume(self, job: str, runtime=None, iterations: int | None = None) -> JobRecord:
         """Continues a stopped/failed job from its newest checkpoint (or a finished one with more iterations).
         An active job is returned as it is. Without `runtime`, the one kept in memory since it ran is used."""
         if iterations is not None:
-            iterations = _checked_int(iterations, "iterations", 1, MAX_ITERATIONS)
-        with self._lock:
+            iterations = checked_int(iterations, "iterations", 1, MAX_ITERATIONS)
+        board = self.board
+        with board.lock:
             record = self.get(job)
             if record.state in ACTIVE_STATES:
-                if runtime is not None and record.id not in self._runtimes:
-                    self._runtimes[record.id] = runtime
+                if runtime is not None and record.id not in board.runtimes:
+                    board.runtimes[record.id] = runtime
                 return record
-            if record.id in self._reserved:
+            if record.id in board.reserved:
                 raise JobError(f"TDM job {record.id} '{record.name}' is being resumed already", status=409)
             target = int(iterations) if iterations is not None else record.iterations
             if record.state == "finished" and target <= record.step:
                 raise JobError(f"TDM job {record.id} '{record.name}' already finished at step {record.step}; give "
                                f"more iterations (> {record.step}) to train further", status=409)
             if runtime is not None:
-                self._runtimes[record.id] = runtime
-            if record.id not in self._runtimes:
+                board.runtimes[record.id] = runtime
+            if record.id not in board.runtimes:
                 raise JobError(
                     f"the teacher model of TDM job {record.id} '{record.name}' is not in memory (a finished job frees "
                     "it, and a ComfyUI restart loses it): queue the distillation workflow again with the same output "
                     f"name and if_exists = resume; it continues from the checkpoint at step {record.checkpoint_step}",
                     status=409)
-            # The queued state must be on disk before the job is queued: written from a copy, applied after.
+            # The queued state must be on disk before the job is queued: written from a copy, applied after. While
+            # the job is reserved nothing else changes or writes its record (stop and remove refuse it, the worker
+            # is done with it), so no older state can land on disk after the copy.
             queued = dataclasses.replace(
                 record, state="queued", iterations=max(target, record.checkpoint_step), step=record.checkpoint_step,
                 message=f"resuming from step {record.checkpoint_step}" + self._waits_for(record))
             snapshot = self.store.snapshot(queued)
-            self._reserved.add(record.id)
+            board.reserved.add(record.id)
         try:
             self.store.write(snapshot)
         except Exception as error:  # noqa: BLE001
+            with board.lock:
+                board.reserved.discard(record.id)
             raise JobError(f"could not write the record of TDM job {record.id} '{record.name}': "
                            f"{type(error).__name__}: {str(error)[:300]}. Free disk space or fix the folder's "
                            "permissions, then resume again.", status=507) from None
-        finally:
-            with self._lock:
-                self._reserved.discard(record.id)
-        with self._lock:
+        with board.lock:
+            # Released in the hold that queues the job: a remove in between would see it stopped and take its folder.
+            board.reserved.discard(record.id)
             for key in ("state", "iterations", "step", "message", "updated"):
                 setattr(record, key, getattr(queued, key))
             self._queue_up(record)
-            self._publish(record)  # under the lock, before the worker can move it on (see submit)
+            board.publish(record)  # under the lock, before the worker can move it on (see submit)
         return record
 
     def stop(self, job: str) -> JobRecord:
         """Asks a job to stop: a queued job stops at once; a running one after its current iteration, with a
         checkpoint. Returns the record (wait() for the final state)."""
-        to_offload = None
-        with self._lock:
-            record = self.get(job)
-            if record.state == "queued":
-                self._queue.remove(record.id)
-                to_offload = self._runtimes.get(record.id)
-                record.state = "stopped"
-                record.message = ("stopped before it started" if not record.checkpoint_step
-                                  else f"stopped while queued; resume continues from step {record.checkpoint_step}")
-            elif record.state == "running":
-                self._stops[record.id].set()
-                record.state = "stopping"
-                record.message = "stopping after the current iteration (a checkpoint is written)"
-            elif record.state != "stopping":
-                raise JobError(f"TDM job {record.id} '{record.name}' is not running (it is {record.state})",
-                               status=409)
-        self._write_and_publish(record)
+        board = self.board
+        record = self.get(job)
+
+        def request_stop(r: JobRecord) -> Any:
+            # Checked and changed in the hold that takes the record's snapshot: a resume or a remove in between
+            # cannot see a state that is not the one written.
+            if not board.listed(r):
+                raise JobError(f"TDM job {r.id} '{r.name}' was removed", status=404)
+            if r.state == "queued":
+                board.queue.remove(r.id)
+                r.state = "stopped"
+                r.message = ("stopped before it started" if not r.checkpoint_step
+                             else f"stopped while queued; resume continues from step {r.checkpoint_step}")
+                return board.runtimes.get(r.id)
+            if r.state == "running":
+                board.stops[r.id].set()
+                r.state = "stopping"
+                r.message = "stopping after the current iteration (a checkpoint is written)"
+            elif r.state != "stopping":
+                raise JobError(f"TDM job {r.id} '{r.name}' is not running (it is {r.state})", status=409)
+            return None
+
+        to_offload = board.commit_or_note(record, request_stop)
+        board.publish(record)
         # Moving a job's network to the CPU takes seconds: never while holding the lock every status read needs.
         if to_offload is not None and hasattr(to_offload, "offload"):
             to_offload.offload()
@@ -335,31 +288,28 @@ class JobManager:
         """Forgets a job that is over (finished, failed or stopped): its record, checkpoints and preview are deleted;
         the LoRA files it wrote stay in the LoRA folder, where the user's workflows load them. An active job must be
         stopped first (409). Returns the removed record."""
-        with self._lock:
+        with self.board.lock:
             record = self.get(job)
-            if record.state in ACTIVE_STATES or record.id in self._reserved:
+            if record.state in ACTIVE_STATES or record.id in self.board.reserved:
                 raise JobError(f"TDM job {record.id} '{record.name}' is {record.state}: stop it before removing it",
                                status=409)
-            for table in (self._records, self._settled, self._runtimes, self._stops, self._previews):
-                table.pop(record.id, None)
+            self.board.forget(record.id)
         # The folder is renamed first (one atomic step, and the record loader skips dot-folders), then deleted: an
-        # interrupted deletion never brings the job back half-removed.
-        folder = self.job_dir(record.id)
-        tombstone = folder.with_name(f".removed-{record.id}")
-        try:
-            folder.rename(tombstone)
-        except FileNotFoundError:
+        # interrupted deletion never brings the job back half-removed. The store drops writes of the record that come
+        # after (a stop or the worker's last write that lost the race to this removal).
+        tombstone = self.store.retire(record.id)
+        if tombstone is None:
             return record
         shutil.rmtree(tombstone, ignore_errors=True)
-        self._emit("tdm.job.removed", {"id": record.id, "name": record.name})
+        self.board.emit("tdm.job.removed", {"id": record.id, "name": record.name})
         return record
 
     def close(self, timeout: float = 30.0) -> None:
         """Stops every job and the worker (tests, shutdown)."""
-        with self._lock:
-            self._closed = True
-            active = [r.id for r in self._records.values() if r.state in ("queued", "running")]
-            self._wake.notify_all()
+        with self.board.lock:
+            self.board.closed = True
+            active = [r.id for r in self.board.records.values() if r.state in ("queued", "running")]
+            self.board.changed.notify_all()
         for job_id in active:
             try:
                 self.stop(job_id)
@@ -369,16 +319,17 @@ class JobManager:
 
     def _waits_for(self, record: JobRecord) -> str:
         """" (waits for job …)" when another job is running or queued ahead of `record` (call under the lock)."""
-        ahead = [r for r in self._records.values() if r.state in ("running", "stopping") and r.id != record.id]
-        ahead += [self._records[i] for i in self._queue if i != record.id]
+        records = self.board.records
+        ahead = [r for r in records.values() if r.state in ("running", "stopping") and r.id != record.id]
+        ahead += [records[i] for i in self.board.queue if i != record.id]
         return f" (waits for job {ahead[0].id} '{ahead[0].name}': one job trains at a time)" if ahead else ""
 
     def _queue_up(self, record: JobRecord) -> None:
         """Puts a job whose queued state is written on the queue (call under the lock)."""
         record.state = "queued"
-        self._stops[record.id] = threading.Event()
-        self._queue.append(record.id)
-        self._wake.notify_all()
+        self.board.stops[record.id] = threading.Event()
+        self.board.queue.append(record.id)
+        self.board.changed.notify_all()
         self.worker.ensure_running()
 
 

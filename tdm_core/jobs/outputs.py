@@ -5,9 +5,10 @@ names a file (durably) before the file is written, and names the files it drops 
 they are deleted, so a crash at any point leaves no file of ours that the record does not name, and nothing is ever
 deleted or overwritten that the record does not name.
 
-The writer holds no lock of its own and never the manager's across I/O: every change to a record goes through `commit`
-(applies a change under the manager's lock, then writes the record outside it and raises if that fails) or
-`commit_or_note` (the same, but a failed write is noted in the record's message instead of raised).
+The writer holds no lock of its own and never the jobs' lock across I/O: every change to a record goes through the
+`board.JobBoard` it shares with the manager and the worker, `commit` (applies a change under the board's lock, then
+writes the record outside it and raises if that fails) or `commit_or_note` (the same, but a failed write is noted in
+the record's message instead of raised).
 """
 
 from __future__ import annotations
@@ -15,28 +16,26 @@ from __future__ import annotations
 import io
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .. import validation
 from ..distill.checkpoint import atomic_write_bytes, fsync_dir, safetensors_bytes
+from .board import JobBoard
 from .errors import NonFiniteWeights, NotOwned
-from .records import CHECKPOINT_FILE, LORA_EXTENSION, PREVIEW_FILE, JobRecord, _is_snapshot_of, snapshot_name
-
-Commit = Callable[[JobRecord, Callable[[JobRecord], object]], object]
+from .records import CHECKPOINT_FILE, LORA_EXTENSION, PREVIEW_FILE, JobRecord, is_snapshot_of, snapshot_name
 
 
 class OutputWriter:
-    def __init__(self, loras_dir: str | Path, job_dir: Callable[[str], Path], *, read: Commit, commit: Commit,
-                 commit_or_note: Commit, emit: Callable[[str, dict], None]):
+    """A job's files in the LoRA folder and in its job folder; record changes go through the shared `board`."""
+
+    def __init__(self, loras_dir: str | Path, board: JobBoard):
         self.loras_dir = Path(loras_dir)
-        self.job_dir = job_dir
-        self.read = read  # read(record, f): f(record) under the manager's lock, nothing written
-        self.commit = commit
-        self.commit_or_note = commit_or_note
-        self.emit = emit
+        self.board = board
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.board.store.job_dir(job_id)
 
     # ---- names ------------------------------------------------------------------------------------------------
     def checkpoint_dir(self, job_id: str, step: int) -> Path:
@@ -60,7 +59,7 @@ class OutputWriter:
         except OSError:
             return []
         prefix = name[: len(name) - len(base)]
-        return [prefix + entry for entry in entries if _is_snapshot_of(base, entry)]
+        return [prefix + entry for entry in entries if is_snapshot_of(base, entry)]
 
     # ---- checkpoints and LoRAs -------------------------------------------------------------------------------------
     def load_checkpoint(self, record: JobRecord) -> dict:
@@ -119,7 +118,7 @@ class OutputWriter:
             r.pruning = [f for f in r.pruning if f != snapshot]
             r.latest_lora = latest
 
-        self.commit(record, name_the_files)
+        self.board.commit(record, name_the_files)
         atomic_write_bytes(self.lora_path(snapshot), data)
         atomic_write_bytes(self.lora_path(latest), data)
 
@@ -133,14 +132,14 @@ class OutputWriter:
             r.checkpoints = [s for s in r.checkpoints if s not in drop_steps]
             r.pruning_checkpoints += [s for s in drop_steps if s not in r.pruning_checkpoints]
 
-        self.commit(record, publish)  # durable before anything it drops is deleted
+        self.board.commit(record, publish)  # durable before anything it drops is deleted
         self.prune(record)
-        self.emit("tdm.job.saved", {"id": record.id, "name": record.name, "step": step,
-                                    "lora": record.latest_lora, "snapshot": snapshot})
+        self.board.emit("tdm.job.saved", {"id": record.id, "name": record.name, "step": step,
+                                          "lora": record.latest_lora, "snapshot": snapshot})
 
     def prune(self, record: JobRecord) -> None:
         """Deletes what the durable record lists under pruning (only files it names; each confined again)."""
-        files, steps = self.read(record, lambda r: (list(r.pruning), list(r.pruning_checkpoints)))
+        files, steps = self.board.read(record, lambda r: (list(r.pruning), list(r.pruning_checkpoints)))
         if not files and not steps:
             return
         for file_name in files:
@@ -160,7 +159,7 @@ class OutputWriter:
             r.pruning = [f for f in r.pruning if f not in files]
             r.pruning_checkpoints = [s for s in r.pruning_checkpoints if s not in steps]
 
-        self.commit_or_note(record, forget)
+        self.board.commit_or_note(record, forget)
 
     def clean_leftovers(self, record: JobRecord) -> None:
         """What a crash can leave: temporary files of this job's own writes (`.<file>.<pid>.<thread>.partial` next
@@ -218,11 +217,11 @@ class OutputWriter:
             if latest_missing:
                 r.latest_lora = ""
 
-        self.commit_or_note(record, forget)
+        self.board.commit_or_note(record, forget)
 
     # ---- previews ----------------------------------------------------------------------------------------------
     def write_preview(self, record: JobRecord, image):
-        """Saves a uint8 H×W×3 preview next to the record; returns the array (the manager caches it)."""
+        """Saves a uint8 H×W×3 preview next to the record; returns the array (the worker caches it on the board)."""
         import numpy as np
 
         array = np.ascontiguousarray(np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image,

@@ -2,9 +2,10 @@
 
 `job.json` is data on disk that anyone with access to models/loras can edit: records read back are validated field by
 field (`record_from_disk`) and a damaged or planted one is skipped, never acted on. The store writes each record
-atomically (temporary name, fsync, rename) and in order: a write carries the version the manager gave its snapshot,
-and an older snapshot never replaces a newer one on disk, so writes can happen outside the manager's lock (status
-reads never wait for an fsync) and still never go back in time.
+atomically (temporary name, fsync, rename) and in order: a write carries the version its snapshot was given, and an
+older snapshot never replaces a newer one on disk, so writes can happen outside the jobs' lock (status reads never
+wait for an fsync) and still never go back in time. A removed job's folder is taken away under the same per-job order,
+and writes that arrive after it are dropped: a late write never fails on the missing folder nor brings the job back.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def snapshot_name(name: str, step: int) -> str:
     return f"{name}-step{step:08d}{LORA_EXTENSION}"
 
 
-def _is_snapshot_of(name: str, file_name: str) -> bool:
+def is_snapshot_of(name: str, file_name: str) -> bool:
     """Whether `file_name` is a snapshot name of job output `name` (a prefix, 8 digits, the extension)."""
     head, tail = name + "-step", file_name[len(name) + 5:]
     return (file_name.startswith(head) and tail.endswith(LORA_EXTENSION)
@@ -201,7 +202,7 @@ def record_from_disk(data, folder_id: str, loras_dir: str | Path) -> JobRecord:
         if not isinstance(value, list) or len(value) > MAX_KEEP + 1:
             raise validation.ValidationError(f"{key} must be a list of this job's snapshot names")
         for item in value:
-            if not isinstance(item, str) or not _is_snapshot_of(name, item):
+            if not isinstance(item, str) or not is_snapshot_of(name, item):
                 raise validation.ValidationError(f"{key} names {str(item)[:120]!r}, not a snapshot of '{name}'")
             validation.confined(loras_dir, item, key)
         return list(value)
@@ -254,7 +255,8 @@ def _json_safe(value):
     return value
 
 
-def _checked_int(value, what: str, lo: int, hi: int) -> int:
+def checked_int(value, what: str, lo: int, hi: int) -> int:
+    """`value` as an integer in [lo, hi], or a JobError saying what is wrong (for request fields)."""
     try:
         return validation.number(value, what, lo=lo, hi=hi, integer=True)
     except validation.ValidationError as error:
@@ -263,7 +265,7 @@ def _checked_int(value, what: str, lo: int, hi: int) -> int:
 
 @dataclass(frozen=True)
 class RecordSnapshot:
-    """A record's bytes as of one moment, taken under the manager's lock; written later, outside it."""
+    """A record's bytes as of one moment, taken under the jobs' lock; written later, outside it."""
 
     job_id: str
     version: int
@@ -271,22 +273,23 @@ class RecordSnapshot:
 
 
 class RecordStore:
-    """The `job.json` files under `<loras>/.tdm_jobs/`. Thread-safe on its own; never called under the manager's
-    lock (its writes fsync). Per job, writes are serialised and ordered by snapshot version."""
+    """The `job.json` files under `<loras>/.tdm_jobs/`. Thread-safe on its own; its writes are never called under
+    the jobs' lock (they fsync). Per job, writes and the removal are serialised and ordered by snapshot version."""
 
     def __init__(self, loras_dir: str | Path):
         self.loras_dir = Path(loras_dir)
         self.jobs_dir = self.loras_dir / JOBS_FOLDER
-        self._guard = threading.Lock()  # protects the two dicts below; held for dictionary access only
+        self._guard = threading.Lock()  # protects the tables below; held for their access only
         self._job_locks: dict[str, threading.Lock] = {}
         self._written: dict[str, int] = {}
+        self._retired: set[str] = set()  # removed jobs: their folder is gone on purpose, later writes are dropped
         self._versions = 0
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
     def snapshot(self, record: JobRecord) -> RecordSnapshot:
-        """The record as it is now (call with the manager's lock held, so the record does not change meanwhile)."""
+        """The record as it is now (call with the jobs' lock held, so the record does not change meanwhile)."""
         record.updated = time.time()
         data = json.dumps(_json_safe(record.to_dict()), indent=1, allow_nan=False).encode("utf-8")
         with self._guard:
@@ -295,15 +298,32 @@ class RecordStore:
 
     def write(self, snapshot: RecordSnapshot) -> None:
         """Makes the snapshot durable unless a newer one of the same job already is (its content includes this
-        one's: snapshots are taken from the same live record). Raises OSError when the write fails."""
-        with self._guard:
-            lock = self._job_locks.setdefault(snapshot.job_id, threading.Lock())
-        with lock:
-            if self._written.get(snapshot.job_id, 0) >= snapshot.version:
+        one's: snapshots are taken from the same live record) or the job was removed. Raises OSError when the write
+        fails."""
+        with self._job_lock(snapshot.job_id):
+            if self._written.get(snapshot.job_id, 0) >= snapshot.version or snapshot.job_id in self._retired:
                 return
             _checkpoint_files.atomic_write_bytes(self.job_dir(snapshot.job_id) / RECORD_FILE, snapshot.data)
             with self._guard:
                 self._written[snapshot.job_id] = snapshot.version
+
+    def retire(self, job_id: str) -> Path | None:
+        """Takes a removed job's folder away in one atomic step: renamed to a dot-name the loader skips (and deletes
+        at the next load), returned for the caller to delete; None when there is no folder. Waits for a write of the
+        job in progress, and drops every later one: a command or the worker that changed the job just before its
+        removal neither fails on the missing folder nor recreates it."""
+        with self._job_lock(job_id):
+            self._retired.add(job_id)
+            tombstone = self.job_dir(job_id).with_name(f".removed-{job_id}")
+            try:
+                self.job_dir(job_id).rename(tombstone)
+            except FileNotFoundError:
+                return None
+            return tombstone
+
+    def _job_lock(self, job_id: str) -> threading.Lock:
+        with self._guard:
+            return self._job_locks.setdefault(job_id, threading.Lock())
 
     def create(self, snapshot: RecordSnapshot) -> None:
         """A new job's folder and record; on any failure nothing of it remains and the error propagates."""
@@ -318,7 +338,7 @@ class RecordStore:
     def load(self) -> list[JobRecord]:
         """Every valid record on disk, oldest folder first; damaged or planted records are reported and skipped."""
         try:
-            # dot-folders are removed jobs whose deletion was interrupted (JobManager.remove): finished here
+            # dot-folders are removed jobs whose deletion was interrupted (`retire`): finished here
             folders = sorted(p for p in self.jobs_dir.iterdir() if p.is_dir()) if self.jobs_dir.is_dir() else []
             for leftover in [p for p in folders if p.name.startswith(".removed-")]:
                 shutil.rmtree(leftover, ignore_errors=True)
