@@ -29,26 +29,19 @@ from dataclasses import dataclass
 
 import torch
 
-from tdm_core import presets, schedules
+from tdm_core import families, presets, schedules
 from tdm_core.distill import DiscreteSchedule, PeftBackend
 from tdm_core.lora import tdm_metadata
 
-# Per-family tables (LoRA targets, default preset, extra network inputs) live in comfy_families.
-from . import comfy_families
+# What each family needs (LoRA targets, default preset, extra network inputs) is its registry entry and adapter.
+from . import family_adapters
+from .family_adapters import model_family  # noqa: F401  (the trainer's one import for reading a MODEL)
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def model_family(model) -> str:
-    from .lora_loader import model_family as lora_family
-
-    return lora_family(model)
-
-
 def model_parametrisation(model) -> str:
-    from .sampling import model_parametrisation as parametrisation
-
-    return parametrisation(model.get_model_object("model_sampling"))
+    return family_adapters.model_parametrisation(model.get_model_object("model_sampling"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,21 +73,23 @@ def training_grid(model, family: str, grid: str, steps: int, total_steps: int = 
     "training_demo" (t_k = N−1−k·N/K, sampled with the TDM Scheduler's training_demo grid). `latent_shape` (C, H, W)
     is the training latent's, which Flux's schedule depends on."""
     model_sampling = model.get_model_object("model_sampling")
-    schedule = comfy_families.family_schedule(family, latent_shape) or comfy_schedule(model_sampling)
+    schedule = family_adapters.adapter(family).training_schedule(latent_shape) or comfy_schedule(model_sampling)
     if grid == "training_demo":
         return TrainingGrid(schedule, None, "", f"training_demo N={total_steps} K={steps}")
-    name = comfy_families.FAMILY_PRESET.get(family) if grid == "auto" else grid
-    if name is None:
+    name = families.FAMILIES[family].default_preset if grid == "auto" and family in families.FAMILIES else grid
+    if name == "auto":
         raise ValueError(f"no TDM sampling preset for a {family} model; choose grid 'training_demo'")
     preset = presets.get_preset(name)
     parametrisation = model_parametrisation(model)
     if preset.parametrisation != parametrisation:
         raise ValueError(f"grid preset {name!r} is for {preset.parametrisation} models; this MODEL is "
                          f"{parametrisation} ({family}); use grid 'auto'")
-    if preset.family != family and "flux" in (preset.family, family):
+    if not families.presets_fit(preset.family, family):
         raise ValueError(f"grid preset {name!r} is for {preset.family} models; this MODEL is {family}; use grid 'auto'")
     if preset.grid == "flux_shift":
-        schedule, indices, sigmas = comfy_families.flux_pinned_grid(schedule, steps, latent_shape)
+        flux = schedules.flux_shift_grid(steps, schedules.flux_mu(int(latent_shape[-2]), int(latent_shape[-1])))
+        sigmas = flux.sigmas[:-1]
+        schedule, indices = schedule.with_pinned_grid(sigmas, sigmas)  # the network is fed σ itself
         return TrainingGrid(schedule, indices, name, f"{name}: σ {', '.join(f'{s:.4f}' for s in sigmas)}")
     if preset.grid == "flow_shift":
         flow = schedules.flow_shift_grid(steps, preset.shift)
@@ -116,7 +111,7 @@ def encode_prompts(clip, prompts: list[str], unconditional: str = "", model=None
     unconditional prompt's encoding (the trainer's empty-prompt convention). Contexts of different lengths are
     repeated to a common length, as ComfyUI batches them (repeating keys leaves cross-attention unchanged).
     For SDXL and Flux, `model`, `family` and the training `latent_shape` give the other network inputs as ComfyUI's
-    sampling builds them (comfy_families.extra_inputs)."""
+    sampling builds them (family_adapters.FamilyAdapter.extra_inputs)."""
     texts = list(dict.fromkeys([*prompts, unconditional]))
     encoded = {}
     for text in texts:
@@ -124,8 +119,8 @@ def encode_prompts(clip, prompts: list[str], unconditional: str = "", model=None
         context, extra = conditioning[0][0], conditioning[0][1]
         with torch.inference_mode(False):
             entry = {"context": context.detach().clone()}
-            if family in comfy_families.EXTRA_INPUTS:
-                entry.update(comfy_families.extra_inputs(model, family, extra, context, latent_shape))
+            if family in families.FAMILIES and families.FAMILIES[family].extra_inputs:
+                entry.update(family_adapters.adapter(family).extra_inputs(model, extra, context, latent_shape))
                 encoded[text] = entry
                 continue
             pooled = extra.get("pooled_output")
@@ -260,12 +255,11 @@ def make_uninterruptible(network: torch.nn.Module) -> int:
 _quiet_namespaces: dict[int, dict] = {}
 
 
-# The repeated blocks of each network layout ComfyUI builds, whose activations dominate training memory: the
-# SD1.5/SDXL UNet (input, middle, output blocks), the MMDiT of SD3/SD3.5 (joint blocks) and Flux's double and single
-# stream blocks.
-CHECKPOINTED_BLOCKS = ("input_blocks", "middle_block", "output_blocks", "joint_blocks", "double_blocks",
-                       "single_blocks")
-INPUT_UPDATING_BLOCKS = ("double_blocks", "single_blocks")  # Flux's blocks add to their inputs in place
+# The repeated blocks of each network layout ComfyUI builds, whose activations dominate training memory (each
+# family's registry entry names its own), and those that add to their inputs in place (Flux's).
+CHECKPOINTED_BLOCKS = tuple(dict.fromkeys(name for f in families.FAMILIES.values() for name in f.repeated_blocks))
+INPUT_UPDATING_BLOCKS = tuple(dict.fromkeys(name for f in families.FAMILIES.values() if f.blocks_update_inputs_in_place
+                                            for name in f.repeated_blocks))
 
 
 def enable_gradient_checkpointing(network: torch.nn.Module) -> int:
@@ -298,7 +292,7 @@ def _wrap_checkpoint(block: torch.nn.Module, checkpoint, copy_inputs: bool = Fal
     def checkpointed(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        # Newer ComfyUI picks some kernels by the process-wide `in_training` flag (comfy_families sets it for the
+        # Newer ComfyUI picks some kernels by the process-wide `in_training` flag (Flux's adapter sets it for the
         # forward passes that record gradients); the backward pass recomputes the block after that forward has
         # returned, so the recomputation sets the flag it was first run under (the same kernels save the same
         # tensors, which the checkpoint requires).
@@ -342,9 +336,9 @@ class ComfyBackend(PeftBackend):
                  lora_alpha: float | None, adapter_seed: int = 0, target_modules: list[str] | None = None):
         self.device = next(network.parameters()).device
         self._conds = {p: {k: v.to(self.device) for k, v in c.items()} for p, c in conds.items()}
-        uses_pooled = family in ("sd3", "sd35")
-        # SDXL's ADM vector, Flux's pooled vector and guidance (comfy_families.EXTRA_INPUTS)
-        extra_keys = comfy_families.EXTRA_INPUTS.get(family, ())
+        entry = families.FAMILIES[family]
+        uses_pooled = entry.pooled_as_y
+        extra_keys = entry.extra_inputs  # SDXL's ADM vector, Flux's pooled vector and guidance
 
         def encode(prompts: list[str]) -> dict:
             missing = [p for p in prompts if p not in self._conds]
@@ -360,7 +354,7 @@ class ComfyBackend(PeftBackend):
         super().__init__(network, schedule=schedule, parametrisation=parametrisation, latent_shape=latent_shape,
                          encode=encode, call=self._call_network, family=family, mode="lora", export_format="comfyui",
                          lora_rank=lora_rank, lora_alpha=lora_alpha,
-                         target_modules=target_modules or comfy_families.FAMILY_TARGETS[family], adapter_seed=adapter_seed)
+                         target_modules=target_modules or list(entry.lora_targets), adapter_seed=adapter_seed)
 
     def _call_network(self, network, x, model_t, cond):
         dtype = self.compute_dtype

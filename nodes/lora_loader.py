@@ -15,7 +15,8 @@ from comfy_api.v0_0_2 import io, ui
 
 from tdm_core import lora as tdm_lora
 
-from . import categories, inputs
+from . import categories, family_adapters, inputs
+from .family_adapters import model_family
 
 LOG = logging.getLogger("comfyui-tdm")
 
@@ -37,46 +38,6 @@ def load_lora_cached(path: str) -> tdm_lora.LoraFile:
     lora = tdm_lora.load_lora(path)
     _last_lora.update(key=key, lora=lora)
     return lora
-
-
-def native_cogvideox_variant(model) -> str | None:
-    """"cogvideox" for newer ComfyUI's native CogVideoX-2B, "cogvideox_other" for its 5B / 1.5 / image-to-video
-    models, None for anything else (and always on ComfyUI versions without a native CogVideoX)."""
-    import comfy.model_base
-
-    native = getattr(comfy.model_base, "CogVideoX", None)
-    if native is None or not isinstance(model.model, native):
-        return None
-    config = model.model.model_config.unet_config
-    # The 2B is the 30-head (1920-wide) text-to-video model with sin-cos positions and no temporal patches; upstream's
-    # own rule for the 2B-vs-5B latent format is the same head count (supported_models.CogVideoX_T2V). Upstream reads
-    # a file without `patch_embed.pos_embedding` as rotary positions (the 5B's), which the 2B's weights do not fit.
-    is_2b = (config.get("num_attention_heads", 0) < 48 and config.get("patch_size_t") is None
-             and config.get("in_channels", 16) == 16 and not config.get("ofs_embed_dim")
-             and not config.get("use_rotary_positional_embeddings"))
-    return "cogvideox" if is_2b else "cogvideox_other"
-
-
-def model_family(model) -> str:
-    """The tdm_core family name of a ComfyUI MODEL ("unknown" for families TDM has no LoRA format for)."""
-    import comfy.model_base
-
-    base = model.model
-    cogvideox = native_cogvideox_variant(model)
-    if cogvideox is not None:
-        return cogvideox
-    if isinstance(base, comfy.model_base.SD3):
-        return "sd35" if base.model_config.unet_config.get("x_block_self_attn_layers") else "sd3"
-    config_name = type(base.model_config).__name__
-    if config_name in ("Flux", "FluxSchnell"):  # text-to-image Flux (not Kontext, Chroma, Flux 2, inpainting)
-        return "flux"
-    if config_name == "SD15":
-        return "sd15"
-    if config_name.startswith(("SDXL", "SSD1B", "Segmind_Vega", "KOALA")):
-        return "sdxl"
-    if config_name.startswith(("SD20", "SD21")):
-        return "unet"
-    return "unknown"
 
 
 def _shape_lookup(state_dict):
@@ -134,9 +95,8 @@ def apply_tdm_lora(model, clip, lora: tdm_lora.LoraFile, strength: float | None 
 
     family = model_family(model)
     targets = comfy.lora.model_lora_keys_unet(model.model, {})
-    if family == "cogvideox":
-        # ComfyUI knows its native CogVideoX only by native names; the released LoRA uses diffusers/peft names.
-        targets.update(tdm_lora.cogvideox_native_lora_key_map(model.model_state_dict().keys()))
+    if family in family_adapters.ADAPTERS:
+        targets.update(family_adapters.adapter(family).lora_key_aliases(model))
     te_targets = te_shape = None
     if clip is not None and lora.text_encoder_modules:
         te_targets = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from tdm_core import presets, recipes
+from tdm_core import recipes
 
 FROM_RECIPE = -1
 FROM_RECIPE_CHOICE = "recipe"
@@ -77,26 +77,24 @@ def knob_inputs() -> list:
     ]
 
 
-def recipe_name(settings: dict, preset_name: str) -> str:
-    """The recipe the job trains with: the one chosen, or for auto the grid preset's (the official demo's for a
-    grid of no preset). A job records the name it resolved (`recipe_used`), so resuming it later keeps it even if
+def recipe_name(settings: dict, family: str) -> str:
+    """The recipe the job trains with: the one chosen, or for auto the teacher family's. A job records the name it resolved (`recipe_used`), so resuming it later keeps it even if
     auto's choice changed in between."""
     chosen = settings.get("recipe_used") or settings.get("recipe", recipes.AUTO)
     if chosen != recipes.AUTO:
         recipes.get_recipe(chosen)  # an unknown name from a record on disk is refused here
         return chosen
-    preset = presets.PRESETS.get(preset_name)
-    return preset.training_recipe if preset is not None else recipes.DEFAULT_RECIPE
+    return recipes.family_recipe(family)
 
 
 def _set(value) -> bool:
     return value is not None and value != FROM_RECIPE and value != FROM_RECIPE_CHOICE
 
 
-def distill_settings(settings: dict, family: str, preset_name: str) -> tuple[dict, list[str], str]:
+def distill_settings(settings: dict, family: str) -> tuple[dict, list[str], str]:
     """(DistillConfig keyword arguments of the recipe knobs, the knobs the node overrode as "name value" texts,
     the recipe's name) for a job's settings."""
-    name = recipe_name(settings, preset_name)
+    name = recipe_name(settings, family)
     _, values = recipes.resolve(name, family)
     knobs = {key: v.value for key, v in values.items()}
     changed: list[str] = []

@@ -39,12 +39,19 @@ import latent_preview
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from tdm_core import presets, schedules, solvers
+from tdm_core import families, presets, schedules, solvers
 
 from . import categories, inputs
-from .lora_loader import STUDENT_GRID_OPTION, STUDENT_SOLVER_OPTION, model_family, native_cogvideox_variant
+from .family_adapters import (
+    PARAMETRISATION_LABELS,
+    adapter,
+    describe_model,
+    is_native_vp_model,
+    model_family,
+    model_parametrisation,
+)
+from .lora_loader import STUDENT_GRID_OPTION, STUDENT_SOLVER_OPTION
 
-PARAMETRISATION_LABELS = {"flow": "rectified flow", "eps": "ε-prediction", "v": "v-prediction"}
 SOLVER_CHOICES = ["auto", "dpmpp_2m", "ddim"]
 # Preset solver names → the node's solver (the same algorithm; the state space comes from the model).
 _SOLVER_ALIASES = solvers.WIDGET_NAMES
@@ -54,18 +61,11 @@ AUTO_PRESET = "auto"
 DEFAULT_SHIFT = next(p.shift for p in presets.PRESETS.values() if p.shift)
 
 
-def has_native_cogvideox() -> bool:
-    """Newer ComfyUI runs CogVideoX natively; 0.3.75 has no such MODEL, so the preset is not offered there."""
-    import comfy.model_base
-
-    return hasattr(comfy.model_base, "CogVideoX")
-
-
 def preset_choices() -> list[str]:
     """The presets a MODEL input can use on this ComfyUI: "auto" first, then every preset whose model family this
     ComfyUI can load as a MODEL (CogVideoX only with native support; the diffusers-backed TDM CogVideoX nodes serve
     it elsewhere)."""
-    usable = [p.name for p in presets.PRESETS.values() if p.family != "cogvideox" or has_native_cogvideox()]
+    usable = [p.name for p in presets.PRESETS.values() if adapter(p.family).available()]
     return [AUTO_PRESET, *usable]
 
 
@@ -73,36 +73,10 @@ def preset_choices() -> list[str]:
 # Reading the MODEL
 
 
-def is_native_vp_model(model_sampling) -> bool:
-    """Newer ComfyUI's V_PREDICTION_DDPM (native CogVideoX): v-prediction on the unscaled VP state. Feature-detected:
-    ComfyUI 0.3.75 has no such class."""
-    raw_vp = getattr(comfy.model_sampling, "V_PREDICTION_DDPM", None)
-    return raw_vp is not None and isinstance(model_sampling, raw_vp)
-
-
-def model_parametrisation(model_sampling) -> str:
-    if isinstance(model_sampling, comfy.model_sampling.CONST):
-        return "flow"
-    if is_native_vp_model(model_sampling):
-        return "v"
-    if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
-        return "v"
-    if isinstance(model_sampling, comfy.model_sampling.EPS):
-        return "eps"
-    return type(model_sampling).__name__
-
-
 def state_space(model_sampling) -> str:
     if is_native_vp_model(model_sampling):
         return "vp"  # see the module docstring: the network takes the VP state as it is
     return "flow" if model_parametrisation(model_sampling) == "flow" else "ve"
-
-
-def describe_model(model) -> str:
-    parametrisation = model_parametrisation(model.get_model_object("model_sampling"))
-    config = getattr(model.model, "model_config", None)
-    name = type(config).__name__ if config is not None else type(model.model).__name__
-    return f"{name} ({PARAMETRISATION_LABELS.get(parametrisation, parametrisation)})"
 
 
 def _fitting_presets_hint(suitable: list[str], model) -> str:
@@ -119,28 +93,23 @@ def _fitting_presets_hint(suitable: list[str], model) -> str:
 def check_preset_fits(preset: presets.ModelPreset, model) -> None:
     """A preset made for another kind of model gives noise, not an image: refuse it with both names."""
     parametrisation = model_parametrisation(model.get_model_object("model_sampling"))
-    cogvideox = native_cogvideox_variant(model)
-    if preset.family == "cogvideox" and cogvideox == "cogvideox_other":
+    family = model_family(model)
+    if family == families.OTHER_COGVIDEOX and preset.family == families.COGVIDEOX.name:
         raise ValueError(
             f"TDM preset {preset.name!r} is for CogVideoX-2B (text-to-video); this MODEL is {describe_model(model)}, "
             "a CogVideoX 5B, 1.5 or image-to-video model (or a 2B file without `patch_embed.pos_embedding`, which "
             "ComfyUI reads as rotary positions), and no TDM LoRA was released for those. Load CogVideoX-2B with its "
             "position table and the TDM_CogVideoX-2B LoRA, or sample this model with ComfyUI's own samplers."
         )
-    # The CogVideoX recipe needs the 2B's schedule and layout: only a native CogVideoX-2B MODEL fits it (the
-    # diffusers-backed TDM CogVideoX nodes handle diffusers folders), and no image preset fits a CogVideoX.
-    fits = parametrisation == preset.parametrisation and (preset.family == "cogvideox") == (cogvideox is not None)
-    # Flux's grid follows its own time shift and its network takes σ itself: the Flux preset fits only Flux, and
-    # no SD3 preset fits Flux.
-    if fits and "flux" in (preset.family, model_family(model)) and preset.family != model_family(model):
-        family = model_family(model)
+    if parametrisation == preset.parametrisation:
+        if families.presets_fit(preset.family, family):
+            return
+        # A family with a schedule of its own (Flux's shift of μ, CogVideoX-2B's table): only its presets fit it.
         raise ValueError(f"TDM preset {preset.name!r} ({preset.display_name}) does not fit this MODEL: "
                          f"{describe_model(model)}, family {family}; "
                          f"{_fitting_presets_hint([p.name for p in presets.presets_for_family(family)], model)}")
-    if fits:
-        return
     suitable = [p.name for p in presets.presets_for_parametrisation(parametrisation)
-                if (p.family == "cogvideox") == (cogvideox == "cogvideox")]
+                if families.presets_fit(p.family, family)]
     hint = _fitting_presets_hint(suitable, model)
     raise ValueError(
         f"TDM preset {preset.name!r} ({preset.display_name}, {PARAMETRISATION_LABELS[preset.parametrisation]}) does "
@@ -195,7 +164,7 @@ def recorded_timesteps(model, preset_name: str, steps: int) -> str:
 def img2img_step_count(steps: int, denoise: float, rule: str) -> int:
     """How many of `steps` steps an img2img pass at strength `denoise` runs, counted as the preset's diffusers
     img2img pipeline counts it (`get_timesteps`; see ModelPreset.img2img_steps)."""
-    if rule == "sd3":
+    if rule == "sd3_pipeline":
         return steps - int(max(steps - min(steps * denoise, steps), 0))
     return min(int(steps * denoise), steps)
 
@@ -267,9 +236,10 @@ def _grid_sigmas(model, preset, steps, shift, grid, custom_timesteps, demo_total
     if flow:
         multiplier = _flow_multiplier(model_sampling)
         return schedules.flow_sigmas_float32([t / multiplier for t in timesteps] + [0.0], timesteps, multiplier)
-    if preset.family == "cogvideox":
-        # The 2B's own schedule, not the native model's table (SNR shift 1): see the module docstring.
-        table = schedules.cogvideox_alphas_cumprod()
+    table = adapter(preset.family).sampling_alphas_cumprod()
+    if table is not None:
+        # The preset family's own schedule (CogVideoX-2B's, not the native model's SNR-shift-1 table): see the
+        # module docstring.
         return torch.tensor(schedules.ve_sigmas_for_timesteps(table, timesteps), dtype=torch.float32)
     index = torch.tensor(timesteps, dtype=torch.long)
     table = getattr(model_sampling, "sigmas", None)
@@ -396,10 +366,14 @@ def _start_state(model, x, sigmas, space: str, initial_noise: str):
     return noise.to(device=x.device, dtype=x.dtype) * scale
 
 
-# Families whose only presets are distilled students (no release): "auto" takes their preset's solver rather than
-# the release recipe of their parametrisation (SDXL is ε like Dreamshaper, Flux flow like SD3, but their students'
-# solvers were chosen by measuring the students: SDXL's DDIM step, as trained; Flux's flow DPM-Solver++(2M)).
-_FAMILY_SOLVER = {family: presets.presets_for_family(family)[0].solver for family in ("sdxl", "flux")}
+def _students_solver(family: str | None) -> str | None:
+    """For a family with no released TDM LoRA (its preset samples distilled students), its preset's solver: "auto"
+    takes it rather than the release recipe of the parametrisation (SDXL is ε like Dreamshaper, Flux flow like SD3,
+    but their students' solvers were chosen by measuring the students: SDXL's DDIM step, Flux's flow 2M)."""
+    entry = families.get(family or "")
+    if entry is None or entry.released_lora:
+        return None
+    return presets.get_preset(entry.default_preset).solver
 
 
 def resolve_solver(solver: str, model_sampling, base_model=None, recorded: str | None = None) -> str:
@@ -408,7 +382,7 @@ def resolve_solver(solver: str, model_sampling, base_model=None, recorded: str |
     release recipe of its parametrisation."""
     if solver == "auto":
         family = model_family(types.SimpleNamespace(model=base_model)) if base_model is not None else None
-        solver = recorded or _FAMILY_SOLVER.get(family) or \
+        solver = recorded or _students_solver(family) or \
             presets.solver_for_parametrisation(model_parametrisation(model_sampling))
     try:
         return _SOLVER_ALIASES[solver]

@@ -23,10 +23,10 @@ import time
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from tdm_core import jobs, presets, schedules
+from tdm_core import families, jobs, presets, schedules
 from tdm_core.distill import ConfigError, DistillConfig
 
-from . import categories, comfy_backend, comfy_families, inputs, recipe_inputs
+from . import categories, comfy_backend, family_adapters, inputs, recipe_inputs
 
 # Outputs carry an explicit display name: ComfyUI 0.3.75 would label an unnamed output by its type ("STRING"),
 # newer versions by its id, and saved workflows must not depend on the version.
@@ -38,7 +38,8 @@ _SEED_CONTROL = getattr(getattr(io, "ControlAfterGenerate", None), "fixed", True
 LOG = logging.getLogger("comfyui-tdm")
 
 CATEGORY = categories.TRAINING
-GRID_CHOICES = ["auto", *[p.name for p in presets.PRESETS.values() if p.family != "cogvideox"], "training_demo"]
+GRID_CHOICES = ["auto", *[p.name for p in presets.PRESETS.values() if families.FAMILIES[p.family].distillable],
+                "training_demo"]
 IF_EXISTS = ["refuse", "resume"]
 OFFLOAD = ["none", "unload_comfy_models", "train_on_cpu"]
 NO_FILE = "(none)"
@@ -154,7 +155,7 @@ def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
     import comfy.model_management
 
     family = comfy_backend.model_family(model)
-    comfy_families.check_distillable(model, family)
+    family_adapters.check_distillable(model, family)
     parametrisation = comfy_backend.model_parametrisation(model)
     latent_format = model.model.latent_format
     channels = int(latent_format.latent_channels)
@@ -164,8 +165,8 @@ def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
     latent_shape = (channels, height // 8, width // 8)
     grid = comfy_backend.training_grid(model, family, settings["grid"], int(settings["steps"]),
                                        schedules.TRAINING_DEMO_TOTAL_STEPS, latent_shape=latent_shape)
-    knobs, changed, recipe = recipe_inputs.distill_settings(settings, family, grid.preset)
-    comfy_families.check_distillable(model, family, knobs["cfg"])
+    knobs, changed, recipe = recipe_inputs.distill_settings(settings, family)
+    family_adapters.check_distillable(model, family, knobs["cfg"])
     try:
         config = DistillConfig(
             prompts=prompts, steps=int(settings["steps"]), timesteps=grid.timesteps, seed=int(settings["seed"]),
@@ -187,7 +188,7 @@ def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
                                          latent_shape=latent_shape)
     comfy_backend.release_text_encoders(clip)  # before the teacher is made ready, so both never share the device
     network = comfy_backend.training_network(model, device, comfy_backend.DTYPES[settings["dtype"]])
-    comfy_families.prepare_for_training(family, network)
+    family_adapters.adapter(family).prepare_for_training(network)
     if settings["gradient_checkpointing"]:
         comfy_backend.enable_gradient_checkpointing(network)
     # The loaded (patched) weights, before any dtype change: a resume with other memory options still matches.

@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 from tdm_core import __version__ as PACK_VERSION  # noqa: E402
 from tdm_core.families import distillable_labels_text  # noqa: E402
 from tdm_core.presets import PRESETS, get_preset  # noqa: E402
+from tdm_core.recipes import family_recipe  # noqa: E402
 from tdm_core.recipes import resolve as resolve_recipe  # noqa: E402
 from tdm_core.solvers import WIDGET_NAMES  # noqa: E402
 from tdm_devkit.workflow_build import Group, Node  # noqa: E402
@@ -329,7 +330,7 @@ def distillation_workflow() -> list[Node]:
 
 def _training_recipe_phrase(preset) -> str:
     """The training recipe TDM Distill's recipe auto gives `preset`'s family, in a phrase with its main values."""
-    recipe, values = resolve_recipe(preset.training_recipe, preset.family)
+    recipe, values = resolve_recipe(family_recipe(preset.family), preset.family)
     return (f"`{recipe.name}` ({recipe.title}: teacher CFG {values['cfg'].value:g}, rank {values['lora_rank'].value}, "
             f"learning rates {values['lr'].value:g} / {values['student_lr'].value:g}; see docs/recipes.md)")
 

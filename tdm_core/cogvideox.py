@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import schedules, solvers
+from . import families, schedules, solvers
 from .presets import get_preset
 
 REQUIRED_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -123,7 +123,7 @@ def attach_lora(pipe, lora_path: str | Path, strength: float | None = None) -> t
     from .lora import LoraMismatchError, auto_strength, family_name, load_lora, to_peft
 
     lora = load_lora(lora_path)
-    if lora.family != "cogvideox":
+    if lora.family != families.COGVIDEOX.name:
         raise LoraMismatchError(
             f"{Path(lora_path).name} is a LoRA for {family_name(lora.family)}, not for CogVideoX. "
             "Pick the TDM CogVideoX-2B LoRA (Luo-Yihong/TDM_CogVideoX-2B_LoRA)."
@@ -139,7 +139,7 @@ def attach_lora(pipe, lora_path: str | Path, strength: float | None = None) -> t
         raise LoraMismatchError(f"{Path(lora_path).name}: {len(unexpected)} LoRA tensors did not fit this "
                                 f"CogVideoX transformer (e.g. {unexpected[0]})")
     if strength is None:
-        strength, source = auto_strength(lora, "cogvideox")
+        strength, source = auto_strength(lora, families.COGVIDEOX.name)
     else:
         source = "set on the node"
     transformer.set_adapters([TDM_ADAPTER_NAME], weights=[strength])
@@ -150,7 +150,7 @@ def sampling_timesteps(grid: str, steps: int = 4, custom: str = "") -> tuple[int
     """The timesteps of a CogVideoX grid: 'trained' (999/856/665/399, what the TDM LoRA was trained on),
     'trailing' (diffusers' CogVideoXDDIMScheduler spacing), or 'custom' (a comma-separated list)."""
     if grid == "trained":
-        return schedules.grid_timesteps(get_preset("cogvideox").grid, steps)  # the preset is the source of truth
+        return schedules.grid_timesteps(get_preset(families.COGVIDEOX.default_preset).grid, steps)  # the preset is the source of truth
     if grid == "trailing":
         return schedules.trailing_timesteps(steps)
     if grid == "custom":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import families
+
 
 @dataclass(frozen=True)
 class TeacherRecipe:
@@ -26,7 +28,7 @@ class TeacherRecipe:
 class ModelPreset:
     name: str  # stable id, stored in workflows and LoRA metadata: never rename
     display_name: str
-    family: str  # model family the LoRA belongs to: "sd3", "sd35", "sd15", "cogvideox", "sdxl", "flux"
+    family: str  # the tdm_core.families name of the model family the LoRA belongs to
     parametrisation: str  # "flow" (rectified flow velocity), "eps", "v"
     steps: int
     grid: str  # name of the timestep grid in tdm_core.schedules
@@ -65,12 +67,10 @@ class ModelPreset:
     reference: str = ""
     # img2img (`denoise` d of n steps) runs the tail of the same grid, as the base model's diffusers img2img pipeline
     # counts it (`get_timesteps`): "floor" runs int(n·d) steps (StableDiffusionImg2ImgPipeline, CogVideoX
-    # video-to-video); "sd3" runs n − int(n − n·d) (StableDiffusion3Img2ImgPipeline: 3 of 4 at d = 0.6, not 2).
+    # video-to-video); "sd3_pipeline" runs n − int(n − n·d) (StableDiffusion3Img2ImgPipeline: 3 of 4 at d = 0.6, not 2).
     img2img_steps: str = "floor"
     model_timesteps: str = "integer"
     initial_noise: str = "unit"
-    # The training recipe (tdm_core/recipes.py) TDM Distill's recipe "auto" uses for this preset's family.
-    training_recipe: str = "official_demo"
 
     @property
     def nfe(self) -> int:
@@ -83,7 +83,7 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset(
             name="sd3",
             display_name="SD3-medium (TDM_sd3_lora)",
-            family="sd3",
+            family=families.SD3.name,
             parametrisation="flow",
             steps=4,
             grid="flow_shift",
@@ -103,12 +103,12 @@ PRESETS: dict[str, ModelPreset] = {
             base_model_url="https://huggingface.co/stabilityai/stable-diffusion-3-medium/resolve/main/"
                            "sd3_medium_incl_clips_t5xxlfp16.safetensors",
             base_model_gated=True,
-            img2img_steps="sd3",
+            img2img_steps="sd3_pipeline",
         ),
         ModelPreset(
             name="sd35",
             display_name="SD3.5-medium (TDM_sd3-5_lora)",
-            family="sd35",
+            family=families.SD35.name,
             parametrisation="flow",
             steps=4,
             grid="flow_shift",
@@ -127,12 +127,12 @@ PRESETS: dict[str, ModelPreset] = {
             base_model_url="https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
                            "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",
             notes="Strength and shift follow the SD3 release; the SD3.5 model card does not state them.",
-            img2img_steps="sd3",
+            img2img_steps="sd3_pipeline",
         ),
         ModelPreset(
             name="dreamshaper",
             display_name="Dreamshaper-7 / SD1.5 (TDM_dreamshaper_LoRA)",
-            family="sd15",
+            family=families.SD15.name,
             parametrisation="eps",
             steps=4,
             grid="sd15_linspace",
@@ -158,7 +158,7 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset(
             name="cogvideox",
             display_name="CogVideoX-2B (TDM_CogVideoX-2B_LoRA)",
-            family="cogvideox",
+            family=families.COGVIDEOX.name,
             parametrisation="v",
             steps=4,
             # The LoRA was trained at 999/856/665/399; the official README's uniform (trailing) grid "may cause
@@ -200,7 +200,7 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset(
             name="sdxl",
             display_name="SDXL (student distilled with TDM Distill)",
-            family="sdxl",
+            family=families.SDXL.name,
             parametrisation="eps",
             steps=4,
             # SDXL has SD1.5's noise schedule (ε, scaled-linear betas 0.00085–0.012), so the SD1.5 release's grid
@@ -224,7 +224,7 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset(
             name="flux",
             display_name="Flux-dev (student distilled with TDM Distill)",
-            family="flux",
+            family=families.FLUX.name,
             parametrisation="flow",
             steps=4,
             # Flux's own schedule: FluxPipeline's u = linspace(1, 1/n, n) with the exponential time shift of μ,

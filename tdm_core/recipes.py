@@ -2,9 +2,9 @@
 
 A recipe is the set of `DistillConfig` training knobs a published run used (teacher CFG, both learning rates, AdamW,
 gradient clipping per network, LoRA size, how τ is drawn, the importance-weight clip, fake-score updates per
-student update, which trajectory steps each update trains, batch). Each sampling preset names the recipe its
-family trains with (`tdm_core.presets.ModelPreset.training_recipe`); TDM Distill's `recipe` input ("auto": the
-preset's) fills its defaults from it, any advanced input overrides a value, and the headless config takes the same
+student update, which trajectory steps each update trains, batch). Each model family names the recipe it trains
+with (`tdm_core.families.Family.training_recipe`); TDM Distill's `recipe` input ("auto": the teacher
+family's) fills its defaults from it, any advanced input overrides a value, and the headless config takes the same
 field names. The sources, in this project's words, are in `docs/recipes.md`:
 
   demo     the official training script `train_tdm_demo.py` (Luo-Yihong/TDM), its defaults (docs/tdm_method.md §2);
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from . import families
 
 SOURCES = {
     "demo": "official train_tdm_demo.py defaults",
@@ -134,11 +136,6 @@ AUTO = "auto"
 #: a `recipe` key keeps DistillConfig's defaults: the official demo's.)
 DEFAULT_RECIPE = "official_demo"
 
-# Values a family cannot train with whatever the recipe says.
-FAMILY_OVERRIDES: dict[str, dict[str, Value]] = {
-    "flux": {"cfg": Value(1.0, "here", "Flux-dev is guidance-distilled: its guidance is an input, not a second "
-                                        "pass")},
-}
 
 
 def get_recipe(name: str) -> Recipe:
@@ -151,7 +148,15 @@ def get_recipe(name: str) -> Recipe:
 def resolve(name: str, family: str = "") -> tuple[Recipe, dict[str, Value]]:
     """The recipe and the values it gives a `family` teacher (the recipe's, then the family's overrides)."""
     recipe = get_recipe(name)
-    return recipe, dict(recipe.values) | FAMILY_OVERRIDES.get(family, {})
+    entry = families.get(family)
+    overrides = {o.knob: Value(o.value, "here", o.why) for o in entry.recipe_overrides} if entry else {}
+    return recipe, dict(recipe.values) | overrides
+
+
+def family_recipe(family: str) -> str:
+    """What recipe "auto" trains a `family` teacher with: its registry entry's, else the official demo's."""
+    entry = families.get(family)
+    return entry.training_recipe if entry is not None else DEFAULT_RECIPE
 
 
 def recipe_settings(name: str, family: str = "") -> dict[str, Any]:

@@ -154,7 +154,7 @@ def _train_teacher(config: TeacherConfig, log) -> dict[str, torch.Tensor]:
 
     pack = comfy_runtime.load_pack().__name__
     comfy_backend = importlib.import_module(f"{pack}.nodes.comfy_backend")
-    comfy_families = importlib.import_module(f"{pack}.nodes.comfy_families")
+    family_adapters = importlib.import_module(f"{pack}.nodes.family_adapters")
     torch.manual_seed(config.seed)
     model = teacher_twin(config.family, config.seed)
     conds = comfy_backend.encode_prompts(tiny_clip(config.family), list(PROMPTS), "", model=model,
@@ -162,7 +162,7 @@ def _train_teacher(config: TeacherConfig, log) -> dict[str, torch.Tensor]:
     network = model.model.diffusion_model
     with torch.inference_mode(False):
         network = network.train()
-        comfy_families.prepare_for_training(config.family, network)  # as the trainer does (Flux's in-place adds)
+        family_adapters.adapter(config.family).prepare_for_training(network)  # as the trainer does (Flux's in-place adds)
         weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
         network.load_state_dict(weights)  # plain tensors (the twin may have been built under inference mode)
         _trainable_start(config.family, network)

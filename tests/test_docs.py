@@ -141,10 +141,10 @@ def test_every_output_has_a_display_name_and_every_node_a_tdm_place(object_info)
 def test_distillation_docs_name_every_family_the_trainer_takes(document):
     """The help page and the distillation workflow's note once said "SD1.5 or SD3 family" long after SDXL and
     Flux-dev were added: both are checked against the trainer's own family table so they cannot fall behind again."""
-    from tdm_core.families import DISTILLABLE_FAMILY_LABELS
+    from tdm_core import families
 
     text = (REPO / document).read_text()
-    missing = [label for label in DISTILLABLE_FAMILY_LABELS.values() if label not in text]
+    missing = [family.label for family in families.distillable() if family.label not in text]
     assert missing == [], f"{document} does not name {missing}"
 
 

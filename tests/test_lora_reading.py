@@ -13,7 +13,9 @@ import pytest
 import safetensors.torch
 import torch
 
+from tdm_core import families
 from tdm_core import lora as tdm_lora
+from tdm_core.lora.formats import key_layout
 from tdm_core.presets import PRESETS
 from tdm_devkit import lora_files
 
@@ -36,6 +38,12 @@ def cogvideox_transformer():
         max_text_seq_length=8,
     )
     return randomise_(model, 5).eval()
+
+
+def families_recognising(lora) -> list[str]:
+    """Every registry family whose LoRA tests (ComfyUI-native or diffusers paths) recognise `lora`'s layout."""
+    layout = key_layout(lora.modules.values())
+    return [f.name for f in families.FAMILIES.values() if f.comfy_lora(layout) or f.diffusers_lora(layout)]
 
 
 def _cogvideox_output(model):
@@ -97,6 +105,9 @@ def test_format_family_rank_alpha_and_targets_are_detected(case_id, request, tmp
     path = write(synthetic, tmp_path, twin)
     parsed = tdm_lora.load_lora(path)
     assert (parsed.format, parsed.family) == (fmt, family)
+    # Detection tries the registry's families in order; each family's tests must say no to every other layout, so
+    # that the order does not decide (tdm_core.families).
+    assert families_recognising(parsed) == [family]
     if fmt == "comfy":
         # ComfyUI-native SD3 files fuse q/k/v into one qkv module of 3× the rank: compare with the file's own ranks
         raw = _raw_down_ranks(path)
@@ -140,10 +151,12 @@ def test_sdxl_is_told_from_sd15_by_key_layout_alone():
             tensors[f"{root}.lora_up.weight"] = torch.zeros(8, 2)
         return tdm_lora.parse_lora(tensors)
 
-    assert file("lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q").family == "sdxl"
-    assert file("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q").family == "sdxl"  # SGM names
-    assert file("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q").family == "sd15"
-    assert file("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q").family == "sd15"
+    for root, family in (("lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q", "sdxl"),
+                         ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q", "sdxl"),  # SGM names
+                         ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", "sd15"),
+                         ("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q", "sd15")):
+        assert file(root).family == family
+        assert families_recognising(file(root)) == [family]
     assert file("lora_unet_mid_block_resnets_0_conv1").family == "unet"  # no marker: fits either UNet
     assert file("transformer_blocks_0_attn1_to_q").family == "unknown"  # bare names without a known prefix
 
@@ -186,6 +199,7 @@ def test_cogvideox_peft_file_is_detected_and_to_peft_equals_diffusers_load_lora_
 
     parsed = tdm_lora.load_lora(path)
     assert (parsed.format, parsed.family, parsed.rank, parsed.alpha) == ("peft", "cogvideox", 4, 2.0)
+    assert families_recognising(parsed) == ["cogvideox"]
     assert parsed.unrecognised_keys == []
     assert sorted(parsed.target_modules) == sorted({"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                                                     "ff.net.0.proj", "ff.net.2", "norm1.linear", "norm2.linear"})

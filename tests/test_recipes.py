@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from tdm_core import presets, recipes
+from tdm_core import families, recipes
 from tdm_core.distill import ConfigError, DistillConfig, TDMTrainer, losses
 from tdm_core.distill.reference import make_backend
 
@@ -31,8 +31,8 @@ def test_every_recipe_value_is_a_valid_knob_with_a_source():
                 assert value.why, f"{recipe.name}.{key}: a departure from the sources says why"
         DistillConfig(prompts=["x"], **recipe.settings()).validate(num_timesteps=1000)
         assert recipe.cited().count("\n") == len(recipe.values) - 1
-    for preset in presets.PRESETS.values():
-        assert preset.training_recipe in recipes.RECIPES, preset.name
+    for family in families.FAMILIES.values():
+        assert family.training_recipe in recipes.RECIPES, family.name
 
 
 def test_the_official_recipe_is_the_trainers_default_and_keeps_the_official_draws():

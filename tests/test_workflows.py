@@ -223,7 +223,7 @@ def test_workflows_saved_by_the_previous_version_load_and_queue_the_same_prompt(
                  for node_id, e in to_api(workflow, object_info, {}).items()}
         for node in nodes.values():
             if node["class_type"] == "TDMDistillStart":  # the example's teacher is SD1.5 (the dreamshaper grid)
-                knobs = recipe_inputs.distill_settings(node["inputs"], "sd15", "dreamshaper")[0]
+                knobs = recipe_inputs.distill_settings(node["inputs"], "sd15")[0]
                 for key in ("learning_rate", "cfg", "lora_rank", "lora_alpha", "batch_size"):
                     node["inputs"].pop(key)
                 node["inputs"]["training"] = knobs

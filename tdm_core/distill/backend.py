@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from .. import families
 from .schedule import DiscreteSchedule
 
 Adapter = Literal["teacher", "student", "fake"]
@@ -341,7 +342,7 @@ def _stack_conds(parts: list) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # diffusers models
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+UNET_TARGETS = list(families.UNET_TARGETS)  # the diffusers UNet uses the names ComfyUI's does
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 COGVIDEOX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -373,17 +374,17 @@ def diffusers_backend(model: torch.nn.Module, *, schedule: DiscreteSchedule, enc
     kind = type(model).__name__
     config = model.config
     if kind == "UNet2DConditionModel":
-        defaults = dict(parametrisation="eps", family="sd15", call=_call_unet, target_modules=UNET_TARGETS,
+        defaults = dict(parametrisation="eps", family=families.SD15.name, call=_call_unet, target_modules=UNET_TARGETS,
                         export_format="kohya", export_prefix="",
                         latent_shape=(config.in_channels, config.sample_size, config.sample_size))
     elif kind == "SD3Transformer2DModel":
         dual = bool(getattr(config, "dual_attention_layers", ()) or ())
-        defaults = dict(parametrisation="flow", family="sd35" if dual else "sd3", call=_call_sd3,
+        defaults = dict(parametrisation="flow", family=(families.SD35 if dual else families.SD3).name, call=_call_sd3,
                         target_modules=SD3_TARGETS, export_format="peft", export_prefix="transformer.",
                         latent_shape=(config.in_channels, config.sample_size, config.sample_size))
     elif kind == "CogVideoXTransformer3DModel":
         frames = (config.sample_frames - 1) // config.temporal_compression_ratio + 1
-        defaults = dict(parametrisation="v", family="cogvideox", call=_call_cogvideox,
+        defaults = dict(parametrisation="v", family=families.COGVIDEOX.name, call=_call_cogvideox,
                         target_modules=COGVIDEOX_TARGETS, export_format="peft", export_prefix="transformer.",
                         latent_shape=(frames, config.in_channels, config.sample_height, config.sample_width))
     else:

@@ -5,7 +5,7 @@ ComfyUI maps and to peft adapters for diffusers models, and writing LoRAs with T
     lora.summary()
     to_comfy_state_dict(lora)                      # {comfy_key.lora_up.weight, .lora_down.weight, .alpha}
     adapter = to_peft(lora, "transformer")         # peft state dict + LoraConfig arguments (CogVideoX path)
-    auto_strength(lora, model_family="sd3")        # (0.125, "SD3-medium preset")
+    auto_strength(lora, model_family)             # (0.125, "SD3-medium preset") for an SD3 MODEL
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 from .files import LoraFileError, read_lora_file, write_safetensors
 from .formats import (
     DIFFUSERS_METADATA_KEY,
-    FAMILY_NAMES,
     TDM_METADATA_FAMILY,
     TDM_METADATA_PRESET,
     TDM_METADATA_STRENGTH,
@@ -42,7 +41,7 @@ from .matching import (
 from .writing import save_peft_lora
 
 __all__ = [
-    "DIFFUSERS_METADATA_KEY", "FAMILY_NAMES", "TDM_METADATA_FAMILY", "TDM_METADATA_PRESET", "TDM_METADATA_STRENGTH",
+    "DIFFUSERS_METADATA_KEY", "TDM_METADATA_FAMILY", "TDM_METADATA_PRESET", "TDM_METADATA_STRENGTH",
     "LoraFile", "LoraFileError", "LoraMismatchError", "LoraModule", "MatchResult", "PeftAdapter", "auto_strength",
     "cogvideox_diffusers_name", "cogvideox_native_lora_key_map",
     "detect_family", "families_compatible", "family_group", "family_name", "kohya_name_to_path", "load_lora",

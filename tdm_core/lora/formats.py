@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import validation
+from .. import families, validation
 from ..cogvideox_names import cogvideox_diffusers_name
 from ..presets import PRESETS, student_solver
 from ..recipes import RECIPES
@@ -35,51 +35,12 @@ from ..solvers import SOLVERS
 from .files import LoraFileError
 
 # --------------------------------------------------------------------------------------------------------------
-# Families
+# Families: tdm_core.families holds what each family's LoRAs look like and which models they fit.
 
-UNET_FAMILIES = ("sd15", "sdxl", "unet")
-MMDIT_FAMILIES = ("sd3", "sd35")
-FAMILY_NAMES = {
-    "sd15": "SD1.5 UNet",
-    "sdxl": "SDXL UNet",
-    "unet": "Stable Diffusion UNet (SD1.5 or SDXL)",
-    "sd3": "SD3 MMDiT",
-    "sd35": "SD3.5 MMDiT (dual attention)",
-    "cogvideox": "CogVideoX transformer",
-    "flux": "Flux transformer",
-    # Native CogVideoX of newer ComfyUI at 5B width, CogVideoX 1.5 (temporal patches) or image-to-video: no TDM LoRA
-    # was released for these.
-    "cogvideox_other": "CogVideoX 5B / 1.5 / image-to-video transformer (no released TDM LoRA)",
-    "unknown": "unknown model",
-}
-
-
-def family_name(family: str) -> str:
-    return FAMILY_NAMES.get(family, family)
-
-
-def family_group(family: str) -> str:
-    if family in UNET_FAMILIES:
-        return "unet"
-    if family in MMDIT_FAMILIES:
-        return "mmdit"
-    return family
-
-
-def families_compatible(lora_family: str, model_family: str) -> bool:
-    """Whether a LoRA detected as `lora_family` can patch a model of `model_family`.
-
-    SD3 and SD3.5-medium share every SD3 module, so an SD3 LoRA (no `attn2`) fits both; an SD3.5 LoRA that patches
-    `attn2` does not fit SD3. A generic UNet LoRA (neither SD1.5 nor SDXL markers) fits both UNets. Unknown on either
-    side is left to key matching.
-    """
-    if "unknown" in (lora_family, model_family):
-        return True
-    if family_group(lora_family) != family_group(model_family):
-        return False
-    if lora_family == model_family or lora_family == "unet" or model_family == "unet":
-        return True
-    return lora_family == "sd3" and model_family == "sd35"
+# The family (or kind) a LoRA was made for, from its key layout: the tdm_core.families names.
+family_name = families.architecture
+family_group = families.lora_group
+families_compatible = families.lora_fits
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -138,7 +99,7 @@ class LoraFile:
 
     name: str
     format: str  # "peft", "kohya", "diffusers_old", "comfy" (ComfyUI-native); "mixed: a+b" if several
-    family: str  # see FAMILY_NAMES
+    family: str  # a tdm_core.families name (or kind: families.ANY_UNET, UNKNOWN, ...)
     modules: dict[str, LoraModule]  # by LoraModule.id
     metadata: dict[str, str] = field(default_factory=dict)
     unrecognised_keys: list[str] = field(default_factory=list)
@@ -599,48 +560,19 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict | None = None, n
 def detect_family(modules, metadata: dict | None = None) -> str:
     """The model family a set of modules was made for, from the key layout (and a TDM header entry if present)."""
     recorded = (metadata or {}).get(TDM_METADATA_FAMILY)
-    if recorded in FAMILY_NAMES:
+    if families.is_known(recorded or ""):
         return recorded
-    names = [(m.component, m.name, m) for m in modules if m.component in MODEL_COMPONENTS]
-    if not names:
-        return "unknown"
-    comfy_names = [n for c, n, _ in names if c == "diffusion_model"]
-    diffusers_names = [n for c, n, _ in names if c != "diffusion_model"]
-    # ComfyUI-native paths
-    if any(re.match(r"blocks\.\d+\.(q|k|v|attn_out|ff_proj|ff_out)$", n) for n in comfy_names):
-        return "cogvideox"  # newer ComfyUI's native CogVideoX
-    if any(n.startswith(("double_blocks.", "single_blocks.")) for n in comfy_names):
-        return "flux"
-    if any(n.startswith("joint_blocks.") for n in comfy_names):
-        return "sd35" if any(".x_block.attn2." in n for n in comfy_names) else "sd3"
-    unet_names = [n for n in comfy_names if n.startswith(("input_blocks.", "middle_block.", "output_blocks."))]
-    if unet_names:
-        if any(n.startswith(("input_blocks.1.1.", "input_blocks.2.1.")) for n in unet_names):
-            return "sd15"
-        if any(re.search(r"transformer_blocks\.[1-9]", n) for n in unet_names):
-            return "sdxl"
-        return "unet"
-    # diffusers paths
-    if any(n.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for n in diffusers_names):
-        cross_dims = {m.in_numel for c, n, m in names if n.endswith("attn2.to_k")}
-        if any(n.startswith(("down_blocks.0.attentions.", "up_blocks.3.attentions.")) for n in diffusers_names):
-            return "sd15"
-        if any(n.startswith("up_blocks.0.attentions.") for n in diffusers_names) or any(
-            re.search(r"transformer_blocks\.[1-9]", n) for n in diffusers_names
-        ) or 2048 in cross_dims:
-            return "sdxl"
-        if 768 in cross_dims:
-            return "sd15"
-        return "unet"
-    blocks = [n for n in diffusers_names if n.startswith("transformer_blocks.")]
-    if blocks:
-        if any(re.match(r"transformer_blocks\.\d+\.(attn\.|ff_context\.|norm1_context\.)", n) for n in blocks):
-            return "sd35" if any(re.match(r"transformer_blocks\.\d+\.attn2\.", n) for n in blocks) else "sd3"
-        if any(re.match(r"transformer_blocks\.\d+\.attn1\.", n) for n in blocks) and not any(
-            re.match(r"transformer_blocks\.\d+\.attn2\.", n) for n in blocks
-        ):
-            return "cogvideox"
-    return "unknown"
+    return families.detect_lora(key_layout(modules))
+
+
+def key_layout(modules) -> families.LoraKeyLayout:
+    """The model modules' paths as family detection reads them (tdm_core.families.LoraKeyLayout)."""
+    model_modules = [m for m in modules if m.component in MODEL_COMPONENTS]
+    return families.LoraKeyLayout(
+        comfy=tuple(m.name for m in model_modules if m.component == "diffusion_model"),
+        diffusers=tuple(m.name for m in model_modules if m.component != "diffusion_model"),
+        cross_attention_dims=frozenset(m.in_numel for m in model_modules
+                                       if m.component != "diffusion_model" and m.name.endswith("attn2.to_k")))
 
 
 def load_lora(path) -> LoraFile:

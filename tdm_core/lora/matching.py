@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import families
 from ..presets import PRESETS, presets_for_family
 from .formats import LoraFile, LoraModule, families_compatible, family_name
 
@@ -95,7 +96,7 @@ def match_modules(
     lora: LoraFile,
     targets: Mapping[str, Any],
     weight_shape: Callable[[Any], tuple | None],
-    model_family: str = "unknown",
+    model_family: str = families.UNKNOWN,
     text_encoder_targets: Mapping[str, Any] | None = None,
     text_encoder_weight_shape: Callable[[Any], tuple | None] | None = None,
 ) -> MatchResult:
@@ -145,7 +146,7 @@ def auto_strength(lora: LoraFile, model_family: str | None = None) -> tuple[floa
     if preset_name in PRESETS:
         preset = PRESETS[preset_name]
         return preset.lora_strength, f"{preset.display_name} preset (recorded in the LoRA file)"
-    family = lora.family if lora.family not in ("unet", "unknown") else (model_family or lora.family)
+    family = lora.family if lora.family in families.FAMILIES else (model_family or lora.family)
     presets = presets_for_family(family)
     if presets:
         return presets[0].lora_strength, f"{presets[0].display_name} preset"

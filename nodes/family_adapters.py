@@ -1,0 +1,284 @@
+"""The ComfyUI side of each model family: recognising it in a MODEL, and building what its network needs.
+
+`tdm_core.families` says what a family is (ComfyUI-free); here each family has one adapter for what needs ComfyUI's
+objects: which MODELs are of it (`matches`), whether TDM Distill can train it, the network inputs besides the text
+context as ComfyUI's own sampling builds them, what its blocks need to train, and its own noise table where the
+MODEL's is not the one it was made with. The generic adapter serves every family whose registry entry says enough;
+a family with a quirk overrides one method. Nodes ask `model_family(model)` and `adapter(family)`; they never branch
+on a family's name.
+
+**TDM on a guidance-distilled teacher (Flux-dev).** TDM's target is the teacher's *guided* score,
+r = r_u + s (r_c − r_u). Flux-dev was itself distilled from a CFG teacher into one pass that takes the guidance scale
+as an input, so its single pass at guidance g already is that guided score: the target is that pass (cfg must be 1,
+no second, unconditional pass), and g is the conditioning's guidance. The fake score models the *student's*
+distribution, which is the distribution of samples made under guidance g, so it sees the same g (as every other
+conditioning input), and so does the student; at sampling time the student is used with the same g. The three
+networks share the base weights and its guidance embedding; only the LoRAs differ.
+"""
+
+from __future__ import annotations
+
+import comfy.model_base
+import comfy.model_sampling
+import torch
+
+from tdm_core import families, schedules
+from tdm_core.distill import DiscreteSchedule
+from tdm_core.families import Family
+from tdm_core.lora import cogvideox_native_lora_key_map
+
+PARAMETRISATION_LABELS = {"flow": "rectified flow", "eps": "ε-prediction", "v": "v-prediction"}
+
+
+class FamilyAdapter:
+    """A family as ComfyUI holds it. `config_names` / `config_prefixes`: the names (or name beginnings) of ComfyUI's
+    `supported_models` classes whose MODELs are this family."""
+
+    def __init__(self, family: Family, config_names: tuple[str, ...] = (), config_prefixes: tuple[str, ...] = ()):
+        self.family = family
+        self.config_names = config_names
+        self.config_prefixes = config_prefixes
+
+    def available(self) -> bool:
+        """Whether this ComfyUI can load the family as a MODEL at all."""
+        return True
+
+    def matches(self, model) -> bool:
+        name = type(model.model.model_config).__name__
+        return name in self.config_names or (bool(self.config_prefixes) and name.startswith(self.config_prefixes))
+
+    def check_distillable(self, model, cfg: float | None = None) -> None:
+        """Refuses a MODEL of a distillable family that TDM Distill still cannot train (or a teacher guidance it
+        cannot use); nothing to refuse by default."""
+
+    def extra_inputs(self, model, extra: dict, context: torch.Tensor,
+                     latent_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """The network inputs besides the context for one CLIP encoding (`extra` is its conditioning dict), as
+        ComfyUI's `encode_model_conds` builds them (`model.model.extra_conds`) for a latent of `latent_shape`
+        (C, H, W): SDXL's `y` (pooled text embedding + six size/crop embeddings, width/height defaulting to the
+        latent size × 8 as ComfyUI does), Flux's `y` (pooled CLIP-L) and `guidance` (FluxGuidance's; 3.5 default)."""
+        keys = self.family.extra_inputs
+        if not keys:
+            return {}
+        channels, height, width = (int(s) for s in latent_shape)
+        params = dict(extra)
+        params.update(device=torch.device("cpu"), noise=torch.zeros(1, channels, height, width), cross_attn=context,
+                      prompt_type=params.get("prompt_type", "positive"))
+        params.setdefault("width", width * 8)  # ComfyUI's defaults: the latent size in pixels
+        params.setdefault("height", height * 8)
+        built = model.model.extra_conds(**params)
+        missing = [key for key in keys if key not in built]
+        if missing:
+            raise ValueError(f"ComfyUI built no {missing[0]!r} input for this {self.family.label} MODEL from the "
+                             "CLIP's conditioning (a CLIP without pooled output?); load the model's own text encoders")
+        return {key: built[key].cond.detach().clone() for key in keys}
+
+    def prepare_for_training(self, network: torch.nn.Module) -> int:
+        """Makes the family's network trainable through its blocks; returns how many modules were adapted."""
+        return 0
+
+    def lora_key_aliases(self, model) -> dict[str, str]:
+        """LoRA keys → weight keys the family's released LoRAs use that ComfyUI's own key map lacks."""
+        return {}
+
+    def training_schedule(self, latent_shape: tuple[int, ...] | None) -> DiscreteSchedule | None:
+        """The family's own training table, or None to use the MODEL's model_sampling table."""
+        return None
+
+    def sampling_alphas_cumprod(self):
+        """The ᾱ table the family's presets are sampled on where it is not the MODEL's own, else None."""
+        return None
+
+
+class _MMDiTAdapter(FamilyAdapter):
+    """SD3 and SD3.5-medium are one ComfyUI model class; SD3.5's dual-attention layers tell them apart."""
+
+    def __init__(self, family: Family, dual_attention: bool):
+        super().__init__(family)
+        self.dual_attention = dual_attention
+
+    def matches(self, model) -> bool:
+        base = model.model
+        return isinstance(base, comfy.model_base.SD3) and \
+            bool(base.model_config.unet_config.get("x_block_self_attn_layers")) == self.dual_attention
+
+
+class _FluxAdapter(FamilyAdapter):
+    """Flux-dev: guidance-distilled, a resolution-dependent shift, and blocks that add to their inputs in place."""
+
+    # ComfyUI's Flux blocks update their residual stream in place (`x += gate * out`) after a LayerNorm has saved that
+    # same tensor for its backward pass, which autograd refuses once a gradient flows through the block (the student
+    # update). These norms are given a copy of their input while gradients are recorded; sampling is unaffected.
+    INPLACE_RESIDUAL_NORMS = ("pre_norm", "img_norm1", "img_norm2", "txt_norm1", "txt_norm2")
+
+    def check_distillable(self, model, cfg: float | None = None) -> None:
+        params = getattr(model.model.diffusion_model, "params", None)
+        if not getattr(params, "guidance_embed", False):
+            raise ValueError("this Flux MODEL has no guidance input (Flux-schnell or a de-distilled Flux): TDM "
+                             "distillation supports Flux-dev; Flux-schnell already samples in 1–4 steps")
+        if cfg is not None and float(cfg) != 1.0:
+            raise ValueError(f"cfg is {cfg:g}, but Flux-dev is guidance-distilled: its guidance is the conditioning's "
+                             "`guidance` (FluxGuidance, 3.5 by default), not a second, unconditional pass. Set cfg "
+                             "to 1")
+
+    def prepare_for_training(self, network: torch.nn.Module) -> int:
+        if not getattr(network, "_tdm_training_flag", False):
+            _flag_training_while_recording_gradients(network)
+            network._tdm_training_flag = True
+        count = 0
+        for name, module in network.named_modules():
+            if name.rsplit(".", 1)[-1] in self.INPLACE_RESIDUAL_NORMS and not getattr(module, "_tdm_copies_input",
+                                                                                       False):
+                forward = module.forward
+
+                def copying_forward(x, *args, _forward=forward, **kwargs):
+                    return _forward(x.clone() if torch.is_grad_enabled() else x, *args, **kwargs)
+
+                module.forward = copying_forward
+                module._tdm_copies_input = True
+                count += 1
+        return count
+
+    def training_schedule(self, latent_shape: tuple[int, ...] | None) -> DiscreteSchedule:
+        """Flux's flow table at the training size: σ_t = flux_time_shift(μ, (t + 1)/1000), α = 1 − σ, and the network
+        is given σ itself (ComfyUI's Flux model sampling: timestep(σ) = σ; diffusers: timestep / 1000), not the single
+        shift stored on the MODEL."""
+        if latent_shape is None:
+            raise ValueError("Flux's schedule depends on the latent size; give the training width and height")
+        mu = schedules.flux_mu(int(latent_shape[-2]), int(latent_shape[-1]))
+        u = torch.arange(1, schedules.NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float64) / schedules.NUM_TRAIN_TIMESTEPS
+        sigmas = torch.as_tensor(schedules.flux_time_shift(mu, u.numpy()), dtype=torch.float64)
+        return DiscreteSchedule.from_flow_sigmas(sigmas, multiplier=1.0)
+
+
+class _CogVideoXAdapter(FamilyAdapter):
+    """Newer ComfyUI's native CogVideoX (0.3.75 has none): the 2B only, sampled on the 2B's own schedule."""
+
+    def available(self) -> bool:
+        return hasattr(comfy.model_base, "CogVideoX")
+
+    def matches(self, model) -> bool:
+        return native_cogvideox_variant(model) == self.family.name
+
+    def lora_key_aliases(self, model) -> dict[str, str]:
+        # ComfyUI knows its native CogVideoX only by native names; the released LoRA uses diffusers/peft names.
+        return cogvideox_native_lora_key_map(model.model_state_dict().keys())
+
+    def sampling_alphas_cumprod(self):
+        # The 2B's schedule (SNR shift 3, zero terminal SNR), not the native model's table (SNR shift 1).
+        return schedules.cogvideox_alphas_cumprod()
+
+
+def _flag_training_while_recording_gradients(network: torch.nn.Module) -> None:
+    """Newer ComfyUI computes Flux's rotary embedding with a fused kernel that has no backward; its own LoRA trainer
+    switches to the plain-torch formula (same maths) through `model_management.in_training`. That flag is
+    process-wide, so it is set only for the duration of a forward that records gradients (the student update)."""
+    import comfy.model_management as model_management
+
+    if not hasattr(model_management, "in_training"):
+        return  # ComfyUI 0.3.75: plain torch only
+    forward = network.forward
+
+    def forward_with_training_flag(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        previous = model_management.in_training
+        model_management.in_training = True
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            model_management.in_training = previous
+
+    network.forward = forward_with_training_flag
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {adapter.family.name: adapter for adapter in (
+    FamilyAdapter(families.SD15, config_names=("SD15",)),
+    # SDXL and the distilled SDXL UNets ComfyUI loads with SDXL's layout.
+    FamilyAdapter(families.SDXL, config_prefixes=("SDXL", "SSD1B", "Segmind_Vega", "KOALA")),
+    _MMDiTAdapter(families.SD3, dual_attention=False),
+    _MMDiTAdapter(families.SD35, dual_attention=True),
+    # Text-to-image Flux (not Kontext, Chroma, Flux 2, inpainting); Flux-schnell is refused by check_distillable.
+    _FluxAdapter(families.FLUX, config_names=("Flux", "FluxSchnell")),
+    _CogVideoXAdapter(families.COGVIDEOX),
+)}
+# MODELs recognised only as a kind (tdm_core.families): SD2.x UNets take SD1.5-layout LoRAs of their own width.
+_ANY_UNET_CONFIG_PREFIXES = ("SD20", "SD21")
+assert set(ADAPTERS) == set(families.FAMILIES), "every family in tdm_core.families needs its adapter here"
+
+
+def adapter(family: str) -> FamilyAdapter:
+    try:
+        return ADAPTERS[family]
+    except KeyError:
+        raise ValueError(f"no model family {family!r}; known: {', '.join(ADAPTERS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recognising a MODEL
+
+
+def native_cogvideox_variant(model) -> str | None:
+    """The CogVideoX family for newer ComfyUI's native CogVideoX-2B, the `OTHER_COGVIDEOX` kind for its 5B / 1.5 /
+    image-to-video models, None for anything else (and always on ComfyUI versions without a native CogVideoX)."""
+    native = getattr(comfy.model_base, "CogVideoX", None)
+    if native is None or not isinstance(model.model, native):
+        return None
+    config = model.model.model_config.unet_config
+    # The 2B is the 30-head (1920-wide) text-to-video model with sin-cos positions and no temporal patches; upstream's
+    # own rule for the 2B-vs-5B latent format is the same head count (supported_models.CogVideoX_T2V). Upstream reads
+    # a file without `patch_embed.pos_embedding` as rotary positions (the 5B's), which the 2B's weights do not fit.
+    is_2b = (config.get("num_attention_heads", 0) < 48 and config.get("patch_size_t") is None
+             and config.get("in_channels", 16) == 16 and not config.get("ofs_embed_dim")
+             and not config.get("use_rotary_positional_embeddings"))
+    return families.COGVIDEOX.name if is_2b else families.OTHER_COGVIDEOX
+
+
+def model_family(model) -> str:
+    """The tdm_core.families name of a ComfyUI MODEL, or the kind it is recognised as (`families.UNKNOWN` for
+    models TDM has no LoRA format for)."""
+    if native_cogvideox_variant(model) == families.OTHER_COGVIDEOX:
+        return families.OTHER_COGVIDEOX
+    for family_adapter in ADAPTERS.values():
+        if family_adapter.matches(model):
+            return family_adapter.family.name
+    if type(model.model.model_config).__name__.startswith(_ANY_UNET_CONFIG_PREFIXES):
+        return families.ANY_UNET
+    return families.UNKNOWN
+
+
+def is_native_vp_model(model_sampling) -> bool:
+    """Newer ComfyUI's V_PREDICTION_DDPM (native CogVideoX): v-prediction on the unscaled VP state. Feature-detected:
+    ComfyUI 0.3.75 has no such class."""
+    raw_vp = getattr(comfy.model_sampling, "V_PREDICTION_DDPM", None)
+    return raw_vp is not None and isinstance(model_sampling, raw_vp)
+
+
+def model_parametrisation(model_sampling) -> str:
+    """"flow", "eps" or "v" for a MODEL's `model_sampling` (the class name for anything else)."""
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return "flow"
+    if is_native_vp_model(model_sampling):
+        return "v"
+    if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION):
+        return "v"
+    if isinstance(model_sampling, comfy.model_sampling.EPS):
+        return "eps"
+    return type(model_sampling).__name__
+
+
+def describe_model(model) -> str:
+    parametrisation = model_parametrisation(model.get_model_object("model_sampling"))
+    config = getattr(model.model, "model_config", None)
+    name = type(config).__name__ if config is not None else type(model.model).__name__
+    return f"{name} ({PARAMETRISATION_LABELS.get(parametrisation, parametrisation)})"
+
+
+def check_distillable(model, family: str, cfg: float | None = None) -> None:
+    """Refuses, before anything is copied or encoded, a MODEL the trainer cannot distil, naming what would work;
+    with `cfg`, also a teacher guidance the family cannot train with."""
+    if family not in ADAPTERS or not families.FAMILIES[family].distillable:
+        config = type(model.model.model_config).__name__
+        raise ValueError(f"TDM distillation does not support this MODEL: family {family!r} ({config}); supported "
+                         f"families: {families.distillable_families_text()}")
+    ADAPTERS[family].check_distillable(model, cfg)
