@@ -238,3 +238,8 @@ def write_comfy_native(lora: SyntheticLora, path, twin) -> Path:
         tensors[f"{root}.lora_up.weight"] = up
         tensors[f"{root}.alpha"] = torch.tensor(float(total_rank))
     return _save(tensors, path)
+
+
+# The writer of each key format tdm_core.lora.keys registers (by its NAME): a new format adds its unit there and its
+# writer here, and tests/test_lora_reading.py holds the two lists to each other.
+WRITERS = {"peft": write_peft, "kohya": write_kohya, "diffusers_old": write_old_diffusers, "comfy": write_comfy_native}

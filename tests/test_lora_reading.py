@@ -15,7 +15,8 @@ import torch
 
 from tdm_core import families
 from tdm_core import lora as tdm_lora
-from tdm_core.lora.formats import key_layout
+from tdm_core.lora import keys
+from tdm_core.lora.parse import key_layout
 from tdm_core.presets import PRESETS
 from tdm_devkit import lora_files
 
@@ -56,6 +57,16 @@ def _cogvideox_output(model):
 
 # ---------------------------------------------------------------------------------------------------------------
 # key names
+
+
+def test_every_key_format_unit_has_a_fixture_writer_and_suffixes_that_cannot_be_confused():
+    # A new format is one unit in tdm_core.lora.keys plus its writer in tdm_devkit.lora_files (a reader tested only
+    # against files it wrote itself proves nothing).
+    assert set(keys.BY_NAME) == set(lora_files.WRITERS)
+    # No suffix ends with another, so which one a key has never depends on the order they are tried in.
+    suffixes = [suffix for suffix, _, _ in keys.SUFFIXES]
+    assert len(set(suffixes)) == len(suffixes)
+    assert [(a, b) for a in suffixes for b in suffixes if a != b and a.endswith(b)] == []
 
 
 def test_kohya_names_round_trip_for_every_module_of_every_family(sd15_twin, sd35_twin, cogvideox_transformer):

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import families
+from ..families import architecture as family_name
+from ..families import lora_fits as families_compatible
 from ..presets import PRESETS, presets_for_family
-from .formats import LoraFile, LoraModule, families_compatible, family_name
+from .model import LoraFile, LoraModule
 
 MAX_LISTED_GROUPS = 12
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .files import write_safetensors
-from .formats import DIFFUSERS_METADATA_KEY, tdm_metadata
+from .metadata import DIFFUSERS_METADATA_KEY, tdm_metadata
 
 
 def save_peft_lora(
