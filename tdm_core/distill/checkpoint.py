@@ -1,20 +1,45 @@
-"""Checkpoints: a resumable training state and the student LoRA, written so that a crash never corrupts them.
+"""Checkpoints: the one writer and the one reader of a resumable training state, written so that a crash never
+corrupts one. Headless runs (`python -m tdm_core.distill`, via `save_checkpoint`) and ComfyUI jobs
+(`tdm_core.jobs.outputs.OutputWriter`) both write through `write_checkpoint` and read through `read_state`, so that
+a checkpoint of one is a checkpoint of the other (a headless run can resume from a job's checkpoint folder).
 
-Layout of a run folder:
-  checkpoint-00000100/state.pt            both adapters, both optimisers, LR schedule, step, RNG states, config
-  checkpoint-00000100/config.json         the config, readable
-  checkpoint-00000100/student_lora.safetensors   the student at that step (ComfyUI-loadable)
+A checkpoint is a folder:
+  <checkpoint>/state.pt or state.tdmckpt   `torch.save` of the session's state dict; a trainer's
+                                           (`TDMTrainer.state_dict`, format "tdm-distill-state/1") holds both
+                                           adapters, both optimisers, both LR schedules, loss scalers, step, the
+                                           trainer's own RNG state and the config
+  <checkpoint>/config.json                 the config, readable (written when the state holds one)
+  <checkpoint>/<extra files>               what the owner adds: a headless run its student LoRA
+The state file's name is the owner's choice among the two the reader knows: a job's folder lies inside ComfyUI's
+`models/loras`, whose lists show every `.pt` file, so jobs use `state.tdmckpt` (no model-file extension); a headless
+run's folder keeps `state.pt`. The content and the reading are the same.
+
+Writing: every file is written under a temporary name, fsynced and renamed, inside a temporary folder
+(`temporary_folder`: `.tmp-<name>-<pid>` next to the checkpoint); the folder is fsynced, renamed into place (an atomic
+rename on POSIX) and its parent fsynced, so a checkpoint folder is either complete or absent. An existing checkpoint
+folder is never replaced (the same step saved again after a resume holds the same state). Callers check that what
+they save is finite before writing any of it (`check_finite`).
+
+Reading: checkpoint files are untrusted input (anyone who can write to the folder can replace one). The archive's
+declared sizes are checked before anything is inflated, it is loaded with `torch.load(weights_only=True)` (tensors
+and plain containers only, no code), and the state's shape is checked (`read_state`: a dict with a whole `step`;
+`check_trainer_state`: a trainer's fields and their types).
+
+Layouts written before this module was shared, both still read: a headless run's `checkpoint-N/state.pt` (with
+`config.json` and `student_lora.safetensors`) is what it still writes; a job's `checkpoints/step-N/state.tdmckpt`
+had no `config.json`, which the reader never needs (the state holds the config).
+
+A headless run's folder (`save_checkpoint`):
+  checkpoint-00000100/                    a checkpoint as above, with the student LoRA of that step
   student_lora.safetensors                the newest student LoRA
-A checkpoint folder is written under a temporary name, every file fsynced, then renamed into place (an atomic
-rename on POSIX) and the parent folder fsynced, so a `checkpoint-*` folder is either complete or absent; a kill
-during a save leaves only a `.tmp-*` folder, removed by the next save. Older checkpoints beyond `keep_last` are
-deleted only after the new one is in place. `state.pt` is read with `torch.load(weights_only=True)`.
-
-A run folder is the user's choice and may hold other files, other tools' `checkpoint-*` folders included: only what
-the run's manifest (`.tdm_run.json`) records as written by this package is ever deleted. A temporary folder is
-recorded before it is created, a checkpoint once it is published, and a pruned one leaves the manifest before it is
-deleted (a crash in between leaves a folder nobody deletes, never a deletion of something not ours). Runs written
-before the manifest existed keep all their checkpoints.
+  .tdm_run.json                           the manifest: which `checkpoint-*` folders this package wrote
+Older checkpoints beyond `keep_last` are deleted only after the new one is in place. A run folder is the user's choice
+and may hold other files, other tools' `checkpoint-*` folders included: only what the run's manifest records as
+written by this package is ever deleted. A temporary folder is recorded before it is created, a checkpoint once it is
+published, and a pruned one leaves the manifest before it is deleted (a crash in between leaves a folder nobody
+deletes, never a deletion of something not ours); a kill during a save leaves a `.tmp-*` folder the next save removes.
+Runs written before the manifest existed keep all their checkpoints. (A job's numbered checkpoints, pruning and
+ownership are its record's business: tdm_core/jobs.)
 """
 
 from __future__ import annotations
@@ -24,21 +49,26 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-STATE_FILE = "state.pt"
+TRAINER_FORMAT = "tdm-distill-state/1"
+STATE_FILE = "state.pt"  # a headless run's checkpoints
+UNLISTED_STATE_FILE = "state.tdmckpt"  # a job's checkpoints, inside models/loras (not a model-file extension)
+STATE_FILES = (STATE_FILE, UNLISTED_STATE_FILE)
+CONFIG_FILE = "config.json"
 LORA_FILE = "student_lora.safetensors"
+MAX_STEP = 10**9  # far above any run (jobs stop at 1e6 iterations); bounds a planted step before it is used
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST_FILE = ".tdm_run.json"
 _OWNED_NAME = re.compile(r"checkpoint-\d{8}|\.tmp-checkpoint-\d{8}-\d{1,10}")  # fixed pattern, bounded names
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        handle.flush()
-        os.fsync(handle.fileno())
+# What `TDMTrainer.load_state_dict` reads, and the type each must have; anything else in a state is ignored by it.
+_TRAINER_FIELDS = {"config": dict, "student": dict, "fake": dict, "opt_gen": dict, "opt_fake": dict,
+                   "lr_schedule": dict, "generator_rng": torch.Tensor}
+_OPTIONAL_TRAINER_FIELDS = {"lr_schedule_fake": dict, "scaler_fake": dict, "scaler_gen": dict,
+                            "skipped_in_a_row": int}
 
 
 def fsync_dir(path: Path) -> None:
@@ -52,15 +82,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Writes `data` under a temporary name (no model-file extension, so never listed), fsyncs, renames; a failure
-    removes the temporary file. The one atomic writer of the package (checkpoints, job records, LoRAs, previews)."""
+def atomic_write(path: str | Path, write: Callable) -> Path:
+    """Calls `write(handle)` on a file under a temporary name (no model-file extension, so never listed), fsyncs,
+    renames it to `path`; a failure removes the temporary file. The one atomic writer of the package (checkpoints,
+    job records, LoRAs, previews)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
         with open(tmp, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -69,6 +100,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """`atomic_write` of bytes."""
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -110,6 +146,133 @@ def export_student_lora(trainer, path: str | Path) -> Path:
     return write_lora(path, tensors, metadata)
 
 
+# ---- one checkpoint: the shared writer and reader ----------------------------------------------------------------
+def temporary_folder(final: str | Path) -> Path:
+    """Where `write_checkpoint` assembles `final` (an owner that records what it may delete records this first)."""
+    final = Path(final)
+    return final.with_name(f".tmp-{final.name}-{os.getpid()}")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """The commit point of a save: one rename (tests inject failures here)."""
+    os.rename(tmp, final)
+
+
+def write_checkpoint(final: str | Path, state: dict, *, state_file: str = STATE_FILE,
+                     files: Mapping[str, bytes] | None = None) -> bool:
+    """Publishes the checkpoint folder `final`: `state` (`torch.save`d as `state_file`), `config.json` when the state
+    holds a config, and `files` (name → bytes). Returns False, writing nothing, when `final` exists already. A
+    failure leaves no trace (the temporary folder is removed); a kill leaves only the temporary folder."""
+    final = Path(final)
+    if state_file not in STATE_FILES:
+        raise ValueError(f"a checkpoint's state file is one of {STATE_FILES}, not {state_file!r}")
+    _check_state(state, f"the state to be saved as {final / state_file}")  # what is written can be read back
+    if final.exists():
+        return False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_folder(final)
+    tmp.mkdir()
+    try:
+        atomic_write(tmp / state_file, lambda handle: torch.save(state, handle))
+        if isinstance(state.get("config"), dict):
+            atomic_write_bytes(tmp / CONFIG_FILE, json.dumps(state["config"], indent=2).encode("utf-8"))
+        for name, data in (files or {}).items():
+            atomic_write_bytes(tmp / name, data)
+        fsync_dir(tmp)
+        _publish(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True
+
+
+def state_file(folder: str | Path) -> Path | None:
+    """The state file of checkpoint folder `folder` (either name), or None when it holds none."""
+    for name in STATE_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def _check_state(state, what: str) -> dict:
+    from ..validation import ValidationError, number
+
+    if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+        raise ValidationError(f"{what} is not a training state (a dict with text keys), got {type(state).__name__}")
+    if "step" not in state:
+        raise ValidationError(f"{what} is not a training state: it has no step")
+    number(state["step"], f"{what}: step", lo=0, hi=MAX_STEP, integer=True)
+    if isinstance(state["step"], float):
+        raise ValidationError(f"{what}: step must be a whole number, got {state['step']!r}")
+    if "format" in state and state["format"] != TRAINER_FORMAT:
+        raise ValidationError(f"{what} is not a TDM distillation state (format {str(state['format'])[:60]!r})")
+    return state
+
+
+def read_state(path: str | Path, step: int | None = None) -> dict:
+    """The state of a checkpoint folder (or of a state file), checked as untrusted input: declared archive sizes
+    before torch.load inflates anything, weights-only loading, a dict with a whole `step` (equal to `step` when
+    given: a folder's state replaced by another step's is refused). Any session's state; `check_trainer_state`
+    checks a trainer's."""
+    path = Path(path)
+    file = path if path.is_file() else state_file(path)
+    if file is None:
+        raise FileNotFoundError(f"{path} holds no {' or '.join(STATE_FILES)}")
+    from ..lora.files import check_torch_archive
+
+    check_torch_archive(file)  # declared sizes checked before torch.load inflates anything
+    state = _check_state(torch.load(file, map_location="cpu", weights_only=True), str(file))
+    if step is not None and int(state["step"]) != step:
+        from ..validation import ValidationError
+
+        raise ValidationError(f"{file} holds the state of step {state['step']}, not of step {step}")
+    return state
+
+
+def check_trainer_state(state: dict, what: str = "the checkpoint") -> dict:
+    """A `TDMTrainer` state: its format, and every field `TDMTrainer.load_state_dict` reads with its type, adapters
+    as named tensors. (Whether the adapters fit the model, names and shapes, is the backend's to check as it loads
+    them: it has its parameters at hand, this reader does not.)"""
+    from ..validation import ValidationError
+
+    if state.get("format") != TRAINER_FORMAT:
+        raise ValidationError(f"{what} is not a TDM distillation state (format {str(state.get('format'))[:60]!r})")
+    for fields, required in ((_TRAINER_FIELDS, True), (_OPTIONAL_TRAINER_FIELDS, False)):
+        for name, kind in fields.items():
+            if name not in state and not required:
+                continue
+            if not isinstance(state.get(name), kind) or isinstance(state.get(name), bool):
+                raise ValidationError(f"{what}: {name} must be a {kind.__name__}, got {type(state.get(name)).__name__}")
+    rng = state["generator_rng"]
+    if rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise ValidationError(f"{what}: generator_rng is not a generator state ({rng.dtype}, {rng.dim()} dims)")
+    for adapter in ("student", "fake"):
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state[adapter].items()):
+            raise ValidationError(f"{what}: the {adapter} adapter must map names to tensors")
+    return state
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """`path` itself when it is a checkpoint folder (a headless run's or a job's), else the newest `checkpoint-*`
+    folder of run folder `path`; None when there is none."""
+    path = Path(path)
+    if state_file(path) is not None:
+        return path
+    return latest_checkpoint(path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The trainer state of a checkpoint folder (a headless run's or a job's), or of the newest checkpoint in a run
+    folder: `read_state` and `check_trainer_state`."""
+    folder = find_checkpoint(path)
+    if folder is None:
+        raise FileNotFoundError(f"no checkpoint-* folder with a {STATE_FILE} in {path}")
+    file = state_file(folder)
+    return check_trainer_state(read_state(file), str(file))
+
+
+# ---- a headless run's folder ----------------------------------------------------------------------------------
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -121,11 +284,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """The commit point of a save: one rename (tests inject failures here)."""
-    os.rename(tmp, final)
 
 
 def _read_manifest(run_dir: Path) -> dict:
@@ -154,6 +312,9 @@ def _write_manifest(run_dir: Path, manifest: dict) -> None:
 
 
 def save_checkpoint(trainer, run_dir: str | Path) -> Path:
+    """Writes `checkpoint-<step>` (with the student LoRA) into run folder `run_dir` and the newest LoRA next to it;
+    keeps the newest `config.keep_last` of the checkpoints the manifest owns. Nothing is written when the state or
+    the LoRA is non-finite."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(run_dir)
@@ -165,37 +326,17 @@ def save_checkpoint(trainer, run_dir: str | Path) -> Path:
     check_finite(state, f"the training state of step {trainer.step_count}")
     lora = None
     if getattr(trainer.backend, "mode", "lora") == "lora" and hasattr(trainer.backend, "export_student_lora"):
-        lora = student_lora(trainer)
-        check_finite(lora[0], f"the student LoRA of step {trainer.step_count}")
-    tmp = run_dir / f".tmp-checkpoint-{trainer.step_count:08d}-{os.getpid()}"
-    manifest["temporary"].append(tmp.name)
+        tensors, metadata = student_lora(trainer)
+        check_finite(tensors, f"the student LoRA of step {trainer.step_count}")
+        lora = safetensors_bytes(tensors, metadata)
+    manifest["temporary"].append(temporary_folder(final).name)
     _write_manifest(run_dir, manifest)
-    tmp.mkdir()
-    try:
-        with open(tmp / STATE_FILE, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        (tmp / "config.json").write_text(json.dumps(trainer.config.to_dict(), indent=2), encoding="utf-8")
-        _fsync_file(tmp / "config.json")
-        if lora is not None:
-            write_lora(tmp / LORA_FILE, *lora)
-        fsync_dir(tmp)
-        published = False
-        if final.exists():
-            # The same step saved again (right after a resume): the state is the same; never unpublish the old one.
-            # A folder of that name the manifest does not record (another tool's, or a run from before manifests)
-            # is left as it is and stays not ours: never pruned.
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            _publish(tmp, final)
-            published = True
-        fsync_dir(run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # The same step saved again (right after a resume) holds the same state: the published folder stays. A folder of
+    # that name the manifest does not record (another tool's, or a run from before manifests) is left as it is and
+    # stays not ours: never pruned.
+    published = write_checkpoint(final, state, files={LORA_FILE: lora} if lora is not None else None)
     if lora is not None:
-        write_lora(run_dir / LORA_FILE, *lora)
+        atomic_write_bytes(run_dir / LORA_FILE, lora)
     manifest["temporary"] = []
     if published:
         manifest["checkpoints"].append(final.name)
@@ -206,21 +347,3 @@ def save_checkpoint(trainer, run_dir: str | Path) -> Path:
     for name in drop:
         shutil.rmtree(run_dir / name, ignore_errors=True)
     return final
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """The state dict of a checkpoint folder, or of the newest checkpoint in a run folder."""
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        folder = path
-    else:
-        folder = latest_checkpoint(path)
-        if folder is None:
-            raise FileNotFoundError(f"no checkpoint-* folder with a {STATE_FILE} in {path}")
-    from ..lora.files import check_torch_archive
-
-    check_torch_archive(folder / STATE_FILE)  # declared sizes checked before torch.load inflates anything
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    if state.get("format") != "tdm-distill-state/1":
-        raise ValueError(f"{folder / STATE_FILE} is not a TDM distillation state (format {state.get('format')!r})")
-    return state

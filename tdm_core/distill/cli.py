@@ -7,6 +7,9 @@ Runs under `torchrun --nproc_per_node N` as data-parallel training (gloo on CPU,
                                    backend has `preview_image(x0) -> uint8 [H, W, 3]` and Pillow is installed
   checkpoint-XXXXXXXX/             resumable states (see checkpoint.py), the newest `keep_last` kept
   student_lora.safetensors         the newest student LoRA
+`--resume` continues from the newest checkpoint of `output_dir`, or from a given run folder or checkpoint folder, a
+ComfyUI job's (`models/loras/.tdm_jobs/<id>/checkpoints/step-XXXXXXXX`) included: both write the one checkpoint
+format of checkpoint.py.
 The teacher is built by `config.teacher["factory"]` ("package.module:function"), called as factory(config, **rest).
 Config errors exit with status 2 before any model is built; training that turns non-finite (see
 `trainer.NonFiniteTrainingError`, `checkpoint.NonFiniteWeightsError`) exits with status 3, leaving the last good
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import NonFiniteWeightsError, export_student_lora, latest_checkpoint
+from .checkpoint import NonFiniteWeightsError, export_student_lora, find_checkpoint
 from .config import ConfigError, DistillConfig
 from .trainer import NonFiniteTrainingError
 
@@ -55,7 +58,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tdm_core.distill", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a .toml or .json DistillConfig")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="continue from the newest checkpoint in output_dir (or from the given folder)")
+                        help="continue from the newest checkpoint in output_dir (or from the given run or "
+                             "checkpoint folder, a ComfyUI job's included)")
     parser.add_argument("--iterations", type=int, default=None, help="override config.iterations")
     parser.add_argument("--output-dir", default=None, help="override config.output_dir")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -119,11 +123,12 @@ def main(argv=None) -> int:
         out_dir = Path(config.output_dir)
         if args.resume:
             source = out_dir if args.resume == "auto" else Path(args.resume)
-            if latest_checkpoint(source) is None and not (source / "state.pt").is_file():
+            found = find_checkpoint(source)  # a checkpoint folder itself, or a run folder's newest
+            if found is None:
                 print(f"no checkpoint in {source}; starting a new run", file=sys.stderr)
                 trainer = TDMTrainer(backend, config)
             else:
-                trainer = TDMTrainer.resume(source, backend, config)
+                trainer = TDMTrainer.resume(found, backend, config)
         else:
             trainer = TDMTrainer(backend, config)
     except ConfigError as error:

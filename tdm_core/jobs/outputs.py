@@ -1,9 +1,13 @@
 """The files a job writes besides its record: resumable checkpoints, LoRA snapshots and the latest LoRA, previews.
 
-Every file is written under a temporary name, fsynced and renamed into place. Ownership is write-ahead: the record
-names a file (durably) before the file is written, and names the files it drops under `pruning` (durably) before
-they are deleted, so a crash at any point leaves no file of ours that the record does not name, and nothing is ever
-deleted or overwritten that the record does not name.
+Every file is written under a temporary name, fsynced and renamed into place. A checkpoint folder is written and read
+by `tdm_core.distill.checkpoint` (`write_checkpoint`, `read_state`), the one checkpoint format, which a headless run
+writes too: a job's checkpoint is also one `python -m tdm_core.distill --resume` reads. What stays here is the job's
+bookkeeping: numbered `step-N` folders, keep_last pruning, reconciling the record at load, ownership.
+
+Ownership is write-ahead: the record names a file (durably) before the file is written, and names the files it drops
+under `pruning` (durably) before they are deleted, so a crash at any point leaves no file of ours that the record does
+not name, and nothing is ever deleted or overwritten that the record does not name.
 
 The writer holds no lock of its own and never the jobs' lock across I/O: every change to a record goes through the
 `board.JobBoard` it shares with the manager and the worker, `commit` (applies a change under the board's lock, then
@@ -21,7 +25,9 @@ from pathlib import Path
 import torch
 
 from .. import validation
-from ..distill.checkpoint import atomic_write_bytes, fsync_dir, safetensors_bytes
+from ..distill import checkpoint as checkpoint_files
+from ..distill.checkpoint import atomic_write_bytes, safetensors_bytes
+from ..lora import metadata as lora_metadata
 from .board import JobBoard
 from .errors import NonFiniteWeights, NotOwned
 from .records import CHECKPOINT_FILE, LORA_EXTENSION, PREVIEW_FILE, JobRecord, is_snapshot_of, snapshot_name
@@ -63,13 +69,13 @@ class OutputWriter:
 
     # ---- checkpoints and LoRAs -------------------------------------------------------------------------------------
     def load_checkpoint(self, record: JobRecord) -> dict:
-        path = self.checkpoint_dir(record.id, record.checkpoint_step) / CHECKPOINT_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"the checkpoint of step {record.checkpoint_step} ({path}) is gone")
-        from ..lora.files import check_torch_archive
-
-        check_torch_archive(path)  # a replaced checkpoint must not inflate: sizes are checked before torch.load
-        return torch.load(path, map_location="cpu", weights_only=True)
+        """The state of the record's checkpoint, read as the untrusted file it is (`checkpoint.read_state`: sizes
+        checked before anything inflates, weights-only, the step the record names)."""
+        folder = self.checkpoint_dir(record.id, record.checkpoint_step)
+        if checkpoint_files.state_file(folder) is None:
+            raise FileNotFoundError(f"the checkpoint of step {record.checkpoint_step} ({folder / CHECKPOINT_FILE}) "
+                                    "is gone")
+        return checkpoint_files.read_state(folder, step=record.checkpoint_step)
 
     def save(self, record: JobRecord, session) -> None:
         """The checkpoint, then the LoRA snapshot and the latest LoRA; each atomic. Nothing is written when the
@@ -91,22 +97,11 @@ class OutputWriter:
                 raise NotOwned(f"models/loras/{file_name} exists and was not written by this job (another job's "
                                "LoRA or your file); it was left untouched. Move it away, or start the job under "
                                "another output name")
-        root = self.job_dir(record.id) / "checkpoints"
         final = self.checkpoint_dir(record.id, step)
-        if not final.exists():
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                atomic_write_bytes(tmp / CHECKPOINT_FILE, buffer.getvalue())
-                os.rename(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            fsync_dir(root)
-        data = safetensors_bytes(tensors, {**metadata, "tdm.job_id": record.id, "tdm.job_name": record.name,
-                                           "tdm.trained_iterations": str(step)})
+        if not final.exists():  # the same step again (right after a resume): the state on disk is this one
+            shutil.rmtree(checkpoint_files.temporary_folder(final), ignore_errors=True)  # this process's, if any
+            checkpoint_files.write_checkpoint(final, state, state_file=CHECKPOINT_FILE)
+        data = safetensors_bytes(tensors, {**metadata, **lora_metadata.job_metadata(record.id, record.name, step)})
 
         def name_the_files(r: JobRecord) -> None:
             # Write-ahead: the record names the files before they exist, so a crash after writing one never leaves a
@@ -185,6 +180,7 @@ class OutputWriter:
                 if not folder.is_dir():
                     continue
                 for entry in os.listdir(folder):
+                    # `checkpoint.temporary_folder` of a `step-N` folder: a save killed before its rename
                     if entry.startswith(".tmp-step-") and (folder / entry).is_dir():
                         shutil.rmtree(folder / entry, ignore_errors=True)
                     elif entry.startswith(".") and _crash_leftover(entry):
@@ -207,7 +203,7 @@ class OutputWriter:
         missing = [f for f in record.loras if not exists(f)]
         latest_missing = bool(record.latest_lora) and not exists(record.latest_lora)
         gone = [s for s in record.checkpoints if s != record.checkpoint_step
-                and not (self.checkpoint_dir(record.id, s) / CHECKPOINT_FILE).is_file()]
+                and checkpoint_files.state_file(self.checkpoint_dir(record.id, s)) is None]
         if not missing and not gone and not latest_missing:
             return
 

@@ -46,8 +46,11 @@ class TDMSession:
     def create(cls, backend, config, state: dict | None = None, iterations: int | None = None, **kwargs):
         """A new trainer, or one continuing `state` (its stored config; `iterations` may be raised)."""
         from ..distill import DistillConfig, TDMTrainer
+        from ..distill.checkpoint import check_trainer_state
 
         if state is not None:
+            # read from a file anyone with access to models/loras can replace: a trainer's fields, checked before use
+            check_trainer_state(state, "the job's checkpoint")
             config = DistillConfig.from_dict(state["config"])
         if iterations is not None:
             config.iterations = int(iterations)
