@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -149,6 +150,111 @@ def test_the_solver_a_distilled_lora_records_is_its_familys_measured_choice():
     assert chosen == {"dreamshaper": "ddim", "sdxl": "ddim", "flux": "flow_dpmpp_2m", "sd3": "flow_dpmpp_2m",
                       "sd35": "flow_dpmpp_2m", "cogvideox": "ddim_v"}
     assert student_solver("", "v") == "ddim_v" and student_solver("tdm_ddim_eps", "eps") == "ddim"
+
+
+def _equal_states(a: dict, b: dict) -> bool:
+    """Two (nested) states hold the same values: tensors equal bit for bit, everything else equal."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal_states(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal_states(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.parametrize("layout", ["headless", "job"])
+def test_checkpoints_of_the_layouts_written_before_the_shared_writer_still_resume(tmp_path, layout):
+    """What a headless run wrote (`checkpoint-N/state.pt`, config.json, the LoRA) and what a job wrote
+    (`checkpoints/step-N/state.tdmckpt` alone), written here by hand as bytes, resume bit-exactly through the
+    reader both share."""
+    config = _config(randmid=True, cfg=3.0)
+    straight = TDMTrainer(make_backend(parametrisation="v", lora_rank=4), config)
+    straight.train(4)
+    first = TDMTrainer(make_backend(parametrisation="v", lora_rank=4), config)
+    first.train(2)
+    if layout == "headless":
+        folder, name = tmp_path / "checkpoint-00000002", "state.pt"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(first.config.to_dict(), indent=2), encoding="utf-8")
+        checkpoint.export_student_lora(first, folder / "student_lora.safetensors")
+        source = tmp_path  # a run folder: its newest checkpoint
+    else:
+        folder, name = tmp_path / ".tdm_jobs" / "0123456789ab" / "checkpoints" / "step-00000002", "state.tdmckpt"
+        folder.mkdir(parents=True)
+        source = folder
+    with open(folder / name, "wb") as handle:
+        torch.save(first.state_dict(), handle)
+    assert checkpoint.find_checkpoint(source) == folder
+    assert _equal_states(checkpoint.load_checkpoint(source), first.state_dict())
+    resumed = TDMTrainer.resume(source, make_backend(parametrisation="v", lora_rank=4))
+    assert resumed.step_count == 2
+    resumed.train(4)
+    assert _equal_states(resumed.state_dict(), straight.state_dict())
+
+
+def test_a_checkpoint_holds_the_whole_trainer_state_in_the_shared_layout(tmp_path):
+    """The one writer's folder: the state file (every field the trainer restores), config.json and, for a headless
+    run, the student LoRA; nothing else is left behind (no temporary file or folder)."""
+    trainer = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4), _config())
+    trainer.step()
+    path = trainer.save_checkpoint(tmp_path)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "state.pt", "student_lora.safetensors"]
+    state = checkpoint.read_state(path, step=1)
+    assert {"format", "step", "config", "student", "fake", "opt_gen", "opt_fake", "lr_schedule", "lr_schedule_fake",
+            "generator_rng", "scaler_fake", "scaler_gen", "skipped_in_a_row"} <= set(state)
+    assert json.loads((path / "config.json").read_text()) == state["config"] == trainer.config.to_dict()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-") or p.name.endswith(".partial")]
+    job = tmp_path / "job" / "step-00000001"
+    assert checkpoint.write_checkpoint(job, trainer.state_dict(), state_file=checkpoint.UNLISTED_STATE_FILE)
+    assert sorted(p.name for p in job.iterdir()) == ["config.json", "state.tdmckpt"]
+    assert not checkpoint.write_checkpoint(job, {"step": 5})  # an existing checkpoint is never replaced
+    assert _equal_states(checkpoint.read_state(job), state)
+
+
+class _NotAWeight:
+    """Pickled as a class instance: a weights-only load refuses to build it (so its code never runs)."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([1, 2], "not a training state"),
+    ({"weight": torch.zeros(2)}, "has no step"),
+    ({"step": True}, "step must be a number"),
+    ({"step": -1}, "at least 0"),
+    ({"step": 2.5}, "whole number"),
+    ({"step": 1, "format": "something-else/9"}, "not a TDM distillation state"),
+    ({"step": 1, "format": "tdm-distill-state/1", "student": {}}, "config must be a dict"),
+    ("wrong rng", "generator_rng is not a generator state"),
+    ("tensor list", "student adapter must map names to tensors"),
+    ("other step", "not of step 1"),
+    ("code", "Weights only load failed"),
+])
+def test_a_checkpoint_that_is_not_a_trainer_state_is_refused_before_use(tmp_path, bad, message):
+    """A checkpoint file is untrusted input: anything but a trainer's state of the expected step is refused, a
+    pickle that builds objects without being run."""
+    trainer = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4), _config())
+    trainer.step()
+    state = trainer.state_dict()
+    if bad == "wrong rng":
+        bad = state | {"generator_rng": torch.zeros(4)}
+    elif bad == "tensor list":
+        bad = state | {"student": {"x": [torch.zeros(2)]}}
+    elif bad == "other step":
+        bad = state = state | {"step": 7}
+    elif bad == "code":
+        bad = state | {"config": _NotAWeight()}
+    folder = tmp_path / "checkpoint-00000001"
+    folder.mkdir()
+    torch.save(bad, folder / "state.pt")
+    with pytest.raises(Exception, match=message) as error:
+        checkpoint.check_trainer_state(checkpoint.read_state(folder, step=1))
+    assert isinstance(error.value, (ValueError, pickle.UnpicklingError))
+    if bad is not state:  # a headless resume reads whatever step the state holds
+        with pytest.raises(Exception, match=message):
+            TDMTrainer.resume(tmp_path, make_backend(parametrisation="eps", lora_rank=4))
 
 
 def test_exception_between_write_and_rename_keeps_the_previous_state(tmp_path, monkeypatch):

@@ -316,7 +316,7 @@ def test_status_wait_honours_the_canvas_cancel_and_the_job_keeps_running(tmp_pat
     """Cancel stops the status node from waiting, never the job; the stop node's wait has a bounded timeout."""
     import comfy.model_management
 
-    trainer_nodes = pack.nodes.trainer
+    job_runtime = pack.nodes.job_runtime
     manager = _manager(tmp_path)
     record = manager.submit("slow", FakeRuntime("slow", delay=0.05), 200, save_every=0, preview_every=0)
     manager.wait(record.id, timeout=10, states=("running",))
@@ -324,13 +324,13 @@ def test_status_wait_honours_the_canvas_cancel_and_the_job_keeps_running(tmp_pat
     try:
         started = time.monotonic()
         with pytest.raises(comfy.model_management.InterruptProcessingException):
-            trainer_nodes._wait_for_job(manager, record.id)
+            job_runtime.wait_for_job(manager, record.id)
         assert time.monotonic() - started < 5
     finally:
         comfy.model_management.interrupt_current_processing(False)
     assert manager.get(record.id).state == "running"
     with pytest.raises(ValueError, match=r"did not stop within 1 s; it is running"):
-        trainer_nodes._wait_for_job(manager, record.id, timeout=1)
+        job_runtime.wait_for_job(manager, record.id, timeout=1)
     manager.stop(record.id)
     assert manager.wait(record.id, timeout=30).state == "stopped"
     manager.close()
@@ -519,3 +519,96 @@ def test_concurrent_submits_stops_resumes_and_removes_never_lose_a_record_write(
     printed = capsys.readouterr()
     for warning in ("FileNotFoundError", "kept in memory only", "TDM job worker:", "failed"):
         assert warning not in printed.out + printed.err
+
+
+# ---- a job's checkpoint is the one checkpoint format ---------------------------------------------------------------
+
+
+def _trainer_config(**kw):
+    from tdm_core.distill import DistillConfig
+
+    return DistillConfig(prompts=["a cat", "a dog"], batch_size=2, total_steps=900, lora_rank=4, seed=3, **kw)
+
+
+class TrainerRuntime:
+    """Builds a real `TDMTrainer` on the reference teacher, as the ComfyUI nodes build one on a ComfyUI model."""
+
+    def __init__(self, config):
+        self.config, self.sessions = config, []
+
+    def build(self, state):
+        from tdm_core.distill import DistillConfig
+        from tdm_core.distill.reference import make_backend
+
+        config = DistillConfig.from_dict(self.config.to_dict())
+        self.sessions.append(jobs.TDMSession.create(make_backend(config, parametrisation="eps"), config, state))
+        return self.sessions[-1]
+
+
+def _equal_states(a, b) -> bool:
+    """Two (nested) states hold the same values: tensors equal bit for bit, everything else equal."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal_states(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal_states(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_a_job_checkpoint_resumes_a_headless_run_into_an_equal_trainer_state(tmp_path):
+    """The job writer's checkpoint folder, given to the CLI's `--resume`, restores the trainer the job had: every
+    adapter, optimiser, schedule, scaler and RNG tensor and the step equal; the CLI saves that state again."""
+    from tdm_core.distill import checkpoint, cli
+
+    manager = _manager(tmp_path)
+    runtime = TrainerRuntime(_trainer_config(randmid=True, cfg=3.0))
+    record = manager.submit("shared", runtime, 3, save_every=3, preview_every=0)
+    final = manager.wait(record.id, timeout=120)
+    manager.close()
+    assert final.state == "finished" and final.checkpoint_step == 3
+    job_state = runtime.sessions[-1].state_dict()
+    folder = tmp_path / "loras" / jobs.JOBS_FOLDER / record.id / "checkpoints" / "step-00000003"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", jobs.CHECKPOINT_FILE]
+    assert json.loads((folder / "config.json").read_text()) == job_state["config"]
+
+    out = tmp_path / "headless"
+    headless = _trainer_config(randmid=True, cfg=3.0, iterations=3, preview_every=0, checkpoint_every=0,
+                               output_dir=str(out),
+                               teacher={"factory": "tdm_core.distill.reference:make_backend", "parametrisation": "eps"})
+    headless.save(tmp_path / "run.json")
+    assert cli.main(["--config", str(tmp_path / "run.json"), "--resume", str(folder), "--no-progress"]) == 0
+    assert (out / "metrics.jsonl").read_text() == ""  # resumed at step 3 of 3: not a new run trained anew
+    resumed = checkpoint.load_checkpoint(out)  # the resumed trainer's state, saved at the same step
+    assert resumed["step"] == 3
+    assert _equal_states({k: v for k, v in resumed.items() if k != "config"},
+                         {k: v for k, v in job_state.items() if k != "config"})
+    assert _equal_states(checkpoint.load_checkpoint(folder), job_state)
+
+
+def test_a_job_resumes_from_a_checkpoint_of_the_layout_jobs_wrote_before_the_shared_writer(tmp_path):
+    """Jobs wrote `checkpoints/step-N/state.tdmckpt` alone (no config.json): such a folder, written here by hand as
+    the bytes of a `torch.save`, resumes the job bit-exactly (the same trainer as one that never stopped)."""
+    import io
+
+    from tdm_core.distill import TDMTrainer
+    from tdm_core.distill.reference import make_backend
+
+    config = _trainer_config()
+    straight = TDMTrainer(make_backend(config, parametrisation="eps"), config)
+    straight.train(4)
+    manager = _manager(tmp_path)
+    runtime = TrainerRuntime(config)
+    record = manager.submit("old", runtime, 2, save_every=2, preview_every=0)
+    assert manager.wait(record.id, timeout=120).checkpoint_step == 2
+    folder = tmp_path / "loras" / jobs.JOBS_FOLDER / record.id / "checkpoints" / "step-00000002"
+    buffer = io.BytesIO()
+    torch.save(runtime.sessions[-1].state_dict(), buffer)
+    for file in folder.iterdir():
+        file.unlink()
+    (folder / "state.tdmckpt").write_bytes(buffer.getvalue())
+    manager.resume(record.id, runtime=runtime, iterations=4)
+    final = manager.wait(record.id, timeout=120)
+    manager.close()
+    assert final.state == "finished" and final.step == 4, final.message
+    assert _equal_states(runtime.sessions[-1].state_dict(), straight.state_dict())
