@@ -437,5 +437,7 @@ def latent_preview_decoder(model):
     return decode
 
 
-def family_metadata(preset: str, family: str) -> dict:
-    return tdm_metadata(preset=preset or None, family=family, strength=1.0)
+def family_metadata(preset: str, family: str, recipe_changes=None) -> dict:
+    """The TDM header entries TDM Distill's node adds to its student (tdm_core.lora.metadata): the preset, family
+    and strength the LoRA loader's `auto` reads, and the recipe knobs the user changed (`recipe_changes`, names)."""
+    return tdm_metadata(preset=preset or None, family=family, strength=1.0, recipe_changes=recipe_changes)

@@ -201,7 +201,7 @@ def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
                                              adapter_seed=config.seed)
     preview = (comfy_backend.vae_preview_decoder(model, vae, device) if vae is not None
                else comfy_backend.latent_preview_decoder(model))
-    metadata = comfy_backend.family_metadata(grid.preset, family) | {"tdm.recipe_changes": ", ".join(changed)[:500]}
+    metadata = comfy_backend.family_metadata(grid.preset, family, recipe_changes=changed)
     runtime = ComfyRuntime(backend, config, device, preview, metadata, comfy_model=model.model)
     return runtime, teacher, grid
 

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from .. import families
+from ..lora import metadata as lora_metadata
 from .schedule import DiscreteSchedule
 
 Adapter = Literal["teacher", "student", "fake"]
@@ -300,17 +301,15 @@ class PeftBackend:
             else:
                 tensors[f"{self.export_prefix}{module}.lora_{which}.weight"] = value
             modules.append(module)
-        metadata = {"tdm.family": self.family, "tdm.lora_rank": str(self.lora_rank),
-                    "tdm.lora_alpha": repr(self.lora_alpha)}
-        if self.export_format == "comfyui":
-            metadata["tdm.format"] = "comfyui"
-        elif self.export_format != "kohya":
+        metadata = lora_metadata.adapter_metadata(self.family, self.lora_rank, self.lora_alpha,
+                                                  comfy_native=self.export_format == "comfyui")
+        if self.export_format not in ("kohya", "comfyui"):
             component = self.export_prefix.rstrip(".")
             lora_config = {"r": self.lora_rank, "lora_alpha": self.lora_alpha,
                            "target_modules": sorted(set(m.split(".")[-1] for m in modules))}
             if component:
                 lora_config = {f"{component}.{k}": v for k, v in lora_config.items()}
-            metadata["lora_adapter_metadata"] = json.dumps(lora_config)
+            metadata[lora_metadata.DIFFUSERS_METADATA_KEY] = json.dumps(lora_config)
         return tensors, metadata
 
 

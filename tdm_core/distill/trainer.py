@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..presets import student_solver
+from ..lora import metadata as lora_metadata
 from ..schedules import training_demo_timesteps
 from . import losses
 from .backend import COMPUTE_DTYPES, forward_pair
@@ -473,22 +473,12 @@ class TDMTrainer:
         return trainer
 
     def export_metadata(self) -> dict[str, str]:
+        """The student LoRA's TDM header entries (tdm_core.lora.metadata, the one schema the loader reads)."""
         c = self.config
-        return {
-            "tdm.steps": str(c.steps),
-            "tdm.grid": c.grid_name(),
-            "tdm.timesteps": ",".join(str(t) for t in self.grid),
-            "tdm.parametrisation": self.backend.parametrisation,
-            "tdm.lora_strength": repr(float(c.recommended_strength)),
-            "tdm.sampler_preset": c.sampler_preset or f"tdm_ddim_{self.backend.parametrisation}",
-            # what `auto` samples this student with (TDM LoRA Loader puts it on the MODEL)
-            "tdm.solver": student_solver(c.sampler_preset, self.backend.parametrisation),
-            "tdm.trained_iterations": str(self.step_count),
-            "tdm.cfg_distilled": repr(float(c.cfg)),
-            "tdm.schedule_kind": self.backend.schedule.kind,
-            "tdm.recipe": c.recipe or "custom",
-            "tdm.format_note": "trained by comfyui-tdm tdm_core.distill",
-        } | ({"tdm.family": c.family} if c.family else {})
+        return lora_metadata.student_metadata(
+            steps=c.steps, grid=c.grid_name(), timesteps=self.grid, parametrisation=self.backend.parametrisation,
+            strength=c.recommended_strength, preset=c.sampler_preset, iterations=self.step_count, cfg=c.cfg,
+            schedule_kind=self.backend.schedule.kind, recipe=c.recipe, family=c.family)
 
 
 def nfe_per_iteration(config: DistillConfig) -> int:
