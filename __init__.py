@@ -37,7 +37,7 @@ _register_tdm_core()
 
 from comfy_api.v0_0_2 import ComfyExtension, io  # noqa: E402
 
-from .nodes import NODE_CLASSES  # noqa: E402
+from .nodes import NODE_CLASSES, job_runtime  # noqa: E402
 
 # The frontend extension (the "TDM jobs" sidebar panel), served at /extensions/<this folder>/.
 WEB_DIRECTORY = "./web"
@@ -49,4 +49,7 @@ class TDMExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> TDMExtension:
+    # The /tdm/jobs routes (the jobs panel's) join ComfyUI's server here, where ComfyUI loads the extension: both
+    # runtimes call this entry point (0.3.75 never calls ComfyExtension.on_load).
+    job_runtime.install()
     return TDMExtension()

@@ -100,7 +100,7 @@ def measure_comfy_job(mode: str) -> dict:
     import torch
 
     trainer = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.trainer"]
-    backend_module = sys.modules[trainer.__name__.rsplit(".", 1)[0] + ".comfy_backend"]
+    backend_module = sys.modules[trainer.__name__.rsplit(".", 1)[0] + ".training_network"]
     if mode == "copy":
         backend_module._alias = lambda tensor: tensor.detach().clone()  # the weights copied, as a deep copy did
     size = gpu.SIZES["real"]["sd15"]

@@ -17,7 +17,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from tdm_core import jobs
 
-from . import categories, inputs, lora_loader, trainer
+from . import categories, inputs, job_runtime, lora_loader
 
 USES = ["finished", "latest"]
 _SETTLED = ("finished", "stopped", "failed")
@@ -130,7 +130,7 @@ class TDMDistillLoraLoader(io.ComfyNode):
         # ended, a key of the job and its file, so re-queueing an unchanged graph is served from ComfyUI's cache
         # (a resume or a rewritten file changes the key). ComfyUI gives this method constants only: a `job` that
         # comes through a link (TDM Distill's job_id) is absent, so the key covers every job the manager knows.
-        manager = trainer.get_manager()
+        manager = job_runtime.get_manager()
         if isinstance(job, str):
             try:
                 records = [manager.get(job.strip())]
@@ -143,7 +143,7 @@ class TDMDistillLoraLoader(io.ComfyNode):
         keys = []
         for record in records:
             try:
-                file_key = lora_loader._file_key(str(manager.outputs.lora_path(record.latest_lora)))
+                file_key = lora_loader.file_key(str(manager.outputs.lora_path(record.latest_lora)))
             except (OSError, ValueError, jobs.NotOwned):
                 file_key = None
             keys.append(f"{record.id}:{record.state}:{record.checkpoint_step}:{file_key}")
@@ -152,11 +152,11 @@ class TDMDistillLoraLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, job, use="finished", strength_mode="auto", strength=1.0, clip=None) -> io.NodeOutput:
         inputs.check_inputs(cls, locals())
-        manager = trainer.get_manager()
+        manager = job_runtime.get_manager()
         try:
             record = manager.get(job.strip())
             if use == "finished":
-                record = trainer._wait_for_job(manager, record.id)
+                record = job_runtime.wait_for_job(manager, record.id)
         except jobs.JobError as error:
             _refuse(str(error))
         path, source = job_lora(manager, record, use)

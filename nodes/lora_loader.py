@@ -17,6 +17,7 @@ from tdm_core import lora as tdm_lora
 
 from . import categories, family_adapters, inputs
 from .family_adapters import model_family
+from .student_record import STUDENT_GRID_OPTION, STUDENT_SOLVER_OPTION
 
 LOG = logging.getLogger("comfyui-tdm")
 
@@ -26,13 +27,13 @@ STRENGTH_MODES = ["auto", "manual"]
 _last_lora: dict = {"key": None, "lora": None}
 
 
-def _file_key(path: str) -> tuple:
+def file_key(path: str) -> tuple:
     stat = os.stat(path)
     return (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
 
 
 def load_lora_cached(path: str) -> tdm_lora.LoraFile:
-    key = _file_key(path) if os.path.isfile(path) else None
+    key = file_key(path) if os.path.isfile(path) else None
     if key is not None and _last_lora["key"] == key:
         return _last_lora["lora"]
     lora = tdm_lora.load_lora(path)
@@ -55,11 +56,6 @@ def _shape_lookup(state_dict):
     return weight_shape
 
 
-# The model option (copied with the MODEL by ComfyUI's clone, handed to samplers in extra_args["model_options"]) that
-# carries a distilled student's recorded solver from the loader to the TDM samplers' `auto`.
-STUDENT_SOLVER_OPTION = "tdm_student_solver"
-# ... and the grid it was trained on (LoraFile.recorded_grid), which the samplers' preset auto follows
-STUDENT_GRID_OPTION = "tdm_student_grid"
 
 
 @dataclass
@@ -196,7 +192,7 @@ class TDMLoraLoader(io.ComfyNode):
         if not isinstance(lora_name, str) or lora_name not in _lora_files():
             return repr(lora_name)
         try:
-            return _file_key(_lora_path(lora_name))
+            return file_key(_lora_path(lora_name))
         except (OSError, FileNotFoundError):
             return lora_name
 

@@ -15,18 +15,24 @@ again: queue the workflow with the same output name and if_exists = resume.
 from __future__ import annotations
 
 import logging
-import math
-import os
-import threading
-import time
 
-import torch
 from comfy_api.v0_0_2 import io, ui
 
-from tdm_core import families, jobs, presets, schedules
-from tdm_core.distill import ConfigError, DistillConfig
+from tdm_core import families, jobs, presets
 
-from . import categories, comfy_backend, family_adapters, inputs, recipe_inputs
+from . import categories, comfy_backend, inputs, recipe_inputs
+from .distill_images import loss_curve_image, preview_image
+from .distill_jobs import (
+    NO_FILE,
+    RUN_OPTIONS,
+    build_runtime,
+    edited_settings,
+    input_text_files,
+    read_prompts,
+    recorded_prompts,
+    settings_from_inputs,
+)
+from .job_runtime import get_manager, wait_for_job
 
 # Outputs carry an explicit display name: ComfyUI 0.3.75 would label an unnamed output by its type ("STRING"),
 # newer versions by its id, and saved workflows must not depend on the version.
@@ -42,200 +48,6 @@ GRID_CHOICES = ["auto", *[p.name for p in presets.PRESETS.values() if families.F
                 "training_demo"]
 IF_EXISTS = ["refuse", "resume"]
 OFFLOAD = ["none", "unload_comfy_models", "train_on_cpu"]
-NO_FILE = "(none)"
-
-# V3 nodes hold no state: the job manager (one per ComfyUI process) lives here.
-_manager_lock = threading.Lock()
-_manager: dict = {"instance": None}
-
-
-def get_manager() -> jobs.JobManager:
-    with _manager_lock:
-        if _manager["instance"] is None:
-            import folder_paths
-
-            loras_dir = folder_paths.get_folder_paths("loras")[0]
-            _manager["instance"] = jobs.JobManager(loras_dir, listener=_WebsocketBridge())
-        return _manager["instance"]
-
-
-class _WebsocketBridge:
-    """Job events → ComfyUI's websocket (`PromptServer.send_sync` is thread-safe); progress at most 5 per second
-    per job, state changes and saves always."""
-
-    def __init__(self):
-        self._last: dict[str, float] = {}
-
-    def __call__(self, event: str, payload: dict) -> None:
-        if event == "tdm.job.progress":
-            now = time.monotonic()
-            if now - self._last.get(payload["id"], 0.0) < 0.2 and payload["step"] < payload["iterations"]:
-                return
-            self._last[payload["id"]] = now
-        try:
-            from server import PromptServer
-        except ImportError:
-            return
-        instance = getattr(PromptServer, "instance", None)
-        if instance is not None:
-            instance.send_sync(event, payload)
-
-
-def _input_text_files() -> list[str]:
-    import folder_paths
-
-    directory = folder_paths.get_input_directory()
-    found = []
-    for root, _, files in os.walk(directory):
-        for name in files:
-            if name.lower().endswith(".txt"):
-                found.append(os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/"))
-    return [NO_FILE, *sorted(found)]
-
-
-def read_prompts(prompts: str, prompts_file: str) -> list[str]:
-    """One prompt per non-empty line, from the text box and the optional .txt file in input/."""
-    lines = [line.strip() for line in (prompts or "").splitlines()]
-    if prompts_file and prompts_file != NO_FILE:
-        import folder_paths
-
-        directory = os.path.realpath(folder_paths.get_input_directory())
-        path = os.path.realpath(os.path.join(directory, prompts_file))
-        if os.path.commonpath([directory, path]) != directory:
-            raise ValueError(f"prompts_file {prompts_file!r} is outside ComfyUI's input folder")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"prompts_file {prompts_file!r} does not exist in ComfyUI's input folder "
-                                    f"({directory}); put the .txt file there (one prompt per line) or pick another")
-        with open(path, encoding="utf-8") as handle:
-            lines += [line.strip() for line in handle]
-    found = [line for line in lines if line and not line.startswith("#")]
-    if not found:
-        raise ValueError("no training prompts: write one prompt per line in 'prompts' or choose a prompts_file")
-    return found
-
-
-class ComfyRuntime:
-    """A job's teacher (its training network with the adapters) and settings; builds its session on the worker."""
-
-    def __init__(self, backend: comfy_backend.ComfyBackend, config: DistillConfig, device: torch.device,
-                 preview_decode, extra_metadata: dict, comfy_model=None):
-        self.backend = backend
-        self.comfy_model = comfy_model  # ComfyUI's BaseModel whose weights the training network shares
-        self.config = config
-        self.device = torch.device(device)
-        self.preview_decode = preview_decode
-        self.extra_metadata = extra_metadata
-
-    def build(self, state: dict | None) -> jobs.TDMSession:
-        self.backend.to(self.device)
-        return jobs.TDMSession.create(self.backend, DistillConfig.from_dict(self.config.to_dict()), state,
-                                      preview_decode=self.preview_decode, extra_metadata=self.extra_metadata)
-
-    def offload(self) -> None:
-        """Parks the job's network on the CPU, except the weights ComfyUI still holds on the device itself (they
-        cost the job nothing there; moving them would only add a CPU copy). Once ComfyUI has unloaded or replaced
-        them, the job's aliases are their only holder and they do move."""
-        if self.device.type == "cpu":
-            return
-        in_use = (comfy_backend.weight_memory(self.comfy_model.diffusion_model) if self.comfy_model is not None
-                  else frozenset())
-        self.backend.to(torch.device("cpu"), keep=in_use)
-
-
-def _settings_from_inputs(values: dict, prompts: list[str]) -> dict:
-    settings = {k: v for k, v in values.items() if k not in ("model", "clip", "prompts", "prompts_file")}
-    settings["prompt_list"] = prompts
-    return settings
-
-
-def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
-    """The job's runtime from the teacher MODEL/CLIP and the node's settings: (runtime, teacher fingerprint, grid).
-    Runs on the prompt executor's thread (CLIP encoding, building the training network on ComfyUI's loaded weights
-    and adapter creation use ComfyUI's memory manager and the process RNG)."""
-    import comfy.model_management
-
-    family = comfy_backend.model_family(model)
-    family_adapters.check_distillable(model, family)
-    parametrisation = comfy_backend.model_parametrisation(model)
-    latent_format = model.model.latent_format
-    channels = int(latent_format.latent_channels)
-    width, height = int(settings["width"]), int(settings["height"])
-    if width % 16 or height % 16:
-        raise ValueError(f"width and height must be multiples of 16 (got {width}×{height})")
-    latent_shape = (channels, height // 8, width // 8)
-    grid = comfy_backend.training_grid(model, family, settings["grid"], int(settings["steps"]),
-                                       schedules.TRAINING_DEMO_TOTAL_STEPS, latent_shape=latent_shape)
-    knobs, changed, recipe = recipe_inputs.distill_settings(settings, family)
-    family_adapters.check_distillable(model, family, knobs["cfg"])
-    try:
-        config = DistillConfig(
-            prompts=prompts, steps=int(settings["steps"]), timesteps=grid.timesteps, seed=int(settings["seed"]),
-            iterations=int(settings["iterations"]), total_steps=schedules.TRAINING_DEMO_TOTAL_STEPS,
-            keep_last=int(settings["keep_last"]), family=family, recommended_strength=1.0, sampler_preset=grid.preset,
-            **knobs)
-        config.validate(num_timesteps=grid.schedule.num_timesteps)
-    except (ConfigError, TypeError, ValueError) as error:
-        raise ValueError(f"TDM Distill (recipe {recipe}): {error}") from None
-    settings["recipe_used"] = recipe
-    settings["recipe_description"] = recipe_inputs.description(recipe, changed)
-
-    offload = settings["offload"]
-    if offload == "unload_comfy_models":
-        comfy.model_management.unload_all_models()
-        comfy.model_management.soft_empty_cache()
-    device = torch.device("cpu") if offload == "train_on_cpu" else comfy.model_management.get_torch_device()
-    conds = comfy_backend.encode_prompts(clip, prompts, settings["unconditional_prompt"], model=model, family=family,
-                                         latent_shape=latent_shape)
-    comfy_backend.release_text_encoders(clip)  # before the teacher is made ready, so both never share the device
-    network = comfy_backend.training_network(model, device, comfy_backend.DTYPES[settings["dtype"]])
-    family_adapters.adapter(family).prepare_for_training(network)
-    if settings["gradient_checkpointing"]:
-        comfy_backend.enable_gradient_checkpointing(network)
-    # The loaded (patched) weights, before any dtype change: a resume with other memory options still matches.
-    teacher = comfy_backend.teacher_fingerprint(model.model.diffusion_model, family, parametrisation, channels)
-    # Nodes run under torch.inference_mode(); adapters created there could never be trained.
-    with torch.inference_mode(False):
-        backend = comfy_backend.ComfyBackend(network, family=family, parametrisation=parametrisation,
-                                             schedule=grid.schedule, latent_shape=latent_shape, conds=conds,
-                                             lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-                                             adapter_seed=config.seed)
-    preview = (comfy_backend.vae_preview_decoder(model, vae, device) if vae is not None
-               else comfy_backend.latent_preview_decoder(model))
-    metadata = comfy_backend.family_metadata(grid.preset, family, recipe_changes=changed)
-    runtime = ComfyRuntime(backend, config, device, preview, metadata, comfy_model=model.model)
-    return runtime, teacher, grid
-
-
-def _recorded_prompts(settings: dict, record: jobs.JobRecord) -> list[str]:
-    prompts = settings.get("prompt_list")
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts) or sum(
-            len(p) for p in prompts) > inputs.MAX_TEXT:
-        raise ValueError(f"the record of TDM job {record.id} '{record.name}' holds no valid prompt list; start a new "
-                         "job under another output name")
-    return list(prompts)
-
-
-# Inputs a queue may change without making another job, applied when it resumes one: how long and how it runs, not
-# what it learns. Every other setting defines the LoRA (prompts, grid, steps, cfg, rates, rank, size, batch, seed...).
-RUN_OPTIONS = ("iterations", "gradient_checkpointing", "dtype", "offload", "save_every", "keep_last", "preview_every")
-# Never compared with the existing job's: the run options, and how the node names the job and treats a taken name.
-_NOT_LEARNED = (*RUN_OPTIONS, "if_exists", "output_name")
-
-
-def _edited_settings(recorded: dict, queued: dict) -> list[str]:
-    """What the queued node changes in what the existing job learns, in words ("cfg 2.0 → 3.0")."""
-    edited = []
-    for key, value in queued.items():
-        if key in _NOT_LEARNED or key not in recorded or recorded[key] == value:
-            continue
-        old = recorded[key]
-        if key == "prompt_list":
-            edited.append(f"prompts ({len(old) if isinstance(old, list) else '?'} → {len(value)} lines, edited)"
-                          if not isinstance(old, list) or len(old) != len(value) else "prompts (edited)")
-        else:
-            edited.append(f"{key} {str(old)[:40]} → {str(value)[:40]}")
-    return edited
-
 
 def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
     """Everything the start node does (see the module docstring); raises ValueError with the reason to refuse."""
@@ -245,8 +57,8 @@ def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
     if existing is not None:
         # A queue with edited settings (the prompts of a distil-then-sample graph, say) must not come back with the
         # old job's LoRA: neither reuse nor resume it, say what differs and offer a free name.
-        edited = _edited_settings(existing.settings,
-                                  _settings_from_inputs(values, read_prompts(values["prompts"], values["prompts_file"])))
+        edited = edited_settings(existing.settings,
+                                  settings_from_inputs(values, read_prompts(values["prompts"], values["prompts_file"])))
         if edited:
             raise ValueError(
                 f"output name '{name}' belongs to TDM job {existing.id} ({existing.state} at step {existing.step}/"
@@ -263,7 +75,7 @@ def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
         # Resume: the job's own settings (a different rank or grid could not load its checkpoint).
         # Run options may change on resume (memory: the usual fix after running out of it; how often to save).
         settings = dict(existing.settings, **{k: values[k] for k in RUN_OPTIONS})
-        prompts = _recorded_prompts(settings, existing)
+        prompts = recorded_prompts(settings, existing)
         # An input added to the node after the job started takes the workflow's value.
         for key, value in values.items():
             if key not in ("prompts", "prompts_file"):
@@ -272,7 +84,7 @@ def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
         inputs.check_inputs(TDMDistillStart, settings)
     else:
         prompts = read_prompts(values["prompts"], values["prompts_file"])
-        settings = _settings_from_inputs(values, prompts)
+        settings = settings_from_inputs(values, prompts)
 
     runtime, teacher, grid = build_runtime(model, clip, settings, prompts, vae)
     settings["grid_description"] = grid.description
@@ -281,94 +93,8 @@ def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
                           settings=settings, teacher=teacher, if_exists=values["if_exists"])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Images for the status node
-
-
-# The two losses' colours, on a dark background: the same in this image (TDM Distill Status) and in the jobs panel's
-# curve (web/tdm_jobs.js, LOSS_COLOURS; a test holds the two together).
-LOSS_COLOURS = {"fake score": "#e8a33d", "generator": "#5fa8e8"}
-_CURVE_BACKGROUND, _CURVE_FRAME, _CURVE_TEXT = (32, 32, 32), (80, 80, 80), (210, 210, 210)
-
-
-def _rgb(hex_colour: str) -> tuple[int, int, int]:
-    return tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
-
-
-def loss_curve_image(history: list, width: int = 512, height: int = 256) -> torch.Tensor:
-    """The two TDM losses over the steps (fake score above, generator below), as a ComfyUI IMAGE [1, H, W, 3]."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width, height), _CURVE_BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    panels = [(label, column, _rgb(LOSS_COLOURS[label])) for label, column in (("fake score", 1), ("generator", 2))]
-    panel_h = height // 2
-    for row, (label, column, colour) in enumerate(panels):
-        top = row * panel_h
-        draw.rectangle([0, top, width - 1, top + panel_h - 1], outline=_CURVE_FRAME)
-        points = [(p[0], p[column]) for p in history if math.isfinite(p[column])]
-        if not points:
-            draw.text((6, top + 4), f"{label} loss: no steps yet", fill=_CURVE_TEXT)
-            continue
-        steps = [s for s, _ in points]
-        values = [v for _, v in points]
-        lo, hi = min(values), max(values)
-        span_s = max(1, steps[-1] - steps[0])
-        span_v = (hi - lo) or 1.0
-        xy = [(4 + (s - steps[0]) / span_s * (width - 8), top + panel_h - 6 - (v - lo) / span_v * (panel_h - 24))
-              for s, v in points]
-        if len(xy) == 1:
-            draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=colour)
-        else:
-            draw.line(xy, fill=colour, width=2)
-        draw.text((6, top + 4), f"{label} loss {values[-1]:.4g} (min {lo:.4g}, max {hi:.4g}) step {steps[-1]}",
-                  fill=colour)
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
-
-
-def preview_image(array) -> torch.Tensor:
-    if array is None:
-        return torch.full((1, 64, 64, 3), 0.5)
-    return torch.from_numpy(array.astype("float32") / 255.0)[None]
-
-
 def _refuse(error: Exception):
     raise ValueError(str(error)) from None
-
-
-def _wait_for_job(manager, job_id: str, timeout: float | None = None):
-    """Waits for a job to leave its active states while honouring the canvas Cancel button (the job itself keeps
-    running: Cancel only stops this node from waiting). The waiting node's progress bar follows the job's steps, so
-    a graph that waits for training (TDM LoRA from Distill Job, Status with wait) does not sit at 0 %."""
-    import comfy.model_management
-    import comfy.utils
-
-    deadline = None if timeout is None else time.monotonic() + timeout
-    record = manager.get(job_id)
-    bar = comfy.utils.ProgressBar(max(1, record.iterations))
-    shown = None
-
-    def show(record) -> None:  # one message per change, not one a second
-        nonlocal shown
-        if (record.step, record.iterations) != shown:
-            shown = (record.step, record.iterations)
-            bar.update_absolute(min(record.step, record.iterations), max(1, record.iterations))
-
-    while True:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        show(record)
-        try:
-            ended = manager.wait(job_id, timeout=1.0)
-        except TimeoutError:
-            record = manager.get(job_id)
-            if deadline is not None and time.monotonic() > deadline:
-                raise ValueError(f"TDM job {job_id} did not stop within {timeout:.0f} s; it is "
-                                 f"{record.state}. Check TDM Distill Status, or stop it again.") from None
-        else:
-            show(ended)
-            return ended
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -408,7 +134,7 @@ class TDMDistillStart(io.ComfyNode):
                 io.String.Input("prompts", multiline=True, default="a photo of a cat\na watercolor landscape",
                                 tooltip="Training prompts, one per line (lines starting with # are skipped). TDM is "
                                         "data-free: prompts are all it needs. Combined with prompts_file."),
-                io.Combo.Input("prompts_file", options=_input_text_files(), default=NO_FILE,
+                io.Combo.Input("prompts_file", options=input_text_files(), default=NO_FILE,
                                tooltip="Optional .txt file in ComfyUI's input folder with more prompts, one per "
                                        "line."),
                 io.String.Input("unconditional_prompt", default="",
@@ -545,7 +271,7 @@ class TDMDistillStatus(io.ComfyNode):
         try:
             record = manager.get(job.strip())
             if wait:
-                record = _wait_for_job(manager, record.id)
+                record = wait_for_job(manager, record.id)
         except jobs.JobError as error:
             _refuse(error)
         curve = loss_curve_image(list(record.history))
@@ -583,7 +309,7 @@ class TDMDistillStop(io.ComfyNode):
         try:
             record = manager.stop(job.strip())
             if wait:
-                record = _wait_for_job(manager, record.id, timeout=600)
+                record = wait_for_job(manager, record.id, timeout=600)
         except jobs.JobError as error:
             _refuse(error)
         text = record.progress_text()
@@ -592,6 +318,3 @@ class TDMDistillStop(io.ComfyNode):
 
 NODES: list = [TDMDistillStart, TDMDistillStatus, TDMDistillStop]
 
-from . import routes  # noqa: E402  (registers the HTTP routes when a server is running)
-
-routes.register(get_manager)

@@ -11,7 +11,7 @@ steps 0.81). Distribution matching has exactly this to fix.
 **The teacher** is a tiny twin of the family (`twins_xl_flux`, and `twins` for SD3- and SD3.5-medium: ComfyUI layout,
 real block structure; for SDXL the compact twin, one block per level) with all its weights trained on that task with the family's own objective,
 through the same network call the trainer uses (the VP state and integer-valued timesteps for SDXL's ε-UNet, the flow state and σ for Flux; the conditioning built by
-`comfy_backend.encode_prompts` from the test pack's tiny CLIP, so SDXL's `y` and Flux's `y`/`guidance` are what
+`conditioning.encode_prompts` from the test pack's tiny CLIP, so SDXL's `y` and Flux's `y`/`guidance` are what
 sampling gives). Training is deterministic on the CPU and cached per task and settings (`TDM_TOY_CACHE`, else
 ~/.cache/comfyui-tdm), shared by both ComfyUI runtimes.
 
@@ -153,11 +153,11 @@ def _train_teacher(config: TeacherConfig, log) -> dict[str, torch.Tensor]:
     import importlib  # noqa: PLC0415
 
     pack = comfy_runtime.load_pack().__name__
-    comfy_backend = importlib.import_module(f"{pack}.nodes.comfy_backend")
+    conditioning = importlib.import_module(f"{pack}.nodes.conditioning")
     family_adapters = importlib.import_module(f"{pack}.nodes.family_adapters")
     torch.manual_seed(config.seed)
     model = teacher_twin(config.family, config.seed)
-    conds = comfy_backend.encode_prompts(tiny_clip(config.family), list(PROMPTS), "", model=model,
+    conds = conditioning.encode_prompts(tiny_clip(config.family), list(PROMPTS), "", model=model,
                                          family=config.family, latent_shape=config.latent_shape)
     network = model.model.diffusion_model
     with torch.inference_mode(False):

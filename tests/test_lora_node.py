@@ -233,7 +233,7 @@ def test_the_last_file_is_cached_until_it_changes(sd3_twin, loras_dir, loader, m
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     loader.TDMLoraLoader.execute(sd3_twin.comfy, "cached.safetensors", "auto", 1.0)
     assert len(calls) == 2
-    assert loader.TDMLoraLoader.fingerprint_inputs("cached.safetensors") == loader._file_key(str(path))
+    assert loader.TDMLoraLoader.fingerprint_inputs("cached.safetensors") == loader.file_key(str(path))
 
 
 def test_text_encoder_modules_without_a_clip_are_named_in_the_warning(sd15_twin, tmp_path, loader):

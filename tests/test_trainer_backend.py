@@ -33,6 +33,16 @@ def backend_module(pack):
     return sys.modules[pack.__name__ + ".nodes.comfy_backend"]
 
 
+@pytest.fixture(scope="module")
+def network_module(pack):
+    return sys.modules[pack.__name__ + ".nodes.training_network"]
+
+
+@pytest.fixture(scope="module")
+def conditioning_module(pack):
+    return sys.modules[pack.__name__ + ".nodes.conditioning"]
+
+
 def _clip(family):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from comfy_test_pack import TinyCLIP
@@ -165,29 +175,29 @@ def test_preview_is_decoded_by_the_teachers_vae_when_one_is_given(trainer_module
     assert preview.std() > 1  # an image, not a flat fill
 
 
-def test_the_job_trains_on_comfyuis_weights_without_copying_them(trainer_module, backend_module, sd3_twin):
+def test_the_job_trains_on_comfyuis_weights_without_copying_them(trainer_module, sd3_twin, network_module):
     """One teacher in memory: the training tree's frozen weights are ComfyUI's loaded tensors (same memory), while
     the adapters live only in the training tree, so ComfyUI's network (what other prompts sample) has none."""
     model = sd3_twin.comfy
     comfy_network = model.model.diffusion_model
     runtime, _, _ = _runtime(trainer_module, sd3_twin)  # dtype auto; this machine's ComfyUI device is the CPU too
     network = runtime.backend.model
-    assert backend_module.shares_weights(network, model) == len(list(comfy_network.parameters())) > 0
+    assert network_module.shares_weights(network, model) == len(list(comfy_network.parameters())) > 0
     assert any("lora_" in name for name, _ in network.named_parameters())
     assert not any("lora_" in name for name, _ in comfy_network.named_parameters())
     runtime.build(None).step()
-    assert backend_module.shares_weights(network, model) == len(list(comfy_network.parameters()))
+    assert network_module.shares_weights(network, model) == len(list(comfy_network.parameters()))
     # another dtype is a converted copy: nothing of ComfyUI's memory is aliased (or written) then
     half, _, _ = _runtime(trainer_module, sd3_twin, dtype="bfloat16")
-    assert backend_module.shares_weights(half.backend.model, model) == 0
+    assert network_module.shares_weights(half.backend.model, model) == 0
 
 
-def test_aliases_of_inference_weights_train(backend_module):
+def test_aliases_of_inference_weights_train(network_module):
     """ComfyUI loads weights under inference_mode; autograd refuses to save such a tensor for backward. The alias the
     training tree uses is a plain tensor on the same memory, and gradients flow through it."""
     with torch.inference_mode():
         weight = torch.randn(3, 4)
-    alias = backend_module._alias(weight)
+    alias = network_module._alias(weight)
     assert weight.is_inference() and not alias.is_inference() and alias.data_ptr() == weight.data_ptr()
     x = torch.randn(2, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
@@ -197,13 +207,13 @@ def test_aliases_of_inference_weights_train(backend_module):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd3", "sdxl", "flux"])
-def test_gradient_checkpointing_gives_the_same_gradients(trainer_module, backend_module, family, sd15_twin, sd3_twin):
+def test_gradient_checkpointing_gives_the_same_gradients(trainer_module, family, sd15_twin, sd3_twin, network_module):
     from tdm_devkit import twins_xl_flux
 
     twin = {"sd15": sd15_twin, "sd3": sd3_twin}.get(family) or getattr(twins_xl_flux, f"{family}_twin")(0)
     wrapped = []
-    real = backend_module._wrap_checkpoint
-    backend_module._wrap_checkpoint = lambda block, *args: (wrapped.append(block), real(block, *args))
+    real = network_module._wrap_checkpoint
+    network_module._wrap_checkpoint = lambda block, *args: (wrapped.append(block), real(block, *args))
     grads = []
     try:
         for checkpointing in (False, True):
@@ -218,12 +228,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(trainer_module, backend
             out.square().mean().backward()
             grads.append(torch.cat([p.grad.reshape(-1) for p in backend.trainable_parameters("student")]))
     finally:
-        backend_module._wrap_checkpoint = real
+        network_module._wrap_checkpoint = real
     # every repeated block of the layout is recomputed: the UNets' input, middle and output blocks (SD1.5: 12, 1,
     # 12); the MMDiT's joint blocks; Flux's double and single blocks
     network = twin.comfy.model.diffusion_model
     expected = sum(len(getattr(network, name)) if isinstance(getattr(network, name), torch.nn.ModuleList) else 1
-                   for name in backend_module.CHECKPOINTED_BLOCKS if hasattr(network, name))
+                   for name in network_module.CHECKPOINTED_BLOCKS if hasattr(network, name))
     if family == "sd15":
         assert expected == 25
     assert len(wrapped) == expected
@@ -231,9 +241,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(trainer_module, backend
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_gradient_checkpointing_refuses_a_network_it_does_not_know(backend_module):
+def test_gradient_checkpointing_refuses_a_network_it_does_not_know(network_module):
     with pytest.raises(ValueError, match="gradient_checkpointing does not know the blocks of Sequential"):
-        backend_module.enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        network_module.enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_bfloat16_teacher_trains_float32_adapters(trainer_module, sd3_twin):
@@ -307,7 +317,7 @@ def test_prompts_come_from_the_text_and_a_file_in_input(trainer_module, tmp_path
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
     (tmp_path / "more.txt").write_text("a bird\n\n# a comment\na fish\n", encoding="utf-8")
     assert trainer_module.read_prompts(" a cat \n\na dog", "more.txt") == ["a cat", "a dog", "a bird", "a fish"]
-    assert trainer_module._input_text_files() == ["(none)", "more.txt"]
+    assert trainer_module.input_text_files() == ["(none)", "more.txt"]
     with pytest.raises(FileNotFoundError, match="'gone.txt' does not exist in ComfyUI's input folder"):
         trainer_module.read_prompts("a cat", "gone.txt")
     with pytest.raises(ValueError, match="outside ComfyUI's input folder"):
@@ -316,7 +326,7 @@ def test_prompts_come_from_the_text_and_a_file_in_input(trainer_module, tmp_path
         trainer_module.read_prompts("\n# only a comment", "(none)")
 
 
-def test_text_encoders_leave_comfyuis_device_after_encoding(backend_module):
+def test_text_encoders_leave_comfyuis_device_after_encoding(conditioning_module):
     """A real ComfyUI CLIP (SD1.5's text model and tokenizer, weights left as constructed: only residency matters):
     encoding loads it through ComfyUI's memory manager, and the job's release takes it off the loaded list, where a
     later prompt's encode loads it again."""
@@ -330,25 +340,25 @@ def test_text_encoders_leave_comfyuis_device_after_encoding(backend_module):
         return [m for m in comfy.model_management.current_loaded_models if m.model is clip.patcher]
 
     with torch.inference_mode():
-        conds = backend_module.encode_prompts(clip, ["a cat"])
+        conds = conditioning_module.encode_prompts(clip, ["a cat"])
     assert conds["a cat"]["context"].shape[1:] == (77, 768)
     assert loaded(), "encoding did not load the text encoder through ComfyUI's memory manager"
-    assert backend_module.release_text_encoders(clip) == 1
+    assert conditioning_module.release_text_encoders(clip) == 1
     assert not loaded()
     with torch.inference_mode():
         clip.encode_from_tokens_scheduled(clip.tokenize("a dog"))  # ComfyUI loads it again when a prompt needs it
     assert loaded()
-    assert backend_module.release_text_encoders(clip) == 1
+    assert conditioning_module.release_text_encoders(clip) == 1
 
 
-def test_parking_a_job_moves_only_what_comfyui_does_not_hold(trainer_module, backend_module, sd3_twin):
+def test_parking_a_job_moves_only_what_comfyui_does_not_hold(trainer_module, sd3_twin, network_module):
     """A waiting or stopped job parks its network off the device, except the weights it shares with ComfyUI's loaded
     model (moving those frees nothing and would add a copy). This machine's only device is the CPU, so the test asks
     what parking on another device would move."""
     runtime, _, _ = _runtime(trainer_module, sd3_twin)
     comfy_network = sd3_twin.comfy.model.diffusion_model
     assert runtime.comfy_model is sd3_twin.comfy.model
-    in_use = backend_module.weight_memory(comfy_network)
+    in_use = network_module.weight_memory(comfy_network)
     elsewhere = torch.device("meta")
     moved = {id(t) for _, _, t in runtime.backend.tensors_to_move(elsewhere, keep=in_use)}
     named = dict(runtime.backend.model.named_parameters())

@@ -358,15 +358,15 @@ def test_both_loss_curves_use_the_same_colours_on_a_dark_background(pack):
     on dark) had the colours the other way round. One table, held to the panel's copy of it, on a dark ground."""
     import re
 
-    from comfyui_tdm.nodes import trainer
+    from comfyui_tdm.nodes import distill_images as images
 
-    script = Path(trainer.__file__).parents[1] / "web" / "tdm_jobs.js"
+    script = Path(images.__file__).parents[1] / "web" / "tdm_jobs.js"
     table = re.search(r"LOSS_COLOURS = \{(.*?)\}", script.read_text()).group(1)
     panel = {key.strip().strip('"'): colour for key, colour in re.findall(r'([^,:]+): "(#[0-9a-f]{6})"', table)}
-    assert panel == trainer.LOSS_COLOURS, (panel, trainer.LOSS_COLOURS)
+    assert panel == images.LOSS_COLOURS, (panel, images.LOSS_COLOURS)
     history = [[step, 1.0 / step, 0.5 + 0.01 * step] for step in range(1, 30)]
-    image = (trainer.loss_curve_image(history)[0] * 255).round().to(torch.int64)
+    image = (images.loss_curve_image(history)[0] * 255).round().to(torch.int64)
     assert image[2:, 2:].float().mean() < 80, "the curve's background is not dark"
-    for label, colour in trainer.LOSS_COLOURS.items():
+    for label, colour in images.LOSS_COLOURS.items():
         rgb = torch.tensor([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
         assert (image == rgb).all(-1).sum() > 50, f"no {label} line in {colour}"

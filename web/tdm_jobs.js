@@ -12,7 +12,7 @@ const STATE_COLORS = {
   queued: "#b0a24a", running: "#4a90d9", stopping: "#c78a3b", stopped: "#888", failed: "#d9534f", finished: "#4caf50",
 };
 const SVG = "http://www.w3.org/2000/svg";
-// The same colours as TDM Distill Status's curve image (nodes/trainer.py LOSS_COLOURS; a test holds them together).
+// The same colours as TDM Distill Status's curve image (nodes/distill_images.py LOSS_COLOURS; a test holds them together).
 const LOSS_COLOURS = { "fake score": "#e8a33d", generator: "#5fa8e8" };
 
 function notify(severity, detail) {
