@@ -194,8 +194,9 @@ _FAMILY_LIST = (
 
 #: Every family by name, oldest model first (the order lists and docs show them in).
 FAMILIES: dict[str, Family] = {family.name: family for family in _FAMILY_LIST}
-# For the code that serves one family only (the CogVideoX pipeline, the diffusers reference backend).
-SD15, SDXL, SD3, SD35, FLUX, COGVIDEOX = _FAMILY_LIST
+# For the code that serves one family only (the CogVideoX pipeline, the diffusers reference backend, the adapters).
+SD15, SDXL, SD3, SD35 = FAMILIES["sd15"], FAMILIES["sdxl"], FAMILIES["sd3"], FAMILIES["sd35"]
+FLUX, COGVIDEOX = FAMILIES["flux"], FAMILIES["cogvideox"]
 
 # Kinds a LoRA or MODEL can be recognised as without being a family TDM serves.
 ANY_UNET = "unet"
