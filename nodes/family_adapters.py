@@ -27,6 +27,8 @@ from tdm_core.distill import DiscreteSchedule
 from tdm_core.families import Family
 from tdm_core.lora import cogvideox_native_lora_key_map
 
+from .training_network import comfy_training_flag
+
 PARAMETRISATION_LABELS = {"flow": "rectified flow", "eps": "ε-prediction", "v": "v-prediction"}
 
 
@@ -182,12 +184,8 @@ def _flag_training_while_recording_gradients(network: torch.nn.Module) -> None:
     def forward_with_training_flag(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        previous = model_management.in_training
-        model_management.in_training = True
-        try:
+        with comfy_training_flag(True):
             return forward(*args, **kwargs)
-        finally:
-            model_management.in_training = previous
 
     network.forward = forward_with_training_flag
 

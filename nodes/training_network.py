@@ -3,6 +3,7 @@ ComfyUI's Cancel button, with gradient checkpointing over each family's repeated
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 
@@ -147,13 +148,23 @@ def _wrap_checkpoint(block: torch.nn.Module, checkpoint, copy_inputs: bool = Fal
                 kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             if in_training is None:
                 return forward(*args, **kwargs)
-            previous = model_management.in_training
-            model_management.in_training = in_training
-            try:
+            with comfy_training_flag(in_training):
                 return forward(*args, **kwargs)
-            finally:
-                model_management.in_training = previous
 
         return checkpoint(recomputable, *args, use_reentrant=False, **kwargs)
 
     block.forward = checkpointed
+
+
+@contextlib.contextmanager
+def comfy_training_flag(value: bool):
+    """Sets newer ComfyUI's process-wide `model_management.in_training` (which picks kernels that have a backward)
+    for the duration of a block, and puts the previous value back."""
+    import comfy.model_management as model_management
+
+    previous = model_management.in_training
+    model_management.in_training = value
+    try:
+        yield
+    finally:
+        model_management.in_training = previous

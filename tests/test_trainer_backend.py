@@ -23,24 +23,28 @@ DEFAULTS = dict(steps=4, grid="auto", iterations=6, lora_rank=4, lora_alpha=0.0,
 PROMPTS = ["a cat", "a dog"]
 
 
+def _nodes_module(pack, name: str):
+    return sys.modules[f"{pack.__name__}.nodes.{name}"]
+
+
 @pytest.fixture(scope="module")
 def trainer_module(pack):
-    return sys.modules[pack.__name__ + ".nodes.trainer"]
+    return _nodes_module(pack, "trainer")
 
 
 @pytest.fixture(scope="module")
 def backend_module(pack):
-    return sys.modules[pack.__name__ + ".nodes.comfy_backend"]
+    return _nodes_module(pack, "comfy_backend")
 
 
 @pytest.fixture(scope="module")
 def network_module(pack):
-    return sys.modules[pack.__name__ + ".nodes.training_network"]
+    return _nodes_module(pack, "training_network")
 
 
 @pytest.fixture(scope="module")
 def conditioning_module(pack):
-    return sys.modules[pack.__name__ + ".nodes.conditioning"]
+    return _nodes_module(pack, "conditioning")
 
 
 def _clip(family):
