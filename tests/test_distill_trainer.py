@@ -134,7 +134,7 @@ def test_checkpoints_keep_last_and_lora_metadata(tmp_path):
         meta = handle.metadata()
         keys = set(handle.keys())
     assert meta["tdm.steps"] == "4" and meta["tdm.timesteps"] == "899,674,449,224"
-    assert meta["tdm.lora_strength"] == "0.5" and meta["tdm.sampler_preset"] == "ddim"
+    assert meta["tdm.lora_strength"] == "0.5" and meta["tdm.preset"] == "ddim"
     assert meta["tdm.family"] == "reference" and meta["tdm.trained_iterations"] == "3"
     assert meta["tdm.solver"] == "ddim"  # a grid of no preset: the step the student was trained with
     assert keys == {f"{m}.lora_{ab}.weight" for m in ("in_proj", "mid", "out_proj") for ab in "AB"}

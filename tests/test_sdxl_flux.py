@@ -347,7 +347,7 @@ def test_sdxl_distillation_step_and_student_lora_in_comfyui_and_diffusers(pack, 
     expected_y = sdxl_twin.comfy.model.encode_adm(pooled_output=pooled, width=64, height=64)
     torch.testing.assert_close(runtime.backend.encode(["a cat"])["y"], expected_y, rtol=0, atol=0)
     _, lora_sd, metadata = _export(trainer, tmp_path)
-    assert metadata["tdm.family"] == "sdxl" and metadata["tdm.sampler_preset"] == "sdxl"
+    assert metadata["tdm.family"] == "sdxl" and metadata["tdm.preset"] == "sdxl"
     patches = _comfy_load(sdxl_twin, lora_sd, caplog)
     assert len(patches) == len([k for k in lora_sd if k.endswith(".alpha")])
 
@@ -386,7 +386,7 @@ def test_flux_distillation_step_and_student_lora_in_comfyui_and_diffusers(pack, 
     context, pooled = xf.tiny_text_embedding("flux", "a cat")
     torch.testing.assert_close(cond["y"], pooled, rtol=0, atol=0)
     _, lora_sd, metadata = _export(trainer, tmp_path)
-    assert metadata["tdm.family"] == "flux" and metadata["tdm.sampler_preset"] == "flux"
+    assert metadata["tdm.family"] == "flux" and metadata["tdm.preset"] == "flux"
     patches = _comfy_load(flux_twin, lora_sd, caplog)
     assert len(patches) == len([k for k in lora_sd if k.endswith(".alpha")])
     # diffusers' kohya→Flux conversion hard-codes FLUX.1's widths for the single blocks' fused linear1

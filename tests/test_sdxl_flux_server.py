@@ -19,7 +19,7 @@ def test_distillation_job_finishes_and_its_student_samples_with_the_preset(comfy
     assert finished["state"] == "finished", finished["message"]
     with safe_open(str(server.base_directory / "models" / "loras" / f"{name}.safetensors"), "pt") as handle:
         metadata = handle.metadata()
-    assert metadata["tdm.family"] == family and metadata["tdm.sampler_preset"] == family
+    assert metadata["tdm.family"] == family and metadata["tdm.preset"] == family
     check_lora_loads_and_samples(server, family, f"{name}.safetensors", family, 4)
 
 

@@ -29,9 +29,9 @@ from .files import LoraFileError
 # What the LoRA is for (any TDM LoRA: released-format saves, students of TDM Distill)
 FAMILY = "tdm.family"  # a tdm_core.families name; trusted over the key layout when it is a known one
 PRESET = "tdm.preset"  # the tdm_core.presets name whose grid/solver/strength the LoRA is sampled with
-# The same fact under the name tdm_core.distill wrote first: a preset name, or for a grid of no preset a solver name
-# ("ddim") or `tdm_ddim_<parametrisation>`. Still written next to PRESET because tests outside tdm_core.lora and
-# earlier comfyui-tdm releases read it; read only through `recorded_preset`, which takes PRESET first.
+# The same fact under the name tdm_core.distill wrote before there was one key (a preset name, or for a grid of no
+# preset a solver name, "ddim", or `tdm_ddim_<parametrisation>`): no longer written; read, for the students written
+# then, only through `recorded_preset`, which takes PRESET first.
 SAMPLER_PRESET = "tdm.sampler_preset"
 STRENGTH = "tdm.lora_strength"  # the strength `auto` applies, a finite number (|s| ≤ MAX_STRENGTH)
 
@@ -99,7 +99,6 @@ def student_metadata(*, steps: int, grid: str, timesteps: Iterable[int], paramet
         TIMESTEPS: ",".join(str(t) for t in timesteps),
         PARAMETRISATION: parametrisation,
         STRENGTH: repr(float(strength)),
-        SAMPLER_PRESET: preset or f"tdm_ddim_{parametrisation}",
         # what `auto` samples this student with (TDM LoRA Loader puts it on the MODEL)
         SOLVER: student_solver(preset, parametrisation),
         TRAINED_ITERATIONS: str(iterations),
@@ -107,7 +106,7 @@ def student_metadata(*, steps: int, grid: str, timesteps: Iterable[int], paramet
         SCHEDULE_KIND: schedule_kind,
         RECIPE: recipe or "custom",
         FORMAT_NOTE: TRAINED_HERE_NOTE,
-    } | ({FAMILY: family} if family else {})
+    } | ({PRESET: preset} if preset else {}) | ({FAMILY: family} if family else {})
 
 
 def adapter_metadata(family: str, rank: int, alpha: float, comfy_native: bool = False) -> dict[str, str]:
