@@ -80,6 +80,19 @@ def test_fresh_student_samples_like_the_teacher_and_student_changes_after_traini
     assert not torch.allclose(trainer.sample(["a cat", "a dog"], seed=7), teacher)
 
 
+def test_an_adapter_state_of_another_shape_is_refused_before_anything_is_written():
+    """A checkpoint's adapter of another rank would be broadcast by copy_ into a wrong adapter without a word."""
+    backend = make_backend(parametrisation="eps", lora_rank=4)
+    before = backend.adapter_state_dict("student")
+    narrow = {name: tensor[:1] if name.endswith("lora_A.weight") or ".lora_A." in name else tensor
+              for name, tensor in before.items()}
+    assert any(narrow[n].shape != before[n].shape for n in before)  # the rank-1 tensors copy_ would broadcast
+    with pytest.raises(ValueError, match=r"adapter 'student' state does not match the model: .* has shape"):
+        backend.load_adapter_state_dict("student", narrow)
+    after = backend.adapter_state_dict("student")
+    assert all(torch.equal(after[n], before[n]) for n in before)
+
+
 def test_generator_gradient_is_clipped_to_one():
     backend = make_backend(parametrisation="eps", lora_rank=4)
     trainer = TDMTrainer(backend, _config(grad_clip=1e-6, generator_loss="mse"))

@@ -264,6 +264,14 @@ class PeftBackend:
             missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
             raise KeyError(f"adapter '{adapter}' state does not match the model: missing {missing[:3]}, "
                            f"unexpected {extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)")
+        # A checkpoint is read from disk: a tensor of another shape would be broadcast by copy_ into a silently
+        # wrong adapter (a rank-1 tensor into a rank-16 one), so every shape is checked before anything is written.
+        wrong = [(name, tuple(getattr(state[name], "shape", ())), tuple(param.shape)) for name, param in own.items()
+                 if not isinstance(state[name], torch.Tensor) or state[name].shape != param.shape]
+        if wrong:
+            name, got, want = wrong[0]
+            raise ValueError(f"adapter '{adapter}' state does not match the model: {name} has shape {got}, the model's "
+                             f"is {want} ({len(wrong)} tensors differ; a checkpoint of another rank or model?)")
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(state[name])
