@@ -5,7 +5,7 @@ cannot name the file before the job has written it (newer ComfyUI refuses a comb
 before anything runs, and a STRING cannot feed a combo). This node takes the job instead — TDM Distill's `job_id`,
 or the job's output name — and asks the job manager for the file: `finished` waits for the job to end (Cancel ends
 the wait, never the job), `latest` takes the newest LoRA saved so far. The file is then loaded and applied by the
-same code as TDM LoRA Loader (`lora_loader.load_lora_cached` + `apply_tdm_lora`).
+same code as TDM LoRA Loader (`lora_patching.load_lora_cached` + `apply_tdm_lora`).
 
 The file name comes from the job's record (job.json, data on disk): it is resolved confined to the LoRA folder by the
 job manager's own writer (`OutputWriter.lora_path`), and refused otherwise.
@@ -17,7 +17,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from tdm_core import jobs
 
-from . import categories, inputs, job_runtime, lora_loader
+from . import categories, inputs, job_runtime, lora_patching
 
 USES = ["finished", "latest"]
 _SETTLED = ("finished", "stopped", "failed")
@@ -100,7 +100,7 @@ class TDMDistillLoraLoader(io.ComfyNode):
                             "so far, without waiting (re-queue for a newer one).",
                 ),
                 io.Combo.Input(
-                    "strength_mode", options=lora_loader.STRENGTH_MODES, default="auto",
+                    "strength_mode", options=lora_patching.STRENGTH_MODES, default="auto",
                     tooltip="auto: the strength the distilled file records (TDM Distill writes 1). manual: use "
                             "'strength'.",
                 ),
@@ -143,7 +143,7 @@ class TDMDistillLoraLoader(io.ComfyNode):
         keys = []
         for record in records:
             try:
-                file_key = lora_loader.file_key(str(manager.outputs.lora_path(record.latest_lora)))
+                file_key = lora_patching.file_key(str(manager.outputs.lora_path(record.latest_lora)))
             except (OSError, ValueError, jobs.NotOwned):
                 file_key = None
             keys.append(f"{record.id}:{record.state}:{record.checkpoint_step}:{file_key}")
@@ -160,8 +160,8 @@ class TDMDistillLoraLoader(io.ComfyNode):
         except jobs.JobError as error:
             _refuse(str(error))
         path, source = job_lora(manager, record, use)
-        lora = lora_loader.load_lora_cached(path)
-        application = lora_loader.apply_tdm_lora(model, clip, lora,
+        lora = lora_patching.load_lora_cached(path)
+        application = lora_patching.apply_tdm_lora(model, clip, lora,
                                                  None if strength_mode == "auto" else float(strength))
         report = f"{application.report()}\n{source}"
         return io.NodeOutput(application.model, application.clip, record.latest_lora, ui=ui.PreviewText(report))

@@ -48,7 +48,8 @@ def lora_file(twin, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def modules(pack):
-    return (sys.modules[f"{pack.__name__}.nodes.lora_loader"], sys.modules[f"{pack.__name__}.nodes.sampling"])
+    # the LoRA path both TDM LoRA nodes use, and the sampler nodes
+    return (sys.modules[f"{pack.__name__}.nodes.lora_patching"], sys.modules[f"{pack.__name__}.nodes.sampling"])
 
 
 def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

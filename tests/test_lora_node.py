@@ -26,7 +26,7 @@ def loras_dir(tmp_path, monkeypatch, loader):
     monkeypatch.setattr(loader, "_lora_path", lambda name: str(tmp_path / name))
     monkeypatch.setattr(loader, "_lora_files", lambda: sorted(p.relative_to(tmp_path).as_posix()
                                                                for p in tmp_path.rglob("*")))
-    loader._last_lora.update(key=None, lora=None)
+    sys.modules[f"{loader.__package__}.lora_patching"]._last_lora.update(key=None, lora=None)
     return tmp_path
 
 
@@ -223,7 +223,8 @@ def test_the_last_file_is_cached_until_it_changes(sd3_twin, loras_dir, loader, m
 
     calls = []
     real = tdm_lora.load_lora
-    monkeypatch.setattr(loader.tdm_lora, "load_lora", lambda path: calls.append(path) or real(path))
+    patching = sys.modules[f"{loader.__package__}.lora_patching"]  # where the loader's file cache lives
+    monkeypatch.setattr(patching.tdm_lora, "load_lora", lambda path: calls.append(path) or real(path))
     _, path = sd3_lora_file(sd3_twin, loras_dir / "cached.safetensors")
     for _ in range(3):
         loader.TDMLoraLoader.execute(sd3_twin.comfy, "cached.safetensors", "auto", 1.0)
