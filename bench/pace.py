@@ -138,8 +138,9 @@ def mixture_reference(target: str) -> dict:
     import torch
 
     from tdm_core.toy import mixture as mx
+    from tdm_core.toy import mixture_spec as ms
 
-    spec = mx.get_mixture(target)
+    spec = ms.get_mixture(target)
     reference = spec.sample(REFERENCE_SAMPLES, torch.Generator().manual_seed(REFERENCE_SEED))
     fresh = spec.sample(MIXTURE_SAMPLES, torch.Generator().manual_seed(FLOOR_SEED))
     noise = torch.randn(MIXTURE_SAMPLES, spec.dim, generator=torch.Generator().manual_seed(NOISE_SEED))
@@ -341,7 +342,7 @@ def main() -> int:
     import torch
 
     from tdm_core.distill import ConfigError
-    from tdm_core.toy.mixture import MIXTURES
+    from tdm_core.toy.mixture_spec import MIXTURES
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     known = [*sorted(MIXTURES), *(m + LEARNED for m in sorted(MIXTURES)), "digits", *LATENT_TARGETS]

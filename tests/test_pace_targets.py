@@ -16,7 +16,8 @@ import torch
 from tdm_core.distill import DistillConfig, TDMTrainer
 from tdm_core.distill.cli import build_backend
 from tdm_core.toy import mixture as mx
-from tdm_core.toy.teacher import vp_alphas_cumprod
+from tdm_core.toy import mixture_spec as ms
+from tdm_core.toy.sampling import vp_alphas_cumprod
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def _alpha_sigma(t: int) -> tuple[float, float]:
 
 def test_posterior_mean_of_one_component_is_the_gaussian_closed_form():
     mu = (0.3, -1.2, 0.7)
-    spec = mx.MixtureSpec("one", 3, (1.0,), (mu,), 0.25)
+    spec = ms.MixtureSpec("one", 3, (1.0,), (mu,), 0.25)
     x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     mu_t = torch.tensor(mu, dtype=torch.float64)
     for alpha, sigma in ((0.999, 0.04), (0.7, 0.714), (0.068, 0.998)):
@@ -47,7 +48,7 @@ def test_posterior_mean_of_one_component_is_the_gaussian_closed_form():
 def test_posterior_mean_matches_monte_carlo(target, t):
     """E[x0 | x_t] by self-normalised importance sampling over 400k exact x0 draws, at points on the modes and
     half-way between two of them (where the responsibilities matter)."""
-    spec = mx.MIXTURES[target]
+    spec = ms.MIXTURES[target]
     alpha, sigma = _alpha_sigma(t)
     centres = spec.centre_tensor()
     points = torch.stack([alpha * centres[0], alpha * centres[-1], alpha * 0.5 * (centres[0] + centres[1]),
@@ -66,11 +67,11 @@ def test_posterior_mean_matches_monte_carlo(target, t):
 
 
 def test_chi2_quantile_and_between_modes_on_exact_data():
-    assert mx.chi2_quantile(2) == pytest.approx(-2 * math.log(0.001), rel=1e-9)
+    assert ms.chi2_quantile(2) == pytest.approx(-2 * math.log(0.001), rel=1e-9)
     scipy_stats = pytest.importorskip("scipy.stats")
     for dim in (1, 2, 5, 16):
-        assert mx.chi2_quantile(dim) == pytest.approx(scipy_stats.chi2.ppf(0.999, dim), rel=1e-9)
-    for spec in mx.MIXTURES.values():
+        assert ms.chi2_quantile(dim) == pytest.approx(scipy_stats.chi2.ppf(0.999, dim), rel=1e-9)
+    for spec in ms.MIXTURES.values():
         data = spec.sample(20000, torch.Generator().manual_seed(3))
         assert mx.between_share(spec, data) < 0.003  # 0.001 by construction
         assert mx.mode_weight_tv(spec, data) < 0.02
@@ -82,7 +83,7 @@ def test_chi2_quantile_and_between_modes_on_exact_data():
 
 def test_named_targets_have_unequal_weights_and_separated_modes():
     for name, dim, modes in (("mix2d", 2, 5), ("mix16d", 16, 8)):
-        spec = mx.MIXTURES[name]
+        spec = ms.MIXTURES[name]
         assert (spec.dim, spec.modes) == (dim, modes)
         assert max(spec.weights) / min(spec.weights) > 10
         c = spec.centre_tensor()
@@ -120,7 +121,7 @@ def test_base_network_is_the_analytic_teacher_and_lora_moves_it():
 
 
 def test_teacher_50_lands_on_the_data_and_teacher_4_between_modes():
-    spec = mx.MIXTURES["mix2d"]
+    spec = ms.MIXTURES["mix2d"]
     reference = spec.sample(20000, torch.Generator().manual_seed(1234))
     noise = torch.randn(4096, 2, generator=torch.Generator().manual_seed(0))
     t50, t4 = mx.teacher_samples(spec, noise, 50), mx.teacher_samples(spec, noise, 4)
@@ -137,7 +138,7 @@ def test_teacher_50_lands_on_the_data_and_teacher_4_between_modes():
 
 
 def test_sliced_wasserstein_zero_for_identical_sets_and_exact_for_a_shift():
-    a = mx.MIXTURES["mix16d"].sample(3000, torch.Generator().manual_seed(5)).double()
+    a = ms.MIXTURES["mix16d"].sample(3000, torch.Generator().manual_seed(5)).double()
     assert mx.sliced_wasserstein(a, a.clone()) == 0.0
     dirs = torch.randn(16, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
@@ -151,7 +152,7 @@ def test_sliced_wasserstein_zero_for_identical_sets_and_exact_for_a_shift():
         assert d > previous
         previous = d
     # unequal sizes: quantile interpolation; same law ~ 0, a shifted law ~ the shift's distance
-    b = mx.MIXTURES["mix16d"].sample(20000, torch.Generator().manual_seed(6))
+    b = ms.MIXTURES["mix16d"].sample(20000, torch.Generator().manual_seed(6))
     same = mx.sliced_wasserstein(a, b)
     assert same < 0.03
     assert mx.sliced_wasserstein(b, a) == pytest.approx(same, rel=1e-9)
@@ -159,7 +160,7 @@ def test_sliced_wasserstein_zero_for_identical_sets_and_exact_for_a_shift():
 
 
 def test_mode_weight_tv_sees_a_lost_mode():
-    spec = mx.MIXTURES["mix2d"]
+    spec = ms.MIXTURES["mix2d"]
     data = spec.sample(20000, torch.Generator().manual_seed(7))
     centres = spec.centre_tensor().float()
     lost = data.clone()
@@ -192,7 +193,7 @@ def test_short_tdm_run_on_the_mixture_backend_changes_the_student():
     with torch.no_grad():
         a, s = _alpha_sigma(500)
         torch.testing.assert_close(backend.forward(x, t, backend.encode(["0"] * 32), "teacher"),
-                                   mx.MIXTURES["mix16d"].eps(x, a, s).float(), rtol=0, atol=1e-6)
+                                   ms.MIXTURES["mix16d"].eps(x, a, s).float(), rtol=0, atol=1e-6)
     tensors, metadata = backend.export_student_lora()
     assert metadata["tdm.family"] == "toy_mix16d" and all(k.startswith("toy.residual.") for k in tensors)
 
@@ -202,7 +203,7 @@ def test_cli_factory_builds_the_named_target():
                                                                   "target": "mix16d"})
     backend = build_backend(config)
     assert isinstance(backend, mx.MixtureBackend)
-    assert backend.spec is mx.MIXTURES["mix16d"] and backend.lora_rank == 4
+    assert backend.spec is ms.MIXTURES["mix16d"] and backend.lora_rank == 4
     with pytest.raises(ValueError, match="unknown mixture target"):
         mx.make_backend(None, target="mix3d")
 
@@ -254,7 +255,7 @@ def test_a_learned_mixture_teacher_trains_on_the_mixtures_samples():
     assert (config.dim, config.num_classes) == (16, 1)
     x0, labels = toy_teacher._training_data(config, torch.Generator().manual_seed(0))()
     assert x0.shape == (config.batch_size, 16) and bool((labels == 0).all())
-    spec = mx.get_mixture("mix16d")
+    spec = ms.get_mixture("mix16d")
     assert mx.between_share(spec, x0) < 0.01  # data, not noise
     net = toy_teacher.train_teacher(replace(config, train_steps=3, batch_size=8))
     assert net(torch.zeros(2, 16), torch.tensor([999, 0]), torch.zeros(2, dtype=torch.long)).shape == (2, 16)

@@ -9,18 +9,17 @@
 """
 
 from .backend import ToyBackend, class_prompts, make_backend, prompt_to_label
+from .cache_lock import cache_dir
 from .data import GaussianMixture2D, digits_to_uint8, load_digits_tensor
 from .metrics import DigitsMetric, GMMMetric, frechet_distance, load_digits_classifier
 from .networks import LORA_TARGET_MODULES, ToyEpsNet
-from .sampling import ddim_sample, uniform_grid
+from .sampling import ddim_sample, uniform_grid, vp_alphas_cumprod
 from .teacher import (
     DIGITS_TEACHER,
     GMM_TEACHER,
     ToyTeacher,
     ToyTeacherConfig,
-    cache_dir,
     load_or_train_teacher,
-    vp_alphas_cumprod,
 )
 
 __all__ = [

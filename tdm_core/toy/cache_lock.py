@@ -1,4 +1,4 @@
-"""One trainer per cached file.
+"""Where toy teachers are cached, and one trainer per cached file.
 
 Toy teachers are trained once and cached per machine. Two processes that miss the cache at the same moment (the test
 suite's parallel workers, the demo started beside the tests) would each train the same file: the writes are atomic,
@@ -8,6 +8,7 @@ training makes the second process wait and then reuse the first one's file.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,3 +33,9 @@ def training_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cache_dir() -> Path:
+    """Where trained toy teachers (and the metric classifier) are cached: $TDM_TOY_CACHE or ~/.cache/comfyui-tdm."""
+    env = os.environ.get("TDM_TOY_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "comfyui-tdm"

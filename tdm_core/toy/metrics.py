@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .cache_lock import cache_dir
 from .data import DIGITS_CLASSES, DIGITS_DIM, GaussianMixture2D, load_digits_tensor
 
 CLASSIFIER_SEED = 0
@@ -78,8 +79,6 @@ def _classifier_path(directory: Path) -> Path:
 
 def load_digits_classifier(directory: str | Path | None = None) -> DigitsClassifier:
     """The fixed digits classifier, trained once (seed 0) and cached; about 2 s to train on 2 CPU cores."""
-    from .teacher import cache_dir
-
     path = _classifier_path(Path(directory) if directory is not None else cache_dir())
     clf = DigitsClassifier()
     if path.is_file():

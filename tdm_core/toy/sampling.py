@@ -6,6 +6,7 @@ with x̂0 at the last grid time; the grid and the step are the shared ones of `t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -40,3 +41,20 @@ def ddim_sample(
         x0 = (x - s_t * eps) / a_t
         x = solvers.ddim_step(x, x0, sigmas[k], sigmas[k + 1], "vp")
     return x
+
+
+def vp_alphas_cumprod(kind: str, num_timesteps: int = 1000) -> torch.Tensor:
+    """ᾱ_t for t = 0..N−1 (float64).
+
+    "scaled_linear": Stable Diffusion 1.x betas, linspace(sqrt(0.00085), sqrt(0.012), N)², ᾱ_999 ≈ 0.0047;
+    "cosine": Nichol & Dhariwal's cosine schedule (s = 0.008, betas clipped at 0.999).
+    """
+    if kind == "scaled_linear":
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, num_timesteps, dtype=torch.float64) ** 2
+    elif kind == "cosine":
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    else:
+        raise ValueError(f"unknown toy schedule {kind!r}; use 'scaled_linear' or 'cosine'")
+    return torch.cumprod(1.0 - betas, dim=0)

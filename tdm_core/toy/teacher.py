@@ -29,37 +29,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .cache_lock import training_lock
+from .cache_lock import cache_dir, training_lock
 from .data import DIGITS_CLASSES, DIGITS_DIM, GaussianMixture2D, load_digits_tensor
+from .mixture_spec import get_mixture
 from .networks import ToyEpsNet
+from .sampling import vp_alphas_cumprod
 
 #: Bump when the training procedure changes in a way the config does not capture: it invalidates the cache.
 TEACHER_FORMAT_VERSION = 1
 #: The tdm_core.toy.mixture targets a teacher can also learn from samples.
 MIXTURE_TASKS = ("mix2d", "mix16d")
-
-
-def cache_dir() -> Path:
-    """Where trained toy teachers (and the metric classifier) are cached: $TDM_TOY_CACHE or ~/.cache/comfyui-tdm."""
-    env = os.environ.get("TDM_TOY_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "comfyui-tdm"
-
-
-def vp_alphas_cumprod(kind: str, num_timesteps: int = 1000) -> torch.Tensor:
-    """ᾱ_t for t = 0..N−1 (float64).
-
-    "scaled_linear": Stable Diffusion 1.x betas, linspace(sqrt(0.00085), sqrt(0.012), N)², ᾱ_999 ≈ 0.0047;
-    "cosine": Nichol & Dhariwal's cosine schedule (s = 0.008, betas clipped at 0.999).
-    """
-    if kind == "scaled_linear":
-        betas = torch.linspace(0.00085**0.5, 0.012**0.5, num_timesteps, dtype=torch.float64) ** 2
-    elif kind == "cosine":
-        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
-        f = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    else:
-        raise ValueError(f"unknown toy schedule {kind!r}; use 'scaled_linear' or 'cosine'")
-    return torch.cumprod(1.0 - betas, dim=0)
 
 
 @dataclass(frozen=True)
@@ -85,8 +64,6 @@ class ToyTeacherConfig:
     @property
     def dim(self) -> int:
         if self.task in MIXTURE_TASKS:
-            from .mixture import get_mixture
-
             return get_mixture(self.task).dim
         return DIGITS_DIM if self.task == "digits" else 2
 
@@ -138,8 +115,6 @@ def _training_data(config: ToyTeacherConfig, generator: torch.Generator):
 
         return batch
     if config.task in MIXTURE_TASKS:
-        from .mixture import get_mixture
-
         spec = get_mixture(config.task)
 
         def batch():
