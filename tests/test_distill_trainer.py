@@ -18,6 +18,7 @@ import torch
 
 from tdm_core.distill import DistillConfig, TDMTrainer, checkpoint
 from tdm_core.distill.reference import make_backend
+from tdm_devkit.states import equal_states
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,17 +166,6 @@ def test_the_solver_a_distilled_lora_records_is_its_familys_measured_choice():
     assert student_solver("", "v") == "ddim_v" and student_solver("tdm_ddim_eps", "eps") == "ddim"
 
 
-def _equal_states(a: dict, b: dict) -> bool:
-    """Two (nested) states hold the same values: tensors equal bit for bit, everything else equal."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal_states(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal_states(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 @pytest.mark.parametrize("layout", ["headless", "job"])
 def test_checkpoints_of_the_layouts_written_before_the_shared_writer_still_resume(tmp_path, layout):
     """What a headless run wrote (`checkpoint-N/state.pt`, config.json, the LoRA) and what a job wrote
@@ -199,11 +189,11 @@ def test_checkpoints_of_the_layouts_written_before_the_shared_writer_still_resum
     with open(folder / name, "wb") as handle:
         torch.save(first.state_dict(), handle)
     assert checkpoint.find_checkpoint(source) == folder
-    assert _equal_states(checkpoint.load_checkpoint(source), first.state_dict())
+    assert equal_states(checkpoint.load_checkpoint(source), first.state_dict())
     resumed = TDMTrainer.resume(source, make_backend(parametrisation="v", lora_rank=4))
     assert resumed.step_count == 2
     resumed.train(4)
-    assert _equal_states(resumed.state_dict(), straight.state_dict())
+    assert equal_states(resumed.state_dict(), straight.state_dict())
 
 
 def test_a_checkpoint_holds_the_whole_trainer_state_in_the_shared_layout(tmp_path):
@@ -222,7 +212,7 @@ def test_a_checkpoint_holds_the_whole_trainer_state_in_the_shared_layout(tmp_pat
     assert checkpoint.write_checkpoint(job, trainer.state_dict(), state_file=checkpoint.UNLISTED_STATE_FILE)
     assert sorted(p.name for p in job.iterdir()) == ["config.json", "state.tdmckpt"]
     assert not checkpoint.write_checkpoint(job, {"step": 5})  # an existing checkpoint is never replaced
-    assert _equal_states(checkpoint.read_state(job), state)
+    assert equal_states(checkpoint.read_state(job), state)
 
 
 class _NotAWeight:
