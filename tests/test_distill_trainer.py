@@ -202,14 +202,14 @@ def test_a_checkpoint_holds_the_whole_trainer_state_in_the_shared_layout(tmp_pat
     trainer = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4), _config())
     trainer.step()
     path = trainer.save_checkpoint(tmp_path)
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "state.pt", "student_lora.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "state.tdmckpt", "student_lora.safetensors"]
     state = checkpoint.read_state(path, step=1)
     assert {"format", "step", "config", "student", "fake", "opt_gen", "opt_fake", "lr_schedule", "lr_schedule_fake",
             "generator_rng", "scaler_fake", "scaler_gen", "skipped_in_a_row"} <= set(state)
     assert json.loads((path / "config.json").read_text()) == state["config"] == trainer.config.to_dict()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-") or p.name.endswith(".partial")]
     job = tmp_path / "job" / "step-00000001"
-    assert checkpoint.write_checkpoint(job, trainer.state_dict(), state_file=checkpoint.UNLISTED_STATE_FILE)
+    assert checkpoint.write_checkpoint(job, trainer.state_dict(), state_file=checkpoint.STATE_FILE)
     assert sorted(p.name for p in job.iterdir()) == ["config.json", "state.tdmckpt"]
     assert not checkpoint.write_checkpoint(job, {"step": 5})  # an existing checkpoint is never replaced
     assert equal_states(checkpoint.read_state(job), state)
@@ -251,7 +251,7 @@ def test_a_checkpoint_that_is_not_a_trainer_state_is_refused_before_use(tmp_path
         bad = state | {"config": _NotAWeight()}
     folder = tmp_path / "checkpoint-00000001"
     folder.mkdir()
-    torch.save(bad, folder / "state.pt")
+    torch.save(bad, folder / checkpoint.STATE_FILE)
     with pytest.raises(Exception, match=message) as error:
         checkpoint.check_trainer_state(checkpoint.read_state(folder, step=1))
     assert isinstance(error.value, (ValueError, pickle.UnpicklingError))
@@ -264,7 +264,7 @@ def test_exception_between_write_and_rename_keeps_the_previous_state(tmp_path, m
     trainer = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4), _config())
     trainer.step()
     good = trainer.save_checkpoint(tmp_path)
-    good_bytes = (good / "state.pt").read_bytes()
+    good_bytes = (good / checkpoint.STATE_FILE).read_bytes()
     trainer.step()
 
     def crash(tmp, final):
@@ -274,7 +274,7 @@ def test_exception_between_write_and_rename_keeps_the_previous_state(tmp_path, m
     with pytest.raises(OSError, match="injected"):
         trainer.save_checkpoint(tmp_path)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-00000001"]
-    assert (good / "state.pt").read_bytes() == good_bytes
+    assert (good / checkpoint.STATE_FILE).read_bytes() == good_bytes
     assert not list(tmp_path.glob(".tmp-*"))
     monkeypatch.undo()
     assert TDMTrainer.resume(tmp_path, make_backend(parametrisation="eps", lora_rank=4)).step_count == 1

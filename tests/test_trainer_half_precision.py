@@ -123,7 +123,7 @@ def test_non_finite_updates_are_skipped_and_never_saved(tmp_path):
     assert metrics["skipped_gen"] == 1 and metrics["skipped_fake"] == 0
     assert all(torch.equal(before[n], p) for n, p in backend._params["student"])
     path = checkpoint.save_checkpoint(trainer, tmp_path)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    state = torch.load(path / checkpoint.STATE_FILE, map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["student"].values())
 
     with pytest.raises(NonFiniteTrainingError, match="in a row had a non-finite loss"):

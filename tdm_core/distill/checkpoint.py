@@ -4,15 +4,15 @@ corrupts one. Headless runs (`python -m tdm_core.distill`, via `save_checkpoint`
 a checkpoint of one is a checkpoint of the other (a headless run can resume from a job's checkpoint folder).
 
 A checkpoint is a folder:
-  <checkpoint>/state.pt or state.tdmckpt   `torch.save` of the session's state dict; a trainer's
+  <checkpoint>/state.tdmckpt               `torch.save` of the session's state dict; a trainer's
                                            (`TDMTrainer.state_dict`, format "tdm-distill-state/1") holds both
                                            adapters, both optimisers, both LR schedules, loss scalers, step, the
                                            trainer's own RNG state and the config
   <checkpoint>/config.json                 the config, readable (written when the state holds one)
   <checkpoint>/<extra files>               what the owner adds: a headless run its student LoRA
-The state file's name is the owner's choice among the two the reader knows: a job's folder lies inside ComfyUI's
-`models/loras`, whose lists show every `.pt` file, so jobs use `state.tdmckpt` (no model-file extension); a headless
-run's folder keeps `state.pt`. The content and the reading are the same.
+The state file is `state.tdmckpt` for every owner: not a model-file extension, because a job's folder lies inside
+ComfyUI's `models/loras`, whose lists show every `.pt` file, and a headless run may write there too (its LoRA then
+appears in ComfyUI's list; its states must not). Headless runs wrote `state.pt` before; the reader takes either.
 
 Writing: every file is written under a temporary name, fsynced and renamed, inside a temporary folder
 (`temporary_folder`: `.tmp-<name>-<pid>` next to the checkpoint); the folder is fsynced, renamed into place (an atomic
@@ -26,8 +26,8 @@ and plain containers only, no code), and the state's shape is checked (`read_sta
 `check_trainer_state`: a trainer's fields and their types).
 
 Layouts written before this module was shared, both still read: a headless run's `checkpoint-N/state.pt` (with
-`config.json` and `student_lora.safetensors`) is what it still writes; a job's `checkpoints/step-N/state.tdmckpt`
-had no `config.json`, which the reader never needs (the state holds the config).
+`config.json` and `student_lora.safetensors`); a job's `checkpoints/step-N/state.tdmckpt` without `config.json`,
+which the reader never needs (the state holds the config).
 
 A headless run's folder (`save_checkpoint`):
   checkpoint-00000100/                    a checkpoint as above, with the student LoRA of that step
@@ -55,9 +55,9 @@ from pathlib import Path
 import torch
 
 TRAINER_FORMAT = "tdm-distill-state/1"
-STATE_FILE = "state.pt"  # a headless run's checkpoints
-UNLISTED_STATE_FILE = "state.tdmckpt"  # a job's checkpoints, inside models/loras (not a model-file extension)
-STATE_FILES = (STATE_FILE, UNLISTED_STATE_FILE)
+STATE_FILE = "state.tdmckpt"  # every checkpoint's: a name ComfyUI's model lists never show
+LEGACY_STATE_FILE = "state.pt"  # headless runs' checkpoints before the one format (read only)
+STATE_FILES = (STATE_FILE, LEGACY_STATE_FILE)
 CONFIG_FILE = "config.json"
 LORA_FILE = "student_lora.safetensors"
 MAX_STEP = 10**9  # far above any run (jobs stop at 1e6 iterations); bounds a planted step before it is used
@@ -267,7 +267,7 @@ def load_checkpoint(path: str | Path) -> dict:
     folder: `read_state` and `check_trainer_state`."""
     folder = find_checkpoint(path)
     if folder is None:
-        raise FileNotFoundError(f"no checkpoint-* folder with a {STATE_FILE} in {path}")
+        raise FileNotFoundError(f"no checkpoint-* folder with a {' or '.join(STATE_FILES)} in {path}")
     file = state_file(folder)
     return check_trainer_state(read_state(file), str(file))
 
