@@ -1,15 +1,26 @@
-"""From TDM Distill's inputs to a job: its prompts, its settings as the job records them, and its runtime (the
-teacher's training network with both adapters, the DistillConfig of the chosen recipe, previews), built on the
-prompt executor's thread. `nodes/trainer.py` holds the nodes; `tdm_core.jobs` runs what this builds.
+"""From TDM Distill's inputs to a job: its prompts, the settings its record holds, and its runtime (the teacher's
+training network with both adapters, the job's DistillConfig, previews), built on the prompt executor's thread.
+`nodes/trainer.py` holds the nodes; `tdm_core.jobs` runs what this builds.
+
+A job's record speaks one vocabulary (`JobSettings`, job.json's `settings`): the DistillConfig the job learns, the
+ComfyUI-only options its runtime is built with (`comfy`: size, grid choice, unconditional prompt, memory options, the
+knobs the node changed from the recipe), and the lines the panel and the status show. A resume rebuilds the runtime
+from those, never by resolving the node's widgets through a recipe again, so a job keeps what it learned when a recipe
+or a default changes later. Records written before held TDM Distill's widget values (`lora_rank` -1, `recipe_used`,
+`prompt_list`, ...): the start node converts one when it reads it, the way its job resolved them (its checkpoint's
+config, which wins on resume anyway, was built from the same values), and the resume writes it back in this shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from tdm_core import jobs, schedules
+from tdm_core import jobs, recipes, schedules
 from tdm_core.distill import ConfigError, DistillConfig
 
 from . import comfy_backend, conditioning, family_adapters, inputs, recipe_inputs, training_network
@@ -78,54 +89,163 @@ class ComfyRuntime:
         self.backend.to(torch.device("cpu"), keep=in_use)
 
 
-def settings_from_inputs(values: dict, prompts: list[str]) -> dict:
-    settings = {k: v for k, v in values.items() if k not in ("model", "clip", "prompts", "prompts_file")}
-    settings["prompt_list"] = prompts
-    return settings
+# The ComfyUI-only options a job records beside its DistillConfig (TDM Distill's input names): what its runtime is
+# built with that the config does not hold. How often to save and preview are the record's own fields.
+COMFY_OPTIONS = ("width", "height", "grid", "unconditional_prompt", "dtype", "offload", "gradient_checkpointing")
+# Of those, the ones that change what the job learns; the others are run options.
+LEARNED_COMFY = ("width", "height", "grid", "unconditional_prompt")
+# Inputs a queue may change without making another job, applied when it resumes one: how long and how it runs, not
+# what it learns. Every other setting defines the LoRA (prompts, grid, steps, cfg, rates, rank, size, batch, seed...).
+RUN_OPTIONS = ("iterations", "gradient_checkpointing", "dtype", "offload", "save_every", "keep_last", "preview_every")
+# DistillConfig fields never compared with the existing job's: the run options, the headless runs' own (a job does not
+# use them), and what the teacher and the grid choice decide (the teacher check and the grid choice compare those).
+_NOT_COMPARED = frozenset({"iterations", "keep_last", "checkpoint_every", "preview_every", "log_every", "output_dir",
+                           "preview_prompts", "dtype", "family", "timesteps", "total_steps", "sampler_preset",
+                           "recommended_strength", "teacher"})
+_CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(DistillConfig))
+
+
+@dataclass
+class JobSettings:
+    """What a job's record holds as its `settings`: what it learns and how its runtime is built."""
+
+    config: DistillConfig
+    comfy: dict  # COMFY_OPTIONS by input name; "recipe_changes": the knobs the node changed ("cfg 3.5", ...)
+    recipe_description: str = ""
+    grid_description: str = ""
+
+    def record(self) -> dict:
+        return {"config": self.config.to_dict(), "comfy": dict(self.comfy),
+                "recipe_description": self.recipe_description, "grid_description": self.grid_description}
+
+    def learned(self) -> dict:
+        """What the job learns, by name: the config's fields but those of _NOT_COMPARED, and the comfy options
+        that change it."""
+        values = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_COMPARED}
+        return values | {k: self.comfy[k] for k in LEARNED_COMFY if k in self.comfy}
+
+
+def settings_from_inputs(values: dict, prompts: list[str], family: str, grid=None,
+                         recorded: JobSettings | None = None) -> JobSettings:
+    """The settings a job started from TDM Distill's inputs records. `grid`: the training grid (None where the settings
+    are only compared: the grid choice stands for it). `recorded`: an existing job's, when asking what the inputs would
+    make of that job: `auto` is the recipe the job resolved, and a knob left to the recipe keeps the job's value
+    unless the job's node had changed it (the recipe's value, the one the node now asks for, is then compared)."""
+    if recorded is not None and values.get("recipe", recipes.AUTO) == recipes.AUTO:
+        values = dict(values, recipe_used=recorded.config.recipe)
+    knobs, changed, recipe, explicit = recipe_inputs.resolve_knobs(values, family)
+    if recorded is not None and recipe == recorded.config.recipe:
+        kept = recorded.config.to_dict()
+        own = explicit | recipe_inputs.changed_fields(recorded.comfy.get("recipe_changes", []))
+        knobs = {key: value if key in own or key not in kept else kept[key] for key, value in knobs.items()}
+    try:
+        config = DistillConfig(
+            prompts=list(prompts), steps=int(values["steps"]), timesteps=grid.timesteps if grid else None,
+            seed=int(values["seed"]), iterations=int(values["iterations"]),
+            total_steps=schedules.TRAINING_DEMO_TOTAL_STEPS, keep_last=int(values["keep_last"]), family=family,
+            recommended_strength=1.0, sampler_preset=grid.preset if grid else "", **knobs)
+    except (ConfigError, TypeError, ValueError) as error:
+        raise ValueError(f"TDM Distill (recipe {recipe}): {error}") from None
+    comfy = {key: values[key] for key in COMFY_OPTIONS} | {"recipe_changes": changed}
+    return JobSettings(config, comfy, recipe_inputs.description(recipe, changed), grid.description if grid else "")
+
+
+def new_job_settings(model, values: dict, prompts: list[str]) -> JobSettings:
+    """A new job's settings from TDM Distill's inputs and the teacher MODEL (its family and training grid)."""
+    family = comfy_backend.model_family(model)
+    family_adapters.check_distillable(model, family)
+    _, grid = _training_grid(model, family, values, int(values["steps"]))
+    return settings_from_inputs(values, prompts, family, grid)
+
+
+def recorded_settings(record: jobs.JobRecord, values: dict, model, check: Callable[[dict], None]) -> JobSettings:
+    """An existing job's settings from its record, checked: job.json is data on disk anyone can edit (the config was
+    checked field by field when it was read back; `check` holds TDM Distill's input values to the node's rules).
+    Options the record lacks (inputs added to the node after the job started) take the workflow's values. A record
+    written before jobs recorded their DistillConfig is converted, with the teacher MODEL's family and grid."""
+    settings = record.settings
+    if "config" in settings:
+        config = jobs.record_config(settings["config"])
+        recorded_prompts(config.prompts, record)
+        comfy = dict(settings.get("comfy") or {})
+        for key in COMFY_OPTIONS:
+            comfy.setdefault(key, values[key])
+        check({key: comfy[key] for key in COMFY_OPTIONS})
+        changes = comfy.setdefault("recipe_changes", [])
+        if not isinstance(changes, list) or not all(
+                isinstance(c, str) and c.split(" ", 1)[0] in _CONFIG_FIELDS for c in changes):
+            raise ValueError(f"the record of TDM job {record.id} '{record.name}' names recipe changes that are not "
+                             "DistillConfig fields; start a new job under another output name")
+        return JobSettings(config, comfy, str(settings.get("recipe_description", "")),
+                           str(settings.get("grid_description", "")))
+    old = dict(settings)
+    prompts = recorded_prompts(old.get("prompt_list"), record)
+    for key, value in values.items():
+        if key not in ("prompts", "prompts_file"):
+            old.setdefault(key, value)
+    check(old)
+    family = comfy_backend.model_family(model)
+    _, grid = _training_grid(model, family, old, int(old["steps"]))
+    converted = settings_from_inputs(old, prompts, family, grid)
+    for key in ("recipe_description", "grid_description"):  # as the job showed them
+        if isinstance(old.get(key), str) and old[key]:
+            setattr(converted, key, old[key])
+    return converted
+
+
+def with_run_options(recorded: JobSettings, values: dict) -> JobSettings:
+    """The job's settings with the run options of the queued node (memory: the usual fix after running out of it)."""
+    config = dataclasses.replace(recorded.config, iterations=int(values["iterations"]),
+                                 keep_last=int(values["keep_last"]))
+    comfy = dict(recorded.comfy, **{key: values[key] for key in RUN_OPTIONS if key in COMFY_OPTIONS})
+    return dataclasses.replace(recorded, config=config, comfy=comfy)
+
+
+def _training_grid(model, family: str, options: dict, steps: int):
+    """(latent shape, training grid) for the width, height and grid choice of `options`."""
+    width, height = int(options["width"]), int(options["height"])
+    if width % 16 or height % 16:
+        raise ValueError(f"width and height must be multiples of 16 (got {width}×{height})")
+    latent_shape = (int(model.model.latent_format.latent_channels), height // 8, width // 8)
+    grid = comfy_backend.training_grid(model, family, options["grid"], steps, schedules.TRAINING_DEMO_TOTAL_STEPS,
+                                       latent_shape=latent_shape)
+    return latent_shape, grid
 
 
 def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
-    """The job's runtime from the teacher MODEL/CLIP and the node's settings: (runtime, teacher fingerprint, grid).
+    """The runtime of a new job started with TDM Distill's inputs `settings`: `job_runtime` of its settings."""
+    return job_runtime(model, clip, new_job_settings(model, settings, prompts), vae)
+
+
+def job_runtime(model, clip, job: JobSettings, vae=None):
+    """The job's runtime from the teacher MODEL/CLIP and its settings: (runtime, teacher fingerprint, grid).
     Runs on the prompt executor's thread (CLIP encoding, building the training network on ComfyUI's loaded weights
     and adapter creation use ComfyUI's memory manager and the process RNG)."""
     import comfy.model_management
 
+    config, options = job.config, job.comfy
     family = comfy_backend.model_family(model)
     family_adapters.check_distillable(model, family)
     parametrisation = comfy_backend.model_parametrisation(model)
-    latent_format = model.model.latent_format
-    channels = int(latent_format.latent_channels)
-    width, height = int(settings["width"]), int(settings["height"])
-    if width % 16 or height % 16:
-        raise ValueError(f"width and height must be multiples of 16 (got {width}×{height})")
-    latent_shape = (channels, height // 8, width // 8)
-    grid = comfy_backend.training_grid(model, family, settings["grid"], int(settings["steps"]),
-                                       schedules.TRAINING_DEMO_TOTAL_STEPS, latent_shape=latent_shape)
-    knobs, changed, recipe = recipe_inputs.distill_settings(settings, family)
-    family_adapters.check_distillable(model, family, knobs["cfg"])
+    channels = int(model.model.latent_format.latent_channels)
+    latent_shape, grid = _training_grid(model, family, options, config.steps)
+    family_adapters.check_distillable(model, family, config.cfg)
     try:
-        config = DistillConfig(
-            prompts=prompts, steps=int(settings["steps"]), timesteps=grid.timesteps, seed=int(settings["seed"]),
-            iterations=int(settings["iterations"]), total_steps=schedules.TRAINING_DEMO_TOTAL_STEPS,
-            keep_last=int(settings["keep_last"]), family=family, recommended_strength=1.0, sampler_preset=grid.preset,
-            **knobs)
         config.validate(num_timesteps=grid.schedule.num_timesteps)
-    except (ConfigError, TypeError, ValueError) as error:
-        raise ValueError(f"TDM Distill (recipe {recipe}): {error}") from None
-    settings["recipe_used"] = recipe
-    settings["recipe_description"] = recipe_inputs.description(recipe, changed)
+    except ConfigError as error:
+        raise ValueError(f"TDM Distill (recipe {config.recipe}): {error}") from None
 
-    offload = settings["offload"]
+    offload = options["offload"]
     if offload == "unload_comfy_models":
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
     device = torch.device("cpu") if offload == "train_on_cpu" else comfy.model_management.get_torch_device()
-    conds = conditioning.encode_prompts(clip, prompts, settings["unconditional_prompt"], model=model, family=family,
-                                         latent_shape=latent_shape)
+    conds = conditioning.encode_prompts(clip, config.prompts, options["unconditional_prompt"], model=model,
+                                         family=family, latent_shape=latent_shape)
     conditioning.release_text_encoders(clip)  # before the teacher is made ready, so both never share the device
-    network = training_network.training_network(model, device, comfy_backend.DTYPES[settings["dtype"]])
+    network = training_network.training_network(model, device, comfy_backend.DTYPES[options["dtype"]])
     family_adapters.adapter(family).prepare_for_training(network)
-    if settings["gradient_checkpointing"]:
+    if options["gradient_checkpointing"]:
         training_network.enable_gradient_checkpointing(network)
     # The loaded (patched) weights, before any dtype change: a resume with other memory options still matches.
     teacher = comfy_backend.teacher_fingerprint(model.model.diffusion_model, family, parametrisation, channels)
@@ -137,13 +257,12 @@ def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
                                              adapter_seed=config.seed)
     preview = (comfy_backend.vae_preview_decoder(model, vae, device) if vae is not None
                else comfy_backend.latent_preview_decoder(model))
-    metadata = comfy_backend.family_metadata(grid.preset, family, recipe_changes=changed)
+    metadata = comfy_backend.family_metadata(grid.preset, family, recipe_changes=options.get("recipe_changes", []))
     runtime = ComfyRuntime(backend, config, device, preview, metadata, comfy_model=model.model)
     return runtime, teacher, grid
 
 
-def recorded_prompts(settings: dict, record: jobs.JobRecord) -> list[str]:
-    prompts = settings.get("prompt_list")
+def recorded_prompts(prompts, record: jobs.JobRecord) -> list[str]:
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts) or sum(
             len(p) for p in prompts) > inputs.MAX_TEXT:
         raise ValueError(f"the record of TDM job {record.id} '{record.name}' holds no valid prompt list; start a new "
@@ -151,23 +270,17 @@ def recorded_prompts(settings: dict, record: jobs.JobRecord) -> list[str]:
     return list(prompts)
 
 
-# Inputs a queue may change without making another job, applied when it resumes one: how long and how it runs, not
-# what it learns. Every other setting defines the LoRA (prompts, grid, steps, cfg, rates, rank, size, batch, seed...).
-RUN_OPTIONS = ("iterations", "gradient_checkpointing", "dtype", "offload", "save_every", "keep_last", "preview_every")
-# Never compared with the existing job's: the run options, and how the node names the job and treats a taken name.
-_NOT_LEARNED = (*RUN_OPTIONS, "if_exists", "output_name")
-
-
-def edited_settings(recorded: dict, queued: dict) -> list[str]:
+def edited_settings(recorded: JobSettings, queued: JobSettings) -> list[str]:
     """What the queued node changes in what the existing job learns, in words ("cfg 2.0 → 3.0")."""
+    old = recorded.learned()
     edited = []
-    for key, value in queued.items():
-        if key in _NOT_LEARNED or key not in recorded or recorded[key] == value:
+    for key, value in queued.learned().items():
+        if key not in old or old[key] == value:
             continue
-        old = recorded[key]
-        if key == "prompt_list":
-            edited.append(f"prompts ({len(old) if isinstance(old, list) else '?'} → {len(value)} lines, edited)"
-                          if not isinstance(old, list) or len(old) != len(value) else "prompts (edited)")
+        prior = old[key]
+        if key == "prompts":
+            edited.append(f"prompts ({len(prior) if isinstance(prior, list) else '?'} → {len(value)} lines, edited)"
+                          if not isinstance(prior, list) or len(prior) != len(value) else "prompts (edited)")
         else:
-            edited.append(f"{key} {str(old)[:40]} → {str(value)[:40]}")
+            edited.append(f"{key} {str(prior)[:40]} → {str(value)[:40]}")
     return edited

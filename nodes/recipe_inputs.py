@@ -78,8 +78,9 @@ def knob_inputs() -> list:
 
 
 def recipe_name(settings: dict, family: str) -> str:
-    """The recipe the job trains with: the one chosen, or for auto the teacher family's. A job records the name it resolved (`recipe_used`), so resuming it later keeps it even if
-    auto's choice changed in between."""
+    """The recipe the job trains with: the one chosen, or for auto the teacher family's. A job records the name it
+    resolved (its DistillConfig's `recipe`; `recipe_used` in records written before), so resuming it later keeps it
+    even if auto's choice changed in between."""
     chosen = settings.get("recipe_used") or settings.get("recipe", recipes.AUTO)
     if chosen != recipes.AUTO:
         recipes.get_recipe(chosen)  # an unknown name from a record on disk is refused here
@@ -94,20 +95,30 @@ def _set(value) -> bool:
 def distill_settings(settings: dict, family: str) -> tuple[dict, list[str], str]:
     """(DistillConfig keyword arguments of the recipe knobs, the knobs the node overrode as "name value" texts,
     the recipe's name) for a job's settings."""
+    return resolve_knobs(settings, family)[:3]
+
+
+def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, set[str]]:
+    """`distill_settings`' three, and the DistillConfig fields the node sets itself (a value other than "the
+    recipe's", whether or not it equals the recipe's; student_lr too when learning_rate scales it): what an existing
+    job's recipe values must not stand in for when the node is compared with that job."""
     name = recipe_name(settings, family)
     _, values = recipes.resolve(name, family)
     knobs = {key: v.value for key, v in values.items()}
     changed: list[str] = []
+    explicit: set[str] = set()
 
     def override(field: str, value) -> None:
         if knobs.get(field) != value:
             changed.append(f"{field} {value!r}")
         knobs[field] = value
+        explicit.add(field)
 
     lr = settings.get("learning_rate", FROM_RECIPE)
     if _set(lr):
         # the student's lr keeps the recipe's ratio to the fake score's, unless it is set itself
         knobs["student_lr"] = knobs["student_lr"] * float(lr) / knobs["lr"]
+        explicit.add("student_lr")
         override("lr", float(lr))
     if _set(settings.get("student_learning_rate")):
         override("student_lr", float(settings["student_learning_rate"]))
@@ -126,6 +137,8 @@ def distill_settings(settings: dict, family: str) -> tuple[dict, list[str], str]
             betas[index] = float(settings[node_key])
     if tuple(betas) != tuple(knobs["adam_betas"]):
         override("adam_betas", tuple(betas))
+    if _set(settings.get("adam_beta1")) or _set(settings.get("adam_beta2")):
+        explicit.add("adam_betas")
     for node_key, field in (("grad_clip_student", "grad_clip"), ("grad_clip_fake", "grad_clip_fake"),
                             ("importance_clip", "importance_clip")):
         if _set(settings.get(node_key)):
@@ -136,7 +149,12 @@ def distill_settings(settings: dict, family: str) -> tuple[dict, list[str], str]
             override("tau_logit_mean", float(settings.get("tau_logit_mean", 0.0)))
             override("tau_logit_std", float(settings.get("tau_logit_std", 1.0)))
     knobs["recipe"] = name
-    return knobs, changed, name
+    return knobs, changed, name, explicit
+
+
+def changed_fields(changes: list[str]) -> set[str]:
+    """The DistillConfig fields of `changed` texts ("cfg 3.5": a field name, a space, the value's repr)."""
+    return {text.split(" ", 1)[0] for text in changes}
 
 
 def description(name: str, changed: list[str]) -> str:

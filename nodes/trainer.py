@@ -14,6 +14,7 @@ again: queue the workflow with the same output name and if_exists = resume.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from comfy_api.v0_0_2 import io, ui
@@ -24,13 +25,15 @@ from . import categories, comfy_backend, inputs, recipe_inputs
 from .distill_images import loss_curve_image, preview_image
 from .distill_jobs import (
     NO_FILE,
-    RUN_OPTIONS,
-    build_runtime,
+    build_runtime,  # noqa: F401 - a new job's runtime from the node's inputs, for tests and bench/ (trainer.build_runtime)
     edited_settings,
     input_text_files,
+    job_runtime,
+    new_job_settings,
     read_prompts,
-    recorded_prompts,
+    recorded_settings,
     settings_from_inputs,
+    with_run_options,
 )
 from .job_runtime import get_manager, wait_for_job
 
@@ -54,11 +57,18 @@ def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
     manager = get_manager()
     name = jobs.validate_output_name(values["output_name"], manager.loras_dir)
     existing = manager.find(name)
-    if existing is not None:
+    prompts = read_prompts(values["prompts"], values["prompts_file"])
+    if existing is None:
+        job = new_job_settings(model, values, prompts)
+    else:
+        # The job's own settings (a record written before converted), checked by the node's rules: job.json is data
+        # on disk.
+        recorded = recorded_settings(existing, values, model, functools.partial(inputs.check_inputs, TDMDistillStart))
         # A queue with edited settings (the prompts of a distil-then-sample graph, say) must not come back with the
-        # old job's LoRA: neither reuse nor resume it, say what differs and offer a free name.
-        edited = edited_settings(existing.settings,
-                                  settings_from_inputs(values, read_prompts(values["prompts"], values["prompts_file"])))
+        # old job's LoRA: neither reuse nor resume it, say what differs and offer a free name. What the node would
+        # make the job learn is compared with what it learns; run options are not.
+        edited = edited_settings(recorded, settings_from_inputs(values, prompts, recorded.config.family,
+                                                                recorded=recorded))
         if edited:
             raise ValueError(
                 f"output name '{name}' belongs to TDM job {existing.id} ({existing.state} at step {existing.step}/"
@@ -72,25 +82,16 @@ def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
             return existing
         if existing.state == "finished" and values["iterations"] <= existing.step:
             return existing
-        # Resume: the job's own settings (a different rank or grid could not load its checkpoint).
-        # Run options may change on resume (memory: the usual fix after running out of it; how often to save).
-        settings = dict(existing.settings, **{k: values[k] for k in RUN_OPTIONS})
-        prompts = recorded_prompts(settings, existing)
-        # An input added to the node after the job started takes the workflow's value.
-        for key, value in values.items():
-            if key not in ("prompts", "prompts_file"):
-                settings.setdefault(key, value)
-        # The settings come from job.json on disk: checked by the same rules as the node's own inputs.
-        inputs.check_inputs(TDMDistillStart, settings)
-    else:
-        prompts = read_prompts(values["prompts"], values["prompts_file"])
-        settings = settings_from_inputs(values, prompts)
+        # Resume: the job's own settings, as recorded (a different rank or grid could not load its checkpoint, and a
+        # recipe changed since must not change the job). Run options may change on resume (memory: the usual fix
+        # after running out of it; how often to save).
+        job = with_run_options(recorded, values)
 
-    runtime, teacher, grid = build_runtime(model, clip, settings, prompts, vae)
-    settings["grid_description"] = grid.description
-    return manager.submit(name, runtime, int(settings["iterations"]), save_every=int(settings["save_every"]),
-                          keep_last=int(settings["keep_last"]), preview_every=int(settings["preview_every"]),
-                          settings=settings, teacher=teacher, if_exists=values["if_exists"])
+    runtime, teacher, grid = job_runtime(model, clip, job, vae)
+    job.grid_description = grid.description
+    return manager.submit(name, runtime, job.config.iterations, save_every=int(values["save_every"]),
+                          keep_last=int(values["keep_last"]), preview_every=int(values["preview_every"]),
+                          settings=job.record(), teacher=teacher, if_exists=values["if_exists"])
 
 
 def _refuse(error: Exception):

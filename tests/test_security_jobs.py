@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_jobs import FakeRuntime, FakeSession, _weight_after
 
 from tdm_core import jobs
-from tdm_core.distill import checkpoint
+from tdm_core.distill import DistillConfig, checkpoint
 
 WEIGHT = "diffusion_model.x.lora_up.weight"
 
@@ -115,6 +115,16 @@ def _write_its_loras(loras, record: dict) -> None:
         (loras / name).write_bytes(b"lora")
 
 
+# A DistillConfig as a job records it, and the settings around it (tdm_core.jobs.records.record_settings)
+_CONFIG = DistillConfig(prompts=["a cat", "a dog"], recipe="official_demo", family="sd3").to_dict()
+
+
+def _settings(**changes) -> dict:
+    return dict({"config": _CONFIG, "comfy": {"width": 512, "grid": "auto", "gradient_checkpointing": False,
+                                              "recipe_changes": ["cfg 3.5"]},
+                 "recipe_description": "official_demo (Official demo script)", "grid_description": "sd3"}, **changes)
+
+
 PLANTED = {
     "list": "[]",
     "string": '"job"',
@@ -141,6 +151,22 @@ PLANTED = {
     "history-not-points": _good_record(history=[["a", 1, 2]]),
     "history-object": _good_record(history={"x": 1}),
     "settings-list": _good_record(settings=[1, 2]),
+    # the settings jobs record now: a DistillConfig checked field by field, plain comfy options, text descriptions
+    "config-not-object": _good_record(settings=_settings(config=[1])),
+    "config-unknown-field": _good_record(settings=_settings(config=dict(_CONFIG, evil=1))),
+    "config-text-number": _good_record(settings=_settings(config=dict(_CONFIG, lr="1e-4"))),
+    "config-bool-rank": _good_record(settings=_settings(config=dict(_CONFIG, lora_rank=True))),
+    "config-zero-rank": _good_record(settings=_settings(config=dict(_CONFIG, lora_rank=0))),
+    "config-huge-seed": _good_record(settings=_settings(config=dict(_CONFIG, seed=2**80))),
+    "config-no-prompts": _good_record(settings=_settings(config=dict(_CONFIG, prompts=[]))),
+    "config-prompt-object": _good_record(settings=_settings(config=dict(_CONFIG, prompts=[{"a": 1}]))),
+    "config-teacher-factory": _good_record(settings=_settings(config=dict(_CONFIG, teacher={"factory": "os:system"}))),
+    "config-betas-number": _good_record(settings=_settings(config=dict(_CONFIG, adam_betas=0.9))),
+    "config-timesteps-text": _good_record(settings=_settings(config=dict(_CONFIG, timesteps="999"))),
+    "config-tau-mode": _good_record(settings=_settings(config=dict(_CONFIG, tau_mode="exploded"))),
+    "comfy-object-value": _good_record(settings=_settings(comfy={"width": {"x": 1}})),
+    "comfy-list": _good_record(settings=_settings(comfy=[1])),
+    "description-object": _good_record(settings=_settings(recipe_description={"html": "<script>"})),
     "checkpoints-bad": _good_record(checkpoints=["../x"]),
     "keep-last-zero": _good_record(keep_last=0),
     "message-object": _good_record(message={"html": "<script>"}),
@@ -184,6 +210,34 @@ def test_a_good_old_record_without_the_new_fields_still_loads(tmp_path):
     _write_its_loras(loras, record)
     loaded = _manager(tmp_path).get(record["id"])
     assert loaded.checkpoints == [4] and loaded.loras == ["good-step00000004.safetensors"]
+
+
+def test_a_record_of_the_current_shape_loads_with_its_config_checked(tmp_path):
+    """The settings jobs record now load field by field: the config as a DistillConfig gives it back, the recipe
+    kept by name even when no recipe of that name exists any more (the record holds every knob), unknown keys
+    dropped."""
+    loras = tmp_path / "loras"
+    config = dict(_CONFIG, recipe="a_recipe_removed_since", cfg=3)
+    record = _good_record(settings=dict(_settings(config=config), extra={"x": 1}))
+    (loras / ".tdm_jobs" / record["id"]).mkdir(parents=True)
+    (loras / ".tdm_jobs" / record["id"] / "job.json").write_text(json.dumps(record))
+    _write_its_loras(loras, record)
+    manager = _manager(tmp_path)
+    settings = manager.get(record["id"]).settings
+    assert settings == dict(_settings(config=dict(config, cfg=3.0)))
+    assert isinstance(settings["config"]["cfg"], float)
+    manager.close()
+
+
+def test_every_distill_config_field_has_a_record_check():
+    """`record_config` checks a field by its annotation: every field of a DistillConfig, set, comes back equal (a
+    field added without a check fails here, not on a user's record)."""
+    config = DistillConfig(prompts=["a cat"], timesteps=[999, 749, 500, 250], student_lr=1e-5, grad_clip_fake=2.0,
+                           importance_clip=20.0, lora_alpha=8.0, lora_target_modules=["to_q"],
+                           preview_prompts=["a dog"], randmid=True, recipe="official_demo", family="sd15")
+    assert jobs.record_config(config.to_dict()).to_dict() == config.to_dict()
+    assert jobs.record_config(DistillConfig(prompts=["a cat"]).to_dict()).to_dict() == DistillConfig(
+        prompts=["a cat"]).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ gradient checkpointing, and resume equivalence through the job manager."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -371,3 +372,110 @@ def test_parking_a_job_moves_only_what_comfyui_does_not_hold(trainer_module, sd3
     everything = {id(t) for _, _, t in runtime.backend.tensors_to_move(elsewhere)}
     assert everything == {id(t) for t in [*named.values(), *runtime.backend.model.buffers()]}
     assert not list(runtime.backend.tensors_to_move(torch.device("cpu")))  # nothing to do where it already is
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job's record: its DistillConfig and ComfyUI options, one vocabulary (issue 24, item 3)
+
+
+def _start_job(trainer_module, monkeypatch, manager, twin, **changes):
+    """TDM Distill's `start_job` on `manager` with DEFAULTS (output "tiny"), as the node runs it."""
+    monkeypatch.setattr(trainer_module, "get_manager", lambda: manager)
+    values = dict(DEFAULTS, prompts="\n".join(PROMPTS), prompts_file="(none)", output_name="tiny",
+                  if_exists="refuse")
+    values.update(changes)
+    with torch.inference_mode():  # as ComfyUI executes nodes
+        return trainer_module.start_job(twin.comfy, _clip(twin.family), values)
+
+
+def _old_settings(values: dict, record_settings: dict) -> dict:
+    """job.json's settings as TDM Distill wrote them before jobs recorded their DistillConfig: its widget values (the
+    inputs but the prompt sources), the prompt list, the recipe auto resolved, the two descriptions."""
+    old = {k: v for k, v in values.items() if k not in ("prompts", "prompts_file")}
+    return dict(old, prompt_list=list(PROMPTS), recipe_used=record_settings["config"]["recipe"],
+                recipe_description=record_settings["recipe_description"],
+                grid_description=record_settings["grid_description"])
+
+
+def test_a_job_records_its_config_and_a_resume_keeps_it_when_the_recipe_changes(trainer_module, sd3_twin, tmp_path,
+                                                                              monkeypatch):
+    """job.json holds the DistillConfig the job learns (the one its checkpoint holds) and the ComfyUI-only options.
+    A resume rebuilds from them: a recipe changed since changes nothing of the job, while an edit on the node (even
+    to the recipe's new value) is still refused."""
+    from tdm_core import recipes
+
+    manager = jobs.JobManager(tmp_path)
+    record = _start_job(trainer_module, monkeypatch, manager, sd3_twin, iterations=2, save_every=1)
+    assert manager.wait(record.id, timeout=300).state == "finished"
+    settings = manager.get(record.id).settings
+    assert set(settings) == {"config", "comfy", "recipe_description", "grid_description"}
+    assert settings["comfy"] == {"width": 64, "height": 64, "grid": "auto", "unconditional_prompt": "", "dtype": "auto",
+                                 "offload": "train_on_cpu", "gradient_checkpointing": False,
+                                 "recipe_changes": ["lora_rank 4"]}
+    assert settings["recipe_description"].startswith("official_demo (") and settings["grid_description"]
+    checkpoint = tmp_path / jobs.JOBS_FOLDER / record.id / "checkpoints" / "step-00000002"
+    assert json.loads((checkpoint / "config.json").read_text()) == settings["config"]  # one config, both places
+    on_disk = json.loads((tmp_path / jobs.JOBS_FOLDER / record.id / jobs.RECORD_FILE).read_text())["settings"]
+    assert on_disk == settings
+
+    decay = settings["config"]["weight_decay"]
+    monkeypatch.setitem(recipes.RECIPES[settings["config"]["recipe"]].values, "weight_decay",
+                        recipes.Value(decay * 10, "demo"))
+    built = []
+    real = trainer_module.job_runtime
+    monkeypatch.setattr(trainer_module, "job_runtime", lambda *args: built.append(real(*args)) or built[-1])
+    _start_job(trainer_module, monkeypatch, manager, sd3_twin, iterations=3, save_every=1, if_exists="resume")
+    assert built[0][0].config.weight_decay == decay
+    resumed = manager.wait(record.id, timeout=300)
+    assert resumed.state == "finished" and resumed.step == 3 and resumed.settings["config"]["weight_decay"] == decay
+    with pytest.raises(ValueError, match=f"weight_decay {decay} → {decay * 10}"):
+        _start_job(trainer_module, monkeypatch, manager, sd3_twin, iterations=4, weight_decay=decay * 10,
+                   if_exists="resume")
+    manager.close()
+
+
+def test_a_record_written_before_the_config_was_recorded_still_resumes(trainer_module, sd3_twin, tmp_path,
+                                                                     monkeypatch):
+    """A stopped job's job.json in the shape written before (TDM Distill's widget values), written by hand beside its
+    checkpoint: it is listed, an edit is refused by name, and the resume reaches the LoRA of a run that never
+    stopped, its record written back in the current shape, equal to that run's."""
+    straight = jobs.JobManager(tmp_path / "a")
+    record = _start_job(trainer_module, monkeypatch, straight, sd3_twin, iterations=6, keep_last=1, save_every=2)
+    assert straight.wait(record.id, timeout=300).state == "finished"
+    expected = straight.get(record.id)
+    straight.close()
+
+    first = jobs.JobManager(tmp_path / "b")
+
+    def stop_at_3(event, payload):
+        if event == "tdm.job.progress" and payload["step"] == 3:
+            first.stop(payload["id"])
+
+    first.listener = stop_at_3
+    values = dict(DEFAULTS, prompts="\n".join(PROMPTS), prompts_file="(none)", output_name="tiny",
+                  if_exists="refuse", iterations=6, keep_last=1, save_every=2)
+    interrupted = _start_job(trainer_module, monkeypatch, first, sd3_twin, **values)
+    stopped = first.wait(interrupted.id, timeout=300)
+    assert stopped.state == "stopped" and stopped.checkpoint_step == 3
+    first.close()
+    path = tmp_path / "b" / jobs.JOBS_FOLDER / interrupted.id / jobs.RECORD_FILE
+    data = json.loads(path.read_text())
+    data["settings"] = _old_settings(values, data["settings"])
+    path.write_text(json.dumps(data))
+
+    second = jobs.JobManager(tmp_path / "b")
+    listed = second.list()
+    assert [r.id for r in listed] == [interrupted.id] and listed[0].settings == data["settings"]
+    assert "recipe: official_demo (" in listed[0].progress_text()
+    with pytest.raises(ValueError, match="started with other settings: cfg 2.0 → 3.5"):
+        _start_job(trainer_module, monkeypatch, second, sd3_twin, **dict(values, cfg=3.5, if_exists="resume"))
+    _start_job(trainer_module, monkeypatch, second, sd3_twin, **dict(values, if_exists="resume"))
+    resumed = second.wait(interrupted.id, timeout=300)
+    assert resumed.state == "finished" and resumed.step == 6
+    assert resumed.settings == expected.settings
+    assert json.loads(path.read_text())["settings"] == expected.settings
+    second.close()
+    a = load_file(tmp_path / "a" / "tiny.safetensors")
+    b = load_file(tmp_path / "b" / "tiny.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed LoRA differs"
+    assert [h[1:] for h in resumed.history] == [h[1:] for h in expected.history]

@@ -6,7 +6,15 @@ A job trains one LoRA under a validated output name in a LoRA folder (ComfyUI's 
   <loras>/<name>-step00000200.safetensors     one snapshot per save, the last `keep_last` kept
   <loras>/.tdm_jobs/<job id>/job.json         the job's record: state, progress, losses, settings, messages
   <loras>/.tdm_jobs/<job id>/checkpoints/step-00000200/state.tdmckpt   resumable training state (last `keep_last`)
+  <loras>/.tdm_jobs/<job id>/checkpoints/step-00000200/config.json     that state's DistillConfig, readable
   <loras>/.tdm_jobs/<job id>/preview.npy      the latest student sample (uint8 H×W×3)
+
+A record's `settings` hold what the job learns in one vocabulary: {"config": the `DistillConfig` (`to_dict()`),
+"comfy": the options of the owner that the config does not hold (ComfyUI's: size, grid choice, memory options...),
+"recipe_description", "grid_description"} (lines for the panel and the status); TDM Distill rebuilds a resumed job's
+runtime from them (records written before hold its widget values instead: nodes/distill_jobs.py converts those). Read
+back, the config is checked field by field (`record_config`). A checkpoint folder holds the config its state was trained with (inside the state, where it wins on resume,
+and as `config.json`), so the folder is one the CLI's `--resume` reads.
 
 Only the LoRAs carry a model-file extension, so ComfyUI's LoRA lists show them and nothing else (the checkpoint
 file is a `torch.save` of `TDMTrainer.state_dict()` under an extension ComfyUI does not list). Every file is
@@ -38,7 +46,8 @@ training session on the worker thread, from a checkpoint's state or from scratch
 
 Modules, one responsibility each, each importing only those above it (no cycle):
   errors    the exception types
-  records   names a job may write, the record (`JobRecord`), its validation when read back, the record store
+  records   names a job may write, the record (`JobRecord`), its validation when read back (its config's too), the
+            record store
   board     the shared state (`JobBoard`): one lock, the job tables, a record change committed to disk and published;
             the lock is never held across I/O or a device move
   outputs   checkpoints, LoRA snapshots, the latest LoRA and previews (write-ahead ownership, pruning, crash leftovers)
@@ -61,6 +70,7 @@ from .records import (
     RECORD_FILE,
     JobRecord,
     RecordStore,
+    record_config,
     record_from_disk,
     snapshot_name,
     validate_output_name,
@@ -71,5 +81,6 @@ __all__ = [
     "ACTIVE_STATES", "CHECKPOINT_FILE", "JOB_STATES", "JOBS_FOLDER", "LORA_EXTENSION", "MAX_HISTORY", "MAX_ITERATIONS",
     "PREVIEW_FILE", "RECORD_FILE", "JobError", "JobManager", "JobRecord", "JobRuntime", "NonFiniteLoss",
     "NonFiniteWeights", "NotOwned", "RecordStore", "TDMSession", "TrainingSession",
-    "check_same_teacher", "describe_failure", "record_from_disk", "snapshot_name", "validate_output_name",
+    "check_same_teacher", "describe_failure", "record_config", "record_from_disk", "snapshot_name",
+    "validate_output_name",
 ]

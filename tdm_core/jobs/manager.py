@@ -143,7 +143,8 @@ class JobManager:
     def submit(self, name: str, runtime, iterations: int, *, save_every: int = 100, keep_last: int = 3,
                preview_every: int = 50, settings: dict | None = None, teacher: dict | None = None,
                if_exists: str = "refuse") -> JobRecord:
-        """Queues a new job (or, with if_exists="resume", continues the job of that name). Returns at once."""
+        """Queues a new job (or, with if_exists="resume", continues the job of that name, its `settings` replaced by
+        these when given). Returns at once."""
         name = validate_output_name(name, self.loras_dir)
         iterations = checked_int(iterations, "iterations", 1, MAX_ITERATIONS)
         save_every = checked_int(save_every, "save_every", 0, MAX_EVERY)
@@ -155,7 +156,7 @@ class JobManager:
                 check_same_teacher(existing, teacher or {})
                 if existing.state == "finished" and int(iterations) <= existing.step:
                     return existing  # nothing left to train: the workflow re-queued after the end
-                return self.resume(existing.id, runtime=runtime, iterations=iterations)
+                return self.resume(existing.id, runtime=runtime, iterations=iterations, settings=settings)
             raise JobError(
                 f"output name '{name}' is already used by TDM job {existing.id} ({existing.state} at step "
                 f"{existing.step}/{existing.iterations}); choose another output name (e.g. "
@@ -201,9 +202,11 @@ class JobManager:
             board.publish(record)
         return record
 
-    def resume(self, job: str, runtime=None, iterations: int | None = None) -> JobRecord:
+    def resume(self, job: str, runtime=None, iterations: int | None = None, settings: dict | None = None) -> JobRecord:
         """Continues a stopped/failed job from its newest checkpoint (or a finished one with more iterations).
-        An active job is returned as it is. Without `runtime`, the one kept in memory since it ran is used."""
+        An active job is returned as it is. Without `runtime`, the one kept in memory since it ran is used. `settings`
+        (the runtime's, as its owner rebuilt them from the record: an older record's in the current shape, this
+        run's options) replace the record's, written with the queued state."""
         if iterations is not None:
             iterations = checked_int(iterations, "iterations", 1, MAX_ITERATIONS)
         board = self.board
@@ -232,7 +235,8 @@ class JobManager:
             # is done with it), so no older state can land on disk after the copy.
             queued = dataclasses.replace(
                 record, state="queued", iterations=max(target, record.checkpoint_step), step=record.checkpoint_step,
-                message=f"resuming from step {record.checkpoint_step}" + self._waits_for(record))
+                message=f"resuming from step {record.checkpoint_step}" + self._waits_for(record),
+                settings=dict(settings) if settings is not None else record.settings)
             snapshot = self.store.snapshot(queued)
             board.reserved.add(record.id)
         try:
@@ -246,7 +250,7 @@ class JobManager:
         with board.lock:
             # Released in the hold that queues the job: a remove in between would see it stopped and take its folder.
             board.reserved.discard(record.id)
-            for key in ("state", "iterations", "step", "message", "updated"):
+            for key in ("state", "iterations", "step", "message", "updated", "settings"):
                 setattr(record, key, getattr(queued, key))
             self._queue_up(record)
             board.publish(record)  # under the lock, before the worker can move it on (see submit)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .. import validation
 from ..distill import checkpoint as _checkpoint_files
+from ..distill.config import ConfigError, DistillConfig
 from .errors import JobError
 
 JOB_STATES = ("queued", "running", "stopping", "stopped", "failed", "finished")
@@ -36,6 +37,8 @@ MAX_EVERY = 1_000_000
 MAX_KEEP = 1000
 _JOB_ID = re.compile(r"[0-9a-f]{12}")  # uuid4().hex[:12]; a fixed pattern on bounded text
 MAX_RECORD_BYTES = 16 * 1024 * 1024
+MAX_TEXT = 1_000_000  # characters of one text in a record's settings (a prompt list, an option)
+_MAX_OPTIONS = 64  # entries of a record's `settings.comfy`
 _SNAPSHOT_SUFFIX = re.compile(r"-step\d{8}")  # `<name>-step00000200`: reserved for snapshots
 
 
@@ -107,7 +110,10 @@ class JobRecord:
     save_every: int = 100
     keep_last: int = 3
     preview_every: int = 50
-    settings: dict = field(default_factory=dict)  # the job's settings, for display and resume checks
+    # What the job learns and how it runs, for display, resume checks and resumes: {"config": DistillConfig.to_dict(),
+    # "comfy": {the owner's options, ComfyUI's}, "recipe_description", "grid_description"} (`record_settings`); {}
+    # for a job started without them, and a record written before holds TDM Distill's node-named values instead.
+    settings: dict = field(default_factory=dict)
     teacher: dict = field(default_factory=dict)  # a description/fingerprint of the teacher it was started with
     history: list = field(default_factory=list)  # [step, loss_fake, loss_gen]
     it_per_s: float = 0.0
@@ -219,8 +225,7 @@ def record_from_disk(data, folder_id: str, loras_dir: str | Path) -> JobRecord:
     message = data.get("message", "")
     if not isinstance(message, str):
         raise validation.ValidationError("message must be text")
-    for key in ("settings", "teacher"):
-        validation.json_object(data.get(key, {}), key)
+    validation.json_object(data.get("teacher", {}), "teacher")
     has_preview = data.get("has_preview", False)
     if not isinstance(has_preview, bool):
         raise validation.ValidationError("has_preview must be true or false")
@@ -229,12 +234,109 @@ def record_from_disk(data, folder_id: str, loras_dir: str | Path) -> JobRecord:
         checkpoint_step=checkpoint_step, message=message[:4000], created=real("created"), updated=real("updated"),
         started=real("started", None, optional=True), save_every=integer("save_every", 0, MAX_EVERY, 100),
         keep_last=integer("keep_last", 1, MAX_KEEP, 3), preview_every=integer("preview_every", 0, MAX_EVERY, 50),
-        settings=dict(data.get("settings", {})), teacher=dict(data.get("teacher", {})), history=points,
+        settings=record_settings(data.get("settings", {})), teacher=dict(data.get("teacher", {})), history=points,
         it_per_s=real("it_per_s"), eta_s=real("eta_s", None, optional=True), loras=files("loras"),
         latest_lora=latest, has_preview=has_preview,
         # records written before checkpoints were listed: the one named by checkpoint_step is this job's
         checkpoints=steps("checkpoints", [checkpoint_step] if checkpoint_step else []),
         pruning=files("pruning"), pruning_checkpoints=steps("pruning_checkpoints", []))
+
+
+def record_settings(value) -> dict:
+    """A record's `settings` read back, checked field by field: the config by `record_config`, `comfy` as a small
+    object of plain values (their meaning is the owner's, who checks them by its own rules before use), the two
+    descriptions as text; other keys are dropped. Settings without a config (none, or a record written before jobs
+    recorded their DistillConfig: TDM Distill's node-named values) are kept as an object for the owner to check."""
+    settings = validation.json_object(value, "settings")
+    if "config" not in settings:
+        return dict(settings)
+    checked = {"config": record_config(settings["config"]).to_dict()}
+    comfy = validation.json_object(settings.get("comfy", {}), "settings.comfy")
+    if len(comfy) > _MAX_OPTIONS:
+        raise validation.ValidationError(f"settings.comfy holds more than {_MAX_OPTIONS} options")
+    for key, option in comfy.items():
+        what = f"settings.comfy.{str(key)[:60]}"
+        if not isinstance(key, str) or len(key) > 100:
+            raise validation.ValidationError(f"{what}: an option's name must be text of at most 100 characters")
+        if isinstance(option, list):
+            _texts(option, what)
+        elif isinstance(option, str):
+            _text(option, what)
+        elif not isinstance(option, bool):
+            validation.number(option, what)
+    checked["comfy"] = dict(comfy)
+    for key in ("recipe_description", "grid_description"):
+        checked[key] = _text(settings.get(key, ""), f"settings.{key}")
+    return checked
+
+
+def _text(value, what: str, limit: int = MAX_TEXT) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise validation.ValidationError(f"{what} must be text of at most {limit} characters")
+    return value
+
+
+def _texts(value, what: str) -> list[str]:
+    if not isinstance(value, list) or sum(len(_text(v, what)) for v in value) > MAX_TEXT:
+        raise validation.ValidationError(f"{what} must be a list of texts, {MAX_TEXT} characters in all at most")
+    return list(value)
+
+
+def _config_field(value, kind: str, what: str):
+    """One DistillConfig field from a record, by its annotation; None where the annotation allows it."""
+    if value is None and kind.endswith(" | None"):
+        return None
+    kind = kind.removesuffix(" | None")
+    if kind == "int":
+        return validation.number(value, what, lo=0, hi=2**31 - 1, integer=True)
+    if kind == "float":
+        return validation.number(value, what)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise validation.ValidationError(f"{what} must be true or false")
+        return value
+    if kind == "str":
+        return _text(value, what, 1000)
+    if kind == "list[str]":
+        return _texts(value, what)
+    if kind == "list[int]":
+        if not isinstance(value, list) or len(value) > 1000:
+            raise validation.ValidationError(f"{what} must be a list of at most 1000 whole numbers")
+        return [validation.number(v, what, lo=0, hi=MAX_ITERATIONS, integer=True) for v in value]
+    if kind == "tuple[float, float]":
+        if not isinstance(value, list) or len(value) != 2:
+            raise validation.ValidationError(f"{what} must be two numbers")
+        return [validation.number(v, what) for v in value]
+    if kind == "dict[str, Any]":
+        # `teacher`: how the CLI imports a teacher factory; a job's teacher is the MODEL it is given, so a record
+        # naming one is planted, and never passed on to anything that could import it
+        if value != {}:
+            raise validation.ValidationError(f"{what} must be empty in a job's record")
+        return {}
+    raise validation.ValidationError(f"{what}: no check for a {kind} field")  # a new field: add its check here
+
+
+_CONFIG_FIELDS = {f.name: f.type for f in fields(DistillConfig)}
+
+
+def record_config(data) -> DistillConfig:
+    """The DistillConfig a job's record holds, every field checked (its type by the field's annotation, then
+    `validate()`); a ValidationError names the field. A missing field takes its default. The recipe is kept as the
+    name it was: the record holds every knob, so a recipe changed or removed since changes nothing of the job (and
+    does not make its record unreadable)."""
+    data = validation.json_object(data, "settings.config")
+    values = {}
+    for key, value in data.items():
+        if key not in _CONFIG_FIELDS:
+            raise validation.ValidationError(f"settings.config holds an unknown field {str(key)[:60]!r}")
+        values[key] = _config_field(value, str(_CONFIG_FIELDS[key]), f"settings.config.{key}")
+    recipe = values.pop("recipe", "")
+    try:
+        config = DistillConfig.from_dict(values)
+        config.recipe = recipe
+        return config.validate()
+    except (ConfigError, TypeError, ValueError) as error:
+        raise validation.ValidationError(f"settings.config: {error}") from None
 
 
 def _duration(seconds: float) -> str:
