@@ -13,6 +13,11 @@ Sections of the line:
   bf16 with gradient checkpointing, batch 1 and 4: iterations/s over `--iterations` steps after one warm-up step,
   and peak memory (CUDA: torch.cuda.max_memory_allocated from before the job was built; CPU: the process's peak
   resident size, which only grows across sections).
+- `multi_device`: the headless trainer (`python -m tdm_core.distill` under `torchrun`, data-parallel) on a
+  random-weight SD1.5 UNet in bf16 with gradient checkpointing (`tdm_devkit.bench_teachers`), the same per-device
+  batch on 1 device and on all of them: samples/s (global batch ÷ median step time after the first step), each
+  device's peak memory, and the scaling efficiency samples/s(N) ÷ (N × samples/s(1)). With fewer than two CUDA
+  devices it says so (`skipped`) and runs nothing; `--tiny` runs it on the CPU with gloo at 2 processes instead.
 Text encoders are not benchmarked: prompts are random tensors of the real shapes (SD1.5: 77×768; SD3: 154×4096 and
 a 2048-d pooled vector).
 """
@@ -21,8 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -227,6 +236,54 @@ def bench_distill(family: str, model, size: dict, trainer_nodes, batch: int, ite
     return result
 
 
+def bench_multi_device(tiny: bool, iterations: int, per_device_batch: int) -> dict:
+    """Data-parallel scaling of the headless trainer: one run on 1 device, one on every device (see the docstring)."""
+    if tiny:
+        worlds, note = (1, 2), "CPU, gloo, 2 processes (tiny UNet): the code path, not a GPU figure"
+    else:
+        devices = torch.cuda.device_count()
+        if devices < 2:
+            return {"skipped": f"{devices} CUDA device{'' if devices == 1 else 's'} here: data-parallel scaling needs "
+                               "2 or more (torchrun --nproc_per_node N); nothing was run"}
+        worlds, note = (1, devices), f"{devices} × {torch.cuda.get_device_name()}, nccl"
+    result = {"note": note, "per_device_batch": per_device_batch, "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="tdm_multi_device_") as work:
+        for world in worlds:
+            result["runs"][str(world)] = _data_parallel_run(Path(work) / f"world{world}", world, tiny, iterations,
+                                                            per_device_batch)
+    one, many = result["runs"][str(worlds[0])], result["runs"][str(worlds[-1])]
+    result["scaling_efficiency"] = round(many["samples_per_s"] / (worlds[-1] * one["samples_per_s"]), 3)
+    return result
+
+
+def _data_parallel_run(folder: Path, world: int, tiny: bool, iterations: int, per_device_batch: int) -> dict:
+    folder.mkdir(parents=True)
+    config = {"prompts": PROMPTS, "iterations": iterations + 1, "batch_size": per_device_batch * world,
+              "lora_rank": 16, "preview_every": 0, "checkpoint_every": 0, "log_every": 1, "seed": SEED,
+              "output_dir": str(folder / "out"),
+              "teacher": {"factory": "tdm_devkit.bench_teachers:sd15_unet", "size": "tiny" if tiny else "real",
+                          "dtype": "float32" if tiny else "bfloat16"}}
+    (folder / "run.json").write_text(json.dumps(config))
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
+               "127.0.0.1", "--master_port", str(port), "-m", "tdm_core.distill", "--config",
+               str(folder / "run.json"), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if tiny:
+        env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {world}-process run failed:\n{done.stderr[-3000:]}")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    steps = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
+    step_s = statistics.median(m["seconds"] for m in steps[1:])  # the first step warms up (kernels, allocator)
+    return {"world_size": summary["world_size"], "global_batch": config["batch_size"],
+            "median_step_s": round(step_s, 4), "samples_per_s": round(config["batch_size"] / step_s, 3),
+            "peak_memory_mb_per_device": summary["peak_memory_mb"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models at 64² (runs anywhere; the suite's check)")
@@ -234,7 +291,14 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=5, help="timed distillation iterations per setting")
     parser.add_argument("--families", default="sd15,sd3")
     parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--sections", default="sampling,distill,multi_device",
+                        help="which sections to run (sampling and distill run together, per family)")
+    parser.add_argument("--multi-device-batch", type=int, default=2, help="per-device batch of the multi-device runs")
     args = parser.parse_args()
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = sections - {"sampling", "distill", "multi_device"}
+    if unknown:
+        parser.error(f"unknown section {sorted(unknown)[0]!r}; choose from sampling, distill, multi_device")
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: real sizes need a GPU; use --tiny on the CPU")
     comfy_runtime.bootstrap_on_device()
@@ -247,7 +311,10 @@ def main() -> None:
     report = {"bench": "gpu", "device": device, "sizes": "tiny" if args.tiny else "real",
               "weights_dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
               "comfyui": comfy_runtime.comfyui_version(), "sampling": {}, "distill": {}}
-    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+    if "multi_device" in sections:
+        report["multi_device"] = bench_multi_device(args.tiny, args.iterations, args.multi_device_batch)
+    families = [f.strip() for f in args.families.split(",") if f.strip()] if sections & {"sampling", "distill"} else []
+    for family in families:
         if family not in sizes:
             parser.error(f"unknown family {family!r}; choose from {', '.join(sizes)}")
         model = build_model(family, sizes[family], dtype)

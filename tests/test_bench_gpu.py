@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tdm_core import presets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,9 +21,10 @@ def test_the_gpu_bench_runs_tiny_and_prints_one_json_line(tmp_path):
     from tdm_devkit import comfy_runtime
 
     env = dict(os.environ, TDM_COMFYUI_DIR=str(comfy_runtime.comfyui_dir()))
+    # the multi-device section has its own test below (it does not use ComfyUI: once per test.sh run is enough)
     result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--repeats", "1",
-                             "--iterations", "1", "--batches", "1"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=900)
+                             "--iterations", "1", "--batches", "1", "--sections", "sampling,distill"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout[-2000:]
@@ -37,3 +40,30 @@ def test_the_gpu_bench_runs_tiny_and_prints_one_json_line(tmp_path):
         distill = report["distill"][f"{family}.batch1"]
         assert distill["finite"] is True and distill["it_per_s"] > 0 and distill["peak_mb"] > 0
         assert 1 <= distill["student_steps_per_iteration"] <= preset.steps
+
+
+# The headless trainer never imports ComfyUI: the multi-device section runs once per test.sh run, on its last runtime.
+_ONCE_RUNTIME = os.environ.get("TDM_QUALITY_COMFYUI")
+
+
+def test_the_multi_device_section_runs_data_parallel_on_two_cpu_processes(tmp_path):
+    from tdm_devkit import comfy_runtime
+
+    if _ONCE_RUNTIME is not None and Path(_ONCE_RUNTIME).resolve() != comfy_runtime.comfyui_dir().resolve():
+        pytest.skip("the multi-device section runs once per test.sh run, on its newest ComfyUI")
+    env = dict(os.environ, TDM_COMFYUI_DIR=str(comfy_runtime.comfyui_dir()))
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--iterations", "2",
+                             "--sections", "multi_device"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout[-2000:]
+    section = json.loads(lines[0])["multi_device"]
+    assert set(section["runs"]) == {"1", "2"}
+    for world, run in section["runs"].items():
+        assert run["world_size"] == int(world) and run["global_batch"] == 2 * int(world)
+        assert run["samples_per_s"] > 0 and len(run["peak_memory_mb_per_device"]) == int(world)
+        assert all(peak > 0 for peak in run["peak_memory_mb_per_device"])
+    assert section["scaling_efficiency"] > 0
+    assert "sampling" not in json.loads(lines[0]) or not json.loads(lines[0])["sampling"]
+

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, safe_open
 
 from tdm_core import jobs
+from tdm_devkit.states import equal_states
 
 EXECUTION_LOG: list = []  # (job tag, step) in execution order, across jobs
 
@@ -545,17 +546,6 @@ class TrainerRuntime:
         return self.sessions[-1]
 
 
-def _equal_states(a, b) -> bool:
-    """Two (nested) states hold the same values: tensors equal bit for bit, everything else equal."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal_states(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal_states(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 def test_a_job_checkpoint_resumes_a_headless_run_into_an_equal_trainer_state(tmp_path):
     """The job writer's checkpoint folder, given to the CLI's `--resume`, restores the trainer the job had: every
     adapter, optimiser, schedule, scaler and RNG tensor and the step equal; the CLI saves that state again."""
@@ -581,9 +571,9 @@ def test_a_job_checkpoint_resumes_a_headless_run_into_an_equal_trainer_state(tmp
     assert (out / "metrics.jsonl").read_text() == ""  # resumed at step 3 of 3: not a new run trained anew
     resumed = checkpoint.load_checkpoint(out)  # the resumed trainer's state, saved at the same step
     assert resumed["step"] == 3
-    assert _equal_states({k: v for k, v in resumed.items() if k != "config"},
+    assert equal_states({k: v for k, v in resumed.items() if k != "config"},
                          {k: v for k, v in job_state.items() if k != "config"})
-    assert _equal_states(checkpoint.load_checkpoint(folder), job_state)
+    assert equal_states(checkpoint.load_checkpoint(folder), job_state)
 
 
 def test_a_job_resumes_from_a_checkpoint_of_the_layout_jobs_wrote_before_the_shared_writer(tmp_path):
@@ -611,4 +601,4 @@ def test_a_job_resumes_from_a_checkpoint_of_the_layout_jobs_wrote_before_the_sha
     final = manager.wait(record.id, timeout=120)
     manager.close()
     assert final.state == "finished" and final.step == 4, final.message
-    assert _equal_states(runtime.sessions[-1].state_dict(), straight.state_dict())
+    assert equal_states(runtime.sessions[-1].state_dict(), straight.state_dict())

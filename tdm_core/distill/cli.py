@@ -33,6 +33,17 @@ from .config import ConfigError, DistillConfig
 from .trainer import NonFiniteTrainingError
 
 
+def _peak_memory_mb() -> float:
+    """This process's peak: allocated memory on its CUDA device, else its peak resident size (Linux: ru_maxrss KiB)."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def build_backend(config: DistillConfig):
     spec = dict(config.teacher)
     factory_name = spec.pop("factory", None)
@@ -179,9 +190,14 @@ def main(argv=None) -> int:
         except (NonFiniteTrainingError, NonFiniteWeightsError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 3
+        # every process's peak memory, in the summary of process 0 (what a multi-GPU run costs each device)
+        peaks = [_peak_memory_mb()]
+        if distributed:
+            peaks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(peaks, _peak_memory_mb())
         if main_process and getattr(backend, "mode", "lora") == "lora":
             summary = {"done": True, "step": trainer.step_count, "seconds": round(time.perf_counter() - started, 3),
-                       "output_dir": str(out_dir), "world_size": trainer.world}
+                       "output_dir": str(out_dir), "world_size": trainer.world, "peak_memory_mb": peaks}
             print(json.dumps(summary), flush=True)
         if distributed:
             # every process leaves together: a process that tears its gloo group down while process 0 still
