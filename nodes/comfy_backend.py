@@ -2,7 +2,7 @@
 
 - **One teacher.** Training puts two peft adapters ("student", "fake") into the network it trains. Doing that to
   `model.model.diffusion_model` would change every prompt that samples from the same MODEL while the job runs, so
-  the backend trains a module tree of its own (`training_network`) whose frozen weights are ComfyUI's loaded
+  the backend trains a module tree of its own (nodes/training_network.py) whose frozen weights are ComfyUI's loaded
   tensors, taken after ComfyUI has applied the MODEL's weight patches (LoRAs loaded on the teacher are part of the
   teacher): the process holds the teacher once. The tree is built on the prompt executor's thread, where ComfyUI's
   memory manager may move weights; the training thread then only ever touches its own tree.
@@ -33,7 +33,6 @@ from tdm_core.lora import tdm_metadata
 
 # What each family needs (LoRA targets, default preset, extra network inputs) is its registry entry and adapter.
 from . import family_adapters
-from .family_adapters import model_family  # noqa: F401  (the trainer's one import for reading a MODEL)
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

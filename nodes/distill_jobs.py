@@ -152,7 +152,7 @@ def settings_from_inputs(values: dict, prompts: list[str], family: str, grid=Non
 
 def new_job_settings(model, values: dict, prompts: list[str]) -> JobSettings:
     """A new job's settings from TDM Distill's inputs and the teacher MODEL (its family and training grid)."""
-    family = comfy_backend.model_family(model)
+    family = family_adapters.model_family(model)
     family_adapters.check_distillable(model, family)
     _, grid = _training_grid(model, family, values, int(values["steps"]))
     return settings_from_inputs(values, prompts, family, grid)
@@ -184,7 +184,7 @@ def recorded_settings(record: jobs.JobRecord, values: dict, model, check: Callab
         if key not in ("prompts", "prompts_file"):
             old.setdefault(key, value)
     check(old)
-    family = comfy_backend.model_family(model)
+    family = family_adapters.model_family(model)
     _, grid = _training_grid(model, family, old, int(old["steps"]))
     converted = settings_from_inputs(old, prompts, family, grid)
     for key in ("recipe_description", "grid_description"):  # as the job showed them
@@ -224,7 +224,7 @@ def job_runtime(model, clip, job: JobSettings, vae=None):
     import comfy.model_management
 
     config, options = job.config, job.comfy
-    family = comfy_backend.model_family(model)
+    family = family_adapters.model_family(model)
     family_adapters.check_distillable(model, family)
     parametrisation = comfy_backend.model_parametrisation(model)
     channels = int(model.model.latent_format.latent_channels)

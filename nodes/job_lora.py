@@ -162,7 +162,7 @@ class TDMDistillLoraLoader(io.ComfyNode):
         path, source = job_lora(manager, record, use)
         lora = lora_patching.load_lora_cached(path)
         application = lora_patching.apply_tdm_lora(model, clip, lora,
-                                                 None if strength_mode == "auto" else float(strength))
+                                                   None if strength_mode == "auto" else float(strength))
         report = f"{application.report()}\n{source}"
         return io.NodeOutput(application.model, application.clip, record.latest_lora, ui=ui.PreviewText(report))
 

@@ -53,8 +53,6 @@ def _shape_lookup(state_dict):
     return weight_shape
 
 
-
-
 @dataclass
 class LoraApplication:
     model: object

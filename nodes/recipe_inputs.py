@@ -2,7 +2,7 @@
 DistillConfig.
 
 A knob at its "from the recipe" value (-1 for numbers, "recipe" for choices) takes the recipe's value
-(tdm_core/recipes.py; `auto` is the recipe of the teacher family's preset); any other value overrides it, and the
+(tdm_core/recipes.py; `auto` is the teacher family's recipe, tdm_core/families.py); any other value overrides it, and the
 job records which ones did. Inputs that predate the recipes (learning_rate, cfg, lora_rank, lora_alpha,
 batch_size) follow the same rule, so workflows saved with explicit values keep training with them.
 """

@@ -16,13 +16,11 @@ from comfy_api.v0_0_2 import io, ui
 from tdm_core import presets, schedules, solvers
 
 from . import categories, inputs
-from .sampler_function import SOLVER_CHOICES, resolve_solver, state_space, tdm_sampler  # noqa: F401
-from .sampling_grids import (  # noqa: F401
+from .sampler_function import SOLVER_CHOICES, tdm_sampler
+from .sampling_grids import (
     AUTO_PRESET,
     DEFAULT_SHIFT,
     GRID_CHOICES,
-    check_preset_fits,
-    model_parametrisation,
     preset_choices,
     recorded_timesteps,
     resolve_preset,

@@ -2,7 +2,7 @@
 
 A preset is checked against the MODEL it samples (a preset of another kind of model gives noise, not an image);
 `auto` reads the MODEL's family, or the grid a distilled student's LoRA records. The grid is turned into sigmas of
-the MODEL's own table, so t ↔ σ is exact (see nodes/sampling.py for the conventions the sampler follows).
+the MODEL's own table, so t ↔ σ is exact (nodes/sampler_function.py says which conventions the sampler follows, and why).
 """
 
 from __future__ import annotations
@@ -186,8 +186,8 @@ def _grid_sigmas(model, preset, steps, shift, grid, custom_timesteps, demo_total
         return schedules.flow_sigmas_float32([t / multiplier for t in timesteps] + [0.0], timesteps, multiplier)
     table = adapter(preset.family).sampling_alphas_cumprod()
     if table is not None:
-        # The preset family's own schedule (CogVideoX-2B's, not the native model's SNR-shift-1 table): see the
-        # module docstring.
+        # The preset family's own schedule (CogVideoX-2B's, not the native model's SNR-shift-1 table): see
+        # nodes/sampler_function.py's docstring, "Native CogVideoX".
         return torch.tensor(schedules.ve_sigmas_for_timesteps(table, timesteps), dtype=torch.float32)
     index = torch.tensor(timesteps, dtype=torch.long)
     table = getattr(model_sampling, "sigmas", None)

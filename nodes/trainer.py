@@ -3,7 +3,7 @@
 The start node takes the teacher the way users already load it — the MODEL and CLIP of the standard loaders
 (Load Checkpoint, or Load Diffusion Model + DualCLIPLoader/TripleCLIPLoader for SD3), so fine-tunes, merges and
 LoRA-patched teachers work and nothing is loaded twice — encodes the prompts with that CLIP (and unloads it), builds
-the training network on ComfyUI's own loaded weights (nodes/comfy_backend.py: shared, not copied) and hands the job
+the training network on ComfyUI's own loaded weights (nodes/training_network.py: shared, not copied) and hands the job
 to the job manager's worker thread. It returns the job id at
 once; the queue goes on serving other prompts while the job trains. ComfyUI's Cancel button does not reach the job:
 the stop node, the HTTP route or the web panel stop it, after the current iteration, with a checkpoint.
@@ -51,6 +51,7 @@ GRID_CHOICES = ["auto", *[p.name for p in presets.PRESETS.values() if families.F
                 "training_demo"]
 IF_EXISTS = ["refuse", "resume"]
 OFFLOAD = ["none", "unload_comfy_models", "train_on_cpu"]
+
 
 def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
     """Everything the start node does (see the module docstring); raises ValueError with the reason to refuse."""

@@ -150,7 +150,8 @@ def sampling_timesteps(grid: str, steps: int = 4, custom: str = "") -> tuple[int
     """The timesteps of a CogVideoX grid: 'trained' (999/856/665/399, what the TDM LoRA was trained on),
     'trailing' (diffusers' CogVideoXDDIMScheduler spacing), or 'custom' (a comma-separated list)."""
     if grid == "trained":
-        return schedules.grid_timesteps(get_preset(families.COGVIDEOX.default_preset).grid, steps)  # the preset is the source of truth
+        # the preset is the source of truth
+        return schedules.grid_timesteps(get_preset(families.COGVIDEOX.default_preset).grid, steps)
     if grid == "trailing":
         return schedules.trailing_timesteps(steps)
     if grid == "custom":

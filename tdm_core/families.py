@@ -107,8 +107,9 @@ class Family:
     # of any family in it): "unet", "mmdit", or the family itself.
     lora_group: str
     # Recognising its LoRAs: one test on the ComfyUI-native paths, one on diffusers/kohya paths; a family's tests
-    # say no to every other family's layout (tests/test_families.py checks each twin against all), so the order of
-    # the registry is only the order users read the families in.
+    # say no to every other family's layout (tests/test_lora_reading.py checks each twin file against all), so for a
+    # LoRA of one family the order of the registry does not matter (a file mixing two families' native keys goes to
+    # the first in registry order).
     comfy_lora: Callable[[LoraKeyLayout], bool]
     diffusers_lora: Callable[[LoraKeyLayout], bool]
     default_preset: str  # the sampling preset (tdm_core.presets) of its released LoRA, or of its distilled students

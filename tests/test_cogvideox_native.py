@@ -67,20 +67,22 @@ def _noise():
     return comfy.sample.prepare_noise(torch.zeros(COMFY_LATENT), SEED)
 
 
-def test_native_model_is_recognised_as_cogvideox_2b(twin, modules, tmp_path):
+def test_native_model_is_recognised_as_cogvideox_2b(twin, pack, tmp_path):
     import comfy.model_base
 
     _, model = twin
-    loader, sampling = modules
+    # how the nodes read a MODEL (family, parametrisation) and pick the sampler function's state space and solver
+    adapters = sys.modules[f"{pack.__name__}.nodes.family_adapters"]
+    sampler = sys.modules[f"{pack.__name__}.nodes.sampler_function"]
     assert isinstance(model.model, comfy.model_base.CogVideoX)
-    assert loader.model_family(model) == "cogvideox"
+    assert adapters.model_family(model) == "cogvideox"
     # and a file through UNETLoader's code path: detected as the 2B (sin-cos table stored), so TDM accepts it
     from_file = cogvideox_native.load_native_file(cogvideox_native.save_native_file(tmp_path / "tiny_2b.safetensors"))
-    assert loader.model_family(from_file) == "cogvideox"
+    assert adapters.model_family(from_file) == "cogvideox"
     model_sampling = model.get_model_object("model_sampling")
-    assert sampling.model_parametrisation(model_sampling) == "v"
-    assert sampling.state_space(model_sampling) == "vp"
-    assert sampling.resolve_solver("auto", model_sampling) == "ddim"  # was a KeyError before native support
+    assert adapters.model_parametrisation(model_sampling) == "v"
+    assert sampler.state_space(model_sampling) == "vp"
+    assert sampler.resolve_solver("auto", model_sampling) == "ddim"  # was a KeyError before native support
 
 
 def test_twin_raw_outputs_agree(twin):

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from tdm_core import lora as tdm_lora
 from tdm_core.distill import DiscreteSchedule, DistillConfig, TDMTrainer, checkpoint, diffusers_backend
 
 
@@ -135,6 +136,5 @@ def test_cogvideox_one_iteration_v_prediction(tmp_path):
     assert backend.parametrisation == "v" and backend.latent_shape == (3, 16, 4, 6)
     trainer = _check_one_iteration(backend, _config(family="cogvideox", timesteps=[999, 856, 665, 399]))
     path = checkpoint.export_student_lora(trainer, tmp_path / "student.safetensors")
-    formats = pytest.importorskip("tdm_core.lora.formats")
-    lora = formats.load_lora(path)
+    lora = tdm_lora.load_lora(path)
     assert lora.family == "cogvideox" and not lora.unrecognised_keys

@@ -180,3 +180,13 @@ def test_cosine_decay_takes_both_learning_rates_to_zero_over_the_run(tmp_path):
     assert again.opt_fake.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ConfigError, match="lr_decay must be one of"):
         _config(lr_decay="linear").validate()
+
+
+def test_a_headless_config_takes_recipe_auto_as_the_node_does():
+    """recipe = "auto" in a run.toml resolves to the teacher family's recipe, with the family's overrides."""
+    flux = DistillConfig.from_dict({"prompts": ["x"], "family": "flux", "recipe": "auto"})
+    assert flux.recipe == families.FAMILIES["flux"].training_recipe and flux.cfg == 1.0
+    plain = DistillConfig.from_dict({"prompts": ["x"], "recipe": "auto"})  # no family: the official demo's
+    assert plain.recipe == recipes.DEFAULT_RECIPE
+    assert DistillConfig.from_dict({"prompts": ["x"], "family": "sd3", "recipe": "auto", "cfg": 3.0}).cfg == 3.0
+

@@ -277,7 +277,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))]
+    # only folders that hold a state file: a run folder may hold other tools' checkpoint-* folders
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name)) and state_file(p) is not None]
     return [p for _, p in sorted(found)]
 
 

@@ -250,12 +250,15 @@ class DistillConfig:
         data = dict(data)
         recipe = data.get("recipe") or ""
         if recipe:  # a named recipe fills every knob the data does not set (tdm_core/recipes.py)
-            from ..recipes import recipe_settings
+            from ..recipes import AUTO, family_recipe, recipe_settings
 
             if not isinstance(recipe, str):
                 raise ConfigError(f"recipe must be a recipe name, got {recipe!r}")
+            family = str(data.get("family") or "")
+            if recipe == AUTO:  # as TDM Distill's recipe auto: the teacher family's (tdm_core/families.py)
+                recipe = data["recipe"] = family_recipe(family)
             try:
-                data = recipe_settings(recipe, str(data.get("family") or "")) | data
+                data = recipe_settings(recipe, family) | data
             except KeyError as error:
                 raise ConfigError(str(error.args[0])) from None
         if "adam_betas" in data:

@@ -1,7 +1,7 @@
 """Matching a parsed LoRA against a model's modules, the messages users see, and the strength "auto" resolves to.
 
 The model side is given as plain data (the LoRA keys the model knows and a function giving a target's weight shape),
-so this stays independent of ComfyUI; `nodes/lora_loader.py` builds both from ComfyUI's own key map.
+so this stays independent of ComfyUI; `nodes/lora_patching.py` builds both from ComfyUI's own key map.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def auto_strength(lora: LoraFile, model_family: str | None = None) -> tuple[floa
     if preset_name in PRESETS:
         preset = PRESETS[preset_name]
         return preset.lora_strength, f"{preset.display_name} preset (recorded in the LoRA file)"
-    family = lora.family if lora.family in families.FAMILIES else (model_family or lora.family)
+    # a LoRA recognised only as a kind that fits several families (any SD UNet) or none: the model decides
+    family = lora.family if lora.family not in (families.ANY_UNET, families.UNKNOWN) else (model_family or lora.family)
     presets = presets_for_family(family)
     if presets:
         return presets[0].lora_strength, f"{presets[0].display_name} preset"

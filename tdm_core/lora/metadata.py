@@ -106,7 +106,7 @@ def student_metadata(*, steps: int, grid: str, timesteps: Iterable[int], paramet
         SCHEDULE_KIND: schedule_kind,
         RECIPE: recipe or "custom",
         FORMAT_NOTE: TRAINED_HERE_NOTE,
-    } | ({PRESET: preset} if preset else {}) | ({FAMILY: family} if family else {})
+    } | ({PRESET: preset} if preset in PRESETS else {}) | ({FAMILY: family} if family else {})
 
 
 def adapter_metadata(family: str, rank: int, alpha: float, comfy_native: bool = False) -> dict[str, str]:

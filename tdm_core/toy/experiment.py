@@ -30,7 +30,7 @@ def digits_distill_config(**overrides) -> DistillConfig:
     (pixel FD, 500 iterations): cfg 1.0 -> student 0.347 vs teacher-50 0.334 (1.04x); cfg 1.25 -> 0.294 vs the
     guided teacher's 0.255 (1.15x); cfg 1.5 -> about 0.30 vs 0.25 (1.2x)."""
     base = dict(prompts=class_prompts(10), steps=4, total_steps=1000, cfg=1.0, lr=1e-3, batch_size=256,
-                lora_rank=64, iterations=500, seed=0, family="toy_digits", sampler_preset="tdm_ddim_eps")
+                lora_rank=64, iterations=500, seed=0, family="toy_digits")
     base.update(overrides)
     return DistillConfig(**base)
 
