@@ -259,6 +259,17 @@ def test_bfloat16_teacher_trains_float32_adapters(trainer_module, sd3_twin):
     assert all(p.dtype == torch.float32 for p in runtime.backend.trainable_parameters("fake"))
 
 
+def _stopping_at(manager: jobs.JobManager, step: int) -> jobs.JobManager:
+    """`manager`, stopping each job as soon as it reports `step` (a stop at a known step, for resume tests)."""
+
+    def stop(event, payload):
+        if event == "tdm.job.progress" and payload["step"] == step:
+            manager.stop(payload["id"])
+
+    manager.listener = stop
+    return manager
+
+
 def test_resume_after_a_restart_reaches_the_same_lora(trainer_module, sd3_twin, tmp_path):
     """Uninterrupted 6 iterations vs. 3, a 'restart' (new manager, new training tree) and a resume to 6."""
     straight = jobs.JobManager(tmp_path / "a")
@@ -267,13 +278,7 @@ def test_resume_after_a_restart_reaches_the_same_lora(trainer_module, sd3_twin, 
     assert straight.wait(record.id, timeout=300).state == "finished"
     straight.close()
 
-    first = jobs.JobManager(tmp_path / "b")
-
-    def stop_at_3(event, payload):
-        if event == "tdm.job.progress" and payload["step"] == 3:
-            first.stop(payload["id"])
-
-    first.listener = stop_at_3
+    first = _stopping_at(jobs.JobManager(tmp_path / "b"), 3)
     runtime, _, _ = _runtime(trainer_module, sd3_twin)
     interrupted = first.submit("tiny", runtime, 6, save_every=2, keep_last=1, preview_every=0)
     stopped = first.wait(interrupted.id, timeout=300)
@@ -445,13 +450,7 @@ def test_a_record_written_before_the_config_was_recorded_still_resumes(trainer_m
     expected = straight.get(record.id)
     straight.close()
 
-    first = jobs.JobManager(tmp_path / "b")
-
-    def stop_at_3(event, payload):
-        if event == "tdm.job.progress" and payload["step"] == 3:
-            first.stop(payload["id"])
-
-    first.listener = stop_at_3
+    first = _stopping_at(jobs.JobManager(tmp_path / "b"), 3)
     values = dict(DEFAULTS, prompts="\n".join(PROMPTS), prompts_file="(none)", output_name="tiny",
                   if_exists="refuse", iterations=6, keep_last=1, save_every=2)
     interrupted = _start_job(trainer_module, monkeypatch, first, sd3_twin, **values)
