@@ -168,6 +168,14 @@ def test_duplicate_names_are_refused_and_resume_mode_continues(tmp_path):
     again = manager.submit("dup", FakeRuntime(), 5, if_exists="resume")
     assert again.id == record.id
     assert manager.wait(record.id, timeout=30).step == 5
+    assert (again.save_every, again.keep_last, again.preview_every) == (0, 3, 50)  # left out: unchanged
+    # the run options a resume gives replace the record's (TDM Distill's save_every / keep_last / preview_every)
+    later = manager.submit("dup", FakeRuntime(), 7, if_exists="resume", save_every=2, keep_last=1, preview_every=0)
+    assert (later.save_every, later.keep_last, later.preview_every) == (2, 1, 0)
+    final = manager.wait(record.id, timeout=30)
+    assert final.step == 7 and (final.save_every, final.keep_last) == (2, 1)
+    with pytest.raises(jobs.JobError, match="keep_last"):
+        manager.submit("dup", FakeRuntime(), 9, if_exists="resume", keep_last=0)
     with pytest.raises(jobs.JobError, match="another teacher"):
         jobs.check_same_teacher(jobs.JobRecord("i", "n", "stopped", 1, teacher={"family": "sd15"}), {"family": "sd3"})
     manager.close()

@@ -140,27 +140,30 @@ class JobManager:
             return board.records[job_id]
 
     # ---- commands ----------------------------------------------------------------------------------------------
-    def submit(self, name: str, runtime, iterations: int, *, save_every: int = 100, keep_last: int = 3,
-               preview_every: int = 50, settings: dict | None = None, teacher: dict | None = None,
-               if_exists: str = "refuse") -> JobRecord:
-        """Queues a new job (or, with if_exists="resume", continues the job of that name, its `settings` replaced by
-        these when given). Returns at once."""
+    def submit(self, name: str, runtime, iterations: int, *, save_every: int | None = None,
+               keep_last: int | None = None, preview_every: int | None = None, settings: dict | None = None,
+               teacher: dict | None = None, if_exists: str = "refuse") -> JobRecord:
+        """Queues a new job (or, with if_exists="resume", continues the job of that name, its `settings` and the run
+        options given replacing the record's). Returns at once. Run options left out: 100 / 3 / 50 for a new job,
+        unchanged on a resume."""
         name = validate_output_name(name, self.loras_dir)
         iterations = checked_int(iterations, "iterations", 1, MAX_ITERATIONS)
-        save_every = checked_int(save_every, "save_every", 0, MAX_EVERY)
-        keep_last = checked_int(keep_last, "keep_last", 1, MAX_KEEP)
-        preview_every = checked_int(preview_every, "preview_every", 0, MAX_EVERY)
         existing = self.find(name)
         if existing is not None:
             if if_exists == "resume":
                 check_same_teacher(existing, teacher or {})
                 if existing.state == "finished" and int(iterations) <= existing.step:
                     return existing  # nothing left to train: the workflow re-queued after the end
-                return self.resume(existing.id, runtime=runtime, iterations=iterations, settings=settings)
+                # how often it saves, keeps and previews may change with the resume, as its iterations may
+                return self.resume(existing.id, runtime=runtime, iterations=iterations, settings=settings,
+                                   save_every=save_every, keep_last=keep_last, preview_every=preview_every)
             raise JobError(
                 f"output name '{name}' is already used by TDM job {existing.id} ({existing.state} at step "
                 f"{existing.step}/{existing.iterations}); choose another output name (e.g. "
                 f"'{self.free_name(name)}'), or set if_exists to 'resume' to continue that job", status=409)
+        save_every = checked_int(100 if save_every is None else save_every, "save_every", 0, MAX_EVERY)
+        keep_last = checked_int(3 if keep_last is None else keep_last, "keep_last", 1, MAX_KEEP)
+        preview_every = checked_int(50 if preview_every is None else preview_every, "preview_every", 0, MAX_EVERY)
         if (self.loras_dir / (name + LORA_EXTENSION)).exists():
             raise JobError(f"models/loras/{name}{LORA_EXTENSION} already exists and was not written by a TDM "
                            "job here; choose another output name (jobs never overwrite other LoRAs)", status=409)
@@ -202,13 +205,18 @@ class JobManager:
             board.publish(record)
         return record
 
-    def resume(self, job: str, runtime=None, iterations: int | None = None, settings: dict | None = None) -> JobRecord:
+    def resume(self, job: str, runtime=None, iterations: int | None = None, settings: dict | None = None, *,
+               save_every: int | None = None, keep_last: int | None = None,
+               preview_every: int | None = None) -> JobRecord:
         """Continues a stopped/failed job from its newest checkpoint (or a finished one with more iterations).
         An active job is returned as it is. Without `runtime`, the one kept in memory since it ran is used. `settings`
         (the runtime's, as its owner rebuilt them from the record: an older record's in the current shape, this
-        run's options) replace the record's, written with the queued state."""
+        run's options) replace the record's, written with the queued state; so do the run options given."""
         if iterations is not None:
             iterations = checked_int(iterations, "iterations", 1, MAX_ITERATIONS)
+        run_options = {key: checked_int(value, key, low, MAX_KEEP if key == "keep_last" else MAX_EVERY)
+                       for key, value, low in (("save_every", save_every, 0), ("keep_last", keep_last, 1),
+                                               ("preview_every", preview_every, 0)) if value is not None}
         board = self.board
         with board.lock:
             record = self.get(job)
@@ -236,7 +244,7 @@ class JobManager:
             queued = dataclasses.replace(
                 record, state="queued", iterations=max(target, record.checkpoint_step), step=record.checkpoint_step,
                 message=f"resuming from step {record.checkpoint_step}" + self._waits_for(record),
-                settings=dict(settings) if settings is not None else record.settings)
+                settings=dict(settings) if settings is not None else record.settings, **run_options)
             snapshot = self.store.snapshot(queued)
             board.reserved.add(record.id)
         try:
@@ -250,7 +258,7 @@ class JobManager:
         with board.lock:
             # Released in the hold that queues the job: a remove in between would see it stopped and take its folder.
             board.reserved.discard(record.id)
-            for key in ("state", "iterations", "step", "message", "updated", "settings"):
+            for key in ("state", "iterations", "step", "message", "updated", "settings", *run_options):
                 setattr(record, key, getattr(queued, key))
             self._queue_up(record)
             board.publish(record)  # under the lock, before the worker can move it on (see submit)
