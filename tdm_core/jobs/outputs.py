@@ -78,9 +78,10 @@ class OutputWriter:
         return checkpoint_files.read_state(folder, step=record.checkpoint_step)
 
     def save(self, record: JobRecord, session) -> None:
-        """The checkpoint, then the LoRA snapshot and the latest LoRA; each atomic. Nothing is written when the
-        weights are non-finite (the last good files stay published), and nothing is overwritten that the record does
-        not name. Older snapshots and checkpoints are deleted only after the record that drops them is durable."""
+        """The record names the step's files; then the checkpoint, the LoRA snapshot and the latest LoRA are written,
+        each atomic (a kill in between leaves names that `reconcile` drops at load, never a file the record does not
+        name). Nothing is written when the weights are non-finite (the last good files stay published), and nothing is
+        overwritten that the record does not name. Older snapshots and checkpoints are deleted only after the record that drops them is durable."""
         step = session.step_count
         tensors, metadata = session.lora()
         bad = validation.non_finite_tensors(tensors)
@@ -97,10 +98,6 @@ class OutputWriter:
                 raise NotOwned(f"models/loras/{file_name} exists and was not written by this job (another job's "
                                "LoRA or your file); it was left untouched. Move it away, or start the job under "
                                "another output name")
-        final = self.checkpoint_dir(record.id, step)
-        if not final.exists():  # the same step again (right after a resume): the state on disk is this one
-            shutil.rmtree(checkpoint_files.temporary_folder(final), ignore_errors=True)  # this process's, if any
-            checkpoint_files.write_checkpoint(final, state, state_file=CHECKPOINT_FILE)
         data = safetensors_bytes(tensors, {**metadata, **lora_metadata.job_metadata(record.id, record.name, step)})
 
         def name_the_files(r: JobRecord) -> None:
@@ -114,6 +111,10 @@ class OutputWriter:
             r.latest_lora = latest
 
         self.board.commit(record, name_the_files)
+        final = self.checkpoint_dir(record.id, step)
+        if not final.exists():  # the same step again (right after a resume): the state on disk is this one
+            shutil.rmtree(checkpoint_files.temporary_folder(final), ignore_errors=True)  # this process's, if any
+            checkpoint_files.write_checkpoint(final, state, state_file=CHECKPOINT_FILE)
         atomic_write_bytes(self.lora_path(snapshot), data)
         atomic_write_bytes(self.lora_path(latest), data)
 
