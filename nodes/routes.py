@@ -47,26 +47,6 @@ def register(get_manager) -> bool:
 
     routes = instance.routes
 
-    def error_response(error: Exception):
-        status = getattr(error, "status", 400)
-        return web.json_response({"error": str(error)}, status=status)
-
-    def guarded(handler):
-        """A route whose unexpected failures answer 500 with the reason (and a log line) instead of an HTML page."""
-        import functools
-
-        @functools.wraps(handler)
-        async def wrapper(request):
-            try:
-                return await handler(request)
-            except jobs.JobError as error:
-                return error_response(error)
-            except Exception as error:  # noqa: BLE001 - one bad request never takes the others down
-                LOG.exception("TDM route %s failed", request.path)
-                return web.json_response({"error": f"{type(error).__name__}: {str(error)[:300]}"}, status=500)
-
-        return wrapper
-
     @routes.get("/tdm/jobs")
     @guarded
     async def list_jobs(request):
@@ -116,25 +96,9 @@ def register(get_manager) -> bool:
     @routes.post("/tdm/jobs/{job}/resume")
     @guarded
     async def resume_job(request):
-        body = {}
-        if request.can_read_body:
-            if request.content_length is not None and request.content_length > MAX_BODY:
-                return web.json_response({"error": f"the body is {request.content_length} bytes; a resume body is "
-                                                   "JSON like {\"iterations\": 1000}"}, status=413)
-            raw = await request.content.read(MAX_BODY + 1)
-            if len(raw) > MAX_BODY:
-                return web.json_response({"error": f"the body is over {MAX_BODY} bytes; a resume body is JSON like "
-                                                   "{\"iterations\": 1000}"}, status=413)
-            try:
-                body = validation.json_object(validation.loads_json(raw, "the body", max_bytes=MAX_BODY,
-                                                                    max_depth=4), "the body") if raw.strip() else {}
-                unknown = sorted(set(body) - set(RESUME_KEYS))
-                if unknown:
-                    raise validation.ValidationError(f"the body has unknown keys {unknown[:5]}; only "
-                                                     f"{', '.join(RESUME_KEYS)} is accepted")
-            except validation.ValidationError as error:
-                return web.json_response({"error": f"{error}; send JSON like {{\"iterations\": 1000}}"},
-                                         status=400)
+        body, refusal = await _resume_body(request)
+        if refusal is not None:
+            return web.json_response({"error": refusal[0]}, status=refusal[1])
         # iterations is validated (whole, finite, 1 ≤ n ≤ MAX_ITERATIONS) by the manager, like every other caller's
         record = await _in_thread(lambda: get_manager().resume(
             request.match_info["job"], iterations=body.get("iterations")).to_dict(history=False))
@@ -142,6 +106,57 @@ def register(get_manager) -> bool:
 
     _registered["done"] = True
     return True
+
+
+def error_response(error: Exception):
+    """A refused command as JSON, with the status the error carries (a JobError's: 404, 409, 507...)."""
+    from aiohttp import web
+
+    return web.json_response({"error": str(error)}, status=getattr(error, "status", 400))
+
+
+def guarded(handler):
+    """A route whose unexpected failures answer 500 with the reason (and a log line) instead of an HTML page."""
+    import functools
+
+    from aiohttp import web
+
+    @functools.wraps(handler)
+    async def wrapper(request):
+        try:
+            return await handler(request)
+        except jobs.JobError as error:
+            return error_response(error)
+        except Exception as error:  # noqa: BLE001 - one bad request never takes the others down
+            LOG.exception("TDM route %s failed", request.path)
+            return web.json_response({"error": f"{type(error).__name__}: {str(error)[:300]}"}, status=500)
+
+    return wrapper
+
+
+async def _resume_body(request) -> tuple[dict, tuple[str, int] | None]:
+    """A resume request's JSON body (empty: {}), read to at most MAX_BODY bytes and checked; or the refusal, as
+    (message, HTTP status)."""
+    if not request.can_read_body:
+        return {}, None
+    example = "a resume body is JSON like {\"iterations\": 1000}"
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return {}, (f"the body is {request.content_length} bytes; {example}", 413)
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        return {}, (f"the body is over {MAX_BODY} bytes; {example}", 413)
+    if not raw.strip():
+        return {}, None
+    try:
+        body = validation.json_object(validation.loads_json(raw, "the body", max_bytes=MAX_BODY, max_depth=4),
+                                      "the body")
+        unknown = sorted(set(body) - set(RESUME_KEYS))
+        if unknown:
+            raise validation.ValidationError(f"the body has unknown keys {unknown[:5]}; only "
+                                             f"{', '.join(RESUME_KEYS)} is accepted")
+    except validation.ValidationError as error:
+        return {}, (f"{error}; send JSON like {{\"iterations\": 1000}}", 400)
+    return body, None
 
 
 def _preview_png(manager, job: str) -> tuple[str, bytes | None]:
