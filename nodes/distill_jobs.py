@@ -284,3 +284,47 @@ def edited_settings(recorded: JobSettings, queued: JobSettings) -> list[str]:
         else:
             edited.append(f"{key} {str(prior)[:40]} → {str(value)[:40]}")
     return edited
+
+
+def start_job(manager: jobs.JobManager, model, clip, values: dict, vae=None, *,
+              check_record: Callable[[dict], None]) -> jobs.JobRecord:
+    """Everything TDM Distill does with its inputs (nodes/trainer.py): a new job, or the job of that output name
+    continued or refused; raises ValueError with the reason to refuse. `check_record` checks an older record's
+    widget values by the node's own rules (job.json is data on disk)."""
+    name = jobs.validate_output_name(values["output_name"], manager.loras_dir)
+    existing = manager.find(name)
+    prompts = read_prompts(values["prompts"], values["prompts_file"])
+    if existing is None:
+        job = new_job_settings(model, values, prompts)
+    else:
+        # The job's own settings (a record written before converted), checked by the node's rules: job.json is data
+        # on disk.
+        recorded = recorded_settings(existing, values, model, check_record)
+        # A queue with edited settings (the prompts of a distil-then-sample graph, say) must not come back with the
+        # old job's LoRA: neither reuse nor resume it, say what differs and offer a free name. What the node would
+        # make the job learn is compared with what it learns; run options are not.
+        edited = edited_settings(recorded, settings_from_inputs(values, prompts, recorded.config.family,
+                                                                recorded=recorded))
+        if edited:
+            raise ValueError(
+                f"output name '{name}' belongs to TDM job {existing.id} ({existing.state} at step {existing.step}/"
+                f"{existing.iterations}), which was started with other settings: {'; '.join(edited[:6])}"
+                f"{'; ...' if len(edited) > 6 else ''}. Its LoRA would not have your edits: set output_name to "
+                f"'{manager.free_name(name)}' to train a new one, or undo the edits to use or continue "
+                "that job.")
+        if values["if_exists"] != "resume":
+            manager.submit(name, None, values["iterations"])  # raises the duplicate-name refusal
+        if existing.state in jobs.ACTIVE_STATES and manager.has_runtime(existing.id):
+            return existing
+        if existing.state == "finished" and values["iterations"] <= existing.step:
+            return existing
+        # Resume: the job's own settings, as recorded (a different rank or grid could not load its checkpoint, and a
+        # recipe changed since must not change the job). Run options may change on resume (memory: the usual fix
+        # after running out of it; how often to save).
+        job = with_run_options(recorded, values)
+
+    runtime, teacher, grid = job_runtime(model, clip, job, vae)
+    job.grid_description = grid.description
+    return manager.submit(name, runtime, job.config.iterations, save_every=int(values["save_every"]),
+                          keep_last=int(values["keep_last"]), preview_every=int(values["preview_every"]),
+                          settings=job.record(), teacher=teacher, if_exists=values["if_exists"])

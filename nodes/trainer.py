@@ -26,14 +26,8 @@ from .distill_images import loss_curve_image, preview_image
 from .distill_jobs import (
     NO_FILE,
     build_runtime,  # noqa: F401 - a new job's runtime from the node's inputs, for tests and bench/ (trainer.build_runtime)
-    edited_settings,
     input_text_files,
-    job_runtime,
-    new_job_settings,
-    read_prompts,
-    recorded_settings,
-    settings_from_inputs,
-    with_run_options,
+    start_job,
 )
 from .job_runtime import get_manager, wait_for_job
 
@@ -51,48 +45,6 @@ GRID_CHOICES = ["auto", *[p.name for p in presets.PRESETS.values() if families.F
                 "training_demo"]
 IF_EXISTS = ["refuse", "resume"]
 OFFLOAD = ["none", "unload_comfy_models", "train_on_cpu"]
-
-
-def start_job(model, clip, values: dict, vae=None) -> jobs.JobRecord:
-    """Everything the start node does (see the module docstring); raises ValueError with the reason to refuse."""
-    manager = get_manager()
-    name = jobs.validate_output_name(values["output_name"], manager.loras_dir)
-    existing = manager.find(name)
-    prompts = read_prompts(values["prompts"], values["prompts_file"])
-    if existing is None:
-        job = new_job_settings(model, values, prompts)
-    else:
-        # The job's own settings (a record written before converted), checked by the node's rules: job.json is data
-        # on disk.
-        recorded = recorded_settings(existing, values, model, functools.partial(inputs.check_inputs, TDMDistillStart))
-        # A queue with edited settings (the prompts of a distil-then-sample graph, say) must not come back with the
-        # old job's LoRA: neither reuse nor resume it, say what differs and offer a free name. What the node would
-        # make the job learn is compared with what it learns; run options are not.
-        edited = edited_settings(recorded, settings_from_inputs(values, prompts, recorded.config.family,
-                                                                recorded=recorded))
-        if edited:
-            raise ValueError(
-                f"output name '{name}' belongs to TDM job {existing.id} ({existing.state} at step {existing.step}/"
-                f"{existing.iterations}), which was started with other settings: {'; '.join(edited[:6])}"
-                f"{'; ...' if len(edited) > 6 else ''}. Its LoRA would not have your edits: set output_name to "
-                f"'{manager.free_name(name)}' to train a new one, or undo the edits to use or continue "
-                "that job.")
-        if values["if_exists"] != "resume":
-            manager.submit(name, None, values["iterations"])  # raises the duplicate-name refusal
-        if existing.state in jobs.ACTIVE_STATES and manager.has_runtime(existing.id):
-            return existing
-        if existing.state == "finished" and values["iterations"] <= existing.step:
-            return existing
-        # Resume: the job's own settings, as recorded (a different rank or grid could not load its checkpoint, and a
-        # recipe changed since must not change the job). Run options may change on resume (memory: the usual fix
-        # after running out of it; how often to save).
-        job = with_run_options(recorded, values)
-
-    runtime, teacher, grid = job_runtime(model, clip, job, vae)
-    job.grid_description = grid.description
-    return manager.submit(name, runtime, job.config.iterations, save_every=int(values["save_every"]),
-                          keep_last=int(values["keep_last"]), preview_every=int(values["preview_every"]),
-                          settings=job.record(), teacher=teacher, if_exists=values["if_exists"])
 
 
 def _refuse(error: Exception):
@@ -230,7 +182,8 @@ class TDMDistillStart(io.ComfyNode):
     def execute(cls, model, clip, vae=None, **values) -> io.NodeOutput:
         inputs.check_inputs(cls, values)
         try:
-            record = start_job(model, clip, values, vae)
+            record = start_job(get_manager(), model, clip, values, vae,
+                               check_record=functools.partial(inputs.check_inputs, TDMDistillStart))
         except jobs.JobError as error:
             _refuse(error)
         return io.NodeOutput(record.id, ui=ui.PreviewText(record.progress_text()))

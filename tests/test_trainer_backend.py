@@ -324,16 +324,18 @@ def test_comfyui_cancel_neither_stops_nor_is_swallowed_by_training(trainer_modul
 def test_prompts_come_from_the_text_and_a_file_in_input(trainer_module, tmp_path, monkeypatch):
     import folder_paths
 
+    distill_jobs = sys.modules[trainer_module.__package__ + ".distill_jobs"]  # where TDM Distill reads its prompts
+
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
     (tmp_path / "more.txt").write_text("a bird\n\n# a comment\na fish\n", encoding="utf-8")
-    assert trainer_module.read_prompts(" a cat \n\na dog", "more.txt") == ["a cat", "a dog", "a bird", "a fish"]
-    assert trainer_module.input_text_files() == ["(none)", "more.txt"]
+    assert distill_jobs.read_prompts(" a cat \n\na dog", "more.txt") == ["a cat", "a dog", "a bird", "a fish"]
+    assert distill_jobs.input_text_files() == ["(none)", "more.txt"]
     with pytest.raises(FileNotFoundError, match="'gone.txt' does not exist in ComfyUI's input folder"):
-        trainer_module.read_prompts("a cat", "gone.txt")
+        distill_jobs.read_prompts("a cat", "gone.txt")
     with pytest.raises(ValueError, match="outside ComfyUI's input folder"):
-        trainer_module.read_prompts("a cat", "../secret.txt")
+        distill_jobs.read_prompts("a cat", "../secret.txt")
     with pytest.raises(ValueError, match="no training prompts"):
-        trainer_module.read_prompts("\n# only a comment", "(none)")
+        distill_jobs.read_prompts("\n# only a comment", "(none)")
 
 
 def test_text_encoders_leave_comfyuis_device_after_encoding(conditioning_module):
@@ -385,12 +387,16 @@ def test_parking_a_job_moves_only_what_comfyui_does_not_hold(trainer_module, sd3
 
 def _start_job(trainer_module, monkeypatch, manager, twin, **changes):
     """TDM Distill's `start_job` on `manager` with DEFAULTS (output "tiny"), as the node runs it."""
-    monkeypatch.setattr(trainer_module, "get_manager", lambda: manager)
+    import functools
+
     values = dict(DEFAULTS, prompts="\n".join(PROMPTS), prompts_file="(none)", output_name="tiny",
                   if_exists="refuse")
     values.update(changes)
     with torch.inference_mode():  # as ComfyUI executes nodes
-        return trainer_module.start_job(twin.comfy, _clip(twin.family), values)
+        distill_jobs = sys.modules[trainer_module.__name__.rsplit(".", 1)[0] + ".distill_jobs"]
+        check = functools.partial(sys.modules[trainer_module.__package__ + ".inputs"].check_inputs,
+                                  trainer_module.TDMDistillStart)
+        return distill_jobs.start_job(manager, twin.comfy, _clip(twin.family), values, check_record=check)
 
 
 def _old_settings(values: dict, record_settings: dict) -> dict:
@@ -427,8 +433,9 @@ def test_a_job_records_its_config_and_a_resume_keeps_it_when_the_recipe_changes(
     monkeypatch.setitem(recipes.RECIPES[settings["config"]["recipe"]].values, "weight_decay",
                         recipes.Value(decay * 10, "demo"))
     built = []
-    real = trainer_module.job_runtime
-    monkeypatch.setattr(trainer_module, "job_runtime", lambda *args: built.append(real(*args)) or built[-1])
+    distill_jobs = sys.modules[trainer_module.__package__ + ".distill_jobs"]  # where start_job builds the runtime
+    real = distill_jobs.job_runtime
+    monkeypatch.setattr(distill_jobs, "job_runtime", lambda *args: built.append(real(*args)) or built[-1])
     _start_job(trainer_module, monkeypatch, manager, sd3_twin, iterations=3, save_every=1, if_exists="resume")
     assert built[0][0].config.weight_decay == decay
     resumed = manager.wait(record.id, timeout=300)
