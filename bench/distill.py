@@ -170,12 +170,12 @@ def _comfy_sd15_trainer():
     import comfy.model_management
     import torch
 
-    trainer_module = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.trainer"]
+    distill_jobs = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.distill_jobs"]
     size = gpu.SIZES["real"]["sd15"]
     model = gpu.build_model("sd15", size, torch.float32)
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model], force_full_load=True)
-        runtime, _, _ = trainer_module.build_runtime(model, gpu.BenchCLIP(size),
+        runtime, _, _ = distill_jobs.build_runtime(model, gpu.BenchCLIP(size),
                                                      dict(trainer_memory.COMFY_JOB_SETTINGS, iterations=1000),
                                                      ["a cat", "a dog"])
     return runtime.build(None).trainer

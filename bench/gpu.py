@@ -199,7 +199,7 @@ def bench_sampling(family: str, model, size: dict, sampling_nodes, repeats: int)
             "speedup": round(t_teacher / t_tdm, 2), "nfe_ratio": round(counts["teacher"] / counts["tdm"], 2)}
 
 
-def bench_distill(family: str, model, size: dict, trainer_nodes, batch: int, iterations: int) -> dict:
+def bench_distill(family: str, model, size: dict, distill_jobs, batch: int, iterations: int) -> dict:
     import resource
 
     settings = dict(steps=4, grid="auto", iterations=iterations + 1, lora_rank=16, lora_alpha=0.0,
@@ -210,7 +210,7 @@ def bench_distill(family: str, model, size: dict, trainer_nodes, batch: int, ite
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():  # as ComfyUI executes TDM Distill
-        runtime, _, _ = trainer_nodes.build_runtime(model, BenchCLIP(size), settings, PROMPTS)
+        runtime, _, _ = distill_jobs.build_runtime(model, BenchCLIP(size), settings, PROMPTS)
     with torch.inference_mode(False):
         session = runtime.build(None)
         session.step()  # warm-up (kernels, allocator)
@@ -304,7 +304,7 @@ def main() -> None:
     comfy_runtime.bootstrap_on_device()
     pack = comfy_runtime.load_pack()
     sampling_nodes = sys.modules[pack.__name__ + ".nodes.sampling"]
-    trainer_nodes = sys.modules[pack.__name__ + ".nodes.trainer"]
+    distill_jobs = sys.modules[pack.__name__ + ".nodes.distill_jobs"]
     sizes = SIZES["tiny" if args.tiny else "real"]
     dtype = torch.float32 if args.tiny and not torch.cuda.is_available() else torch.bfloat16
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -322,7 +322,7 @@ def main() -> None:
         report.setdefault("params_m", {})[family] = round(params / 1e6, 1)
         report["sampling"][family] = bench_sampling(family, model, sizes[family], sampling_nodes, args.repeats)
         for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
-            report["distill"][f"{family}.batch{batch}"] = bench_distill(family, model, sizes[family], trainer_nodes,
+            report["distill"][f"{family}.batch{batch}"] = bench_distill(family, model, sizes[family], distill_jobs,
                                                                         batch, args.iterations)
         del model
     print(json.dumps(report))

@@ -53,7 +53,7 @@ make_backend (every LoRA field of the config).
 
 Latent targets. "sdxl" / "flux" / "sd3" / "sd35": the toy latent teachers of tdm_devkit/toy_latent_teacher.py
 (tiny twins of the family in ComfyUI's layout, trained on latents whose every element is ±1 plus a little noise,
-the prompt setting the share), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the
+the prompt setting the share), distilled through TDM Distill's own runtime (nodes.distill_jobs.build_runtime) with the
 quality check's settings (student_solver.LATENT_SETTINGS; "latent_recipe": learning_rate 5e-4, batch 4, rank 16,
 cfg 1, then every --set field but the LoRA's shape). Their 50-step samples are themselves far from the task's data
 (Flux: W1 0.74 against a floor of 0.016), so a distance to the data would measure the teacher: they are scored as
@@ -241,7 +241,7 @@ def digits_run(config) -> tuple[dict, dict]:
 
 
 # The toy latent teachers of tdm_devkit/toy_latent_teacher.py (every latent element ±1 plus a little noise, the
-# prompt sets the share of +1), distilled through TDM Distill's own runtime (nodes.trainer.build_runtime) with the
+# prompt sets the share of +1), distilled through TDM Distill's own runtime (nodes.distill_jobs.build_runtime) with the
 # quality check's settings; --set overrides every DistillConfig field but the LoRA's shape (rank 16, alpha = rank).
 LATENT_TARGETS = ("sdxl", "flux", "sd3", "sd35")
 _LORA_SHAPE = ("lora_rank", "lora_alpha", "lora_target_modules", "mode")

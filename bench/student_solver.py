@@ -89,7 +89,7 @@ def digits(seed: int) -> dict:
 
 def latent_session(family: str, iterations: int, seed: int, overrides: dict | None = None):
     """(an untrained job session, the toy module) for a toy latent teacher, built through TDM Distill's own runtime
-    (nodes.trainer.build_runtime) with LATENT_SETTINGS; `overrides` replace fields of the job's DistillConfig."""
+    (nodes.distill_jobs.build_runtime) with LATENT_SETTINGS; `overrides` replace fields of the job's DistillConfig."""
     import torch
 
     from tdm_devkit import comfy_runtime
@@ -100,14 +100,14 @@ def latent_session(family: str, iterations: int, seed: int, overrides: dict | No
     from tdm_core.distill import DistillConfig
     from tdm_devkit import toy_latent_teacher as toy
 
-    trainer_module = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.trainer"]
+    distill_jobs = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.distill_jobs"]
     config = toy.TeacherConfig.for_family(family)
     model = toy.teacher_model(family, toy.teacher_file(config, log=lambda message: print(message, file=sys.stderr)))
     settings = dict(LATENT_SETTINGS, iterations=iterations, seed=seed, width=config.image_size,
                     height=config.image_size)
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model], force_full_load=True)
-        runtime, _, _ = trainer_module.build_runtime(model, toy.tiny_clip(family), settings, list(toy.PROMPTS))
+        runtime, _, _ = distill_jobs.build_runtime(model, toy.tiny_clip(family), settings, list(toy.PROMPTS))
     if overrides:
         runtime.config = DistillConfig.from_dict({**runtime.config.to_dict(), **overrides})
     with torch.inference_mode(False), torch.enable_grad():

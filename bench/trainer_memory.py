@@ -99,8 +99,8 @@ def measure_comfy_job(mode: str) -> dict:
     import comfy.model_management
     import torch
 
-    trainer = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.trainer"]
-    backend_module = sys.modules[trainer.__name__.rsplit(".", 1)[0] + ".training_network"]
+    distill_jobs = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.distill_jobs"]
+    backend_module = sys.modules[distill_jobs.__name__.rsplit(".", 1)[0] + ".training_network"]
     if mode == "copy":
         backend_module._alias = lambda tensor: tensor.detach().clone()  # the weights copied, as a deep copy did
     size = gpu.SIZES["real"]["sd15"]
@@ -111,7 +111,7 @@ def measure_comfy_job(mode: str) -> dict:
         comfy.model_management.load_models_gpu([model], force_full_load=True)
     teacher_mb = sum(p.numel() * p.element_size() for p in base.diffusion_model.parameters()) / 2**20
     with torch.inference_mode():
-        runtime, _, _ = trainer.build_runtime(model, gpu.BenchCLIP(size), dict(COMFY_JOB_SETTINGS), ["a cat", "a dog"])
+        runtime, _, _ = distill_jobs.build_runtime(model, gpu.BenchCLIP(size), dict(COMFY_JOB_SETTINGS), ["a cat", "a dog"])
     shared = backend_module.shares_weights(runtime.backend.model, model)
     session = runtime.build(None)
     with torch.inference_mode(False):

@@ -25,7 +25,6 @@ from . import categories, comfy_backend, inputs, recipe_inputs
 from .distill_images import loss_curve_image, preview_image
 from .distill_jobs import (
     NO_FILE,
-    build_runtime,  # noqa: F401 - a new job's runtime from the node's inputs, for tests and bench/ (trainer.build_runtime)
     input_text_files,
     start_job,
 )

@@ -278,10 +278,10 @@ SETTINGS = dict(unconditional_prompt="", steps=4, grid="auto", iterations=1, lor
 def _one_iteration(pack, twin, family, cfg):
     from tdm_core.distill import TDMTrainer
 
-    trainer_nodes = sys.modules[f"{pack.__name__}.nodes.trainer"]
+    distill_jobs = sys.modules[f"{pack.__name__}.nodes.distill_jobs"]
     clip = _test_pack().TinyCLIP(family)
     with torch.inference_mode(False):
-        runtime, _, grid = trainer_nodes.build_runtime(twin.comfy, clip, dict(SETTINGS, cfg=cfg), ["a cat", "a dog"])
+        runtime, _, grid = distill_jobs.build_runtime(twin.comfy, clip, dict(SETTINGS, cfg=cfg), ["a cat", "a dog"])
         trainer = TDMTrainer(runtime.backend, runtime.config)
         before = runtime.backend.adapter_state_dict("student")
         metrics = trainer.step()
@@ -423,10 +423,10 @@ def test_flux_distillation_step_and_student_lora_in_comfyui_and_diffusers(pack, 
 
 
 def test_unsupported_families_fail_early_naming_the_supported_list(pack, flux_twin):
-    trainer_nodes = sys.modules[f"{pack.__name__}.nodes.trainer"]
+    distill_jobs = sys.modules[f"{pack.__name__}.nodes.distill_jobs"]
     clip = _test_pack().TinyCLIP("flux")
     with pytest.raises(ValueError, match="Flux-dev is guidance-distilled.*Set cfg to 1"):
-        trainer_nodes.build_runtime(flux_twin.comfy, clip, dict(SETTINGS, cfg=2.0), ["a cat"])
+        distill_jobs.build_runtime(flux_twin.comfy, clip, dict(SETTINGS, cfg=2.0), ["a cat"])
     # An SD2 UNet (ComfyUI's SD20 config class, tiny width): refused before any copy or encode.
     import comfy.supported_models
 
@@ -436,7 +436,7 @@ def test_unsupported_families_fail_early_naming_the_supported_list(pack, flux_tw
     config.set_inference_dtype(torch.float32, None)
     sd2 = twins._patcher(config.get_model({}))
     with pytest.raises(ValueError, match=r"family 'unet' \(SD20\); supported families: sd15.*sdxl.*flux"):
-        trainer_nodes.build_runtime(sd2, clip, dict(SETTINGS, cfg=2.0), ["a cat"])
+        distill_jobs.build_runtime(sd2, clip, dict(SETTINGS, cfg=2.0), ["a cat"])
 
 
 def test_a_cached_flux_toy_teacher_loads_on_either_comfyui(tmp_path, monkeypatch):

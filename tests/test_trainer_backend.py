@@ -58,7 +58,8 @@ def _clip(family):
 def _runtime(trainer_module, twin, vae=None, **overrides):
     settings = dict(DEFAULTS, **overrides)
     with torch.inference_mode():  # as ComfyUI executes nodes
-        return trainer_module.build_runtime(twin.comfy, _clip(twin.family), settings, PROMPTS, vae)
+        distill_jobs = sys.modules[trainer_module.__package__ + ".distill_jobs"]
+        return distill_jobs.build_runtime(twin.comfy, _clip(twin.family), settings, PROMPTS, vae)
 
 
 def test_sd15_schedule_is_the_models_own(backend_module, sd15_twin):
