@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from .. import families, validation
+from .backend import COMPUTE_DTYPES, diffusers_backend
 from .config import ConfigError
 from .schedule import DiscreteSchedule
 
 # model_index.json's `_class_name` → the family it distils
 PIPELINES = {"CogVideoXPipeline": families.COGVIDEOX.name}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pipeline_family(folder: Path) -> str:
@@ -50,13 +50,13 @@ def make_backend(config=None, folder: str = "", dtype: str = "float32", device: 
     and frames as the pipeline counts them; default: the transformer's own sample size)."""
     if not folder:
         raise ConfigError('teacher.folder must name a diffusers model folder, e.g. "models/diffusers/CogVideoX-2b"')
-    if dtype not in DTYPES:
-        raise ConfigError(f"teacher.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in COMPUTE_DTYPES:  # the names DistillConfig.dtype uses
+        raise ConfigError(f"teacher.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
     path = Path(folder).expanduser()
     family = pipeline_family(path)
     target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if family == families.COGVIDEOX.name:
-        return _cogvideox(config, path, DTYPES[dtype], target, frames, height, width)
+        return _cogvideox(config, path, COMPUTE_DTYPES[dtype], target, frames, height, width)
     raise ConfigError(f"no diffusers-folder teacher for {family}")  # PIPELINES and this dispatch go together
 
 
@@ -64,7 +64,6 @@ def _cogvideox(config, path: Path, dtype: torch.dtype, device: torch.device, fra
     from diffusers import CogVideoXPipeline
 
     from ..cogvideox import check_frame_count
-    from .backend import diffusers_backend
 
     pipe = CogVideoXPipeline.from_pretrained(path, torch_dtype=dtype)
     transformer = pipe.transformer
