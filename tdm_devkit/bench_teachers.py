@@ -29,7 +29,8 @@ SD15_SIZES = {
 def sd15_unet(config=None, size: str = "real", dtype: str = "bfloat16", gradient_checkpointing: bool = True,
               seed: int = 0, **_ignored):
     """A PeftBackend on a random-weight SD1.5-layout UNet; prompts become fixed random embeddings of the real shape
-    (77 tokens × 768), the empty prompt zeros. Placed on this process's device (`LOCAL_RANK` under torchrun)."""
+    (77 tokens × 768), the empty prompt zeros. Placed on this process's device (the CLI has set it from torchrun's
+    LOCAL_RANK before any factory runs)."""
     from diffusers import UNet2DConditionModel
 
     if size not in SD15_SIZES:
@@ -40,7 +41,7 @@ def sd15_unet(config=None, size: str = "real", dtype: str = "bfloat16", gradient
     unet = UNet2DConditionModel(**settings)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    device = _device()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     unet.to(device=device, dtype=getattr(torch, dtype))
     width = settings["cross_attention_dim"]
 
@@ -53,11 +54,3 @@ def sd15_unet(config=None, size: str = "real", dtype: str = "bfloat16", gradient
     rank = config.lora_rank if config is not None else 16
     return diffusers_backend(unet, schedule=DiscreteSchedule.scaled_linear(), encode=encode, lora_rank=rank,
                              lora_alpha=config.lora_alpha if config is not None else None)
-
-
-def _device() -> torch.device:
-    import os
-
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
