@@ -369,7 +369,8 @@ def _run(cmd, timeout=180):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    assert proc.returncode == 0, stderr[-3000:]
+    # stdout says how far the run got (its summary line is the last thing a finished run prints)
+    assert proc.returncode == 0, f"stdout: {stdout[-1000:]}\nstderr: {stderr[-3000:]}"
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 

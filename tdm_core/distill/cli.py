@@ -19,6 +19,7 @@ checkpoint and LoRA in place.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import json
 import os
@@ -119,6 +120,22 @@ def _write_preview(trainer, out_dir: Path, prompts: list[str]) -> None:
             pass
 
 
+def exit_process(code: int) -> None:
+    """Leave the process with ``code``; a torchrun worker leaves without the interpreter's teardown.
+
+    A worker's run is over when ``main`` returns: its files are written and closed, its process group destroyed.
+    What is left is the interpreter's own teardown, in which torch's C++ side (gloo's transport threads) has
+    aborted a finished two-process run, rarely and only under load ("terminate called without an active
+    exception", signal 6 in both workers), turning a complete run into a failed one for torchrun. A worker
+    therefore flushes its output and exits at once.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -127,6 +144,17 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     distributed = _init_distributed()
+    if not distributed:
+        return _train(args, config, distributed=False)
+    # a C++ abort in one worker ends all of them; this prints each worker's Python stack when it happens
+    faulthandler.enable(all_threads=True)
+    try:
+        return _train(args, config, distributed=True)
+    finally:
+        torch.distributed.destroy_process_group()  # on every way out, a refused config included
+
+
+def _train(args, config: DistillConfig, *, distributed: bool) -> int:
     from .trainer import TDMTrainer
 
     try:
@@ -208,6 +236,4 @@ def main(argv=None) -> int:
             progress.close()
         if log is not None:
             log.close()
-        if distributed:
-            torch.distributed.destroy_process_group()
     return 0
