@@ -287,10 +287,11 @@ def edited_settings(recorded: JobSettings, queued: JobSettings) -> list[str]:
 
 
 def start_job(manager: jobs.JobManager, model, clip, values: dict, vae=None, *,
-              check_record: Callable[[dict], None]) -> jobs.JobRecord:
+              check_record: Callable[[dict], None], teacher_files: dict | None = None) -> jobs.JobRecord:
     """Everything TDM Distill does with its inputs (nodes/trainer.py): a new job, or the job of that output name
     continued or refused; raises ValueError with the reason to refuse. `check_record` checks an older record's
-    widget values by the node's own rules (job.json is data on disk)."""
+    widget values by the node's own rules (job.json is data on disk). `teacher_files`: the loader files the queued
+    graph feeds the teacher from (nodes/headless_export.py), recorded for a headless export."""
     name = jobs.validate_output_name(values["output_name"], manager.loras_dir)
     existing = manager.find(name)
     prompts = read_prompts(values["prompts"], values["prompts_file"])
@@ -325,6 +326,8 @@ def start_job(manager: jobs.JobManager, model, clip, values: dict, vae=None, *,
 
     runtime, teacher, grid = job_runtime(model, clip, job, vae)
     job.grid_description = grid.description
+    if teacher_files is not None:  # this queue's graph: a resumed job may have been renamed or moved files since
+        job.comfy["teacher_files"] = teacher_files
     return manager.submit(name, runtime, job.config.iterations, save_every=int(values["save_every"]),
                           keep_last=int(values["keep_last"]), preview_every=int(values["preview_every"]),
                           settings=job.record(), teacher=teacher, if_exists=values["if_exists"])

@@ -3,6 +3,8 @@
   GET  /tdm/jobs                    every job (without loss history)
   GET  /tdm/jobs/{job}              one job by id or output name, with its loss history
   GET  /tdm/jobs/{job}/preview.png  the latest student preview
+  GET  /tdm/jobs/{job}/headless     the job as a headless run: {config, file_name, resume_from, command}
+                                    (nodes/headless_export.py); 409 with the reason when it cannot run headless
   POST /tdm/jobs/{job}/stop         stop after the current iteration (with a checkpoint)
   POST /tdm/jobs/{job}/resume       resume from the newest checkpoint; body {"iterations": N} optional
   DELETE /tdm/jobs/{job}            forget a finished, failed or stopped job (record, checkpoints, preview; its LoRA
@@ -25,6 +27,8 @@ import io as _io
 import logging
 
 from tdm_core import jobs, validation
+
+from .headless_export import headless_config
 
 LOG = logging.getLogger("comfyui-tdm")
 _registered = {"done": False}
@@ -73,6 +77,17 @@ def register(get_manager) -> bool:
             return web.json_response({"error": f"job {job_id} has no preview yet"}, status=404)
         return web.Response(body=png, content_type="image/png")
 
+    @routes.get("/tdm/jobs/{job}/headless")
+    @guarded
+    async def job_headless(request):
+        try:
+            answer = await _in_thread(lambda: headless_run(get_manager(), request.match_info["job"]))
+        except jobs.JobError as error:
+            return error_response(error)
+        except ValueError as error:  # a job that cannot run headless: the reason, for the panel to show
+            return web.json_response({"error": str(error)}, status=409)
+        return web.json_response(answer)
+
     @routes.post("/tdm/jobs/{job}/stop")
     @guarded
     async def stop_job(request):
@@ -106,6 +121,29 @@ def register(get_manager) -> bool:
 
     _registered["done"] = True
     return True
+
+
+def headless_run(manager, job: str) -> dict:
+    """The job's headless config and the command that continues it from its newest checkpoint."""
+    import os
+    import shlex
+
+    import folder_paths
+
+    record = manager.get(job)
+    comfyui_dir = os.path.dirname(os.path.abspath(folder_paths.__file__))
+    output_dir = os.path.join(folder_paths.get_output_directory(), "tdm-headless", record.name)
+    config = headless_config(record, comfyui_dir, output_dir=output_dir)
+    if os.path.realpath(folder_paths.base_path) != os.path.realpath(comfyui_dir):  # ComfyUI's --base-directory
+        config["teacher"]["base_directory"] = folder_paths.base_path
+    file_name = record.name.replace("/", "_") + ".headless.json"
+    pack_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tdm_core and tdm_comfy live there
+    resume_from = (str(manager.outputs.checkpoint_dir(record.id, record.checkpoint_step)) if record.checkpoint_step
+                   else None)  # the newest checkpoint folder itself: a job keeps them under checkpoints/step-N
+    command = (f"cd {shlex.quote(pack_dir)} && torchrun --nproc_per_node <GPUs> -m tdm_core.distill "
+               f"--config <folder of the download>/{shlex.quote(file_name)}"
+               + (f" --resume {shlex.quote(resume_from)}" if resume_from else ""))
+    return {"config": config, "file_name": file_name, "resume_from": resume_from, "command": command}
 
 
 def error_response(error: Exception):

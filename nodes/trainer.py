@@ -28,6 +28,7 @@ from .distill_jobs import (
     input_text_files,
     start_job,
 )
+from .headless_export import trace_teacher_files
 from .job_runtime import get_manager, wait_for_job
 
 # Outputs carry an explicit display name: ComfyUI 0.3.75 would label an unnamed output by its type ("STRING"),
@@ -157,6 +158,8 @@ class TDMDistillStart(io.ComfyNode):
             ]),
             outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
                                                         "/tdm/jobs HTTP routes.")],
+            # The queued graph: the job records which loader files its teacher came from, for a headless export.
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -182,7 +185,8 @@ class TDMDistillStart(io.ComfyNode):
         inputs.check_inputs(cls, values)
         try:
             record = start_job(get_manager(), model, clip, values, vae,
-                               check_record=functools.partial(inputs.check_inputs, TDMDistillStart))
+                               check_record=functools.partial(inputs.check_inputs, TDMDistillStart),
+                               teacher_files=trace_teacher_files(cls.hidden.prompt, cls.hidden.unique_id))
         except jobs.JobError as error:
             _refuse(error)
         return io.NodeOutput(record.id, ui=ui.PreviewText(record.progress_text()))

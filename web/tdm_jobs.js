@@ -121,6 +121,45 @@ async function request(path, method, label) {
   }
 }
 
+// The job as a headless run (GET /tdm/jobs/{id}/headless): its config is downloaded as a JSON file and the command
+// that trains it (from its newest checkpoint) is shown under the job, to copy; kept across the panel's redraws.
+const headlessCommands = new Map(); // job id -> the text shown under its row
+
+function headlessCommand(text) {
+  const shown = element("pre", "font-size:11px;white-space:pre-wrap;word-break:break-all;margin:6px 0 0;" +
+                        "padding:6px;border-radius:4px;background:rgba(127,127,127,.15);user-select:text;", text);
+  shown.className = "tdm-job-headless-command";
+  return shown;
+}
+
+async function exportHeadless(job, row) {
+  let body;
+  try {
+    const response = await api.fetchApi(`/tdm/jobs/${encodeURIComponent(job.id)}/headless`);
+    body = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      notify("error", `Headless '${job.name}': ${body.error || `HTTP ${response.status}`}`);
+      return;
+    }
+  } catch (error) {
+    notify("error", `Headless '${job.name}': ${error}`);
+    return;
+  }
+  const blob = new Blob([JSON.stringify(body.config, null, 2)], { type: "application/json" });
+  const link = element("a", "display:none;");
+  link.href = URL.createObjectURL(blob);
+  link.download = body.file_name;
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+  const text = `Downloaded ${body.file_name}. Train it headless (multi-GPU: torchrun):\n${body.command}`;
+  headlessCommands.set(job.id, text);
+  row.querySelector(".tdm-job-headless-command")?.remove();
+  row.appendChild(headlessCommand(text));
+  notify("success", `Exported '${job.name}' as ${body.file_name}`);
+}
+
 function jobRow(job, jobs, details, refresh) {
   const row = element("div", "border:1px solid var(--border-color,#444);border-radius:6px;padding:8px;margin:8px 0;");
   row.className = "tdm-job";
@@ -194,7 +233,14 @@ function jobRow(job, jobs, details, refresh) {
       "The job's record and checkpoints are deleted: it can no longer be resumed. Its LoRA files in models/loras " +
       "stay."));
   }
+  const headless = element("button", "padding:2px 10px;", "Headless");
+  headless.className = "tdm-job-headless p-button p-component p-button-sm p-button-secondary";
+  headless.title = "Download this job as a headless config (python -m tdm_core.distill / torchrun) and show the " +
+    "command that continues it from its newest checkpoint";
+  headless.onclick = () => exportHeadless(job, row);
+  actions.appendChild(headless);
   if (actions.childElementCount) row.appendChild(actions);
+  if (headlessCommands.has(job.id)) row.appendChild(headlessCommand(headlessCommands.get(job.id)));
   return row;
 }
 
