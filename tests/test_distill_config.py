@@ -35,6 +35,10 @@ def _config(**kw):
         (dict(timesteps=[999, 665, 856, 399]), "strictly descending"),
         (dict(batch_size=0), "batch_size must be ≥ 1"),
         (dict(adam_betas=(0.0, 1.5)), "adam_betas"),
+        (dict(parallel="zero3"), "parallel must be one of ('ddp', 'fsdp'), got 'zero3'"),
+        (dict(parallel="fsdp", mode="full"), "parallel 'fsdp' shards the teacher and its two LoRA adapters: it needs "
+                                             "mode 'lora'"),
+        (dict(parallel="fsdp", dtype="float16"), "parallel 'fsdp' with dtype float16"),
     ],
 )
 def test_static_errors(overrides, message):

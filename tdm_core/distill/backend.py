@@ -25,6 +25,7 @@ import torch
 
 from .. import families
 from ..lora import metadata as lora_metadata
+from . import sharding
 from .schedule import DiscreteSchedule
 
 Adapter = Literal["teacher", "student", "fake"]
@@ -134,7 +135,12 @@ class PeftBackend:
     adapters are float32 master weights (their gradients and AdamW state too), and the network runs under
     `torch.autocast` in the base's dtype, so the matmuls run in half precision while every update is float32.
     The trainer's samples, x̂0, ε̂ and the α/σ coefficients stay float32; `forward` returns float32.
+
+    FSDP (`shard`): the network's repeated blocks become the units; `fsdp_blocks` names the block lists of a network
+    whose names sharding.BLOCK_NAMES does not know (None: those names, else the top-level children).
     """
+
+    fsdp_blocks: tuple[str, ...] | None = None
 
     def __init__(self, model: torch.nn.Module, *, schedule: DiscreteSchedule, parametrisation: str,
                  latent_shape: tuple[int, ...], encode: Callable[[list[str]], Any],
@@ -256,7 +262,8 @@ class PeftBackend:
         return [p for _, p in self._params[adapter]]
 
     def adapter_state_dict(self, adapter: Adapter) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self._params[adapter]}
+        """Full tensors (sharded ones gathered: collective under FSDP, every process calls it)."""
+        return {n: sharding.full(p.detach()).clone() for n, p in self._params[adapter]}
 
     def load_adapter_state_dict(self, adapter: Adapter, state: dict[str, torch.Tensor]) -> None:
         own = dict(self._params[adapter])
@@ -274,11 +281,28 @@ class PeftBackend:
                              f"is {want} ({len(wrong)} tensors differ; a checkpoint of another rank or model?)")
         with torch.no_grad():
             for name, param in own.items():
-                param.copy_(state[name])
+                param.copy_(sharding.shard_like(state[name], param))  # under FSDP: this process's shard of it
 
     def teacher_state_dict(self) -> dict[str, torch.Tensor]:
-        """The frozen base weights (the teacher), without any adapter tensors."""
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if ".lora_" not in n}
+        """The frozen base weights (the teacher), without any adapter tensors (full ones, as adapter_state_dict)."""
+        return {n: sharding.full(p.detach()).clone() for n, p in self.model.named_parameters() if ".lora_" not in n}
+
+    # ---- FSDP ------------------------------------------------------------------------------------------------------
+    def shard(self, mesh) -> int:
+        """Shards the network, base and both adapters, with `fully_shard` over `mesh` (sharding.py); returns the
+        number of FSDP units below the root. Parameters become DTensors: the adapter lists are read again."""
+        if self.mode != "lora":
+            raise ValueError("FSDP shards the frozen teacher and its two LoRA adapters; mode 'full' keeps whole "
+                             "trainable copies (use data parallelism for it)")
+        units = sharding.shard_model(self.model, mesh, getattr(self, "fsdp_blocks", None))
+        self._params = {a: [(n, p) for n, p in self.model.named_parameters() if f".{a}." in n and ".lora_" in n]
+                        for a in TRAINABLE}
+        self._models = {a: self.model for a in ADAPTERS}
+        return units
+
+    def local_base_parameters(self) -> int:
+        """Elements of the frozen base this process holds: all of them unsharded, its shards' under FSDP."""
+        return sharding.local_numel(p for n, p in self._models["teacher"].named_parameters() if ".lora_" not in n)
 
     # ---- export ----------------------------------------------------------------------------------------------------
     def export_student_lora(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -300,7 +324,7 @@ class PeftBackend:
             # "<module>.lora_A.student.weight" -> module, A/B
             module, _, rest = name.partition(".lora_")
             which = rest.split(".")[0]  # "A" or "B"
-            value = param.detach().to("cpu").contiguous().clone()
+            value = sharding.full(param.detach()).to("cpu").contiguous().clone()  # collective under FSDP
             if self.export_format in ("kohya", "comfyui"):
                 base = ("lora_unet_" + module.replace(".", "_") if self.export_format == "kohya"
                         else f"diffusion_model.{module}")

@@ -313,10 +313,12 @@ def _write_manifest(run_dir: Path, manifest: dict) -> None:
     atomic_write_bytes(run_dir / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
 
 
-def save_checkpoint(trainer, run_dir: str | Path) -> Path:
+def save_checkpoint(trainer, run_dir: str | Path, *, state: dict | None = None,
+                    lora: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None) -> Path:
     """Writes `checkpoint-<step>` (with the student LoRA) into run folder `run_dir` and the newest LoRA next to it;
     keeps the newest `config.keep_last` of the checkpoints the manifest owns. Nothing is written when the state or
-    the LoRA is non-finite."""
+    the LoRA is non-finite. `state` and `lora` (`student_lora`'s tensors and metadata): what an FSDP trainer gathered
+    on every process, for process 0 to write; by default they are taken from the trainer here."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(run_dir)
@@ -324,21 +326,21 @@ def save_checkpoint(trainer, run_dir: str | Path) -> Path:
         shutil.rmtree(run_dir / stale, ignore_errors=True)
     manifest["temporary"] = []
     final = run_dir / f"checkpoint-{trainer.step_count:08d}"
-    state = trainer.state_dict()
+    state = trainer.state_dict() if state is None else state
     check_finite(state, f"the training state of step {trainer.step_count}")
-    lora = None
+    lora_bytes = None
     if getattr(trainer.backend, "mode", "lora") == "lora" and hasattr(trainer.backend, "export_student_lora"):
-        tensors, metadata = student_lora(trainer)
+        tensors, metadata = student_lora(trainer) if lora is None else lora
         check_finite(tensors, f"the student LoRA of step {trainer.step_count}")
-        lora = safetensors_bytes(tensors, metadata)
+        lora_bytes = safetensors_bytes(tensors, metadata)
     manifest["temporary"].append(temporary_folder(final).name)
     _write_manifest(run_dir, manifest)
     # The same step saved again (right after a resume) holds the same state: the published folder stays. A folder of
     # that name the manifest does not record (another tool's, or a run from before manifests) is left as it is and
     # stays not ours: never pruned.
-    published = write_checkpoint(final, state, files={LORA_FILE: lora} if lora is not None else None)
-    if lora is not None:
-        atomic_write_bytes(run_dir / LORA_FILE, lora)
+    published = write_checkpoint(final, state, files={LORA_FILE: lora_bytes} if lora_bytes is not None else None)
+    if lora_bytes is not None:
+        atomic_write_bytes(run_dir / LORA_FILE, lora_bytes)
     manifest["temporary"] = []
     if published:
         manifest["checkpoints"].append(final.name)

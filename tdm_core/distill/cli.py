@@ -1,7 +1,9 @@
 """Headless TDM distillation: `python -m tdm_core.distill --config run.toml [--resume] [--set key=value ...]`.
 
 Runs under `torchrun --nproc_per_node N` as data-parallel training (gloo on CPU, nccl on GPU; the global
-`batch_size` is split across processes). Process 0 writes, under `output_dir`:
+`batch_size` is split across processes), or with `parallel = "fsdp"` as FSDP, the teacher and the adapters sharded
+across the processes (sharding.py; every process then takes part in previews, checkpoints and the LoRA export, which
+gather). Process 0 writes, under `output_dir`:
   metrics.jsonl                    one JSON object per logged step (losses, grad norm, LR, seconds)
   previews/step_XXXXXXXX.pt        the student's K-step samples of the preview prompts (fixed seed); a .png too if the
                                    backend has `preview_image(x0) -> uint8 [H, W, 3]` and Pillow is installed
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import NonFiniteWeightsError, export_student_lora, find_checkpoint
+from .checkpoint import NonFiniteWeightsError, find_checkpoint
 from .config import ConfigError, DistillConfig
 from .trainer import NonFiniteTrainingError
 
@@ -106,7 +108,12 @@ def _init_distributed() -> bool:
 
 
 def _write_preview(trainer, out_dir: Path, prompts: list[str]) -> None:
+    """Process 0 writes the preview; under FSDP every process samples it with process 0 (each forward gathers)."""
+    if trainer.rank != 0 and not trainer.sharded:
+        return
     x0 = trainer.sample(prompts, seed=trainer.config.seed).cpu()
+    if trainer.rank != 0:
+        return
     folder = out_dir / "previews"
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"prompts": prompts, "x0": x0, "step": trainer.step_count}, folder / f"step_{trainer.step_count:08d}.pt")
@@ -174,6 +181,8 @@ def _train(args, config: DistillConfig, *, distributed: bool) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     main_process = trainer.rank == 0
+    if config.parallel == "fsdp" and not trainer.sharded and main_process:
+        print("parallel fsdp with one process: nothing to shard across, training unsharded", file=sys.stderr)
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         config.save(out_dir / "config.json")
@@ -201,31 +210,35 @@ def _train(args, config: DistillConfig, *, distributed: bool) -> int:
             elif step % max(1, config.iterations // 20) == 0:
                 print(f"step {step}/{config.iterations} loss_gen {metrics['loss_gen']:.4g} "
                       f"loss_fake {metrics['loss_fake']:.4g}", flush=True)
-        if config.preview_every and step % config.preview_every == 0 and main_process:
+        if config.preview_every and step % config.preview_every == 0:
             _write_preview(trainer, out_dir, preview_prompts)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             trainer.save_checkpoint(out_dir)
 
     try:
-        if config.preview_every and trainer.step_count == 0 and main_process:
+        if config.preview_every and trainer.step_count == 0:
             _write_preview(trainer, out_dir, preview_prompts)
         try:
             trainer.train(config.iterations, callback=on_step)
             if not (config.checkpoint_every and trainer.step_count % config.checkpoint_every == 0):
                 trainer.save_checkpoint(out_dir)
-            if main_process and getattr(backend, "mode", "lora") == "lora":
-                export_student_lora(trainer, out_dir / "student_lora.safetensors")
+            if getattr(backend, "mode", "lora") == "lora":  # every process: under FSDP the adapter is gathered
+                trainer.export_student_lora(out_dir / "student_lora.safetensors")
         except (NonFiniteTrainingError, NonFiniteWeightsError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 3
-        # every process's peak memory, in the summary of process 0 (what a multi-GPU run costs each device)
-        peaks = [_peak_memory_mb()]
+        # every process's peak memory and share of the teacher's weights (under FSDP its shards), in the summary of
+        # process 0 (what a multi-GPU run costs each device)
+        own = (_peak_memory_mb(), trainer.local_base_parameters())
+        per_process = [own]
         if distributed:
-            peaks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(peaks, _peak_memory_mb())
+            per_process = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_process, own)
         if main_process and getattr(backend, "mode", "lora") == "lora":
             summary = {"done": True, "step": trainer.step_count, "seconds": round(time.perf_counter() - started, 3),
-                       "output_dir": str(out_dir), "world_size": trainer.world, "peak_memory_mb": peaks}
+                       "output_dir": str(out_dir), "world_size": trainer.world, "parallel": config.parallel,
+                       "sharded": trainer.sharded, "peak_memory_mb": [peak for peak, _ in per_process],
+                       "local_base_parameters": [count for _, count in per_process]}
             print(json.dumps(summary), flush=True)
         if distributed:
             # every process leaves together: a process that tears its gloo group down while process 0 still

@@ -35,6 +35,10 @@ LR_DECAYS = ("constant", "cosine")
 GENERATOR_LOSSES = ("pseudo_huber", "pseudo_huber_vector", "mse")
 MODES = ("lora", "full")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# How a multi-process run (torchrun) splits the work: "ddp" (every process holds the whole teacher and both adapters,
+# gradients are averaged by hand), "fsdp" (torch's `fully_shard`: the teacher, the adapters and their optimiser state
+# are sharded across the processes; tdm_core/distill/sharding.py).
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -87,6 +91,10 @@ class DistillConfig:
     lora_alpha: float | None = None  # None: alpha = rank (scale 1 in every loader)
     lora_target_modules: list[str] | None = None  # None: the backend's family default
     iterations: int = 500
+    # Multi-process runs (torchrun): "ddp" or "fsdp" (see PARALLEL_MODES). A single process runs unsharded either way:
+    # with nothing to shard across, "fsdp" trains exactly as "ddp" does (the same config serves a one-process check).
+    # "fsdp" needs mode "lora" and a dtype other than float16 (whose loss scaler checks overflow per process).
+    parallel: str = "ddp"
     # Headless runs (CLI): where and how often to write.
     output_dir: str = "tdm-distill-output"
     checkpoint_every: int = 100
@@ -154,6 +162,14 @@ class DistillConfig:
         need(self.mode == "lora" or self.dtype in ("auto", "float32"),
              f"dtype {self.dtype} needs mode 'lora' (float32 adapters over a half-precision teacher); "
              "mode 'full' trains float32 copies")
+        need(self.parallel in PARALLEL_MODES, f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+        need(self.parallel != "fsdp" or self.mode == "lora",
+             "parallel 'fsdp' shards the teacher and its two LoRA adapters: it needs mode 'lora' (mode 'full' keeps "
+             "whole trainable copies; use parallel 'ddp' for it)")
+        need(self.parallel != "fsdp" or self.dtype != "float16",
+             "parallel 'fsdp' with dtype float16: float16's loss scaler would find overflows in each process's "
+             "shard of the gradients alone and let the processes' scales drift apart; use dtype bfloat16 (or "
+             "float32), or parallel 'ddp'")
         need(isinstance(self.lora_rank, int) and self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank!r}")
         need(self.lora_alpha is None or (_finite(self.lora_alpha) and self.lora_alpha > 0),
              f"lora_alpha must be > 0 or null, got {self.lora_alpha!r}")

@@ -24,6 +24,12 @@ weights that become non-finite, end training with `NonFiniteTrainingError` befor
 Randomness comes from one CPU `torch.Generator` seeded by `config.seed`; every draw is made for the whole global
 batch and each data-parallel process takes its slice, so N processes on B/N samples each reproduce one process on
 B samples (gradients are averaged across processes before clipping and the optimiser steps).
+
+`config.parallel = "fsdp"` (more than one process): the backend's network, frozen base and both adapters, is sharded
+with torch's `fully_shard` (sharding.py) once the adapters exist; FSDP then averages the gradients (reduce-scatter),
+each process's AdamW holds its shards' state, the gradient norm and the skip decision are reduced across processes,
+every process runs the same network evaluations (each forward is collective), and checkpoints gather full tensors.
+The same draws and slices as data parallelism, so the numbers are those of one process on the whole batch.
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ import torch
 
 from ..lora import metadata as lora_metadata
 from ..schedules import training_demo_timesteps
-from . import losses
+from . import losses, sharding
 from .backend import COMPUTE_DTYPES, forward_pair
-from .config import RANDMID_MARGIN, TAU_MIN, DistillConfig
+from .config import RANDMID_MARGIN, TAU_MIN, ConfigError, DistillConfig
 
 # fp16's loss scale starts at 2¹⁶ and halves on each overflow: 20 skips in a row are far past any transient.
 MAX_SKIPPED_IN_A_ROW = 20
@@ -132,6 +138,10 @@ class TDMTrainer:
             if set_dtype is not None:
                 set_dtype(COMPUTE_DTYPES[config.dtype])
         self.compute_dtype = getattr(backend, "compute_dtype", torch.float32)
+        # One process has nothing to shard across: "fsdp" then trains unsharded, as "ddp" does (config.py).
+        self.sharded = config.parallel == "fsdp" and self.world > 1
+        if self.sharded:
+            self._shard_backend()
         betas = tuple(float(b) for b in config.adam_betas)
         self.fake_params = list(backend.trainable_parameters("fake"))
         self.student_params = list(backend.trainable_parameters("student"))
@@ -146,6 +156,21 @@ class TDMTrainer:
         scaled = self.compute_dtype == torch.float16
         self.scaler_fake = torch.amp.GradScaler(self.device.type, enabled=scaled)
         self.scaler_gen = torch.amp.GradScaler(self.device.type, enabled=scaled)
+
+    def _shard_backend(self) -> None:
+        """Shards the backend's network across the processes (before the optimisers see its parameters, which
+        sharding replaces)."""
+        if self.compute_dtype == torch.float16:  # a float16 model under dtype "auto"; config.py refuses the rest
+            raise ConfigError("parallel 'fsdp' cannot train over a float16 teacher: float16's loss scaler would find "
+                             "overflows in each process's gradient shard alone and the processes' scales would drift "
+                             "apart; use dtype bfloat16, or parallel 'ddp'")
+        shard = getattr(self.backend, "shard", None)
+        if shard is None:
+            raise ConfigError(f"parallel 'fsdp' needs a backend that can shard its network ({type(self.backend).__name__}"
+                             " has no shard(mesh)); use parallel 'ddp'")
+        params = list(self.backend.trainable_parameters("student"))
+        device = params[0].device if params else torch.device("cpu")
+        shard(sharding.device_mesh(self.world, device))
 
     @property
     def device(self) -> torch.device:
@@ -190,6 +215,7 @@ class TDMTrainer:
         draw = {k: self._local(v, rows).to(self.device)
                 for k, v in dict(j=j, t_g=t_g, t_mid=t_mid, tau=tau, z=z, sample=sample).items()}
         draw["j_max"] = int(self._local(j, rows).max())
+        draw["j_max_global"] = int(j.max())  # FSDP: every process runs the rollout the longest slice needs
         return draw
 
     def _logit_normal_int(self, lo: torch.Tensor, hi: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -314,13 +340,22 @@ class TDMTrainer:
         never leaves them set), so nothing accumulates across updates."""
         scaler.scale(loss).backward()
         grads = [p.grad for p in params if p.grad is not None]
-        _allreduce_mean_(grads, self.world)  # identical gradients on every process, so every process skips alike
-        scaler.unscale_(optimizer)
-        if clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if self.sharded:
+            # FSDP has averaged the gradients (reduce-scatter) into each process's shard; the norm is reduced over
+            # the shards, with whether each process's loss is finite, so every process applies or skips alike.
+            # (No loss scaling: float16 is refused under FSDP.)
+            grad_norm, finite = sharding.global_norm(grads, loss)
+            if clip is not None:
+                sharding.clip_(grads, grad_norm, clip)
+            applied = bool(finite & torch.isfinite(grad_norm))
         else:
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        applied = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))  # one host sync per update
+            _allreduce_mean_(grads, self.world)  # identical gradients on every process, so every process skips alike
+            scaler.unscale_(optimizer)
+            if clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            applied = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))  # one host sync per update
         if applied:
             scaler.step(optimizer)
             schedule.step()
@@ -334,7 +369,11 @@ class TDMTrainer:
         """The adapter weights this iteration updated are finite (one check for both updates, before anything of
         the iteration can be saved): a finite loss and finite gradients can still overflow AdamW's moments."""
         updated, self._updated = self._updated, []
-        if updated and not bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in updated]))):
+        if self.sharded:  # each process holds shards: the norm over all of them, the same verdict everywhere
+            finite = not updated or bool(torch.isfinite(sharding.global_norm(updated)[0]))
+        else:
+            finite = not updated or bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in updated])))
+        if not finite:
             raise NonFiniteTrainingError(
                 f"the adapter weights became non-finite at step {self.step_count + 1} (finite losses: loss_fake "
                 f"{float(metrics['loss_fake']):.4g}, loss_gen {float(metrics['loss_gen']):.4g}); nothing of this step "
@@ -356,7 +395,10 @@ class TDMTrainer:
             row_cond = self.backend.encode([p for p in prompts for _ in range(self.rows_per_sample)])
         rows = len(prompts) * self.rows_per_sample
         uncond = self.backend.uncond(rows) if cfg.cfg != 1.0 else None
-        forwards = max(max(d["j_max"] for d in draws_fake) + 1, draw_gen["j_max"])
+        # Under FSDP every forward all-gathers, so every process runs the same number of them: the rollout's length is
+        # then the whole batch's (the same states and predictions, those of the full rollout, up to its end).
+        j_max = "j_max_global" if self.sharded else "j_max"
+        forwards = max(max(d[j_max] for d in draws_fake) + 1, draw_gen[j_max])
         trajectory = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond, forwards=forwards)
         fake_metrics = [self.fake_update(trajectory, row_cond, draw) for draw in draws_fake]
         metrics = fake_metrics[0] if len(fake_metrics) == 1 else {  # averaged over the fake updates
@@ -423,8 +465,8 @@ class TDMTrainer:
             "config": self.config.to_dict(),
             "student": self.backend.adapter_state_dict("student"),
             "fake": self.backend.adapter_state_dict("fake"),
-            "opt_gen": self.opt_gen.state_dict(),
-            "opt_fake": self.opt_fake.state_dict(),
+            "opt_gen": self._optimizer_state(self.opt_gen),
+            "opt_fake": self._optimizer_state(self.opt_fake),
             "lr_schedule": self.lr_schedule.state_dict(),
             "lr_schedule_fake": self.lr_schedule_fake.state_dict(),
             "generator_rng": self.generator.get_state(),
@@ -436,11 +478,18 @@ class TDMTrainer:
         # belongs to whatever else runs in the process (ComfyUI's samplers), which a save or resume must not rewind.
         return state
 
+    def _optimizer_state(self, optimizer) -> dict:
+        # Under FSDP the state tensors are shards: gathered whole (collective), the format of one process's.
+        return sharding.full_optimizer_state(optimizer) if self.sharded else optimizer.state_dict()
+
     def load_state_dict(self, state: dict) -> None:
+        """Loads a state of any process count (full tensors); under FSDP each process keeps its shards of them."""
         self.backend.load_adapter_state_dict("student", state["student"])
         self.backend.load_adapter_state_dict("fake", state["fake"])
-        self.opt_gen.load_state_dict(state["opt_gen"])
-        self.opt_fake.load_state_dict(state["opt_fake"])
+        for optimizer, params, name in ((self.opt_gen, self.student_params, "opt_gen"),
+                                        (self.opt_fake, self.fake_params, "opt_fake")):
+            optimizer.load_state_dict(sharding.sharded_optimizer_state(state[name], params) if self.sharded
+                                      else state[name])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if "lr_schedule_fake" in state:  # states saved before it existed had a constant fake-score lr
             self.lr_schedule_fake.load_state_dict(state["lr_schedule_fake"])
@@ -453,13 +502,37 @@ class TDMTrainer:
 
     def save_checkpoint(self, directory: str | Path) -> Path | None:
         """Writes a resumable state under `directory` (atomically; keeps config.keep_last) and the student LoRA
-        next to it. Only process 0 writes; returns the checkpoint folder (None on other processes)."""
-        from .checkpoint import save_checkpoint
+        next to it. Only process 0 writes; returns the checkpoint folder (None on other processes). Under FSDP
+        every process must call it: the full state is gathered from all of them."""
+        from .checkpoint import save_checkpoint, student_lora
 
-        path = save_checkpoint(self, directory) if self.rank == 0 else None
+        if self.sharded:
+            state, lora = self.state_dict(), student_lora(self)  # collectives: every process gathers
+            path = save_checkpoint(self, directory, state=state, lora=lora) if self.rank == 0 else None
+        else:
+            path = save_checkpoint(self, directory) if self.rank == 0 else None
         if self.world > 1:
             torch.distributed.barrier()
         return path
+
+    def export_student_lora(self, path: str | Path) -> Path | None:
+        """Writes the student LoRA to `path` on process 0 (returns the path there, None elsewhere). Every process
+        calls it: under FSDP the adapter is gathered from all of them."""
+        from .checkpoint import student_lora, write_lora
+
+        if self.sharded:
+            tensors, metadata = student_lora(self)
+            return write_lora(path, tensors, metadata) if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        tensors, metadata = student_lora(self)
+        return write_lora(path, tensors, metadata)
+
+    def local_base_parameters(self) -> int | None:
+        """Elements of the frozen teacher this process holds (under FSDP its shards'); None if the backend cannot
+        say."""
+        count = getattr(self.backend, "local_base_parameters", None)
+        return count() if count is not None else None
 
     @classmethod
     def resume(cls, path: str | Path, backend, config: DistillConfig | None = None) -> TDMTrainer:

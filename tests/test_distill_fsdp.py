@@ -1,0 +1,206 @@
+"""FSDP (`parallel = "fsdp"`, torch's `fully_shard`) for the headless trainer, on the CPU with gloo at 2 processes.
+
+Tolerances: two processes reduce the gradients in another order than one process sums its batch (FSDP's
+reduce-scatter averages two half-batch means; the gradient norm is summed over shards), so the numbers are the
+one-process run's up to float32 round-off, carried through 4 AdamW updates: the same tolerance as the data-parallel
+test (adapters atol 1e-6 on weights of ~0.13, losses rel 1e-4). Measured: 2e-8 to 3e-7 on the adapters, 4e-6
+relative on the losses. The optimiser's moments are compared more loosely (`OPT_STATE_TOL` of each tensor's largest
+value): with betas (0, 0.95) the first moment is the last clipped gradient itself, and the pseudo-Huber loss with
+c = 1e-3 has a gradient whose slope reaches 1/c = 1000 at small residuals, so a 1e-8 round-off in a residual moves a
+gradient entry by 1e-5 (measured 2e-5 on entries up to 0.02 — exactly what a 2-process DDP run shows against one
+process). A resume on the same process count is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_distill_trainer import _run, _write_cli_config
+
+from tdm_core.distill import DistillConfig, TDMTrainer, checkpoint, sharding
+from tdm_core.distill.reference import TinyDenoiser, make_backend
+from tdm_devkit.states import equal_states
+
+ADAPTER_ATOL = 1e-6
+LOSS_RTOL = 1e-4
+OPT_STATE_TOL = 5e-3
+
+
+def _torchrun(config: Path, *extra: str):
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                 "127.0.0.1", "--master_port", str(port), "-m", "tdm_core.distill", "--config", str(config),
+                 "--no-progress", *extra])
+
+
+def _one_process(config: Path, *extra: str):
+    return _run([sys.executable, "-m", "tdm_core.distill", "--config", str(config), "--no-progress", *extra])
+
+
+def _summary(proc) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_close_states(got: dict, want: dict) -> None:
+    """Adapters and optimiser states of two checkpoints agree within round-off, in one format (full tensors of the
+    same names, indices and shapes)."""
+    for adapter in ("student", "fake"):
+        assert got[adapter].keys() == want[adapter].keys()
+        for key in want[adapter]:
+            torch.testing.assert_close(got[adapter][key], want[adapter][key], rtol=0, atol=ADAPTER_ATOL)
+        assert any(not torch.equal(t, torch.zeros_like(t)) for t in want[adapter].values())  # trained, not B = 0
+    for name in ("opt_gen", "opt_fake"):
+        assert got[name]["param_groups"] == want[name]["param_groups"]
+        assert got[name]["state"].keys() == want[name]["state"].keys()
+        for index, entries in want[name]["state"].items():
+            for key, value in entries.items():
+                atol = OPT_STATE_TOL * float(value.abs().max()) if value.dim() else 0.0  # AdamW's step count: exact
+                torch.testing.assert_close(got[name]["state"][index][key], value, rtol=0, atol=atol)
+
+
+def _assert_close_losses(got: list[dict], want: list[dict]) -> None:
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss_gen", "loss_fake"):
+            assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL), (a["step"], key)
+
+
+# The data-parallel test's two recipes (tests/test_distill_trainer.py): the official draws, and Flow-Factory's (every
+# step of each sample, two fake updates, clipped fake gradients and importance weights, logit-normal τ). The official
+# one also previews and checkpoints mid-run, both collective under FSDP, and clips the student's gradient where it
+# binds (its norm is about 0.5 here), so that the clipping of the sharded gradients is checked.
+@pytest.mark.parametrize("recipe", [{"preview_every": 2, "checkpoint_every": 2, "grad_clip": 0.1},
+                                    {"recipe": "flow_factory_sd35", "fake_updates": 2, "lora_alpha": None,
+                                     "preview_every": 0, "checkpoint_every": 0}],
+                         ids=["official", "flow_factory"])
+def test_fsdp_two_processes_match_one_process_on_the_combined_batch(tmp_path, recipe):
+    settings = dict(lora_rank=4, parallel="fsdp", **recipe)
+    one_summary = _summary(_one_process(_write_cli_config(tmp_path / "one.json", tmp_path / "one", **settings)))
+    two_summary = _summary(_torchrun(_write_cli_config(tmp_path / "two.json", tmp_path / "two", **settings)))
+    assert one_summary["world_size"] == 1 and one_summary["sharded"] is False  # one process: unsharded (config.py)
+    assert two_summary["world_size"] == 2 and two_summary["sharded"] is True
+    # the sharding is real: each process holds about half of the frozen teacher, the two halves make it whole
+    (total,) = one_summary["local_base_parameters"]
+    halves = two_summary["local_base_parameters"]
+    assert len(halves) == 2 and sum(halves) == total, halves
+    assert all(0.4 * total <= h <= 0.6 * total for h in halves), halves
+    one, two = checkpoint.load_checkpoint(tmp_path / "one"), checkpoint.load_checkpoint(tmp_path / "two")
+    assert one["step"] == two["step"] == 4
+    _assert_close_states(two, one)
+    _assert_close_losses(_metrics(tmp_path / "two"), _metrics(tmp_path / "one"))
+    # the LoRA file process 0 wrote after gathering the sharded student is the whole adapter
+    lora = tmp_path / "two" / "student_lora.safetensors"
+    from safetensors.torch import load_file
+
+    assert {k: v.shape for k, v in load_file(lora).items()} == {
+        k: v.shape for k, v in load_file(tmp_path / "one" / "student_lora.safetensors").items()}
+    if recipe.get("preview_every"):
+        for run in ("one", "two"):
+            assert sorted(p.name for p in (tmp_path / run / "previews").glob("*.pt")) == [
+                "step_00000000.pt", "step_00000002.pt", "step_00000004.pt"]
+        torch.testing.assert_close(torch.load(tmp_path / "two" / "previews" / "step_00000004.pt")["x0"],
+                                   torch.load(tmp_path / "one" / "previews" / "step_00000004.pt")["x0"],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_resume_equals_an_uninterrupted_run_and_moves_between_process_counts(tmp_path):
+    """A 2-process FSDP run stopped at step 2 and resumed to step 4 is bit for bit the uninterrupted run; its step-2
+    checkpoint (full tensors) continued in one process ends within round-off of it."""
+    settings = dict(lora_rank=4, parallel="fsdp", preview_every=0, checkpoint_every=2, iterations=4)
+    straight = _write_cli_config(tmp_path / "straight.json", tmp_path / "straight", **settings)
+    _torchrun(straight)
+    stopped = _write_cli_config(tmp_path / "stopped.json", tmp_path / "stopped", **(settings | {"iterations": 2}))
+    _torchrun(stopped)
+    assert checkpoint.load_checkpoint(tmp_path / "stopped")["step"] == 2
+    assert _summary(_torchrun(stopped, "--resume", "--iterations", "4"))["step"] == 4
+    want, got = checkpoint.load_checkpoint(tmp_path / "straight"), checkpoint.load_checkpoint(tmp_path / "stopped")
+    for name in ("student", "fake", "opt_gen", "opt_fake", "lr_schedule", "lr_schedule_fake", "generator_rng"):
+        assert equal_states(got[name], want[name]), name
+    timeless = [[{k: v for k, v in m.items() if k != "seconds"} for m in _metrics(tmp_path / run)]
+                for run in ("straight", "stopped")]
+    assert timeless[1] == timeless[0] and len(timeless[0]) == 4
+    # the sharded run's step-2 checkpoint, continued by one process
+    middle = tmp_path / "middle"
+    shutil.copytree(tmp_path / "straight" / "checkpoint-00000002", middle)
+    _one_process(straight, "--resume", str(middle), "--output-dir", str(tmp_path / "single"))
+    single = checkpoint.load_checkpoint(tmp_path / "single")
+    assert single["step"] == 4
+    _assert_close_states(single, want)
+    _assert_close_losses(_metrics(tmp_path / "single"), _metrics(tmp_path / "straight")[2:])
+
+
+def test_a_one_process_checkpoint_resumes_sharded(tmp_path):
+    """A checkpoint of one process (a ComfyUI job's layout is the same format) resumes under FSDP at 2 processes and
+    ends within round-off of the one-process run."""
+    settings = dict(lora_rank=4, parallel="fsdp", preview_every=0, checkpoint_every=2, iterations=4, cfg=1.0)
+    config = _write_cli_config(tmp_path / "one.json", tmp_path / "one", **settings)
+    _one_process(config)
+    middle = tmp_path / "middle"
+    shutil.copytree(tmp_path / "one" / "checkpoint-00000002", middle)
+    assert _summary(_torchrun(config, "--resume", str(middle), "--output-dir", str(tmp_path / "two")))["sharded"]
+    _assert_close_states(checkpoint.load_checkpoint(tmp_path / "two"), checkpoint.load_checkpoint(tmp_path / "one"))
+    _assert_close_losses(_metrics(tmp_path / "two"), _metrics(tmp_path / "one")[2:])
+
+
+def test_fsdp_in_one_process_trains_unsharded_exactly_as_ddp():
+    """No process group: nothing to shard across, so "fsdp" is the data-parallel trainer, bit for bit."""
+    config = dict(prompts=["a cat", "a dog"], batch_size=2, total_steps=900, lora_rank=4, seed=1, cfg=3.0)
+    plain = TDMTrainer(make_backend(lora_rank=4), DistillConfig(**config))
+    fsdp = TDMTrainer(make_backend(lora_rank=4), DistillConfig(parallel="fsdp", **config))
+    assert not fsdp.sharded and not any(sharding.is_sharded(p) for p in fsdp.student_params)
+    plain.train(2)
+    fsdp.train(2)
+    assert equal_states(fsdp.state_dict() | {"config": None}, plain.state_dict() | {"config": None})
+
+
+def test_the_sharding_plan_takes_repeated_blocks_else_the_top_level_children():
+    """Each element of a known block list is a unit (diffusers' and ComfyUI's names), a network without any has its
+    parameter-holding children as units; the root holds what is left."""
+    tiny = TinyDenoiser()
+    assert sharding.shard_units(tiny) == [tiny.in_proj, tiny.mid, tiny.out_proj]
+
+    class Flux(torch.nn.Module):  # ComfyUI's Flux layout: two block lists and loose layers
+        def __init__(self):
+            super().__init__()
+            self.img_in = torch.nn.Linear(4, 4)
+            self.double_blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+            self.single_blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    flux = Flux()
+    assert sharding.shard_units(flux) == [*flux.double_blocks, *flux.single_blocks]
+
+    class UNet(torch.nn.Module):  # diffusers' UNet2DConditionModel layout: a single mid block among the lists
+        def __init__(self):
+            super().__init__()
+            self.conv_in = torch.nn.Conv2d(4, 4, 1)
+            self.down_blocks = torch.nn.ModuleList(torch.nn.Conv2d(4, 4, 1) for _ in range(2))
+            self.mid_block = torch.nn.Conv2d(4, 4, 1)
+            self.up_blocks = torch.nn.ModuleList([torch.nn.Conv2d(4, 4, 1), torch.nn.Identity()])
+
+    unet = UNet()
+    assert sharding.shard_units(unet) == [*unet.down_blocks, unet.mid_block, unet.up_blocks[0]]
+    assert sharding.shard_units(flux, ("single_blocks",)) == list(flux.single_blocks)  # a backend's own names
+
+
+def test_a_full_optimiser_state_is_sharded_as_its_parameters_and_left_alone_unsharded():
+    """Without a process group the parameters are plain tensors: the full state is the state (the sharded path is
+    the 2-process tests')."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = torch.optim.AdamW(params)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    assert equal_states(sharding.full_optimizer_state(optimizer), state)
+    assert equal_states(sharding.sharded_optimizer_state(state, params), state)
