@@ -169,7 +169,7 @@ class ComfyBackend(PeftBackend):
                         yield table, name, tensor
 
 
-# Pixels per latent cell of the image models TDM distils (SD1.5, SD3): the latent preview is shown at image size.
+# Pixels per latent cell of the models TDM distils (SD1.5, SD3, Wan): the latent preview is shown at image size.
 LATENT_TO_PIXELS = 8
 
 
@@ -183,9 +183,14 @@ def vae_preview_decoder(model, vae, device):
     latent_format = model.model.latent_format
 
     def decode(x0: torch.Tensor):
+        x0 = x0.detach()
+        if x0.ndim == 5:  # a video latent [B, C, T, h, w]: its first latent frame, which Wan's VAE encodes alone
+            x0 = x0[:, :, :1]
         with torch.no_grad():
-            latents = latent_format.process_out(x0.detach().to(device, torch.float32)).to(dtype)
+            latents = latent_format.process_out(x0.to(device, torch.float32)).to(dtype)
             images = decoder.decode(latents).float()  # ComfyUI's VAE models decode to [-1, 1]
+        if images.ndim == 5:  # [B, 3, frames, H, W]: the first frame
+            images = images[:, :, 0]
         images = ((images + 1.0) / 2.0).clamp(0, 1).movedim(1, -1).cpu()
         strip = torch.cat(list(images), dim=1)
         return (strip * 255).round().to(torch.uint8).numpy()
@@ -194,8 +199,9 @@ def vae_preview_decoder(model, vae, device):
 
 
 def latent_preview_decoder(model):
-    """x0 (model latent space, [B, C, H, W]) → uint8 H×(B·W)×3 at image size, with the latent format's RGB factors
-    (ComfyUI's own cheap live preview, upscaled ×8 so it reads at the size the samples have)."""
+    """x0 (model latent space, [B, C, H, W], or a video's [B, C, T, H, W] shown by its first latent frame) → uint8
+    H×(B·W)×3 at image size, with the latent format's RGB factors (ComfyUI's own cheap live preview, upscaled ×8 so
+    it reads at the size the samples have)."""
     latent_format = model.model.latent_format
     factors = getattr(latent_format, "latent_rgb_factors", None)
     if factors is None:
@@ -206,6 +212,8 @@ def latent_preview_decoder(model):
 
     def decode(x0: torch.Tensor):
         x0 = x0.detach().to("cpu", torch.float32)
+        if x0.ndim == 5:
+            x0 = x0[:, :, 0]
         images = torch.nn.functional.linear(x0.movedim(1, -1), weight, bias)  # [B, H, W, 3]
         images = torch.nn.functional.interpolate(images.movedim(-1, 1), scale_factor=LATENT_TO_PIXELS,
                                                  mode="bilinear", align_corners=False).movedim(1, -1)

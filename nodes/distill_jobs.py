@@ -202,11 +202,16 @@ def with_run_options(recorded: JobSettings, values: dict) -> JobSettings:
 
 
 def _training_grid(model, family: str, options: dict, steps: int):
-    """(latent shape, training grid) for the width, height and grid choice of `options`."""
+    """(latent shape, training grid) for the width, height (and, for a video family, frames) and grid choice of
+    `options`. The family's adapter decides the latent's shape: an image's (C, H/8, W/8), Wan's (C, T, H/8, W/8)
+    with T from `frames` (TDM Distill has no such input yet, and records made before it have none: the adapter's
+    default length)."""
     width, height = int(options["width"]), int(options["height"])
     if width % 16 or height % 16:
         raise ValueError(f"width and height must be multiples of 16 (got {width}×{height})")
-    latent_shape = (int(model.model.latent_format.latent_channels), height // 8, width // 8)
+    frames = options.get("frames")
+    latent_shape = family_adapters.training_latent_shape(model, family, width, height,
+                                                         None if frames is None else int(frames))
     grid = comfy_backend.training_grid(model, family, options["grid"], steps, schedules.TRAINING_DEMO_TOTAL_STEPS,
                                        latent_shape=latent_shape)
     return latent_shape, grid

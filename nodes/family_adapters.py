@@ -25,7 +25,7 @@ import torch
 from tdm_core import families, schedules
 from tdm_core.distill import DiscreteSchedule
 from tdm_core.families import Family
-from tdm_core.lora import cogvideox_native_lora_key_map
+from tdm_core.lora import cogvideox_native_lora_key_map, wan_native_lora_key_map
 
 from .training_network import comfy_training_flag
 
@@ -79,6 +79,11 @@ class FamilyAdapter:
         """Makes the family's network trainable through its blocks; returns how many modules were adapted."""
         return 0
 
+    def training_latent_shape(self, model, width: int, height: int, frames: int | None = None) -> tuple[int, ...]:
+        """One training latent (no batch dimension) for an image of width × height: (C, H/8, W/8). Image families
+        have no frames; a `frames` value is ignored."""
+        return _image_latent_shape(model, width, height)
+
     def lora_key_aliases(self, model) -> dict[str, str]:
         """LoRA keys → weight keys the family's released LoRAs use that ComfyUI's own key map lacks."""
         return {}
@@ -124,9 +129,7 @@ class _FluxAdapter(FamilyAdapter):
                              "to 1")
 
     def prepare_for_training(self, network: torch.nn.Module) -> int:
-        if not getattr(network, "_tdm_training_flag", False):
-            _flag_training_while_recording_gradients(network)
-            network._tdm_training_flag = True
+        _flag_training_while_recording_gradients(network)
         count = 0
         for name, module in network.named_modules():
             if name.rsplit(".", 1)[-1] in self.INPLACE_RESIDUAL_NORMS and not getattr(module, "_tdm_copies_input",
@@ -171,14 +174,51 @@ class _CogVideoXAdapter(FamilyAdapter):
         return schedules.cogvideox_alphas_cumprod()
 
 
-def _flag_training_while_recording_gradients(network: torch.nn.Module) -> None:
-    """Newer ComfyUI computes Flux's rotary embedding with a fused kernel that has no backward; its own LoRA trainer
-    switches to the plain-torch formula (same maths) through `model_management.in_training`. That flag is
-    process-wide, so it is set only for the duration of a forward that records gradients (the student update)."""
+class _WanAdapter(FamilyAdapter):
+    """Wan 2.1 text-to-video (1.3B, 14B): a video latent, and diffusers-named LoRAs mapped onto its native names.
+
+    The conditioning is ComfyUI's as it is: WAN21.extra_conds builds `c_crossattn` (the umt5 context, every prompt
+    padded to 512 tokens with zeroed outputs) and, for a 16-channel text-to-video network, nothing else (no
+    `c_concat`, no CLIP-vision `clip_fea`), so the generic text-context path is exactly what ComfyUI's sampling feeds
+    the network; the negative prompt is the teacher's CFG unconditional (TDM Distill's `unconditional_prompt`).
+    """
+
+    # Wan's VAE: 8× spatial and 4× temporal compression with the first frame alone, so F frames give (F − 1)/4 + 1
+    # latent frames. TDM Distill has no frames input yet: every job trains at this length (ComfyUI's Wan 2.1
+    # text-to-video example's 33 frames, 9 latent frames; Wan's own 81 frames are 2.3× the tokens of 33).
+    DEFAULT_FRAMES = 33
+    TEMPORAL_COMPRESSION = 4
+
+    def matches(self, model) -> bool:
+        return wan_variant(model)[0] == self.family.name
+
+    def training_latent_shape(self, model, width: int, height: int, frames: int | None = None) -> tuple[int, ...]:
+        frames = self.DEFAULT_FRAMES if frames is None else int(frames)
+        if frames < 1 or (frames - 1) % self.TEMPORAL_COMPRESSION:
+            raise ValueError(f"frames must be 4k + 1 (1, 5, …, 33, …, 81) for Wan's VAE, got {frames}")
+        latent_frames = (frames - 1) // self.TEMPORAL_COMPRESSION + 1
+        return int(model.model.latent_format.latent_channels), latent_frames, height // 8, width // 8
+
+    def prepare_for_training(self, network: torch.nn.Module) -> int:
+        # Newer ComfyUI's Wan attention applies its rotary embedding with Flux's `apply_rope1`, the fused kernel
+        # without a backward unless `in_training` is set (as for Flux, below).
+        return _flag_training_while_recording_gradients(network)
+
+    def lora_key_aliases(self, model) -> dict[str, str]:
+        # ComfyUI maps no diffusers-layout Wan LoRA name (`transformer.blocks.N.attn1.to_q`, ...), only native ones.
+        return wan_native_lora_key_map(model.model_state_dict().keys())
+
+
+def _flag_training_while_recording_gradients(network: torch.nn.Module) -> int:
+    """Newer ComfyUI computes Flux's (and Wan's) rotary embedding with a fused kernel that has no backward; its own
+    LoRA trainer switches to the plain-torch formula (same maths) through `model_management.in_training`. That flag
+    is process-wide, so it is set only for the duration of a forward that records gradients (the student update).
+    Returns 1 where it wrapped the network's forward, 0 where there was nothing to do (already wrapped, or 0.3.75)."""
     import comfy.model_management as model_management
 
-    if not hasattr(model_management, "in_training"):
-        return  # ComfyUI 0.3.75: plain torch only
+    if not hasattr(model_management, "in_training") or getattr(network, "_tdm_training_flag", False):
+        return 0  # ComfyUI 0.3.75: plain torch only
+    network._tdm_training_flag = True
     forward = network.forward
 
     def forward_with_training_flag(*args, **kwargs):
@@ -188,6 +228,7 @@ def _flag_training_while_recording_gradients(network: torch.nn.Module) -> None:
             return forward(*args, **kwargs)
 
     network.forward = forward_with_training_flag
+    return 1
 
 
 ADAPTERS: dict[str, FamilyAdapter] = {adapter.family.name: adapter for adapter in (
@@ -199,6 +240,7 @@ ADAPTERS: dict[str, FamilyAdapter] = {adapter.family.name: adapter for adapter i
     # Text-to-image Flux (not Kontext, Chroma, Flux 2, inpainting); Flux-schnell is refused by check_distillable.
     _FluxAdapter(families.FLUX, config_names=("Flux", "FluxSchnell")),
     _CogVideoXAdapter(families.COGVIDEOX),
+    _WanAdapter(families.WAN21),
 )}
 # MODELs recognised only as a kind (tdm_core.families): SD2.x UNets take SD1.5-layout LoRAs of their own width.
 _ANY_UNET_CONFIG_PREFIXES = ("SD20", "SD21")
@@ -232,11 +274,50 @@ def native_cogvideox_variant(model) -> str | None:
     return families.COGVIDEOX.name if is_2b else families.OTHER_COGVIDEOX
 
 
+# ComfyUI's Wan configs (comfy/supported_models.py) that are not Wan 2.1 text-to-video, as users know them.
+_WAN_VARIANTS = {
+    "WAN21_I2V": "Wan 2.1 image-to-video / first-last-frame", "WAN21_FunControl2V": "Wan 2.1 Fun control",
+    "WAN21_Camera": "Wan 2.1 Fun camera", "WAN22_Camera": "Wan 2.2 Fun camera", "WAN21_Vace": "Wan VACE",
+    "WAN21_HuMo": "Wan HuMo", "WAN22_S2V": "Wan 2.2 S2V (speech-to-video)", "WAN22_Animate": "Wan 2.2 Animate",
+    "WAN22_T2V": "Wan 2.2 TI2V 5B", "WAN21_CausalAR_T2V": "causal (autoregressive) Wan 2.1",
+}
+WAN_OUT_OF_SCOPE = ("TDM Distill trains Wan 2.1 text-to-video (1.3B, 14B) only; image-to-video and first-last-frame, "
+                    "VACE, Fun control and camera, HuMo, S2V, Animate, causal variants, Wan 2.2 TI2V 5B and Wan 2.2 "
+                    "A14B's two-expert setups are out")
+
+
+def wan_variant(model) -> tuple[str | None, str]:
+    """(families.WAN21's name, "") for ComfyUI's Wan 2.1 text-to-video MODEL; (families.OTHER_WAN, what it is) for
+    every other Wan MODEL; (None, "") for anything else.
+
+    Wan 2.1 T2V is ComfyUI's WAN21_T2V config on the WAN21 model class itself (subclasses are VACE, camera, HuMo, Wan
+    2.2, ...) with 16 input and output channels. The channels matter: ComfyUI's detection gives a 36-channel file
+    without CLIP-vision weights (Wan 2.2 A14B image-to-video) model_type t2v and the WAN21_T2V config. Wan 2.2 A14B's
+    *text-to-video* experts have Wan 2.1 14B's layout exactly and load as WAN21_T2V: nothing in a MODEL tells them
+    apart, so TDM Distill would train one expert as if it were a whole Wan 2.1 model (docs/architecture.md)."""
+    wan = getattr(comfy.model_base, "WAN21", None)
+    base = model.model
+    if wan is None or not isinstance(base, wan):
+        return None, ""
+    config_name = type(base.model_config).__name__
+    unet = base.model_config.unet_config
+    in_dim, out_dim = int(unet.get("in_dim", 16)), int(unet.get("out_dim", 16))
+    if type(base) is wan and config_name == "WAN21_T2V" and unet.get("model_type") == "t2v" and in_dim == out_dim == 16:
+        return families.WAN21.name, ""
+    if config_name == "WAN21_T2V" and in_dim != 16:
+        what = f"a {in_dim}-channel Wan image-to-video model (Wan 2.2 A14B image-to-video expert)"
+    else:
+        what = _WAN_VARIANTS.get(config_name, f"{config_name} (model_type {unet.get('model_type')!r})")
+    return families.OTHER_WAN, what
+
+
 def model_family(model) -> str:
     """The tdm_core.families name of a ComfyUI MODEL, or the kind it is recognised as (`families.UNKNOWN` for
     models TDM has no LoRA format for)."""
     if native_cogvideox_variant(model) == families.OTHER_COGVIDEOX:
         return families.OTHER_COGVIDEOX
+    if wan_variant(model)[0] == families.OTHER_WAN:
+        return families.OTHER_WAN
     for family_adapter in ADAPTERS.values():
         if family_adapter.matches(model):
             return family_adapter.family.name
@@ -265,6 +346,19 @@ def model_parametrisation(model_sampling) -> str:
     return type(model_sampling).__name__
 
 
+def training_latent_shape(model, family: str, width: int, height: int, frames: int | None = None) -> tuple[int, ...]:
+    """TDM Distill's training latent (no batch dimension) for a `family` MODEL: its adapter decides (an image's
+    (C, H/8, W/8); Wan's (C, T, H/8, W/8) with T from `frames`, or its default length)."""
+    family_adapter = ADAPTERS.get(family)
+    if family_adapter is None:  # a kind, refused before training starts: the image latent its checks are given
+        return _image_latent_shape(model, width, height)
+    return family_adapter.training_latent_shape(model, width, height, frames)
+
+
+def _image_latent_shape(model, width: int, height: int) -> tuple[int, ...]:
+    return int(model.model.latent_format.latent_channels), height // 8, width // 8
+
+
 def describe_model(model) -> str:
     parametrisation = model_parametrisation(model.get_model_object("model_sampling"))
     config = getattr(model.model, "model_config", None)
@@ -275,6 +369,11 @@ def describe_model(model) -> str:
 def check_distillable(model, family: str, cfg: float | None = None) -> None:
     """Refuses, before anything is copied or encoded, a MODEL the trainer cannot distil, naming what would work;
     with `cfg`, also a teacher guidance the family cannot train with."""
+    if family == families.OTHER_WAN:
+        raise ValueError(f"TDM distillation does not support this MODEL: {wan_variant(model)[1]} "
+                         f"({describe_model(model)}). {WAN_OUT_OF_SCOPE}. Load a Wan 2.1 T2V model "
+                         f"(wan2.1_t2v_1.3B / 14B) with UNETLoader; supported families: "
+                         f"{families.distillable_families_text()}")
     if family not in ADAPTERS or not families.FAMILIES[family].distillable:
         config = type(model.model.model_config).__name__
         raise ValueError(f"TDM distillation does not support this MODEL: family {family!r} ({config}); supported "

@@ -12,7 +12,15 @@ import torch
 
 from tdm_core import families, presets, schedules
 
-from .family_adapters import PARAMETRISATION_LABELS, adapter, describe_model, model_family, model_parametrisation
+from .family_adapters import (
+    PARAMETRISATION_LABELS,
+    WAN_OUT_OF_SCOPE,
+    adapter,
+    describe_model,
+    model_family,
+    model_parametrisation,
+    wan_variant,
+)
 from .student_record import recorded_student_grid
 
 GRID_CHOICES = ["preset", *schedules.GRIDS]
@@ -54,6 +62,12 @@ def check_preset_fits(preset: presets.ModelPreset, model) -> None:
             "a CogVideoX 5B, 1.5 or image-to-video model (or a 2B file without `patch_embed.pos_embedding`, which "
             "ComfyUI reads as rotary positions), and no TDM LoRA was released for those. Load CogVideoX-2B with its "
             "position table and the TDM_CogVideoX-2B LoRA, or sample this model with ComfyUI's own samplers."
+        )
+    if family == families.OTHER_WAN and preset.family == families.WAN21.name:
+        raise ValueError(
+            f"TDM preset {preset.name!r} samples Wan 2.1 text-to-video students; this MODEL is "
+            f"{wan_variant(model)[1]} ({describe_model(model)}). {WAN_OUT_OF_SCOPE}: sample this model with ComfyUI's "
+            "own samplers."
         )
     if parametrisation == preset.parametrisation:
         if families.presets_fit(preset.family, family):

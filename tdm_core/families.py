@@ -80,6 +80,21 @@ def _cogvideox_diffusers(layout: LoraKeyLayout) -> bool:
             and not _mmdit_diffusers(layout, False) and not _mmdit_diffusers(layout, True))
 
 
+# Wan 2.1's linears in its two layouts: native (Wan-AI's release, ComfyUI's module names) and diffusers'
+# `WanTransformer3DModel`. Native CogVideoX also has `blocks.N.*` paths, but with the linears directly under the block
+# (`blocks.N.q`), and diffusers' CogVideoX/SD3 blocks are `transformer_blocks.N.*`: neither matches these.
+_WAN_NATIVE_LINEAR = re.compile(r"blocks\.\d+\.((self_attn|cross_attn)\.(q|k|v|o)|ffn\.[02])")
+_WAN_DIFFUSERS_LINEAR = re.compile(r"blocks\.\d+\.((attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))")
+
+
+def _wan_native(layout: LoraKeyLayout) -> bool:
+    return any(_WAN_NATIVE_LINEAR.fullmatch(n) for n in layout.comfy)
+
+
+def _wan_diffusers(layout: LoraKeyLayout) -> bool:
+    return any(_WAN_DIFFUSERS_LINEAR.fullmatch(n) for n in layout.diffusers)
+
+
 def _never(layout: LoraKeyLayout) -> bool:
     return False
 
@@ -153,6 +168,10 @@ MMDIT_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", 
 FLUX_TARGETS = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
                 "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")
 UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+# ComfyUI's Wan 2.1 (comfy/ldm/wan/model.py): each block's self- and cross-attention projections and its FFN, the
+# layers diffusers' Wan LoRA loader converts (`attn1`/`attn2` to_q/k/v/out, `ffn.net.0.proj`/`ffn.net.2`).
+WAN_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+               "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 
 _FAMILY_LIST = (
     Family(
@@ -191,23 +210,36 @@ _FAMILY_LIST = (
                                       for n in layout.comfy),  # newer ComfyUI's native CogVideoX
         diffusers_lora=_cogvideox_diffusers, default_preset="cogvideox",
         exclusive_presets=True),  # the 2B's own schedule: SNR shift 3, zero terminal SNR
+    # Wan 2.1 text-to-video, 1.3B and 14B (one layout, different widths). No TDM LoRA was released: TDM Distill makes
+    # its students. Its grid is the flow shift of Wan's own sampling (presets.py, "wan21"), hence exclusive: SD3's
+    # shift-6 presets do not sample it, and its shift-8 preset samples no SD3 model.
+    Family(
+        name="wan21", label="Wan 2.1 T2V", architecture="Wan 2.1 text-to-video transformer",
+        parametrisation="flow", lora_group="wan21", comfy_lora=_wan_native, diffusers_lora=_wan_diffusers,
+        default_preset="wan21", released_lora=False, exclusive_presets=True,
+        distillable=True, lora_targets=WAN_TARGETS, repeated_blocks=("blocks",)),
 )
 
 #: Every family by name, oldest model first (the order lists and docs show them in).
 FAMILIES: dict[str, Family] = {family.name: family for family in _FAMILY_LIST}
 # For the code that serves one family only (the CogVideoX pipeline, the diffusers reference backend, the adapters).
 SD15, SDXL, SD3, SD35 = FAMILIES["sd15"], FAMILIES["sdxl"], FAMILIES["sd3"], FAMILIES["sd35"]
-FLUX, COGVIDEOX = FAMILIES["flux"], FAMILIES["cogvideox"]
+FLUX, COGVIDEOX, WAN21 = FAMILIES["flux"], FAMILIES["cogvideox"], FAMILIES["wan21"]
 
 # Kinds a LoRA or MODEL can be recognised as without being a family TDM serves.
 ANY_UNET = "unet"
 OTHER_COGVIDEOX = "cogvideox_other"
+OTHER_WAN = "wan_other"
 UNKNOWN = "unknown"
 KIND_LABELS = {
     ANY_UNET: "Stable Diffusion UNet (SD1.5 or SDXL)",
     # Native CogVideoX of newer ComfyUI at 5B width, CogVideoX 1.5 (temporal patches) or image-to-video: no TDM LoRA
     # was released for these.
     OTHER_COGVIDEOX: "CogVideoX 5B / 1.5 / image-to-video transformer (no released TDM LoRA)",
+    # Every Wan MODEL ComfyUI loads that is not Wan 2.1 text-to-video: image-to-video and first-last-frame, VACE,
+    # Fun control and camera, HuMo, Wan 2.2 (the TI2V 5B, the A14B image-to-video experts, S2V, Animate), causal
+    # (autoregressive) variants. TDM Distill refuses them (nodes/family_adapters.py says which one it saw).
+    OTHER_WAN: "Wan image-to-video / VACE / Fun / camera / Wan 2.2 / other Wan variant (not Wan 2.1 text-to-video)",
     UNKNOWN: "unknown model",
 }
 

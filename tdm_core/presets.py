@@ -268,6 +268,52 @@ PRESETS: dict[str, ModelPreset] = {
                         "ae.safetensors"),
                    )},
         ),
+        # No TDM LoRA is released for Wan 2.1 either: this preset samples TDM Distill's Wan 2.1 text-to-video students
+        # (1.3B and 14B alike: one layout, one schedule).
+        ModelPreset(
+            name="wan21",
+            display_name="Wan 2.1 T2V 1.3B / 14B (student distilled with TDM Distill)",
+            family=families.WAN21.name,
+            parametrisation="flow",
+            steps=4,
+            # The shift: ComfyUI's WAN21_T2V samples with shift 8.0 (its `sampling_settings`, the MODEL's
+            # model_sampling, the table TDM Distill's fake score trains on), which is also the Wan2.1 README's advice
+            # for T2V-1.3B ("--sample_shift 8 to 12"). diffusers' WanPipeline has no shift of its own: it takes its
+            # scheduler's `flow_shift` (UniPCMultistepScheduler; its example sets 3.0 for 480p, 5.0 for 720p, the
+            # Wan-AI generate.py default being 5.0). The preset follows the teacher as ComfyUI users sample it (8),
+            # as the SD3 release chose a shift above its base model's default for 4 steps (6 against 3): at 4 steps
+            # it puts σ at .9999, .960, .889, .727. The grid is diffusers' flow DPM-Solver grid (flow_shift), which
+            # the trainer and TDM Scheduler share; diffusers' UniPC builds its flow grid from linspace(1, 1/N, n)
+            # instead, a few thousandths apart, which only matters for comparing with that scheduler.
+            grid="flow_shift",
+            shift=8.0,
+            # The student's own step: TDM Distill rolls it out with the flow DDIM (Euler) step on this grid; no
+            # measured better solver yet (Flux's flow_dpmpp_2m was measured on its toy teacher, not on Wan).
+            solver="ddim",
+            lora_strength=1.0,
+            # The base recipe: Wan2.1 generate.py's t2v defaults (50 steps, guide scale 5.0), which diffusers'
+            # WanPipeline also defaults to.
+            teacher=TeacherRecipe(steps=50, cfg=5.0),
+            reference="diffusers DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type='flow_prediction', "
+            "flow_shift=8, solver_order=1), i.e. the flow DDIM (Euler) step, integer timesteps, x_T = noise",
+            base_model_source="https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged",
+            base_model_file="wan2.1_t2v_1.3B_fp16.safetensors",
+            base_model_folder="diffusion_models",
+            base_model_url="https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
+                           "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
+            lora_file="tdm_wan21_student.safetensors",
+            notes="No released TDM LoRA: distil one with TDM Distill from Wan 2.1 text-to-video (1.3B or 14B; the "
+            "negative prompt is the teacher's CFG unconditional), then sample it here. Image-to-video, VACE, Fun, "
+            "camera and Wan 2.2 models are not supported.",
+            extra={"split_files": (
+                ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                 "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
+                 "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+                ("vae", "wan_2.1_vae.safetensors",
+                 "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/vae/"
+                 "wan_2.1_vae.safetensors"),
+            )},
+        ),
     )
 }
 

@@ -80,6 +80,8 @@ def test_every_family_entry_is_complete_and_consistent():
     ("sd3", "sd35", True), ("sd35", "sd3", False), ("sd15", "sdxl", False), (families.ANY_UNET, "sdxl", True),
     ("sd15", families.ANY_UNET, True), ("flux", "sd3", False), (families.UNKNOWN, "flux", True),
     ("cogvideox", families.OTHER_COGVIDEOX, False),
+    ("wan21", "wan21", True), ("wan21", families.OTHER_WAN, False), ("wan21", "cogvideox", False),
+    ("sd3", "wan21", False),
 ])
 def test_which_loras_fit_which_models(lora, model, fits):
     assert families.lora_fits(lora, model) is fits
@@ -89,6 +91,21 @@ def test_presets_of_a_family_with_its_own_grid_fit_only_that_family():
     assert families.presets_fit("sd3", "sd35") and families.presets_fit("sd15", families.ANY_UNET)
     assert not families.presets_fit("sd3", "flux") and not families.presets_fit("flux", "sd3")
     assert not families.presets_fit("cogvideox", families.ANY_UNET)
+    # Wan 2.1's shift-8 grid is its own: SD3's presets do not sample it, nor its preset SD3
+    assert not families.presets_fit("sd3", "wan21") and not families.presets_fit("wan21", "sd3")
+    assert families.presets_fit("wan21", "wan21")
+
+
+@pytest.mark.parametrize(("comfy", "diffusers", "family"), [
+    # Wan 2.1 in its two layouts (ComfyUI-native / Wan-AI, and diffusers' WanTransformer3DModel)
+    (("blocks.0.self_attn.q", "blocks.0.cross_attn.k", "blocks.3.ffn.2"), (), "wan21"),
+    ((), ("blocks.0.attn1.to_q", "blocks.0.attn2.to_out.0", "blocks.7.ffn.net.0.proj"), "wan21"),
+    # look-alikes that are not Wan: native CogVideoX (linears directly under the block), diffusers CogVideoX
+    (("blocks.0.q", "blocks.0.ff_proj"), (), "cogvideox"),
+    ((), ("transformer_blocks.0.attn1.to_q", "transformer_blocks.0.ff.net.0.proj"), "cogvideox"),
+])
+def test_wan_lora_layouts_are_told_from_the_other_block_layouts(comfy, diffusers, family):
+    assert families.detect_lora(families.LoraKeyLayout(comfy=comfy, diffusers=diffusers)) == family
 
 
 def test_every_family_has_its_comfyui_adapter(pack):

@@ -141,6 +141,34 @@ def test_format_family_rank_alpha_and_targets_are_detected(case_id, request, tmp
     assert parsed.target_modules  # e.g. attn.to_q, ff.net.0.proj
 
 
+@pytest.fixture(scope="module")
+def wan_twin():
+    from tdm_devkit import twins_wan
+
+    return twins_wan.wan_twin(seed=3)
+
+
+@pytest.mark.parametrize("writer", ["peft", "comfy"])
+def test_wan21_files_are_detected_in_both_layouts_and_no_other_family_claims_them(writer, wan_twin, tmp_path):
+    # lora_files.lora_targets knows `transformer_blocks.N` transformers; Wan's diffusers blocks are `blocks.N`
+    targets = [n for n, m in wan_twin.diffusers.named_modules()
+               if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
+    synthetic = lora_files.synthesise(wan_twin.diffusers, "wan21", targets=targets, rank=4, alpha=2.0)
+    if writer == "peft":  # diffusers' layout: transformer.blocks.N.attn1.to_q.lora_A.weight
+        path = lora_files.write_peft(synthetic, tmp_path / "a.safetensors", prefix="transformer", alpha_in="keys")
+    else:  # native: diffusion_model.blocks.N.self_attn.q.lora_down.weight
+        path = lora_files.write_comfy_native(synthetic, tmp_path / "a.safetensors", wan_twin)
+    parsed = tdm_lora.load_lora(path)
+    assert (parsed.format, parsed.family) == (writer, "wan21")
+    assert families_recognising(parsed) == ["wan21"]
+    assert parsed.unrecognised_keys == [] and len(parsed.model_modules) == len(targets)
+    if writer == "peft":
+        assert parsed.alpha == 2.0
+        for module in parsed.model_modules:
+            torch.testing.assert_close(module.delta(1.0, synthetic.weight_shapes[module.name]),
+                                       synthetic.delta(module.name), rtol=0, atol=1e-6)
+
+
 def test_plain_peft_unet_keys_become_kohya_names_and_transformer_keys_stay(sd15_twin, sd3_twin):
     unet_module = tdm_lora.parse_lora({
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 32),

@@ -13,7 +13,7 @@ One module per concern, so a change to one does not reach into the others:
     metadata.py  the TDM header schema: every `tdm.*` key, its writers and its (validating) readers
     keys/        one unit per key format (peft, kohya, diffusers_old, comfy_native) and the registry of them
     parse.py     state dict + header -> LoraFile: grouping keys, checking factors, alpha from headers, family
-    convert.py   LoraFile -> ComfyUI keys, a peft adapter, the native CogVideoX key map
+    convert.py   LoraFile -> ComfyUI keys, a peft adapter, the native CogVideoX and Wan 2.1 key maps
     files.py     reading files safely; writing.py: saving peft LoRAs diffusers reads the same way
     matching.py  LoRA modules against a model's weights; the strength `auto` resolves to
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .. import families
 from ..cogvideox_names import cogvideox_diffusers_name
-from .convert import PeftAdapter, cogvideox_native_lora_key_map, to_comfy_state_dict, to_peft
+from .convert import PeftAdapter, cogvideox_native_lora_key_map, to_comfy_state_dict, to_peft, wan_native_lora_key_map
 from .files import LoraFileError, read_lora_file, write_safetensors
 from .keys.kohya import kohya_name_to_path
 from .matching import (
@@ -51,5 +51,5 @@ __all__ = [
     "cogvideox_diffusers_name", "cogvideox_native_lora_key_map",
     "detect_family", "families_compatible", "family_group", "family_name", "kohya_name_to_path", "load_lora",
     "match_modules", "parse_lora", "read_lora_file", "save_peft_lora", "tdm_metadata", "to_comfy_state_dict",
-    "to_peft", "write_safetensors",
+    "to_peft", "wan_native_lora_key_map", "write_safetensors",
 ]

@@ -16,6 +16,7 @@ import torch
 from ..cogvideox_names import cogvideox_diffusers_name
 from .keys import comfy_key
 from .model import LoraFile
+from .wan_names import wan_diffusers_name
 
 
 def to_comfy_state_dict(lora) -> dict[str, torch.Tensor]:
@@ -47,6 +48,19 @@ def cogvideox_native_lora_key_map(native_weight_keys) -> dict[str, str]:
         if not (key.startswith("diffusion_model.") and key.endswith(".weight")):
             continue
         diffusers_name = cogvideox_diffusers_name(key[len("diffusion_model."):-len(".weight")])
+        if diffusers_name is not None:
+            key_map[comfy_key("transformer", diffusers_name)] = key
+    return key_map
+
+
+def wan_native_lora_key_map(native_weight_keys) -> dict[str, str]:
+    """LoRA key → weight key for a ComfyUI Wan 2.1 model, in diffusers' names (`transformer.blocks.0.attn1.to_q`),
+    which ComfyUI's own key map lacks: it maps native Wan names only (tdm_core.lora.wan_names)."""
+    key_map = {}
+    for key in native_weight_keys:
+        if not (key.startswith("diffusion_model.") and key.endswith(".weight")):
+            continue
+        diffusers_name = wan_diffusers_name(key[len("diffusion_model."):-len(".weight")])
         if diffusers_name is not None:
             key_map[comfy_key("transformer", diffusers_name)] = key
     return key_map
