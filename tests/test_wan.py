@@ -8,6 +8,7 @@ import logging
 import sys
 
 import comfy.model_management
+import comfy.sample
 import numpy as np
 import pytest
 import torch
@@ -99,6 +100,32 @@ def test_family_and_auto_preset(pack, wan_twin, adapters):
     # exclusive: SD3's shift-6 preset does not sample Wan, Wan's preset no SD3
     with pytest.raises(ValueError, match="does not fit this MODEL"):
         sampling_grids.tdm_sigmas(wan_twin.comfy, "sd3", 4)
+
+
+def test_tdm_sampler_on_a_video_latent_is_the_students_step_in_diffusers_terms(pack, wan_twin):
+    """TDM Scheduler + TDM Sampler (auto) on the wan21 grid of a 5-D latent equal the flow DDIM (Euler) loop the
+    preset's reference names, run on the diffusers twin: integer timesteps, x_T = unit noise."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    sampling = pack.nodes.sampling
+    sigmas = sampling.TDMScheduler.execute(wan_twin.comfy, "auto", 4, 0.0, "preset", "",
+                                           schedules.TRAINING_DEMO_TOTAL_STEPS).result[0]
+    sampler = sampling.TDMSampler.execute("auto", 0.0, "integer", "unit").result[0]
+    latent = torch.zeros(1, 16, 2, 4, 4)
+    positive, negative = tw.tiny_conditioning("a cat"), tw.tiny_conditioning("")
+    out = SamplerCustom.execute(wan_twin.comfy, True, 11, 1.0, positive, negative, sampler, sigmas,
+                                {"samples": latent}).result[0]["samples"]
+    ours = wan_twin.comfy.model.process_latent_in(out)
+
+    x = comfy.sample.prepare_noise(latent, 11)  # the same noise SamplerCustom draws
+    context = tw.tiny_text_embedding("a cat")
+    grid = schedules.flow_shift_grid(4, 8.0)
+    with torch.no_grad():
+        for sigma, sigma_next, t in zip(grid.sigmas[:-1], grid.sigmas[1:], grid.timesteps, strict=True):
+            v = wan_twin.diffusers(x, torch.tensor([t]), context, return_dict=False)[0]
+            x = x + (sigma_next - sigma) * v
+    assert x.abs().max() > 0.1
+    torch.testing.assert_close(ours, x, rtol=0, atol=PARITY_RTOL * 4 * x.abs().max().item())
 
 
 def _variant(config_class: str, **unet):
