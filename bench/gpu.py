@@ -16,8 +16,11 @@ Sections of the line:
 - `multi_device`: the headless trainer (`python -m tdm_core.distill` under `torchrun`, data-parallel) on a
   random-weight SD1.5 UNet in bf16 with gradient checkpointing (`tdm_devkit.bench_teachers`), the same per-device
   batch on 1 device and on all of them: samples/s (global batch ÷ median step time after the first step), each
-  device's peak memory, and the scaling efficiency samples/s(N) ÷ (N × samples/s(1)). With fewer than two CUDA
-  devices it says so (`skipped`) and runs nothing; `--tiny` runs it on the CPU with gloo at 2 processes instead.
+  device's peak memory, and the scaling efficiency samples/s(N) ÷ (N × samples/s(1)); then the same N-device run
+  with `parallel = "fsdp"` (the teacher and adapters sharded with torch's fully_shard, tdm_core/distill/sharding.py):
+  its it/s, each device's peak memory and share of the teacher's weights, against the data-parallel run's
+  (`fsdp_vs_ddp`). With fewer than two CUDA devices it says so (`skipped`) and runs nothing; `--tiny` runs it on the
+  CPU with gloo at 2 processes instead (peak memory is then each process's resident size: no sharding figure).
 Text encoders are not benchmarked: prompts are random tensors of the real shapes (SD1.5: 77×768; SD3: 154×4096 and
 a 2048-d pooled vector).
 """
@@ -246,21 +249,35 @@ def bench_multi_device(tiny: bool, iterations: int, per_device_batch: int) -> di
             return {"skipped": f"{devices} CUDA device{'' if devices == 1 else 's'} here: data-parallel scaling needs "
                                "2 or more (torchrun --nproc_per_node N); nothing was run"}
         worlds, note = (1, devices), f"{devices} × {torch.cuda.get_device_name()}, nccl"
-    result = {"note": note, "per_device_batch": per_device_batch, "runs": {}}
+    result = {"note": note, "per_device_batch": per_device_batch, "runs": {}, "fsdp": {}}
     with tempfile.TemporaryDirectory(prefix="tdm_multi_device_") as work:
         for world in worlds:
             result["runs"][str(world)] = _data_parallel_run(Path(work) / f"world{world}", world, tiny, iterations,
                                                             per_device_batch)
+        # the same N-device run with the teacher and adapters sharded instead of replicated
+        result["fsdp"][str(worlds[-1])] = _data_parallel_run(Path(work) / f"fsdp{worlds[-1]}", worlds[-1], tiny,
+                                                             iterations, per_device_batch, parallel="fsdp")
     one, many = result["runs"][str(worlds[0])], result["runs"][str(worlds[-1])]
     result["scaling_efficiency"] = round(many["samples_per_s"] / (worlds[-1] * one["samples_per_s"]), 3)
+    sharded = result["fsdp"][str(worlds[-1])]
+    result["fsdp_vs_ddp"] = {
+        "world_size": worlds[-1],
+        "it_per_s": {"ddp": many["it_per_s"], "fsdp": sharded["it_per_s"]},
+        "peak_memory_mb_per_device": {"ddp": many["peak_memory_mb_per_device"],
+                                      "fsdp": sharded["peak_memory_mb_per_device"]},
+        # the largest device's peak under FSDP over data parallelism's (below 1: sharding saves memory)
+        "peak_memory_ratio": round(max(sharded["peak_memory_mb_per_device"])
+                                   / max(many["peak_memory_mb_per_device"]), 3),
+        "speed_ratio": round(sharded["it_per_s"] / many["it_per_s"], 3)}
     return result
 
 
-def _data_parallel_run(folder: Path, world: int, tiny: bool, iterations: int, per_device_batch: int) -> dict:
+def _data_parallel_run(folder: Path, world: int, tiny: bool, iterations: int, per_device_batch: int,
+                       parallel: str = "ddp") -> dict:
     folder.mkdir(parents=True)
     config = {"prompts": PROMPTS, "iterations": iterations + 1, "batch_size": per_device_batch * world,
               "lora_rank": 16, "preview_every": 0, "checkpoint_every": 0, "log_every": 1, "seed": SEED,
-              "output_dir": str(folder / "out"),
+              "output_dir": str(folder / "out"), "parallel": parallel,
               "teacher": {"factory": "tdm_devkit.bench_teachers:sd15_unet", "size": "tiny" if tiny else "real",
                           "dtype": "float32" if tiny else "bfloat16"}}
     (folder / "run.json").write_text(json.dumps(config))
@@ -275,13 +292,15 @@ def _data_parallel_run(folder: Path, world: int, tiny: bool, iterations: int, pe
         env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
-        raise RuntimeError(f"the {world}-process run failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"the {world}-process {parallel} run failed:\n{done.stderr[-3000:]}")
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     steps = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
     step_s = statistics.median(m["seconds"] for m in steps[1:])  # the first step warms up (kernels, allocator)
-    return {"world_size": summary["world_size"], "global_batch": config["batch_size"],
-            "median_step_s": round(step_s, 4), "samples_per_s": round(config["batch_size"] / step_s, 3),
-            "peak_memory_mb_per_device": summary["peak_memory_mb"]}
+    return {"world_size": summary["world_size"], "parallel": parallel, "sharded": summary["sharded"],
+            "global_batch": config["batch_size"], "median_step_s": round(step_s, 4),
+            "it_per_s": round(1 / step_s, 3), "samples_per_s": round(config["batch_size"] / step_s, 3),
+            "peak_memory_mb_per_device": summary["peak_memory_mb"],
+            "teacher_parameters_per_device": summary["local_base_parameters"]}
 
 
 def main() -> None:

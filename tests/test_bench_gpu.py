@@ -4,6 +4,7 @@ rot between sessions that have a GPU. Checks what the line reports, not how fast
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tdm_core import presets
 
@@ -66,4 +68,26 @@ def test_the_multi_device_section_runs_data_parallel_on_two_cpu_processes(tmp_pa
         assert all(peak > 0 for peak in run["peak_memory_mb_per_device"])
     assert section["scaling_efficiency"] > 0
     assert "sampling" not in json.loads(lines[0]) or not json.loads(lines[0])["sampling"]
+    # the same 2-process run with the teacher sharded (parallel fsdp): each process holds half of what DDP's holds
+    (sharded,) = section["fsdp"].values()
+    replicated = section["runs"]["2"]
+    assert sharded["world_size"] == 2 and sharded["parallel"] == "fsdp" and sharded["sharded"] is True
+    assert replicated["sharded"] is False and replicated["teacher_parameters_per_device"][0] > 0
+    assert sum(sharded["teacher_parameters_per_device"]) == replicated["teacher_parameters_per_device"][0]
+    assert all(0.4 <= n / replicated["teacher_parameters_per_device"][0] <= 0.6
+               for n in sharded["teacher_parameters_per_device"])
+    assert sharded["it_per_s"] > 0 and all(peak > 0 for peak in sharded["peak_memory_mb_per_device"])
+    versus = section["fsdp_vs_ddp"]
+    assert versus["it_per_s"] == {"ddp": replicated["it_per_s"], "fsdp": sharded["it_per_s"]}
+    assert versus["peak_memory_ratio"] > 0 and versus["speed_ratio"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine would run the section")
+def test_the_multi_device_section_says_skipped_with_fewer_than_two_gpus():
+    """On a machine with 0 or 1 CUDA device, the real-size section runs nothing (neither DDP nor FSDP) and says so."""
+    spec = importlib.util.spec_from_file_location("tdm_bench_gpu", REPO / "bench" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    section = gpu.bench_multi_device(tiny=False, iterations=1, per_device_batch=1)
+    assert set(section) == {"skipped"} and "nothing was run" in section["skipped"]
 
