@@ -145,6 +145,30 @@ def test_fsdp_over_a_bfloat16_teacher_computes_what_data_parallelism_does(tmp_pa
     _assert_close_losses(_metrics(tmp_path / "fsdp"), _metrics(tmp_path / "ddp"))
 
 
+def test_fsdp_on_comfyui_files_computes_what_data_parallelism_does(tmp_path):
+    """The teacher most headless runs train: ComfyUI model files (a tiny SD3 MMDiT and a random CLIP-L, tdm_comfy's
+    backend, ComfyUI's own network with its gradient checkpointing), sharded by its joint blocks. Against data
+    parallelism on the same 2 processes within float32 round-off (measured: bit-equal; one process on the whole
+    batch differs from both by ~1.5e-6, ComfyUI's attention rounding by batch)."""
+    from tdm_devkit import comfy_files, comfy_runtime
+
+    base = comfy_files.write_models(tmp_path / "base")
+    settings = dict(prompts=["a cat", "a dog"], family="sd3", recipe="auto", iterations=2, lora_rank=4,
+                    batch_size=2, preview_every=0, checkpoint_every=0,
+                    teacher={"factory": "tdm_comfy.teacher:make_backend", "comfyui_dir": str(comfy_runtime.comfyui_dir()),
+                             "base_directory": str(base), "comfyui_args": {"use_pytorch_cross_attention": True},
+                             "diffusion_model": comfy_files.TINY_SD3_FILE, "text_encoders": [comfy_files.CLIP_L_FILE],
+                             "clip_type": "sd3", "width": 64, "height": 64, "gradient_checkpointing": True})
+    ddp = _summary(_torchrun(_write_cli_config(tmp_path / "ddp.json", tmp_path / "ddp", **settings)))
+    fsdp = _summary(_torchrun(_write_cli_config(tmp_path / "fsdp.json", tmp_path / "fsdp", parallel="fsdp",
+                                                **settings)))
+    whole = ddp["local_base_parameters"][0]
+    assert fsdp["sharded"] and sum(fsdp["local_base_parameters"]) == whole
+    assert all(0.4 * whole <= h <= 0.6 * whole for h in fsdp["local_base_parameters"])
+    _assert_close_states(checkpoint.load_checkpoint(tmp_path / "fsdp"), checkpoint.load_checkpoint(tmp_path / "ddp"))
+    _assert_close_losses(_metrics(tmp_path / "fsdp"), _metrics(tmp_path / "ddp"))
+
+
 def test_fsdp_resume_equals_an_uninterrupted_run_and_moves_between_process_counts(tmp_path):
     """A 2-process FSDP run stopped at step 2 and resumed to step 4 is bit for bit the uninterrupted run; its step-2
     checkpoint (full tensors) continued in one process ends within round-off of it."""
