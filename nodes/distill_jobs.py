@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tdm_core import jobs, recipes, schedules
+from tdm_core import families, jobs, recipes, schedules
 from tdm_core.distill import ConfigError, DistillConfig
 
 from . import comfy_backend, conditioning, family_adapters, inputs, recipe_inputs, training_network
@@ -91,9 +91,14 @@ class ComfyRuntime:
 
 # The ComfyUI-only options a job records beside its DistillConfig (TDM Distill's input names): what its runtime is
 # built with that the config does not hold. How often to save and preview are the record's own fields.
-COMFY_OPTIONS = ("width", "height", "grid", "unconditional_prompt", "dtype", "offload", "gradient_checkpointing")
-# Of those, the ones that change what the job learns; the others are run options.
-LEARNED_COMFY = ("width", "height", "grid", "unconditional_prompt")
+COMFY_OPTIONS = ("width", "height", "grid", "unconditional_prompt", "dtype", "offload", "gradient_checkpointing",
+                 "frames")
+# Of those, the ones that change what the job learns; the others are run options. (`frames` only for a video family:
+# an image teacher ignores it, so changing it changes nothing of an image job.)
+LEARNED_COMFY = ("width", "height", "grid", "unconditional_prompt", "frames")
+# TDM Distill's `frames` default, for workflows saved before the input existed: Wan's default clip, 33 frames (9
+# latent frames), the length of ComfyUI's own Wan 2.1 text-to-video example.
+DEFAULT_FRAMES = 33
 # Inputs a queue may change without making another job, applied when it resumes one: how long and how it runs, not
 # what it learns. Every other setting defines the LoRA (prompts, grid, steps, cfg, rates, rank, size, batch, seed...).
 RUN_OPTIONS = ("iterations", "gradient_checkpointing", "dtype", "offload", "save_every", "keep_last", "preview_every")
@@ -113,16 +118,22 @@ class JobSettings:
     comfy: dict  # COMFY_OPTIONS by input name; "recipe_changes": the knobs the node changed ("cfg 3.5", ...)
     recipe_description: str = ""
     grid_description: str = ""
+    # the loader files the queued graph fed the teacher from, or {"error": why not} (nodes/headless_export.py)
+    teacher_files: dict | None = None
 
     def record(self) -> dict:
-        return {"config": self.config.to_dict(), "comfy": dict(self.comfy),
-                "recipe_description": self.recipe_description, "grid_description": self.grid_description}
+        record = {"config": self.config.to_dict(), "comfy": dict(self.comfy),
+                  "recipe_description": self.recipe_description, "grid_description": self.grid_description}
+        if self.teacher_files is not None:
+            record["teacher_files"] = dict(self.teacher_files)
+        return record
 
     def learned(self) -> dict:
         """What the job learns, by name: the config's fields but those of _NOT_COMPARED, and the comfy options
         that change it."""
         values = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_COMPARED}
-        return values | {k: self.comfy[k] for k in LEARNED_COMFY if k in self.comfy}
+        video = getattr(families.FAMILIES.get(self.config.family), "video", False)
+        return values | {k: self.comfy[k] for k in LEARNED_COMFY if k in self.comfy and (k != "frames" or video)}
 
 
 def settings_from_inputs(values: dict, prompts: list[str], family: str, grid=None,
@@ -146,7 +157,8 @@ def settings_from_inputs(values: dict, prompts: list[str], family: str, grid=Non
             recommended_strength=1.0, sampler_preset=grid.preset if grid else "", **knobs)
     except (ConfigError, TypeError, ValueError) as error:
         raise ValueError(f"TDM Distill (recipe {recipe}): {error}") from None
-    comfy = {key: values[key] for key in COMFY_OPTIONS} | {"recipe_changes": changed}
+    comfy = {key: values.get(key, DEFAULT_FRAMES) if key == "frames" else values[key] for key in COMFY_OPTIONS}
+    comfy["recipe_changes"] = changed
     return JobSettings(config, comfy, recipe_inputs.description(recipe, changed), grid.description if grid else "")
 
 
@@ -169,7 +181,7 @@ def recorded_settings(record: jobs.JobRecord, values: dict, model, check: Callab
         recorded_prompts(config.prompts, record)
         comfy = dict(settings.get("comfy") or {})
         for key in COMFY_OPTIONS:
-            comfy.setdefault(key, values[key])
+            comfy.setdefault(key, values.get(key, DEFAULT_FRAMES) if key == "frames" else values[key])
         check({key: comfy[key] for key in COMFY_OPTIONS})
         changes = comfy.setdefault("recipe_changes", [])
         if not isinstance(changes, list) or not all(
@@ -177,7 +189,7 @@ def recorded_settings(record: jobs.JobRecord, values: dict, model, check: Callab
             raise ValueError(f"the record of TDM job {record.id} '{record.name}' names recipe changes that are not "
                              "DistillConfig fields; start a new job under another output name")
         return JobSettings(config, comfy, str(settings.get("recipe_description", "")),
-                           str(settings.get("grid_description", "")))
+                           str(settings.get("grid_description", "")), settings.get("teacher_files"))
     old = dict(settings)
     prompts = recorded_prompts(old.get("prompt_list"), record)
     for key, value in values.items():
@@ -203,9 +215,8 @@ def with_run_options(recorded: JobSettings, values: dict) -> JobSettings:
 
 def _training_grid(model, family: str, options: dict, steps: int):
     """(latent shape, training grid) for the width, height (and, for a video family, frames) and grid choice of
-    `options`. The family's adapter decides the latent's shape: an image's (C, H/8, W/8), Wan's (C, T, H/8, W/8)
-    with T from `frames` (TDM Distill has no such input yet, and records made before it have none: the adapter's
-    default length)."""
+    `options`. The family's adapter decides the latent's shape: an image's (C, H/8, W/8), a video's (C, T, H/8, W/8)
+    with T from `frames` (a record without it: the adapter's default length)."""
     width, height = int(options["width"]), int(options["height"])
     if width % 16 or height % 16:
         raise ValueError(f"width and height must be multiples of 16 (got {width}×{height})")
@@ -332,7 +343,7 @@ def start_job(manager: jobs.JobManager, model, clip, values: dict, vae=None, *,
     runtime, teacher, grid = job_runtime(model, clip, job, vae)
     job.grid_description = grid.description
     if teacher_files is not None:  # this queue's graph: a resumed job may have been renamed or moved files since
-        job.comfy["teacher_files"] = teacher_files
+        job.teacher_files = teacher_files
     return manager.submit(name, runtime, job.config.iterations, save_every=int(values["save_every"]),
                           keep_last=int(values["keep_last"]), preview_every=int(values["preview_every"]),
                           settings=job.record(), teacher=teacher, if_exists=values["if_exists"])

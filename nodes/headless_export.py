@@ -3,7 +3,7 @@ into the config `python -m tdm_core.distill` (or `torchrun`) trains the same job
 
 At job start the node's graph (ComfyUI's API prompt) is walked upstream from TDM Distill's `model`, `clip` and `vae`
 inputs through the core loader nodes: Load Checkpoint, Load Diffusion Model, Load CLIP / Dual / Triple CLIP, Load VAE
-and the LoRA loaders between them. What they load is recorded with the job (`comfy.teacher_files`); any other node
+and the LoRA loaders between them. What they load is recorded with the job (`settings.teacher_files`); any other node
 on those paths (a model patch, another pack's loader) is named instead, since a headless run could not rebuild it.
 The export checks that record again (job.json is data on disk) by the headless teacher's own rules.
 """
@@ -11,7 +11,7 @@ The export checks that record again (job.json is data on disk) by the headless t
 from __future__ import annotations
 
 from tdm_core import jobs
-from tdm_core.distill.teacher_files import OPTION_DEFAULTS, TeacherFiles
+from tdm_core.distill.teacher_files import FILE_FIELDS, OPTION_DEFAULTS, TeacherFiles
 
 # Loader nodes a headless run rebuilds, by ComfyUI class name → the input holding the file name.
 _LORA_NODES = {"LoraLoader", "LoraLoaderModelOnly"}
@@ -113,14 +113,13 @@ def headless_config(record: jobs.JobRecord, comfyui_dir: str, output_dir: str) -
                          "resume it once in ComfyUI to export it")
     config = jobs.record_config(settings["config"])  # checked field by field
     comfy = settings.get("comfy") if isinstance(settings.get("comfy"), dict) else {}
-    files = comfy.get("teacher_files")
+    files = settings.get("teacher_files")
     if not isinstance(files, dict):
         raise ValueError(f"TDM job {record.id} '{record.name}' has no record of its teacher's files (it started "
                          "before jobs recorded them); queue its workflow again with if_exists = resume")
     if "error" in files:
         raise ValueError(f"TDM job {record.id} '{record.name}' cannot run headless: {str(files['error'])[:300]}")
-    fields = {k: files[k] for k in ("checkpoint", "diffusion_model", "weight_dtype", "text_encoders", "clip_type",
-                                    "vae", "loras") if k in files}
+    fields = {k: files[k] for k in FILE_FIELDS if k in files}
     try:
         TeacherFiles(**fields)  # the headless teacher's own checks, on data read back from disk
     except (TypeError, ValueError) as error:

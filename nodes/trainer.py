@@ -24,6 +24,7 @@ from tdm_core import families, jobs, presets
 from . import categories, comfy_backend, inputs, recipe_inputs
 from .distill_images import loss_curve_image, preview_image
 from .distill_jobs import (
+    DEFAULT_FRAMES,
     NO_FILE,
     input_text_files,
     start_job,
@@ -58,7 +59,7 @@ def _refuse(error: Exception):
 # What most users set on TDM Distill: the prompts, the name, how long, how strongly guided, at what size, and memory.
 # The rest keeps working defaults and is marked advanced (folded on the node, web/tdm_advanced.js).
 _RARELY_USED = {"prompts_file", "unconditional_prompt", "steps", "grid", "lora_rank", "lora_alpha", "learning_rate",
-                "batch_size", "keep_last", "preview_every", "seed", "dtype", "offload",
+                "batch_size", "keep_last", "preview_every", "seed", "dtype", "offload", "frames",
                 *(spec.id for spec in recipe_inputs.knob_inputs())}
 
 
@@ -80,9 +81,9 @@ class TDMDistillStart(io.ComfyNode):
                 ".safetensors every save_every steps (plus numbered snapshots). Stop it with TDM Distill Stop (the "
                 "Cancel button does not stop training); watch it with TDM Distill Status."),
             inputs=_fold_rarely_used([
-                io.Model.Input("model", tooltip="The teacher (SD1.5-family, SDXL, SD3/SD3.5 or Flux-dev), with any "
-                                                "LoRAs applied to it. The job shares its loaded weights; sampling "
-                                                "from it meanwhile is unaffected."),
+                io.Model.Input("model", tooltip="The teacher (SD1.5-family, SDXL, SD3/SD3.5, Flux-dev or Wan 2.1 T2V), "
+                                                "with any LoRAs applied to it. The job shares its loaded weights; "
+                                                "sampling from it meanwhile is unaffected."),
                 io.Clip.Input("clip", tooltip="The teacher's text encoder (from the same loader); it encodes the "
                                               "prompts once, when the job starts."),
                 io.String.Input("prompts", multiline=True, default="a photo of a cat\na watercolor landscape",
@@ -155,6 +156,10 @@ class TDMDistillStart(io.ComfyNode):
                 # After every older widget (saved workflows hold widget values by position), and optional.
                 recipe_inputs.recipe_input(),
                 *recipe_inputs.knob_inputs(),
+                io.Int.Input("frames", default=DEFAULT_FRAMES, min=1, max=257, step=4, optional=True,
+                             tooltip="Video teachers (Wan 2.1) only: frames of each training clip, 4k + 1 (the "
+                                     "VAE keeps the first frame and packs 4 per latent frame). Image teachers "
+                                     "ignore it."),
             ]),
             outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
                                                         "/tdm/jobs HTTP routes.")],

@@ -152,6 +152,8 @@ class Family:
     pooled_as_y: bool = False  # the text encoder's pooled output is the network's `y` as it is (SD3/SD3.5)
     # Guidance-distilled (Flux-dev): its guidance is a network input, so the teacher's target is one pass (cfg 1).
     guidance_distilled: bool = False
+    # Its samples are clips (a time axis in the latent): TDM Distill's `frames` input applies to it.
+    video: bool = False
     notes: dict = field(default_factory=dict)
 
     def fits_lora_of(self, lora_family: str) -> bool:
@@ -205,7 +207,7 @@ _FAMILY_LIST = (
                                                       "a second pass"),)),
     Family(
         name="cogvideox", label="CogVideoX-2B", architecture="CogVideoX transformer", parametrisation="v",
-        lora_group="cogvideox",
+        lora_group="cogvideox", video=True,
         comfy_lora=lambda layout: any(re.match(r"blocks\.\d+\.(q|k|v|attn_out|ff_proj|ff_out)$", n)
                                       for n in layout.comfy),  # newer ComfyUI's native CogVideoX
         diffusers_lora=_cogvideox_diffusers, default_preset="cogvideox",
@@ -216,7 +218,7 @@ _FAMILY_LIST = (
     Family(
         name="wan21", label="Wan 2.1 T2V", architecture="Wan 2.1 text-to-video transformer",
         parametrisation="flow", lora_group="wan21", comfy_lora=_wan_native, diffusers_lora=_wan_diffusers,
-        default_preset="wan21", released_lora=False, exclusive_presets=True,
+        default_preset="wan21", released_lora=False, exclusive_presets=True, video=True,
         distillable=True, lora_targets=WAN_TARGETS, repeated_blocks=("blocks",)),
 )
 

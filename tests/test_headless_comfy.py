@@ -186,13 +186,13 @@ def test_the_export_refuses_a_tampered_teacher_record(pack, tmp_path):
     record.settings = settings
     with pytest.raises(ValueError, match="no record of its teacher"):
         export(record, "/c", "/o")
-    settings["comfy"]["teacher_files"] = {"error": "Foo (node 7) sits between"}
+    settings["teacher_files"] = {"error": "Foo (node 7) sits between"}
     with pytest.raises(ValueError, match="cannot run headless: Foo"):
         export(record, "/c", "/o")
-    settings["comfy"]["teacher_files"] = {"checkpoint": "a.safetensors", "text_encoders": ["b.safetensors"]}
+    settings["teacher_files"] = {"checkpoint": "a.safetensors", "text_encoders": ["b.safetensors"]}
     with pytest.raises(ValueError, match="text_encoders is for teacher.diffusion_model"):
         export(record, "/c", "/o")
-    settings["comfy"]["teacher_files"] = {"checkpoint": "a.safetensors", "loras": [{"name": 3}]}
+    settings["teacher_files"] = {"checkpoint": "a.safetensors", "loras": [{"name": 3}]}
     with pytest.raises(ValueError, match=r"loras\[0\].name"):
         export(record, "/c", "/o")
 
@@ -212,7 +212,8 @@ def _config(tmp_path, **teacher) -> Path:
     ({"diffusion_model": "b.safetensors"}, "needs teacher.text_encoders"),
     ({"diffusion_model": "b.safetensors", "text_encoders": ["c"]}, "teacher.clip_type must say"),
     ({"checkpoint": "a.safetensors", "width": 100}, "teacher.width must be a multiple of 16"),
-    ({"checkpoint": "a.safetensors", "frames": 9}, "unknown teacher keys ['frames']"),
+    ({"checkpoint": "a.safetensors", "fps": 9}, "unknown teacher keys ['fps']"),
+    ({"checkpoint": "a.safetensors", "frames": 8}, "teacher.frames must be 4k + 1"),
     ({"checkpoint": "a.safetensors", "comfyui_dir": "/nonexistent"}, "is not a ComfyUI folder"),
     ({"checkpoint": "a.safetensors", "comfyui_args": {"listen": True}}, "listen cannot be set"),
     ({"checkpoint": "missing.safetensors"}, "teacher.checkpoint = 'missing.safetensors' is not in ComfyUI's "
@@ -237,3 +238,54 @@ def test_the_family_is_checked_against_the_loaded_model(pack, comfy_folders, bas
         teacher.make_backend(config, comfyui_dir=str(Path(sys.modules["comfy.model_management"].__file__).parents[1]),
                              diffusion_model=comfy_files.TINY_SD3_FILE, text_encoders=[comfy_files.CLIP_L_FILE],
                              clip_type="sd3", width=64, height=64)
+
+
+def _documented_configs() -> list[tuple[str, dict]]:
+    import re
+
+    import tomllib
+
+    text = (REPO / "docs" / "headless.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^### (.+?)\n.*?```toml\n(.*?)```", text, flags=re.S | re.M)
+    return [(title, tomllib.loads(body)["distill"]) for title, body in blocks]
+
+
+def test_every_documented_run_config_passes_the_checks_made_before_loading():
+    """docs/headless.md's run.toml per family: a DistillConfig with its family's recipe, and a teacher table the
+    ComfyUI-files teacher accepts (everything but the files' presence, which needs the user's ComfyUI)."""
+    from tdm_core import families
+    from tdm_core.distill import DistillConfig
+    from tdm_core.distill.teacher_files import OPTION_DEFAULTS, TeacherFiles, check_options
+
+    documented = _documented_configs()
+    assert sorted(data["family"] for _, data in documented) == sorted(f.name for f in families.distillable())
+    for title, data in documented:
+        teacher = dict(data.pop("teacher"))
+        config = DistillConfig.from_dict(data).validate()
+        assert config.recipe == families.FAMILIES[config.family].training_recipe, title  # recipe "auto" resolved
+        assert teacher.pop("factory") == "tdm_comfy.teacher:make_backend", title
+        assert teacher.pop("comfyui_dir"), title
+        options = {k: teacher.pop(k) for k in list(teacher) if k in OPTION_DEFAULTS}
+        check_options(options)
+        TeacherFiles(**teacher)
+
+
+def test_a_jobs_teacher_record_survives_a_restart_and_a_bad_one_loses_nothing(tmp_path):
+    """job.json is read back when ComfyUI starts: the teacher's files come back as recorded; a damaged record of them
+    becomes a reason the export shows, and the job itself is still listed."""
+    from tdm_core.distill import DistillConfig
+
+    files = {"diffusion_model": "a.safetensors", "weight_dtype": "default", "text_encoders": ["b.safetensors"],
+             "clip_type": "sd3", "loras": [{"name": "c.safetensors", "strength_model": 0.5, "strength_clip": 1.0}]}
+    manager = jobs.JobManager(tmp_path)
+    settings = {"config": DistillConfig(prompts=["a"], family="sd3").to_dict(), "comfy": {"width": 64},
+                "teacher_files": files}
+    good = manager.submit("good", None, 2, settings=settings)
+    bad = manager.submit("bad", None, 2, settings=dict(settings, teacher_files={"checkpoint": ["x"]}))
+    manager.close()
+    reread = jobs.JobManager(tmp_path)
+    try:
+        assert reread.get(good.id).settings["teacher_files"] == files
+        assert "unusable" in reread.get(bad.id).settings["teacher_files"]["error"]
+    finally:
+        reread.close()

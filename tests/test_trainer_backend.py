@@ -422,8 +422,8 @@ def test_a_job_records_its_config_and_a_resume_keeps_it_when_the_recipe_changes(
     settings = manager.get(record.id).settings
     assert set(settings) == {"config", "comfy", "recipe_description", "grid_description"}
     assert settings["comfy"] == {"width": 64, "height": 64, "grid": "auto", "unconditional_prompt": "", "dtype": "auto",
-                                 "offload": "train_on_cpu", "gradient_checkpointing": False,
-                                 "recipe_changes": ["lora_rank 4"]}
+                                 "offload": "train_on_cpu", "gradient_checkpointing": False, "frames": 33,
+                                 "recipe_changes": ["lora_rank 4"]}  # frames: the node's default (image: unused)
     assert settings["recipe_description"].startswith("official_demo (") and settings["grid_description"]
     checkpoint = tmp_path / jobs.JOBS_FOLDER / record.id / "checkpoints" / "step-00000002"
     assert json.loads((checkpoint / "config.json").read_text()) == settings["config"]  # one config, both places

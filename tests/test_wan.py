@@ -190,7 +190,7 @@ def trained(pack, wan_twin, tmp_path_factory):
 
 def test_job_trains_a_video_latent_on_the_preset_grid(pack, wan_twin, trained):
     runtime, grid, _, _, metadata = trained
-    # 33 frames (the adapter's default: the node has no frames input) → 9 latent frames of 32/8 × 32/8
+    # 33 frames (TDM Distill's default, which SETTINGS leaves as shipped) → 9 latent frames of 32/8 × 32/8
     assert runtime.backend.latent_shape == (16, 9, 4, 4)
     assert grid.preset == "wan21"
     schedule = runtime.backend.schedule
@@ -286,3 +286,20 @@ def test_student_lora_in_comfyui_tdm_loader_and_diffusers(pack, wan_twin, traine
     assert f"matched {len(alphas)}/{len(alphas)} modules" in out.ui.as_dict()["text"][0]
     torch.testing.assert_close(_run(out.result[0], x, context), ours, rtol=0, atol=1e-5 * ours.abs().max().item())
 
+
+
+def test_frames_set_the_clip_length_and_only_video_jobs_learn_them(pack, wan_twin):
+    """TDM Distill's frames input: the training latent's length for a video teacher (4k + 1, else refused), part of
+    what a Wan job learns (a queue with other frames is an edit), and nothing an image job learns."""
+    distill_jobs = _modules(pack, "distill_jobs")
+    settings = distill_jobs.new_job_settings(wan_twin.comfy, dict(SETTINGS, frames=9), ["a cat"])
+    assert settings.comfy["frames"] == 9
+    with torch.inference_mode(False):
+        runtime, _, _ = distill_jobs.job_runtime(wan_twin.comfy, tw.TinyWanCLIP(), settings)
+    assert runtime.backend.latent_shape == (16, 3, 4, 4)  # (9 − 1)/4 + 1 latent frames
+    longer = distill_jobs.settings_from_inputs(dict(SETTINGS, frames=13), ["a cat"], families.WAN21.name)
+    assert distill_jobs.edited_settings(settings, longer) == ["frames 9 → 13"]
+    image = [distill_jobs.settings_from_inputs(dict(SETTINGS, frames=f), ["a cat"], families.SD3.name) for f in (9, 13)]
+    assert distill_jobs.edited_settings(*image) == []
+    with pytest.raises(ValueError, match="4k"):
+        distill_jobs.new_job_settings(wan_twin.comfy, dict(SETTINGS, frames=8), ["a cat"])

@@ -12,7 +12,9 @@ from .config import ConfigError
 # The teacher options TDM Distill records beside its DistillConfig (nodes/distill_jobs.COMFY_OPTIONS) and their
 # defaults here; `offload` is not one: a headless run trains on the device ComfyUI picks for this process.
 OPTION_DEFAULTS = {"width": 512, "height": 512, "grid": "auto", "unconditional_prompt": "", "dtype": "auto",
-                   "gradient_checkpointing": False}
+                   "gradient_checkpointing": False, "frames": 33}  # frames: video teachers only (4k + 1)
+# The teacher's files as TeacherFiles takes them (what a job records, what a config's teacher table holds).
+FILE_FIELDS = ("checkpoint", "diffusion_model", "weight_dtype", "text_encoders", "clip_type", "vae", "loras")
 MAX_TEXT_ENCODERS = 3  # Load CLIP takes one file, Dual two, Triple (SD3) three
 MAX_LORAS = 16
 
@@ -86,6 +88,8 @@ def check_options(given: dict) -> dict:
     for key in ("width", "height"):
         if not 16 <= options[key] <= 4096 or options[key] % 16:
             raise ConfigError(f"teacher.{key} must be a multiple of 16 in [16, 4096] pixels, got {options[key]}")
+    if not 1 <= options["frames"] <= 257 or (options["frames"] - 1) % 4:
+        raise ConfigError(f"teacher.frames must be 4k + 1 in [1, 257] (video teachers), got {options['frames']}")
     if len(options["unconditional_prompt"]) > 100_000:
         raise ConfigError("teacher.unconditional_prompt is longer than 100000 characters")
     return options

@@ -22,6 +22,7 @@ from pathlib import Path
 from .. import validation
 from ..distill import checkpoint as _checkpoint_files
 from ..distill.config import ConfigError, DistillConfig
+from ..distill.teacher_files import FILE_FIELDS, TeacherFiles
 from .errors import JobError
 
 JOB_STATES = ("queued", "running", "stopping", "stopped", "failed", "finished")
@@ -267,7 +268,26 @@ def record_settings(value) -> dict:
     checked["comfy"] = dict(comfy)
     for key in ("recipe_description", "grid_description"):
         checked[key] = _text(settings.get(key, ""), f"settings.{key}")
+    if "teacher_files" in settings:
+        checked["teacher_files"] = _teacher_files(settings["teacher_files"])
     return checked
+
+
+def _teacher_files(value) -> dict:
+    """The teacher's loader files a job recorded (the headless teacher's fields), or {"error": why there are none}.
+    Checked by the headless teacher's own rules; an unusable record becomes an error the export shows, never a lost
+    job."""
+    try:
+        files = validation.json_object(value, "settings.teacher_files")
+        if set(files) == {"error"}:
+            return {"error": _text(files["error"], "settings.teacher_files.error")[:1000]}
+        unknown = set(files) - set(FILE_FIELDS)
+        if unknown:
+            raise validation.ValidationError(f"unknown fields {sorted(str(k)[:40] for k in unknown)[:5]}")
+        TeacherFiles(**files)
+    except (validation.ValidationError, ConfigError) as error:
+        return {"error": f"the record of the teacher's files is unusable: {str(error)[:300]}"}
+    return dict(files)
 
 
 def _text(value, what: str, limit: int = MAX_TEXT) -> str:
