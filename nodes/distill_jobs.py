@@ -106,7 +106,7 @@ RUN_OPTIONS = ("iterations", "gradient_checkpointing", "dtype", "offload", "save
 # use them), and what the teacher and the grid choice decide (the teacher check and the grid choice compare those).
 _NOT_COMPARED = frozenset({"iterations", "keep_last", "checkpoint_every", "preview_every", "log_every", "output_dir",
                            "preview_prompts", "dtype", "family", "timesteps", "total_steps", "sampler_preset",
-                           "recommended_strength", "teacher"})
+                           "recommended_strength", "teacher", "parallel", "lora_file"})
 _CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(DistillConfig))
 
 

@@ -134,6 +134,12 @@ def headless_run(manager, job: str) -> dict:
     comfyui_dir = os.path.dirname(os.path.abspath(folder_paths.__file__))
     output_dir = os.path.join(folder_paths.get_output_directory(), "tdm-headless", record.name)
     config = headless_config(record, comfyui_dir, output_dir=output_dir)
+    # the run's LoRA also lands in models/loras, under a name no job and no file uses, so it shows in ComfyUI's LoRA
+    # lists and never replaces the job's own
+    lora_name = f"{record.name}_headless"
+    if manager.find(lora_name) is not None or (manager.loras_dir / (lora_name + jobs.LORA_EXTENSION)).exists():
+        lora_name = manager.free_name(lora_name)
+    config["lora_file"] = str(manager.loras_dir / (lora_name + jobs.LORA_EXTENSION))
     if os.path.realpath(folder_paths.base_path) != os.path.realpath(comfyui_dir):  # ComfyUI's --base-directory
         config["teacher"]["base_directory"] = folder_paths.base_path
     file_name = record.name.replace("/", "_") + ".headless.json"

@@ -495,3 +495,33 @@ def test_training_saving_and_resuming_leave_the_process_rng_alone(tmp_path):
     resumed.step()
     assert torch.equal(torch.rand(8), expected)
     assert "torch_rng" not in trainer.state_dict()
+
+
+def test_lora_file_is_written_and_never_replaces_a_file_the_run_did_not_write(tmp_path):
+    """`lora_file` (e.g. a ComfyUI models/loras path): written with the student; a fresh run refuses an existing file,
+    a resumed run replaces only a TDM student."""
+    from safetensors.torch import load_file, save_file
+
+    from tdm_core.lora.files import safetensors_metadata
+    from tdm_core.lora.metadata import FORMAT_NOTE, TRAINED_HERE_NOTE
+
+    target = tmp_path / "loras" / "mine.safetensors"
+    target.parent.mkdir()
+    cfg = _write_cli_config(tmp_path / "run.json", tmp_path / "out", iterations=2, preview_every=0,
+                            lora_file=str(target))
+    _run([sys.executable, "-m", "tdm_core.distill", "--config", str(cfg), "--no-progress"])
+    assert safetensors_metadata(target)[FORMAT_NOTE] == TRAINED_HERE_NOTE
+    assert load_file(str(target)).keys() == load_file(str(tmp_path / "out" / "student_lora.safetensors")).keys()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    fresh = subprocess.run([sys.executable, "-m", "tdm_core.distill", "--config", str(cfg), "--no-progress"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert fresh.returncode == 2 and "already exists" in fresh.stderr
+    _run([sys.executable, "-m", "tdm_core.distill", "--config", str(cfg), "--no-progress", "--resume",
+          "--iterations", "3"])
+    assert safetensors_metadata(target)["tdm.trained_iterations"] == "3"
+    save_file({"x": torch.zeros(1)}, str(target))  # someone else's file under that name
+    other = subprocess.run([sys.executable, "-m", "tdm_core.distill", "--config", str(cfg), "--no-progress",
+                            "--resume", "--iterations", "4"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=180)
+    assert other.returncode == 2 and "not a TDM student LoRA" in other.stderr
+    assert list(load_file(str(target))) == ["x"]  # untouched

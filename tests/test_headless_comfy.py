@@ -104,6 +104,7 @@ def _exported(pack, manager, record, base: Path, output_dir: Path) -> dict:
     # with PyTorch attention (tdm_devkit/comfy_runtime.py): the headless run must compute as this process does.
     config["teacher"].update(base_directory=str(base), comfyui_args={"use_pytorch_cross_attention": True})
     config["output_dir"] = str(output_dir)
+    assert Path(config["lora_file"]).parent == Path(manager.loras_dir)  # lands in ComfyUI's LoRA list
     return dict(answer, config=config)
 
 
@@ -125,6 +126,9 @@ def test_a_job_exported_to_a_headless_run_learns_the_same_lora(pack, comfy_folde
     assert summary["step"] == VALUES["iterations"]
     job_lora, job_meta = _lora(tmp_path / "loras" / "tiny_sd3_job.safetensors")
     run_lora, run_meta = _lora(tmp_path / "headless" / "student_lora.safetensors")
+    assert Path(answer["config"]["lora_file"]).name == "tiny_sd3_job_headless.safetensors"
+    listed, _ = _lora(Path(answer["config"]["lora_file"]))  # the same student, in models/loras
+    assert all(torch.equal(listed[k], run_lora[k]) for k in run_lora)
     assert set(job_lora) == set(run_lora) and job_lora
     worst = max((job_lora[k].float() - run_lora[k].float()).abs().max().item() for k in job_lora)
     print(f"max |job − headless| = {worst:.3g}")

@@ -161,10 +161,36 @@ def main(argv=None) -> int:
         torch.distributed.destroy_process_group()  # on every way out, a refused config included
 
 
+def check_lora_file(config: DistillConfig, resuming: bool) -> None:
+    """`lora_file` may be replaced only by a resumed run, and only when it holds a TDM student (its header says so):
+    a fresh run never overwrites a file, and no run overwrites a LoRA it did not write."""
+    if not config.lora_file:
+        return
+    path = Path(config.lora_file).expanduser()
+    if not path.parent.is_dir():
+        raise ConfigError(f"lora_file {config.lora_file!r}: the folder {str(path.parent)!r} does not exist")
+    if not path.exists():
+        return
+    if not resuming:
+        raise ConfigError(f"lora_file {config.lora_file!r} already exists; name another file, or pass --resume to "
+                          "continue the run that wrote it")
+    from ..lora.files import safetensors_metadata
+    from ..lora.metadata import FORMAT_NOTE, TRAINED_HERE_NOTE
+
+    try:
+        student = safetensors_metadata(path).get(FORMAT_NOTE) == TRAINED_HERE_NOTE
+    except (OSError, ValueError):
+        student = False
+    if not student:
+        raise ConfigError(f"lora_file {config.lora_file!r} exists and is not a TDM student LoRA; this run will not "
+                          "replace it: name another file")
+
+
 def _train(args, config: DistillConfig, *, distributed: bool) -> int:
     from .trainer import TDMTrainer
 
     try:
+        check_lora_file(config, bool(args.resume))
         backend = build_backend(config)
         out_dir = Path(config.output_dir)
         if args.resume:
@@ -214,6 +240,8 @@ def _train(args, config: DistillConfig, *, distributed: bool) -> int:
             _write_preview(trainer, out_dir, preview_prompts)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             trainer.save_checkpoint(out_dir)
+            if config.lora_file and getattr(backend, "mode", "lora") == "lora":  # progress shows in ComfyUI too
+                trainer.export_student_lora(Path(config.lora_file).expanduser())
 
     try:
         if config.preview_every and trainer.step_count == 0:
@@ -224,6 +252,8 @@ def _train(args, config: DistillConfig, *, distributed: bool) -> int:
                 trainer.save_checkpoint(out_dir)
             if getattr(backend, "mode", "lora") == "lora":  # every process: under FSDP the adapter is gathered
                 trainer.export_student_lora(out_dir / "student_lora.safetensors")
+                if config.lora_file:
+                    trainer.export_student_lora(Path(config.lora_file).expanduser())
         except (NonFiniteTrainingError, NonFiniteWeightsError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 3

@@ -102,6 +102,10 @@ class DistillConfig:
     preview_every: int = 50  # 0 disables previews
     preview_prompts: list[str] | None = None  # None: the first (up to 4) training prompts
     log_every: int = 1
+    # Also write the student LoRA here at every checkpoint and at the end (e.g. ComfyUI's models/loras/<name>.safetensors,
+    # where ComfyUI's LoRA lists show it); "": only output_dir/student_lora.safetensors. A file already there is
+    # replaced only by a resumed run, and only when it is a TDM student LoRA (see cli.check_lora_file).
+    lora_file: str = ""
     # Export metadata of the student LoRA.
     family: str = ""  # teacher family ("sd15", "sd3", "sd35", "cogvideox", "toy", ...)
     recommended_strength: float = 1.0
@@ -162,6 +166,8 @@ class DistillConfig:
         need(self.mode == "lora" or self.dtype in ("auto", "float32"),
              f"dtype {self.dtype} needs mode 'lora' (float32 adapters over a half-precision teacher); "
              "mode 'full' trains float32 copies")
+        need(isinstance(self.lora_file, str) and (not self.lora_file or self.lora_file.endswith(".safetensors")),
+             f"lora_file must be a path ending in .safetensors (or empty), got {self.lora_file!r}")
         need(self.parallel in PARALLEL_MODES, f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         need(self.parallel != "fsdp" or self.mode == "lora",
              "parallel 'fsdp' shards the teacher and its two LoRA adapters: it needs mode 'lora' (mode 'full' keeps "

@@ -122,6 +122,19 @@ def _check_safetensors_layout(path: Path, size: int) -> None:
         )
 
 
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of a safetensors file, its layout checked first (LoraFileError when it is not one)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    _check_safetensors_layout(path, path.stat().st_size)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as error:
+        raise LoraFileError(f"{_describe(path)} is a corrupt safetensors file: {error}") from None
+
+
 def _read_safetensors(path: Path, size: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
