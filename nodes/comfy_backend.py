@@ -171,37 +171,59 @@ class ComfyBackend(PeftBackend):
 
 # Pixels per latent cell of the models TDM distils (SD1.5, SD3, Wan): the latent preview is shown at image size.
 LATENT_TO_PIXELS = 8
+# Frames a video sample shows in the preview: evenly spaced from its first frame to its last, so the preview shows
+# the motion (one frame alone cannot tell a moving clip from a still one) at the size of one more image row each.
+PREVIEW_FRAMES = 4
+
+
+def preview_frame_indices(count: int, shown: int = PREVIEW_FRAMES) -> list[int]:
+    """`shown` indices of `count` frames evenly spaced from the first to the last (all of them when fewer)."""
+    if count <= shown:
+        return list(range(count))
+    return [round(i * (count - 1) / (shown - 1)) for i in range(shown)]
+
+
+def preview_grid(images: torch.Tensor):
+    """[B, F, H, W, 3] in [0, 1] (F = 1 for images) → uint8 (F·H)×(B·W)×3: the samples side by side, as an image job's
+    strip, and a video sample's frames below each other in time order (a PNG the Status node and the jobs panel
+    already show; GET /tdm/jobs/<job>/preview.png stays a still PNG)."""
+    columns = [torch.cat(list(sample), dim=0) for sample in images]  # each sample's frames stacked downwards
+    grid = torch.cat(columns, dim=1)
+    return (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def vae_preview_decoder(model, vae, device):
-    """x0 (model latent space) → uint8 H×(B·W)×3 decoded by a private copy of the teacher's VAE on the training
-    device. The job thread decodes with it directly, never through ComfyUI's memory manager, which belongs to the
-    prompt executor's thread and may unload or move ComfyUI's own VAE at any time."""
+    """x0 (model latent space) → uint8 (F·H)×(B·W)×3 (`preview_grid`) decoded by a private copy of the teacher's VAE
+    on the training device. The job thread decodes with it directly, never through ComfyUI's memory manager, which
+    belongs to the prompt executor's thread and may unload or move ComfyUI's own VAE at any time. A video latent
+    [B, C, T, h, w] is decoded whole, one sample at a time (Wan's VAE is causal: a later frame depends on every
+    latent frame before it, so no frame but the first can be decoded alone), and shows PREVIEW_FRAMES of its frames."""
     device = torch.device(device)
     dtype = torch.float32 if device.type == "cpu" else getattr(vae, "vae_dtype", torch.float32)
     decoder = copy.deepcopy(vae.first_stage_model).to(device=device, dtype=dtype).eval()
     latent_format = model.model.latent_format
 
     def decode(x0: torch.Tensor):
-        x0 = x0.detach()
-        if x0.ndim == 5:  # a video latent [B, C, T, h, w]: its first latent frame, which Wan's VAE encodes alone
-            x0 = x0[:, :, :1]
+        samples = []
         with torch.no_grad():
-            latents = latent_format.process_out(x0.to(device, torch.float32)).to(dtype)
-            images = decoder.decode(latents).float()  # ComfyUI's VAE models decode to [-1, 1]
-        if images.ndim == 5:  # [B, 3, frames, H, W]: the first frame
-            images = images[:, :, 0]
-        images = ((images + 1.0) / 2.0).clamp(0, 1).movedim(1, -1).cpu()
-        strip = torch.cat(list(images), dim=1)
-        return (strip * 255).round().to(torch.uint8).numpy()
+            for latent in x0.detach():  # one sample at a time: a whole decoded clip each, not the batch's
+                latents = latent_format.process_out(latent[None].to(device, torch.float32)).to(dtype)
+                images = decoder.decode(latents).float()[0]  # ComfyUI's VAE models decode to [-1, 1]
+                if images.ndim == 4:  # [3, frames, H, W]
+                    images = images[:, preview_frame_indices(images.shape[1])]
+                else:
+                    images = images[:, None]
+                samples.append(((images + 1.0) / 2.0).movedim(0, -1).cpu())  # [F, H, W, 3]
+        return preview_grid(torch.stack(samples))
 
     return decode
 
 
 def latent_preview_decoder(model):
-    """x0 (model latent space, [B, C, H, W], or a video's [B, C, T, H, W] shown by its first latent frame) → uint8
-    H×(B·W)×3 at image size, with the latent format's RGB factors (ComfyUI's own cheap live preview, upscaled ×8 so
-    it reads at the size the samples have)."""
+    """x0 (model latent space, [B, C, H, W], or a video's [B, C, T, H, W]) → uint8 (F·H)×(B·W)×3 (`preview_grid`) at
+    image size, with the latent format's RGB factors (ComfyUI's own cheap live preview, upscaled ×8 so it reads at
+    the size the samples have). A video shows PREVIEW_FRAMES of its latent frames, first to last (each latent frame
+    after Wan's first stands for four frames of the clip)."""
     latent_format = model.model.latent_format
     factors = getattr(latent_format, "latent_rgb_factors", None)
     if factors is None:
@@ -212,14 +234,14 @@ def latent_preview_decoder(model):
 
     def decode(x0: torch.Tensor):
         x0 = x0.detach().to("cpu", torch.float32)
-        if x0.ndim == 5:
-            x0 = x0[:, :, 0]
-        images = torch.nn.functional.linear(x0.movedim(1, -1), weight, bias)  # [B, H, W, 3]
+        x0 = x0[:, :, preview_frame_indices(x0.shape[2])] if x0.ndim == 5 else x0[:, :, None]
+        batch, frames = x0.shape[0], x0.shape[2]
+        flat = x0.movedim(2, 1).flatten(0, 1)  # [B·F, C, h, w]
+        images = torch.nn.functional.linear(flat.movedim(1, -1), weight, bias)  # [B·F, h, w, 3]
         images = torch.nn.functional.interpolate(images.movedim(-1, 1), scale_factor=LATENT_TO_PIXELS,
                                                  mode="bilinear", align_corners=False).movedim(1, -1)
-        images = ((images + 1.0) / 2.0).clamp(0, 1)
-        strip = torch.cat(list(images), dim=1)
-        return (strip * 255).round().to(torch.uint8).numpy()
+        images = (images + 1.0) / 2.0
+        return preview_grid(images.unflatten(0, (batch, frames)))
 
     return decode
 

@@ -115,3 +115,31 @@ class TinyWanCLIP:
 
     def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):
         return tiny_conditioning(tokens["text"], self.seed)
+
+
+def wan_comfy_model(seed: int = 0):
+    """The ComfyUI side of `wan_twin` alone (a MODEL as UNETLoader returns it), without building diffusers' copy: what
+    the test pack injects in place of UNETLoader."""
+    patcher = comfy.sd.load_diffusion_model_state_dict(wan_native_state_dict(seed), model_options={})
+    if patcher is None:
+        raise AssertionError("ComfyUI did not recognise the tiny Wan 2.1 transformer")
+    return patcher
+
+
+# The tiny Wan 2.1 VAE's base width. The real one is 96 (`decoder.head.0.gamma` of wan_2.1_vae.safetensors);
+# ComfyUI's VAE reads the width from that key and fixes everything else (16 latent channels, dim_mult [1, 2, 4, 4],
+# the causal 4× temporal and 8× spatial compression), so a narrow one has the real layout and the real frame counts.
+WAN_TINY_VAE_DIM = 8
+
+
+def tiny_vae(seed: int = 0):
+    """A real ComfyUI Wan 2.1 VAE object (`comfy.ldm.wan.vae.WanVAE`, which VAELoader detects from the
+    `decoder.middle.0.residual.0.gamma` key) at a narrow width, random weights: it decodes [B, 16, T, h, w] to
+    (T − 1)·4 + 1 frames of 8h × 8w, causally, as wan_2.1_vae.safetensors does."""
+    import comfy.ldm.wan.vae
+
+    module = comfy.ldm.wan.vae.WanVAE(dim=WAN_TINY_VAE_DIM, z_dim=WAN_LATENT_CHANNELS, dim_mult=[1, 2, 4, 4],
+                                      num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True],
+                                      dropout=0.0)
+    randomise_(module, seed)  # ComfyUI's layers start uninitialised (torch.empty): NaN frames otherwise
+    return comfy.sd.VAE(sd={k: v.detach().clone() for k, v in module.state_dict().items()})

@@ -198,9 +198,10 @@ def test_job_trains_a_video_latent_on_the_preset_grid(pack, wan_twin, trained):
     assert [float(schedule.sigmas[t]) for t in grid.timesteps] == pytest.approx(list(expected.sigmas[:-1]), abs=1e-12)
     assert [float(schedule.model_timesteps[t]) for t in grid.timesteps] == [float(t) for t in expected.timesteps]
     assert metadata["tdm.family"] == families.WAN21.name and metadata["tdm.preset"] == "wan21"
-    # the live preview (Wan's latent RGB factors) shows each sample's first latent frame at image size
+    # the live preview (Wan's latent RGB factors) shows each sample's latent frames 0, 3, 5 and 8 of 9 at image size,
+    # the samples side by side and their frames below each other (test_video_preview_* below check the content)
     preview = runtime.preview_decode(torch.randn(2, 16, 9, 4, 4))
-    assert preview.shape == (32, 2 * 32, 3) and preview.dtype == np.uint8
+    assert preview.shape == (4 * 32, 2 * 32, 3) and preview.dtype == np.uint8
     # gradient checkpointing wrapped the Wan blocks (they were recomputed in the student update above)
     assert all(block.forward.__name__ == "checkpointed" for block in runtime.backend.model.blocks)
 
@@ -303,3 +304,50 @@ def test_frames_set_the_clip_length_and_only_video_jobs_learn_them(pack, wan_twi
     assert distill_jobs.edited_settings(*image) == []
     with pytest.raises(ValueError, match="4k"):
         distill_jobs.new_job_settings(wan_twin.comfy, dict(SETTINGS, frames=8), ["a cat"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the job's preview of a video: a few frames across time
+
+
+def test_preview_frames_are_spread_from_the_first_to_the_last(pack):
+    backend = pack.nodes.comfy_backend
+    assert backend.PREVIEW_FRAMES == 4
+    assert backend.preview_frame_indices(9) == [0, 3, 5, 8]  # 33 frames' 9 latent frames
+    assert backend.preview_frame_indices(33) == [0, 11, 21, 32]
+    assert backend.preview_frame_indices(3) == [0, 1, 2] and backend.preview_frame_indices(1) == [0]
+
+
+def test_video_preview_shows_frames_across_time_with_the_latent_rgb_factors(pack, wan_twin):
+    """The latent preview of a [B, 16, T, h, w] latent: column b, row r is sample b's latent frame
+    preview_frame_indices(T)[r], exactly as the image preview renders that frame alone; distinct frames differ."""
+    backend = pack.nodes.comfy_backend
+    decode = backend.latent_preview_decoder(wan_twin.comfy)
+    x0 = torch.randn(2, 16, 9, 3, 5, generator=torch.Generator().manual_seed(3))
+    grid = decode(x0)
+    h, w = 3 * backend.LATENT_TO_PIXELS, 5 * backend.LATENT_TO_PIXELS
+    assert grid.shape == (4 * h, 2 * w, 3)
+    for row, frame in enumerate([0, 3, 5, 8]):
+        alone = decode(x0[:, :, frame])  # a 4-D latent: the image preview, both samples side by side
+        np.testing.assert_array_equal(grid[row * h:(row + 1) * h], alone)
+    assert not np.array_equal(grid[:h], grid[h:2 * h])
+
+
+def test_video_preview_decoded_by_the_vae_shows_the_clips_own_frames(pack, wan_twin):
+    """With the teacher's VAE (TDM Distill's optional vae input): each sample decoded whole by a (tiny, real) ComfyUI
+    Wan 2.1 VAE, 33 frames from 9 latent frames, and frames 0, 11, 21, 32 shown, as ComfyUI's own VAE decode gives
+    them (a later frame of Wan's causal VAE depends on the frames before it: it is never decoded alone)."""
+    backend = pack.nodes.comfy_backend
+    vae = tw.tiny_vae(seed=0)
+    decode = backend.vae_preview_decoder(wan_twin.comfy, vae, "cpu")
+    x0 = torch.randn(2, 16, 9, 2, 3, generator=torch.Generator().manual_seed(4))
+    grid = decode(x0)
+    assert grid.shape == (4 * 16, 2 * 24, 3) and grid.dtype == np.uint8
+    for sample in range(2):
+        frames = vae.decode(wan_twin.comfy.model.latent_format.process_out(x0[sample:sample + 1]))[0]
+        assert frames.shape == (33, 16, 24, 3)  # ComfyUI's VAE.decode: [frames, H, W, 3] in [0, 1]
+        for row, frame in enumerate([0, 11, 21, 32]):
+            expected = (frames[frame] * 255).round().to(torch.uint8).numpy().astype(int)
+            tile = grid[row * 16:(row + 1) * 16, sample * 24:(sample + 1) * 24].astype(int)
+            assert np.abs(tile - expected).max() <= 1  # rounding of the same float decode
+    assert not np.array_equal(grid[:16], grid[16:32])
