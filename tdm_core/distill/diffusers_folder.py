@@ -7,9 +7,13 @@ feeds the network), the text encoder is then dropped, and the denoiser becomes a
 (`tdm_core.distill.backend.diffusers_backend`) on the folder's own noise schedule (`scheduler/`). The student LoRA
 is written in the format the pack's loaders and diffusers read (peft `transformer.*` keys for CogVideoX).
 
-Supported today: CogVideoX-2B text-to-video (`CogVideoXPipeline`, v-prediction, its scheduler's SNR-shifted,
-zero-terminal ᾱ). Other pipelines are refused with the list; image families distil from ComfyUI files with TDM
-Distill. Errors name the config field and come before anything heavy is loaded.
+Supported: CogVideoX-2B text-to-video (`CogVideoXPipeline`, v-prediction, its scheduler's SNR-shifted, zero-terminal
+ᾱ), SD1.5 (`StableDiffusionPipeline`, ε), SDXL (`StableDiffusionXLPipeline`, ε; the UNet's size and crop conditioning
+as the pipeline builds it) and SD3/SD3.5-medium (`StableDiffusion3Pipeline`, flow; the T5 encoder optional, as in the
+pipeline). Image families train on their sampling preset's grid (tdm_core/distill/grids.py), which fills the run's
+`timesteps` and `sampler_preset`; the run's `family` must name the folder's (it chose `recipe = "auto"`'s recipe
+before anything loaded). Other pipelines are refused with the list. Errors name the config field and come before
+anything heavy is loaded.
 """
 
 from __future__ import annotations
@@ -23,24 +27,30 @@ from .backend import COMPUTE_DTYPES, diffusers_backend
 from .config import ConfigError
 from .schedule import DiscreteSchedule
 
-# model_index.json's `_class_name` → the family it distils
-PIPELINES = {"CogVideoXPipeline": families.COGVIDEOX.name}
+# model_index.json's `_class_name` → the family it distils (SD3 and SD3.5 share a pipeline: the transformer decides)
+PIPELINES = {"CogVideoXPipeline": families.COGVIDEOX.name, "StableDiffusionPipeline": families.SD15.name,
+             "StableDiffusionXLPipeline": families.SDXL.name, "StableDiffusion3Pipeline": families.SD3.name}
 
 
-def pipeline_family(folder: Path) -> str:
-    """The family of a diffusers folder, from its model_index.json (untrusted: read bounded, checked)."""
+def pipeline_index(folder: Path) -> dict:
+    """A diffusers folder's model_index.json (untrusted: read bounded, checked as a JSON object)."""
     index = folder / "model_index.json"
     if not index.is_file():
         raise ConfigError(f"teacher.folder {str(folder)!r} is not a diffusers model folder (no model_index.json)")
     try:
-        data = validation.json_object(validation.loads_json(index.read_bytes(), "model_index.json",
+        return validation.json_object(validation.loads_json(index.read_bytes(), "model_index.json",
                                                             max_bytes=1 << 20), "model_index.json")
     except (OSError, validation.ValidationError) as error:
         raise ConfigError(f"teacher.folder: {error}") from None
+
+
+def pipeline_family(folder: Path) -> str:
+    """The family of a diffusers folder, from its model_index.json's pipeline class."""
+    data = pipeline_index(folder)
     name = data.get("_class_name")
     if name not in PIPELINES:
         raise ConfigError(f"teacher.folder holds a {str(name)[:80]!r} pipeline; a diffusers-folder teacher can be "
-                          f"{', '.join(PIPELINES)} (image families: distil from ComfyUI files with TDM Distill)")
+                          f"{', '.join(PIPELINES)} (other families: distil from ComfyUI files, tdm_comfy.teacher)")
     return PIPELINES[name]
 
 
@@ -57,7 +67,12 @@ def make_backend(config=None, folder: str = "", dtype: str = "float32", device: 
     target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if family == families.COGVIDEOX.name:
         return _cogvideox(config, path, COMPUTE_DTYPES[dtype], target, frames, height, width)
-    raise ConfigError(f"no diffusers-folder teacher for {family}")  # PIPELINES and this dispatch go together
+    if config is None:
+        raise ConfigError("an image-family diffusers-folder teacher needs the run's config")
+    for field, value in (("teacher.height", height), ("teacher.width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16):
+            raise ConfigError(f"{field} must be a multiple of 16 pixels, got {value!r}")
+    return _image(config, path, family, COMPUTE_DTYPES[dtype], target, height, width)
 
 
 def _cogvideox(config, path: Path, dtype: torch.dtype, device: torch.device, frames, height, width):
@@ -101,3 +116,91 @@ def _cogvideox(config, path: Path, dtype: torch.dtype, device: torch.device, fra
     return diffusers_backend(transformer, schedule=schedule, encode=encode, parametrisation="v",
                              latent_shape=(latent_frames, transformer.config.in_channels, latent_h, latent_w),
                              **settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image families: SD1.5, SDXL, SD3/SD3.5
+
+
+def _call_sdxl(model, x, t, cond):
+    return model(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                 added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
+                 return_dict=False)[0]
+
+
+def _image(config, path: Path, family: str, dtype: torch.dtype, device: torch.device, height, width):
+    import diffusers
+
+    from .grids import preset_grid
+
+    pipeline_class = {families.SD15.name: diffusers.StableDiffusionPipeline,
+                      families.SDXL.name: diffusers.StableDiffusionXLPipeline,
+                      families.SD3.name: diffusers.StableDiffusion3Pipeline}[family]
+    # components the folder leaves out (model_index.json: [null, null]; SD3's T5, a safety checker) are passed as
+    # None, which the pipelines accept and from_pretrained would otherwise refuse
+    absent = {k: None for k, v in pipeline_index(path).items() if isinstance(v, list) and v == [None, None]}
+    pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, **absent)
+    network = pipe.unet if family != families.SD3.name else pipe.transformer
+    if family == families.SD15.name:
+        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+        if prediction != "epsilon" or network.config.cross_attention_dim == 1024:
+            raise ConfigError("teacher.folder is a Stable Diffusion 2.x pipeline (v-prediction or OpenCLIP-H "
+                              "conditioning); SD2 is not a family TDM distils")
+    if family == families.SD3.name and getattr(network.config, "dual_attention_layers", ()):
+        family = families.SD35.name
+    if config.family != family:
+        raise ConfigError(f"family = {config.family!r}, but teacher.folder holds a {family} pipeline: set family = "
+                          f"\"{family}\" (recipe \"auto\" and the LoRA's header are the family's)")
+    scale = pipe.vae_scale_factor
+    size = network.config.sample_size
+    latent = (network.config.in_channels, height // scale if height else size, width // scale if width else size)
+    prompts = list(dict.fromkeys([*config.prompts, ""]))
+    encoded = {}
+    with torch.no_grad():
+        for prompt in prompts:  # once each, with the folder's own text encoders; the job never needs them again
+            encoded[prompt] = _encode(pipe, family, prompt, latent, scale)
+    schedule = DiscreteSchedule.from_diffusers_scheduler(pipe.scheduler)
+    grid = preset_grid(schedule, families.FAMILIES[family].default_preset, config.steps, latent_shape=latent)
+    if config.timesteps is None:
+        config.timesteps = list(grid.timesteps)
+    elif list(config.timesteps) != list(grid.timesteps):
+        raise ConfigError(f"timesteps {list(config.timesteps)} are not the {grid.preset} preset's training grid "
+                          f"({list(grid.timesteps)}); leave timesteps out")
+    config.sampler_preset = config.sampler_preset or grid.preset
+    del pipe  # the text encoders and VAE go; the denoiser stays as the teacher
+    network.to(device)
+
+    def encode(batch: list[str]) -> dict:
+        missing = [p for p in batch if p not in encoded]
+        if missing:
+            raise KeyError(f"prompt {missing[0]!r} was not encoded when the teacher was built")
+        return {key: torch.stack([encoded[p][key] for p in batch]).to(device) for key in encoded[batch[0]]}
+
+    settings = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha, "mode": config.mode,
+                "adapter_seed": config.seed, "family": family}
+    if config.lora_target_modules:
+        settings["target_modules"] = list(config.lora_target_modules)
+    if family == families.SDXL.name:
+        settings["call"] = _call_sdxl
+    return diffusers_backend(network, schedule=grid.schedule, encode=encode, latent_shape=latent, **settings)
+
+
+def _encode(pipe, family: str, prompt: str, latent: tuple[int, ...], scale: int) -> dict:
+    """One prompt's conditioning as the folder's pipeline feeds its denoiser (without CFG's batch doubling)."""
+    cpu = torch.device("cpu")
+    if family == families.SD15.name:
+        embeds, _ = pipe.encode_prompt(prompt, cpu, 1, do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds[0]}
+    if family == families.SDXL.name:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=cpu, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        size = (latent[1] * scale, latent[2] * scale)  # original = target size, no crop: the pipeline's defaults
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        if not prompt and pipe.config.get("force_zeros_for_empty_prompt", False):
+            # what the pipeline feeds its CFG's unconditional half (SDXL base: zeros, not the empty prompt's encoding)
+            embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        return {"encoder_hidden_states": embeds[0], "text_embeds": pooled[0], "time_ids": time_ids[0]}
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, device=cpu, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeds[0], "pooled_projections": pooled[0]}

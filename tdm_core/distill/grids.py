@@ -1,0 +1,40 @@
+"""The training grid of a sampling preset on a teacher's schedule: the K timesteps a student is trained at, so that it
+is trained at exactly the noise levels and model timesteps the TDM sampler later evaluates it at.
+
+ComfyUI-free (a diffusers-folder teacher and a ComfyUI MODEL ask the same question); `nodes/comfy_backend.py` builds
+the ComfyUI side's schedule from the MODEL and asks it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import presets, schedules
+from .schedule import DiscreteSchedule
+
+
+@dataclass
+class TrainingGrid:
+    schedule: DiscreteSchedule  # the teacher's tables, the preset's exact grid pinned into them where it is a flow one
+    timesteps: list[int] | None  # None: the training-demo grid from total_steps
+    preset: str  # the TDM sampler preset the student is made for ("" for the demo grid)
+    description: str
+
+
+def preset_grid(schedule: DiscreteSchedule, name: str, steps: int, *, latent_shape: tuple[int, ...] | None = None,
+                multiplier: float = schedules.NUM_TRAIN_TIMESTEPS) -> TrainingGrid:
+    """Preset `name`'s K-step grid on `schedule`. Flow presets pin their exact σ into the table, with the timestep the
+    network is fed (σ·`multiplier`; Flux's network takes σ itself, its grid's μ depends on the latent's size)."""
+    preset = presets.get_preset(name)
+    if preset.grid == "flux_shift":
+        flux = schedules.flux_shift_grid(steps, schedules.flux_mu(int(latent_shape[-2]), int(latent_shape[-1])))
+        sigmas = flux.sigmas[:-1]
+        pinned, indices = schedule.with_pinned_grid(sigmas, sigmas)
+        return TrainingGrid(pinned, indices, name, f"{name}: σ {', '.join(f'{s:.4f}' for s in sigmas)}")
+    if preset.grid == "flow_shift":
+        flow = schedules.flow_shift_grid(steps, preset.shift)
+        feed = [t * multiplier / schedules.NUM_TRAIN_TIMESTEPS for t in flow.timesteps]
+        pinned, indices = schedule.with_pinned_grid(flow.sigmas[:-1], feed)
+        return TrainingGrid(pinned, indices, name, f"{name}: σ {', '.join(f'{s:.4f}' for s in flow.sigmas[:-1])}")
+    timesteps = list(schedules.grid_timesteps(preset.grid, steps, shift=preset.shift))
+    return TrainingGrid(schedule, timesteps, name, f"{name}: t {', '.join(map(str, timesteps))}")
