@@ -494,6 +494,92 @@ def flux_distill_workflow() -> list[Node]:
     ]
 
 
+
+# Wan's own negative prompt: Wan2.1's `sample_neg_prompt` (wan/configs/shared_config.py), the one its generate.py
+# samples with and ComfyUI's own Wan 2.1 text-to-video template puts in its negative CLIPTextEncode (checked
+# identical to that template in comfyui-workflow-templates-media-video 0.3.12, text_to_video_wan.json). TDM Distill
+# takes it as the unconditional side of the teacher's CFG target, as Wan's own sampling does.
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+                       "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+                       "三条腿，背景人很多，倒着走")
+# Clips, not stills: prompts with motion in them, since the student learns the teacher's motion as well.
+WAN_DISTILL_PROMPTS = ("a red fox trotting through fresh snow, tracking camera\n"
+                       "waves rolling onto a rocky beach at sunset, slow pan\n"
+                       "an old sailor lighting a pipe on the deck of a ship, close-up\n"
+                       "steam rising from a bowl of ramen as chopsticks lift the noodles")
+WAN_PROMPT = "a red fox running through a snowy forest at sunrise, tracking camera"
+WAN_FPS = 16.0  # Wan 2.1's frame rate (shared_config sample_fps; ComfyUI's Wan template's CreateVideo)
+
+
+def wan_distill_workflow() -> list[Node]:
+    """Wan 2.1 T2V 1.3B from the split-file loaders (UNETLoader, CLIPLoader umt5 type wan, VAELoader) → TDM Distill
+    at 832×480, 33 frames, Wan's negative prompt → status; TDM LoRA from Distill Job → TDM KSampler preset wan21 on
+    EmptyHunyuanLatentVideo (ComfyUI's Wan latent: 16 channels, (frames − 1)/4 + 1 latent frames) → VAEDecode →
+    CreateVideo (16 fps) → SaveVideo."""
+    preset = get_preset("wan21")
+    width, height, frames = 832, 480, 33  # the 1.3B's 480p size; 33 frames, ComfyUI's own Wan template's length
+    files = preset.extra["split_files"]
+    clip_name = next(name for folder, name, _ in files if folder == "text_encoders")
+    vae_name = next(name for folder, name, _ in files if folder == "vae")
+    guide = [
+        "## Wan 2.1 text-to-video: distil a 4-step LoRA, then sample it", "",
+        _file_line(preset.base_model_file, preset.base_model_folder, preset.base_model_url,
+                   preset.base_model_source, preset.base_model_gated),
+        *[_file_line(name, folder, url, "") for folder, name, url in files],
+        f"- `{preset.lora_file}` → `models/loras/`: written by this workflow (no TDM LoRA is released for Wan).", "",
+        *_distill_guide(preset, f"TDM KSampler samples the student in {preset.steps} steps.", [
+            f"- {width}×{height}, {frames} frames in TDM Distill **and** in the latent: the 1.3B's 480p size; frames "
+            "are 4k + 1 (Wan's VAE keeps the first frame and packs 4 per latent frame; 81 is Wan's full length, "
+            "at about 2.4× the tokens).",
+            "- `unconditional_prompt`: Wan's own negative prompt (the Wan 2.1 release's `sample_neg_prompt`, which "
+            "ComfyUI's Wan 2.1 text-to-video template uses too): the teacher's CFG target pushes away from it, as "
+            "Wan samples.",
+            "- `gradient_checkpointing` **on**: Wan's transformer blocks are recomputed in the backward passes instead "
+            "of stored (same gradients, about one more forward pass per step).",
+            "- Everything else is TDM Distill's default: 500 iterations, grid auto = the `wan21` grid (shift "
+            f"{preset.shift:g}), and recipe auto = {_training_recipe_phrase(preset)}.",
+            "- Wan 2.1 T2V 14B works the same (load its file instead, and 1280×720 in both places). Image-to-video, "
+            "VACE, Fun, camera and Wan 2.2 models are not supported (a Wan 2.2 A14B expert would be trained alone).",
+            "- Memory (an estimate, not measured by this project): the 1.3B's bf16 weights are ~2.8 GB; one 480p "
+            "33-frame clip with checkpointing should fit a 24 GB card. Fewer `frames` (and the latent's `length`) "
+            "or a smaller size if it runs out.",
+            "- The *TDM jobs* tab's preview shows four frames of each preview clip, first to last, top to bottom.",
+        ]), "", DOCS_LINE,
+    ]
+
+    def models(*names):
+        return _models(*[(name, url, folder) for folder, name, url in files if name in names])
+
+    return [
+        _read_me("\n".join(guide), size=(460, 860)),
+        Node("unet", "UNETLoader", {"unet_name": preset.base_model_file, "weight_dtype": "default"},
+             pos=(COL[1], 0), properties=_checkpoint_models(preset)),
+        Node("clip", "CLIPLoader", {"clip_name": clip_name, "type": "wan"}, pos=(COL[1], 200),
+             properties=models(clip_name)),
+        Node("positive", "CLIPTextEncode", {"text": WAN_PROMPT}, links={"clip": ("clip", 0)},
+             pos=(COL[2], SAMPLE_ROW + 340), size=PROMPT_SIZE, title="Prompt to sample the student with"),
+        Node("start", "TDMDistillStart", {"prompts": WAN_DISTILL_PROMPTS, "output_name": Path(preset.lora_file).stem,
+                                          "unconditional_prompt": WAN_NEGATIVE_PROMPT, "width": width,
+                                          "height": height, "gradient_checkpointing": True, "frames": frames},
+             links={"model": ("unet", 0), "clip": ("clip", 0)}, pos=(COL[2], JOB_ROW), title=DISTILL_TITLE),
+        Node("lora", "TDMDistillLoraLoader", {"use": "finished", "strength_mode": "auto"},
+             links={"model": ("unet", 0), "job": ("start", 0)}, pos=(COL[3], SAMPLE_ROW)),
+        Node("latent", "EmptyHunyuanLatentVideo", {"width": width, "height": height, "length": frames,
+                                                   "batch_size": 1}, pos=(COL[3], SAMPLE_ROW + 420)),
+        *_distill_status_nodes(3),
+        # next to the one node that uses it, so no link crosses the graph for it
+        Node("vae", "VAELoader", {"vae_name": vae_name}, pos=(COL[4], 0), properties=models(vae_name)),
+        Node("sample", "TDMKSampler", {"preset": preset.name, "steps": preset.steps, "seed": 42},
+             links={"model": ("lora", 0), "positive": ("positive", 0), "latent_image": ("latent", 0)},
+             pos=(COL[4], SAMPLE_ROW + 320)),
+        Node("decode", "VAEDecode", links={"samples": ("sample", 0), "vae": ("vae", 0)}, pos=(COL[5], 200)),
+        Node("video", "CreateVideo", {"fps": WAN_FPS}, links={"images": ("decode", 0)}, pos=(COL[6], 200),
+             size=CREATE_VIDEO_SIZE),
+        Node("save", "SaveVideo", {"filename_prefix": "video/tdm_wan21_student", "format": "mp4", "codec": "h264"},
+             links={"video": ("video", 0)}, pos=(COL[7], 0), size=(400, 400)),
+    ]
+
+
 WORKFLOWS = {
     "tdm_sd3_4step": lambda: sd3_workflow("sd3"),
     "tdm_sd35_4step": lambda: sd3_workflow("sd35"),
@@ -504,6 +590,7 @@ WORKFLOWS = {
     "tdm_distillation": distillation_workflow,
     "tdm_sdxl_distill": sdxl_distill_workflow,
     "tdm_flux_distill": flux_distill_workflow,
+    "tdm_wan21_distill": wan_distill_workflow,
 }
 
 
@@ -521,6 +608,7 @@ TITLES = {
     "tdm_distillation": "Distil your own 4-step LoRA (SD1.5 teacher)",
     "tdm_sdxl_distill": "SDXL, distil a 4-step LoRA then sample it",
     "tdm_flux_distill": "Flux-dev, distil a 4-step LoRA then sample it",
+    "tdm_wan21_distill": "Wan 2.1 video, distil a 4-step LoRA then sample it",
 }
 
 
@@ -592,6 +680,10 @@ GROUPS = {
                          Group(DISTIL, ["start", "status", "status_text", "loss", "preview"]),
                          Group(SAMPLE_STUDENT, ["lora", "positive", "guidance", "latent", "vae", "sample", "decode",
                                                 "save"])],
+    "tdm_wan21_distill": [Group("1 Load the teacher", ["unet", "clip"]),
+                          Group(DISTIL, ["start", "status", "status_text", "loss", "preview"]),
+                          Group(SAMPLE_STUDENT, ["lora", "positive", "latent", "vae", "sample", "decode", "video",
+                                                 "save"])],
 }
 GROUPS["tdm_sd35_4step"] = GROUPS["tdm_sd3_4step"]
 

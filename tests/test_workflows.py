@@ -30,15 +30,19 @@ WORKFLOW_FAMILY = {  # which tiny twin stands in for each workflow's checkpoint
     "tdm_distillation": "sd15",
     "tdm_sdxl_distill": "sdxl",
     "tdm_flux_distill": "flux",
+    "tdm_wan21_distill": "wan21",
 }
-EXPECTED_SUFFIXES = {"tdm_cogvideox_2b_4step": {".mp4"}, "tdm_cogvideox_2b_native_4step": {".mp4"}}
+# The Wan graph saves its video and previews the job's loss curve and student (PreviewImage: PNG).
+EXPECTED_SUFFIXES = {"tdm_cogvideox_2b_4step": {".mp4"}, "tdm_cogvideox_2b_native_4step": {".mp4"},
+                     "tdm_wan21_distill": {".mp4", ".png"}}
 NATIVE = cogvideox_native.has_native_cogvideox()
 # The two CogVideoX workflows name the same released LoRA, but their tiny stand-in models differ in width (the native
 # twin needs ComfyUI's 64-wide heads), so the native run points its loader at a LoRA made for its twin.
 NATIVE_TWIN_LORA = "tdm_cogvideox_2b_native_twin.safetensors"
 # The LoRA each distillation workflow's job writes (its TDM Distill output_name), checked after its end-to-end run.
 DISTILLED_LORA = {"tdm_distillation": "tdm_dreamshaper_distilled.safetensors",
-                  "tdm_sdxl_distill": get_preset("sdxl").lora_file, "tdm_flux_distill": get_preset("flux").lora_file}
+                  "tdm_sdxl_distill": get_preset("sdxl").lora_file, "tdm_flux_distill": get_preset("flux").lora_file,
+                  "tdm_wan21_distill": get_preset("wan21").lora_file}
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +271,16 @@ def _substitutions(family: str) -> dict:
                                              lambda inputs: {"family": family, "text": inputs["text"]})},
             "VAELoader": {0: Substitute("TDMTest_TinyVAE", {"family": family, "seed": 0})},
         }
+    if family == "wan21":
+        # Wan 2.1 from split files: the diffusion model, umt5 and the VAE become the tiny Wan twin, its conditioning
+        # and a narrow real ComfyUI Wan 2.1 VAE (VAEDecode, CreateVideo and SaveVideo stay the real ones)
+        return {
+            "UNETLoader": {0: Substitute("TDMTest_TinyModel", {"family": family, "seed": 0})},
+            "CLIPLoader": {0: Substitute("TDMTest_TinyCLIP", {"family": family})},
+            "CLIPTextEncode": {0: Substitute("TDMTest_TinyConditioning",
+                                             lambda inputs: {"family": family, "text": inputs["text"]})},
+            "VAELoader": {0: Substitute("TDMTest_TinyVAE", {"family": family, "seed": 0})},
+        }
     if family == "flux":
         # Flux-dev from split files: the diffusion model, both text encoders and the VAE become the tiny Flux twin's
         return {
@@ -327,7 +341,17 @@ SAMPLE_AT_TRAINING_SIZE = {
     for latent in ("EmptyLatentImage", "EmptySD3LatentImage") for side in ("width", "height")}
 
 
+# The Wan graph samples its video latent at the tiny training size as well; its length stays the committed 33 frames,
+# the TDM Distill `frames` it trains at (the tiny twin's 9 latent frames of 8×8 cost little), instead of the
+# CogVideoX twin's length the other video overrides set.
+WAN_OVERRIDES = {key: value for key, value in TINY_MODEL_OVERRIDES.items()
+                 if key[0] != "EmptyHunyuanLatentVideo"} | {
+    ("EmptyHunyuanLatentVideo", side): TINY_MODEL_OVERRIDES[("TDMDistillStart", side)] for side in ("width", "height")}
+
+
 def _overrides(name: str) -> dict:
+    if name == "tdm_wan21_distill":
+        return WAN_OVERRIDES
     if name in build_workflows.NEEDS_NATIVE_COGVIDEOX:
         return TINY_MODEL_OVERRIDES | NATIVE_TWIN_OVERRIDES
     if name in ("tdm_sdxl_distill", "tdm_flux_distill"):
@@ -407,6 +431,13 @@ def test_workflow_runs_end_to_end(server, object_info, name):
         assert "strength 1 (recorded in the LoRA file)" in report and "WARNING" not in report, report
     if name in ("tdm_sdxl_distill", "tdm_flux_distill"):
         assert job_loras and any(e["class_type"] == "SaveImage" for e in api.values())
+    if name == "tdm_wan21_distill":  # the student's clip: every frame of the 33 the latent holds, decoded and saved
+        import av
+
+        video = next(p for p in paths if p.suffix == ".mp4")
+        with av.open(str(video)) as container:
+            stream = container.streams.video[0]
+            assert (sum(1 for _ in container.decode(stream)), stream.width, stream.height) == (33, 64, 64)
 
 
 def test_every_seed_has_control_after_generate(object_info):
@@ -457,3 +488,23 @@ def test_every_prompt_box_is_titled(name):
     untitled = [f"{n['id']} {n['type']}" for n in committed(name)["nodes"]
                 if n["type"] in ("CLIPTextEncode", "TDMDistillStart") and not n.get("title")]
     assert untitled == []
+
+
+def test_wan_workflow_trains_against_wans_own_negative_prompt(object_info):
+    """The Wan graph's TDM Distill takes Wan's standard negative prompt as its unconditional prompt: the one ComfyUI's
+    own Wan 2.1 text-to-video template (comfyui-workflow-templates, installed with ComfyUI) samples with, read from
+    that template here rather than typed twice; and it trains at the size and length its latent samples at."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("comfyui_workflow_templates_media_video")
+    if spec is None:
+        pytest.skip("comfyui-workflow-templates-media-video (ComfyUI's own templates) is not installed")
+    template = json.loads((Path(spec.origin).parent / "templates" / "text_to_video_wan.json").read_text())
+    [negative] = [n["widgets_values"][0] for n in template["nodes"]
+                  if n["type"] == "CLIPTextEncode" and "Negative" in n.get("title", "")]
+    api = to_api(committed("tdm_wan21_distill"), object_info, {})
+    [start] = [e["inputs"] for e in api.values() if e["class_type"] == "TDMDistillStart"]
+    [latent] = [e["inputs"] for e in api.values() if e["class_type"] == "EmptyHunyuanLatentVideo"]
+    assert start["unconditional_prompt"] == negative and negative.startswith("色调艳丽")
+    assert (start["width"], start["height"], start["frames"], start["gradient_checkpointing"]) == (832, 480, 33, True)
+    assert (latent["width"], latent["height"], latent["length"]) == (832, 480, 33)

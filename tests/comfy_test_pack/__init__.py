@@ -13,9 +13,12 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__
 if _REPO_ROOT not in sys.path:
     sys.path.append(_REPO_ROOT)
 
-from tdm_devkit import cogvideox_native, twins, twins_xl_flux  # noqa: E402
+from tdm_devkit import cogvideox_native, twins, twins_wan, twins_xl_flux  # noqa: E402
 
-FAMILIES = ["sd15", "sd3", "sd35", "sdxl", "flux"]
+# Wan 2.1 text-to-video stands in for UNETLoader + CLIPLoader (type wan) + VAELoader: its MODEL, umt5-shaped
+# conditioning and a narrow real Wan 2.1 VAE (16-channel 3-D latents, decoded causally to 4k + 1 frames).
+WAN = "wan21"
+FAMILIES = ["sd15", "sd3", "sd35", "sdxl", "flux", WAN]
 XL_FLUX_TWINS = {"sdxl": twins_xl_flux.sdxl_twin, "flux": twins_xl_flux.flux_twin}
 # Conditioning, CLIP and VAE also stand in for newer ComfyUI's native CogVideoX-2B (its MODEL comes from a real tiny
 # file through UNETLoader); only usable where that ComfyUI has native CogVideoX.
@@ -43,6 +46,8 @@ class TDMTestTinyModel:
             return (XL_FLUX_TWINS[family](seed).comfy,)
         if weights_file:
             raise ValueError(f"weights_file is for the sdxl and flux toy teachers, not {family}")
+        if family == WAN:
+            return (twins_wan.wan_comfy_model(seed),)
         return (twins.comfy_twin(family, seed).comfy,)
 
 
@@ -60,6 +65,8 @@ class TDMTestTinyConditioning:
     def encode(self, family, text):
         if family == "cogvideox":
             return (cogvideox_native.tiny_conditioning(text),)
+        if family == WAN:
+            return (twins_wan.tiny_conditioning(text),)
         if family in XL_FLUX_TWINS:  # Flux: no guidance entry, as CLIPTextEncode (FluxGuidance adds it)
             return (twins_xl_flux.tiny_conditioning(family, text),)
         return (twins.tiny_conditioning(family, text),)
@@ -79,6 +86,8 @@ class TDMTestTinyVAE:
     def build(self, family, seed):
         if family == "cogvideox":
             return (cogvideox_native.tiny_vae(seed),)
+        if family == WAN:
+            return (twins_wan.tiny_vae(seed),)
         return (twins.tiny_vae(family, seed),)
 
 
@@ -96,6 +105,8 @@ class TinyCLIP:
     def _conditioning(self, text):
         if self.family == "cogvideox":
             return cogvideox_native.tiny_conditioning(text)
+        if self.family == WAN:
+            return twins_wan.tiny_conditioning(text, self.seed)
         if self.family in XL_FLUX_TWINS:
             return twins_xl_flux.tiny_conditioning(self.family, text, self.seed)
         return twins.tiny_conditioning(self.family, text, self.seed)
