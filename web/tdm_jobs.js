@@ -207,6 +207,9 @@ function jobRow(job, jobs, details, refresh) {
                           "image-rendering:auto;");
     image.className = "tdm-job-preview";
     image.alt = `latest student preview of ${job.name}`;
+    // The server lays a video job's preview out as a grid (nodes/comfy_backend.py preview_grid): say how to read it.
+    image.title = "Latest student preview: the preview prompts side by side; for a video teacher, each clip's " +
+      "frames from first to last, top to bottom";
     image.src = api.apiURL(`/tdm/jobs/${encodeURIComponent(job.id)}/preview.png?step=${job.step}`);
     row.appendChild(image);
   }

@@ -364,8 +364,11 @@ async function checkJobsPanel(page, out, jobsFile) {
     await page.locator(".tdm-jobs").first().waitFor({ timeout: 15000 });
     if (jobsFile) {
       await page.locator(".tdm-job .tdm-loss-curve polyline").first().waitFor({ timeout: 20000 }).catch(() => {});
-      await page.waitForFunction(() => [...document.querySelectorAll(".tdm-job-preview")]
-        .some((img) => img.complete && img.naturalWidth > 0), null, { timeout: 20000 }).catch(() => {});
+      // every job's preview (the demo runs an image job and a video job), not just the first to load
+      await page.waitForFunction(() => {
+        const images = [...document.querySelectorAll(".tdm-job-preview")];
+        return images.length >= 2 && images.every((img) => img.complete && img.naturalWidth > 0);
+      }, null, { timeout: 20000 }).catch(() => {});
     }
     await sleep(500);
     text = await page.locator(".tdm-jobs").first().textContent();

@@ -58,6 +58,7 @@ def make_control(workflow: dict) -> dict:
 # Thumbnail banners by what the workflow makes (first key its title contains): graphs look alike at thumbnail size,
 # the banner's colour and title tell the cards apart (a test holds every pair of thumbnails apart).
 BANNER_KINDS = (("flux", "DISTIL YOUR OWN 4-STEP LORA", (109, 76, 65)),
+                ("wan", "DISTIL A 4-STEP VIDEO LORA", (0, 105, 140)),
                 ("distil", "DISTIL YOUR OWN 4-STEP LORA", (46, 125, 50)), ("video", "VIDEO · 4 STEPS", (106, 27, 154)),
                 ("teacher", "TEACHER VS TDM", (191, 54, 12)), ("sd3.5", "IMAGE · 4 STEPS", (0, 121, 107)),
                 ("dreamshaper", "IMAGE · 4 STEPS", (173, 20, 87)), ("", "IMAGE · 4 STEPS", (21, 101, 192)))
@@ -151,6 +152,18 @@ def feature_workflows(object_info: dict, base: Path, folder: Path) -> dict[str, 
                  links={"model": ("model", 0), "clip": ("clip", 0), "vae": ("vae", 0)}, pos=(380, 0)),
             Node("status", "TDMDistillStatus", {"wait": True}, links={"job": ("start", 0)}, pos=(780, 0)),
             Node("text", "PreviewAny", links={"source": ("status", 0)}, pos=(1160, 0), size=(400, 200)),
+            # a video job after it (one worker: it waits for the image job), for the panel's frames-across-time
+            # preview: 9 frames (3 latent frames) decoded whole by the tiny Wan VAE, four of them shown per clip
+            Node("wan_model", "TDMTest_TinyModel", {"family": "wan21", "seed": 0}, pos=(0, 900)),
+            Node("wan_clip", "TDMTest_TinyCLIP", {"family": "wan21"}, pos=(0, 1100)),
+            Node("wan_vae", "TDMTest_TinyVAE", {"family": "wan21", "seed": 0}, pos=(0, 1260)),
+            Node("wan_start", "TDMDistillStart", {
+                "prompts": "a red fox running\nwaves on a beach", "output_name": "tdm_browser_check_wan_job",
+                "steps": 4, "iterations": 3, "width": 64, "height": 64, "save_every": 1, "preview_every": 1,
+                "frames": 9},
+                 links={"model": ("wan_model", 0), "clip": ("wan_clip", 0), "vae": ("wan_vae", 0)}, pos=(380, 900)),
+            Node("wan_status", "TDMDistillStatus", {"wait": True}, links={"job": ("wan_start", 0)}, pos=(780, 900)),
+            Node("wan_text", "PreviewAny", links={"source": ("wan_status", 0)}, pos=(1160, 900), size=(400, 200)),
         ],
     }
     paths = {}
@@ -181,9 +194,13 @@ def check_features(results: dict) -> list[str]:
                       ("remove", "a Remove button for the finished job")):
         if not panel.get(key):
             failures.append(f"the jobs panel shows no {what}: {panel}")
-    # decoded by the job's VAE at image size: two 64×64 samples side by side
+    # decoded by the job's VAE at image size: two 64×64 samples side by side; the video job's two clips side by side,
+    # four frames of each below each other
     if panel.get("previewSize") and [128, 64] not in panel["previewSize"]:
         failures.append(f"the jobs panel's preview is not the decoded 2×64×64 strip: {panel.get('previewSize')}")
+    if [128, 256] not in (panel.get("previewSize") or []):
+        failures.append("the jobs panel's preview of the video job is not four frames of each of its two 64×64 "
+                        f"clips: {panel.get('previewSize')}")
     return failures
 
 
