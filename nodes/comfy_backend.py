@@ -23,12 +23,12 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 
 from tdm_core import families, presets, schedules
 from tdm_core.distill import DiscreteSchedule, PeftBackend
+from tdm_core.distill.grids import TrainingGrid, preset_grid
 from tdm_core.lora import tdm_metadata
 
 # What each family needs (LoRA targets, default preset, extra network inputs) is its registry entry and adapter.
@@ -56,14 +56,6 @@ def comfy_schedule(model_sampling) -> DiscreteSchedule:
     return DiscreteSchedule.from_ve_sigmas(table)
 
 
-@dataclass
-class TrainingGrid:
-    schedule: DiscreteSchedule
-    timesteps: list[int] | None  # None: the training-demo grid from total_steps
-    preset: str  # the TDM sampler preset the student is made for ("" for the demo grid)
-    description: str
-
-
 def training_grid(model, family: str, grid: str, steps: int, total_steps: int = 900,
                   latent_shape: tuple[int, ...] | None = None) -> TrainingGrid:
     """The trainer's schedule and K-step grid for a grid choice: "auto" (the family's preset), a preset name, or
@@ -83,19 +75,8 @@ def training_grid(model, family: str, grid: str, steps: int, total_steps: int = 
                          f"{parametrisation} ({family}); use grid 'auto'")
     if not families.presets_fit(preset.family, family):
         raise ValueError(f"grid preset {name!r} is for {preset.family} models; this MODEL is {family}; use grid 'auto'")
-    if preset.grid == "flux_shift":
-        flux = schedules.flux_shift_grid(steps, schedules.flux_mu(int(latent_shape[-2]), int(latent_shape[-1])))
-        sigmas = flux.sigmas[:-1]
-        schedule, indices = schedule.with_pinned_grid(sigmas, sigmas)  # the network is fed σ itself
-        return TrainingGrid(schedule, indices, name, f"{name}: σ {', '.join(f'{s:.4f}' for s in sigmas)}")
-    if preset.grid == "flow_shift":
-        flow = schedules.flow_shift_grid(steps, preset.shift)
-        multiplier = float(getattr(model_sampling, "multiplier", schedules.NUM_TRAIN_TIMESTEPS))
-        feed = [t * multiplier / schedules.NUM_TRAIN_TIMESTEPS for t in flow.timesteps]
-        schedule, indices = schedule.with_pinned_grid(flow.sigmas[:-1], feed)
-        return TrainingGrid(schedule, indices, name, f"{name}: σ {', '.join(f'{s:.4f}' for s in flow.sigmas[:-1])}")
-    timesteps = list(schedules.grid_timesteps(preset.grid, steps, shift=preset.shift))
-    return TrainingGrid(schedule, timesteps, name, f"{name}: t {', '.join(map(str, timesteps))}")
+    multiplier = float(getattr(model_sampling, "multiplier", schedules.NUM_TRAIN_TIMESTEPS))
+    return preset_grid(schedule, name, steps, latent_shape=latent_shape, multiplier=multiplier)
 
 
 def teacher_fingerprint(network: torch.nn.Module, family: str, parametrisation: str, latent_channels: int) -> dict:
