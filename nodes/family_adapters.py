@@ -24,6 +24,7 @@ import torch
 
 from tdm_core import families, schedules
 from tdm_core.distill import DiscreteSchedule
+from tdm_core.distill.grids import flux_schedule
 from tdm_core.families import Family
 from tdm_core.lora import cogvideox_native_lora_key_map, wan_native_lora_key_map
 
@@ -145,15 +146,11 @@ class _FluxAdapter(FamilyAdapter):
         return count
 
     def training_schedule(self, latent_shape: tuple[int, ...] | None) -> DiscreteSchedule:
-        """Flux's flow table at the training size: σ_t = flux_time_shift(μ, (t + 1)/1000), α = 1 − σ, and the network
-        is given σ itself (ComfyUI's Flux model sampling: timestep(σ) = σ; diffusers: timestep / 1000), not the single
-        shift stored on the MODEL."""
+        """Flux's own table at the training size (tdm_core/distill/grids.flux_schedule), not the single shift stored on
+        the MODEL."""
         if latent_shape is None:
             raise ValueError("Flux's schedule depends on the latent size; give the training width and height")
-        mu = schedules.flux_mu(int(latent_shape[-2]), int(latent_shape[-1]))
-        u = torch.arange(1, schedules.NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float64) / schedules.NUM_TRAIN_TIMESTEPS
-        sigmas = torch.as_tensor(schedules.flux_time_shift(mu, u.numpy()), dtype=torch.float64)
-        return DiscreteSchedule.from_flow_sigmas(sigmas, multiplier=1.0)
+        return flux_schedule(latent_shape)
 
 
 class _CogVideoXAdapter(FamilyAdapter):

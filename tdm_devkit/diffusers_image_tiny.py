@@ -99,3 +99,52 @@ def save_sd3_folder(path: Path, seed: int = 0, sd35: bool = False) -> Path:
                                     tokenizer_2=_tokenizer(), text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(path)
     return Path(path)
+
+
+def save_wan_folder(path: Path, seed: int = 0) -> Path:
+    """Wan 2.1 text-to-video (`WanPipeline`): a tiny transformer, umt5 encoder, Wan VAE and the flow scheduler. The
+    tokenizer is the offline SentencePiece one of the tiny CogVideoX folder (a T5 tokenizer, as umt5's is)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .cogvideox_tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                          num_heads=4, relative_attention_num_buckets=8)).eval()
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32).eval()
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=transformer, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
+def save_flux_folder(path: Path, seed: int = 0) -> Path:
+    """Flux-dev (`FluxPipeline`, guidance-distilled: the transformer has a guidance embedding): a tiny transformer,
+    CLIP-L (pooled) and T5 (context) encoders, a 16-channel VAE and the flow scheduler. The T5 tokenizer is the offline
+    SentencePiece one of the tiny CogVideoX folder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from .cogvideox_tiny import build_tiny_tokenizer
+
+    t5_tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8)).eval()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=TEXT_WIDTH, guidance_embeds=True,
+                                         axes_dims_rope=(4, 4, 8)).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_vae(seed, 16, flow=True), text_encoder=_text_encoder(seed, False),
+                        tokenizer=_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer)
+    pipe.save_pretrained(path)
+    return Path(path)

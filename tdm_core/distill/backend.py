@@ -145,7 +145,7 @@ class PeftBackend:
     def __init__(self, model: torch.nn.Module, *, schedule: DiscreteSchedule, parametrisation: str,
                  latent_shape: tuple[int, ...], encode: Callable[[list[str]], Any],
                  call: Callable | None = None, family: str = "", mode: str = "lora", lora_rank: int = 16,
-                 lora_alpha: float | None = None, target_modules: list[str] | None = None,
+                 lora_alpha: float | None = None, target_modules: list[str] | str | None = None,
                  export_format: str = "peft", export_prefix: str = "", adapter_seed: int = 0):
         if parametrisation not in ("eps", "v", "flow"):
             raise ValueError(f"parametrisation must be eps, v or flow, got {parametrisation!r}")
@@ -171,7 +171,9 @@ class PeftBackend:
                 raise ValueError("target_modules is empty: name the modules the LoRA adapters patch")
             from peft import LoraConfig, inject_adapter_in_model
 
-            config = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=list(target_modules),
+            # a list of module-name suffixes, or one regex peft matches against whole names (Flux's blocks)
+            targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+            config = LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=targets,
                                 lora_dropout=0.0, init_lora_weights=True)
             with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*peft_config.*")
@@ -377,6 +379,14 @@ UNET_TARGETS = list(families.UNET_TARGETS)  # the diffusers UNet uses the names 
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 COGVIDEOX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+# Flux's double blocks (attention and both feed-forwards, as SD3's joint blocks name them) and single blocks (q, k, v
+# and the fused MLP in/out: ComfyUI's linear1/linear2), never the model's final proj_out: a regex, as peft takes one
+FLUX_TARGETS = (r".*(?<!single_)transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+                r"add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
+                r"|.*single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)")
+FLUX_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default, and ComfyUI's (FluxGuidance): the teacher's guidance
+# diffusers' Wan names for the native self_attn/cross_attn q, k, v, o and ffn.0/ffn.2 (families.WAN_TARGETS)
+WAN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
 
 def _call_unet(model, x, t, cond):
@@ -386,6 +396,28 @@ def _call_unet(model, x, t, cond):
 def _call_sd3(model, x, t, cond):
     return model(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
                  pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+
+
+def _call_flux(model, x, t, cond):
+    """FluxPipeline's call on unpacked latents [B, 16, H, W]: 2×2 patches packed into tokens with their position ids,
+    σ as the timestep, the guidance input, then unpacked."""
+    b, c, h, w = x.shape
+    packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+    ids[..., 1] = torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+    context = cond["encoder_hidden_states"]
+    text_ids = torch.zeros(context.shape[1], 3, device=x.device, dtype=x.dtype)
+    guidance = torch.full((b,), FLUX_GUIDANCE, device=x.device, dtype=x.dtype)
+    out = model(hidden_states=packed, timestep=t.to(x.dtype).expand(b), guidance=guidance,
+                pooled_projections=cond["pooled_projections"], encoder_hidden_states=context, txt_ids=text_ids,
+                img_ids=ids.reshape(-1, 3), return_dict=False)[0]
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def _call_wan(model, x, t, cond):
+    return model(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                 return_dict=False)[0]
 
 
 def _call_cogvideox(model, x, t, cond):
@@ -418,9 +450,18 @@ def diffusers_backend(model: torch.nn.Module, *, schedule: DiscreteSchedule, enc
         defaults = dict(parametrisation="v", family=families.COGVIDEOX.name, call=_call_cogvideox,
                         target_modules=COGVIDEOX_TARGETS, export_format="peft", export_prefix="transformer.",
                         latent_shape=(frames, config.in_channels, config.sample_height, config.sample_width))
+    elif kind == "FluxTransformer2DModel":  # latents [16, H, W] as the VAE gives them; packed in the call
+        defaults = dict(parametrisation="flow", family=families.FLUX.name, call=_call_flux, target_modules=FLUX_TARGETS,
+                        export_format="peft", export_prefix="transformer.",
+                        latent_shape=(config.in_channels // 4, 16, 16))
+    elif kind == "WanTransformer3DModel":  # latents [C, T, H, W], as the pipeline feeds them
+        defaults = dict(parametrisation="flow", family=families.WAN21.name, call=_call_wan, target_modules=WAN_TARGETS,
+                        export_format="peft", export_prefix="transformer.",
+                        latent_shape=(config.in_channels, 1, 8 * config.patch_size[1], 8 * config.patch_size[2]))
     else:
         raise TypeError(f"no diffusers backend for {kind}; supported: UNet2DConditionModel, SD3Transformer2DModel, "
-                        "CogVideoXTransformer3DModel (or build a PeftBackend with your own `call`)")
+                        "CogVideoXTransformer3DModel, FluxTransformer2DModel, WanTransformer3DModel (or build a PeftBackend with your own "
+                        "`call`)")
     if latent_shape is not None:
         defaults["latent_shape"] = tuple(latent_shape)
     if parametrisation is not None:

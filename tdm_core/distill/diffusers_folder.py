@@ -9,8 +9,9 @@ is written in the format the pack's loaders and diffusers read (peft `transforme
 
 Supported: CogVideoX-2B text-to-video (`CogVideoXPipeline`, v-prediction, its scheduler's SNR-shifted, zero-terminal
 ᾱ), SD1.5 (`StableDiffusionPipeline`, ε), SDXL (`StableDiffusionXLPipeline`, ε; the UNet's size and crop conditioning
-as the pipeline builds it) and SD3/SD3.5-medium (`StableDiffusion3Pipeline`, flow; the T5 encoder optional, as in the
-pipeline). Image families train on their sampling preset's grid (tdm_core/distill/grids.py), which fills the run's
+as the pipeline builds it), SD3/SD3.5-medium (`StableDiffusion3Pipeline`, flow; the T5 encoder optional, as in the
+pipeline), Flux-dev (`FluxPipeline`: packed 2×2 latent tokens, guidance 3.5 as an input, its size-dependent σ) and
+Wan 2.1 text-to-video (`WanPipeline`, on the wan21 preset's shift-8 table, as TDM Distill trains a Wan MODEL). Image families train on their sampling preset's grid (tdm_core/distill/grids.py), which fills the run's
 `timesteps` and `sampler_preset`; the run's `family` must name the folder's (it chose `recipe = "auto"`'s recipe
 before anything loaded). Other pipelines are refused with the list. Errors name the config field and come before
 anything heavy is loaded.
@@ -22,14 +23,15 @@ from pathlib import Path
 
 import torch
 
-from .. import families, validation
+from .. import families, schedules, validation
 from .backend import COMPUTE_DTYPES, diffusers_backend
 from .config import ConfigError
 from .schedule import DiscreteSchedule
 
 # model_index.json's `_class_name` → the family it distils (SD3 and SD3.5 share a pipeline: the transformer decides)
 PIPELINES = {"CogVideoXPipeline": families.COGVIDEOX.name, "StableDiffusionPipeline": families.SD15.name,
-             "StableDiffusionXLPipeline": families.SDXL.name, "StableDiffusion3Pipeline": families.SD3.name}
+             "StableDiffusionXLPipeline": families.SDXL.name, "StableDiffusion3Pipeline": families.SD3.name,
+             "WanPipeline": families.WAN21.name, "FluxPipeline": families.FLUX.name}
 
 
 def pipeline_index(folder: Path) -> dict:
@@ -72,6 +74,10 @@ def make_backend(config=None, folder: str = "", dtype: str = "float32", device: 
     for field, value in (("teacher.height", height), ("teacher.width", width)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16):
             raise ConfigError(f"{field} must be a multiple of 16 pixels, got {value!r}")
+    if family == families.WAN21.name:
+        return _wan(config, path, COMPUTE_DTYPES[dtype], target, frames, height, width)
+    if family == families.FLUX.name:
+        return _flux(config, path, COMPUTE_DTYPES[dtype], target, height, width)
     return _image(config, path, family, COMPUTE_DTYPES[dtype], target, height, width)
 
 
@@ -119,7 +125,7 @@ def _cogvideox(config, path: Path, dtype: torch.dtype, device: torch.device, fra
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Image families: SD1.5, SDXL, SD3/SD3.5
+# SD1.5, SDXL, SD3/SD3.5
 
 
 def _call_sdxl(model, x, t, cond):
@@ -204,3 +210,133 @@ def _encode(pipe, family: str, prompt: str, latent: tuple[int, ...], scale: int)
     embeds, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, device=cpu, num_images_per_prompt=1,
                                               do_classifier_free_guidance=False)
     return {"encoder_hidden_states": embeds[0], "pooled_projections": pooled[0]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wan 2.1 text-to-video
+
+WAN_TEXT_LENGTH = 512  # WanPipeline's max_sequence_length: umt5's context as the pipeline pads it
+
+
+def _wan(config, path: Path, dtype: torch.dtype, device: torch.device, frames, height, width):
+    from diffusers import WanPipeline
+
+    from .. import presets
+    from .grids import preset_grid
+
+    index = pipeline_index(path)
+    if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
+        raise ConfigError("teacher.folder is a Wan 2.2 two-expert pipeline (transformer_2 / boundary_ratio); the "
+                          "diffusers-folder teacher takes Wan 2.1 text-to-video")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1
+                               or (frames - 1) % 4):
+        raise ConfigError(f"teacher.frames must be 4k + 1 (Wan's VAE keeps the first frame, then 4 per latent "
+                          f"frame), got {frames!r}")
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+    pipe = WanPipeline.from_pretrained(path, torch_dtype=dtype, **absent)
+    network = pipe.transformer
+    if network.config.in_channels != 16 or getattr(network.config, "image_dim", None):
+        raise ConfigError("teacher.folder is an image-to-video Wan; the teacher takes Wan 2.1 text-to-video")
+    family = families.WAN21.name
+    if config.family != family:
+        raise ConfigError(f"family = {config.family!r}, but teacher.folder holds a {family} pipeline: set family = "
+                          f"\"{family}\" (recipe \"auto\" and the LoRA's header are the family's)")
+    spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+    frames = 33 if frames is None else frames  # TDM Distill's default clip (9 latent frames)
+    latent = (network.config.in_channels, (frames - 1) // temporal + 1, (height or 480) // spatial,
+              (width or 832) // spatial)
+    prompts = list(dict.fromkeys([*config.prompts, ""]))
+    encoded = {}
+    with torch.no_grad():
+        for prompt in prompts:  # once each, with the folder's umt5 as the pipeline pads it; then it goes
+            embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                                           max_sequence_length=WAN_TEXT_LENGTH, device=torch.device("cpu"))
+            encoded[prompt] = embeds[0]
+    # The table the TDM Distill job of a Wan MODEL trains on: ComfyUI's Wan 2.1 shift, the wan21 preset's (a flow
+    # network predicts the same velocity at any shift; the shift only places the grid and τ's draws).
+    preset = families.WAN21.default_preset
+    schedule = DiscreteSchedule.flow(presets.get_preset(preset).shift, schedules.NUM_TRAIN_TIMESTEPS)
+    grid = preset_grid(schedule, preset, config.steps, latent_shape=latent)
+    if config.timesteps is None:
+        config.timesteps = list(grid.timesteps)
+    elif list(config.timesteps) != list(grid.timesteps):
+        raise ConfigError(f"timesteps {list(config.timesteps)} are not the {preset} preset's training grid "
+                          f"({list(grid.timesteps)}); leave timesteps out")
+    config.sampler_preset = config.sampler_preset or preset
+    del pipe
+    network.to(device)
+
+    def encode(batch: list[str]) -> dict:
+        missing = [p for p in batch if p not in encoded]
+        if missing:
+            raise KeyError(f"prompt {missing[0]!r} was not encoded when the teacher was built")
+        return {"encoder_hidden_states": torch.stack([encoded[p] for p in batch]).to(device)}
+
+    settings = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha, "mode": config.mode,
+                "adapter_seed": config.seed}
+    if config.lora_target_modules:
+        settings["target_modules"] = list(config.lora_target_modules)
+    return diffusers_backend(network, schedule=grid.schedule, encode=encode, latent_shape=latent, **settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flux-dev
+
+FLUX_TEXT_LENGTH = 512  # FluxPipeline's max_sequence_length for Flux-dev's T5 context
+
+
+def _flux(config, path: Path, dtype: torch.dtype, device: torch.device, height, width):
+    from diffusers import FluxPipeline
+
+    from .backend import FLUX_GUIDANCE
+    from .grids import flux_schedule, preset_grid
+
+    index = pipeline_index(path)
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, **absent)
+    network = pipe.transformer
+    if not network.config.guidance_embeds:
+        raise ConfigError("teacher.folder is a Flux without a guidance input (Flux-schnell or a de-distilled Flux); "
+                          "TDM distils Flux-dev")
+    family = families.FLUX.name
+    if config.family != family:
+        raise ConfigError(f"family = {config.family!r}, but teacher.folder holds a {family} pipeline: set family = "
+                          f"\"{family}\" (recipe \"auto\" and the LoRA's header are the family's)")
+    if config.cfg != 1.0:
+        raise ConfigError(f"cfg is {config.cfg:g}, but Flux-dev is guidance-distilled: its guidance ({FLUX_GUIDANCE}) is "
+                          "an input, not a second pass; set cfg = 1 (recipe \"auto\" does)")
+    scale = pipe.vae_scale_factor
+    h, w = (height or 1024) // scale, (width or 1024) // scale
+    if h % 2 or w % 2:
+        raise ConfigError(f"teacher.height and teacher.width must be multiples of {2 * scale} pixels for Flux's 2×2 "
+                          "latent patches")
+    latent = (network.config.in_channels // 4, h, w)
+    prompts = list(dict.fromkeys([*config.prompts, ""]))
+    encoded = {}
+    with torch.no_grad():
+        for prompt in prompts:  # once each, CLIP-L pooled and T5 context as the pipeline encodes them
+            embeds, pooled, _ = pipe.encode_prompt(prompt, prompt, device=torch.device("cpu"),
+                                                   num_images_per_prompt=1, max_sequence_length=FLUX_TEXT_LENGTH)
+            encoded[prompt] = {"encoder_hidden_states": embeds[0], "pooled_projections": pooled[0]}
+    preset = families.FLUX.default_preset
+    grid = preset_grid(flux_schedule(latent), preset, config.steps, latent_shape=latent)
+    if config.timesteps is None:
+        config.timesteps = list(grid.timesteps)
+    elif list(config.timesteps) != list(grid.timesteps):
+        raise ConfigError(f"timesteps {list(config.timesteps)} are not the {preset} preset's training grid "
+                          f"({list(grid.timesteps)}); leave timesteps out")
+    config.sampler_preset = config.sampler_preset or preset
+    del pipe
+    network.to(device)
+
+    def encode(batch: list[str]) -> dict:
+        missing = [p for p in batch if p not in encoded]
+        if missing:
+            raise KeyError(f"prompt {missing[0]!r} was not encoded when the teacher was built")
+        return {key: torch.stack([encoded[p][key] for p in batch]).to(device) for key in encoded[batch[0]]}
+
+    settings = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha, "mode": config.mode,
+                "adapter_seed": config.seed}
+    if config.lora_target_modules:
+        settings["target_modules"] = list(config.lora_target_modules)
+    return diffusers_backend(network, schedule=grid.schedule, encode=encode, latent_shape=latent, **settings)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .. import presets, schedules
 from .schedule import DiscreteSchedule
 
@@ -38,3 +40,13 @@ def preset_grid(schedule: DiscreteSchedule, name: str, steps: int, *, latent_sha
         return TrainingGrid(pinned, indices, name, f"{name}: σ {', '.join(f'{s:.4f}' for s in flow.sigmas[:-1])}")
     timesteps = list(schedules.grid_timesteps(preset.grid, steps, shift=preset.shift))
     return TrainingGrid(schedule, timesteps, name, f"{name}: t {', '.join(map(str, timesteps))}")
+
+
+def flux_schedule(latent_shape: tuple[int, ...]) -> DiscreteSchedule:
+    """Flux's flow table at the training size: σ_t = flux_time_shift(μ, (t + 1)/1000) with μ from the latent's size,
+    α = 1 − σ, and the network is given σ itself (ComfyUI's Flux model sampling: timestep(σ) = σ; diffusers'
+    pipeline: timestep / 1000), not the single shift a checkpoint stores."""
+    mu = schedules.flux_mu(int(latent_shape[-2]), int(latent_shape[-1]))
+    u = torch.arange(1, schedules.NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float64) / schedules.NUM_TRAIN_TIMESTEPS
+    sigmas = torch.as_tensor(schedules.flux_time_shift(mu, u.numpy()), dtype=torch.float64)
+    return DiscreteSchedule.from_flow_sigmas(sigmas, multiplier=1.0)
