@@ -125,6 +125,56 @@ def _cogvideox(config, path: Path, dtype: torch.dtype, device: torch.device, fra
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What every family's folder teacher shares
+
+
+def _load(pipeline_class, path: Path, dtype: torch.dtype, index: dict | None = None):
+    """The folder's pipeline. Components it leaves out (model_index.json: [null, null]; SD3's T5, a safety checker,
+    Wan 2.1's second expert) are passed as None, which the pipelines accept and from_pretrained would refuse."""
+    index = pipeline_index(path) if index is None else index
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+    return pipeline_class.from_pretrained(path, torch_dtype=dtype, **absent)
+
+
+def _check_family(config, family: str) -> None:
+    if config.family != family:
+        raise ConfigError(f"family = {config.family!r}, but teacher.folder holds a {family} pipeline: set family = "
+                          f"\"{family}\" (recipe \"auto\" and the LoRA's header are the family's)")
+
+
+def _encode_prompts(config, pipe, encode_one) -> dict[str, dict]:
+    """Each training prompt and the empty one, encoded once by the folder's own text encoders (`encode_one(pipe,
+    prompt)`; the job never needs them again): {prompt: {network input: tensor without the batch axis}}."""
+    with torch.no_grad():
+        return {prompt: encode_one(pipe, prompt) for prompt in dict.fromkeys([*config.prompts, ""])}
+
+
+def _teacher(config, network, grid, encoded: dict[str, dict], device: torch.device, latent: tuple[int, ...],
+             **backend_settings):
+    """The denoiser as the run's teacher on `grid` (the run's timesteps and sampler preset filled in from it, or
+    refused when they differ); call once the pipeline's other components are dropped."""
+    if config.timesteps is None:
+        config.timesteps = list(grid.timesteps)
+    elif list(config.timesteps) != list(grid.timesteps):
+        raise ConfigError(f"timesteps {list(config.timesteps)} are not the {grid.preset} preset's training grid "
+                          f"({list(grid.timesteps)}); leave timesteps out")
+    config.sampler_preset = config.sampler_preset or grid.preset
+    network.to(device)
+
+    def encode(batch: list[str]) -> dict:
+        missing = [p for p in batch if p not in encoded]
+        if missing:
+            raise KeyError(f"prompt {missing[0]!r} was not encoded when the teacher was built")
+        return {key: torch.stack([encoded[p][key] for p in batch]).to(device) for key in encoded[batch[0]]}
+
+    settings = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha, "mode": config.mode,
+                "adapter_seed": config.seed, **backend_settings}
+    if config.lora_target_modules:
+        settings["target_modules"] = list(config.lora_target_modules)
+    return diffusers_backend(network, schedule=grid.schedule, encode=encode, latent_shape=latent, **settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # SD1.5, SDXL, SD3/SD3.5
 
 
@@ -142,10 +192,7 @@ def _image(config, path: Path, family: str, dtype: torch.dtype, device: torch.de
     pipeline_class = {families.SD15.name: diffusers.StableDiffusionPipeline,
                       families.SDXL.name: diffusers.StableDiffusionXLPipeline,
                       families.SD3.name: diffusers.StableDiffusion3Pipeline}[family]
-    # components the folder leaves out (model_index.json: [null, null]; SD3's T5, a safety checker) are passed as
-    # None, which the pipelines accept and from_pretrained would otherwise refuse
-    absent = {k: None for k, v in pipeline_index(path).items() if isinstance(v, list) and v == [None, None]}
-    pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, **absent)
+    pipe = _load(pipeline_class, path, dtype)
     network = pipe.unet if family != families.SD3.name else pipe.transformer
     if family == families.SD15.name:
         prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
@@ -154,41 +201,16 @@ def _image(config, path: Path, family: str, dtype: torch.dtype, device: torch.de
                               "conditioning); SD2 is not a family TDM distils")
     if family == families.SD3.name and getattr(network.config, "dual_attention_layers", ()):
         family = families.SD35.name
-    if config.family != family:
-        raise ConfigError(f"family = {config.family!r}, but teacher.folder holds a {family} pipeline: set family = "
-                          f"\"{family}\" (recipe \"auto\" and the LoRA's header are the family's)")
+    _check_family(config, family)
     scale = pipe.vae_scale_factor
     size = network.config.sample_size
     latent = (network.config.in_channels, height // scale if height else size, width // scale if width else size)
-    prompts = list(dict.fromkeys([*config.prompts, ""]))
-    encoded = {}
-    with torch.no_grad():
-        for prompt in prompts:  # once each, with the folder's own text encoders; the job never needs them again
-            encoded[prompt] = _encode(pipe, family, prompt, latent, scale)
+    encoded = _encode_prompts(config, pipe, lambda pipe, prompt: _encode(pipe, family, prompt, latent, scale))
     schedule = DiscreteSchedule.from_diffusers_scheduler(pipe.scheduler)
     grid = preset_grid(schedule, families.FAMILIES[family].default_preset, config.steps, latent_shape=latent)
-    if config.timesteps is None:
-        config.timesteps = list(grid.timesteps)
-    elif list(config.timesteps) != list(grid.timesteps):
-        raise ConfigError(f"timesteps {list(config.timesteps)} are not the {grid.preset} preset's training grid "
-                          f"({list(grid.timesteps)}); leave timesteps out")
-    config.sampler_preset = config.sampler_preset or grid.preset
     del pipe  # the text encoders and VAE go; the denoiser stays as the teacher
-    network.to(device)
-
-    def encode(batch: list[str]) -> dict:
-        missing = [p for p in batch if p not in encoded]
-        if missing:
-            raise KeyError(f"prompt {missing[0]!r} was not encoded when the teacher was built")
-        return {key: torch.stack([encoded[p][key] for p in batch]).to(device) for key in encoded[batch[0]]}
-
-    settings = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha, "mode": config.mode,
-                "adapter_seed": config.seed, "family": family}
-    if config.lora_target_modules:
-        settings["target_modules"] = list(config.lora_target_modules)
-    if family == families.SDXL.name:
-        settings["call"] = _call_sdxl
-    return diffusers_backend(network, schedule=grid.schedule, encode=encode, latent_shape=latent, **settings)
+    extra = {"call": _call_sdxl} if family == families.SDXL.name else {}
+    return _teacher(config, network, grid, encoded, device, latent, family=family, **extra)
 
 
 def _encode(pipe, family: str, prompt: str, latent: tuple[int, ...], scale: int) -> dict:
@@ -232,51 +254,29 @@ def _wan(config, path: Path, dtype: torch.dtype, device: torch.device, frames, h
                                or (frames - 1) % 4):
         raise ConfigError(f"teacher.frames must be 4k + 1 (Wan's VAE keeps the first frame, then 4 per latent "
                           f"frame), got {frames!r}")
-    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
-    pipe = WanPipeline.from_pretrained(path, torch_dtype=dtype, **absent)
+    pipe = _load(WanPipeline, path, dtype, index)
     network = pipe.transformer
     if network.config.in_channels != 16 or getattr(network.config, "image_dim", None):
         raise ConfigError("teacher.folder is an image-to-video Wan; the teacher takes Wan 2.1 text-to-video")
-    family = families.WAN21.name
-    if config.family != family:
-        raise ConfigError(f"family = {config.family!r}, but teacher.folder holds a {family} pipeline: set family = "
-                          f"\"{family}\" (recipe \"auto\" and the LoRA's header are the family's)")
+    _check_family(config, families.WAN21.name)
     spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
     frames = 33 if frames is None else frames  # TDM Distill's default clip (9 latent frames)
     latent = (network.config.in_channels, (frames - 1) // temporal + 1, (height or 480) // spatial,
               (width or 832) // spatial)
-    prompts = list(dict.fromkeys([*config.prompts, ""]))
-    encoded = {}
-    with torch.no_grad():
-        for prompt in prompts:  # once each, with the folder's umt5 as the pipeline pads it; then it goes
-            embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                                           max_sequence_length=WAN_TEXT_LENGTH, device=torch.device("cpu"))
-            encoded[prompt] = embeds[0]
+
+    def encode_one(pipe, prompt: str) -> dict:  # umt5's context, padded as the pipeline pads it
+        embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                                       max_sequence_length=WAN_TEXT_LENGTH, device=torch.device("cpu"))
+        return {"encoder_hidden_states": embeds[0]}
+
+    encoded = _encode_prompts(config, pipe, encode_one)
     # The table the TDM Distill job of a Wan MODEL trains on: ComfyUI's Wan 2.1 shift, the wan21 preset's (a flow
     # network predicts the same velocity at any shift; the shift only places the grid and τ's draws).
     preset = families.WAN21.default_preset
     schedule = DiscreteSchedule.flow(presets.get_preset(preset).shift, schedules.NUM_TRAIN_TIMESTEPS)
     grid = preset_grid(schedule, preset, config.steps, latent_shape=latent)
-    if config.timesteps is None:
-        config.timesteps = list(grid.timesteps)
-    elif list(config.timesteps) != list(grid.timesteps):
-        raise ConfigError(f"timesteps {list(config.timesteps)} are not the {preset} preset's training grid "
-                          f"({list(grid.timesteps)}); leave timesteps out")
-    config.sampler_preset = config.sampler_preset or preset
     del pipe
-    network.to(device)
-
-    def encode(batch: list[str]) -> dict:
-        missing = [p for p in batch if p not in encoded]
-        if missing:
-            raise KeyError(f"prompt {missing[0]!r} was not encoded when the teacher was built")
-        return {"encoder_hidden_states": torch.stack([encoded[p] for p in batch]).to(device)}
-
-    settings = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha, "mode": config.mode,
-                "adapter_seed": config.seed}
-    if config.lora_target_modules:
-        settings["target_modules"] = list(config.lora_target_modules)
-    return diffusers_backend(network, schedule=grid.schedule, encode=encode, latent_shape=latent, **settings)
+    return _teacher(config, network, grid, encoded, device, latent)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,17 +291,12 @@ def _flux(config, path: Path, dtype: torch.dtype, device: torch.device, height, 
     from .backend import FLUX_GUIDANCE
     from .grids import flux_schedule, preset_grid
 
-    index = pipeline_index(path)
-    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
-    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, **absent)
+    pipe = _load(FluxPipeline, path, dtype)
     network = pipe.transformer
     if not network.config.guidance_embeds:
         raise ConfigError("teacher.folder is a Flux without a guidance input (Flux-schnell or a de-distilled Flux); "
                           "TDM distils Flux-dev")
-    family = families.FLUX.name
-    if config.family != family:
-        raise ConfigError(f"family = {config.family!r}, but teacher.folder holds a {family} pipeline: set family = "
-                          f"\"{family}\" (recipe \"auto\" and the LoRA's header are the family's)")
+    _check_family(config, families.FLUX.name)
     if config.cfg != 1.0:
         raise ConfigError(f"cfg is {config.cfg:g}, but Flux-dev is guidance-distilled: its guidance ({FLUX_GUIDANCE}) is "
                           "an input, not a second pass; set cfg = 1 (recipe \"auto\" does)")
@@ -311,32 +306,13 @@ def _flux(config, path: Path, dtype: torch.dtype, device: torch.device, height, 
         raise ConfigError(f"teacher.height and teacher.width must be multiples of {2 * scale} pixels for Flux's 2×2 "
                           "latent patches")
     latent = (network.config.in_channels // 4, h, w)
-    prompts = list(dict.fromkeys([*config.prompts, ""]))
-    encoded = {}
-    with torch.no_grad():
-        for prompt in prompts:  # once each, CLIP-L pooled and T5 context as the pipeline encodes them
-            embeds, pooled, _ = pipe.encode_prompt(prompt, prompt, device=torch.device("cpu"),
-                                                   num_images_per_prompt=1, max_sequence_length=FLUX_TEXT_LENGTH)
-            encoded[prompt] = {"encoder_hidden_states": embeds[0], "pooled_projections": pooled[0]}
-    preset = families.FLUX.default_preset
-    grid = preset_grid(flux_schedule(latent), preset, config.steps, latent_shape=latent)
-    if config.timesteps is None:
-        config.timesteps = list(grid.timesteps)
-    elif list(config.timesteps) != list(grid.timesteps):
-        raise ConfigError(f"timesteps {list(config.timesteps)} are not the {preset} preset's training grid "
-                          f"({list(grid.timesteps)}); leave timesteps out")
-    config.sampler_preset = config.sampler_preset or preset
+
+    def encode_one(pipe, prompt: str) -> dict:  # CLIP-L pooled and T5 context, as the pipeline encodes them
+        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt, device=torch.device("cpu"), num_images_per_prompt=1,
+                                               max_sequence_length=FLUX_TEXT_LENGTH)
+        return {"encoder_hidden_states": embeds[0], "pooled_projections": pooled[0]}
+
+    encoded = _encode_prompts(config, pipe, encode_one)
+    grid = preset_grid(flux_schedule(latent), families.FLUX.default_preset, config.steps, latent_shape=latent)
     del pipe
-    network.to(device)
-
-    def encode(batch: list[str]) -> dict:
-        missing = [p for p in batch if p not in encoded]
-        if missing:
-            raise KeyError(f"prompt {missing[0]!r} was not encoded when the teacher was built")
-        return {key: torch.stack([encoded[p][key] for p in batch]).to(device) for key in encoded[batch[0]]}
-
-    settings = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha, "mode": config.mode,
-                "adapter_seed": config.seed}
-    if config.lora_target_modules:
-        settings["target_modules"] = list(config.lora_target_modules)
-    return diffusers_backend(network, schedule=grid.schedule, encode=encode, latent_shape=latent, **settings)
+    return _teacher(config, network, grid, encoded, device, latent)
