@@ -42,12 +42,15 @@ def start_graph(family: str, name: str, lora: str | None = None, **overrides) ->
     return graph
 
 
-def sample_graph(family: str, preset: str, steps: int, loader: str | None = None, lora: str = "") -> dict:
-    latent = "EmptySD3LatentImage" if family == "sd3" else "EmptyLatentImage"
+def sample_graph(family: str, preset: str, steps: int, loader: str | None = None, lora: str = "",
+                 latent: dict | None = None) -> dict:
+    """TDM KSampler on the tiny twin of `family`, with the LoRA through TDM LoRA Loader or core LoraLoaderModelOnly,
+    or none; the latent saved. `latent`: the empty-latent node (default: a 64×64 image's)."""
+    empty = "EmptySD3LatentImage" if family == "sd3" else "EmptyLatentImage"
     graph = {
         "model": {"class_type": "TDMTest_TinyModel", "inputs": {"family": family, "seed": 0}},
         "cond": {"class_type": "TDMTest_TinyConditioning", "inputs": {"family": family, "text": "a cat"}},
-        "latent": {"class_type": latent, "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "latent": latent or {"class_type": empty, "inputs": {"width": 64, "height": 64, "batch_size": 1}},
     }
     model = ["model", 0]
     if loader == "tdm":

@@ -9,13 +9,13 @@ from __future__ import annotations
 import io
 import sys
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_trainer_server import sample_graph as trainer_sample_graph
 from test_trainer_server import start_graph, ui_text, wait_job
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -28,27 +28,9 @@ SIZE = 64  # pixels: the tiny twin's 8×8 latent (the workflow's 832×480 is far
 def sample_graph(loader: str | None = None, lora: str = "") -> dict:
     """TDM KSampler (preset wan21, 4 steps) on a 9-frame Wan latent (3 latent frames) from the tiny twin, with the
     LoRA through TDM LoRA Loader or core LoraLoaderModelOnly, or none; the latent saved."""
-    graph = {
-        "model": {"class_type": "TDMTest_TinyModel", "inputs": {"family": FAMILY, "seed": 0}},
-        "cond": {"class_type": "TDMTest_TinyConditioning", "inputs": {"family": FAMILY, "text": "a cat"}},
-        "latent": {"class_type": "EmptyHunyuanLatentVideo",
-                   "inputs": {"width": SIZE, "height": SIZE, "length": 9, "batch_size": 1}},
-    }
-    model = ["model", 0]
-    if loader == "tdm":
-        graph["lora"] = {"class_type": "TDMLoraLoader", "inputs": {"model": model, "lora_name": lora,
-                                                                    "strength_mode": "auto", "strength": 1.0}}
-        model = ["lora", 0]
-    elif loader == "core":
-        graph["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora,
-                                                                          "strength_model": 1.0}}
-        model = ["lora", 0]
-    graph["sample"] = {"class_type": "TDMKSampler", "inputs": {"model": model, "positive": ["cond", 0],
-                                                               "latent_image": ["latent", 0], "preset": FAMILY,
-                                                               "steps": 4, "seed": 7}}
-    graph["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0],
-                                                            "filename_prefix": f"tdm_wan_test/{uuid.uuid4().hex}"}}
-    return graph
+    return trainer_sample_graph(FAMILY, FAMILY, 4, loader, lora, latent={
+        "class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": SIZE, "height": SIZE, "length": 9,
+                                                            "batch_size": 1}})
 
 
 def saved_latent(server, entry: dict) -> torch.Tensor:
