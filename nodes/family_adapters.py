@@ -46,6 +46,10 @@ class FamilyAdapter:
         """Whether this ComfyUI can load the family as a MODEL at all."""
         return True
 
+    def unavailable_note(self) -> str:
+        """Where this ComfyUI cannot load the family: what to use instead, for TDM Distill's refusals."""
+        return ""
+
     def matches(self, model) -> bool:
         name = type(model.model.model_config).__name__
         return name in self.config_names or (bool(self.config_prefixes) and name.startswith(self.config_prefixes))
@@ -154,10 +158,43 @@ class _FluxAdapter(FamilyAdapter):
 
 
 class _CogVideoXAdapter(FamilyAdapter):
-    """Newer ComfyUI's native CogVideoX (0.3.75 has none): the 2B only, sampled on the 2B's own schedule."""
+    """Newer ComfyUI's native CogVideoX (0.3.75 has none): the 2B only, sampled and trained on the 2B's own schedule.
+
+    As a teacher: a video latent [16, (frames − 1)/4 + 1, H/8, W/8] (the network takes ComfyUI's [B, C, T, H, W] and
+    permutes it itself), the 2B's ᾱ table (SNR shift 3, zero terminal SNR) instead of the MODEL's shift-1 table, the
+    raw VP state as input (V_PREDICTION_DDPM's `calculate_input` is the identity, which is the state the trainer
+    builds). The conditioning is ComfyUI's as it is: `CogVideoX.extra_conds` builds `c_crossattn` (T5-XXL, padded to
+    226 tokens by Load CLIP's `cogvideox` type) and, for the 16-channel text-to-video 2B, nothing else (no
+    `c_concat`, no `ofs`), so the generic text-context path feeds the network what ComfyUI's sampling does.
+    """
+
+    # CogVideoX's VAE: 8× spatial, 4× temporal with the first frame alone; the 2B's own clip is 49 frames (13 latent
+    # frames), its size 720×480.
+    DEFAULT_FRAMES = 49
+    TEMPORAL_COMPRESSION = 4
 
     def available(self) -> bool:
         return hasattr(comfy.model_base, "CogVideoX")
+
+    def unavailable_note(self) -> str:
+        return ("CogVideoX-2B is a TDM Distill teacher only on a ComfyUI with native CogVideoX (newer than 0.3.75: "
+                "Load Diffusion Model + Load CLIP type cogvideox + Load VAE); on this ComfyUI distil it headless "
+                "from its diffusers folder with the teacher factory tdm_core.distill.diffusers_folder:make_backend "
+                "(docs/headless.md); the TDM CogVideoX Loader's model is no MODEL TDM Distill can take")
+
+    def training_latent_shape(self, model, width: int, height: int, frames: int | None = None) -> tuple[int, ...]:
+        frames = self.DEFAULT_FRAMES if frames is None else int(frames)
+        if frames < 1 or (frames - 1) % self.TEMPORAL_COMPRESSION:
+            raise ValueError(f"frames must be 4k + 1 (1, 5, …, 49) for CogVideoX's VAE, got {frames}")
+        shape = (int(model.model.latent_format.latent_channels), (frames - 1) // self.TEMPORAL_COMPRESSION + 1,
+                 height // 8, width // 8)
+        _check_stored_positions(model, shape, frames, width, height)
+        return shape
+
+    def training_schedule(self, latent_shape: tuple[int, ...] | None) -> DiscreteSchedule:
+        # The table the cogvideox preset samples on (sampling_alphas_cumprod): the student trains at the noise levels
+        # it is later sampled at, not at the native MODEL's shift-1 levels.
+        return DiscreteSchedule.cogvideox()
 
     def matches(self, model) -> bool:
         return native_cogvideox_variant(model) == self.family.name
@@ -204,6 +241,27 @@ class _WanAdapter(FamilyAdapter):
     def lora_key_aliases(self, model) -> dict[str, str]:
         # ComfyUI maps no diffusers-layout Wan LoRA name (`transformer.blocks.N.attn1.to_q`, ...), only native ones.
         return wan_native_lora_key_map(model.model_state_dict().keys())
+
+
+def _check_stored_positions(model, shape: tuple[int, ...], frames: int, width: int, height: int) -> None:
+    """Refuses a CogVideoX training size the native MODEL gives wrong positions at. A 2B file carries its sin-cos
+    position table at its sample size (60×90 latent, 13 latent frames: 720×480, 49 frames), and ComfyUI's native
+    network reads that table by token index (`CogVideoXPatchEmbed.forward`): the 2B's positions at its own width and
+    height and for any clip up to its length (frames are the table's outer axis), scrambled at any other width or
+    height (diffusers recomputes them there; ComfyUI does not), and a shape error past its length."""
+    embed = getattr(model.model.diffusion_model, "patch_embed", None)
+    if embed is None or not getattr(embed, "use_learned_positional_embeddings", False):
+        return  # positions computed for the size at hand: every size is the model's own
+    _, latent_frames, latent_height, latent_width = shape
+    table_frames = (int(embed.sample_frames) - 1) // int(embed.temporal_compression_ratio) + 1
+    sample_width, sample_height = int(embed.sample_width) * 8, int(embed.sample_height) * 8
+    if (latent_height, latent_width) != (int(embed.sample_height), int(embed.sample_width)) or \
+            latent_frames > table_frames:
+        raise ValueError(f"this CogVideoX-2B MODEL can be trained at {sample_width}×{sample_height} with up to "
+                         f"{int(embed.sample_frames)} frames, not {width}×{height} with {frames}: ComfyUI's native "
+                         "CogVideoX reads the file's stored position table by token index, which holds the 2B's "
+                         "positions only at its own size. Set width "
+                         f"{sample_width}, height {sample_height} and frames ≤ {int(embed.sample_frames)}")
 
 
 def _flag_training_while_recording_gradients(network: torch.nn.Module) -> int:
@@ -371,8 +429,16 @@ def check_distillable(model, family: str, cfg: float | None = None) -> None:
                          f"({describe_model(model)}). {WAN_OUT_OF_SCOPE}. Load a Wan 2.1 T2V model "
                          f"(wan2.1_t2v_1.3B / 14B) with UNETLoader; supported families: "
                          f"{families.distillable_families_text()}")
+    if family == families.OTHER_COGVIDEOX:
+        raise ValueError(f"TDM distillation does not support this MODEL: a CogVideoX 5B, 1.5 or image-to-video model "
+                         f"({describe_model(model)}). TDM Distill trains CogVideoX-2B text-to-video only (load "
+                         f"cogvideox_2b.safetensors with Load Diffusion Model); supported families: "
+                         f"{families.distillable_families_text()}")
     if family not in ADAPTERS or not families.FAMILIES[family].distillable:
         config = type(model.model.model_config).__name__
+        # A distillable family this ComfyUI cannot load as a MODEL (CogVideoX on 0.3.75) says what to use instead.
+        notes = "".join(f". {a.unavailable_note()}" for a in ADAPTERS.values()
+                        if a.family.distillable and not a.available() and a.unavailable_note())
         raise ValueError(f"TDM distillation does not support this MODEL: family {family!r} ({config}); supported "
-                         f"families: {families.distillable_families_text()}")
+                         f"families: {families.distillable_families_text()}{notes}")
     ADAPTERS[family].check_distillable(model, cfg)

@@ -172,6 +172,9 @@ FLUX_TARGETS = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
 UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 # ComfyUI's Wan 2.1 (comfy/ldm/wan/model.py): each block's self- and cross-attention projections and its FFN, the
 # layers diffusers' Wan LoRA loader converts (`attn1`/`attn2` to_q/k/v/out, `ffn.net.0.proj`/`ffn.net.2`).
+# Newer ComfyUI's native CogVideoX (comfy/ldm/cogvideo/model.py): each block's joint-attention projections and its
+# FFN, the linears the released TDM CogVideoX-2B LoRA patches (diffusers' attn1.to_q/k/v/out.0, ff.net.0.proj/2).
+COGVIDEOX_TARGETS = ("q", "k", "v", "attn_out", "ff_proj", "ff_out")
 WAN_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 
@@ -211,7 +214,10 @@ _FAMILY_LIST = (
         comfy_lora=lambda layout: any(re.match(r"blocks\.\d+\.(q|k|v|attn_out|ff_proj|ff_out)$", n)
                                       for n in layout.comfy),  # newer ComfyUI's native CogVideoX
         diffusers_lora=_cogvideox_diffusers, default_preset="cogvideox",
-        exclusive_presets=True),  # the 2B's own schedule: SNR shift 3, zero terminal SNR
+        exclusive_presets=True,  # the 2B's own schedule: SNR shift 3, zero terminal SNR
+        # A teacher only as newer ComfyUI's native CogVideoX (0.3.75 has none: nodes/family_adapters.py refuses and
+        # names the headless diffusers-folder teacher); its students sample with the released LoRA's preset.
+        distillable=True, lora_targets=COGVIDEOX_TARGETS, repeated_blocks=("blocks",)),
     # Wan 2.1 text-to-video, 1.3B and 14B (one layout, different widths). No TDM LoRA was released: TDM Distill makes
     # its students. Its grid is the flow shift of Wan's own sampling (presets.py, "wan21"), hence exclusive: SD3's
     # shift-6 presets do not sample it, and its shift-8 preset samples no SD3 model.

@@ -164,3 +164,17 @@ def tiny_vae(seed: int = 0):
     module = comfy.ldm.cogvideo.vae.AutoencoderKLCogVideoX(latent_channels=cogvideox_tiny.LATENT_CHANNELS)
     randomise_(module, seed)  # ComfyUI's layers start uninitialised (torch.empty): NaN frames otherwise
     return comfy.sd.VAE(sd={k: v.clone() for k, v in module.state_dict().items()})
+
+
+class TinyCogVideoXCLIP:
+    """The part of ComfyUI's CLIP object that CLIPTextEncode-style code (and TDM Distill's prompt encoding) calls,
+    returning `tiny_conditioning`: what Load CLIP's `cogvideox` type gives, a 226-token T5 context and no other
+    input."""
+
+    patcher = None  # nothing loaded on a device: release_text_encoders has nothing to unload
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        return {"text": text}
+
+    def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):
+        return tiny_conditioning(tokens["text"])
