@@ -157,9 +157,9 @@ class TDMDistillStart(io.ComfyNode):
                 recipe_inputs.recipe_input(),
                 *recipe_inputs.knob_inputs(),
                 io.Int.Input("frames", default=DEFAULT_FRAMES, min=1, max=257, step=4, optional=True,
-                             tooltip="Video teachers (Wan 2.1) only: frames of each training clip, 4k + 1 (the "
-                                     "VAE keeps the first frame and packs 4 per latent frame). Image teachers "
-                                     "ignore it."),
+                             tooltip="Video teachers only: frames of each training clip, 4k + 1 (the VAE keeps "
+                                     "the first frame and packs 4 per latent frame). Wan 2.1: 33 (its default "
+                                     "clip); CogVideoX-2B: up to 49, its own length. Image teachers ignore it."),
             ]),
             outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
                                                         "/tdm/jobs HTTP routes.")],
