@@ -65,7 +65,11 @@ def start(comfyui_dir: Path, base_directory: Path | None = None, options: dict[s
     import comfy.cli_args
 
     args = comfy.cli_args.args
-    args.cpu = not torch.cuda.is_available()
+    # ComfyUI's device choice, as its own start makes it, except that a machine with no accelerator ComfyUI drives
+    # (CUDA, Apple MPS, Intel XPU) must say --cpu or it fails at the first model
+    xpu = getattr(torch, "xpu", None)
+    args.cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available()
+                    or (xpu is not None and xpu.is_available()))
     if base_directory is not None:
         args.base_directory = str(base_directory)  # ComfyUI's --base-directory: models/ (and input/, output/) there
     for name, value in (options or {}).items():
