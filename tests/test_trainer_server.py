@@ -248,6 +248,12 @@ def test_sd15_job_finishes_and_samples_with_the_dreamshaper_preset(comfy_server)
         assert handle.metadata()["tdm.preset"] == "dreamshaper"
         assert all(k.startswith("diffusion_model.") for k in handle.keys())
     check_lora_loads_and_samples(server, "sd15", record["latest_lora"], "dreamshaper", 2)
+    # The jobs panel's Headless: this graph's teacher comes from the test pack's own loader, which a headless run
+    # cannot rebuild, so the route says which node is in the way (the export itself: tests/test_headless_comfy.py)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        server.get(f"/tdm/jobs/{name}/headless")
+    assert refused.value.code == 409
+    assert "TDMTest_TinyModel (node model) sits between" in json.loads(refused.value.read())["error"]
     # The jobs panel's Remove: DELETE forgets the finished job; its LoRAs stay for the user's workflows.
     assert server.request("DELETE", f"/tdm/jobs/{name}") == {"removed": record["id"], "name": name}
     with pytest.raises(urllib.error.HTTPError) as missing:
