@@ -508,3 +508,24 @@ def test_wan_workflow_trains_against_wans_own_negative_prompt(object_info):
     assert start["unconditional_prompt"] == negative and negative.startswith("色调艳丽")
     assert (start["width"], start["height"], start["frames"], start["gradient_checkpointing"]) == (832, 480, 33, True)
     assert (latent["width"], latent["height"], latent["length"]) == (832, 480, 33)
+
+
+@pytest.mark.parametrize("name", ["tdm_distillation", "tdm_sdxl_distill", "tdm_flux_distill", "tdm_wan21_distill"])
+def test_every_shipped_distillation_graph_can_go_headless(object_info, pack, name):
+    """What TDM Distill records from each example graph's queued prompt is a teacher the headless run rebuilds (the
+    jobs panel's Headless button): core loaders only, the workflow's own file names, accepted by the headless
+    teacher's own checks."""
+    from tdm_core.distill.teacher_files import FILE_FIELDS, TeacherFiles
+
+    trace = sys.modules[f"{pack.__name__}.nodes.headless_export"].trace_teacher_files
+    api = to_api(committed(name), object_info, {})
+    start = next(node_id for node_id, e in api.items() if e["class_type"] == "TDMDistillStart")
+    files = trace(api, start)
+    assert "error" not in files, files
+    TeacherFiles(**{k: v for k, v in files.items() if k in FILE_FIELDS})
+    loaders = {e["class_type"]: e["inputs"] for e in api.values()}
+    named = files.get("checkpoint") or files.get("diffusion_model")
+    assert named in (loaders.get("CheckpointLoaderSimple", {}).get("ckpt_name"),
+                     loaders.get("UNETLoader", {}).get("unet_name"))
+    if files.get("diffusion_model"):  # Flux's and Wan's text encoders come from their own loader
+        assert files["text_encoders"] and files["clip_type"]
