@@ -145,6 +145,19 @@ def test_fsdp_over_a_bfloat16_teacher_computes_what_data_parallelism_does(tmp_pa
     _assert_close_losses(_metrics(tmp_path / "fsdp"), _metrics(tmp_path / "ddp"))
 
 
+def _assert_fsdp_is_ddp_with_half_the_teacher(tmp_path: Path, settings: dict) -> None:
+    """The same run on 2 processes, data-parallel and sharded: each rank holds about half of the teacher, and the
+    adapters, optimiser states and losses agree within round-off."""
+    ddp = _summary(_torchrun(_write_cli_config(tmp_path / "ddp.json", tmp_path / "ddp", **settings)))
+    fsdp = _summary(_torchrun(_write_cli_config(tmp_path / "fsdp.json", tmp_path / "fsdp", parallel="fsdp",
+                                                **settings)))
+    whole = ddp["local_base_parameters"][0]
+    assert fsdp["sharded"] and sum(fsdp["local_base_parameters"]) == whole
+    assert all(0.4 * whole <= h <= 0.6 * whole for h in fsdp["local_base_parameters"])
+    _assert_close_states(checkpoint.load_checkpoint(tmp_path / "fsdp"), checkpoint.load_checkpoint(tmp_path / "ddp"))
+    _assert_close_losses(_metrics(tmp_path / "fsdp"), _metrics(tmp_path / "ddp"))
+
+
 def test_fsdp_on_comfyui_files_computes_what_data_parallelism_does(tmp_path):
     """The teacher most headless runs train: ComfyUI model files (a tiny SD3 MMDiT and a random CLIP-L, tdm_comfy's
     backend, ComfyUI's own network with its gradient checkpointing), sharded by its joint blocks. Against data
@@ -159,14 +172,7 @@ def test_fsdp_on_comfyui_files_computes_what_data_parallelism_does(tmp_path):
                              "base_directory": str(base), "comfyui_args": {"use_pytorch_cross_attention": True},
                              "diffusion_model": comfy_files.TINY_SD3_FILE, "text_encoders": [comfy_files.CLIP_L_FILE],
                              "clip_type": "sd3", "width": 64, "height": 64, "gradient_checkpointing": True})
-    ddp = _summary(_torchrun(_write_cli_config(tmp_path / "ddp.json", tmp_path / "ddp", **settings)))
-    fsdp = _summary(_torchrun(_write_cli_config(tmp_path / "fsdp.json", tmp_path / "fsdp", parallel="fsdp",
-                                                **settings)))
-    whole = ddp["local_base_parameters"][0]
-    assert fsdp["sharded"] and sum(fsdp["local_base_parameters"]) == whole
-    assert all(0.4 * whole <= h <= 0.6 * whole for h in fsdp["local_base_parameters"])
-    _assert_close_states(checkpoint.load_checkpoint(tmp_path / "fsdp"), checkpoint.load_checkpoint(tmp_path / "ddp"))
-    _assert_close_losses(_metrics(tmp_path / "fsdp"), _metrics(tmp_path / "ddp"))
+    _assert_fsdp_is_ddp_with_half_the_teacher(tmp_path, settings)
 
 
 def test_fsdp_on_a_flux_folder_computes_what_data_parallelism_does(tmp_path):
@@ -181,14 +187,7 @@ def test_fsdp_on_a_flux_folder_computes_what_data_parallelism_does(tmp_path):
                     batch_size=2, preview_every=0, checkpoint_every=0,
                     teacher={"factory": "tdm_core.distill.diffusers_folder:make_backend", "folder": str(folder),
                              "device": "cpu", "height": 16, "width": 16})
-    ddp = _summary(_torchrun(_write_cli_config(tmp_path / "ddp.json", tmp_path / "ddp", **settings)))
-    fsdp = _summary(_torchrun(_write_cli_config(tmp_path / "fsdp.json", tmp_path / "fsdp", parallel="fsdp",
-                                                **settings)))
-    whole = ddp["local_base_parameters"][0]
-    assert fsdp["sharded"] and sum(fsdp["local_base_parameters"]) == whole
-    assert all(0.4 * whole <= h <= 0.6 * whole for h in fsdp["local_base_parameters"])
-    _assert_close_states(checkpoint.load_checkpoint(tmp_path / "fsdp"), checkpoint.load_checkpoint(tmp_path / "ddp"))
-    _assert_close_losses(_metrics(tmp_path / "fsdp"), _metrics(tmp_path / "ddp"))
+    _assert_fsdp_is_ddp_with_half_the_teacher(tmp_path, settings)
 
 
 def test_fsdp_resume_equals_an_uninterrupted_run_and_moves_between_process_counts(tmp_path):
