@@ -132,7 +132,10 @@ def test_a_job_exported_to_a_headless_run_learns_the_same_lora(pack, comfy_folde
     assert set(job_lora) == set(run_lora) and job_lora
     worst = max((job_lora[k].float() - run_lora[k].float()).abs().max().item() for k in job_lora)
     print(f"max |job − headless| = {worst:.3g}")
-    assert worst <= 1e-6, worst
+    # Measured 2.9e-7. One AdamW step of the student moves a weight by up to its lr (2e-5 here): a different
+    # computation differs by steps, round-off by far less (this process runs torch on 2 threads, the headless
+    # subprocess on 1, so sums differ in order); half a step is the line between them.
+    assert worst <= 1e-5, worst
     assert any(job_lora[k].abs().max() > 0 for k in job_lora if "lora_B" in k or "lora_up" in k)
     for key in ("tdm.family", "tdm.sampler_preset", "tdm.timesteps", "tdm.steps", "tdm.recipe"):
         assert run_meta.get(key) == job_meta.get(key), key
@@ -160,7 +163,7 @@ def test_a_headless_run_continues_the_jobs_checkpoint(pack, comfy_folders, base,
     run_lora, _ = _lora(tmp_path / "headless" / "student_lora.safetensors")
     worst = max((job_lora[k].float() - run_lora[k].float()).abs().max().item() for k in job_lora)
     print(f"max |job − headless| = {worst:.3g}")
-    assert worst <= 1e-6, worst
+    assert worst <= 1e-5, worst  # as above (measured 1.0e-8)
 
 
 def test_a_graph_with_other_nodes_says_why_it_cannot_run_headless(pack):
