@@ -157,7 +157,18 @@ class _FluxAdapter(FamilyAdapter):
         return flux_schedule(latent_shape)
 
 
-class _CogVideoXAdapter(FamilyAdapter):
+class _VideoAdapter(FamilyAdapter):
+    """A video family: its training latent is a clip, [C, latent frames, H/8, W/8], `frames` long (its
+    DEFAULT_FRAMES for a record without one); tdm_core.families.video_latent_frames holds the 4k + 1 rule."""
+
+    DEFAULT_FRAMES = 33
+
+    def training_latent_shape(self, model, width: int, height: int, frames: int | None = None) -> tuple[int, ...]:
+        latent_frames = families.video_latent_frames(self.DEFAULT_FRAMES if frames is None else int(frames))
+        return int(model.model.latent_format.latent_channels), latent_frames, height // 8, width // 8
+
+
+class _CogVideoXAdapter(_VideoAdapter):
     """Newer ComfyUI's native CogVideoX (0.3.75 has none): the 2B only, sampled and trained on the 2B's own schedule.
 
     As a teacher: a video latent [16, (frames − 1)/4 + 1, H/8, W/8] (the network takes ComfyUI's [B, C, T, H, W] and
@@ -168,10 +179,7 @@ class _CogVideoXAdapter(FamilyAdapter):
     `c_concat`, no `ofs`), so the generic text-context path feeds the network what ComfyUI's sampling does.
     """
 
-    # CogVideoX's VAE: 8× spatial, 4× temporal with the first frame alone; the 2B's own clip is 49 frames (13 latent
-    # frames), its size 720×480.
-    DEFAULT_FRAMES = 49
-    TEMPORAL_COMPRESSION = 4
+    DEFAULT_FRAMES = 49  # the 2B's own clip (13 latent frames), at its size 720×480
 
     def available(self) -> bool:
         return hasattr(comfy.model_base, "CogVideoX")
@@ -183,12 +191,8 @@ class _CogVideoXAdapter(FamilyAdapter):
                 "(docs/headless.md); the TDM CogVideoX Loader's model is no MODEL TDM Distill can take")
 
     def training_latent_shape(self, model, width: int, height: int, frames: int | None = None) -> tuple[int, ...]:
-        frames = self.DEFAULT_FRAMES if frames is None else int(frames)
-        if frames < 1 or (frames - 1) % self.TEMPORAL_COMPRESSION:
-            raise ValueError(f"frames must be 4k + 1 (1, 5, …, 49) for CogVideoX's VAE, got {frames}")
-        shape = (int(model.model.latent_format.latent_channels), (frames - 1) // self.TEMPORAL_COMPRESSION + 1,
-                 height // 8, width // 8)
-        _check_stored_positions(model, shape, frames, width, height)
+        shape = super().training_latent_shape(model, width, height, frames)
+        _check_stored_positions(model, shape, self.DEFAULT_FRAMES if frames is None else int(frames), width, height)
         return shape
 
     def training_schedule(self, latent_shape: tuple[int, ...] | None) -> DiscreteSchedule:
@@ -208,7 +212,7 @@ class _CogVideoXAdapter(FamilyAdapter):
         return schedules.cogvideox_alphas_cumprod()
 
 
-class _WanAdapter(FamilyAdapter):
+class _WanAdapter(_VideoAdapter):
     """Wan 2.1 text-to-video (1.3B, 14B): a video latent, and diffusers-named LoRAs mapped onto its native names.
 
     The conditioning is ComfyUI's as it is: WAN21.extra_conds builds `c_crossattn` (the umt5 context, every prompt
@@ -217,21 +221,12 @@ class _WanAdapter(FamilyAdapter):
     the network; the negative prompt is the teacher's CFG unconditional (TDM Distill's `unconditional_prompt`).
     """
 
-    # Wan's VAE: 8× spatial and 4× temporal compression with the first frame alone, so F frames give (F − 1)/4 + 1
-    # latent frames. TDM Distill has no frames input yet: every job trains at this length (ComfyUI's Wan 2.1
-    # text-to-video example's 33 frames, 9 latent frames; Wan's own 81 frames are 2.3× the tokens of 33).
+    # For a record without frames: ComfyUI's Wan 2.1 text-to-video example's 33 frames, 9 latent frames (Wan's own
+    # 81 frames are 2.3× the tokens of 33), TDM Distill's frames default.
     DEFAULT_FRAMES = 33
-    TEMPORAL_COMPRESSION = 4
 
     def matches(self, model) -> bool:
         return wan_variant(model)[0] == self.family.name
-
-    def training_latent_shape(self, model, width: int, height: int, frames: int | None = None) -> tuple[int, ...]:
-        frames = self.DEFAULT_FRAMES if frames is None else int(frames)
-        if frames < 1 or (frames - 1) % self.TEMPORAL_COMPRESSION:
-            raise ValueError(f"frames must be 4k + 1 (1, 5, …, 33, …, 81) for Wan's VAE, got {frames}")
-        latent_frames = (frames - 1) // self.TEMPORAL_COMPRESSION + 1
-        return int(model.model.latent_format.latent_channels), latent_frames, height // 8, width // 8
 
     def prepare_for_training(self, network: torch.nn.Module) -> int:
         # Newer ComfyUI's Wan attention applies its rotary embedding with Flux's `apply_rope1`, the fused kernel

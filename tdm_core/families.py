@@ -307,6 +307,19 @@ def detect_lora(layout: LoraKeyLayout) -> str:
     return UNKNOWN
 
 
+# The video families' VAEs (Wan 2.1, CogVideoX) keep a clip's first frame alone and pack each further 4 into a latent
+# frame: a clip of F frames is (F − 1)/4 + 1 latent frames, and F must be 4k + 1.
+VIDEO_TEMPORAL_COMPRESSION = 4
+
+
+def video_latent_frames(frames: int) -> int:
+    """Latent frames of a `frames`-frame clip of a video family; ValueError unless frames is 4k + 1."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % VIDEO_TEMPORAL_COMPRESSION:
+        raise ValueError(f"frames must be 4k + 1 (1, 5, 9, …, 33, …, 49, …): the video VAE keeps the first frame, "
+                         f"then packs {VIDEO_TEMPORAL_COMPRESSION} per latent frame; got {frames!r}")
+    return (frames - 1) // VIDEO_TEMPORAL_COMPRESSION + 1
+
+
 def distillable() -> list[Family]:
     return [family for family in FAMILIES.values() if family.distillable]
 

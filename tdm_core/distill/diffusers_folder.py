@@ -250,10 +250,11 @@ def _wan(config, path: Path, dtype: torch.dtype, device: torch.device, frames, h
     if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
         raise ConfigError("teacher.folder is a Wan 2.2 two-expert pipeline (transformer_2 / boundary_ratio); the "
                           "diffusers-folder teacher takes Wan 2.1 text-to-video")
-    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1
-                               or (frames - 1) % 4):
-        raise ConfigError(f"teacher.frames must be 4k + 1 (Wan's VAE keeps the first frame, then 4 per latent "
-                          f"frame), got {frames!r}")
+    if frames is not None:
+        try:
+            families.video_latent_frames(frames)
+        except ValueError as error:
+            raise ConfigError(f"teacher.{error}") from None
     pipe = _load(WanPipeline, path, dtype, index)
     network = pipe.transformer
     if network.config.in_channels != 16 or getattr(network.config, "image_dim", None):

@@ -7,6 +7,7 @@ Data only (this module never imports ComfyUI): `tdm_comfy/teacher.py` loads what
 
 from __future__ import annotations
 
+from ..families import video_latent_frames
 from .config import ConfigError
 
 # The teacher options TDM Distill records beside its DistillConfig (nodes/distill_jobs.COMFY_OPTIONS) and their
@@ -88,7 +89,11 @@ def check_options(given: dict) -> dict:
     for key in ("width", "height"):
         if not 16 <= options[key] <= 4096 or options[key] % 16:
             raise ConfigError(f"teacher.{key} must be a multiple of 16 in [16, 4096] pixels, got {options[key]}")
-    if not 1 <= options["frames"] <= 257 or (options["frames"] - 1) % 4:
+    try:
+        valid = video_latent_frames(options["frames"]) and options["frames"] <= 257  # TDM Distill's own bound
+    except ValueError:
+        valid = False
+    if not valid:
         raise ConfigError(f"teacher.frames must be 4k + 1 in [1, 257] (video teachers), got {options['frames']}")
     if len(options["unconditional_prompt"]) > 100_000:
         raise ConfigError("teacher.unconditional_prompt is longer than 100000 characters")
