@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import NonFiniteWeightsError, find_checkpoint
+from .checkpoint import LORA_FILE, NonFiniteWeightsError, atomic_write_bytes, find_checkpoint
 from .config import ConfigError, DistillConfig
 from .trainer import NonFiniteTrainingError
 
@@ -161,6 +161,14 @@ def main(argv=None) -> int:
         torch.distributed.destroy_process_group()  # on every way out, a refused config included
 
 
+def _publish_lora_file(config: DistillConfig, trainer, out_dir: Path) -> None:
+    """`lora_file` gets the student LoRA just written to `out_dir` (process 0 copies its bytes: nothing is gathered or
+    exported a second time)."""
+    written = out_dir / LORA_FILE
+    if config.lora_file and trainer.rank == 0 and written.is_file():
+        atomic_write_bytes(Path(config.lora_file).expanduser(), written.read_bytes())
+
+
 def check_lora_file(config: DistillConfig, resuming: bool) -> None:
     """`lora_file` may be replaced only by a resumed run, and only when it holds a TDM student (its header says so):
     a fresh run never overwrites a file, and no run overwrites a LoRA it did not write."""
@@ -240,8 +248,7 @@ def _train(args, config: DistillConfig, *, distributed: bool) -> int:
             _write_preview(trainer, out_dir, preview_prompts)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             trainer.save_checkpoint(out_dir)
-            if config.lora_file and getattr(backend, "mode", "lora") == "lora":  # progress shows in ComfyUI too
-                trainer.export_student_lora(Path(config.lora_file).expanduser())
+            _publish_lora_file(config, trainer, out_dir)  # progress shows in ComfyUI too
 
     try:
         if config.preview_every and trainer.step_count == 0:
@@ -251,9 +258,8 @@ def _train(args, config: DistillConfig, *, distributed: bool) -> int:
             if not (config.checkpoint_every and trainer.step_count % config.checkpoint_every == 0):
                 trainer.save_checkpoint(out_dir)
             if getattr(backend, "mode", "lora") == "lora":  # every process: under FSDP the adapter is gathered
-                trainer.export_student_lora(out_dir / "student_lora.safetensors")
-                if config.lora_file:
-                    trainer.export_student_lora(Path(config.lora_file).expanduser())
+                trainer.export_student_lora(out_dir / LORA_FILE)
+                _publish_lora_file(config, trainer, out_dir)
         except (NonFiniteTrainingError, NonFiniteWeightsError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 3

@@ -520,13 +520,10 @@ class TDMTrainer:
         calls it: under FSDP the adapter is gathered from all of them."""
         from .checkpoint import student_lora, write_lora
 
-        if self.sharded:
-            tensors, metadata = student_lora(self)
-            return write_lora(path, tensors, metadata) if self.rank == 0 else None
-        if self.rank != 0:
+        if self.rank != 0 and not self.sharded:
             return None
-        tensors, metadata = student_lora(self)
-        return write_lora(path, tensors, metadata)
+        tensors, metadata = student_lora(self)  # under FSDP a collective: every process gathers
+        return write_lora(path, tensors, metadata) if self.rank == 0 else None
 
     def local_base_parameters(self) -> int | None:
         """Elements of the frozen teacher this process holds (under FSDP its shards'); None if the backend cannot
