@@ -111,7 +111,9 @@ def measure_comfy_job(mode: str) -> dict:
     distill_jobs = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.distill_jobs"]
     backend_module = sys.modules[distill_jobs.__name__.rsplit(".", 1)[0] + ".training_network"]
     if mode == "copy":
-        backend_module._alias = lambda tensor: tensor.detach().clone()  # the weights copied, as a deep copy did
+        import tdm_core.distill.backend as core_backend  # where every shared training tree takes its aliases
+
+        core_backend._alias = lambda tensor: tensor.detach().clone()  # the weights copied, as a deep copy did
     size = gpu.SIZES["real"]["sd15"]
     baseline = _rss_mb()
     model = gpu.build_model("sd15", size, torch.float32)  # random weights, built as a checkpoint loader node does

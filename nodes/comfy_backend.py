@@ -26,9 +26,9 @@ import copy
 
 import torch
 
-from tdm_core import families, presets, schedules
+from tdm_core import families, schedules
 from tdm_core.distill import DiscreteSchedule, PeftBackend
-from tdm_core.distill.grids import TrainingGrid, preset_grid
+from tdm_core.distill.grids import TrainingGrid, choose_grid
 from tdm_core.lora import tdm_metadata
 
 # What each family needs (LoRA targets, default preset, extra network inputs) is its registry entry and adapter.
@@ -63,20 +63,9 @@ def training_grid(model, family: str, grid: str, steps: int, total_steps: int = 
     is the training latent's, which Flux's schedule depends on."""
     model_sampling = model.get_model_object("model_sampling")
     schedule = family_adapters.adapter(family).training_schedule(latent_shape) or comfy_schedule(model_sampling)
-    if grid == "training_demo":
-        return TrainingGrid(schedule, None, "", f"training_demo N={total_steps} K={steps}")
-    name = families.FAMILIES[family].default_preset if grid == "auto" and family in families.FAMILIES else grid
-    if name == "auto":
-        raise ValueError(f"no TDM sampling preset for a {family} model; choose grid 'training_demo'")
-    preset = presets.get_preset(name)
-    parametrisation = model_parametrisation(model)
-    if preset.parametrisation != parametrisation:
-        raise ValueError(f"grid preset {name!r} is for {preset.parametrisation} models; this MODEL is "
-                         f"{parametrisation} ({family}); use grid 'auto'")
-    if not families.presets_fit(preset.family, family):
-        raise ValueError(f"grid preset {name!r} is for {preset.family} models; this MODEL is {family}; use grid 'auto'")
     multiplier = float(getattr(model_sampling, "multiplier", schedules.NUM_TRAIN_TIMESTEPS))
-    return preset_grid(schedule, name, steps, latent_shape=latent_shape, multiplier=multiplier)
+    return choose_grid(schedule, family, model_parametrisation(model), grid, steps, total_steps,
+                       latent_shape=latent_shape, multiplier=multiplier, teacher="MODEL")
 
 
 def teacher_fingerprint(network: torch.nn.Module, family: str, parametrisation: str, latent_channels: int) -> dict:
@@ -127,27 +116,9 @@ class ComfyBackend(PeftBackend):
         return out.float()
 
     def to(self, device: torch.device, keep: frozenset[int] = frozenset()) -> None:
-        """Moves the network (with its adapters) and the encoded prompts; used to park a waiting job on the CPU.
-        Tensors whose memory is in `keep` stay where they are: weights ComfyUI still holds itself (parking them
-        would free nothing on the device and add a copy on the CPU)."""
-        device = torch.device(device)
-        for table, name, tensor in self.tensors_to_move(device, keep):
-            if isinstance(tensor, torch.nn.Parameter):
-                tensor.data = tensor.data.to(device)  # the same Parameter: the optimiser's references stay valid
-            else:
-                table[name] = tensor.to(device)
-        self.device = device
+        """PeftBackend.to, and the prompts encoded when the job started go along."""
+        super().to(device, keep)
         self._conds = {p: {k: v.to(self.device) for k, v in c.items()} for p, c in self._conds.items()}
-        self._cond_cache.clear()
-
-    def tensors_to_move(self, device: torch.device, keep: frozenset[int] = frozenset()):
-        """(table, name, tensor) of each parameter and buffer `to(device, keep)` moves: those not on `device` yet
-        whose memory is not in `keep`."""
-        for module in self.model.modules():
-            for table in (module._parameters, module._buffers):
-                for name, tensor in table.items():
-                    if tensor is not None and tensor.device != device and tensor.data_ptr() not in keep:
-                        yield table, name, tensor
 
 
 # Pixels per latent cell of the models TDM distils (SD1.5, SD3, Wan): the latent preview is shown at image size.

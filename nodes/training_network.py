@@ -4,12 +4,12 @@ ComfyUI's Cancel button, with gradient checkpointing over each family's repeated
 from __future__ import annotations
 
 import contextlib
-import copy
 import types
 
 import torch
 
 from tdm_core import families
+from tdm_core.distill.backend import shared_weights_copy
 
 
 def training_network(model, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
@@ -30,32 +30,9 @@ def training_network(model, device: torch.device, dtype: torch.dtype | None) -> 
     # Applies the MODEL's patches (LoRAs on the teacher) to the weights on ComfyUI's device. For train_on_cpu on a
     # GPU machine the weights are then on the GPU once (ComfyUI's own) and the job's copy is made straight to the CPU.
     comfy.model_management.load_models_gpu([model], force_full_load=True)
-    source = model.model.diffusion_model
-    with torch.inference_mode(False):
-        memo = {}
-        for parameter in source.parameters():
-            memo[id(parameter)] = torch.nn.Parameter(_alias(parameter), requires_grad=False)
-        for buffer in source.buffers():
-            memo[id(buffer)] = _alias(buffer)
-        network = copy.deepcopy(source, memo)  # copies modules and attributes; the weights come from the memo
-        network.to(device=device, dtype=dtype) if dtype is not None else network.to(device=device)
-    network.requires_grad_(False)
-    network.eval()
+    network = shared_weights_copy(model.model.diffusion_model, device, dtype)
     make_uninterruptible(network)
     return network
-
-
-def _alias(tensor: torch.Tensor) -> torch.Tensor:
-    """A normal tensor on the same memory as `tensor`. ComfyUI loads weights under torch.inference_mode(), and
-    autograd refuses to save an inference tensor for backward (every frozen Linear's weight is saved to compute the
-    input's gradient); a plain tensor viewing the same storage is allowed. A tensor subclass (quantized weights)
-    is copied instead: its storage is not its values."""
-    data = tensor.detach()
-    if type(data) is not torch.Tensor:
-        return data.clone()
-    alias = torch.empty(0, dtype=data.dtype, device=data.device)
-    alias.set_(data.untyped_storage(), data.storage_offset(), data.size(), data.stride())
-    return alias
 
 
 def weight_memory(network: torch.nn.Module) -> frozenset[int]:

@@ -66,6 +66,40 @@ class TeacherBackend(Protocol):
     def load_adapter_state_dict(self, adapter: Adapter, state: dict[str, torch.Tensor]) -> None: ...
 
 
+def shared_weights_copy(source: torch.nn.Module, device: torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A module tree of its own whose frozen weights *are* `source`'s tensors (no copy), unless `device` or `dtype`
+    asks for another placement, and then only the converted copy exists there. A job trains adapters into it (peft
+    wraps the layers it adapts) while `source` goes on sampling unchanged; the process holds the teacher once. Safe
+    because the holders of `source` (ComfyUI, a diffusers pipeline) never write into a weight: moving or patching one
+    replaces its tensor, so the copy keeps the values it started with."""
+    with torch.inference_mode(False):
+        memo = {}
+        for parameter in source.parameters():
+            memo[id(parameter)] = torch.nn.Parameter(_alias(parameter), requires_grad=False)
+        for buffer in source.buffers():
+            memo[id(buffer)] = _alias(buffer)
+        network = copy.deepcopy(source, memo)  # copies modules and attributes; the weights come from the memo
+        if device is not None or dtype is not None:
+            network.to(device=device, dtype=dtype) if dtype is not None else network.to(device=device)
+    network.requires_grad_(False)
+    network.eval()
+    return network
+
+
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor on the same memory as `tensor`. ComfyUI nodes load weights under torch.inference_mode(), and
+    autograd refuses to save an inference tensor for backward (every frozen Linear's weight is saved to compute the
+    input's gradient); a plain tensor viewing the same storage is allowed. A tensor subclass (quantized weights)
+    is copied instead: its storage is not its values."""
+    data = tensor.detach()
+    if type(data) is not torch.Tensor:
+        return data.clone()
+    alias = torch.empty(0, dtype=data.dtype, device=data.device)
+    alias.set_(data.untyped_storage(), data.storage_offset(), data.size(), data.stride())
+    return alias
+
+
 def concat_conds(a: Any, b: Any) -> Any:
     """Batch-concatenates two conditionings of the same structure (tensor, dict, list/tuple of them, None)."""
     if a is None and b is None:
@@ -228,6 +262,34 @@ class PeftBackend:
                         setattr(module, name, buffer.to(dtype))
         self.compute_dtype = dtype
 
+    # ---- placement ---------------------------------------------------------------------------------------------
+    #: Where `to` put the network; encoded prompts are brought there. None: where `encode` returns them.
+    device: torch.device | None = None
+
+    def to(self, device: torch.device, keep: frozenset[int] = frozenset()) -> None:
+        """Moves the network with its adapters (a job parks a waiting one on the CPU, then brings it back). Each
+        Parameter stays the same object, so an optimiser's references stay valid. Tensors whose memory is in `keep`
+        stay where they are: weights another holder keeps on the device itself (parking them would free nothing there
+        and add a copy on the CPU)."""
+        device = torch.device(device)
+        for table, name, tensor in self.tensors_to_move(device, keep):
+            if isinstance(tensor, torch.nn.Parameter):
+                tensor.data = tensor.data.to(device)
+            else:
+                table[name] = tensor.to(device)
+        self.device = device
+        self._cond_cache.clear()
+
+    def tensors_to_move(self, device: torch.device, keep: frozenset[int] = frozenset()):
+        """(table, name, tensor) of each parameter and buffer `to(device, keep)` moves: those not on `device` yet
+        whose memory is not in `keep`."""
+        for model in {id(m): m for m in self._models.values()}.values():
+            for module in model.modules():
+                for table in (module._parameters, module._buffers):
+                    for name, tensor in table.items():
+                        if tensor is not None and tensor.device != device and tensor.data_ptr() not in keep:
+                            yield table, name, tensor
+
     # ---- conditioning ------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> Any:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
@@ -235,7 +297,8 @@ class PeftBackend:
             with torch.no_grad():
                 encoded = self._encode(missing)
             for i, prompt in enumerate(missing):
-                self._cond_cache[prompt] = _index_cond(encoded, i)
+                cond = _index_cond(encoded, i)
+                self._cond_cache[prompt] = cond if self.device is None else _cond_to(cond, self.device)
         return _stack_conds([self._cond_cache[p] for p in prompts])
 
     def uncond(self, batch: int) -> Any:
@@ -345,6 +408,16 @@ class PeftBackend:
                 lora_config = {f"{component}.{k}": v for k, v in lora_config.items()}
             metadata[lora_metadata.DIFFUSERS_METADATA_KEY] = json.dumps(lora_config)
         return tensors, metadata
+
+
+def _cond_to(cond: Any, device: torch.device) -> Any:
+    if isinstance(cond, torch.Tensor):
+        return cond.to(device)
+    if isinstance(cond, dict):
+        return {k: _cond_to(v, device) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_cond_to(v, device) for v in cond)
+    return cond
 
 
 def _index_cond(cond: Any, i: int) -> Any:

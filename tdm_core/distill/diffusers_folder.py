@@ -84,44 +84,70 @@ def make_backend(config=None, folder: str = "", dtype: str = "float32", device: 
 def _cogvideox(config, path: Path, dtype: torch.dtype, device: torch.device, frames, height, width):
     from diffusers import CogVideoXPipeline
 
-    from ..cogvideox import check_frame_count
-
     pipe = CogVideoXPipeline.from_pretrained(path, torch_dtype=dtype)
-    transformer = pipe.transformer
-    if getattr(transformer.config, "patch_size_t", None) or transformer.config.use_rotary_positional_embeddings:
-        raise ConfigError("teacher.folder is a CogVideoX 1.5 / 5B (rotary positions or temporal patches); the "
-                          "diffusers-folder teacher takes CogVideoX-2B")
-    if pipe.transformer.config.in_channels != 16:
-        raise ConfigError("teacher.folder is an image-to-video CogVideoX; the teacher takes text-to-video CogVideoX-2B")
-    spatial = pipe.vae_scale_factor_spatial
-    latent_frames = (check_frame_count(frames) if frames else
-                     (transformer.config.sample_frames - 1) // transformer.config.temporal_compression_ratio + 1)
-    latent_h = height // spatial if height else transformer.config.sample_height
-    latent_w = width // spatial if width else transformer.config.sample_width
-    prompts = list(dict.fromkeys([*(config.prompts if config is not None else []), ""]))
-    encoded = {}
-    with torch.no_grad():
-        for prompt in prompts:  # once each, on the folder's own text encoder; the job never needs it again
-            embedding, _ = pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False,
-                                              num_videos_per_prompt=1, device=torch.device("cpu"), dtype=dtype)
-            encoded[prompt] = embedding[0]
+    check_cogvideox_2b(pipe.transformer, "teacher.folder")
+    latent = cogvideox_latent_shape(pipe, frames, height, width)
+    encoded = encode_cogvideox_prompts(pipe, config.prompts if config is not None else [])
     schedule = DiscreteSchedule.from_diffusers_scheduler(pipe.scheduler)
+    transformer = pipe.transformer
     del pipe  # the text encoder and VAE go; the transformer stays as the teacher
     transformer.to(device)
+    return cogvideox_backend(config, transformer, schedule, encoded, latent, device)
 
+
+def check_cogvideox_2b(transformer, what: str) -> None:
+    """Refuses a CogVideoX that is not the 2B text-to-video model (the one the TDM recipe and its grid are for);
+    `what` names where it came from in the error."""
+    if getattr(transformer.config, "patch_size_t", None) or transformer.config.use_rotary_positional_embeddings:
+        raise ConfigError(f"{what} is a CogVideoX 1.5 / 5B (rotary positions or temporal patches); the teacher takes "
+                          "CogVideoX-2B")
+    if transformer.config.in_channels != 16:
+        raise ConfigError(f"{what} is an image-to-video CogVideoX; the teacher takes text-to-video CogVideoX-2B")
+
+
+def cogvideox_latent_shape(pipe, frames: int | None, height: int | None, width: int | None) -> tuple[int, ...]:
+    """The training latent of a CogVideoX pipeline, [latent frames, C, H/8, W/8] as its transformer reads it (default:
+    the transformer's own sample size)."""
+    from ..cogvideox import check_frame_count
+
+    config = pipe.transformer.config
+    spatial = pipe.vae_scale_factor_spatial
+    latent_frames = (check_frame_count(frames) if frames else
+                     (config.sample_frames - 1) // config.temporal_compression_ratio + 1)
+    return (latent_frames, config.in_channels, height // spatial if height else config.sample_height,
+            width // spatial if width else config.sample_width)
+
+
+def encode_cogvideox_prompts(pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Each prompt and the empty one, encoded once by the pipeline's own T5 as its sampling feeds the transformer
+    ({prompt: [tokens, width]} on the CPU, in the transformer's dtype); the job never needs the encoder again."""
+    encoded = {}
+    with torch.no_grad():
+        for prompt in dict.fromkeys([*prompts, ""]):
+            embedding, _ = pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False,
+                                              num_videos_per_prompt=1, device=pipe._execution_device,
+                                              dtype=pipe.transformer.dtype)
+            encoded[prompt] = embedding[0].cpu()
+    return encoded
+
+
+def cogvideox_backend(config, transformer, schedule: DiscreteSchedule, encoded: dict[str, torch.Tensor],
+                      latent_shape: tuple[int, ...], device: torch.device | None = None):
+    """A CogVideoX transformer as the run's teacher (v-prediction on `schedule`), prompts from `encoded`: on `device`,
+    or left on the CPU for `PeftBackend.to` to place with the network."""
     def encode(batch: list[str]) -> dict:
         missing = [p for p in batch if p not in encoded]
         if missing:
             raise KeyError(f"prompt {missing[0]!r} was not encoded when the teacher was built")
-        return {"encoder_hidden_states": torch.stack([encoded[p] for p in batch]).to(device)}
+        states = torch.stack([encoded[p] for p in batch])
+        return {"encoder_hidden_states": states if device is None else states.to(device)}
 
     settings = {} if config is None else {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
                                           "mode": config.mode, "adapter_seed": config.seed}
     if config is not None and config.lora_target_modules:
         settings["target_modules"] = list(config.lora_target_modules)
     return diffusers_backend(transformer, schedule=schedule, encode=encode, parametrisation="v",
-                             latent_shape=(latent_frames, transformer.config.in_channels, latent_h, latent_w),
-                             **settings)
+                             latent_shape=latent_shape, **settings)
 
 
 # ---------------------------------------------------------------------------------------------------------------

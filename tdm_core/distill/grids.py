@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import presets, schedules
+from .. import families, presets, schedules
 from .schedule import DiscreteSchedule
 
 
@@ -40,6 +40,27 @@ def preset_grid(schedule: DiscreteSchedule, name: str, steps: int, *, latent_sha
         return TrainingGrid(pinned, indices, name, f"{name}: σ {', '.join(f'{s:.4f}' for s in flow.sigmas[:-1])}")
     timesteps = list(schedules.grid_timesteps(preset.grid, steps, shift=preset.shift))
     return TrainingGrid(schedule, timesteps, name, f"{name}: t {', '.join(map(str, timesteps))}")
+
+
+def choose_grid(schedule: DiscreteSchedule, family: str, parametrisation: str, grid: str, steps: int,
+                total_steps: int = schedules.TRAINING_DEMO_TOTAL_STEPS, *, latent_shape: tuple[int, ...] | None = None,
+                multiplier: float = schedules.NUM_TRAIN_TIMESTEPS, teacher: str = "teacher") -> TrainingGrid:
+    """The training grid of a grid choice (TDM Distill's `grid`): "auto" (the family's preset), a preset name, or
+    "training_demo" (t_k = N−1−k·N/K, sampled with the TDM Scheduler's training_demo grid). A preset of another
+    parametrisation or family is refused, naming `teacher` (what the user connected)."""
+    if grid == "training_demo":
+        return TrainingGrid(schedule, None, "", f"training_demo N={total_steps} K={steps}")
+    name = families.FAMILIES[family].default_preset if grid == "auto" and family in families.FAMILIES else grid
+    if name == "auto":
+        raise ValueError(f"no TDM sampling preset for a {family} model; choose grid 'training_demo'")
+    preset = presets.get_preset(name)
+    if preset.parametrisation != parametrisation:
+        raise ValueError(f"grid preset {name!r} is for {preset.parametrisation} models; this {teacher} is "
+                         f"{parametrisation} ({family}); use grid 'auto'")
+    if not families.presets_fit(preset.family, family):
+        raise ValueError(f"grid preset {name!r} is for {preset.family} models; this {teacher} is {family}; use grid "
+                         "'auto'")
+    return preset_grid(schedule, name, steps, latent_shape=latent_shape, multiplier=multiplier)
 
 
 def flux_schedule(latent_shape: tuple[int, ...]) -> DiscreteSchedule:
