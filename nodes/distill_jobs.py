@@ -23,7 +23,7 @@ import torch
 from tdm_core import families, jobs, recipes, schedules
 from tdm_core.distill import ConfigError, DistillConfig
 
-from . import comfy_backend, conditioning, family_adapters, inputs, recipe_inputs, training_network
+from . import cogvideox_teacher, comfy_backend, conditioning, family_adapters, inputs, recipe_inputs, training_network
 
 NO_FILE = "(none)"
 
@@ -162,8 +162,13 @@ def settings_from_inputs(values: dict, prompts: list[str], family: str, grid=Non
     return JobSettings(config, comfy, recipe_inputs.description(recipe, changed), grid.description if grid else "")
 
 
-def new_job_settings(model, values: dict, prompts: list[str]) -> JobSettings:
-    """A new job's settings from TDM Distill's inputs and the teacher MODEL (its family and training grid)."""
+def new_job_settings(model, values: dict, prompts: list[str], cogvideox=None) -> JobSettings:
+    """A new job's settings from TDM Distill's inputs and the teacher: a MODEL, or TDM CogVideoX Loader's pipeline
+    (`cogvideox`, with model None); its family and training grid."""
+    if cogvideox is not None:
+        cogvideox_teacher.check_teacher(cogvideox)
+        _, grid = cogvideox_teacher.training_grid(cogvideox, values, int(values["steps"]))
+        return settings_from_inputs(values, prompts, cogvideox_teacher.FAMILY, grid)
     family = family_adapters.model_family(model)
     family_adapters.check_distillable(model, family)
     _, grid = _training_grid(model, family, values, int(values["steps"]))
@@ -190,6 +195,9 @@ def recorded_settings(record: jobs.JobRecord, values: dict, model, check: Callab
                              "DistillConfig fields; start a new job under another output name")
         return JobSettings(config, comfy, str(settings.get("recipe_description", "")),
                            str(settings.get("grid_description", "")), settings.get("teacher_files"))
+    if model is None:  # jobs on TDM CogVideoX Loader's pipeline were never recorded in the older shape
+        raise ValueError(f"the record of TDM job {record.id} '{record.name}' has no DistillConfig; start a new job "
+                         "under another output name")
     old = dict(settings)
     prompts = recorded_prompts(old.get("prompt_list"), record)
     for key, value in values.items():
@@ -233,13 +241,14 @@ def build_runtime(model, clip, settings: dict, prompts: list[str], vae=None):
     return job_runtime(model, clip, new_job_settings(model, settings, prompts), vae)
 
 
-def job_runtime(model, clip, job: JobSettings, vae=None):
-    """The job's runtime from the teacher MODEL/CLIP and its settings: (runtime, teacher fingerprint, grid).
-    Runs on the prompt executor's thread (CLIP encoding, building the training network on ComfyUI's loaded weights
-    and adapter creation use ComfyUI's memory manager and the process RNG)."""
-    import comfy.model_management
-
+def job_runtime(model, clip, job: JobSettings, vae=None, cogvideox=None):
+    """The job's runtime from the teacher MODEL/CLIP (or TDM CogVideoX Loader's pipeline, `cogvideox`) and its
+    settings: (runtime, teacher fingerprint, grid). Runs on the prompt executor's thread (CLIP encoding, building the
+    training network on ComfyUI's loaded weights and adapter creation use ComfyUI's memory manager and the process
+    RNG)."""
     config, options = job.config, job.comfy
+    if cogvideox is not None:
+        return _pipe_job_runtime(cogvideox, job)
     family = family_adapters.model_family(model)
     family_adapters.check_distillable(model, family)
     parametrisation = comfy_backend.model_parametrisation(model)
@@ -251,11 +260,7 @@ def job_runtime(model, clip, job: JobSettings, vae=None):
     except ConfigError as error:
         raise ValueError(f"TDM Distill (recipe {config.recipe}): {error}") from None
 
-    offload = options["offload"]
-    if offload == "unload_comfy_models":
-        comfy.model_management.unload_all_models()
-        comfy.model_management.soft_empty_cache()
-    device = torch.device("cpu") if offload == "train_on_cpu" else comfy.model_management.get_torch_device()
+    device = _device(options["offload"])
     conds = conditioning.encode_prompts(clip, config.prompts, options["unconditional_prompt"], model=model,
                                          family=family, latent_shape=latent_shape)
     conditioning.release_text_encoders(clip)  # before the teacher is made ready, so both never share the device
@@ -276,6 +281,39 @@ def job_runtime(model, clip, job: JobSettings, vae=None):
     metadata = comfy_backend.family_metadata(grid.preset, family, recipe_changes=options.get("recipe_changes", []))
     runtime = ComfyRuntime(backend, config, device, preview, metadata, comfy_model=model.model)
     return runtime, teacher, grid
+
+
+def _device(offload: str) -> torch.device:
+    import comfy.model_management
+
+    if offload == "unload_comfy_models":
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+    return torch.device("cpu") if offload == "train_on_cpu" else comfy.model_management.get_torch_device()
+
+
+def _pipe_job_runtime(pipe, job: JobSettings):
+    """job_runtime for a teacher from TDM CogVideoX Loader (nodes/cogvideox_teacher.py)."""
+    config, options = job.config, job.comfy
+    if config.family != cogvideox_teacher.FAMILY:
+        raise ValueError(f"this job distils a {config.family} teacher; TDM Distill's cogvideox input holds a "
+                         "CogVideoX pipeline: connect the job's own teacher to model and clip")
+    if options["unconditional_prompt"]:
+        raise ValueError("a CogVideoX teacher's unconditional prompt is the empty one (CogVideoX samples with an "
+                         "empty negative prompt by default); leave unconditional_prompt empty")
+    cogvideox_teacher.check_teacher(pipe)
+    latent_shape, grid = cogvideox_teacher.training_grid(pipe, options, config.steps)
+    try:
+        config.validate(num_timesteps=grid.schedule.num_timesteps)
+    except ConfigError as error:
+        raise ValueError(f"TDM Distill (recipe {config.recipe}): {error}") from None
+    device = _device(options["offload"])
+    teacher = cogvideox_teacher.teacher_fingerprint(pipe)
+    backend = cogvideox_teacher.build_backend(pipe, config, options, device, latent_shape, grid)
+    preview = cogvideox_teacher.preview_decoder(pipe, device)
+    metadata = comfy_backend.family_metadata(grid.preset, config.family,
+                                             recipe_changes=options.get("recipe_changes", []))
+    return ComfyRuntime(backend, config, device, preview, metadata), teacher, grid
 
 
 def recorded_prompts(prompts, record: jobs.JobRecord) -> list[str]:
@@ -303,16 +341,18 @@ def edited_settings(recorded: JobSettings, queued: JobSettings) -> list[str]:
 
 
 def start_job(manager: jobs.JobManager, model, clip, values: dict, vae=None, *,
-              check_record: Callable[[dict], None], teacher_files: dict | None = None) -> jobs.JobRecord:
+              check_record: Callable[[dict], None], teacher_files: dict | None = None,
+              cogvideox=None) -> jobs.JobRecord:
     """Everything TDM Distill does with its inputs (nodes/trainer.py): a new job, or the job of that output name
-    continued or refused; raises ValueError with the reason to refuse. `check_record` checks an older record's
-    widget values by the node's own rules (job.json is data on disk). `teacher_files`: the loader files the queued
-    graph feeds the teacher from (nodes/headless_export.py), recorded for a headless export."""
+    continued or refused; raises ValueError with the reason to refuse. The teacher is the MODEL and CLIP, or TDM
+    CogVideoX Loader's pipeline `cogvideox` (model and clip None). `check_record` checks an older record's widget
+    values by the node's own rules (job.json is data on disk). `teacher_files`: the loader files the queued graph
+    feeds the teacher from (nodes/headless_export.py), recorded for a headless export."""
     name = jobs.validate_output_name(values["output_name"], manager.loras_dir)
     existing = manager.find(name)
     prompts = read_prompts(values["prompts"], values["prompts_file"])
     if existing is None:
-        job = new_job_settings(model, values, prompts)
+        job = new_job_settings(model, values, prompts, cogvideox)
     else:
         # The job's own settings (a record written before converted), checked by the node's rules: job.json is data
         # on disk.
@@ -340,7 +380,7 @@ def start_job(manager: jobs.JobManager, model, clip, values: dict, vae=None, *,
         # after running out of it; how often to save).
         job = with_run_options(recorded, values)
 
-    runtime, teacher, grid = job_runtime(model, clip, job, vae)
+    runtime, teacher, grid = job_runtime(model, clip, job, vae, cogvideox)
     job.grid_description = grid.description
     if teacher_files is not None:  # this queue's graph: a resumed job may have been renamed or moved files since
         job.teacher_files = teacher_files

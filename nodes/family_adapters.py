@@ -185,10 +185,9 @@ class _CogVideoXAdapter(_VideoAdapter):
         return hasattr(comfy.model_base, "CogVideoX")
 
     def unavailable_note(self) -> str:
-        return ("CogVideoX-2B is a TDM Distill teacher only on a ComfyUI with native CogVideoX (newer than 0.3.75: "
-                "Load Diffusion Model + Load CLIP type cogvideox + Load VAE); on this ComfyUI distil it headless "
-                "from its diffusers folder with the teacher factory tdm_core.distill.diffusers_folder:make_backend "
-                "(docs/headless.md); the TDM CogVideoX Loader's model is no MODEL TDM Distill can take")
+        return ("CogVideoX-2B is a MODEL teacher only on a ComfyUI with native CogVideoX (newer than 0.3.75: Load "
+                "Diffusion Model + Load CLIP type cogvideox + Load VAE); on this ComfyUI connect TDM CogVideoX Loader "
+                "(lora_name none) to TDM Distill's cogvideox input instead of model and clip")
 
     def training_latent_shape(self, model, width: int, height: int, frames: int | None = None) -> tuple[int, ...]:
         shape = super().training_latent_shape(model, width, height, frames)

@@ -10,8 +10,12 @@ The export checks that record again (job.json is data on disk) by the headless t
 
 from __future__ import annotations
 
-from tdm_core import jobs
+import os
+
+from tdm_core import jobs, validation
 from tdm_core.distill.teacher_files import FILE_FIELDS, OPTION_DEFAULTS, TeacherFiles
+
+from .cogvideox_teacher import PIPE_INPUT
 
 # Loader nodes a headless run rebuilds, by ComfyUI class name → the input holding the file name.
 _LORA_NODES = {"LoraLoader", "LoraLoaderModelOnly"}
@@ -87,6 +91,9 @@ def trace_teacher_files(prompt, node_id) -> dict:
         if not isinstance(prompt, dict) or str(node_id) not in prompt:
             raise NotTraceable("the queued graph was not available to TDM Distill")
         _, inputs = _node(prompt, (str(node_id), 0))
+        pipe = _link(inputs.get(PIPE_INPUT))
+        if pipe is not None:
+            return _trace_cogvideox(prompt, pipe)
         found: dict = {"loras": {}}
         _walk(prompt, _link(inputs.get("model")), "model", found)
         _walk(prompt, _link(inputs.get("clip")), "clip", found)
@@ -104,6 +111,53 @@ def trace_teacher_files(prompt, node_id) -> dict:
         return {"error": str(error)}
 
 
+# TDM CogVideoX Loader's dtype names → the diffusers-folder teacher's (DistillConfig's dtype names)
+_PIPE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _trace_cogvideox(prompt: dict, link: tuple[str, int]) -> dict:
+    """A teacher on TDM Distill's cogvideox input: the diffusers folder TDM CogVideoX Loader loads, which the headless
+    diffusers-folder teacher loads the same way."""
+    class_type, inputs = _node(prompt, link)
+    if class_type != "TDMCogVideoXLoader":
+        raise NotTraceable(f"TDM Distill's cogvideox comes from {class_type} (node {link[0]}); a headless run loads "
+                           "the folder of a TDM CogVideoX Loader")
+    folder = _widget(inputs, "model_folder", link[0], class_type)
+    dtype = _widget(inputs, "dtype", link[0], class_type)
+    if not isinstance(folder, str) or dtype not in _PIPE_DTYPES:
+        raise NotTraceable(f"{class_type} (node {link[0]}) holds no folder name and dtype a headless run can use")
+    return {"diffusers_folder": folder, "dtype": _PIPE_DTYPES[dtype]}
+
+
+def _folder_teacher(record: jobs.JobRecord, files: dict, comfy: dict) -> dict:
+    """The diffusers-folder teacher of a job on TDM CogVideoX Loader's pipeline: the folder as this ComfyUI resolves
+    it (its models/diffusers roots, a name the loader lists), the job's size and dtype."""
+    import folder_paths
+
+    name, dtype = files.get("diffusers_folder"), files.get("dtype")
+    who = f"TDM job {record.id} '{record.name}'"
+    try:
+        validation.lexical_relative(name, "teacher_files.diffusers_folder")
+    except validation.ValidationError as error:
+        raise ValueError(f"{who} holds an unusable teacher record: {error}") from None
+    if dtype not in _PIPE_DTYPES.values():
+        raise ValueError(f"{who} holds an unusable teacher record: dtype {str(dtype)[:40]!r}")
+    for root in folder_paths.get_folder_paths("diffusers"):
+        candidate = os.path.realpath(os.path.join(root, name))
+        if os.path.commonpath([os.path.realpath(root), candidate]) == os.path.realpath(root) and os.path.isfile(
+                os.path.join(candidate, "model_index.json")):
+            break
+    else:
+        raise ValueError(f"{who}: its teacher folder {name!r} is no longer under models/diffusers")
+    if comfy.get("dtype") in _PIPE_DTYPES.values():  # TDM Distill's own dtype wins over the loader's, as in the job
+        dtype = comfy["dtype"]
+    teacher = {"factory": "tdm_core.distill.diffusers_folder:make_backend", "folder": candidate, "dtype": dtype}
+    for key in ("width", "height", "frames"):
+        if isinstance(comfy.get(key), int):
+            teacher[key] = comfy[key]
+    return teacher
+
+
 def headless_config(record: jobs.JobRecord, comfyui_dir: str, output_dir: str) -> dict:
     """The run config of `record`'s job: its DistillConfig as recorded, the teacher built from the traced files with
     the job's ComfyUI options, written to `output_dir`. Raises ValueError when the job cannot run headless."""
@@ -119,15 +173,18 @@ def headless_config(record: jobs.JobRecord, comfyui_dir: str, output_dir: str) -
                          "before jobs recorded them); queue its workflow again with if_exists = resume")
     if "error" in files:
         raise ValueError(f"TDM job {record.id} '{record.name}' cannot run headless: {str(files['error'])[:300]}")
-    fields = {k: files[k] for k in FILE_FIELDS if k in files}
-    try:
-        TeacherFiles(**fields)  # the headless teacher's own checks, on data read back from disk
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"TDM job {record.id} '{record.name}' holds an unusable teacher record: {error}") from None
-    teacher = {"factory": "tdm_comfy.teacher:make_backend", "comfyui_dir": comfyui_dir, **fields}
-    for key in OPTION_DEFAULTS:
-        if key in comfy:
-            teacher[key] = comfy[key]
+    if "diffusers_folder" in files:
+        teacher = _folder_teacher(record, files, comfy)
+    else:
+        fields = {k: files[k] for k in FILE_FIELDS if k in files}
+        try:
+            TeacherFiles(**fields)  # the headless teacher's own checks, on data read back from disk
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"TDM job {record.id} '{record.name}' holds an unusable teacher record: {error}") from None
+        teacher = {"factory": "tdm_comfy.teacher:make_backend", "comfyui_dir": comfyui_dir, **fields}
+        for key in OPTION_DEFAULTS:
+            if key in comfy:
+                teacher[key] = comfy[key]
     data = config.to_dict()
     data.update(output_dir=output_dir, checkpoint_every=record.save_every or data["checkpoint_every"],
                 preview_every=record.preview_every, keep_last=config.keep_last, teacher=teacher)

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 
+from tdm_core import cogvideox as video_core  # not `cogvideox`: that is the node's input name
 from tdm_core import jobs
+from tdm_core.lora import LoraFileError, LoraMismatchError
 
 from . import categories, inputs, job_runtime, lora_patching
+from .cogvideox_teacher import COGVIDEOX_PIPE
 
 USES = ["finished", "latest"]
 _SETTLED = ("finished", "stopped", "failed")
@@ -167,4 +170,63 @@ class TDMDistillLoraLoader(io.ComfyNode):
         return io.NodeOutput(application.model, application.clip, record.latest_lora, ui=ui.PreviewText(report))
 
 
-NODES: list = [TDMDistillLoraLoader]
+class TDMCogVideoXDistillLora(io.ComfyNode):
+    """TDM LoRA from Distill Job for TDM CogVideoX Loader's pipeline (a CogVideoX-2B job on ComfyUI 0.3.75)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TDMCogVideoXDistillLora",
+            display_name="TDM CogVideoX LoRA from Distill Job",
+            category=categories.LOADERS,
+            description=(
+                "Loads the student LoRA of a TDM distillation job onto TDM CogVideoX Loader's pipeline, so one "
+                "workflow distils CogVideoX-2B and samples the student with TDM CogVideoX Sampler. The pipeline it "
+                "returns shares the loaded weights (no second copy); the input pipeline stays the teacher. "
+                "'finished' waits for the job to end (Cancel ends the wait, not the job); 'latest' takes the newest "
+                "LoRA the job has saved."
+            ),
+            inputs=[
+                COGVIDEOX_PIPE.Input("cogvideox", tooltip="The CogVideoX pipeline the job distilled (TDM CogVideoX "
+                                                          "Loader, lora_name none)."),
+                io.String.Input("job", default="",
+                                tooltip="A job id (connect TDM Distill's job_id) or the job's output name."),
+                io.Combo.Input("use", options=USES, default="finished",
+                               tooltip="finished: wait until the job ends, then use its final LoRA. latest: the "
+                                       "newest LoRA the job has saved so far, without waiting."),
+                io.Combo.Input("strength_mode", options=lora_patching.STRENGTH_MODES, default="auto",
+                               tooltip="auto: the strength the distilled file records (TDM Distill writes 1). "
+                                       "manual: use 'strength'."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.01,
+                               tooltip="The LoRA strength used when strength_mode is manual."),
+            ],
+            outputs=[
+                COGVIDEOX_PIPE.Output(display_name="cogvideox",
+                                      tooltip="The pipeline with the job's student LoRA (for TDM CogVideoX Sampler)."),
+                io.String.Output(display_name="lora_name", tooltip="The LoRA file used, relative to models/loras."),
+            ],
+        )
+
+    fingerprint_inputs = TDMDistillLoraLoader.fingerprint_inputs
+
+    @classmethod
+    def execute(cls, cogvideox, job, use="finished", strength_mode="auto", strength=1.0) -> io.NodeOutput:
+        inputs.check_inputs(cls, locals())
+        manager = job_runtime.get_manager()
+        try:
+            record = manager.get(job.strip())
+            if use == "finished":
+                record = job_runtime.wait_for_job(manager, record.id)
+        except jobs.JobError as error:
+            _refuse(str(error))
+        path, source = job_lora(manager, record, use)
+        try:
+            student, used, where = video_core.with_lora(cogvideox, path,
+                                                        None if strength_mode == "auto" else float(strength))
+        except (video_core.CogVideoXError, LoraFileError, LoraMismatchError) as error:
+            _refuse(str(error))
+        report = f"{record.latest_lora} at strength {used:g} ({where})\n{source}"
+        return io.NodeOutput(student, record.latest_lora, ui=ui.PreviewText(report))
+
+
+NODES: list = [TDMDistillLoraLoader, TDMCogVideoXDistillLora]

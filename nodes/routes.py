@@ -140,7 +140,8 @@ def headless_run(manager, job: str) -> dict:
     if manager.find(lora_name) is not None or (manager.loras_dir / (lora_name + jobs.LORA_EXTENSION)).exists():
         lora_name = manager.free_name(lora_name)
     config["lora_file"] = str(manager.loras_dir / (lora_name + jobs.LORA_EXTENSION))
-    if os.path.realpath(folder_paths.base_path) != os.path.realpath(comfyui_dir):  # ComfyUI's --base-directory
+    # ComfyUI's --base-directory, for a teacher of ComfyUI files (a diffusers-folder teacher names its folder whole)
+    if "comfyui_dir" in config["teacher"] and os.path.realpath(folder_paths.base_path) != os.path.realpath(comfyui_dir):
         config["teacher"]["base_directory"] = folder_paths.base_path
     file_name = record.name.replace("/", "_") + ".headless.json"
     pack_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tdm_core and tdm_comfy live there

@@ -22,6 +22,7 @@ from comfy_api.v0_0_2 import io, ui
 from tdm_core import families, jobs, presets
 
 from . import categories, comfy_backend, inputs, recipe_inputs
+from .cogvideox_teacher import COGVIDEOX_PIPE
 from .distill_images import loss_curve_image, preview_image
 from .distill_jobs import (
     DEFAULT_FRAMES,
@@ -81,11 +82,14 @@ class TDMDistillStart(io.ComfyNode):
                 ".safetensors every save_every steps (plus numbered snapshots). Stop it with TDM Distill Stop (the "
                 "Cancel button does not stop training); watch it with TDM Distill Status."),
             inputs=_fold_rarely_used([
-                io.Model.Input("model", tooltip="The teacher (SD1.5-family, SDXL, SD3/SD3.5, Flux-dev or Wan 2.1 T2V), "
-                                                "with any LoRAs applied to it. The job shares its loaded weights; "
-                                                "sampling from it meanwhile is unaffected."),
-                io.Clip.Input("clip", tooltip="The teacher's text encoder (from the same loader); it encodes the "
-                                              "prompts once, when the job starts."),
+                # Optional since the cogvideox input exists: a teacher is a MODEL and CLIP, or that pipeline.
+                io.Model.Input("model", optional=True,
+                               tooltip="The teacher (SD1.5-family, SDXL, SD3/SD3.5, Flux-dev, Wan 2.1 T2V, native "
+                                       "CogVideoX-2B), with any LoRAs applied to it. The job shares its loaded "
+                                       "weights. Or connect cogvideox instead of model and clip."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The teacher's text encoder (from the same loader); it encodes the prompts "
+                                      "once, when the job starts."),
                 io.String.Input("prompts", multiline=True, default="a photo of a cat\na watercolor landscape",
                                 tooltip="Training prompts, one per line (lines starting with # are skipped). TDM is "
                                         "data-free: prompts are all it needs. Combined with prompts_file."),
@@ -160,6 +164,10 @@ class TDMDistillStart(io.ComfyNode):
                              tooltip="Video teachers only: frames of each training clip, 4k + 1 (the VAE keeps "
                                      "the first frame and packs 4 per latent frame). Wan 2.1: 33 (its default "
                                      "clip); CogVideoX-2B: up to 49, its own length. Image teachers ignore it."),
+                # Last: workflows saved before it keep their links and widget values.
+                COGVIDEOX_PIPE.Input("cogvideox", optional=True, tooltip=(
+                    "Instead of model and clip: CogVideoX-2B from TDM CogVideoX Loader (lora_name none), for any "
+                    "ComfyUI (0.3.75 has no native CogVideoX). The job shares the pipeline's weights.")),
             ]),
             outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's id, for TDM Distill Status / Stop and the "
                                                         "/tdm/jobs HTTP routes.")],
@@ -186,15 +194,33 @@ class TDMDistillStart(io.ComfyNode):
         return inputs.validate_one(cls, "prompts_file", prompts_file)
 
     @classmethod
-    def execute(cls, model, clip, vae=None, **values) -> io.NodeOutput:
+    def execute(cls, model=None, clip=None, vae=None, cogvideox=None, **values) -> io.NodeOutput:
         inputs.check_inputs(cls, values)
+        _check_teacher_inputs(model, clip, vae, cogvideox)
         try:
             record = start_job(get_manager(), model, clip, values, vae,
                                check_record=functools.partial(inputs.check_inputs, TDMDistillStart),
-                               teacher_files=trace_teacher_files(cls.hidden.prompt, cls.hidden.unique_id))
+                               teacher_files=trace_teacher_files(cls.hidden.prompt, cls.hidden.unique_id),
+                               cogvideox=cogvideox)
         except jobs.JobError as error:
             _refuse(error)
         return io.NodeOutput(record.id, ui=ui.PreviewText(record.progress_text()))
+
+
+def _check_teacher_inputs(model, clip, vae, cogvideox) -> None:
+    """One teacher: the MODEL and CLIP of ComfyUI's loaders, or TDM CogVideoX Loader's pipeline."""
+    if cogvideox is not None:
+        connected = [name for name, value in (("model", model), ("clip", clip), ("vae", vae)) if value is not None]
+        if connected:
+            _refuse(ValueError(
+                f"TDM Distill has a teacher on cogvideox and on {', '.join(connected)}: connect either model and clip "
+                "(and optionally vae) or cogvideox (its pipeline encodes the prompts and decodes the previews)"))
+        return
+    missing = [name for name, value in (("model", model), ("clip", clip)) if value is None]
+    if missing:
+        _refuse(ValueError(
+            f"TDM Distill has no teacher: connect {' and '.join(missing)} (the teacher's MODEL and CLIP from ComfyUI's "
+            "loaders), or a TDM CogVideoX Loader to cogvideox"))
 
 
 class TDMDistillStatus(io.ComfyNode):

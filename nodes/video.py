@@ -18,8 +18,7 @@ from tdm_core import schedules, validation
 from tdm_core.presets import get_preset
 
 from . import categories, inputs
-
-CogVideoXPipe = io.Custom("TDM_COGVIDEOX")
+from .cogvideox_teacher import COGVIDEOX_PIPE as CogVideoXPipe
 
 _COGVIDEOX = get_preset("cogvideox")
 # V3 nodes hold no state: the last loaded pipeline is kept here so re-running a graph does not reload it.

@@ -340,7 +340,7 @@ DISTILL_PROMPTS = ("a photo of a red fox in the snow\na watercolor painting of a
                    "a portrait of an old sailor, studio lighting\na bowl of ramen, food photography")
 
 
-def _distill_guide(preset, sampler_line: str, settings_lines: list[str]) -> list[str]:
+def _distill_guide(preset, sampler_line: str, settings_lines: list[str], sampler_node: str = "TDM KSampler") -> list[str]:
     """The Read me's guide for a workflow that distils `preset`'s student and samples it in the same graph."""
     return [
         "**How it runs**", "",
@@ -356,7 +356,7 @@ def _distill_guide(preset, sampler_line: str, settings_lines: list[str]) -> list
         "4. **After a restart** TDM Distill runs again and refuses the output name in use: set `if_exists` to resume "
         "and the finished job is reused (nothing retrains; a stopped job continues).", "",
         "**Settings**", "", *settings_lines, "",
-        f"**Sampling**: {preset.steps} steps at CFG 1 on the `{preset.name}` preset (TDM KSampler; solver "
+        f"**Sampling**: {preset.steps} steps at CFG 1 on the `{preset.name}` preset ({sampler_node}; solver "
         f"{WIDGET_NAMES[preset.solver]}), LoRA strength {preset.lora_strength:g} (`strength_mode` auto: the strength "
         "the distilled file records).",
     ]
@@ -580,6 +580,71 @@ def wan_distill_workflow() -> list[Node]:
     ]
 
 
+# CogVideoX-2b's own clip: 49 frames (6 s at 8 fps) at 720×480, the size its positions and the TDM release were made at.
+COGVIDEOX_CLIP = {"frames": 49, "width": 720, "height": 480}
+COGVIDEOX_STUDENT = "tdm_cogvideox_2b_student"
+COGVIDEOX_DISTILL_PROMPTS = ("a red fox trotting through fresh snow, tracking shot\n"
+                             "waves rolling onto a rocky beach at sunset, slow pan\n"
+                             "an old sailor lighting a pipe on the deck of a ship, close-up\n"
+                             "steam rising from a bowl of ramen as chopsticks lift the noodles")
+
+
+def cogvideox_distill_workflow() -> list[Node]:
+    """CogVideoX-2b diffusers folder (TDM CogVideoX Loader, no LoRA, model offload) → TDM Distill on its cogvideox
+    input at 720×480, 49 frames → status; TDM CogVideoX LoRA from Distill Job → TDM CogVideoX Sampler (trained
+    timesteps) → CreateVideo → SaveVideo: the ComfyUI 0.3.75 way (no native CogVideoX there)."""
+    preset = get_preset("cogvideox")
+    guide = [
+        "## CogVideoX-2B: distil a 4-step LoRA, then sample it (any ComfyUI, through diffusers)", "",
+        f"- The whole diffusers repository ([{preset.base_model_source.removeprefix('https://huggingface.co/')}]"
+        f"({preset.base_model_source})) → `models/diffusers/CogVideoX-2b/` (model_index.json, transformer/, vae/, "
+        "text_encoder/, tokenizer/, scheduler/).",
+        f"- `{COGVIDEOX_STUDENT}.safetensors` → `models/loras/`: written by this workflow (the released TDM LoRA "
+        f"is `{preset.lora_file}`; this one is your own).", "",
+        *_distill_guide(preset, "TDM CogVideoX Sampler samples the student in "
+                        f"{preset.steps} steps.", [
+            "- One loader serves both branches: TDM Distill trains on its weights (shared, not copied) and the job's "
+            "LoRA goes onto a copy that shares them too, so CogVideoX is loaded once. Its `lora_name` stays none: a "
+            "teacher is the base model.",
+            "- `offload` model on the loader: the T5 encoder (≈9.5 GB in bf16) leaves the GPU once the prompts are "
+            "encoded; the job trains its own copy of the transformer on the GPU.",
+            f"- {COGVIDEOX_CLIP['width']}×{COGVIDEOX_CLIP['height']}, {COGVIDEOX_CLIP['frames']} frames in TDM "
+            "Distill **and** in the sampler: CogVideoX-2b's own clip (6 s at 8 fps); frames are 4k + 1. Fewer frames "
+            "train faster and use less memory.",
+            "- `unconditional_prompt` empty (CogVideoX's own sampling uses an empty negative prompt); "
+            "`gradient_checkpointing` on: the transformer's blocks are recomputed in the backward passes.",
+            "- Everything else is TDM Distill's default: 500 iterations, grid auto = the released LoRA's timesteps "
+            "999/856/665/399 on the 2B's own schedule (v-prediction, SNR shift 3, zero terminal SNR), and recipe "
+            f"auto = {_training_recipe_phrase(preset)}.",
+            "- The *TDM jobs* tab's preview shows four frames of each preview clip (decoded by the pipeline's VAE), "
+            "first to last, top to bottom.",
+            "- On a ComfyUI with native CogVideoX, Load Diffusion Model + Load CLIP (cogvideox) + Load VAE feed TDM "
+            "Distill's model and clip instead (docs/headless.md shows the files).",
+        ], sampler_node="TDM CogVideoX Sampler, grid trained"), "", DOCS_LINE,
+    ]
+    return [
+        _read_me("\n".join(guide), size=(460, 860)),
+        Node("load", "TDMCogVideoXLoader", {"model_folder": preset.base_model_file, "dtype": "bf16",
+                                            "lora_name": "none", "offload": "model"},
+             pos=(COL[1], 0), properties=_checkpoint_models(preset)),
+        Node("start", "TDMDistillStart", {"prompts": COGVIDEOX_DISTILL_PROMPTS, "output_name": COGVIDEOX_STUDENT,
+                                          "gradient_checkpointing": True, **COGVIDEOX_CLIP},
+             links={"cogvideox": ("load", 0)}, pos=(COL[2], JOB_ROW), title=DISTILL_TITLE),
+        Node("lora", "TDMCogVideoXDistillLora", {"use": "finished", "strength_mode": "auto"},
+             links={"cogvideox": ("load", 0), "job": ("start", 0)}, pos=(COL[3], SAMPLE_ROW)),
+        *_distill_status_nodes(3),
+        Node("sample", "TDMCogVideoXSampler", {"prompt": "a red fox trotting through fresh snow, cinematic",
+                                               "grid": "trained", "steps": preset.steps, "cfg": preset.cfg,
+                                               "seed": 42, **COGVIDEOX_CLIP},
+             links={"cogvideox": ("lora", 0)}, pos=(COL[4], SAMPLE_ROW)),
+        Node("video", "CreateVideo", links={"images": ("sample", 0), "fps": ("sample", 1)}, pos=(COL[5], SAMPLE_ROW),
+             size=CREATE_VIDEO_SIZE),
+        Node("save", "SaveVideo", {"filename_prefix": f"video/{COGVIDEOX_STUDENT}", "format": "mp4",
+                                   "codec": "h264"},
+             links={"video": ("video", 0)}, pos=(COL[6], SAMPLE_ROW), size=(400, 400)),
+    ]
+
+
 WORKFLOWS = {
     "tdm_sd3_4step": lambda: sd3_workflow("sd3"),
     "tdm_sd35_4step": lambda: sd3_workflow("sd35"),
@@ -591,6 +656,7 @@ WORKFLOWS = {
     "tdm_sdxl_distill": sdxl_distill_workflow,
     "tdm_flux_distill": flux_distill_workflow,
     "tdm_wan21_distill": wan_distill_workflow,
+    "tdm_cogvideox_2b_distill": cogvideox_distill_workflow,
 }
 
 
@@ -609,6 +675,7 @@ TITLES = {
     "tdm_sdxl_distill": "SDXL, distil a 4-step LoRA then sample it",
     "tdm_flux_distill": "Flux-dev, distil a 4-step LoRA then sample it",
     "tdm_wan21_distill": "Wan 2.1 video, distil a 4-step LoRA then sample it",
+    "tdm_cogvideox_2b_distill": "CogVideoX-2B video, distil a 4-step LoRA then sample it (diffusers folder)",
 }
 
 
@@ -684,6 +751,9 @@ GROUPS = {
                           Group(DISTIL, ["start", "status", "status_text", "loss", "preview"]),
                           Group(SAMPLE_STUDENT, ["lora", "positive", "latent", "vae", "sample", "decode", "video",
                                                  "save"])],
+    "tdm_cogvideox_2b_distill": [Group("1 Load the teacher", ["load"]),
+                                 Group(DISTIL, ["start", "status", "status_text", "loss", "preview"]),
+                                 Group(SAMPLE_STUDENT, ["lora", "sample", "video", "save"])],
 }
 GROUPS["tdm_sd35_4step"] = GROUPS["tdm_sd3_4step"]
 

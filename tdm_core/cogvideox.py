@@ -146,6 +146,34 @@ def attach_lora(pipe, lora_path: str | Path, strength: float | None = None) -> t
     return strength, source
 
 
+def with_lora(pipe, lora_path: str | Path, strength: float | None = None):
+    """(a pipeline with the TDM LoRA attached, strength, where it came from) beside `pipe`, which stays as it was:
+    the text encoder, VAE, tokenizer and scheduler are `pipe`'s own objects and the transformer is a module tree of
+    its own on `pipe`'s weights (no copy), so one loaded CogVideoX serves as a distillation's teacher and samples its
+    student in the same graph. A `pipe` that already carries a LoRA is refused (the two would add up)."""
+    from .distill.backend import shared_weights_copy
+
+    if getattr(pipe.transformer, "peft_config", None):
+        raise CogVideoXError("this CogVideoX pipeline already carries a LoRA (TDM CogVideoX Loader's lora_name); give "
+                             "the job's LoRA a loader with lora_name 'none'")
+    if any(getattr(getattr(module, "_hf_hook", None), "offload", False) for module in pipe.transformer.modules()):
+        raise CogVideoXError("a CogVideoX pipeline with sequential offload cannot share its weights with a LoRA'd "
+                             "copy; choose offload 'none' or 'model' on TDM CogVideoX Loader")
+    transformer = shared_weights_copy(pipe.transformer)
+    if getattr(pipe.transformer, "_hf_hook", None) is not None:
+        # Model offload: the copy inherited the transformer's hook, which belongs to `pipe`'s offload chain. The copy
+        # (a LoRA'd student) stays on the device instead; the text encoder and VAE keep moving through `pipe`'s hooks.
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(transformer, recurse=True)
+        transformer.to(pipe._execution_device)
+    components = dict(pipe.components, transformer=transformer)
+    student = type(pipe)(**components)
+    student.set_progress_bar_config(disable=True)
+    strength, source = attach_lora(student, lora_path, strength)
+    return student, strength, source
+
+
 def sampling_timesteps(grid: str, steps: int = 4, custom: str = "") -> tuple[int, ...]:
     """The timesteps of a CogVideoX grid: 'trained' (999/856/665/399, what the TDM LoRA was trained on),
     'trailing' (diffusers' CogVideoXDDIMScheduler spacing), or 'custom' (a comma-separated list)."""

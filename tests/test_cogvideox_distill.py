@@ -66,9 +66,9 @@ def test_auto_grid_is_the_released_loras_timesteps_on_the_2b_table():
     assert float(grid.schedule.alphas[999]) == 0.0  # zero terminal SNR: the first step starts from pure noise
 
 
-def test_without_native_cogvideox_tdm_distill_names_the_headless_teacher(pack):
-    """0.3.75 cannot load CogVideoX as a MODEL; TDM Distill's refusal of any MODEL it cannot train says where
-    CogVideoX-2B is trained instead. (On upstream the note is absent: the native MODEL is a teacher.)"""
+def test_without_native_cogvideox_tdm_distill_names_the_pipeline_teacher(pack):
+    """0.3.75 cannot load CogVideoX as a MODEL; TDM Distill's refusal of any MODEL it cannot train says how
+    CogVideoX-2B is trained there instead (its cogvideox input). (On upstream the note is absent: the native MODEL is a teacher.)"""
     import comfy.supported_models
 
     from tdm_devkit import twins
@@ -79,11 +79,11 @@ def test_without_native_cogvideox_tdm_distill_names_the_headless_teacher(pack):
     distill_jobs = _modules(pack, "distill_jobs")
     with pytest.raises(ValueError, match=r"supported families: .*cogvideox \(CogVideoX-2B\)") as refused:
         distill_jobs.build_runtime(sd2, cogvideox_native.TinyCogVideoXCLIP(), dict(SETTINGS), ["a cat"])
-    headless = "tdm_core.distill.diffusers_folder:make_backend"
+    instead = "connect TDM CogVideoX Loader (lora_name none) to TDM Distill's cogvideox input"
     if cogvideox_native.has_native_cogvideox():
-        assert headless not in str(refused.value)
+        assert instead not in str(refused.value)
     else:
-        assert "native CogVideoX (newer than 0.3.75" in str(refused.value) and headless in str(refused.value)
+        assert "native CogVideoX (newer than 0.3.75" in str(refused.value) and instead in str(refused.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def family_literals(source: str, names=frozenset(families.FAMILIES), allowed: st
     for node in ast.walk(tree):
         if allowed == "tdm_core/presets.py" and isinstance(node, ast.keyword) and node.arg == "name":
             exempt.add(id(node.value))
-        if allowed == "nodes/video.py" and isinstance(node, ast.Call):
+        # a node's socket names are saved in workflows (the CogVideoX pipeline's socket is named after its family)
+        if allowed.startswith("nodes/") and isinstance(node, ast.Call):
             if getattr(node.func, "attr", "") in ("Input", "Output"):
                 exempt.update(id(arg) for arg in node.args[:1])
                 exempt.update(id(k.value) for k in node.keywords if k.arg == "display_name")

@@ -31,10 +31,11 @@ WORKFLOW_FAMILY = {  # which tiny twin stands in for each workflow's checkpoint
     "tdm_sdxl_distill": "sdxl",
     "tdm_flux_distill": "flux",
     "tdm_wan21_distill": "wan21",
+    "tdm_cogvideox_2b_distill": None,  # the real tiny CogVideoX-2b folder, as tdm_cogvideox_2b_4step
 }
 # The Wan graph saves its video and previews the job's loss curve and student (PreviewImage: PNG).
 EXPECTED_SUFFIXES = {"tdm_cogvideox_2b_4step": {".mp4"}, "tdm_cogvideox_2b_native_4step": {".mp4"},
-                     "tdm_wan21_distill": {".mp4", ".png"}}
+                     "tdm_wan21_distill": {".mp4", ".png"}, "tdm_cogvideox_2b_distill": {".mp4", ".png"}}
 NATIVE = cogvideox_native.has_native_cogvideox()
 # The two CogVideoX workflows name the same released LoRA, but their tiny stand-in models differ in width (the native
 # twin needs ComfyUI's 64-wide heads), so the native run points its loader at a LoRA made for its twin.
@@ -42,7 +43,8 @@ NATIVE_TWIN_LORA = "tdm_cogvideox_2b_native_twin.safetensors"
 # The LoRA each distillation workflow's job writes (its TDM Distill output_name), checked after its end-to-end run.
 DISTILLED_LORA = {"tdm_distillation": "tdm_dreamshaper_distilled.safetensors",
                   "tdm_sdxl_distill": get_preset("sdxl").lora_file, "tdm_flux_distill": get_preset("flux").lora_file,
-                  "tdm_wan21_distill": get_preset("wan21").lora_file}
+                  "tdm_wan21_distill": get_preset("wan21").lora_file,
+                  "tdm_cogvideox_2b_distill": f"{build_workflows.COGVIDEOX_STUDENT}.safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -349,9 +351,16 @@ WAN_OVERRIDES = {key: value for key, value in TINY_MODEL_OVERRIDES.items()
     ("EmptyHunyuanLatentVideo", side): TINY_MODEL_OVERRIDES[("TDMDistillStart", side)] for side in ("width", "height")}
 
 
+# The CogVideoX distillation's loader offloads by model (T5 off the GPU while the job trains); accelerate's model offload
+# needs an accelerator, which this machine lacks, so the run keeps the pipeline on the CPU (where it is anyway).
+COGVIDEOX_DISTILL_OVERRIDES = TINY_MODEL_OVERRIDES | {("TDMCogVideoXLoader", "offload"): "none"}
+
+
 def _overrides(name: str) -> dict:
     if name == "tdm_wan21_distill":
         return WAN_OVERRIDES
+    if name == "tdm_cogvideox_2b_distill":
+        return COGVIDEOX_DISTILL_OVERRIDES
     if name in build_workflows.NEEDS_NATIVE_COGVIDEOX:
         return TINY_MODEL_OVERRIDES | NATIVE_TWIN_OVERRIDES
     if name in ("tdm_sdxl_distill", "tdm_flux_distill"):
@@ -429,6 +438,11 @@ def test_workflow_runs_end_to_end(server, object_info, name):
         iterations = TINY_MODEL_OVERRIDES[("TDMDistillStart", "iterations")]
         assert f"{DISTILLED_LORA[name]}, its final LoRA (step {iterations} of {iterations})" in report, report
         assert "strength 1 (recorded in the LoRA file)" in report and "WARNING" not in report, report
+    for node_id in [i for i, e in api.items() if e["class_type"] == "TDMCogVideoXDistillLora"]:
+        report = "\n".join(entry["outputs"][node_id]["text"])
+        iterations = TINY_MODEL_OVERRIDES[("TDMDistillStart", "iterations")]
+        assert report.startswith(f"{DISTILLED_LORA[name]} at strength 1 (recorded in the LoRA file)"), report
+        assert f"its final LoRA (step {iterations} of {iterations})" in report, report
     if name in ("tdm_sdxl_distill", "tdm_flux_distill"):
         assert job_loras and any(e["class_type"] == "SaveImage" for e in api.values())
     if name == "tdm_wan21_distill":  # the student's clip: every frame of the 33 the latent holds, decoded and saved
