@@ -45,6 +45,22 @@ PIPE_INPUT = FAMILY
 WHAT = "the CogVideoX pipeline on TDM Distill's cogvideox input"
 
 
+def check_teacher_inputs(model, clip, vae, pipe) -> None:
+    """TDM Distill has one teacher: the MODEL and CLIP of ComfyUI's loaders, or this pipeline; raises ValueError."""
+    if pipe is not None:
+        connected = [name for name, value in (("model", model), ("clip", clip), ("vae", vae)) if value is not None]
+        if connected:
+            raise ValueError(
+                f"TDM Distill has a teacher on cogvideox and on {', '.join(connected)}: connect either model and clip "
+                "(and optionally vae) or cogvideox (its pipeline encodes the prompts and decodes the previews)")
+        return
+    missing = [name for name, value in (("model", model), ("clip", clip)) if value is None]
+    if missing:
+        raise ValueError(
+            f"TDM Distill has no teacher: connect {' and '.join(missing)} (the teacher's MODEL and CLIP from ComfyUI's "
+            "loaders), or a TDM CogVideoX Loader to cogvideox")
+
+
 def check_teacher(pipe) -> None:
     """Refuses what cannot be a teacher, with what to do instead; raises ValueError."""
     transformer = getattr(pipe, "transformer", None)

@@ -22,7 +22,7 @@ from comfy_api.v0_0_2 import io, ui
 from tdm_core import families, jobs, presets
 
 from . import categories, comfy_backend, inputs, recipe_inputs
-from .cogvideox_teacher import COGVIDEOX_PIPE
+from .cogvideox_teacher import COGVIDEOX_PIPE, check_teacher_inputs
 from .distill_images import loss_curve_image, preview_image
 from .distill_jobs import (
     DEFAULT_FRAMES,
@@ -196,7 +196,7 @@ class TDMDistillStart(io.ComfyNode):
     @classmethod
     def execute(cls, model=None, clip=None, vae=None, cogvideox=None, **values) -> io.NodeOutput:
         inputs.check_inputs(cls, values)
-        _check_teacher_inputs(model, clip, vae, cogvideox)
+        check_teacher_inputs(model, clip, vae, cogvideox)
         try:
             record = start_job(get_manager(), model, clip, values, vae,
                                check_record=functools.partial(inputs.check_inputs, TDMDistillStart),
@@ -205,22 +205,6 @@ class TDMDistillStart(io.ComfyNode):
         except jobs.JobError as error:
             _refuse(error)
         return io.NodeOutput(record.id, ui=ui.PreviewText(record.progress_text()))
-
-
-def _check_teacher_inputs(model, clip, vae, cogvideox) -> None:
-    """One teacher: the MODEL and CLIP of ComfyUI's loaders, or TDM CogVideoX Loader's pipeline."""
-    if cogvideox is not None:
-        connected = [name for name, value in (("model", model), ("clip", clip), ("vae", vae)) if value is not None]
-        if connected:
-            _refuse(ValueError(
-                f"TDM Distill has a teacher on cogvideox and on {', '.join(connected)}: connect either model and clip "
-                "(and optionally vae) or cogvideox (its pipeline encodes the prompts and decodes the previews)"))
-        return
-    missing = [name for name, value in (("model", model), ("clip", clip)) if value is None]
-    if missing:
-        _refuse(ValueError(
-            f"TDM Distill has no teacher: connect {' and '.join(missing)} (the teacher's MODEL and CLIP from ComfyUI's "
-            "loaders), or a TDM CogVideoX Loader to cogvideox"))
 
 
 class TDMDistillStatus(io.ComfyNode):

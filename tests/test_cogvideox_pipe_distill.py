@@ -107,12 +107,12 @@ def test_a_job_on_the_pipeline_trains_the_headless_folder_teachers_lora_and_leav
 
 
 def test_the_node_refuses_two_teachers_or_none(pack, pipe):
-    trainer = _modules(pack, "trainer")
+    check = _modules(pack, "cogvideox_teacher").check_teacher_inputs  # what TDM Distill runs first
     with pytest.raises(ValueError, match="teacher on cogvideox and on model, clip"):
-        trainer._check_teacher_inputs(object(), object(), None, pipe)
+        check(object(), object(), None, pipe)
     with pytest.raises(ValueError, match="no teacher: connect clip"):
-        trainer._check_teacher_inputs(object(), None, None, None)
-    trainer._check_teacher_inputs(None, None, None, pipe)  # the pipeline alone is a teacher
+        check(object(), None, None, None)
+    check(None, None, None, pipe)  # the pipeline alone is a teacher
 
 
 def test_a_pipeline_with_a_lora_or_an_impossible_size_is_refused_before_anything_trains(pack, pipe, folder, tmp_path):

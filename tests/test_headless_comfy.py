@@ -289,10 +289,17 @@ def test_a_jobs_teacher_record_survives_a_restart_and_a_bad_one_loses_nothing(tm
                 "teacher_files": files}
     good = manager.submit("good", None, 2, settings=settings)
     bad = manager.submit("bad", None, 2, settings=dict(settings, teacher_files={"checkpoint": ["x"]}))
+    # a job on TDM CogVideoX Loader's pipeline records the diffusers folder (nodes/cogvideox_teacher.py)
+    folder = {"diffusers_folder": "CogVideoX-2b", "dtype": "bfloat16"}
+    pipe = manager.submit("pipe", None, 2, settings=dict(settings, teacher_files=folder))
+    escaping = manager.submit("escaping", None, 2, settings=dict(settings, teacher_files=dict(
+        folder, diffusers_folder="../../etc")))
     manager.close()
     reread = jobs.JobManager(tmp_path)
     try:
         assert reread.get(good.id).settings["teacher_files"] == files
         assert "unusable" in reread.get(bad.id).settings["teacher_files"]["error"]
+        assert reread.get(pipe.id).settings["teacher_files"] == folder
+        assert "'..'" in reread.get(escaping.id).settings["teacher_files"]["error"]
     finally:
         reread.close()

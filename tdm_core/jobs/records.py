@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .. import validation
 from ..distill import checkpoint as _checkpoint_files
+from ..distill.backend import COMPUTE_DTYPES
 from ..distill.config import ConfigError, DistillConfig
 from ..distill.teacher_files import FILE_FIELDS, TeacherFiles
 from .errors import JobError
@@ -281,6 +282,11 @@ def _teacher_files(value) -> dict:
         files = validation.json_object(value, "settings.teacher_files")
         if set(files) == {"error"}:
             return {"error": _text(files["error"], "settings.teacher_files.error")[:1000]}
+        if set(files) == {"diffusers_folder", "dtype"}:  # TDM CogVideoX Loader's folder (nodes/cogvideox_teacher.py)
+            validation.lexical_relative(files["diffusers_folder"], "settings.teacher_files.diffusers_folder")
+            if files["dtype"] not in COMPUTE_DTYPES:
+                raise validation.ValidationError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}")
+            return dict(files)
         unknown = set(files) - set(FILE_FIELDS)
         if unknown:
             raise validation.ValidationError(f"unknown fields {sorted(str(k)[:40] for k in unknown)[:5]}")
