@@ -192,3 +192,20 @@ def test_a_job_on_the_pipeline_exports_to_a_headless_run_of_its_folder_that_lear
     worst = max((job_lora[k] - run_lora[k]).abs().max().item() for k in job_lora)
     # Round-off only (this process runs torch on 2 threads, the run on 1): far below one student AdamW step (2e-5).
     assert worst <= 1e-5, worst
+
+
+def test_a_pipeline_job_resumes_on_its_pipeline_and_refuses_another_teacher(pack, pipe, tmp_path):
+    manager = jobs.JobManager(tmp_path / "loras")
+    try:
+        record = manager.wait(_start(pack, manager, pipe, output_name="resumed").id, timeout=600)
+        assert (record.state, record.step) == ("finished", 2)
+        more = manager.wait(_start(pack, manager, pipe, output_name="resumed", iterations=3, if_exists="resume").id,
+                            timeout=600)
+        assert (more.id, more.state, more.step) == (record.id, "finished", 3)
+        with torch.inference_mode():
+            other = cogvideox_tiny.build_tiny_cogvideox_pipeline(seed=1)  # another CogVideoX-2B: other weights
+        with pytest.raises(ValueError, match="different teacher weights"):
+            _start(pack, manager, other, output_name="resumed", iterations=4, if_exists="resume")
+        assert manager.get(record.id).step == 3
+    finally:
+        manager.close()
