@@ -64,10 +64,12 @@ def read_prompts(prompts: str, prompts_file: str) -> list[str]:
 class ComfyRuntime:
     """A job's teacher (its training network with the adapters) and settings; builds its session on the worker."""
 
-    def __init__(self, backend: comfy_backend.ComfyBackend, config: DistillConfig, device: torch.device,
-                 preview_decode, extra_metadata: dict, comfy_model=None):
+    def __init__(self, backend, config: DistillConfig, device: torch.device, preview_decode, extra_metadata: dict,
+                 shared_network: torch.nn.Module | None = None):
         self.backend = backend
-        self.comfy_model = comfy_model  # ComfyUI's BaseModel whose weights the training network shares
+        # the network whose weights the training network shares: ComfyUI's loaded diffusion model, or the
+        # transformer of TDM CogVideoX Loader's pipeline
+        self.shared_network = shared_network
         self.config = config
         self.device = torch.device(device)
         self.preview_decode = preview_decode
@@ -79,12 +81,12 @@ class ComfyRuntime:
                                       preview_decode=self.preview_decode, extra_metadata=self.extra_metadata)
 
     def offload(self) -> None:
-        """Parks the job's network on the CPU, except the weights ComfyUI still holds on the device itself (they
-        cost the job nothing there; moving them would only add a CPU copy). Once ComfyUI has unloaded or replaced
-        them, the job's aliases are their only holder and they do move."""
+        """Parks the job's network on the CPU, except the weights ComfyUI (or the pipeline) still holds on the device
+        itself (they cost the job nothing there; moving them would only add a CPU copy). Once ComfyUI has unloaded or
+        replaced them, the job's aliases are their only holder and they do move."""
         if self.device.type == "cpu":
             return
-        in_use = (training_network.weight_memory(self.comfy_model.diffusion_model) if self.comfy_model is not None
+        in_use = (training_network.weight_memory(self.shared_network) if self.shared_network is not None
                   else frozenset())
         self.backend.to(torch.device("cpu"), keep=in_use)
 
@@ -279,7 +281,7 @@ def job_runtime(model, clip, job: JobSettings, vae=None, cogvideox=None):
     preview = (comfy_backend.vae_preview_decoder(model, vae, device) if vae is not None
                else comfy_backend.latent_preview_decoder(model))
     metadata = comfy_backend.family_metadata(grid.preset, family, recipe_changes=options.get("recipe_changes", []))
-    runtime = ComfyRuntime(backend, config, device, preview, metadata, comfy_model=model.model)
+    runtime = ComfyRuntime(backend, config, device, preview, metadata, shared_network=model.model.diffusion_model)
     return runtime, teacher, grid
 
 
@@ -313,7 +315,7 @@ def _pipe_job_runtime(pipe, job: JobSettings):
     preview = cogvideox_teacher.preview_decoder(pipe, device)
     metadata = comfy_backend.family_metadata(grid.preset, config.family,
                                              recipe_changes=options.get("recipe_changes", []))
-    return ComfyRuntime(backend, config, device, preview, metadata), teacher, grid
+    return ComfyRuntime(backend, config, device, preview, metadata, shared_network=pipe.transformer), teacher, grid
 
 
 def recorded_prompts(prompts, record: jobs.JobRecord) -> list[str]:

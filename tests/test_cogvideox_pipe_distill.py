@@ -209,3 +209,18 @@ def test_a_pipeline_job_resumes_on_its_pipeline_and_refuses_another_teacher(pack
         assert manager.get(record.id).step == 3
     finally:
         manager.close()
+
+
+def test_parking_a_pipeline_job_moves_only_its_adapters_while_the_pipeline_holds_the_weights(pack, pipe):
+    """A waiting job parks its network off the device but the weights the pipeline itself holds there (moving them
+    would free nothing and add a CPU copy). The only device here is the CPU: the test asks what parking on another
+    device would move."""
+    distill_jobs = _modules(pack, "distill_jobs")
+    with torch.inference_mode():
+        settings = distill_jobs.new_job_settings(None, dict(VALUES), PROMPTS, pipe)
+        runtime, _, _ = distill_jobs.job_runtime(None, None, settings, cogvideox=pipe)
+    assert runtime.shared_network is pipe.transformer
+    held = _modules(pack, "training_network").weight_memory(pipe.transformer)
+    moved = {id(t) for _, _, t in runtime.backend.tensors_to_move(torch.device("meta"), keep=held)}
+    named = dict(runtime.backend.model.named_parameters())
+    assert {n for n, p in named.items() if id(p) in moved} == {n for n in named if ".lora_" in n}

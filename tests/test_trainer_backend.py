@@ -372,7 +372,7 @@ def test_parking_a_job_moves_only_what_comfyui_does_not_hold(trainer_module, sd3
     what parking on another device would move."""
     runtime, _, _ = _runtime(trainer_module, sd3_twin)
     comfy_network = sd3_twin.comfy.model.diffusion_model
-    assert runtime.comfy_model is sd3_twin.comfy.model
+    assert runtime.shared_network is comfy_network
     in_use = network_module.weight_memory(comfy_network)
     elsewhere = torch.device("meta")
     moved = {id(t) for _, _, t in runtime.backend.tensors_to_move(elsewhere, keep=in_use)}
