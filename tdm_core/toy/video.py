@@ -48,7 +48,9 @@ Measured (`.venv/bin/python bench/video_toy.py --teacher learned|exact`, 1024 cl
 - learned teacher: the TDM student beats the teacher's own 4 steps on all three figures. frame_w2 teacher-4 0.083
   -> student 0.024 (teacher-50 0.039), clip_w2 0.085 -> 0.031 (0.043), track_consistent 0.591 -> 0.614 (0.732).
   The consistency margin is largest early and shrinks as training sharpens frames: 0.672 at 100 iterations, 0.652
-  at 200, 0.614 at 300 (±0.015 binomial standard error per figure; the samplers share their noise).
+  at 200, 0.614 at 300 (±0.015 binomial standard error per figure; the samplers share their noise). With
+  `--set cfg=1.25` it holds: 0.682 / 0.679 / 0.670 (frame_w2 0.020, clip_w2 0.028 at 300) — against the teachers'
+  UNGUIDED samplers, which the bench does not guide.
 - exact teacher: the student beats teacher-4 on per-frame quality and the joint distance but NOT on consistency
   (frame_w2 0.078 -> 0.068, clip_w2 0.080 -> 0.070, track_consistent 0.929 -> 0.898; teacher-50 ≈ 1). Its
   correction, confined to a frozen random residual, sharpens frames without committing a clip to one track.
