@@ -120,6 +120,36 @@ def test_base_network_is_the_analytic_teacher_and_lora_moves_it():
         backend.encode(["1"])
 
 
+def test_adapters_on_learned_features_keep_the_exact_teacher_and_train_every_layer():
+    """The "_features" targets: the adapters sit on a network's own (non-zero) linears minus a frozen copy of it, so
+    the base is still exactly the analytic teacher, and — unlike the zero-output residual, whose earlier layers get no
+    gradient until the adapters have grown — the first update reaches every layer's adapters. A seeded untrained
+    ToyEpsNet stands in for the benchmark's learned teacher (the mechanism does not depend on what it learned)."""
+    from tdm_core.toy.networks import ToyEpsNet
+
+    torch.manual_seed(5)
+    features = ToyEpsNet(2, 1, hidden=32, depth=2)
+    backends = {"features": mx.MixtureBackend("mix2d", lora_rank=4, features=features),
+                "zero-output residual": mx.MixtureBackend("mix2d", lora_rank=4)}
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 2, generator=g)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    abar = vp_alphas_cumprod("scaled_linear")[t]
+    expected = backends["features"].spec.eps(x, abar.sqrt(), (1 - abar).sqrt()).float()
+    reached = {}
+    for name, backend in backends.items():
+        cond = backend.encode(["0"] * 64)
+        with torch.no_grad():
+            torch.testing.assert_close(backend.forward(x, t, cond, "teacher"), expected, rtol=0, atol=1e-6)
+            torch.testing.assert_close(backend.forward(x, t, cond, "student"), expected, rtol=0, atol=1e-6)
+        backend.forward(x, t, cond, "student").square().sum().backward()
+        reached[name] = {n.split(".lora_")[0] for n, p in backend._params["student"]
+                         if p.grad is not None and p.grad.abs().sum() > 0}
+    assert not any(".lora_" in n for n, _ in backends["features"].model._frozen_features[0].named_parameters())
+    assert reached["zero-output residual"] == {"residual.out"}  # only the output layer learns at first
+    assert {"residual.inp", "residual.out"} <= reached["features"] and len(reached["features"]) > 3
+
+
 def test_teacher_50_lands_on_the_data_and_teacher_4_between_modes():
     spec = ms.MIXTURES["mix2d"]
     reference = spec.sample(20000, torch.Generator().manual_seed(1234))

@@ -11,7 +11,9 @@ data: samples stranded between the modes, and the small modes' weight going to t
 - `MIXTURES` (tdm_core.toy.mixture_spec): the named targets "mix2d" (2-D, 5 modes) and "mix16d" (16-D, 8 modes).
 - `MixtureEpsNet`: the teacher network, analytic ε plus a frozen residual `ToyEpsNet` whose output layer is zero, so
   the base network is exactly the analytic teacher and LoRA adapters on the residual's linears give the student and
-  the fake score trainable capacity that starts exactly at the teacher (peft's B = 0).
+  the fake score trainable capacity that starts exactly at the teacher (peft's B = 0). With `features` (a network
+  that learned the mixture, e.g. the pace benchmark's learned teacher) the adapters sit on that network's own linears
+  instead, minus a frozen copy of it: still exactly the analytic teacher, but adapters on learned, non-zero weights.
 - `MixtureBackend` / `make_backend`: the `tdm_core.distill` backend and its CLI factory
   (`teacher = {"factory": "tdm_core.toy.mixture:make_backend", "target": "mix16d"}`).
 - `teacher_samples`: deterministic DDIM (η = 0) with the analytic ε on the toy's uniform grid (`tdm_core.toy.sampling`).
@@ -22,6 +24,8 @@ No ComfyUI, no scikit-learn, no scipy.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
@@ -52,7 +56,8 @@ class MixtureEpsNet(nn.Module):
     nearest index. The analytic part is computed in float64 from float64 buffers and ignores the labels."""
 
     def __init__(self, spec: MixtureSpec | str, *, schedule: str = "scaled_linear", num_timesteps: int = 1000,
-                 hidden: int = 128, depth: int = 2, residual_seed: int = RESIDUAL_SEED):
+                 hidden: int = 128, depth: int = 2, residual_seed: int = RESIDUAL_SEED,
+                 features: nn.Module | None = None):
         super().__init__()
         self.spec = get_mixture(spec)
         self.num_timesteps = num_timesteps
@@ -65,6 +70,15 @@ class MixtureEpsNet(nn.Module):
         with torch.no_grad():
             self.residual.out.weight.zero_()
             self.residual.out.bias.zero_()
+        # `features`: a network that learned this mixture (its ε(x, t, labels)) carries the adapters instead, minus a
+        # frozen copy of itself, so the base is still exactly the analytic teacher while the adapters act on learned
+        # features with non-zero weights, as on a real checkpoint (a zero output layer passes no gradient back to the
+        # layers before it until the adapters have grown). The copy is held outside the module tree: no adapter
+        # reaches it.
+        self._frozen_features: tuple[nn.Module, ...] = ()
+        if features is not None:
+            self.residual = copy.deepcopy(features)
+            self._frozen_features = (copy.deepcopy(features).requires_grad_(False).eval(),)
         self.requires_grad_(False)
 
     @property
@@ -84,7 +98,12 @@ class MixtureEpsNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         eps = self.analytic_eps(x, t).to(x.dtype)
-        return eps + self.residual(x, t, labels).to(x.dtype)
+        residual = self.residual(x, t, labels).to(x.dtype)
+        if self._frozen_features:
+            with torch.no_grad():
+                base = self._frozen_features[0](x, t, labels).to(x.dtype)
+            residual = residual - base
+        return eps + residual
 
 
 class MixtureBackend(LabelledToyBackend):
@@ -92,9 +111,10 @@ class MixtureBackend(LabelledToyBackend):
     are peft LoRA adapters on the residual's linears (or full copies in "full" mode), as `ToyBackend` does."""
 
     def __init__(self, spec: MixtureSpec | str = "mix2d", *, mode: str = "lora", lora_rank: int = 16,
-                 lora_alpha: float | None = None, target_modules: list[str] | None = None, adapter_seed: int = 0):
+                 lora_alpha: float | None = None, target_modules: list[str] | None = None, adapter_seed: int = 0,
+                 features: nn.Module | None = None):
         self.spec = get_mixture(spec)
-        net = MixtureEpsNet(self.spec)
+        net = MixtureEpsNet(self.spec, features=features)
         super().__init__(net, net.alphas_cumprod, self.spec.dim, f"toy_{self.spec.name}", 1, mode=mode,
                          lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules,
                          adapter_seed=adapter_seed)
