@@ -340,7 +340,8 @@ DISTILL_PROMPTS = ("a photo of a red fox in the snow\na watercolor painting of a
                    "a portrait of an old sailor, studio lighting\na bowl of ramen, food photography")
 
 
-def _distill_guide(preset, sampler_line: str, settings_lines: list[str], sampler_node: str = "TDM KSampler") -> list[str]:
+def _distill_guide(preset, sampler_line: str, settings_lines: list[str], sampler_node: str = "TDM KSampler",
+                   lora_file: str = "", loader: str = "TDM LoRA Loader") -> list[str]:
     """The Read me's guide for a workflow that distils `preset`'s student and samples it in the same graph."""
     return [
         "**How it runs**", "",
@@ -350,8 +351,9 @@ def _distill_guide(preset, sampler_line: str, settings_lines: list[str], sampler
         "2. **Watch it** in the *TDM jobs* sidebar tab (loss curve, preview, Stop / Resume) or on TDM Distill Status "
         "(queue again to refresh it; TDM Distill is cached, so no second job starts). Once the job has ended, "
         "queueing the unchanged graph again is served from ComfyUI's cache.",
-        f"3. **Keep it**: the LoRA is `models/loras/{preset.lora_file}` (the `{preset.name}` preset's name); load "
-        "it with TDM LoRA Loader in any other workflow. A stopped job's last checkpoint is used and the node says so; "
+        (f"3. **Keep it**: the LoRA is `models/loras/{lora_file}`; load " if lora_file else
+         f"3. **Keep it**: the LoRA is `models/loras/{preset.lora_file}` (the `{preset.name}` preset's name); load ")
+        + f"it with {loader} in any other workflow. A stopped job's last checkpoint is used and the node says so; "
         "`use` latest samples the newest LoRA saved so far without waiting.",
         "4. **After a restart** TDM Distill runs again and refuses the output name in use: set `if_exists` to resume "
         "and the finished job is reused (nothing retrains; a stopped job continues).", "",
@@ -620,7 +622,8 @@ def cogvideox_distill_workflow() -> list[Node]:
             "first to last, top to bottom.",
             "- On a ComfyUI with native CogVideoX, Load Diffusion Model + Load CLIP (cogvideox) + Load VAE feed TDM "
             "Distill's model and clip instead (docs/headless.md shows the files).",
-        ], sampler_node="TDM CogVideoX Sampler, grid trained"), "", DOCS_LINE,
+        ], sampler_node="TDM CogVideoX Sampler, grid trained", lora_file=f"{COGVIDEOX_STUDENT}.safetensors",
+           loader="TDM CogVideoX Loader (`lora_name`)"), "", DOCS_LINE,
     ]
     return [
         _read_me("\n".join(guide), size=(460, 860)),
