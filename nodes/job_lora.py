@@ -78,6 +78,18 @@ def job_lora(manager: jobs.JobManager, record: jobs.JobRecord, use: str) -> tupl
     return str(path), f"from {who}: {record.latest_lora}, {where}"
 
 
+def _job_file(job: str, use: str) -> tuple[jobs.JobRecord, str, str]:
+    """(record, LoRA path, where it came from) of the job named `job`, waited for when `use` is finished."""
+    manager = job_runtime.get_manager()
+    try:
+        record = manager.get(job.strip())
+        if use == "finished":
+            record = job_runtime.wait_for_job(manager, record.id)
+    except jobs.JobError as error:
+        _refuse(str(error))
+    return (record, *job_lora(manager, record, use))
+
+
 class TDMDistillLoraLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -155,14 +167,7 @@ class TDMDistillLoraLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, job, use="finished", strength_mode="auto", strength=1.0, clip=None) -> io.NodeOutput:
         inputs.check_inputs(cls, locals())
-        manager = job_runtime.get_manager()
-        try:
-            record = manager.get(job.strip())
-            if use == "finished":
-                record = job_runtime.wait_for_job(manager, record.id)
-        except jobs.JobError as error:
-            _refuse(str(error))
-        path, source = job_lora(manager, record, use)
+        record, path, source = _job_file(job, use)
         lora = lora_patching.load_lora_cached(path)
         application = lora_patching.apply_tdm_lora(model, clip, lora,
                                                    None if strength_mode == "auto" else float(strength))
@@ -212,14 +217,7 @@ class TDMCogVideoXDistillLora(io.ComfyNode):
     @classmethod
     def execute(cls, cogvideox, job, use="finished", strength_mode="auto", strength=1.0) -> io.NodeOutput:
         inputs.check_inputs(cls, locals())
-        manager = job_runtime.get_manager()
-        try:
-            record = manager.get(job.strip())
-            if use == "finished":
-                record = job_runtime.wait_for_job(manager, record.id)
-        except jobs.JobError as error:
-            _refuse(str(error))
-        path, source = job_lora(manager, record, use)
+        record, path, source = _job_file(job, use)
         try:
             student, used, where = video_core.with_lora(cogvideox, path,
                                                         None if strength_mode == "auto" else float(strength))

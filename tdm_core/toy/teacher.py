@@ -137,20 +137,30 @@ def train_teacher(config: ToyTeacherConfig, log=None) -> ToyEpsNet:
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     net = _build_net(config)
+    return fit_denoiser(net, _training_data(config, gen), gen, config, warmup=200, log_every=1000,
+                        log=None if log is None else lambda step, loss: log(
+                            f"toy teacher [{config.task}] step {step}/{config.train_steps} loss {loss:.4f}"))
+
+
+def fit_denoiser(net: torch.nn.Module, batch, gen: torch.Generator, config, *, warmup: int, log_every: int,
+                 log=None) -> torch.nn.Module:
+    """The toy teachers' training loop (the image/mixture teachers here, the video teacher of tdm_core.toy.video):
+    ε-MSE on x_t = √ᾱ x0 + √(1−ᾱ) ε at uniform t, labels dropped to the null class (`config.num_classes`) with
+    probability `config.label_dropout`, AdamW with linear warm-up then cosine decay, and an EMA of the weights, which
+    it returns. `batch()` gives (x0, labels); every draw comes from `gen`. `log(step, loss)` every `log_every` steps."""
     ema = copy.deepcopy(net).requires_grad_(False)
     abar = vp_alphas_cumprod(config.schedule, config.num_timesteps).float()
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / 200) * 0.5 * (1 + math.cos(math.pi * i / config.train_steps))
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / config.train_steps))
     )
-    batch = _training_data(config, gen)
     for step in range(config.train_steps):
         x0, labels = batch()
         drop = torch.rand(labels.shape, generator=gen) < config.label_dropout
         labels = torch.where(drop, torch.full_like(labels, config.num_classes), labels)
         t = torch.randint(0, config.num_timesteps, labels.shape, generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        a = abar[t].unsqueeze(-1)
+        a = abar[t].reshape(-1, *[1] * (x0.ndim - 1))
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         loss = torch.nn.functional.mse_loss(net(x_t, t, labels), eps)
         opt.zero_grad(set_to_none=True)
@@ -160,8 +170,8 @@ def train_teacher(config: ToyTeacherConfig, log=None) -> ToyEpsNet:
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
                 pe.lerp_(p, 1.0 - config.ema_decay)
-        if log is not None and (step % 1000 == 0 or step == config.train_steps - 1):
-            log(f"toy teacher [{config.task}] step {step + 1}/{config.train_steps} loss {loss.item():.4f}")
+        if log is not None and (step % log_every == 0 or step == config.train_steps - 1):
+            log(step + 1, loss.item())
     return ema
 
 

@@ -61,7 +61,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -80,6 +79,7 @@ from .mixture import sliced_wasserstein
 from .mixture_spec import chi2_quantile, posterior_mean
 from .networks import LORA_TARGET_MODULES, ToyEpsNet, timestep_embedding
 from .sampling import ddim_sample, uniform_grid, vp_alphas_cumprod
+from .teacher import fit_denoiser
 
 #: The residual network's fixed initialisation seed (frozen; only LoRA adapters on it train).
 RESIDUAL_SEED = 0
@@ -370,6 +370,10 @@ class VideoTeacherConfig:
     def build(self) -> TorusVideoNet:
         return TorusVideoNet(self.spec, channels=self.channels, hidden=self.hidden, depth=self.depth)
 
+    @property
+    def num_classes(self) -> int:  # the null class's label (fit_denoiser's label dropout)
+        return self.spec.classes
+
 
 #: The learned teacher of bench/video_toy.py --teacher learned.
 LEARNED_VIDEO_TEACHER = VideoTeacherConfig()
@@ -388,36 +392,20 @@ class LearnedVideoTeacher:
 
 
 def train_video_teacher(config: VideoTeacherConfig = LEARNED_VIDEO_TEACHER, log=None) -> TorusVideoNet:
-    """Trains the learned teacher from scratch with a fixed seed; returns the EMA weights."""
+    """Trains the learned teacher from scratch with a fixed seed (the toy teachers' loop, `fit_denoiser`); returns
+    the EMA weights."""
     spec = config.spec
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     net = config.build()
-    ema = copy.deepcopy(net).requires_grad_(False)
-    abar = vp_alphas_cumprod(config.schedule, config.num_timesteps).float()
-    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
-    warmup = min(200, config.train_steps // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / config.train_steps)))
-    for step in range(config.train_steps):
+
+    def batch():
         labels = torch.randint(spec.classes, (config.batch_size,), generator=gen)
-        x0 = spec.sample(labels, gen)
-        drop = torch.rand(labels.shape, generator=gen) < config.label_dropout
-        labels = torch.where(drop, torch.full_like(labels, spec.classes), labels)
-        t = torch.randint(0, config.num_timesteps, labels.shape, generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        a = abar[t].reshape(-1, *[1] * (x0.ndim - 1))
-        loss = nn.functional.mse_loss(net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, labels), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
-                pe.lerp_(p, 1.0 - config.ema_decay)
-        if log is not None and (step % 500 == 0 or step == config.train_steps - 1):
-            log(f"toy video teacher step {step + 1}/{config.train_steps} loss {loss.item():.4f}")
-    return ema
+        return spec.sample(labels, gen), labels
+
+    return fit_denoiser(net, batch, gen, config, warmup=min(200, config.train_steps // 10 + 1), log_every=500,
+                        log=None if log is None else lambda step, loss: log(
+                            f"toy video teacher step {step}/{config.train_steps} loss {loss:.4f}"))
 
 
 def video_teacher_path(config: VideoTeacherConfig, directory: Path | None = None) -> Path:
