@@ -438,7 +438,8 @@ def test_a_job_records_its_config_and_a_resume_keeps_it_when_the_recipe_changes(
     built = []
     distill_jobs = sys.modules[trainer_module.__package__ + ".distill_jobs"]  # where start_job builds the runtime
     real = distill_jobs.job_runtime
-    monkeypatch.setattr(distill_jobs, "job_runtime", lambda *args, **kwargs: built.append(real(*args, **kwargs)) or built[-1])
+    monkeypatch.setattr(distill_jobs, "job_runtime",
+                        lambda *args, **kwargs: built.append(real(*args, **kwargs)) or built[-1])
     _start_job(trainer_module, monkeypatch, manager, sd3_twin, iterations=3, save_every=1, if_exists="resume")
     assert built[0][0].config.weight_decay == decay
     resumed = manager.wait(record.id, timeout=300)
