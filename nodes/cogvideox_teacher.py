@@ -12,6 +12,8 @@ layout [frames, C, H/8, W/8], v-prediction on the folder's own SNR-shifted, zero
   layers are peft's, and a teacher with a student LoRA inside would distil the student. Sequential offload is
   refused (its weights live in offload hooks, not in the modules); model offload is fine: the job trains its own
   device copy and the pipeline's components go back to the CPU after the prompts are encoded.
+- **Its folder**: `cogvideox_folders` / `resolve_folder` are the loader's rule for which models/diffusers folders it
+  loads, which the headless export (nodes/headless_export.py) applies again to a job's recorded folder.
 - **Previews** decode with a private, tiled copy of the pipeline's VAE on the training device: the job thread never
   touches the pipeline the prompt executor samples with (the CogVideoX VAE keeps a cache between its causal
   convolutions).
@@ -20,11 +22,14 @@ layout [frames, C, H/8, W/8], v-prediction on the folder's own SNR-shifted, zero
 from __future__ import annotations
 
 import copy
+import os
 
+import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
-from tdm_core import families
+from tdm_core import cogvideox as video_core  # not `cogvideox`: TDM Distill's input of that name
+from tdm_core import families, validation
 from tdm_core.distill import ConfigError, DiscreteSchedule
 from tdm_core.distill.backend import shared_weights_copy
 from tdm_core.distill.diffusers_folder import (
@@ -43,6 +48,39 @@ FAMILY = families.COGVIDEOX.name
 #: TDM Distill's input for the pipeline, named after the family it takes (saved in workflows: never rename it).
 PIPE_INPUT = FAMILY
 WHAT = "the CogVideoX pipeline on TDM Distill's cogvideox input"
+
+
+def cogvideox_folders() -> list[str]:
+    """Folders under models/diffusers (one or two levels down) that hold a CogVideoX diffusers model."""
+    found = []
+    for root in folder_paths.get_folder_paths("diffusers"):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+            depth = os.path.relpath(dirpath, root).count(os.sep)
+            if dirpath != root and video_core.is_cogvideox_folder(dirpath):
+                found.append(os.path.relpath(dirpath, root))
+                dirnames[:] = []
+            elif depth >= 1:
+                dirnames[:] = []
+    return sorted(found)
+
+
+def resolve_folder(name: str) -> str:
+    """The listed CogVideoX folder `name`, under the models/diffusers root that holds it. Only a listed name is
+    accepted (ComfyUI does not check V3 combo values): `../../input/x` would load and run a model a client
+    uploaded. The list is what the user put in models/diffusers, links they placed included."""
+    try:
+        validation.lexical_relative(name, "TDM CogVideoX Loader: model_folder")
+        validation.one_of(name, cogvideox_folders(), "TDM CogVideoX Loader: model_folder")
+    except validation.ValidationError as error:
+        raise video_core.CogVideoXError(f"{error}. Put CogVideoX diffusers folders in models/diffusers.") from None
+    for root in folder_paths.get_folder_paths("diffusers"):
+        candidate = os.path.normpath(os.path.join(root, name))
+        inside = os.path.commonpath([os.path.normpath(root), candidate]) == os.path.normpath(root)
+        if inside and os.path.isdir(candidate):
+            return candidate
+    raise video_core.CogVideoXError(f"no folder '{name}' under models/diffusers")
 
 
 def check_teacher_inputs(model, clip, vae, pipe) -> None:
@@ -71,24 +109,19 @@ def check_teacher(pipe) -> None:
         check_cogvideox_2b(transformer, WHAT)
     except ConfigError as error:
         raise ValueError(str(error)) from None
-    if getattr(transformer, "peft_config", None):
-        raise ValueError("the CogVideoX pipeline on TDM Distill's cogvideox input carries a LoRA (TDM CogVideoX "
-                         "Loader's lora_name): a teacher is the base model. Feed TDM Distill from a loader with "
-                         "lora_name 'none'.")
-    if any(getattr(module, "_hf_hook", None) is not None and getattr(module._hf_hook, "offload", False)
-           for module in transformer.modules()):
-        raise ValueError("the CogVideoX pipeline on TDM Distill's cogvideox input uses sequential offload, whose "
-                         "weights live in offload hooks; choose offload 'none' or 'model' on TDM CogVideoX Loader")
+    problem = video_core.sharing_problem(pipe)
+    if problem:
+        raise ValueError(f"the CogVideoX pipeline on TDM Distill's cogvideox input {problem}: a teacher is the base "
+                         "model, shared as loaded. Feed TDM Distill from a TDM CogVideoX Loader with lora_name 'none' "
+                         "and offload 'none' or 'model'.")
 
 
 def training_grid(pipe, options: dict, steps: int):
     """(latent shape [latent frames, C, h, w], training grid) for TDM Distill's width, height, frames and grid."""
     width, height = int(options["width"]), int(options["height"])
-    factor = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size
-    if width % factor or height % factor:
-        raise ValueError(f"CogVideoX trains at a width and height that are multiples of {factor} (got {width}×{height})")
     frames = options.get("frames")
     try:
+        video_core.check_size(pipe, height, width)  # the sampler's rule: the VAE's 8 px times the 2-token patch
         latent_shape = cogvideox_latent_shape(pipe, int(frames) if frames is not None else None, height, width)
     except ValueError as error:
         raise ValueError(f"TDM Distill: {error}") from None
@@ -110,7 +143,7 @@ def build_backend(pipe, config, options: dict, device: torch.device, latent_shap
         pipe.maybe_free_model_hooks()  # model offload: the T5 goes back to the CPU now, not at the next sampling
     dtype = comfy_backend.DTYPES[options["dtype"]]
     network = shared_weights_copy(pipe.transformer, device, dtype)
-    _drop_offload_hooks(network)
+    video_core.drop_offload_hooks(network)
     if options["gradient_checkpointing"]:
         network.enable_gradient_checkpointing()
     # Nodes run under torch.inference_mode(); adapters created there could never be trained.
@@ -118,16 +151,6 @@ def build_backend(pipe, config, options: dict, device: torch.device, latent_shap
         backend = cogvideox_backend(config, network, grid.schedule, encoded, latent_shape)
     backend.to(device)
     return backend
-
-
-def _drop_offload_hooks(network: torch.nn.Module) -> None:
-    """A model-offloaded pipeline's transformer carries accelerate's hook, which the copy inherits: it would move
-    the job's network to the pipeline's device at every call and back. The job places its network itself."""
-    try:
-        from accelerate.hooks import remove_hook_from_module
-    except ImportError:
-        return
-    remove_hook_from_module(network, recurse=True)
 
 
 def preview_decoder(pipe, device: torch.device):
@@ -138,7 +161,7 @@ def preview_decoder(pipe, device: torch.device):
     vae = copy.deepcopy(pipe.vae).to(device=device).eval()
     if vae.dtype != dtype:  # float32 on the CPU, which has no fast half-precision convolutions
         vae.to(dtype=dtype)
-    _drop_offload_hooks(vae)
+    video_core.drop_offload_hooks(vae)
     vae.enable_tiling()
     scaling = float(vae.config.scaling_factor)
 

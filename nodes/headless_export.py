@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 
 from tdm_core import jobs, validation
+from tdm_core.cogvideox import CogVideoXError
 from tdm_core.distill.teacher_files import FILE_FIELDS, OPTION_DEFAULTS, TeacherFiles
 
-from .cogvideox_teacher import PIPE_INPUT
+from .cogvideox_teacher import PIPE_INPUT, resolve_folder
 
 # Loader nodes a headless run rebuilds, by ComfyUI class name → the input holding the file name.
 _LORA_NODES = {"LoraLoader", "LoraLoaderModelOnly"}
@@ -131,9 +132,7 @@ def _trace_cogvideox(prompt: dict, link: tuple[str, int]) -> dict:
 
 def _folder_teacher(record: jobs.JobRecord, files: dict, comfy: dict) -> dict:
     """The diffusers-folder teacher of a job on TDM CogVideoX Loader's pipeline: the folder as this ComfyUI resolves
-    it (its models/diffusers roots, a name the loader lists), the job's size and dtype."""
-    import folder_paths
-
+    it (the loader's own rule: a CogVideoX folder it lists under models/diffusers), the job's size and dtype."""
     name, dtype = files.get("diffusers_folder"), files.get("dtype")
     who = f"TDM job {record.id} '{record.name}'"
     try:
@@ -142,13 +141,10 @@ def _folder_teacher(record: jobs.JobRecord, files: dict, comfy: dict) -> dict:
         raise ValueError(f"{who} holds an unusable teacher record: {error}") from None
     if dtype not in _PIPE_DTYPES.values():
         raise ValueError(f"{who} holds an unusable teacher record: dtype {str(dtype)[:40]!r}")
-    for root in folder_paths.get_folder_paths("diffusers"):
-        candidate = os.path.realpath(os.path.join(root, name))
-        if os.path.commonpath([os.path.realpath(root), candidate]) == os.path.realpath(root) and os.path.isfile(
-                os.path.join(candidate, "model_index.json")):
-            break
-    else:
-        raise ValueError(f"{who}: its teacher folder {name!r} is no longer under models/diffusers")
+    try:
+        candidate = os.path.realpath(resolve_folder(name))
+    except CogVideoXError:
+        raise ValueError(f"{who}: its teacher folder {name!r} is no longer under models/diffusers") from None
     if comfy.get("dtype") in _PIPE_DTYPES.values():  # TDM Distill's own dtype wins over the loader's, as in the job
         dtype = comfy["dtype"]
     teacher = {"factory": "tdm_core.distill.diffusers_folder:make_backend", "folder": candidate, "dtype": dtype}

@@ -6,57 +6,23 @@ plain IMAGE batch of frames (+ fps) that core save nodes (CreateVideo → SaveVi
 
 from __future__ import annotations
 
-import os
-
 import comfy.model_management
 import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
 
 from tdm_core import cogvideox as video_core  # not `cogvideox`: that is the sampler's input name
-from tdm_core import schedules, validation
+from tdm_core import schedules
 from tdm_core.presets import get_preset
 
 from . import categories, inputs
 from .cogvideox_teacher import COGVIDEOX_PIPE as CogVideoXPipe
+from .cogvideox_teacher import cogvideox_folders, resolve_folder
 
 _COGVIDEOX = get_preset("cogvideox")
 # V3 nodes hold no state: the last loaded pipeline is kept here so re-running a graph does not reload it.
 _PIPELINE_CACHE: dict = {}
 NO_LORA = "none"
-
-
-def cogvideox_folders() -> list[str]:
-    """Folders under models/diffusers (one or two levels down) that hold a CogVideoX diffusers model."""
-    found = []
-    for root in folder_paths.get_folder_paths("diffusers"):
-        if not os.path.isdir(root):
-            continue
-        for dirpath, dirnames, _ in os.walk(root, followlinks=True):
-            depth = os.path.relpath(dirpath, root).count(os.sep)
-            if dirpath != root and video_core.is_cogvideox_folder(dirpath):
-                found.append(os.path.relpath(dirpath, root))
-                dirnames[:] = []
-            elif depth >= 1:
-                dirnames[:] = []
-    return sorted(found)
-
-
-def _resolve_folder(name: str) -> str:
-    """The listed CogVideoX folder `name`, under the models/diffusers root that holds it. Only a listed name is
-    accepted (ComfyUI does not check V3 combo values): `../../input/x` would load and run a model a client
-    uploaded. The list is what the user put in models/diffusers, links they placed included."""
-    try:
-        validation.lexical_relative(name, "TDM CogVideoX Loader: model_folder")
-        validation.one_of(name, cogvideox_folders(), "TDM CogVideoX Loader: model_folder")
-    except validation.ValidationError as error:
-        raise video_core.CogVideoXError(f"{error}. Put CogVideoX diffusers folders in models/diffusers.") from None
-    for root in folder_paths.get_folder_paths("diffusers"):
-        candidate = os.path.normpath(os.path.join(root, name))
-        inside = os.path.commonpath([os.path.normpath(root), candidate]) == os.path.normpath(root)
-        if inside and os.path.isdir(candidate):
-            return candidate
-    raise video_core.CogVideoXError(f"no folder '{name}' under models/diffusers")
 
 
 class TDMCogVideoXLoader(io.ComfyNode):
@@ -100,7 +66,7 @@ class TDMCogVideoXLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model_folder, dtype, lora_name, lora_strength, vae_tiling, vae_slicing, offload) -> io.NodeOutput:
         inputs.check_inputs(cls, locals())
-        path = _resolve_folder(model_folder)
+        path = resolve_folder(model_folder)
         lora_path = None if lora_name == NO_LORA else folder_paths.get_full_path_or_raise("loras", lora_name)
         options = video_core.LoadOptions(dtype=dtype, lora_path=lora_path, lora_strength=lora_strength,
                                         vae_slicing=vae_slicing, vae_tiling=vae_tiling, offload=offload)

@@ -146,6 +146,29 @@ def attach_lora(pipe, lora_path: str | Path, strength: float | None = None) -> t
     return strength, source
 
 
+def sharing_problem(pipe) -> str | None:
+    """Why a module tree sharing `pipe`'s transformer weights (a distillation's network, a LoRA'd student) cannot be
+    made from it, or None: a LoRA already attached (its layers are peft's: the LoRA would be inside the copy), or
+    sequential offload (its weights live in offload hooks, not in the modules)."""
+    transformer = pipe.transformer
+    if getattr(transformer, "peft_config", None):
+        return "carries a LoRA (TDM CogVideoX Loader's lora_name)"
+    if any(getattr(getattr(module, "_hf_hook", None), "offload", False) for module in transformer.modules()):
+        return "uses sequential offload, whose weights live in offload hooks"
+    return None
+
+
+def drop_offload_hooks(module) -> None:
+    """Removes the accelerate hooks a copy of a model-offloaded pipeline's component inherited: they belong to the
+    pipeline's offload chain and would move the copy to and from the device at every call. The copy's owner places
+    it."""
+    try:
+        from accelerate.hooks import remove_hook_from_module
+    except ImportError:  # no accelerate, so no hooks
+        return
+    remove_hook_from_module(module, recurse=True)
+
+
 def with_lora(pipe, lora_path: str | Path, strength: float | None = None):
     """(a pipeline with the TDM LoRA attached, strength, where it came from) beside `pipe`, which stays as it was:
     the text encoder, VAE, tokenizer and scheduler are `pipe`'s own objects and the transformer is a module tree of
@@ -153,19 +176,15 @@ def with_lora(pipe, lora_path: str | Path, strength: float | None = None):
     student in the same graph. A `pipe` that already carries a LoRA is refused (the two would add up)."""
     from .distill.backend import shared_weights_copy
 
-    if getattr(pipe.transformer, "peft_config", None):
-        raise CogVideoXError("this CogVideoX pipeline already carries a LoRA (TDM CogVideoX Loader's lora_name); give "
-                             "the job's LoRA a loader with lora_name 'none'")
-    if any(getattr(getattr(module, "_hf_hook", None), "offload", False) for module in pipe.transformer.modules()):
-        raise CogVideoXError("a CogVideoX pipeline with sequential offload cannot share its weights with a LoRA'd "
-                             "copy; choose offload 'none' or 'model' on TDM CogVideoX Loader")
+    problem = sharing_problem(pipe)
+    if problem:
+        raise CogVideoXError(f"this CogVideoX pipeline already {problem}: the job's LoRA needs a TDM CogVideoX "
+                             "Loader with lora_name 'none' and offload 'none' or 'model'")
     transformer = shared_weights_copy(pipe.transformer)
     if getattr(pipe.transformer, "_hf_hook", None) is not None:
-        # Model offload: the copy inherited the transformer's hook, which belongs to `pipe`'s offload chain. The copy
-        # (a LoRA'd student) stays on the device instead; the text encoder and VAE keep moving through `pipe`'s hooks.
-        from accelerate.hooks import remove_hook_from_module
-
-        remove_hook_from_module(transformer, recurse=True)
+        # Model offload: the copy (a LoRA'd student) stays on the device; the text encoder and VAE keep moving
+        # through `pipe`'s hooks.
+        drop_offload_hooks(transformer)
         transformer.to(pipe._execution_device)
     components = dict(pipe.components, transformer=transformer)
     student = type(pipe)(**components)
