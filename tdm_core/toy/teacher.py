@@ -190,23 +190,32 @@ def load_or_train_teacher(
 
 def _load_or_train(config: ToyTeacherConfig, path: Path, log) -> ToyTeacher:
     abar = vp_alphas_cumprod(config.schedule, config.num_timesteps)
-    net = _build_net(config)
+    metadata = {"config": json.dumps(asdict(config)), "format": str(TEACHER_FORMAT_VERSION)}
+    net, from_cache, seconds = cached_network(path, lambda: _build_net(config), lambda: train_teacher(config, log=log),
+                                              metadata, f"toy teacher [{config.task}]", log)
+    return ToyTeacher(net, config, abar, path, from_cache=from_cache, train_seconds=seconds)
+
+
+def cached_network(path: Path, build, train, metadata: dict[str, str], what: str, log=None):
+    """(network, from the cache, training seconds) for the toy teachers' cache: `build()` with the weights at `path`
+    when the file exists, else `train()`'s network written there atomically (a temporary file, then a rename) with
+    `metadata`; frozen and in eval mode either way. Call it under `training_lock(path)`."""
     if path.is_file():
+        net = build()
         net.load_state_dict(load_file(str(path)))
         if log is not None:
-            log(f"toy teacher [{config.task}]: reusing {path}")
-        return ToyTeacher(net.eval().requires_grad_(False), config, abar, path, from_cache=True)
+            log(f"{what}: reusing {path}")
+        return net.eval().requires_grad_(False), True, 0.0
     start = time.perf_counter()
-    trained = train_teacher(config, log=log)
+    trained = train()
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    state = {k: v.contiguous() for k, v in trained.state_dict().items()}
-    save_file(state, str(tmp), metadata={"config": json.dumps(asdict(config)), "format": str(TEACHER_FORMAT_VERSION)})
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     if log is not None:
-        log(f"toy teacher [{config.task}]: trained in {seconds:.1f}s, cached at {path}")
-    return ToyTeacher(trained.eval().requires_grad_(False), config, abar, path, from_cache=False, train_seconds=seconds)
+        log(f"{what}: trained in {seconds:.1f}s, cached at {path}")
+    return trained.eval().requires_grad_(False), False, seconds
 
 
 def with_overrides(config: ToyTeacherConfig, **overrides) -> ToyTeacherConfig:

@@ -61,14 +61,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..distill import DiscreteSchedule, DistillConfig, PeftBackend
@@ -79,7 +76,7 @@ from .mixture import sliced_wasserstein
 from .mixture_spec import chi2_quantile, posterior_mean
 from .networks import LORA_TARGET_MODULES, ToyEpsNet, timestep_embedding
 from .sampling import ddim_sample, uniform_grid, vp_alphas_cumprod
-from .teacher import fit_denoiser
+from .teacher import cached_network, fit_denoiser
 
 #: The residual network's fixed initialisation seed (frozen; only LoRA adapters on it train).
 RESIDUAL_SEED = 0
@@ -418,21 +415,11 @@ def load_or_train_video_teacher(config: VideoTeacherConfig = LEARNED_VIDEO_TEACH
     `training_lock`, so parallel test workers train it once), as `teacher.load_or_train_teacher` does."""
     path = video_teacher_path(config, Path(directory) if directory is not None else None)
     abar = vp_alphas_cumprod(config.schedule, config.num_timesteps)
+    metadata = {"config": json.dumps(asdict(config)), "format": str(VIDEO_TEACHER_FORMAT_VERSION)}
     with training_lock(path):
-        if path.is_file():
-            net = config.build()
-            net.load_state_dict(load_file(str(path)))
-            return LearnedVideoTeacher(net.eval().requires_grad_(False), config, abar, path, from_cache=True)
-        start = time.perf_counter()
-        net = train_video_teacher(config, log=log)
-        seconds = time.perf_counter() - start
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
-                  metadata={"config": json.dumps(asdict(config)), "format": str(VIDEO_TEACHER_FORMAT_VERSION)})
-        os.replace(tmp, path)
-        if log is not None:
-            log(f"toy video teacher: trained in {seconds:.1f}s, cached at {path}")
-        return LearnedVideoTeacher(net.eval().requires_grad_(False), config, abar, path, train_seconds=seconds)
+        net, from_cache, seconds = cached_network(path, config.build, lambda: train_video_teacher(config, log=log),
+                                                  metadata, "toy video teacher", log)
+    return LearnedVideoTeacher(net, config, abar, path, from_cache=from_cache, train_seconds=seconds)
 
 
 class VideoBackend(PeftBackend):
