@@ -37,7 +37,7 @@ Figures, per target <t> (prefix "mix2d_", "mix16d_", "digits_"):
   sampler would score, the noise floor of d_*.
 - <t>_between_student / _teacher50 / _teacher4 / _data (mixtures): the share of samples outside every mode's
   99.9 % ball (squared distance to every centre > std² · chi-square(dim) 0.999 quantile), "_data" over the 20000
-  reference samples (≈ 0.001 by construction).
+  reference samples (≈ 0.001 by construction). bench/pace_anatomy.py splits the student's share by step.
 - <t>_tv_student / _teacher50 / _teacher4 (mixtures): total variation ½ Σ_i |share_i − w_i| between the shares of
   samples whose nearest centre is mode i and the true weights w_i (lost small modes show up here).
 - <t>_seconds: the student's training time (sum of TDMTrainer.step times; evaluations excluded).
@@ -202,28 +202,32 @@ def learned_reference(target: str) -> dict:
     return ref
 
 
+def mixture_backend(target: str, ref: dict, config):
+    """The distillation backend of a mixture target: the LoRAs on the learned teacher's own linears ("_learned"), on
+    the learned network's features over the exact teacher ("_features"), or on the exact teacher's zero residual."""
+    from tdm_core.toy import mixture as mx
+    from tdm_core.toy.backend import ToyBackend, adapter_settings
+
+    if "teacher" in ref:  # a learned target: the LoRAs on the trained teacher's own linears
+        return ToyBackend(ref["teacher"], mode=config.mode, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                          target_modules=config.lora_target_modules, adapter_seed=config.seed)
+    if target.endswith(FEATURES):  # the exact teacher, the LoRAs on the learned teacher's linears
+        from tdm_core.toy.teacher import LEARNED_MIXTURE_TEACHERS, load_or_train_teacher
+
+        learned = load_or_train_teacher(LEARNED_MIXTURE_TEACHERS[base_mixture(target)], log=log)
+        return mx.MixtureBackend(ref["spec"], features=learned.net, **adapter_settings(config, None, None))
+    return mx.make_backend(config, target=target)
+
+
 def mixture_student(target: str, ref: dict, config) -> dict:
     """Distils a student with `config` and scores it at the checkpoints and at the end."""
     import torch
 
     from tdm_core.distill import TDMTrainer
     from tdm_core.toy import mixture as mx
-    from tdm_core.toy.backend import ToyBackend
 
     spec, reference, noise = ref["spec"], ref["reference"], ref["noise"]
-    if "teacher" in ref:  # a learned target: the LoRAs on the trained teacher's own linears
-        backend = ToyBackend(ref["teacher"], mode=config.mode, lora_rank=config.lora_rank,
-                             lora_alpha=config.lora_alpha, target_modules=config.lora_target_modules,
-                             adapter_seed=config.seed)
-    elif target.endswith(FEATURES):  # the exact teacher, the LoRAs on the learned teacher's linears
-        from tdm_core.toy.backend import adapter_settings
-        from tdm_core.toy.teacher import LEARNED_MIXTURE_TEACHERS, load_or_train_teacher
-
-        learned = load_or_train_teacher(LEARNED_MIXTURE_TEACHERS[base_mixture(target)], log=log)
-        backend = mx.MixtureBackend(spec, features=learned.net, **adapter_settings(config, None, None))
-    else:
-        backend = mx.make_backend(config, target=target)
-    trainer = TDMTrainer(backend, config)
+    trainer = TDMTrainer(mixture_backend(target, ref, config), config)
     prompts = ["0"] * noise.shape[0]
     seconds, at = 0.0, {}
 

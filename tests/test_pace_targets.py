@@ -289,3 +289,35 @@ def test_a_learned_mixture_teacher_trains_on_the_mixtures_samples():
     assert mx.between_share(spec, x0) < 0.01  # data, not noise
     net = toy_teacher.train_teacher(replace(config, train_steps=3, batch_size=8))
     assert net(torch.zeros(2, 16), torch.tensor([999, 0]), torch.zeros(2, dtype=torch.long)).shape == (2, 16)
+
+
+def test_anatomy_bench_splits_the_between_mode_share_by_step():
+    """bench/pace_anatomy.py on the exact 2-D mixture: one JSON line; handing over to the exact teacher at t = 999
+    (no student step) IS the exact 50-step DDIM (the same 999, 979, …, 19 grid), the regression targets of the last
+    step are the exact teacher's and sit on the modes, and the probe reports each requested checkpoint."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "pace_anatomy.py"), "--targets", "mix2d",
+                           "--iterations", "10", "--updates", "2,4", "--threads", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout
+    line = json.loads(lines[0])
+    by_steps = line["mix2d_between_teacher_by_steps"]
+    assert line["bench"] == "pace_anatomy" and line["iterations"] == 10
+    assert by_steps["4"] > by_steps["10"] > by_steps["50"]  # the exact ODE separates modes with more steps
+    assert line["mix2d_goal"] == pytest.approx(2 * by_steps["50"], abs=1e-5)
+    assert line["mix2d_goal_steps"] in (30, 50, 100)
+    handoff = line["mix2d_between_handoff"]
+    assert list(handoff) == ["999", "749", "499", "249"]
+    assert handoff["999"] == by_steps["50"]
+    assert line["mix2d_last_step_target"] <= 2 * by_steps["50"]
+    ceiling = line["mix2d_last_step_ceiling"]
+    assert list(ceiling) == ["0.0002", "0.001"]  # the toy recipe's student and fake-score learning rates
+    for shares in ceiling.values():
+        assert list(shares) == ["2", "4"] and all(0.0 <= v <= 1.0 for v in shares.values())
+
+
+def test_anatomy_bench_refuses_a_target_without_an_exact_teacher():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "pace_anatomy.py"), "--targets", "mix2d_learned"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout.strip() == "" and "mix2d_learned" in proc.stderr
