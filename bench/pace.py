@@ -66,7 +66,9 @@ cfg 1, then every --set field but the LoRA's shape). Their 50-step samples are t
 tests/test_sdxl_flux_quality.py scores them, by the W1 distance of 128 samples' element values per prompt to the
 teacher's own 50-step samples (summed over the two prompts; `floor`: a second 50-step draw), and report <t>_removed =
 1 − d_student / d_teacher4, the share of the teacher's 4-step distance the student removes (<t>_removed_at at
-100/250/500 iterations, <t>_removed_by_seed).
+100/250/500 iterations, <t>_removed_by_seed), and <t>_ratio_to_floor = d_student / floor: the mixtures' ratio read
+the same way (the distance to the 50-step teacher's samples over a second 50-step draw's, so 1 is a student
+indistinguishable from teacher-50 at this sample size; teacher-4's is <t>_teacher4_to_floor).
 They are not part of worst_ratio / goal_met.
 
 Time on 2 CPU cores (--threads 1; measured): 500 iterations train in ~14 s per mixture target (~25 s wall each
@@ -323,6 +325,8 @@ def summarise_latent(target: str, teacher: dict, runs: dict[int, dict]) -> dict:
     mean = sum(r["d_student"] for r in runs.values()) / len(runs)
     out[f"{target}_d_student"] = round(mean, 5)
     out[f"{target}_removed"] = round(1 - mean / d4, 4)
+    out[f"{target}_ratio_to_floor"] = round(mean / teacher["floor"], 3)
+    out[f"{target}_teacher4_to_floor"] = round(d4 / teacher["floor"], 3)
     out[f"{target}_removed_by_seed"] = {str(s): round(1 - r["d_student"] / d4, 4) for s, r in runs.items()}
     steps = sorted(set.intersection(*(set(r["at"]) for r in runs.values())))
     out[f"{target}_removed_at"] = {str(i): round(1 - sum(r["at"][i] for r in runs.values()) / len(runs) / d4, 4)

@@ -2,10 +2,11 @@
 
 Tolerances: two processes reduce the gradients in another order than one process sums its batch (FSDP's
 reduce-scatter averages two half-batch means; the gradient norm is summed over shards), so the numbers are the
-one-process run's up to float32 round-off, carried through 4 AdamW updates: the same tolerance as the data-parallel
-test (adapters atol 1e-6 on weights of ~0.13, losses rel 1e-4). Measured: 2e-8 to 3e-7 on the adapters, 4e-6
-relative on the losses. The optimiser's moments are compared more loosely (`OPT_STATE_TOL` of each tensor's largest
-value): with betas (0, 0.95) the first moment is the last clipped gradient itself, and the pseudo-Huber loss with
+one-process run's up to float32 round-off, carried through 4 AdamW updates: adapters atol 1e-6 on weights of ~0.13
+(up to 1 % of a tensor's entries may take a round-off-decided step, within 1e-5: FLIP_SHARE below), losses rel 5e-4.
+Measured on AVX2 CPUs: 2e-8 to 3e-7 on the adapters, 4e-6 relative on the losses; on AVX-512 (AMD EPYC) the figures
+next to the constants. The optimiser's moments are compared more loosely (`OPT_STATE_TOL` of the largest moment of
+that kind in the optimiser): with betas (0, 0.95) the first moment is the last clipped gradient itself, and the pseudo-Huber loss with
 c = 1e-3 has a gradient whose slope reaches 1/c = 1000 at small residuals, so a 1e-8 round-off in a residual moves a
 gradient entry by 1e-5 (measured 2e-5 on entries up to 0.02 — exactly what a 2-process DDP run shows against one
 process). A resume on the same process count is bit-exact.
@@ -28,8 +29,25 @@ from tdm_core.distill.reference import TinyDenoiser, make_backend
 from tdm_devkit.states import equal_states
 
 ADAPTER_ATOL = 1e-6
-LOSS_RTOL = 1e-4
+# Round-off that decides an update: pseudo-Huber's slope reaches 1/c = 1000 at small residuals and AdamW's first steps
+# with beta1 = 0 move each entry by about lr · sign(gradient), so an entry whose gradient is round-off-sized can take a
+# different step when the sums run in another order. On AVX2 CPUs the DDP/FSDP runs were bit-equal; on an AMD EPYC
+# with AVX-512 2 of 512 entries of one adapter differed by 4.5e-6. So at most FLIP_SHARE of a tensor's entries may
+# exceed ADAPTER_ATOL, and none FLIP_ATOL.
+FLIP_SHARE = 0.01
+FLIP_ATOL = 1e-5
+# The generator loss is a pseudo-Huber of f − r, two nearly equal predictions (the fake score is the teacher plus a
+# young adapter), so its relative round-off is theirs times |r| / |f − r|: measured 4e-6 on AVX2, 1.8e-4 on AVX-512
+# (one process's checkpoint resumed sharded). A wrong computation moves it by orders of magnitude more.
+LOSS_RTOL = 5e-4
 OPT_STATE_TOL = 5e-3
+
+
+def _assert_close_up_to_flips(got: torch.Tensor, want: torch.Tensor, atol: float, flip_atol: float, name: str) -> None:
+    """Every entry within flip_atol, all but FLIP_SHARE of them within atol."""
+    torch.testing.assert_close(got, want, rtol=0, atol=flip_atol, msg=lambda m: f"{name}: {m}")
+    beyond = int(((got - want).abs() > atol).sum())
+    assert beyond <= FLIP_SHARE * want.numel(), f"{name}: {beyond} of {want.numel()} entries differ by > {atol}"
 
 
 def _torchrun(config: Path, *extra: str):
@@ -59,15 +77,25 @@ def _assert_close_states(got: dict, want: dict) -> None:
     for adapter in ("student", "fake"):
         assert got[adapter].keys() == want[adapter].keys()
         for key in want[adapter]:
-            torch.testing.assert_close(got[adapter][key], want[adapter][key], rtol=0, atol=ADAPTER_ATOL)
+            _assert_close_up_to_flips(got[adapter][key], want[adapter][key], ADAPTER_ATOL, FLIP_ATOL, f"{adapter}.{key}")
         assert any(not torch.equal(t, torch.zeros_like(t)) for t in want[adapter].values())  # trained, not B = 0
     for name in ("opt_gen", "opt_fake"):
         assert got[name]["param_groups"] == want[name]["param_groups"]
         assert got[name]["state"].keys() == want[name]["state"].keys()
+        scales: dict[str, float] = {}
+        for entries in want[name]["state"].values():
+            for key, value in entries.items():
+                scales[key] = max(scales.get(key, 0.0), float(value.abs().max()))
         for index, entries in want[name]["state"].items():
             for key, value in entries.items():
-                atol = OPT_STATE_TOL * float(value.abs().max()) if value.dim() else 0.0  # AdamW's step count: exact
-                torch.testing.assert_close(got[name]["state"][index][key], value, rtol=0, atol=atol)
+                if not value.dim():  # AdamW's step count: exact
+                    assert got[name]["state"][index][key] == value, (name, index, key)
+                    continue
+                # against the largest moment of that kind in the optimiser: round-off follows the magnitudes summed,
+                # and a tensor whose gradient is itself round-off-sized (~1e-10 beside 1e-2) has no digits to compare
+                atol = OPT_STATE_TOL * scales[key]
+                torch.testing.assert_close(got[name]["state"][index][key], value, rtol=0, atol=atol,
+                                           msg=lambda m, where=(name, index, key): f"{where}: {m}")
 
 
 def _assert_close_losses(got: list[dict], want: list[dict]) -> None:
