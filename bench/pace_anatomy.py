@@ -51,36 +51,22 @@ PROBE_SEED = 1000  # probe batch i draws its noise from seed PROBE_SEED + i
 EXACT_TARGETS = ("mix2d", "mix16d")
 
 
-def exact_eps(spec, abar):
-    """ε(x, t[B]) of the mixture, exact (float64 inside)."""
-    def eps(x, t):
-        a = abar[int(t[0])]
-        return spec.eps(x.double(), a.sqrt(), (1.0 - a).sqrt()).to(x.dtype)
-    return eps
-
-
 def exact_states(spec, abar, noise, t_stop: int, stride: int):
     """The exact teacher's deterministic DDIM from `noise` (labelled 999) down to the STATE at t_stop (no x̂0 step)."""
-    import torch
+    from tdm_core.toy import mixture as mx
+    from tdm_core.toy.sampling import ddim_sample
 
-    from tdm_core import schedules
-
-    eps = exact_eps(spec, abar)
-    times = [*range(999, t_stop, -stride), t_stop]
-    x = noise.double()
-    for t, tn in zip(times, times[1:], strict=False):
-        a, s = schedules.vp_alpha_sigma(float(abar[t]))
-        an, sn = schedules.vp_alpha_sigma(float(abar[tn]))
-        e = eps(x, torch.tensor([t]))
-        x = an * (x - s * e) / a + sn * e
-    return x.float()
+    return ddim_sample(mx.exact_eps_fn(spec, abar), noise.double(), list(range(999, t_stop, -stride)), abar,
+                       stop_at=t_stop).float()
 
 
 def finish_exactly(spec, abar, x, t_from: int):
     """The exact teacher's DDIM (stride HANDOFF_STRIDE) from the state x at t_from to x̂0."""
+    from tdm_core.toy import mixture as mx
     from tdm_core.toy.sampling import ddim_sample
 
-    return ddim_sample(exact_eps(spec, abar), x.double(), list(range(t_from, -1, -HANDOFF_STRIDE)), abar).float()
+    return ddim_sample(mx.exact_eps_fn(spec, abar), x.double(), list(range(t_from, -1, -HANDOFF_STRIDE)),
+                       abar).float()
 
 
 def last_step_probe(target: str, ref: dict, config, lr: float, updates: list[int], eval_states) -> dict[str, float]:

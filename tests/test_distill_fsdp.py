@@ -6,10 +6,10 @@ one-process run's up to float32 round-off, carried through 4 AdamW updates: adap
 (up to 1 % of a tensor's entries may take a round-off-decided step, within 1e-5: FLIP_SHARE below), losses rel 5e-4.
 Measured on AVX2 CPUs: 2e-8 to 3e-7 on the adapters, 4e-6 relative on the losses; on AVX-512 (AMD EPYC) the figures
 next to the constants. The optimiser's moments are compared more loosely (`OPT_STATE_TOL` of the largest moment of
-that kind in the optimiser): with betas (0, 0.95) the first moment is the last clipped gradient itself, and the pseudo-Huber loss with
-c = 1e-3 has a gradient whose slope reaches 1/c = 1000 at small residuals, so a 1e-8 round-off in a residual moves a
-gradient entry by 1e-5 (measured 2e-5 on entries up to 0.02 — exactly what a 2-process DDP run shows against one
-process). A resume on the same process count is bit-exact.
+that kind in the optimiser): with betas (0, 0.95) the first moment is the last clipped gradient itself, and the
+pseudo-Huber loss with c = 1e-3 has a gradient whose slope reaches 1/c = 1000 at small residuals, so a 1e-8
+round-off in a residual moves a gradient entry by 1e-5 (measured 2e-5 on entries up to 0.02 — exactly what a
+2-process DDP run shows against one process). A resume on the same process count is bit-exact.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ LOSS_RTOL = 5e-4
 OPT_STATE_TOL = 5e-3
 
 
-def _assert_close_up_to_flips(got: torch.Tensor, want: torch.Tensor, atol: float, flip_atol: float, name: str) -> None:
-    """Every entry within flip_atol, all but FLIP_SHARE of them within atol."""
-    torch.testing.assert_close(got, want, rtol=0, atol=flip_atol, msg=lambda m: f"{name}: {m}")
-    beyond = int(((got - want).abs() > atol).sum())
-    assert beyond <= FLIP_SHARE * want.numel(), f"{name}: {beyond} of {want.numel()} entries differ by > {atol}"
+def _assert_adapter_close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Every entry within FLIP_ATOL, all but FLIP_SHARE of them within ADAPTER_ATOL."""
+    torch.testing.assert_close(got, want, rtol=0, atol=FLIP_ATOL, msg=lambda m: f"{name}: {m}")
+    beyond = int(((got - want).abs() > ADAPTER_ATOL).sum())
+    assert beyond <= FLIP_SHARE * want.numel(), f"{name}: {beyond} of {want.numel()} entries differ by > {ADAPTER_ATOL}"
 
 
 def _torchrun(config: Path, *extra: str):
@@ -77,7 +77,7 @@ def _assert_close_states(got: dict, want: dict) -> None:
     for adapter in ("student", "fake"):
         assert got[adapter].keys() == want[adapter].keys()
         for key in want[adapter]:
-            _assert_close_up_to_flips(got[adapter][key], want[adapter][key], ADAPTER_ATOL, FLIP_ATOL, f"{adapter}.{key}")
+            _assert_adapter_close(got[adapter][key], want[adapter][key], f"{adapter}.{key}")
         assert any(not torch.equal(t, torch.zeros_like(t)) for t in want[adapter].values())  # trained, not B = 0
     for name in ("opt_gen", "opt_fake"):
         assert got[name]["param_groups"] == want[name]["param_groups"]
@@ -85,7 +85,8 @@ def _assert_close_states(got: dict, want: dict) -> None:
         scales: dict[str, float] = {}
         for entries in want[name]["state"].values():
             for key, value in entries.items():
-                scales[key] = max(scales.get(key, 0.0), float(value.abs().max()))
+                if value.dim():
+                    scales[key] = max(scales.get(key, 0.0), float(value.abs().max()))
         for index, entries in want[name]["state"].items():
             for key, value in entries.items():
                 if not value.dim():  # AdamW's step count: exact

@@ -16,7 +16,8 @@ data: samples stranded between the modes, and the small modes' weight going to t
   instead, minus a frozen copy of it: still exactly the analytic teacher, but adapters on learned, non-zero weights.
 - `MixtureBackend` / `make_backend`: the `tdm_core.distill` backend and its CLI factory
   (`teacher = {"factory": "tdm_core.toy.mixture:make_backend", "target": "mix16d"}`).
-- `teacher_samples`: deterministic DDIM (η = 0) with the analytic ε on the toy's uniform grid (`tdm_core.toy.sampling`).
+- `teacher_samples`: deterministic DDIM (η = 0) with the analytic ε (`exact_eps_fn`) on the toy's uniform grid
+  (`tdm_core.toy.sampling`).
 - Metrics (pure functions): `sliced_wasserstein`, `mode_shares` / `mode_weight_tv`, `between_share`.
 
 Prompts: "0" is the mixture, "" (the null class) the same mixture; the task is unconditional and runs at cfg 1.
@@ -168,12 +169,20 @@ def teacher_samples(spec: MixtureSpec | str, noise: torch.Tensor, steps: int,
     `DistillConfig(total_steps=1000, steps=4).grid()`), ending at x̂0; float64 throughout, float32 result."""
     spec = get_mixture(spec)
     abar = (vp_alphas_cumprod("scaled_linear") if alphas_cumprod is None else alphas_cumprod).to(torch.float64)
+    return ddim_sample(exact_eps_fn(spec, abar), noise.to(torch.float64), uniform_grid(steps, abar.shape[0]),
+                       abar).float()
+
+
+def exact_eps_fn(spec: MixtureSpec | str, alphas_cumprod: torch.Tensor):
+    """The mixture's exact ε as `ddim_sample`'s eps_fn(x, t[B]) on the schedule ᾱ = `alphas_cumprod` (float64)."""
+    spec = get_mixture(spec)
+    abar = alphas_cumprod.to(torch.float64)
 
     def eps_fn(x, t):
         a = abar[t]
         return spec.eps(x, a.sqrt(), (1.0 - a).sqrt())
 
-    return ddim_sample(eps_fn, noise.to(torch.float64), uniform_grid(steps, abar.shape[0]), abar).float()
+    return eps_fn
 
 
 # ---------------------------------------------------------------------------------------------------------------

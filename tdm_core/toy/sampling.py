@@ -27,13 +27,17 @@ def ddim_sample(
     noise: torch.Tensor,
     timesteps: list[int],
     alphas_cumprod: torch.Tensor,
+    stop_at: int | None = None,
 ) -> torch.Tensor:
-    """DDIM from `noise` (labelled t_0 = timesteps[0]) through the descending `timesteps` to x̂0.
+    """DDIM from `noise` (labelled t_0 = timesteps[0]) through the descending `timesteps` to x̂0, or, with `stop_at`
+    (below the last of them), to the state x at that timestep.
 
     eps_fn(x, t[B]) -> ε̂. x_{k+1} = α_{k+1} x̂0 + σ_{k+1} ε̂ with x̂0 = (x − σ_k ε̂)/α_k; the last step returns x̂0.
     """
     abar = alphas_cumprod.to(torch.float64)
     sigmas = schedules.vp_sigmas_for_timesteps(abar, timesteps)  # ends in 0: the last step returns x̂0
+    if stop_at is not None:
+        sigmas[-1] = math.sqrt(1.0 - float(abar[stop_at]))
     x = noise
     for k, t in enumerate(timesteps):
         a_t, s_t = schedules.vp_alpha_sigma(float(abar[t]))
