@@ -101,23 +101,35 @@ def network_passes(trainer) -> dict:
             "fake_forward": no_grad("fake")}
 
 
-def _cost(trainer, rounds: int) -> dict:
-    """One training step, then each of its network passes alone (each after one untimed call that activates its
-    adapter, as the step's own switches do), `rounds` times in turn, so that a machine's drifting speed weighs on
-    both alike; medians. ratio = step ÷ (forwards × student forward + the other passes)."""
+def _cost(trainer, rounds: int, warmup: int = 2) -> dict:
+    """`warmup` untimed training steps, then one training step and each of its network passes alone (each after one
+    untimed call that activates its adapter, as the step's own switches do), `rounds` times in turn, so that a
+    machine's drifting speed weighs on both alike; medians. ratio = step ÷ (forwards × student forward + the other
+    passes). On a CUDA trainer every timing waits for the device before and after (torch.cuda.synchronize): its
+    kernels run asynchronously, and the clock would otherwise read when they were queued, not when they ran."""
     import statistics
     import time
 
     import torch
 
+    device = torch.device(trainer.device)
+    if device.type == "cuda":
+        def synchronize():
+            torch.cuda.synchronize(device)
+    else:
+        def synchronize():
+            pass
+
     def timed(run):
+        synchronize()
         start = time.perf_counter()
         out = run()
+        synchronize()
         return time.perf_counter() - start, out
 
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI's nodes run under inference mode
         passes = network_passes(trainer)
-        for _ in range(2):
+        for _ in range(warmup):
             trainer.step()
         steps, forwards, parts = [], [], {name: [] for name in passes}
         for _ in range(rounds):

@@ -12,7 +12,13 @@ Sections of the line:
 - `distill.<family>.batch<B>`: TDM Distill's own `build_runtime` (one teacher, adapters on ComfyUI's weights) in
   bf16 with gradient checkpointing, batch 1 and 4: iterations/s over `--iterations` steps after one warm-up step,
   and peak memory (CUDA: torch.cuda.max_memory_allocated from before the job was built; CPU: the process's peak
-  resident size, which only grows across sections).
+  resident size, which only grows across sections). Then the same trainer's iteration cost (bench/distill.py's
+  `_cost` and `network_passes`, goal ≤ 1.15): `iteration_cost_ratio` = median wall time of one training iteration
+  (`iteration_ms`) ÷ (`student_forwards` × `student_forward_ms` + `fake_forward_backward_ms` +
+  `student_forward_backward_ms` + `teacher_forward_ms` + `fake_forward_ms`), each pass timed alone on the
+  iteration's shapes with the same network (bf16, gradient checkpointing), interleaved with the iterations in
+  `--cost-rounds` rounds (`iteration_cost_rounds`; medians, every timing CUDA synchronised). What the ratio adds above
+  1 is the iteration's own overhead: host work, syncs, adapter switches, the loss arithmetic, optimiser steps.
 - `multi_device`: the headless trainer (`python -m tdm_core.distill` under `torchrun`, data-parallel) on a
   random-weight SD1.5 UNet in bf16 with gradient checkpointing (`tdm_devkit.bench_teachers`), the same per-device
   batch on 1 device and on all of them: samples/s (global batch ÷ median step time after the first step), each
@@ -202,7 +208,8 @@ def bench_sampling(family: str, model, size: dict, sampling_nodes, repeats: int)
             "speedup": round(t_teacher / t_tdm, 2), "nfe_ratio": round(counts["teacher"] / counts["tdm"], 2)}
 
 
-def bench_distill(family: str, model, size: dict, distill_jobs, batch: int, iterations: int) -> dict:
+def bench_distill(family: str, model, size: dict, distill_jobs, batch: int, iterations: int,
+                  cost_rounds: int = 3) -> dict:
     import resource
 
     settings = dict(steps=4, grid="auto", iterations=iterations + 1, lora_rank=16, lora_alpha=0.0,
@@ -232,11 +239,30 @@ def bench_distill(family: str, model, size: dict, distill_jobs, batch: int, iter
               "student_steps_per_iteration": float(metrics["student_steps"]),
               "finite": all(torch.isfinite(torch.tensor(float(metrics[k]))) for k in ("loss_fake", "loss_gen"))}
     log(f"distill {family} batch {batch}: {result['it_per_s']} it/s, peak {result['peak_mb']} MB")
+    if cost_rounds > 0:
+        result.update(iteration_cost(session.trainer, cost_rounds))
+        log(f"distill {family} batch {batch} cost: iteration {result['iteration_ms']} ms = "
+            f"{result['iteration_cost_ratio']} × passes ({result['student_forwards']} × student forward "
+            f"{result['student_forward_ms']} ms, fake fwd+bwd {result['fake_forward_backward_ms']}, student fwd+bwd "
+            f"{result['student_forward_backward_ms']}, teacher {result['teacher_forward_ms']}, fake forward "
+            f"{result['fake_forward_ms']})")
     del runtime, session
     import gc
 
     gc.collect()
     return result
+
+
+def iteration_cost(trainer, rounds: int) -> dict:
+    """bench/distill.py's iteration cost on this trainer (already warmed up by the it/s steps, so no more warm-up
+    steps): `rounds` training iterations and the network passes they make, each timed alone, in turn (see the
+    docstring)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import distill
+
+    cost = distill._cost(trainer, rounds, warmup=0)
+    return {"iteration_cost_ratio": cost.pop("ratio"), "iteration_ms": round(cost.pop("iteration_s") * 1000, 3),
+            "iteration_cost_rounds": rounds, **cost}
 
 
 def bench_multi_device(tiny: bool, iterations: int, per_device_batch: int) -> dict:
@@ -312,6 +338,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--sections", default="sampling,distill,multi_device",
                         help="which sections to run (sampling and distill run together, per family)")
+    parser.add_argument("--cost-rounds", type=int, default=3,
+                        help="rounds of the distill sections' iteration-cost measurement (0: not measured)")
     parser.add_argument("--multi-device-batch", type=int, default=2, help="per-device batch of the multi-device runs")
     args = parser.parse_args()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
@@ -342,7 +370,7 @@ def main() -> None:
         report["sampling"][family] = bench_sampling(family, model, sizes[family], sampling_nodes, args.repeats)
         for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
             report["distill"][f"{family}.batch{batch}"] = bench_distill(family, model, sizes[family], distill_jobs,
-                                                                        batch, args.iterations)
+                                                                        batch, args.iterations, args.cost_rounds)
         del model
     print(json.dumps(report))
 

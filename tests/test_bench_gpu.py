@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,6 +43,13 @@ def test_the_gpu_bench_runs_tiny_and_prints_one_json_line(tmp_path):
         distill = report["distill"][f"{family}.batch1"]
         assert distill["finite"] is True and distill["it_per_s"] > 0 and distill["peak_mb"] > 0
         assert 1 <= distill["student_steps_per_iteration"] <= preset.steps
+        # the same trainer's iteration cost against its network passes (bench/distill.py's _cost): present and sane
+        assert math.isfinite(distill["iteration_cost_ratio"]) and distill["iteration_cost_ratio"] > 0
+        assert distill["iteration_cost_rounds"] == 3
+        assert 1 <= distill["student_forwards"] <= preset.steps
+        for part in ("iteration_ms", "student_forward_ms", "fake_forward_backward_ms", "student_forward_backward_ms",
+                     "teacher_forward_ms", "fake_forward_ms"):
+            assert math.isfinite(distill[part]) and distill[part] > 0, part
 
 
 # The headless trainer never imports ComfyUI: the multi-device section runs once per test.sh run, on its last runtime.
