@@ -217,6 +217,12 @@ class PeftBackend:
             self._layers = _lora_layers(model)
             if not self._layers:
                 raise ValueError(f"no module of the model matches target_modules {target_modules}")
+            for layer in self._layers:
+                # peft casts each LoRA input to the factors' float32, and autocast casts it straight back to the
+                # base's bf16/fp16 for the matmul: a lossless round trip (forward and backward alike) that cost two
+                # copy kernels per adapted layer and pass (bench/gpu.py: an SD1.5 pass on an H200 is host-bound, and
+                # its 160 adapted layers made half its time). Without autocast input and factors are both float32.
+                layer.cast_input_dtype_enabled = False
             self._params = {a: [(n, p) for n, p in model.named_parameters() if f".{a}." in n and ".lora_" in n]
                             for a in TRAINABLE}
             for _, p in self._params["student"] + self._params["fake"]:
