@@ -194,12 +194,16 @@ _FAMILY_LIST = (
         name="sd3", label="SD3-medium", architecture="SD3 MMDiT", parametrisation="flow", lora_group="mmdit",
         comfy_lora=lambda layout: _joint_blocks(layout, False),
         diffusers_lora=lambda layout: _mmdit_diffusers(layout, False), default_preset="sd3", also_fits=("sd35",),
-        distillable=True, lora_targets=MMDIT_TARGETS, repeated_blocks=("joint_blocks",), pooled_as_y=True),
+        # the student at the fake score's rate (tdm_core/recipes.py: measured on the SD3-family toys)
+        distillable=True, training_recipe="official_demo_equal_rates", lora_targets=MMDIT_TARGETS,
+        repeated_blocks=("joint_blocks",), pooled_as_y=True),
     Family(
         name="sd35", label="SD3.5-medium", architecture="SD3.5 MMDiT (dual attention)", parametrisation="flow",
         lora_group="mmdit", comfy_lora=lambda layout: _joint_blocks(layout, True),
         diffusers_lora=lambda layout: _mmdit_diffusers(layout, True), default_preset="sd35",
-        distillable=True, lora_targets=MMDIT_TARGETS, repeated_blocks=("joint_blocks",), pooled_as_y=True),
+        # the student at the fake score's rate (tdm_core/recipes.py: measured on the SD3-family toys)
+        distillable=True, training_recipe="official_demo_equal_rates", lora_targets=MMDIT_TARGETS,
+        repeated_blocks=("joint_blocks",), pooled_as_y=True),
     Family(
         name="flux", label="Flux-dev", architecture="Flux transformer", parametrisation="flow", lora_group="flux",
         comfy_lora=lambda layout: any(n.startswith(("double_blocks.", "single_blocks.")) for n in layout.comfy),

@@ -70,6 +70,14 @@ _COSINE_MEASURED = (
     "the Flux latent toy (share of the teacher's 4-step distance removed at 500 iterations 70 → 63 %; at the quality "
     "check's 160–200 iterations SDXL 19 %, Flux 13 %, below its 25 %)")
 
+# bench/pace.py's SD3/SD3.5 latent toys (500 iterations, seeds 0/1/2): with the student at a fifth of the fake score's
+# rate their students barely move
+_EQUAL_RATES_MEASURED = (
+    "measured here: on bench/pace.py's SD3 and SD3.5 latent toys (500 iterations, seeds 0/1/2) the distance to the "
+    "teacher's 50 steps over its floor went from 50.3 to 19.3 (SD3) and 53.9 to 26.2 (SD3.5), at 1000 iterations "
+    "(seed 0) from 45.3 to 13.7 and 50.7 to 8.1; on the SDXL toy it lost (1.45 to 1.94), on Flux it was even (9.2 to "
+    "8.8), on the mixtures it lost badly (2-D 1.05 to 6.5), so only the SD3 family trains this way")
+
 _DEMO = {
     "cfg": Value(2.0, "demo"),
     "lr": Value(1e-4, "demo", "the fake score's learning rate"),
@@ -99,6 +107,12 @@ RECIPES: dict[str, Recipe] = {
                "The official demo script with both learning rates decayed along a half cosine to 0 over the run: "
                "closer to the teacher on the mixture and digits toys, farther on the SDXL and Flux latent toys.",
                _DEMO | {"lr_decay": Value("cosine", "here", _COSINE_MEASURED)}),
+        Recipe("official_demo_equal_rates", "Official demo script, student at the fake score's rate",
+               "The official demo script with the student learning as fast as the fake score, as the authors' "
+               "Flow-Factory SD3.5 recipe trains both: the SD3-family toys' students moved three to six times "
+               "closer to their teacher.",
+               _DEMO | {"student_lr": Value(1e-4, "ff", "both networks at one rate (Flow-Factory's 1e-5 / 1e-5), "
+                                                        "here the demo's 1e-4; " + _EQUAL_RATES_MEASURED)}),
         Recipe("official_readme", "Official README run",
                "The official README's command: the demo script at CFG 4.5 and learning rate 2e-5.",
                _DEMO | {"cfg": Value(4.5, "readme"), "lr": Value(2e-5, "readme", "the fake score's learning rate"),

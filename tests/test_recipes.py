@@ -190,3 +190,19 @@ def test_a_headless_config_takes_recipe_auto_as_the_node_does():
     assert plain.recipe == recipes.DEFAULT_RECIPE
     assert DistillConfig.from_dict({"prompts": ["x"], "family": "sd3", "recipe": "auto", "cfg": 3.0}).cfg == 3.0
 
+
+
+def test_the_sd3_family_trains_its_student_at_the_fake_scores_rate():
+    """recipe auto: SD3-medium and SD3.5-medium students learn as fast as their fake score (bench/pace.py's SD3-family
+    toys; the ratio of Flow-Factory's SD3.5 recipe), every other family's at the official fifth; the trainer's two
+    optimisers get those rates."""
+    for family in ("sd3", "sd35"):
+        config = DistillConfig.from_dict({"prompts": ["x"], "family": family, "recipe": "auto"})
+        assert config.recipe == "official_demo_equal_rates" and config.student_learning_rate() == config.lr == 1e-4
+    for family in ("sd15", "sdxl", "flux", "wan21"):
+        config = DistillConfig.from_dict({"prompts": ["x"], "family": family, "recipe": "auto"})
+        assert config.recipe == "official_demo" and config.student_learning_rate() == pytest.approx(config.lr / 5)
+    trainer = TDMTrainer(make_backend(parametrisation="flow", lora_rank=4),
+                         DistillConfig.from_dict({"prompts": ["a cat"], "family": "sd3", "recipe": "auto",
+                                                  "total_steps": 900, "lora_rank": 4}))
+    assert trainer.opt_gen.param_groups[0]["lr"] == trainer.opt_fake.param_groups[0]["lr"] == 1e-4
