@@ -22,9 +22,9 @@ _NUMBER_HINT = " -1: the recipe's."
 def recipe_input():
     return io.Combo.Input(
         "recipe", options=RECIPE_CHOICES, default=recipes.AUTO, optional=True,
-        tooltip="Fills every setting left at -1 / 'recipe'. auto: the teacher family's (official_demo); "
-                "official_demo / official_readme: the TDM authors' script and README run; flow_factory_sd35: their "
-                "group's SD3.5 recipe.")
+        tooltip="Fills every setting left at -1 / 'recipe' from a published TDM run. auto: the teacher family's "
+                "(SD3 / SD3.5: official_demo_equal_rates, the student at the fake score's rate; the others: "
+                "official_demo). Each recipe: the node's help page.")
 
 
 def _number(name: str, tooltip: str, *, maximum: float, step: float):
