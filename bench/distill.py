@@ -113,12 +113,10 @@ def _cost(trainer, rounds: int, warmup: int = 2) -> dict:
     import torch
 
     device = torch.device(trainer.device)
-    if device.type == "cuda":
-        def synchronize():
+
+    def synchronize():
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
-    else:
-        def synchronize():
-            pass
 
     def timed(run):
         synchronize()

@@ -191,7 +191,6 @@ def test_a_headless_config_takes_recipe_auto_as_the_node_does():
     assert DistillConfig.from_dict({"prompts": ["x"], "family": "sd3", "recipe": "auto", "cfg": 3.0}).cfg == 3.0
 
 
-
 def test_the_sd3_family_trains_its_student_at_the_fake_scores_rate():
     """recipe auto: SD3-medium and SD3.5-medium students learn as fast as their fake score (bench/pace.py's SD3-family
     toys; the ratio of Flow-Factory's SD3.5 recipe), every other family's at the official fifth; the trainer's two
