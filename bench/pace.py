@@ -60,8 +60,9 @@ make_backend (every LoRA field of the config).
 Latent targets. "sdxl" / "flux" / "sd3" / "sd35": the toy latent teachers of tdm_devkit/toy_latent_teacher.py
 (tiny twins of the family in ComfyUI's layout, trained on latents whose every element is ±1 plus a little noise,
 the prompt setting the share), distilled through TDM Distill's own runtime (nodes.distill_jobs.build_runtime) with the
-quality check's settings (student_solver.LATENT_SETTINGS; "latent_recipe": learning_rate 5e-4, batch 4, rank 16,
-cfg 1, then every --set field but the LoRA's shape). Their 50-step samples are themselves far from the task's data
+quality check's settings (student_solver.LATENT_SETTINGS; "latent_recipe": learning_rate 5e-4, batch 4, cfg 1, the
+LoRA shape of the family's recipe, then every --set field but the adapters' target modules and mode; a --set
+lora_rank alone keeps the recipe's alpha / rank). Their 50-step samples are themselves far from the task's data
 (Flux: W1 0.74 against a floor of 0.016), so a distance to the data would measure the teacher: they are scored as
 tests/test_sdxl_flux_quality.py scores them, by the W1 distance of 128 samples' element values per prompt to the
 teacher's own 50-step samples (summed over the two prompts; `floor`: a second 50-step draw), and report <t>_removed =
@@ -266,9 +267,10 @@ def digits_run(config) -> tuple[dict, dict]:
 
 # The toy latent teachers of tdm_devkit/toy_latent_teacher.py (every latent element ±1 plus a little noise, the
 # prompt sets the share of +1), distilled through TDM Distill's own runtime (nodes.distill_jobs.build_runtime) with the
-# quality check's settings; --set overrides every DistillConfig field but the LoRA's shape (rank 16, alpha = rank).
+# quality check's settings but the recipe's LoRA shape; --set overrides every DistillConfig field but the adapters'
+# layout (their target modules, mode): lora_rank / lora_alpha go to TDM Distill's inputs of those names.
 LATENT_TARGETS = ("sdxl", "flux", "sd3", "sd35")
-_LORA_SHAPE = ("lora_rank", "lora_alpha", "lora_target_modules", "mode")
+_LORA_LAYOUT = ("lora_target_modules", "mode")
 
 
 def _latent_samples(trainer, prompts, adapter: str, grid: list[int], solver: str, noise_seed: int) -> dict:
@@ -289,7 +291,7 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int])
     from tdm_core import presets
 
     teacher, runs, reference = None, {}, None
-    learned = {k: v for k, v in overrides.items() if k not in _LORA_SHAPE}
+    learned = {k: v for k, v in overrides.items() if k not in _LORA_LAYOUT}
     for seed in seeds:
         session, toy = latent_session(family, iterations, seed, learned)
         trainer = session.trainer
@@ -395,8 +397,8 @@ def main() -> int:
     if any(t in LATENT_TARGETS for t in targets):  # TDM Distill's inputs, then the --set fields on its config
         from student_solver import LATENT_SETTINGS
 
-        line["latent_recipe"] = {k: LATENT_SETTINGS[k] for k in ("learning_rate", "batch_size", "lora_rank", "cfg")}
-        line["latent_recipe"].update({k: v for k, v in overrides.items() if k not in _LORA_SHAPE})
+        line["latent_recipe"] = {k: LATENT_SETTINGS[k] for k in ("learning_rate", "batch_size", "cfg")}
+        line["latent_recipe"].update({k: v for k, v in overrides.items() if k not in _LORA_LAYOUT})
     ratios, between_ok = [], True
     for target in targets:
         if target == "digits":

@@ -29,8 +29,10 @@ sys.path.insert(0, str(REPO))
 
 LATENT_ITERATIONS = {"sdxl": 160, "flux": 200, "sd3": 200, "sd35": 200}
 LATENT_SAMPLES = 128
-# TDM Distill's inputs for a toy latent teacher: the quality check's (tests/test_sdxl_flux_quality.py) settings
-LATENT_SETTINGS = dict(steps=4, grid="auto", lora_rank=16, lora_alpha=0.0, learning_rate=5e-4, cfg=1.0, batch_size=4,
+# TDM Distill's inputs for a toy latent teacher: the quality check's (tests/test_sdxl_flux_quality.py) settings, but
+# the LoRA's shape left to the recipe (-1), as a user's job leaves it (every recipe auto picks for these families is
+# rank 16, alpha = rank: the quality check's)
+LATENT_SETTINGS = dict(steps=4, grid="auto", lora_rank=-1, lora_alpha=-1.0, learning_rate=5e-4, cfg=1.0, batch_size=4,
                        save_every=0, keep_last=1, preview_every=0, gradient_checkpointing=False, dtype="auto",
                        offload="none", unconditional_prompt="")
 
@@ -89,7 +91,9 @@ def digits(seed: int) -> dict:
 
 def latent_session(family: str, iterations: int, seed: int, overrides: dict | None = None):
     """(an untrained job session, the toy module) for a toy latent teacher, built through TDM Distill's own runtime
-    (nodes.distill_jobs.build_runtime) with LATENT_SETTINGS; `overrides` replace fields of the job's DistillConfig."""
+    (nodes.distill_jobs.build_runtime) with LATENT_SETTINGS; `overrides` replace fields of the job's DistillConfig,
+    but lora_rank / lora_alpha go to the node's inputs of those names (the adapters are made with the runtime; alpha
+    None is the node's 0, alpha = rank), so a rank set alone keeps the recipe's alpha / rank."""
     import torch
 
     from tdm_devkit import comfy_runtime
@@ -103,8 +107,12 @@ def latent_session(family: str, iterations: int, seed: int, overrides: dict | No
     distill_jobs = sys.modules[comfy_runtime.load_pack().__name__ + ".nodes.distill_jobs"]
     config = toy.TeacherConfig.for_family(family)
     model = toy.teacher_model(family, toy.teacher_file(config, log=lambda message: print(message, file=sys.stderr)))
+    overrides = dict(overrides or {})
+    shape = {key: overrides.pop(key) for key in ("lora_rank", "lora_alpha") if key in overrides}
+    if "lora_alpha" in shape:
+        shape["lora_alpha"] = float(shape["lora_alpha"] or 0.0)
     settings = dict(LATENT_SETTINGS, iterations=iterations, seed=seed, width=config.image_size,
-                    height=config.image_size)
+                    height=config.image_size, **shape)
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model], force_full_load=True)
         runtime, _, _ = distill_jobs.build_runtime(model, toy.tiny_clip(family), settings, list(toy.PROMPTS))

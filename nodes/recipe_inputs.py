@@ -100,8 +100,9 @@ def distill_settings(settings: dict, family: str) -> tuple[dict, list[str], str]
 
 def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, set[str]]:
     """`distill_settings`' three, and the DistillConfig fields the node sets itself (a value other than "the
-    recipe's", whether or not it equals the recipe's; student_lr too when learning_rate scales it): what an existing
-    job's recipe values must not stand in for when the node is compared with that job."""
+    recipe's", whether or not it equals the recipe's; student_lr and lora_alpha too when a learning rate or rank set
+    here scales them, tdm_core.recipes.follow): what an existing job's recipe values must not stand in for when the
+    node is compared with that job."""
     name = recipe_name(settings, family)
     _, values = recipes.resolve(name, family)
     knobs = {key: v.value for key, v in values.items()}
@@ -116,9 +117,6 @@ def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, se
 
     lr = settings.get("learning_rate", FROM_RECIPE)
     if _set(lr):
-        # the student's lr keeps the recipe's ratio to the fake score's, unless it is set itself
-        knobs["student_lr"] = knobs["student_lr"] * float(lr) / knobs["lr"]
-        explicit.add("student_lr")
         override("lr", float(lr))
     if _set(settings.get("student_learning_rate")):
         override("student_lr", float(settings["student_learning_rate"]))
@@ -148,6 +146,8 @@ def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, se
         if settings["tau_density"] == "logit_normal":
             override("tau_logit_mean", float(settings.get("tau_logit_mean", 0.0)))
             override("tau_logit_std", float(settings.get("tau_logit_std", 1.0)))
+    # the student's lr and LoRA alpha left to the recipe keep its ratios to a learning rate and rank set here
+    explicit |= recipes.follow(knobs, {key: v.value for key, v in values.items()}, explicit)
     knobs["recipe"] = name
     return knobs, changed, name, explicit
 

@@ -117,7 +117,8 @@ class TDMDistillStart(io.ComfyNode):
                 io.Int.Input("lora_rank", default=-1, min=-1, max=256, tooltip="Rank of the student and fake-score "
                                                                                 "LoRAs. -1: the recipe's."),
                 io.Float.Input("lora_alpha", default=-1.0, min=-1.0, max=1024.0, step=1.0,
-                               tooltip="LoRA alpha; 0 = rank (scale 1 in every loader). -1: the recipe's."),
+                               tooltip="LoRA alpha; 0 = rank (scale 1 in every loader). -1: the recipe's, "
+                                       "at the recipe's alpha / rank when lora_rank is set."),
                 io.Float.Input("learning_rate", default=-1.0, min=-1.0, max=1e-2, step=1e-6, round=False,
                                tooltip="Fake-score learning rate (official 1e-4, README run 2e-5). -1: the "
                                        "recipe's."),

@@ -173,6 +173,27 @@ def family_recipe(family: str) -> str:
     return entry.training_recipe if entry is not None else DEFAULT_RECIPE
 
 
+# A value that keeps the recipe's ratio to another when a run sets that other itself and leaves it to the recipe: the
+# student's learning rate to the fake score's (a recipe's rates are a pair: the demo's student at a fifth), and LoRA
+# alpha to rank (the adapters' output scale is alpha / rank: Flow-Factory's rank 32 / alpha 64 is scale 2, and a run at
+# rank 8 keeps scale 2 with alpha 16 rather than jumping to scale 8 with alpha 64).
+FOLLOWERS = {"student_lr": "lr", "lora_alpha": "lora_rank"}
+
+
+def follow(knobs: dict[str, Any], recipe_knobs: dict[str, Any], given: set[str]) -> set[str]:
+    """Scales, in `knobs`, each FOLLOWERS value the run left to the recipe (not in `given`, the fields it set
+    itself) whose leader it set, by the leader's change from the recipe's value; returns the fields it scaled. A
+    follower the recipe leaves at None (alpha = rank) already follows its leader."""
+    scaled = set()
+    for follower, leader in FOLLOWERS.items():
+        base, lead = recipe_knobs.get(follower), recipe_knobs.get(leader)
+        if follower in given or leader not in given or base is None or not lead or leader not in knobs:
+            continue
+        knobs[follower] = knobs[leader] * (base / lead)  # a 1 : 1 ratio gives the value itself
+        scaled.add(follower)
+    return scaled
+
+
 def recipe_settings(name: str, family: str = "") -> dict[str, Any]:
     """DistillConfig keyword arguments of `name` for a `family` teacher, plus `recipe=name`."""
     _, values = resolve(name, family)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import pytest
 import torch
@@ -51,13 +52,39 @@ def test_the_official_recipe_is_the_trainers_default_and_keeps_the_official_draw
 
 def test_a_recipe_fills_only_what_the_config_leaves_out():
     config = DistillConfig.from_dict({"prompts": ["a"], "recipe": "flow_factory_sd35", "lr": 3e-5})
-    assert config.lr == 3e-5 and config.student_lr == 1e-5
+    assert config.lr == 3e-5 and config.student_lr == 3e-5  # the recipe's 1 : 1 rates kept (recipes.follow)
     assert config.adam_betas == (0.9, 0.999) and config.importance_clip == 20.0 and config.stages == "all"
     assert DistillConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown TDM training recipe 'nope'"):
         DistillConfig.from_dict({"prompts": ["a"], "recipe": "nope"})
     # a family's overrides win over the recipe (Flux-dev cannot take a second, unguided pass)
     assert DistillConfig.from_dict({"prompts": ["a"], "recipe": "official_readme", "family": "flux"}).cfg == 1.0
+
+
+def test_a_rate_or_rank_set_alone_keeps_the_recipes_ratios_headless_and_on_the_node(pack):
+    """A run that sets the fake score's lr or the LoRA rank and leaves the student's lr or alpha to the recipe keeps
+    the recipe's student/fake rate ratio and its adapter scale alpha / rank, in a headless config as on TDM Distill."""
+    def headless(**data):
+        return DistillConfig.from_dict({"prompts": ["a"], **data})
+
+    ff = headless(recipe="flow_factory_sd35", lora_rank=8)
+    assert (ff.lora_rank, ff.lora_alpha) == (8, 16.0)  # Flow-Factory's scale 2 (32 / 64), not 64 / 8
+    assert headless(recipe="flow_factory_sd35", lora_rank=8, lora_alpha=8.0).lora_alpha == 8.0  # set: kept
+    assert headless(recipe="flow_factory_sd35", lora_alpha=16.0).lora_rank == 32
+    assert headless(recipe="official_demo", lr=1e-3).student_lr == pytest.approx(2e-4)  # the demo's fifth
+    assert headless(recipe="official_demo", lr=1e-3, student_lr=5e-5).student_lr == 5e-5
+    assert headless(recipe="auto", family="sd3", lr=5e-4).student_lr == pytest.approx(5e-4)  # equal rates
+    assert headless(recipe="official_demo", lora_rank=8).lora_alpha is None  # alpha = rank follows by itself
+    assert headless(lr=1e-3).student_lr is None  # no recipe: generator_lr_scale, as before recipes existed
+
+    recipe_inputs = sys.modules[f"{pack.__name__}.nodes.recipe_inputs"]
+    knobs, changed, name, explicit = recipe_inputs.resolve_knobs(
+        {"recipe": "flow_factory_sd35", "lora_rank": 8, "lora_alpha": -1.0, "learning_rate": 2e-5}, "sd35")
+    assert (knobs["lora_rank"], knobs["lora_alpha"], knobs["lr"], knobs["student_lr"]) == (8, 16.0, 2e-5, 2e-5)
+    assert changed == ["lr 2e-05", "lora_rank 8"]  # what follows is not a change of its own
+    assert {"lora_alpha", "student_lr"} <= explicit  # an existing job's recipe values must not stand in for them
+    knobs = recipe_inputs.resolve_knobs({"recipe": "flow_factory_sd35", "lora_rank": 8, "lora_alpha": 0.0}, "sd35")[0]
+    assert knobs["lora_alpha"] is None  # 0 on the node: alpha = rank
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -272,7 +272,7 @@ class DistillConfig:
         data = dict(data)
         recipe = data.get("recipe") or ""
         if recipe:  # a named recipe fills every knob the data does not set (tdm_core/recipes.py)
-            from ..recipes import AUTO, family_recipe, recipe_settings
+            from ..recipes import AUTO, family_recipe, follow, recipe_settings
 
             if not isinstance(recipe, str):
                 raise ConfigError(f"recipe must be a recipe name, got {recipe!r}")
@@ -280,9 +280,11 @@ class DistillConfig:
             if recipe == AUTO:  # as TDM Distill's recipe auto: the teacher family's (tdm_core/families.py)
                 recipe = data["recipe"] = family_recipe(family)
             try:
-                data = recipe_settings(recipe, family) | data
+                filled = recipe_settings(recipe, family)
             except KeyError as error:
                 raise ConfigError(str(error.args[0])) from None
+            given, data = set(data), filled | data
+            follow(data, filled, given)  # the student's lr and LoRA alpha keep the recipe's ratios, as on the node
         if "adam_betas" in data:
             data["adam_betas"] = tuple(data["adam_betas"])
         if data.get("prompts") is not None:
