@@ -23,7 +23,7 @@ def recipe_input():
     return io.Combo.Input(
         "recipe", options=RECIPE_CHOICES, default=recipes.AUTO, optional=True,
         tooltip="Fills every setting left at -1 / 'recipe' from a published TDM run. auto: the teacher family's "
-                "(SD3 / SD3.5: official_demo_equal_rates, the student at the fake score's rate; the others: "
+                "(SD3/SD3.5: official_demo_ff_tau_lora; SDXL/Flux: official_demo_equal_rates_cosine; others: "
                 "official_demo). Each recipe: the node's help page.")
 
 

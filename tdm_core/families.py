@@ -189,26 +189,30 @@ _FAMILY_LIST = (
         name="sdxl", label="SDXL", architecture="SDXL UNet", parametrisation="eps", lora_group="unet",
         comfy_lora=lambda layout: any(_SECOND_TRANSFORMER_BLOCK.search(n) for n in layout.comfy_unet()),
         diffusers_lora=_sdxl_diffusers_markers, default_preset="sdxl", released_lora=False,
-        distillable=True, lora_targets=UNET_TARGETS, repeated_blocks=UNET_BLOCKS, extra_inputs=("y",)),
+        # equal rates, decayed (tdm_core/recipes.py: measured on the SDXL and Flux toys)
+        distillable=True, training_recipe="official_demo_equal_rates_cosine", lora_targets=UNET_TARGETS, repeated_blocks=UNET_BLOCKS, extra_inputs=("y",)),
     Family(
         name="sd3", label="SD3-medium", architecture="SD3 MMDiT", parametrisation="flow", lora_group="mmdit",
         comfy_lora=lambda layout: _joint_blocks(layout, False),
         diffusers_lora=lambda layout: _mmdit_diffusers(layout, False), default_preset="sd3", also_fits=("sd35",),
-        # the student at the fake score's rate (tdm_core/recipes.py: measured on the SD3-family toys)
-        distillable=True, training_recipe="official_demo_equal_rates", lora_targets=MMDIT_TARGETS,
+        # Flow-Factory's rates, τ and LoRA shape on the demo's optimiser (tdm_core/recipes.py: measured on the
+        # SD3-family toys)
+        distillable=True, training_recipe="official_demo_ff_tau_lora", lora_targets=MMDIT_TARGETS,
         repeated_blocks=("joint_blocks",), pooled_as_y=True),
     Family(
         name="sd35", label="SD3.5-medium", architecture="SD3.5 MMDiT (dual attention)", parametrisation="flow",
         lora_group="mmdit", comfy_lora=lambda layout: _joint_blocks(layout, True),
         diffusers_lora=lambda layout: _mmdit_diffusers(layout, True), default_preset="sd35",
-        # the student at the fake score's rate (tdm_core/recipes.py: measured on the SD3-family toys)
-        distillable=True, training_recipe="official_demo_equal_rates", lora_targets=MMDIT_TARGETS,
+        # Flow-Factory's rates, τ and LoRA shape on the demo's optimiser (tdm_core/recipes.py: measured on the
+        # SD3-family toys)
+        distillable=True, training_recipe="official_demo_ff_tau_lora", lora_targets=MMDIT_TARGETS,
         repeated_blocks=("joint_blocks",), pooled_as_y=True),
     Family(
         name="flux", label="Flux-dev", architecture="Flux transformer", parametrisation="flow", lora_group="flux",
         comfy_lora=lambda layout: any(n.startswith(("double_blocks.", "single_blocks.")) for n in layout.comfy),
         diffusers_lora=_never, default_preset="flux", released_lora=False, exclusive_presets=True,
-        distillable=True, lora_targets=FLUX_TARGETS, repeated_blocks=("double_blocks", "single_blocks"),
+        # equal rates, decayed (tdm_core/recipes.py: measured on the SDXL and Flux toys)
+        distillable=True, training_recipe="official_demo_equal_rates_cosine", lora_targets=FLUX_TARGETS, repeated_blocks=("double_blocks", "single_blocks"),
         blocks_update_inputs_in_place=True, extra_inputs=("y", "guidance"), guidance_distilled=True,
         recipe_overrides=(RecipeOverride("cfg", 1.0, "Flux-dev is guidance-distilled: its guidance is an input, not "
                                                       "a second pass"),)),

@@ -78,6 +78,24 @@ _EQUAL_RATES_MEASURED = (
     "(seed 0) from 45.3 to 13.7 and 50.7 to 8.1; on the SDXL toy it lost (1.45 to 1.94), on Flux it was even (9.2 to "
     "8.8), on the mixtures it lost badly (2-D 1.05 to 6.5), so only the SD3 family trains this way")
 
+# bench/pace.py's SDXL and Flux latent toys (500 iterations, seeds 0/1/2): at equal rates the student gets close fast,
+# then drifts back at a constant rate; decayed, it stays close
+_EQUAL_RATES_COSINE_MEASURED = (
+    "measured here: on bench/pace.py's SDXL and Flux latent toys (500 iterations, seeds 0/1/2) the distance to the "
+    "teacher's 50 steps over its floor went from 1.45 to 1.20 (SDXL) and 9.2 to 5.7 (Flux); at equal, constant rates "
+    "the Flux student removed 91 % of its teacher's 4-step distance by iteration 100 and drifted back to 8.8 by 500, "
+    "the decay holds it; on the SD3 toys it stalled (19.3 to 39.0, SD3.5 26.2 to 40.9), on the 2-D mixture it lost "
+    "(1.05 to 3.5), so only SDXL and Flux train this way")
+
+# bench/pace.py's SD3/SD3.5 latent toys (500 iterations, seeds 0/1/2), against equal rates alone
+_FF_TAU_LORA_MEASURED = (
+    "measured here: on bench/pace.py's SD3 and SD3.5 latent toys (500 iterations, seeds 0/1/2) the distance to the "
+    "teacher's 50 steps over its floor went from 19.3 to 13.3 (SD3) and 26.2 to 12.5 (SD3.5) against equal rates "
+    "alone; the LoRA shape alone gave 14.6 / 16.0, τ with all four steps per update 15.9 / 14.6, all four steps on top "
+    "of this recipe 12.4 / 17.3, a second fake update 14.7 / 17.7, Flow-Factory's AdamW (0.9, 0.999) at equal rates "
+    "oscillated (SD3 55.3); on the SDXL and Flux toys this recipe lost (2.84, 8.4), so only the SD3 family trains "
+    "this way")
+
 _DEMO = {
     "cfg": Value(2.0, "demo"),
     "lr": Value(1e-4, "demo", "the fake score's learning rate"),
@@ -113,6 +131,26 @@ RECIPES: dict[str, Recipe] = {
                "closer to their teacher.",
                _DEMO | {"student_lr": Value(1e-4, "ff", "both networks at one rate (Flow-Factory's 1e-5 / 1e-5), "
                                                         "here the demo's 1e-4; " + _EQUAL_RATES_MEASURED)}),
+        Recipe("official_demo_equal_rates_cosine", "Official demo script, equal rates, cosine-decayed",
+               "The official demo script with the student at the fake score's rate (Flow-Factory's ratio) and both "
+               "rates decayed along a half cosine to 0 over the run: the SDXL and Flux toys' students got close "
+               "fast and stayed there.",
+               _DEMO | {"student_lr": Value(1e-4, "ff", "both networks at one rate (Flow-Factory's 1e-5 / 1e-5), "
+                                                        "here the demo's 1e-4"),
+                        "lr_decay": Value("cosine", "here", _EQUAL_RATES_COSINE_MEASURED)}),
+        Recipe("official_demo_ff_tau_lora", "Official demo script with Flow-Factory's rates, τ and LoRA",
+               "The official demo's optimiser and CFG with three settings of the authors' Flow-Factory SD3.5 recipe: "
+               "the student at the fake score's rate, τ logit-normal up to full noise, LoRA rank 32 / alpha 64. The "
+               "SD3-family toys' students got closest to their teacher with it.",
+               _DEMO | {"student_lr": Value(1e-4, "ff", "both networks at one rate (Flow-Factory's 1e-5 / 1e-5), "
+                                                        "here the demo's 1e-4"),
+                        "lora_rank": Value(32, "ff"),
+                        "lora_alpha": Value(64.0, "ff", "scale alpha / rank = 2, kept when only the rank is set"),
+                        "tau_mode": Value("reverse", "ff", "tdm_query_interval reverse, tdm_query_max_sigma 1.0"),
+                        "tau_density": Value("logit_normal", "ff", "conditional_logit_normal, mean 0, std 1; "
+                                             + _FF_TAU_LORA_MEASURED),
+                        "tau_logit_mean": Value(0.0, "ff"),
+                        "tau_logit_std": Value(1.0, "ff")}),
         Recipe("official_readme", "Official README run",
                "The official README's command: the demo script at CFG 4.5 and learning rate 2e-5.",
                _DEMO | {"cfg": Value(4.5, "readme"), "lr": Value(2e-5, "readme", "the fake score's learning rate"),

@@ -36,6 +36,11 @@ ADAPTER_ATOL = 1e-6
 # exceed ADAPTER_ATOL, and none FLIP_ATOL.
 FLIP_SHARE = 0.01
 FLIP_ATOL = 1e-5
+# Both tolerances were measured at the official demo's student rate; that update moves each entry by about lr, so a
+# round-off-sized difference grows with it: a student at a higher rate (recipe auto trains Flux-dev's at the fake
+# score's 1e-4) gets them scaled by its rate over this one (measured: the Flux run below, its student at 1e-4, had 2 of
+# 128 entries of one adapter beyond 1e-6; the same run with the student at 2e-5 passed the unscaled check).
+CALIBRATED_STUDENT_LR = 2e-5
 # The generator loss is a pseudo-Huber of f − r, two nearly equal predictions (the fake score is the teacher plus a
 # young adapter), so its relative round-off is theirs times |r| / |f − r|: measured 4e-6 on AVX2, 1.8e-4 on AVX-512
 # (one process's checkpoint resumed sharded). A wrong computation moves it by orders of magnitude more.
@@ -43,11 +48,12 @@ LOSS_RTOL = 5e-4
 OPT_STATE_TOL = 5e-3
 
 
-def _assert_adapter_close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
-    """Every entry within FLIP_ATOL, all but FLIP_SHARE of them within ADAPTER_ATOL."""
-    torch.testing.assert_close(got, want, rtol=0, atol=FLIP_ATOL, msg=lambda m: f"{name}: {m}")
-    beyond = int(((got - want).abs() > ADAPTER_ATOL).sum())
-    assert beyond <= FLIP_SHARE * want.numel(), f"{name}: {beyond} of {want.numel()} entries differ by > {ADAPTER_ATOL}"
+def _assert_adapter_close(got: torch.Tensor, want: torch.Tensor, name: str, scale: float = 1.0) -> None:
+    """Every entry within FLIP_ATOL, all but FLIP_SHARE of them within ADAPTER_ATOL (both times `scale`)."""
+    torch.testing.assert_close(got, want, rtol=0, atol=FLIP_ATOL * scale, msg=lambda m: f"{name}: {m}")
+    atol = ADAPTER_ATOL * scale
+    beyond = int(((got - want).abs() > atol).sum())
+    assert beyond <= FLIP_SHARE * want.numel(), f"{name}: {beyond} of {want.numel()} entries differ by > {atol}"
 
 
 def _torchrun(config: Path, *extra: str):
@@ -74,10 +80,12 @@ def _metrics(folder: Path) -> list[dict]:
 def _assert_close_states(got: dict, want: dict) -> None:
     """Adapters and optimiser states of two checkpoints agree within round-off, in one format (full tensors of the
     same names, indices and shapes)."""
+    student_lr = DistillConfig.from_dict(want["config"]).student_learning_rate()
+    scales = {"student": max(1.0, student_lr / CALIBRATED_STUDENT_LR), "fake": 1.0}
     for adapter in ("student", "fake"):
         assert got[adapter].keys() == want[adapter].keys()
         for key in want[adapter]:
-            _assert_adapter_close(got[adapter][key], want[adapter][key], f"{adapter}.{key}")
+            _assert_adapter_close(got[adapter][key], want[adapter][key], f"{adapter}.{key}", scales[adapter])
         assert any(not torch.equal(t, torch.zeros_like(t)) for t in want[adapter].values())  # trained, not B = 0
     for name in ("opt_gen", "opt_fake"):
         assert got[name]["param_groups"] == want[name]["param_groups"]

@@ -218,17 +218,28 @@ def test_a_headless_config_takes_recipe_auto_as_the_node_does():
     assert DistillConfig.from_dict({"prompts": ["x"], "family": "sd3", "recipe": "auto", "cfg": 3.0}).cfg == 3.0
 
 
-def test_the_sd3_family_trains_its_student_at_the_fake_scores_rate():
-    """recipe auto: SD3-medium and SD3.5-medium students learn as fast as their fake score (bench/pace.py's SD3-family
-    toys; the ratio of Flow-Factory's SD3.5 recipe), every other family's at the official fifth; the trainer's two
-    optimisers get those rates."""
+def test_each_family_trains_with_the_recipe_measured_for_it():
+    """recipe auto (bench/pace.py's toys, tdm_core/recipes.py): SD3-medium and SD3.5-medium with Flow-Factory's equal
+    rates, τ and LoRA shape on the demo's optimiser; SDXL and Flux-dev at equal rates decayed along a cosine; every
+    other family with the official demo (the student at a fifth). The trainer's two optimisers get those rates."""
+    def auto(family: str, **data) -> DistillConfig:
+        return DistillConfig.from_dict({"prompts": ["x"], "family": family, "recipe": "auto", **data})
+
     for family in ("sd3", "sd35"):
-        config = DistillConfig.from_dict({"prompts": ["x"], "family": family, "recipe": "auto"})
-        assert config.recipe == "official_demo_equal_rates" and config.student_learning_rate() == config.lr == 1e-4
-    for family in ("sd15", "sdxl", "flux", "wan21"):
-        config = DistillConfig.from_dict({"prompts": ["x"], "family": family, "recipe": "auto"})
+        config = auto(family)
+        assert config.recipe == "official_demo_ff_tau_lora" and config.student_learning_rate() == config.lr == 1e-4
+        assert (config.lora_rank, config.lora_alpha, config.tau_mode, config.tau_density) == (
+            32, 64.0, "reverse", "logit_normal")
+        assert (config.adam_betas, config.stages, config.lr_decay, config.cfg) == ((0.0, 0.95), "one", "constant", 2.0)
+    for family in ("sdxl", "flux"):
+        config = auto(family)
+        assert config.recipe == "official_demo_equal_rates_cosine" and config.lr_decay == "cosine"
+        assert config.student_learning_rate() == config.lr == 1e-4 and config.lora_rank == 16
+    assert auto("flux").cfg == 1.0  # the family's override still wins
+    for family in ("sd15", "wan21", "cogvideox"):
+        config = auto(family)
         assert config.recipe == "official_demo" and config.student_learning_rate() == pytest.approx(config.lr / 5)
     trainer = TDMTrainer(make_backend(parametrisation="flow", lora_rank=4),
-                         DistillConfig.from_dict({"prompts": ["a cat"], "family": "sd3", "recipe": "auto",
-                                                  "total_steps": 900, "lora_rank": 4}))
+                         auto("sd3", total_steps=900, lora_rank=4))
+    assert trainer.config.lora_alpha == 8.0  # rank 4 keeps the recipe's scale 2
     assert trainer.opt_gen.param_groups[0]["lr"] == trainer.opt_fake.param_groups[0]["lr"] == 1e-4
