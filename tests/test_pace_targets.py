@@ -321,3 +321,23 @@ def test_anatomy_bench_refuses_a_target_without_an_exact_teacher():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "pace_anatomy.py"), "--targets", "mix2d_learned"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout.strip() == "" and "mix2d_learned" in proc.stderr
+
+
+def test_latent_regression_bench_brings_the_adapter_towards_teacher_50():
+    """bench/latent_regression.py on the Flux toy: one JSON line; regressing the student's adapter on the teacher's
+    50-step outputs for 100 updates more than halves its distance from the untrained student's (measured: 21.1 → 1.7
+    over the floor), the bound the README compares TDM's pace with; a target it does not know is refused."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "latent_regression.py"), "--targets", "flux",
+                           "--iterations", "100", "--pairs", "64", "--threads", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout
+    line = json.loads(lines[0])
+    assert line["bench"] == "latent_regression" and line["iterations"] == 100 and line["pairs"] == 64
+    assert list(line["flux_ratio_to_floor_at"]) == ["100"]
+    assert line["flux_teacher4_to_floor"] > 5  # the teacher's own 4 steps are far from its 50
+    assert line["flux_ratio_to_floor"] < 0.5 * line["flux_teacher4_to_floor"]
+    refused = subprocess.run([sys.executable, str(REPO / "bench" / "latent_regression.py"), "--targets", "sd15"],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stdout.strip() == "" and "--targets" in refused.stderr
