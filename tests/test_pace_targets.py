@@ -241,17 +241,23 @@ def test_cli_factory_builds_the_named_target():
 # ---- the benchmark --------------------------------------------------------------------------------------------------
 
 
-def _bench(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "bench" / "pace.py"), *args], cwd=REPO, capture_output=True,
+def _bench(*args: str, timeout: int = 120, script: str = "pace.py") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 
-def test_bench_prints_one_json_line_with_the_documented_keys():
-    proc = _bench("--iterations", "20", "--targets", "mix2d", "--threads", "1", "--set", "batch_size=64")
+def _bench_line(script: str, *args: str, timeout: int) -> dict:
+    """The one JSON line a bench script prints on success."""
+    proc = _bench(*args, timeout=timeout, script=script)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stdout
-    line = json.loads(lines[0])
+    return json.loads(lines[0])
+
+
+def test_bench_prints_one_json_line_with_the_documented_keys():
+    line = _bench_line("pace.py", "--iterations", "20", "--targets", "mix2d", "--threads", "1", "--set", "batch_size=64",
+                       timeout=120)
     assert line["bench"] == "pace" and line["iterations"] == 20 and line["seeds"] == [0]
     assert line["recipe"]["batch_size"] == 64 and line["recipe"]["lr"] == 1e-3 and line["recipe"]["lora_rank"] == 64
     assert "prompts" not in line["recipe"] and "family" not in line["recipe"]
@@ -295,13 +301,8 @@ def test_anatomy_bench_splits_the_between_mode_share_by_step():
     """bench/pace_anatomy.py on the exact 2-D mixture: one JSON line; handing over to the exact teacher at t = 999
     (no student step) IS the exact 50-step DDIM (the same 999, 979, …, 19 grid), the regression targets of the last
     step are the exact teacher's and sit on the modes, and the probe reports each requested checkpoint."""
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "pace_anatomy.py"), "--targets", "mix2d",
-                           "--iterations", "10", "--updates", "2,4", "--threads", "1"], cwd=REPO, capture_output=True,
-                          text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stdout
-    line = json.loads(lines[0])
+    line = _bench_line("pace_anatomy.py", "--targets", "mix2d", "--iterations", "10", "--updates", "2,4", "--threads",
+                       "1", timeout=180)
     by_steps = line["mix2d_between_teacher_by_steps"]
     assert line["bench"] == "pace_anatomy" and line["iterations"] == 10
     assert by_steps["4"] > by_steps["10"] > by_steps["50"]  # the exact ODE separates modes with more steps
@@ -318,8 +319,7 @@ def test_anatomy_bench_splits_the_between_mode_share_by_step():
 
 
 def test_anatomy_bench_refuses_a_target_without_an_exact_teacher():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "pace_anatomy.py"), "--targets", "mix2d_learned"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = _bench("--targets", "mix2d_learned", timeout=60, script="pace_anatomy.py")
     assert proc.returncode == 2 and proc.stdout.strip() == "" and "mix2d_learned" in proc.stderr
 
 
@@ -327,17 +327,11 @@ def test_latent_regression_bench_brings_the_adapter_towards_teacher_50():
     """bench/latent_regression.py on the Flux toy: one JSON line; regressing the student's adapter on the teacher's
     50-step outputs for 100 updates more than halves its distance from the untrained student's (measured: 21.1 → 1.7
     over the floor), the bound the README compares TDM's pace with; a target it does not know is refused."""
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "latent_regression.py"), "--targets", "flux",
-                           "--iterations", "100", "--pairs", "64", "--threads", "1"], cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stdout
-    line = json.loads(lines[0])
+    line = _bench_line("latent_regression.py", "--targets", "flux", "--iterations", "100", "--pairs", "64",
+                       "--threads", "1", timeout=900)
     assert line["bench"] == "latent_regression" and line["iterations"] == 100 and line["pairs"] == 64
     assert list(line["flux_ratio_to_floor_at"]) == ["100"]
     assert line["flux_teacher4_to_floor"] > 5  # the teacher's own 4 steps are far from its 50
     assert line["flux_ratio_to_floor"] < 0.5 * line["flux_teacher4_to_floor"]
-    refused = subprocess.run([sys.executable, str(REPO / "bench" / "latent_regression.py"), "--targets", "sd15"],
-                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    refused = _bench("--targets", "sd15", timeout=60, script="latent_regression.py")
     assert refused.returncode == 2 and refused.stdout.strip() == "" and "--targets" in refused.stderr
