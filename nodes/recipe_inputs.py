@@ -100,9 +100,11 @@ def distill_settings(settings: dict, family: str) -> tuple[dict, list[str], str]
 
 def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, set[str]]:
     """`distill_settings`' three, and the DistillConfig fields the node sets itself (a value other than "the
-    recipe's", whether or not it equals the recipe's; student_lr and lora_alpha too when a learning rate or rank set
-    here scales them, tdm_core.recipes.follow): what an existing job's recipe values must not stand in for when the
-    node is compared with that job."""
+    recipe's", whether or not it equals the recipe's): what an existing job's recipe values must not stand in for when
+    the node is compared with that job. A value that only follows one set here (the student's rate, LoRA alpha:
+    tdm_core.recipes.follow) is not among them: the job keeps its own (the leader is compared), so a job recorded
+    before a follow rule existed, e.g. Flow-Factory's alpha 64 at a rank set on the node, still resumes with the scale
+    its adapters were trained with."""
     name = recipe_name(settings, family)
     _, values = recipes.resolve(name, family)
     knobs = {key: v.value for key, v in values.items()}
@@ -147,7 +149,7 @@ def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, se
             override("tau_logit_mean", float(settings.get("tau_logit_mean", 0.0)))
             override("tau_logit_std", float(settings.get("tau_logit_std", 1.0)))
     # the student's lr and LoRA alpha left to the recipe keep its ratios to a learning rate and rank set here
-    explicit |= recipes.follow(knobs, {key: v.value for key, v in values.items()}, explicit)
+    recipes.follow(knobs, {key: v.value for key, v in values.items()}, explicit)
     knobs["recipe"] = name
     return knobs, changed, name, explicit
 

@@ -82,7 +82,18 @@ def test_a_rate_or_rank_set_alone_keeps_the_recipes_ratios_headless_and_on_the_n
         {"recipe": "flow_factory_sd35", "lora_rank": 8, "lora_alpha": -1.0, "learning_rate": 2e-5}, "sd35")
     assert (knobs["lora_rank"], knobs["lora_alpha"], knobs["lr"], knobs["student_lr"]) == (8, 16.0, 2e-5, 2e-5)
     assert changed == ["lr 2e-05", "lora_rank 8"]  # what follows is not a change of its own
-    assert {"lora_alpha", "student_lr"} <= explicit  # an existing job's recipe values must not stand in for them
+    assert {"lr", "lora_rank"} <= explicit and not {"lora_alpha", "student_lr"} & explicit  # nor a setting
+    # a job recorded before the rule (alpha 64 at rank 8) resumes with its own alpha: its rank is what is compared
+    distill_jobs = sys.modules[f"{pack.__name__}.nodes.distill_jobs"]
+    node = {"recipe": "flow_factory_sd35", "lora_rank": 8, "steps": 4, "seed": 0, "iterations": 10, "keep_last": 1,
+            "width": 64, "height": 64, "grid": "auto", "unconditional_prompt": "", "dtype": "auto",
+            "offload": "none", "gradient_checkpointing": False}
+    old = distill_jobs.settings_from_inputs(node, ["a"], "sd35")
+    old.config.lora_alpha = 64.0  # as the record of a job started before recipes.follow says
+    again = distill_jobs.settings_from_inputs(node, ["a"], "sd35", recorded=old)
+    assert again.config.lora_alpha == 64.0 and again.config.to_dict() == old.config.to_dict()
+    rank_edited = distill_jobs.settings_from_inputs(dict(node, lora_rank=16), ["a"], "sd35", recorded=old)
+    assert rank_edited.config.lora_rank == 16  # an edit of the leader still shows (and is refused by the caller)
     knobs = recipe_inputs.resolve_knobs({"recipe": "flow_factory_sd35", "lora_rank": 8, "lora_alpha": 0.0}, "sd35")[0]
     assert knobs["lora_alpha"] is None  # 0 on the node: alpha = rank
 
