@@ -190,7 +190,8 @@ _FAMILY_LIST = (
         comfy_lora=lambda layout: any(_SECOND_TRANSFORMER_BLOCK.search(n) for n in layout.comfy_unet()),
         diffusers_lora=_sdxl_diffusers_markers, default_preset="sdxl", released_lora=False,
         # equal rates, decayed (tdm_core/recipes.py: measured on the SDXL and Flux toys)
-        distillable=True, training_recipe="official_demo_equal_rates_cosine", lora_targets=UNET_TARGETS, repeated_blocks=UNET_BLOCKS, extra_inputs=("y",)),
+        distillable=True, training_recipe="official_demo_equal_rates_cosine", lora_targets=UNET_TARGETS,
+        repeated_blocks=UNET_BLOCKS, extra_inputs=("y",)),
     Family(
         name="sd3", label="SD3-medium", architecture="SD3 MMDiT", parametrisation="flow", lora_group="mmdit",
         comfy_lora=lambda layout: _joint_blocks(layout, False),
@@ -212,7 +213,8 @@ _FAMILY_LIST = (
         comfy_lora=lambda layout: any(n.startswith(("double_blocks.", "single_blocks.")) for n in layout.comfy),
         diffusers_lora=_never, default_preset="flux", released_lora=False, exclusive_presets=True,
         # equal rates, decayed (tdm_core/recipes.py: measured on the SDXL and Flux toys)
-        distillable=True, training_recipe="official_demo_equal_rates_cosine", lora_targets=FLUX_TARGETS, repeated_blocks=("double_blocks", "single_blocks"),
+        distillable=True, training_recipe="official_demo_equal_rates_cosine", lora_targets=FLUX_TARGETS,
+        repeated_blocks=("double_blocks", "single_blocks"),
         blocks_update_inputs_in_place=True, extra_inputs=("y", "guidance"), guidance_distilled=True,
         recipe_overrides=(RecipeOverride("cfg", 1.0, "Flux-dev is guidance-distilled: its guidance is an input, not "
                                                       "a second pass"),)),

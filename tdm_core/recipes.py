@@ -218,18 +218,15 @@ def family_recipe(family: str) -> str:
 FOLLOWERS = {"student_lr": "lr", "lora_alpha": "lora_rank"}
 
 
-def follow(knobs: dict[str, Any], recipe_knobs: dict[str, Any], given: set[str]) -> set[str]:
+def follow(knobs: dict[str, Any], recipe_knobs: dict[str, Any], given: set[str]) -> None:
     """Scales, in `knobs`, each FOLLOWERS value the run left to the recipe (not in `given`, the fields it set
-    itself) whose leader it set, by the leader's change from the recipe's value; returns the fields it scaled. A
-    follower the recipe leaves at None (alpha = rank) already follows its leader."""
-    scaled = set()
+    itself) whose leader it set, by the leader's change from the recipe's value. A follower the recipe leaves at None
+    (alpha = rank) already follows its leader."""
     for follower, leader in FOLLOWERS.items():
         base, lead = recipe_knobs.get(follower), recipe_knobs.get(leader)
         if follower in given or leader not in given or base is None or not lead or leader not in knobs:
             continue
         knobs[follower] = knobs[leader] * (base / lead)  # a 1 : 1 ratio gives the value itself
-        scaled.add(follower)
-    return scaled
 
 
 def recipe_settings(name: str, family: str = "") -> dict[str, Any]:
