@@ -76,7 +76,8 @@ _EQUAL_RATES_MEASURED = (
     "measured here: on bench/pace.py's SD3 and SD3.5 latent toys (500 iterations, seeds 0/1/2) the distance to the "
     "teacher's 50 steps over its floor went from 50.3 to 19.3 (SD3) and 53.9 to 26.2 (SD3.5), at 1000 iterations "
     "(seed 0) from 45.3 to 13.7 and 50.7 to 8.1; on the SDXL toy it lost (1.45 to 1.94), on Flux it was even (9.2 to "
-    "8.8), on the mixtures it lost badly (2-D 1.05 to 6.5), so only the SD3 family trains this way")
+    "8.8), on the mixtures it lost badly (2-D 1.05 to 6.5); the SD3 family trained this way until "
+    "official_demo_ff_tau_lora did better on its toys")
 
 # bench/pace.py's SDXL and Flux latent toys (500 iterations, seeds 0/1/2): at equal rates the student gets close fast,
 # then drifts back at a constant rate; decayed, it stays close
