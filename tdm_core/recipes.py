@@ -116,6 +116,18 @@ _DEMO = {
     "lr_decay": Value("constant", "demo", "a constant learning rate"),
 }
 
+# Flow-Factory's settings that recipes here take from it, one source each: both networks at one rate (here at the
+# demo's 1e-4), its τ draw, its LoRA shape.
+_EQUAL_RATES_WHY = "both networks at one rate (Flow-Factory's 1e-5 / 1e-5), here the demo's 1e-4"
+_EQUAL_RATES = {"student_lr": Value(1e-4, "ff", _EQUAL_RATES_WHY)}
+_FF_TAU = {
+    "tau_mode": Value("reverse", "ff", "tdm_query_interval reverse, tdm_query_max_sigma 1.0"),
+    "tau_density": Value("logit_normal", "ff", "conditional_logit_normal, mean 0, std 1"),
+    "tau_logit_mean": Value(0.0, "ff"),
+    "tau_logit_std": Value(1.0, "ff"),
+}
+_FF_LORA = {"lora_rank": Value(32, "ff"), "lora_alpha": Value(64.0, "ff")}
+
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
@@ -130,28 +142,20 @@ RECIPES: dict[str, Recipe] = {
                "The official demo script with the student learning as fast as the fake score, as the authors' "
                "Flow-Factory SD3.5 recipe trains both: the SD3-family toys' students moved three to six times "
                "closer to their teacher.",
-               _DEMO | {"student_lr": Value(1e-4, "ff", "both networks at one rate (Flow-Factory's 1e-5 / 1e-5), "
-                                                        "here the demo's 1e-4; " + _EQUAL_RATES_MEASURED)}),
+               _DEMO | {"student_lr": Value(1e-4, "ff", _EQUAL_RATES_WHY + "; " + _EQUAL_RATES_MEASURED)}),
         Recipe("official_demo_equal_rates_cosine", "Official demo script, equal rates, cosine-decayed",
                "The official demo script with the student at the fake score's rate (Flow-Factory's ratio) and both "
                "rates decayed along a half cosine to 0 over the run: the SDXL and Flux toys' students got close "
                "fast and stayed there.",
-               _DEMO | {"student_lr": Value(1e-4, "ff", "both networks at one rate (Flow-Factory's 1e-5 / 1e-5), "
-                                                        "here the demo's 1e-4"),
-                        "lr_decay": Value("cosine", "here", _EQUAL_RATES_COSINE_MEASURED)}),
+               _DEMO | _EQUAL_RATES | {"lr_decay": Value("cosine", "here", _EQUAL_RATES_COSINE_MEASURED)}),
         Recipe("official_demo_ff_tau_lora", "Official demo script with Flow-Factory's rates, τ and LoRA",
                "The official demo's optimiser and CFG with three settings of the authors' Flow-Factory SD3.5 recipe: "
                "the student at the fake score's rate, τ logit-normal up to full noise, LoRA rank 32 / alpha 64. The "
                "SD3-family toys' students got closest to their teacher with it.",
-               _DEMO | {"student_lr": Value(1e-4, "ff", "both networks at one rate (Flow-Factory's 1e-5 / 1e-5), "
-                                                        "here the demo's 1e-4"),
-                        "lora_rank": Value(32, "ff"),
-                        "lora_alpha": Value(64.0, "ff", "scale alpha / rank = 2, kept when only the rank is set"),
-                        "tau_mode": Value("reverse", "ff", "tdm_query_interval reverse, tdm_query_max_sigma 1.0"),
-                        "tau_density": Value("logit_normal", "ff", "conditional_logit_normal, mean 0, std 1; "
-                                             + _FF_TAU_LORA_MEASURED),
-                        "tau_logit_mean": Value(0.0, "ff"),
-                        "tau_logit_std": Value(1.0, "ff")}),
+               _DEMO | _EQUAL_RATES | _FF_LORA | _FF_TAU | {
+                   "lora_alpha": Value(64.0, "ff", "scale alpha / rank = 2, kept when only the rank is set"),
+                   "tau_density": Value("logit_normal", "ff", _FF_TAU["tau_density"].why + "; " + _FF_TAU_LORA_MEASURED),
+               }),
         Recipe("official_readme", "Official README run",
                "The official README's command: the demo script at CFG 4.5 and learning rate 2e-5.",
                _DEMO | {"cfg": Value(4.5, "readme"), "lr": Value(2e-5, "readme", "the fake score's learning rate"),
@@ -168,12 +172,8 @@ RECIPES: dict[str, Recipe] = {
                    "weight_decay": Value(1e-4, "ff"),
                    "grad_clip": Value(1.0, "ff", "generator max_grad_norm"),
                    "grad_clip_fake": Value(1.0, "ff", "fake max_grad_norm"),
-                   "lora_rank": Value(32, "ff"),
-                   "lora_alpha": Value(64.0, "ff"),
-                   "tau_mode": Value("reverse", "ff", "tdm_query_interval reverse, tdm_query_max_sigma 1.0"),
-                   "tau_density": Value("logit_normal", "ff", "conditional_logit_normal, mean 0, std 1"),
-                   "tau_logit_mean": Value(0.0, "ff"),
-                   "tau_logit_std": Value(1.0, "ff"),
+                   **_FF_LORA,
+                   **_FF_TAU,
                    "importance_clip": Value(20.0, "ff", "tdm_importance_clip"),
                    "fake_updates": Value(1, "ff", "ttur_fake_updates"),
                    "stages": Value("all", "ff", "all four stage losses averaged"),
