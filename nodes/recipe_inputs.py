@@ -107,7 +107,8 @@ def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, se
     its adapters were trained with."""
     name = recipe_name(settings, family)
     _, values = recipes.resolve(name, family)
-    knobs = {key: v.value for key, v in values.items()}
+    recipe_knobs = {key: v.value for key, v in values.items()}
+    knobs = dict(recipe_knobs)
     changed: list[str] = []
     explicit: set[str] = set()
 
@@ -149,7 +150,7 @@ def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, se
             override("tau_logit_mean", float(settings.get("tau_logit_mean", 0.0)))
             override("tau_logit_std", float(settings.get("tau_logit_std", 1.0)))
     # the student's lr and LoRA alpha left to the recipe keep its ratios to a learning rate and rank set here
-    recipes.follow(knobs, {key: v.value for key, v in values.items()}, explicit)
+    recipes.follow(knobs, recipe_knobs, explicit)
     knobs["recipe"] = name
     return knobs, changed, name, explicit
 
