@@ -43,7 +43,8 @@ TARGETS = ("sdxl", "flux", "sd3", "sd35")
 
 def regress(family: str, iterations: int, seed: int, pairs: int, log=lambda message: None) -> dict:
     import torch
-    from student_solver import _sample, latent_draw, latent_session
+    from pace import _latent_distance, _latent_samples
+    from student_solver import _sample, latent_session
 
     from tdm_core import presets, solvers
     from tdm_core.distill import losses
@@ -62,13 +63,12 @@ def regress(family: str, iterations: int, seed: int, pairs: int, log=lambda mess
         noise.append(draw)
         prompts += [prompt] * pairs
     noise, targets = torch.cat(noise), torch.cat(targets)
-    reference = {p: latent_draw(trainer, p, "teacher", fine, "ddim", 11) for p in toy.PROMPTS}
-    floor = sum(toy.value_distance(latent_draw(trainer, p, "teacher", fine, "ddim", 12), reference[p])
-                for p in toy.PROMPTS)
+    # bench/pace.py's scoring of the latent toys, with its noise seeds
+    reference = _latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 11)
+    floor = _latent_distance(toy, reference, _latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 12))
 
     def ratio() -> float:
-        return sum(toy.value_distance(latent_draw(trainer, p, "student", grid, solver, 7), reference[p])
-                   for p in toy.PROMPTS) / floor
+        return _latent_distance(toy, reference, _latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7)) / floor
 
     out = {"teacher4_to_floor": ratio(), "at": {}}
     optimiser, generator = trainer.opt_gen, torch.Generator().manual_seed(seed)

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 LATENT_ITERATIONS = {"sdxl": 160, "flux": 200, "sd3": 200, "sd35": 200}
 LATENT_SAMPLES = 128
 # TDM Distill's inputs for a toy latent teacher: the quality check's (tests/test_sdxl_flux_quality.py) settings, but
-# the LoRA's shape left to the recipe (-1), as a user's job leaves it (every recipe auto picks for these families is
-# rank 16, alpha = rank: the quality check's)
+# the LoRA's shape left to the recipe (-1), as a user's job leaves it (SDXL and Flux: rank 16, alpha = rank, the
+# quality check's; SD3 and SD3.5: rank 32, alpha 64)
 LATENT_SETTINGS = dict(steps=4, grid="auto", lora_rank=-1, lora_alpha=-1.0, learning_rate=5e-4, cfg=1.0, batch_size=4,
                        save_every=0, keep_last=1, preview_every=0, gradient_checkpointing=False, dtype="auto",
                        offload="none", unconditional_prompt="")
