@@ -152,6 +152,22 @@ def test_fsdp_two_processes_match_one_process_on_the_combined_batch(tmp_path, re
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_fsdp_in_passes_matches_one_process_in_one_pass(tmp_path):
+    """`micro_batch` under FSDP: each process runs its rows of every update in passes of 3 (Flow-Factory's recipe, all
+    four steps per sample: 8 rows a process, passes of 3, 3 and 2, each forward and backward collective), and the run
+    is the one-process run with every update in one pass, up to the tolerances above."""
+    settings = dict(lora_rank=4, parallel="fsdp", recipe="flow_factory_sd35", fake_updates=2, lora_alpha=None,
+                    preview_every=0, checkpoint_every=0)
+    _one_process(_write_cli_config(tmp_path / "one.json", tmp_path / "one", **settings))
+    two_summary = _summary(_torchrun(_write_cli_config(tmp_path / "two.json", tmp_path / "two", micro_batch=3,
+                                                       **settings)))
+    assert two_summary["world_size"] == 2 and two_summary["sharded"] is True
+    one, two = checkpoint.load_checkpoint(tmp_path / "one"), checkpoint.load_checkpoint(tmp_path / "two")
+    assert one["step"] == two["step"] == 4 and two["config"]["micro_batch"] == 3
+    _assert_close_states(two, one)
+    _assert_close_losses(_metrics(tmp_path / "two"), _metrics(tmp_path / "one"))
+
+
 def test_fsdp_shards_a_diffusers_unet_with_gradient_checkpointing_by_its_blocks(tmp_path):
     """A diffusers UNet (SD1.5's layout, tiny, float32; tdm_devkit.bench_teachers) with gradient checkpointing: its
     down/mid/up blocks are the units, and recomputing a checkpointed block in the backward pass gathers it again. Equal

@@ -113,6 +113,19 @@ def concat_conds(a: Any, b: Any) -> Any:
     raise TypeError(f"cannot batch conditionings of type {type(a).__name__}")
 
 
+def slice_cond(cond: Any, rows: slice) -> Any:
+    """The rows `rows` of a conditioning (tensor, dict, list/tuple of them, None), batch first."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[rows]
+    if isinstance(cond, dict):
+        return {k: slice_cond(v, rows) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(slice_cond(v, rows) for v in cond)
+    raise TypeError(f"cannot slice a conditioning of type {type(cond).__name__}")
+
+
 def forward_pair(backend, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, adapter: Adapter):
     """Conditional and unconditional predictions in one batched forward (a backend may provide its own)."""
     own = getattr(backend, "forward_pair", None)

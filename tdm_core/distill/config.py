@@ -79,6 +79,10 @@ class DistillConfig:
     lr_warmup_steps: int = 0  # linear warm-up of the generator LR (the official script's schedule is constant)
     lr_decay: str = "constant"  # both LRs: "constant" (official) or "cosine" (half cosine to 0 over `iterations`)
     batch_size: int = 1  # global batch; split evenly across data-parallel processes
+    # The most rows (a sample, or with "all" stages one sample's step) one network pass of an iteration takes; an update
+    # over more rows accumulates its gradients pass by pass, so the update is the same (to round-off) and only the
+    # activation memory and the time change. 0: every row of an update in one pass. Not part of what a run learns.
+    micro_batch: int = 0
     generator_loss: str = "pseudo_huber"  # "pseudo_huber" (element-wise, official), "pseudo_huber_vector", "mse"
     huber_c: float = 1e-3  # c of the element-wise pseudo-Huber loss
     snr_clamp: float = 5.0  # fake-score loss weight min(SNR_τ, 5)
@@ -156,6 +160,8 @@ class DistillConfig:
         need(_finite(self.huber_c) and self.huber_c > 0, f"huber_c must be > 0, got {self.huber_c!r}")
         need(_finite(self.snr_clamp) and self.snr_clamp > 0, f"snr_clamp must be > 0, got {self.snr_clamp!r}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size!r}")
+        need(isinstance(self.micro_batch, int) and not isinstance(self.micro_batch, bool) and self.micro_batch >= 0,
+             f"micro_batch must be an integer ≥ 0 (0: all rows of an update in one pass), got {self.micro_batch!r}")
         need(isinstance(self.iterations, int) and self.iterations >= 0, f"iterations must be ≥ 0, got {self.iterations!r}")
         need(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be ≥ 0, got {self.lr_warmup_steps!r}")
         need(self.tau_mode in TAU_MODES, f"tau_mode must be one of {TAU_MODES}, got {self.tau_mode!r}")

@@ -15,6 +15,12 @@ Reuse: the fake update takes (x̂0, ε̂) of its state from the rollout instead 
 the unconditional teacher pass is skipped (its weight is zero). Per iteration: K student forwards, 1 fake
 forward/backward, 1 student forward/backward, 1 batched teacher forward (2B), 1 fake forward.
 
+Passes (`config.micro_batch` = m > 0): every network pass of an iteration takes at most m rows (rollout samples, or
+an update's rows); an update over more rows runs its forward/backward pass by pass, each pass's loss weighted by its
+share of the rows, and steps the optimiser once on the summed gradients: the same update to round-off, with the
+activations of m rows instead of all of them (Flow-Factory backpropagates its K stages one by one the same way). The
+guided teacher pass then runs its conditional and unconditional halves apart when together they would exceed m.
+
 Precision: the samples, x̂0/ε̂, α/σ and every loss are float32; a bf16/fp16 teacher runs under autocast with float32
 adapters and optimiser state (`PeftBackend`). fp16 losses are scaled (`torch.amp.GradScaler`, as fp16 training
 needs: small gradients underflow to 0 otherwise). An update whose loss or gradients are non-finite is skipped
@@ -45,7 +51,7 @@ import torch
 from ..lora import metadata as lora_metadata
 from ..schedules import training_demo_timesteps
 from . import losses, sharding
-from .backend import COMPUTE_DTYPES, forward_pair
+from .backend import COMPUTE_DTYPES, forward_pair, slice_cond
 from .config import RANDMID_MARGIN, TAU_MIN, ConfigError, DistillConfig
 
 # fp16's loss scale starts at 2¹⁶ and halves on each overflow: 20 skips in a row are far past any transient.
@@ -270,7 +276,7 @@ class TDMTrainer:
                 break
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
             a, s = self._coef(tt)
-            x0, eps = losses.x0_and_eps(self.backend.forward(x, tt, cond, adapter), x, a, s,
+            x0, eps = losses.x0_and_eps(self._forward_in_passes(x, tt, cond, adapter), x, a, s,
                                         self.backend.parametrisation)
             states.append(x)
             x0s.append(x0)
@@ -298,6 +304,23 @@ class TDMTrainer:
         stacked = torch.stack(per_step)
         return stacked[draw["j"].to(stacked.device), draw["sample"].to(stacked.device)]
 
+    def _passes(self, rows: int) -> list[slice]:
+        """The row slices of one update's network passes: all rows at once, or `micro_batch` rows each."""
+        size = self.config.micro_batch or rows
+        return [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
+
+    @staticmethod
+    def _rows(draw: dict, rows: slice) -> dict:
+        """A draw's per-row tensors for the rows of one pass."""
+        return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in draw.items()}
+
+    def _forward_in_passes(self, x: torch.Tensor, t: torch.Tensor, cond, adapter: str) -> torch.Tensor:
+        """backend.forward without gradients, `micro_batch` rows at a time (one call when they all fit)."""
+        passes = self._passes(x.shape[0])
+        if len(passes) == 1:
+            return self.backend.forward(x, t, cond, adapter)
+        return torch.cat([self.backend.forward(x[p], t[p], slice_cond(cond, p), adapter) for p in passes])
+
     def fake_update(self, rollout, cond, draw) -> dict[str, float]:
         states, x0s, epss = rollout
         x0_hat, eps_hat = self._gather(x0s, draw), self._gather(epss, draw)
@@ -305,40 +328,68 @@ class TDMTrainer:
             x_tau, m, z = self._noised(x0_hat, eps_hat, draw)
             w_is = losses.importance_weight(m, z, self.config.importance_clip)
         tau = draw["tau"]
-        fake_x0 = self._x0(self.backend.forward(x_tau, tau, cond, "fake"), x_tau, tau)
-        loss = losses.fake_score_loss(fake_x0, x0_hat, self._tables(tau.device)[2][tau], w_is, self.config.snr_clamp)
-        grad_norm, applied = self._apply_update(loss, self.opt_fake, self.scaler_fake, self.fake_params,
+        snr = self._tables(tau.device)[2][tau]
+        rows = x0_hat.shape[0]
+        total = torch.zeros((), device=x0_hat.device)
+        for p in self._passes(rows):  # the loss is a mean over rows: each pass adds its rows' share of it
+            fake_x0 = self._x0(self.backend.forward(x_tau[p], tau[p], slice_cond(cond, p), "fake"), x_tau[p], tau[p])
+            loss = losses.fake_score_loss(fake_x0, x0_hat[p], snr[p], w_is[p], self.config.snr_clamp)
+            if p.stop - p.start < rows:
+                loss = loss * ((p.stop - p.start) / rows)
+            self._backward(loss, self.scaler_fake)
+            total = total + loss.detach()
+        grad_norm, applied = self._apply_update(total, self.opt_fake, self.scaler_fake, self.fake_params,
                                                 self.config.grad_clip_fake, self.lr_schedule_fake)
-        return {"loss_fake": loss.detach(), "grad_norm_fake": grad_norm.detach(), "is_weight": w_is.mean(),
+        return {"loss_fake": total, "grad_norm_fake": grad_norm.detach(), "is_weight": w_is.mean(),
                 "skipped_fake": torch.tensor(float(not applied))}
 
     def generator_update(self, rollout, cond, uncond, draw) -> dict[str, float]:
         states = rollout[0]
-        x_tg, t_g = self._gather(states, draw), draw["t_g"]
+        x_all, rows = self._gather(states, draw), draw["t_g"].shape[0]
+        total, weights = torch.zeros((), device=x_all.device), []
+        for p in self._passes(rows):  # as in fake_update: each pass adds its rows' share of the mean
+            loss, w = self._generator_loss(x_all[p], slice_cond(cond, p), slice_cond(uncond, p), self._rows(draw, p))
+            if p.stop - p.start < rows:
+                loss = loss * ((p.stop - p.start) / rows)
+            self._backward(loss, self.scaler_gen)
+            total, weights = total + loss.detach(), [*weights, w]
+        grad_norm, applied = self._apply_update(total, self.opt_gen, self.scaler_gen, self.student_params,
+                                                self.config.grad_clip, self.lr_schedule)
+        return {"loss_gen": total, "grad_norm_gen": grad_norm.detach(), "w_mean": torch.cat(weights).mean(),
+                "skipped_gen": torch.tensor(float(not applied))}
+
+    def _generator_loss(self, x_tg, cond, uncond, draw):
+        """The generator loss of some rows (the student's step with gradients, the teacher's and the fake score's
+        targets without) and its per-row normalisation w."""
+        t_g = draw["t_g"]
         pred = self.backend.forward(x_tg, t_g, cond, "student")
         x0_hat, eps_hat = losses.x0_and_eps(pred, x_tg, *self._coef(t_g), self.backend.parametrisation)
         tau = draw["tau"]
         with torch.no_grad():
             x_tau, _, _ = self._noised(x0_hat.detach(), eps_hat.detach(), draw)
-            tau_d = tau
             if self.config.cfg != 1.0:
-                p_c, p_u = forward_pair(self.backend, x_tau, tau_d, cond, uncond, "teacher")
+                if self.config.micro_batch and 2 * x_tau.shape[0] > self.config.micro_batch:
+                    # one pass would take twice the rows: the conditional and unconditional passes one after the other
+                    p_c = self.backend.forward(x_tau, tau, cond, "teacher")
+                    p_u = self.backend.forward(x_tau, tau, uncond, "teacher")
+                else:
+                    p_c, p_u = forward_pair(self.backend, x_tau, tau, cond, uncond, "teacher")
                 r = losses.cfg_target(self._x0(p_c, x_tau, tau), self._x0(p_u, x_tau, tau), self.config.cfg)
             else:
-                r = self._x0(self.backend.forward(x_tau, tau_d, cond, "teacher"), x_tau, tau)
-            f = self._x0(self.backend.forward(x_tau, tau_d, cond, "fake"), x_tau, tau)
-        loss, w = losses.generator_loss(x0_hat, r, f, self.config.generator_loss, self.config.huber_c)
-        grad_norm, applied = self._apply_update(loss, self.opt_gen, self.scaler_gen, self.student_params,
-                                                self.config.grad_clip, self.lr_schedule)
-        return {"loss_gen": loss.detach(), "grad_norm_gen": grad_norm.detach(), "w_mean": w.mean(),
-                "skipped_gen": torch.tensor(float(not applied))}
+                r = self._x0(self.backend.forward(x_tau, tau, cond, "teacher"), x_tau, tau)
+            f = self._x0(self.backend.forward(x_tau, tau, cond, "fake"), x_tau, tau)
+        return losses.generator_loss(x0_hat, r, f, self.config.generator_loss, self.config.huber_c)
+
+    def _backward(self, loss, scaler) -> None:
+        """One pass's backward (loss-scaled in fp16); the gradients add up until _apply_update."""
+        scaler.scale(loss).backward()
 
     def _apply_update(self, loss, optimizer, scaler, params, clip: float | None, schedule):
-        """Backward (loss-scaled in fp16), gradient averaging across processes, unscaling, optional clipping, and
-        the optimiser step with its learning-rate schedule's step — unless the loss or the gradients are non-finite,
-        when the step is skipped (and fp16's loss scale lowered). Returns (gradient norm, applied). Gradients are None before and after (the trainer
-        never leaves them set), so nothing accumulates across updates."""
-        scaler.scale(loss).backward()
+        """After the update's backward passes (`_backward`; `loss` is their summed, detached loss): gradient
+        averaging across processes, unscaling, optional clipping, and the optimiser step with its learning-rate
+        schedule's step — unless the loss or the gradients are non-finite, when the step is skipped (and fp16's
+        loss scale lowered). Returns (gradient norm, applied). Gradients are None before an update's first pass and
+        after it (the trainer never leaves them set), so nothing accumulates across updates."""
         grads = [p.grad for p in params if p.grad is not None]
         if self.sharded:
             # FSDP has averaged the gradients (reduce-scatter) into each process's shard; the norm is reduced over
