@@ -103,11 +103,12 @@ LEARNED_COMFY = ("width", "height", "grid", "unconditional_prompt", "frames")
 DEFAULT_FRAMES = 33
 # Inputs a queue may change without making another job, applied when it resumes one: how long and how it runs, not
 # what it learns. Every other setting defines the LoRA (prompts, grid, steps, cfg, rates, rank, size, batch, seed...).
-RUN_OPTIONS = ("iterations", "gradient_checkpointing", "dtype", "offload", "save_every", "keep_last", "preview_every")
+RUN_OPTIONS = ("iterations", "gradient_checkpointing", "dtype", "offload", "save_every", "keep_last", "preview_every",
+               "micro_batch")
 # DistillConfig fields never compared with the existing job's: the run options, the headless runs' own (a job does not
 # use them), and what the teacher and the grid choice decide (the teacher check and the grid choice compare those).
-_NOT_COMPARED = frozenset({"iterations", "keep_last", "checkpoint_every", "preview_every", "log_every", "output_dir",
-                           "preview_prompts", "dtype", "family", "timesteps", "total_steps", "sampler_preset",
+_NOT_COMPARED = frozenset({"iterations", "keep_last", "micro_batch", "checkpoint_every", "preview_every", "log_every",
+                           "output_dir", "preview_prompts", "dtype", "family", "timesteps", "total_steps", "sampler_preset",
                            "recommended_strength", "teacher", "parallel", "lora_file"})
 _CONFIG_FIELDS = frozenset(field.name for field in dataclasses.fields(DistillConfig))
 
@@ -138,6 +139,11 @@ class JobSettings:
         return values | {k: self.comfy[k] for k in LEARNED_COMFY if k in self.comfy and (k != "frames" or video)}
 
 
+def micro_batch(values: dict) -> int:
+    """TDM Distill's micro_batch (0, all rows in one pass, for workflows saved before the input existed)."""
+    return int(values.get("micro_batch", 0))
+
+
 def settings_from_inputs(values: dict, prompts: list[str], family: str, grid=None,
                          recorded: JobSettings | None = None) -> JobSettings:
     """The settings a job started from TDM Distill's inputs records. `grid`: the training grid (None where the settings
@@ -154,7 +160,7 @@ def settings_from_inputs(values: dict, prompts: list[str], family: str, grid=Non
     try:
         config = DistillConfig(
             prompts=list(prompts), steps=int(values["steps"]), timesteps=grid.timesteps if grid else None,
-            seed=int(values["seed"]), iterations=int(values["iterations"]),
+            seed=int(values["seed"]), iterations=int(values["iterations"]), micro_batch=micro_batch(values),
             total_steps=schedules.TRAINING_DEMO_TOTAL_STEPS, keep_last=int(values["keep_last"]), family=family,
             recommended_strength=1.0, sampler_preset=grid.preset if grid else "", **knobs)
     except (ConfigError, TypeError, ValueError) as error:
@@ -218,7 +224,7 @@ def recorded_settings(record: jobs.JobRecord, values: dict, model, check: Callab
 def with_run_options(recorded: JobSettings, values: dict) -> JobSettings:
     """The job's settings with the run options of the queued node (memory: the usual fix after running out of it)."""
     config = dataclasses.replace(recorded.config, iterations=int(values["iterations"]),
-                                 keep_last=int(values["keep_last"]))
+                                 keep_last=int(values["keep_last"]), micro_batch=micro_batch(values))
     comfy = dict(recorded.comfy, **{key: values[key] for key in RUN_OPTIONS if key in COMFY_OPTIONS})
     return dataclasses.replace(recorded, config=config, comfy=comfy)
 

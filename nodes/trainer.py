@@ -60,7 +60,7 @@ def _refuse(error: Exception):
 # What most users set on TDM Distill: the prompts, the name, how long, how strongly guided, at what size, and memory.
 # The rest keeps working defaults and is marked advanced (folded on the node, web/tdm_advanced.js).
 _RARELY_USED = {"prompts_file", "unconditional_prompt", "steps", "grid", "lora_rank", "lora_alpha", "learning_rate",
-                "batch_size", "keep_last", "preview_every", "seed", "dtype", "offload", "frames",
+                "batch_size", "keep_last", "preview_every", "seed", "dtype", "offload", "frames", "micro_batch",
                 *(spec.id for spec in recipe_inputs.knob_inputs())}
 
 
@@ -165,6 +165,11 @@ class TDMDistillStart(io.ComfyNode):
                              tooltip="Video teachers only: frames of each training clip, 4k + 1 (the VAE keeps "
                                      "the first frame and packs 4 per latent frame). Wan 2.1: 33 (its default "
                                      "clip); CogVideoX-2B: up to 49, its own length. Image teachers ignore it."),
+                # After every older widget (saved workflows hold widget values by position), and optional.
+                io.Int.Input("micro_batch", default=0, min=0, max=1024, optional=True,
+                             tooltip="Memory: the most samples (with stages all: sample-steps) one network pass "
+                                     "takes; larger updates run pass by pass and add up their gradients, the same "
+                                     "update, only slower. 0: all at once. A resume may change it."),
                 # Last: workflows saved before it keep their links and widget values.
                 COGVIDEOX_PIPE.Input("cogvideox", optional=True, tooltip=(
                     "Instead of model and clip: CogVideoX-2B from TDM CogVideoX Loader (lora_name none), for any "

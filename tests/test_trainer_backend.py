@@ -452,6 +452,32 @@ def test_a_job_records_its_config_and_a_resume_keeps_it_when_the_recipe_changes(
     manager.close()
 
 
+def test_micro_batch_is_how_a_job_runs_not_what_it_learns(trainer_module, sd3_twin, tmp_path, monkeypatch):
+    """TDM Distill's micro_batch reaches the job's config and its passes; a resume may change it (a memory setting,
+    like gradient_checkpointing) and runs with the new value, and a workflow saved before the input existed (no
+    micro_batch among its values) starts a job that runs every update in one pass."""
+    manager = jobs.JobManager(tmp_path)
+    built = []
+    distill_jobs = sys.modules[trainer_module.__package__ + ".distill_jobs"]  # where start_job builds the runtime
+    real = distill_jobs.job_runtime
+    monkeypatch.setattr(distill_jobs, "job_runtime",
+                        lambda *args, **kwargs: built.append(real(*args, **kwargs)) or built[-1])
+    record = _start_job(trainer_module, monkeypatch, manager, sd3_twin, iterations=2, save_every=1, batch_size=3,
+                        micro_batch=2)
+    assert manager.wait(record.id, timeout=300).state == "finished"
+    assert manager.get(record.id).settings["config"]["micro_batch"] == 2
+    assert built[-1][0].config.micro_batch == 2
+    _start_job(trainer_module, monkeypatch, manager, sd3_twin, iterations=3, save_every=1, batch_size=3, micro_batch=1,
+               if_exists="resume")
+    assert built[-1][0].config.micro_batch == 1
+    resumed = manager.wait(record.id, timeout=300)
+    assert resumed.state == "finished" and resumed.step == 3 and resumed.settings["config"]["micro_batch"] == 1
+    values = dict(DEFAULTS, prompts="\n".join(PROMPTS), output_name="tiny")
+    values.pop("micro_batch", None)
+    assert distill_jobs.settings_from_inputs(values, list(PROMPTS), "sd3").config.micro_batch == 0
+    manager.close()
+
+
 def test_a_record_written_before_the_config_was_recorded_still_resumes(trainer_module, sd3_twin, tmp_path,
                                                                      monkeypatch):
     """A stopped job's job.json in the shape written before (TDM Distill's widget values), written by hand beside its
