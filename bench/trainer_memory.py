@@ -18,8 +18,17 @@ shared, measured in the same run for comparison. CPU figures (ru_maxrss); the be
     .venv/bin/python bench/trainer_memory.py        -> {"bench":"trainer_memory","peak_lora_mb":…,"peak_full_mb":…,"ratio":…,
                                                         "comfy_job_peak_mb":…,"teacher_mb":…,"comfy_job_ratio":…,…}
     .venv/bin/python bench/trainer_memory.py --only comfy_job      (just the ComfyUI job path)
+    .venv/bin/python bench/trainer_memory.py --only micro_batch    (an update in passes, `micro_batch`)
     .venv/bin/python bench/trainer_memory.py --only wan21          (the Wan 2.1 1.3B plan, docs/video_memory.md)
     .venv/bin/python bench/trainer_memory.py --only cogvideox      (the CogVideoX-2B plan, docs/video_memory.md)
+
+`micro_batch_*` (`--only micro_batch`): the same UNet and rank-16 LoRAs at a 4×32×32 latent, batch 4 with every
+trajectory step trained (`stages` all: 16 rows an update, 32 in the guided teacher pass), one iteration in a fresh
+process with every update in one pass (`micro_batch_0_*`) and in passes of 4 and 1 rows: the peak (as above: CUDA's
+max allocated, or the CPU's peak RSS over the process's start), the iteration's seconds, and both as a ratio of the
+one-pass run's. Measured on the 2-core CPU machine: peak 5770 MB → 2430 MB (passes of 4, 0.42×) → 1289 MB (passes of
+1, 0.22×); the iteration took 51 s, 25 s and 28 s (large batches are slower per row on this CPU; on a GPU, whose
+small passes are bound by kernel launches, more passes cost time; not measured on one yet).
 
 The Wan 2.1 plan (`wan21_*`): the peak of one TDM iteration of Wan 2.1 1.3B at 832×480 on a 24 GB card, estimated
 from counted tensors (`wan_estimate`: bf16 base weights, two rank-16 LoRAs on WAN_TARGETS with fp32 AdamW states,
@@ -57,19 +66,11 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def measure(mode: str) -> dict:
-    import resource
-
+def _bench_unet(device):
+    """The SD1.5-layout diffusers UNet of `measure` (~100 M parameters), random weights, and its prompt encoder."""
     import torch
-
-    sys.path.insert(0, str(REPO))
     from diffusers import UNet2DConditionModel
 
-    from tdm_core.distill import DiscreteSchedule, DistillConfig, TDMTrainer, diffusers_backend
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    baseline = _rss_mb()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -77,12 +78,35 @@ def measure(mode: str) -> dict:
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2, cross_attention_dim=256,
         attention_head_dim=8, norm_num_groups=32,
     ).to(device)
-    params = sum(p.numel() for p in unet.parameters())
 
     def encode(prompts):
         g = torch.Generator().manual_seed(0)
         return {"encoder_hidden_states": torch.randn(len(prompts), 8, 256, generator=g).to(device)}
 
+    return unet, encode
+
+
+def _peak_mb(cuda: bool, baseline: float) -> float:
+    import resource
+
+    import torch
+
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+
+
+def measure(mode: str) -> dict:
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from tdm_core.distill import DiscreteSchedule, DistillConfig, TDMTrainer, diffusers_backend
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    baseline = _rss_mb()
+    unet, encode = _bench_unet(device)
+    params = sum(p.numel() for p in unet.parameters())
     config = DistillConfig(prompts=["a cat"], batch_size=1, total_steps=1000, lora_rank=16, mode=mode)
     backend = diffusers_backend(unet, schedule=DiscreteSchedule.scaled_linear(), encode=encode,
                                 latent_shape=(4, 16, 16), mode=mode, lora_rank=16)
@@ -91,12 +115,54 @@ def measure(mode: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         trainer.step()
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+    peak = _peak_mb(cuda, baseline)
     trainable = sum(p.numel() for p in trainer.student_params) + sum(p.numel() for p in trainer.fake_params)
     return {"mode": mode, "peak_mb": peak, "params": params, "trainable": trainable, "device": str(device)}
+
+
+# `micro_batch` (`--only micro_batch`): the same UNet and LoRAs at a 4×32×32 latent, batch 4 with every trajectory step
+# trained (`stages` "all", Flow-Factory's): 16 rows per update, the guided teacher pass 32; one iteration each with
+# every update in one pass (0) and in passes of 4 and of 1 rows.
+MICRO_BATCHES = (0, 4, 1)
+
+
+def measure_micro_batch(micro_batch: int) -> dict:
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from tdm_core.distill import DiscreteSchedule, DistillConfig, TDMTrainer, diffusers_backend
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    baseline = _rss_mb()
+    unet, encode = _bench_unet(device)
+    config = DistillConfig(prompts=["a cat", "a dog"], batch_size=4, stages="all", cfg=2.0, total_steps=1000,
+                           lora_rank=16, micro_batch=micro_batch)
+    backend = diffusers_backend(unet, schedule=DiscreteSchedule.scaled_linear(), encode=encode,
+                                latent_shape=(4, 32, 32), mode="lora", lora_rank=16)
+    trainer = TDMTrainer(backend, config)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.step()
+    seconds = time.perf_counter() - start
+    return {"micro_batch": micro_batch, "peak_mb": _peak_mb(cuda, baseline), "seconds": seconds, "device": str(device)}
+
+
+def micro_batch_report() -> dict:
+    """Peak memory and time of one all-stages iteration in passes of `micro_batch` rows, each in its own process."""
+    results = {m: _subprocess("--measure-micro-batch", str(m)) for m in MICRO_BATCHES}
+    whole = results[0]
+    report = {"micro_batch_device": whole["device"]}
+    for m, result in results.items():
+        report[f"micro_batch_{m}_peak_mb"] = round(result["peak_mb"], 1)
+        report[f"micro_batch_{m}_seconds"] = round(result["seconds"], 2)
+        if m:
+            report[f"micro_batch_{m}_peak_ratio"] = round(result["peak_mb"] / whole["peak_mb"], 3)
+            report[f"micro_batch_{m}_time_ratio"] = round(result["seconds"] / whole["seconds"], 3)
+    return report
 
 
 COMFY_JOB_SETTINGS = dict(steps=4, grid="auto", iterations=2, lora_rank=16, lora_alpha=0.0, learning_rate=1e-4,
@@ -633,6 +699,9 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--measure":
         print(json.dumps(measure(sys.argv[2])))
         return
+    if len(sys.argv) == 3 and sys.argv[1] == "--measure-micro-batch":
+        print(json.dumps(measure_micro_batch(int(sys.argv[2]))))
+        return
     if len(sys.argv) == 3 and sys.argv[1] == "--measure-comfy-job":
         print(json.dumps(measure_comfy_job(sys.argv[2])))
         return
@@ -661,6 +730,8 @@ def main() -> None:
             "comfy_job_params_m": round(shared["params"] / 1e6, 1), "comfy_job_shared_weights": shared["shared_weights"],
             "comfy_job_comfyui": shared["comfyui"], "comfy_job_device": shared["device"],
         })
+    if only in (None, "micro_batch"):
+        report.update(micro_batch_report())
     if only in (None, "wan21"):
         report.update(wan_report())
     if only in (None, "cogvideox"):
