@@ -1,7 +1,7 @@
 """How fast and how close a TDM student gets to its teacher on multi-modal toy targets; prints ONE JSON line.
 
     .venv/bin/python bench/pace.py [--iterations 500] [--targets mix2d,mix16d,digits,sdxl,flux,sd3,sd35]
-                                   [--set key=json ...] [--seeds 0] [--threads 1]
+                                   [--set key=json ...] [--seeds 0] [--threads 1] [--trace-every N]
 
 Targets. "mix2d_learned" / "mix16d_learned": the same mixtures and data, with a teacher that learned them from
 samples (tdm_core.toy.teacher.LEARNED_MIXTURE_TEACHERS: a 3-block MLP, 6000 steps, trained once and cached, about
@@ -65,7 +65,10 @@ LoRA shape of the family's recipe, then every --set field but the adapters' targ
 lora_rank alone keeps the recipe's alpha / rank). Their 50-step samples are themselves far from the task's data
 (Flux: W1 0.74 against a floor of 0.016), so a distance to the data would measure the teacher: they are scored as
 tests/test_sdxl_flux_quality.py scores them, by the W1 distance of 128 samples' element values per prompt to the
-teacher's own 50-step samples (summed over the two prompts; `floor`: a second 50-step draw), and report <t>_removed =
+teacher's own 50-step samples (summed over the two prompts; `floor`: a second 50-step draw), and report
+<t>_share_teacher50 / _teacher4 / _student (each prompt's share of positive elements, the toy's mode weights; the
+students' averaged over the seeds) and <t>_share_gap (the students' mean |share − teacher-50's|); with
+`--trace-every N`, <t>_share_trace = {seed: {iteration: [share per prompt]}} every N iterations; <t>_removed =
 1 − d_student / d_teacher4, the share of the teacher's 4-step distance the student removes (<t>_removed_at at
 100/250/500 iterations, <t>_removed_by_seed), and <t>_ratio_to_floor = d_student / floor: the mixtures' ratio read
 the same way (the distance to the 50-step teacher's samples over a second 50-step draw's, so 1 is a student
@@ -280,11 +283,13 @@ def _latent_samples(trainer, prompts, adapter: str, grid: list[int], solver: str
     return {p: latent_draw(trainer, p, adapter, grid, solver, noise_seed) for p in prompts}
 
 
-def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int]) -> tuple[dict, dict]:
+def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int],
+                trace_every: int = 0) -> tuple[dict, dict]:
     """(teacher figures, {seed: student figures}) of a toy latent teacher, scored as tests/test_sdxl_flux_quality.py
     scores it: the 1-D Wasserstein distance of the element values of 128 samples per prompt to the teacher's own
     50-step samples (noise seed 11), summed over the two prompts; `floor` is a second 50-step draw (seed 12). The
-    teacher's 4 steps use DDIM, the student the solver its LoRA records (its family's)."""
+    teacher's 4 steps use DDIM, the student the solver its LoRA records (its family's). `trace_every` N > 0: also
+    each prompt's share of positive elements in the student's samples every N iterations ("trace")."""
     import torch
     from student_solver import latent_session
 
@@ -301,18 +306,24 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int])
             reference = _latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 11)
         distance = functools.partial(_latent_distance, toy, reference)
         if teacher is None:
-            teacher = {"d_teacher4": distance(_latent_samples(trainer, toy.PROMPTS, "teacher", grid, "ddim", 7)),
-                       "floor": distance(_latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 12))}
-        seconds, at = 0.0, {}
+            four = _latent_samples(trainer, toy.PROMPTS, "teacher", grid, "ddim", 7)
+            teacher = {"d_teacher4": distance(four),
+                       "floor": distance(_latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 12)),
+                       "shares": {"teacher50": _positive_shares(reference), "teacher4": _positive_shares(four)}}
+        seconds, at, trace = 0.0, {}, {}
         with torch.inference_mode(False), torch.enable_grad():
             while trainer.step_count < iterations:
                 seconds += session.step()["seconds"]
+                if trace_every and trainer.step_count % trace_every == 0:
+                    shares = _positive_shares(_latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7))
+                    trace[trainer.step_count] = [round(shares[p], 4) for p in toy.PROMPTS]
                 if trainer.step_count in CHECKPOINTS:
                     at[trainer.step_count] = distance(_latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7))
                     log(f"{family} seed {seed} iteration {trainer.step_count}: W1 to teacher-50 "
                         f"{at[trainer.step_count]:.4f} (teacher-4 {teacher['d_teacher4']:.4f})")
-        runs[seed] = {"d_student": distance(_latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7)),
-                      "at": at, "seconds": seconds}
+        student = _latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7)
+        runs[seed] = {"d_student": distance(student), "at": at, "seconds": seconds,
+                      "shares": _positive_shares(student), "trace": trace}
     return teacher, runs
 
 
@@ -320,10 +331,26 @@ def _latent_distance(toy, reference: dict, samples: dict) -> float:
     return sum(toy.value_distance(samples[p], reference[p]) for p in toy.PROMPTS)
 
 
+def _positive_shares(samples: dict) -> dict:
+    """{prompt: the share of positive latent elements}: the toy's mode weights (the prompt sets the share of +1)."""
+    return {p: float((s > 0).float().mean()) for p, s in samples.items()}
+
+
 def summarise_latent(target: str, teacher: dict, runs: dict[int, dict]) -> dict:
     """A latent target's figures: the share of the teacher's 4-step distance the student removes (mean over seeds)."""
     d4 = teacher["d_teacher4"]
-    out = {f"{target}_{k}": round(v, 5) for k, v in teacher.items()}
+    shares = teacher["shares"]
+    out = {f"{target}_{k}": round(v, 5) for k, v in teacher.items() if k != "shares"}
+    # The mode weights: each prompt's share of positive elements, of teacher-50 (the reference draw), teacher-4 and the
+    # students (mean over the seeds), and the students' gap to teacher-50 (mean over prompts and seeds)
+    out[f"{target}_share_teacher50"] = {p: round(v, 4) for p, v in shares["teacher50"].items()}
+    out[f"{target}_share_teacher4"] = {p: round(v, 4) for p, v in shares["teacher4"].items()}
+    out[f"{target}_share_student"] = {p: round(sum(r["shares"][p] for r in runs.values()) / len(runs), 4)
+                                      for p in shares["teacher50"]}
+    gaps = [abs(r["shares"][p] - v) for r in runs.values() for p, v in shares["teacher50"].items()]
+    out[f"{target}_share_gap"] = round(sum(gaps) / len(gaps), 4)
+    if any(r["trace"] for r in runs.values()):
+        out[f"{target}_share_trace"] = {str(seed): {str(i): v for i, v in r["trace"].items()} for seed, r in runs.items()}
     mean = sum(r["d_student"] for r in runs.values()) / len(runs)
     out[f"{target}_d_student"] = round(mean, 5)
     out[f"{target}_removed"] = round(1 - mean / d4, 4)
@@ -365,6 +392,8 @@ def main() -> int:
                         help="override a DistillConfig field for every target, e.g. --set adam_betas=[0.9,0.999]")
     parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default: 0, or --set seed)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trace-every", type=int, default=0, metavar="N",
+                        help="latent targets: each prompt's share of positive elements every N iterations")
     args = parser.parse_args()
 
     import torch
@@ -406,7 +435,7 @@ def main() -> int:
             for seed in seeds:
                 teacher, runs[seed] = digits_run(configs[seed][target])
         elif target in LATENT_TARGETS:
-            line.update(summarise_latent(target, *latent_runs(target, overrides, iterations, seeds)))
+            line.update(summarise_latent(target, *latent_runs(target, overrides, iterations, seeds, args.trace_every)))
             continue
         else:
             ref = learned_reference(target) if target.endswith(LEARNED) else mixture_reference(base_mixture(target))

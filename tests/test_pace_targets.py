@@ -323,6 +323,23 @@ def test_anatomy_bench_refuses_a_target_without_an_exact_teacher():
     assert proc.returncode == 2 and proc.stdout.strip() == "" and "mix2d_learned" in proc.stderr
 
 
+def test_pace_reports_the_latent_toys_mode_weights():
+    """bench/pace.py on the Flux toy: besides the distances, each prompt's share of positive latent elements (the toy's
+    mode weights: the prompt sets the share of +1) for teacher-50, teacher-4 and the student, the student's gap, and
+    with --trace-every the student's shares along the run."""
+    line = _bench_line("pace.py", "--targets", "flux", "--iterations", "20", "--threads", "1", "--trace-every", "10",
+                       timeout=900)
+    teacher50, student = line["flux_share_teacher50"], line["flux_share_student"]
+    assert set(teacher50) == set(student) == set(line["flux_share_teacher4"]) == {"a cat", "a dog"}
+    # the teacher learned the prompts' shares (0.75 / 0.25 in its data) closely enough to tell them apart
+    assert 0.6 < teacher50["a cat"] < 0.9 and 0.1 < teacher50["a dog"] < 0.4
+    gap = sum(abs(student[p] - teacher50[p]) for p in teacher50) / 2  # one seed: the mean over the prompts
+    assert line["flux_share_gap"] == pytest.approx(gap, abs=2e-4)
+    assert line["flux_ratio_to_floor"] > 0 and line["flux_teacher4_to_floor"] > 1
+    trace = line["flux_share_trace"]["0"]  # --trace-every 10: the student's shares at iterations 10 and 20
+    assert list(trace) == ["10", "20"] and trace["20"] == [round(student["a cat"], 4), round(student["a dog"], 4)]
+
+
 def test_latent_regression_bench_brings_the_adapter_towards_teacher_50():
     """bench/latent_regression.py on the Flux toy: one JSON line; regressing the student's adapter on the teacher's
     50-step outputs for 100 updates more than halves its distance from the untrained student's (measured: 21.1 → 1.7
