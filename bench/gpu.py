@@ -19,6 +19,8 @@ Sections of the line:
   iteration's shapes with the same network (bf16, gradient checkpointing), interleaved with the iterations in
   `--cost-rounds` rounds (`iteration_cost_rounds`; medians, every timing CUDA synchronised). What the ratio adds above
   1 is the iteration's own overhead: host work, syncs, adapter switches, the loss arithmetic, optimiser steps.
+  `--micro-batches 0,1` adds `distill.<family>.batch<B>.micro1`: the same job with TDM Distill's micro_batch 1 (every
+  network pass one row, gradients accumulated), its it/s and peak memory beside the one-pass run's (no cost rounds).
 - `multi_device`: the headless trainer (`python -m tdm_core.distill` under `torchrun`, data-parallel) on a
   random-weight SD1.5 UNet in bf16 with gradient checkpointing (`tdm_devkit.bench_teachers`), the same per-device
   batch on 1 device and on all of them: samples/s (global batch ÷ median step time after the first step), each
@@ -209,13 +211,13 @@ def bench_sampling(family: str, model, size: dict, sampling_nodes, repeats: int)
 
 
 def bench_distill(family: str, model, size: dict, distill_jobs, batch: int, iterations: int,
-                  cost_rounds: int = 3) -> dict:
+                  cost_rounds: int = 3, micro_batch: int = 0) -> dict:
     import resource
 
     settings = dict(steps=4, grid="auto", iterations=iterations + 1, lora_rank=16, lora_alpha=0.0,
                     learning_rate=1e-4, cfg=2.0, batch_size=batch, width=size["pixels"], height=size["pixels"],
                     save_every=0, keep_last=1, preview_every=0, seed=SEED, gradient_checkpointing=True,
-                    dtype="bfloat16", offload="none", unconditional_prompt="")
+                    dtype="bfloat16", offload="none", unconditional_prompt="", micro_batch=micro_batch)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -234,11 +236,12 @@ def bench_distill(family: str, model, size: dict, distill_jobs, batch: int, iter
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = {"batch": batch, "pixels": size["pixels"], "iterations": iterations,
+    result = {"batch": batch, "micro_batch": micro_batch, "pixels": size["pixels"], "iterations": iterations,
               "it_per_s": round(iterations / seconds, 4), "peak_mb": round(peak_mb, 1),
               "student_steps_per_iteration": float(metrics["student_steps"]),
               "finite": all(torch.isfinite(torch.tensor(float(metrics[k]))) for k in ("loss_fake", "loss_gen"))}
-    log(f"distill {family} batch {batch}: {result['it_per_s']} it/s, peak {result['peak_mb']} MB")
+    log(f"distill {family} batch {batch} micro_batch {micro_batch}: {result['it_per_s']} it/s, "
+        f"peak {result['peak_mb']} MB")
     if cost_rounds > 0:
         result.update(iteration_cost(session.trainer, cost_rounds))
         log(f"distill {family} batch {batch} cost: iteration {result['iteration_ms']} ms = "
@@ -341,6 +344,10 @@ def main() -> None:
     parser.add_argument("--cost-rounds", type=int, default=3,
                         help="rounds of the distill sections' iteration-cost measurement (0: not measured)")
     parser.add_argument("--multi-device-batch", type=int, default=2, help="per-device batch of the multi-device runs")
+    parser.add_argument("--micro-batches", default="0",
+                        help="TDM Distill's micro_batch values of the distill section (0: one pass per update); "
+                             "each other value adds a `<family>.batch<B>.micro<M>` entry, without the cost rounds "
+                             "(bench/distill.py's pass model is of one pass per update)")
     args = parser.parse_args()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     unknown = sections - {"sampling", "distill", "multi_device"}
@@ -369,8 +376,10 @@ def main() -> None:
         report.setdefault("params_m", {})[family] = round(params / 1e6, 1)
         report["sampling"][family] = bench_sampling(family, model, sizes[family], sampling_nodes, args.repeats)
         for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
-            report["distill"][f"{family}.batch{batch}"] = bench_distill(family, model, sizes[family], distill_jobs,
-                                                                        batch, args.iterations, args.cost_rounds)
+            for micro in [int(m) for m in args.micro_batches.split(",") if m.strip()]:
+                key = f"{family}.batch{batch}" + (f".micro{micro}" if micro else "")
+                report["distill"][key] = bench_distill(family, model, sizes[family], distill_jobs, batch,
+                                                       args.iterations, 0 if micro else args.cost_rounds, micro)
         del model
     print(json.dumps(report))
 

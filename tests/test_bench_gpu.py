@@ -24,9 +24,11 @@ def test_the_gpu_bench_runs_tiny_and_prints_one_json_line(tmp_path):
     from tdm_devkit import comfy_runtime
 
     env = dict(os.environ, TDM_COMFYUI_DIR=str(comfy_runtime.comfyui_dir()))
-    # the multi-device section has its own test below (it does not use ComfyUI: once per test.sh run is enough)
+    # the multi-device section has its own test below (it does not use ComfyUI: once per test.sh run is enough);
+    # batch 2 rather than the bench's 1 and 4, so that micro_batch 1 runs each update in two passes
     result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--repeats", "1",
-                             "--iterations", "1", "--batches", "1", "--sections", "sampling,distill"], cwd=tmp_path,
+                             "--iterations", "1", "--batches", "2", "--micro-batches", "0,1",
+                             "--sections", "sampling,distill"], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
@@ -40,7 +42,11 @@ def test_the_gpu_bench_runs_tiny_and_prints_one_json_line(tmp_path):
         # the TDM KSampler's 4 evaluations at CFG 1 against the base recipe's steps × 2 (CFG)
         assert (sampling["nfe_tdm"], sampling["nfe_teacher"]) == (preset.nfe, preset.teacher.nfe)
         assert sampling["time_tdm_s"] > 0 and sampling["time_teacher_s"] > 0
-        distill = report["distill"][f"{family}.batch1"]
+        passes = report["distill"][f"{family}.batch2.micro1"]  # the job with micro_batch 1: it trains, no cost rounds
+        assert (passes["batch"], passes["micro_batch"], passes["finite"]) == (2, 1, True) and passes["it_per_s"] > 0
+        assert "iteration_cost_ratio" not in passes
+        distill = report["distill"][f"{family}.batch2"]
+        assert distill["micro_batch"] == 0
         assert distill["finite"] is True and distill["it_per_s"] > 0 and distill["peak_mb"] > 0
         assert 1 <= distill["student_steps_per_iteration"] <= preset.steps
         # the same trainer's iteration cost against its network passes (bench/distill.py's _cost): present and sane
