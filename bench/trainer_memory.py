@@ -96,7 +96,10 @@ def _peak_mb(cuda: bool, baseline: float) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
 
 
-def measure(mode: str) -> dict:
+def _bench_trainer(latent: int, mode: str = "lora", **settings):
+    """(trainer, the UNet's own parameter count, cuda?, the process's resident MB before the model): a TDMTrainer over
+    `_bench_unet` at a 4×latent×latent latent, rank-16 LoRAs (`mode` "lora") or full copies, with DistillConfig
+    `settings`."""
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -106,18 +109,23 @@ def measure(mode: str) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     baseline = _rss_mb()
     unet, encode = _bench_unet(device)
-    params = sum(p.numel() for p in unet.parameters())
-    config = DistillConfig(prompts=["a cat"], batch_size=1, total_steps=1000, lora_rank=16, mode=mode)
+    params = sum(p.numel() for p in unet.parameters())  # before the adapters join it
+    config = DistillConfig(total_steps=1000, lora_rank=16, mode=mode, **settings)
     backend = diffusers_backend(unet, schedule=DiscreteSchedule.scaled_linear(), encode=encode,
-                                latent_shape=(4, 16, 16), mode=mode, lora_rank=16)
+                                latent_shape=(4, latent, latent), mode=mode, lora_rank=16)
     trainer = TDMTrainer(backend, config)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    return trainer, params, cuda, baseline
+
+
+def measure(mode: str) -> dict:
+    trainer, params, cuda, baseline = _bench_trainer(16, mode, prompts=["a cat"], batch_size=1)
     for _ in range(2):
         trainer.step()
     peak = _peak_mb(cuda, baseline)
     trainable = sum(p.numel() for p in trainer.student_params) + sum(p.numel() for p in trainer.fake_params)
-    return {"mode": mode, "peak_mb": peak, "params": params, "trainable": trainable, "device": str(device)}
+    return {"mode": mode, "peak_mb": peak, "params": params, "trainable": trainable, "device": str(trainer.device)}
 
 
 # `micro_batch` (`--only micro_batch`): the same UNet and LoRAs at a 4×32×32 latent, batch 4 with every trajectory step
@@ -129,26 +137,13 @@ MICRO_BATCHES = (0, 4, 1)
 def measure_micro_batch(micro_batch: int) -> dict:
     import time
 
-    import torch
-
-    sys.path.insert(0, str(REPO))
-    from tdm_core.distill import DiscreteSchedule, DistillConfig, TDMTrainer, diffusers_backend
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    baseline = _rss_mb()
-    unet, encode = _bench_unet(device)
-    config = DistillConfig(prompts=["a cat", "a dog"], batch_size=4, stages="all", cfg=2.0, total_steps=1000,
-                           lora_rank=16, micro_batch=micro_batch)
-    backend = diffusers_backend(unet, schedule=DiscreteSchedule.scaled_linear(), encode=encode,
-                                latent_shape=(4, 32, 32), mode="lora", lora_rank=16)
-    trainer = TDMTrainer(backend, config)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    trainer, _, cuda, baseline = _bench_trainer(32, prompts=["a cat", "a dog"], batch_size=4, stages="all", cfg=2.0,
+                                                micro_batch=micro_batch)
     start = time.perf_counter()
     trainer.step()
     seconds = time.perf_counter() - start
-    return {"micro_batch": micro_batch, "peak_mb": _peak_mb(cuda, baseline), "seconds": seconds, "device": str(device)}
+    return {"micro_batch": micro_batch, "peak_mb": _peak_mb(cuda, baseline), "seconds": seconds,
+            "device": str(trainer.device)}
 
 
 def micro_batch_report() -> dict:
