@@ -329,15 +329,12 @@ class TDMTrainer:
             w_is = losses.importance_weight(m, z, self.config.importance_clip)
         tau = draw["tau"]
         snr = self._tables(tau.device)[2][tau]
-        rows = x0_hat.shape[0]
-        total = torch.zeros((), device=x0_hat.device)
-        for p in self._passes(rows):  # the loss is a mean over rows: each pass adds its rows' share of it
+
+        def pass_loss(p: slice):
             fake_x0 = self._x0(self.backend.forward(x_tau[p], tau[p], slice_cond(cond, p), "fake"), x_tau[p], tau[p])
-            loss = losses.fake_score_loss(fake_x0, x0_hat[p], snr[p], w_is[p], self.config.snr_clamp)
-            if p.stop - p.start < rows:
-                loss = loss * ((p.stop - p.start) / rows)
-            self._backward(loss, self.scaler_fake)
-            total = total + loss.detach()
+            return losses.fake_score_loss(fake_x0, x0_hat[p], snr[p], w_is[p], self.config.snr_clamp), None
+
+        total, _ = self._backward_in_passes(x0_hat.shape[0], self.scaler_fake, pass_loss)
         grad_norm, applied = self._apply_update(total, self.opt_fake, self.scaler_fake, self.fake_params,
                                                 self.config.grad_clip_fake, self.lr_schedule_fake)
         return {"loss_fake": total, "grad_norm_fake": grad_norm.detach(), "is_weight": w_is.mean(),
@@ -345,17 +342,13 @@ class TDMTrainer:
 
     def generator_update(self, rollout, cond, uncond, draw) -> dict[str, float]:
         states = rollout[0]
-        x_all, rows = self._gather(states, draw), draw["t_g"].shape[0]
-        total, weights = torch.zeros((), device=x_all.device), []
-        for p in self._passes(rows):  # as in fake_update: each pass adds its rows' share of the mean
-            loss, w = self._generator_loss(x_all[p], slice_cond(cond, p), slice_cond(uncond, p), self._rows(draw, p))
-            if p.stop - p.start < rows:
-                loss = loss * ((p.stop - p.start) / rows)
-            self._backward(loss, self.scaler_gen)
-            total, weights = total + loss.detach(), [*weights, w]
+        x_tg = self._gather(states, draw)
+        total, weights = self._backward_in_passes(
+            x_tg.shape[0], self.scaler_gen,
+            lambda p: self._generator_loss(x_tg[p], slice_cond(cond, p), slice_cond(uncond, p), self._rows(draw, p)))
         grad_norm, applied = self._apply_update(total, self.opt_gen, self.scaler_gen, self.student_params,
                                                 self.config.grad_clip, self.lr_schedule)
-        return {"loss_gen": total, "grad_norm_gen": grad_norm.detach(), "w_mean": torch.cat(weights).mean(),
+        return {"loss_gen": total, "grad_norm_gen": grad_norm.detach(), "w_mean": weights.mean(),
                 "skipped_gen": torch.tensor(float(not applied))}
 
     def _generator_loss(self, x_tg, cond, uncond, draw):
@@ -380,12 +373,24 @@ class TDMTrainer:
             f = self._x0(self.backend.forward(x_tau, tau, cond, "fake"), x_tau, tau)
         return losses.generator_loss(x0_hat, r, f, self.config.generator_loss, self.config.huber_c)
 
-    def _backward(self, loss, scaler) -> None:
-        """One pass's backward (loss-scaled in fp16); the gradients add up until _apply_update."""
-        scaler.scale(loss).backward()
+    def _backward_in_passes(self, rows: int, scaler, pass_loss):
+        """An update's backward over its `rows` rows, pass by pass (`_passes`): `pass_loss(rows slice)` gives the
+        mean loss of those rows (and a per-row tensor kept for the metrics, or None); each pass's loss is weighted by
+        its share of the rows, so the gradients add up to those of the mean over all rows (loss-scaled in fp16) until
+        _apply_update. Returns (the summed, detached loss, the per-row tensors concatenated or None)."""
+        total, kept = None, []
+        for p in self._passes(rows):
+            loss, per_row = pass_loss(p)
+            if p.stop - p.start < rows:
+                loss = loss * ((p.stop - p.start) / rows)
+            scaler.scale(loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            if per_row is not None:
+                kept.append(per_row)
+        return total, torch.cat(kept) if kept else None
 
     def _apply_update(self, loss, optimizer, scaler, params, clip: float | None, schedule):
-        """After the update's backward passes (`_backward`; `loss` is their summed, detached loss): gradient
+        """After the update's backward passes (`_backward_in_passes`; `loss` is their summed, detached loss): gradient
         averaging across processes, unscaling, optional clipping, and the optimiser step with its learning-rate
         schedule's step — unless the loss or the gradients are non-finite, when the step is skipped (and fp16's
         loss scale lowered). Returns (gradient norm, applied). Gradients are None before an update's first pass and
