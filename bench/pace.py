@@ -310,18 +310,26 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int],
             teacher = {"d_teacher4": distance(four),
                        "floor": distance(_latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 12)),
                        "shares": {"teacher50": _positive_shares(reference), "teacher4": _positive_shares(four)}}
-        seconds, at, trace = 0.0, {}, {}
+        seconds, at, trace, drawn = 0.0, {}, {}, (None, None)
         with torch.inference_mode(False), torch.enable_grad():
             while trainer.step_count < iterations:
                 seconds += session.step()["seconds"]
-                if trace_every and trainer.step_count % trace_every == 0:
-                    shares = _positive_shares(_latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7))
-                    trace[trainer.step_count] = [round(shares[p], 4) for p in toy.PROMPTS]
-                if trainer.step_count in CHECKPOINTS:
-                    at[trainer.step_count] = distance(_latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7))
-                    log(f"{family} seed {seed} iteration {trainer.step_count}: W1 to teacher-50 "
-                        f"{at[trainer.step_count]:.4f} (teacher-4 {teacher['d_teacher4']:.4f})")
-        student = _latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7)
+                step = trainer.step_count
+                traced = trace_every and step % trace_every == 0
+                if not (traced or step in CHECKPOINTS):
+                    continue
+                # one draw of the student's samples (fixed noise) serves the trace, the checkpoint and the end
+                drawn = (step, _latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7))
+                if traced:
+                    shares = _positive_shares(drawn[1])
+                    trace[step] = [round(shares[p], 4) for p in toy.PROMPTS]
+                if step in CHECKPOINTS:
+                    at[step] = distance(drawn[1])
+                    log(f"{family} seed {seed} iteration {step}: W1 to teacher-50 {at[step]:.4f} "
+                        f"(teacher-4 {teacher['d_teacher4']:.4f})")
+        last, student = drawn
+        if last != trainer.step_count:  # the last iteration was neither traced nor a checkpoint
+            student = _latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7)
         runs[seed] = {"d_student": distance(student), "at": at, "seconds": seconds,
                       "shares": _positive_shares(student), "trace": trace}
     return teacher, runs
