@@ -402,6 +402,16 @@ def _start_job(trainer_module, monkeypatch, manager, twin, **changes):
         return distill_jobs.start_job(manager, twin.comfy, _clip(twin.family), values, check_record=check)
 
 
+def _recording_runtimes(trainer_module, monkeypatch) -> list:
+    """The (runtime, teacher, grid) of every job runtime start_job builds from here on, in order."""
+    built = []
+    distill_jobs = sys.modules[trainer_module.__package__ + ".distill_jobs"]  # where start_job builds the runtime
+    real = distill_jobs.job_runtime
+    monkeypatch.setattr(distill_jobs, "job_runtime",
+                        lambda *args, **kwargs: built.append(real(*args, **kwargs)) or built[-1])
+    return built
+
+
 def _old_settings(values: dict, record_settings: dict) -> dict:
     """job.json's settings as TDM Distill wrote them before jobs recorded their DistillConfig: its widget values (the
     inputs but the prompt sources), the prompt list, the recipe auto resolved, the two descriptions."""
@@ -437,11 +447,7 @@ def test_a_job_records_its_config_and_a_resume_keeps_it_when_the_recipe_changes(
     decay = settings["config"]["weight_decay"]
     monkeypatch.setitem(recipes.RECIPES[settings["config"]["recipe"]].values, "weight_decay",
                         recipes.Value(decay * 10, "demo"))
-    built = []
-    distill_jobs = sys.modules[trainer_module.__package__ + ".distill_jobs"]  # where start_job builds the runtime
-    real = distill_jobs.job_runtime
-    monkeypatch.setattr(distill_jobs, "job_runtime",
-                        lambda *args, **kwargs: built.append(real(*args, **kwargs)) or built[-1])
+    built = _recording_runtimes(trainer_module, monkeypatch)
     _start_job(trainer_module, monkeypatch, manager, sd3_twin, iterations=3, save_every=1, if_exists="resume")
     assert built[0][0].config.weight_decay == decay
     resumed = manager.wait(record.id, timeout=300)
@@ -453,15 +459,12 @@ def test_a_job_records_its_config_and_a_resume_keeps_it_when_the_recipe_changes(
 
 
 def test_micro_batch_is_how_a_job_runs_not_what_it_learns(trainer_module, sd3_twin, tmp_path, monkeypatch):
-    """TDM Distill's micro_batch reaches the job's config and its passes; a resume may change it (a memory setting,
-    like gradient_checkpointing) and runs with the new value, and a workflow saved before the input existed (no
+    """TDM Distill's micro_batch reaches the job's config and the runtime it trains with (the passes themselves:
+    tests/test_micro_batch.py); a resume may change it (a memory setting, like gradient_checkpointing) and runs with
+    the new value, and a workflow saved before the input existed (no
     micro_batch among its values) starts a job that runs every update in one pass."""
     manager = jobs.JobManager(tmp_path)
-    built = []
-    distill_jobs = sys.modules[trainer_module.__package__ + ".distill_jobs"]  # where start_job builds the runtime
-    real = distill_jobs.job_runtime
-    monkeypatch.setattr(distill_jobs, "job_runtime",
-                        lambda *args, **kwargs: built.append(real(*args, **kwargs)) or built[-1])
+    built = _recording_runtimes(trainer_module, monkeypatch)
     record = _start_job(trainer_module, monkeypatch, manager, sd3_twin, iterations=2, save_every=1, batch_size=3,
                         micro_batch=2)
     assert manager.wait(record.id, timeout=300).state == "finished"
@@ -472,6 +475,7 @@ def test_micro_batch_is_how_a_job_runs_not_what_it_learns(trainer_module, sd3_tw
     assert built[-1][0].config.micro_batch == 1
     resumed = manager.wait(record.id, timeout=300)
     assert resumed.state == "finished" and resumed.step == 3 and resumed.settings["config"]["micro_batch"] == 1
+    distill_jobs = sys.modules[trainer_module.__package__ + ".distill_jobs"]
     values = dict(DEFAULTS, prompts="\n".join(PROMPTS), output_name="tiny")
     values.pop("micro_batch", None)
     assert distill_jobs.settings_from_inputs(values, list(PROMPTS), "sd3").config.micro_batch == 0
