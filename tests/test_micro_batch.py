@@ -125,3 +125,24 @@ def test_slice_cond_takes_the_same_rows_of_every_part():
     assert part["pooled"][0].tolist() == [1.0, 2.0] and part["pooled"][1] is None and part["none"] is None
     with pytest.raises(TypeError, match="cannot slice"):
         slice_cond({"bad": "text"}, slice(0, 1))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_passes_in_half_precision(dtype):
+    """The dtypes a GPU user trains in: a half-precision teacher under autocast (float16 with its loss scaling, each
+    pass's loss scaled before its backward and the sum unscaled once) gives one iteration's gradients of the one-pass
+    run, within half precision's round-off, and skips nothing."""
+    settings = dict(stages="all", cfg=2.0, lr=1e-2, dtype=dtype)
+    whole = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4), _config(**settings))
+    passes = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4), _config(**settings, micro_batch=2))
+    expected, actual = _record_gradients(whole), _record_gradients(passes, fake_from=whole)
+    a, b = whole.step(), passes.step()
+    assert a["skipped_fake"] == b["skipped_fake"] == a["skipped_gen"] == b["skipped_gen"] == 0
+    assert a.get("loss_scale") == b.get("loss_scale")  # float16: the same scale, no overflow in any pass
+    for key in ("loss_fake", "loss_gen"):
+        assert b[key] == pytest.approx(a[key], rel=1e-2), key
+    for name in ("fake", "student"):
+        scale = max(float(g.abs().max()) for g in expected[name])
+        for got, want in zip(actual[name], expected[name], strict=True):
+            # 1e-2 of the largest element: bf16 keeps 8 bits of mantissa, and the pass sizes round differently
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * scale)
