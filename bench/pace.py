@@ -57,22 +57,29 @@ digits target builds its backend inside run_toy_distillation (rank and seed from
 lora_target_modules and mode keep ToyBackend's defaults there), the mixtures through tdm_core.toy.mixture's
 make_backend (every LoRA field of the config).
 
-Latent targets. "sdxl" / "flux" / "sd3" / "sd35": the toy latent teachers of tdm_devkit/toy_latent_teacher.py
-(tiny twins of the family in ComfyUI's layout, trained on latents whose every element is ±1 plus a little noise,
-the prompt setting the share), distilled through TDM Distill's own runtime (nodes.distill_jobs.build_runtime) with the
-quality check's settings (student_solver.LATENT_SETTINGS; "latent_recipe": learning_rate 5e-4, batch 4, cfg 1, the
-LoRA shape of the family's recipe, then every --set field but the adapters' target modules and mode; a --set
-lora_rank alone keeps the recipe's alpha / rank). Their 50-step samples are themselves far from the task's data
-(Flux: W1 0.74 against a floor of 0.016), so a distance to the data would measure the teacher: they are scored as
+Latent targets. "sdxl" / "flux" / "sd3" / "sd35": the toy latent teachers of tdm_devkit/toy_latent_teacher.py (tiny
+twins of the family in ComfyUI's layout, trained on latents whose every element is ±1 plus a little noise, the prompt
+setting the share), distilled through TDM Distill's own runtime (nodes.distill_jobs.build_runtime) with the quality
+check's settings (student_solver.LATENT_SETTINGS; "latent_recipe": learning_rate 5e-4, batch 4, cfg 1, the LoRA shape
+of the family's recipe, then every --set field but the adapters' target modules and mode; a --set lora_rank alone
+keeps the recipe's alpha / rank). Their 50-step samples are themselves far from the task's data (Flux: W1 0.74 against
+a floor of 0.016), so a distance to the data would measure the teacher: they are scored as
 tests/test_sdxl_flux_quality.py scores them, by the W1 distance of 128 samples' element values per prompt to the
-teacher's own 50-step samples (summed over the two prompts; `floor`: a second 50-step draw), and report
-<t>_share_teacher50 / _teacher4 / _student (each prompt's share of positive elements, the toy's mode weights; the
-students' averaged over the seeds) and <t>_share_gap (the students' mean |share − teacher-50's|); with
-`--trace-every N`, <t>_share_trace = {seed: {iteration: [share per prompt]}} every N iterations; <t>_removed =
-1 − d_student / d_teacher4, the share of the teacher's 4-step distance the student removes (<t>_removed_at at
-100/250/500 iterations, <t>_removed_by_seed), and <t>_ratio_to_floor = d_student / floor: the mixtures' ratio read
-the same way (the distance to the 50-step teacher's samples over a second 50-step draw's, so 1 is a student
-indistinguishable from teacher-50 at this sample size; teacher-4's is <t>_teacher4_to_floor).
+teacher's own 50-step samples (summed over the two prompts; `floor`: a second 50-step draw). What those distances are
+made of: the trained teachers' 50-step element values are close to Gaussian per prompt, not the ±1 modes of their
+training data (measured, SD3 / SD3.5 / Flux toys: mean ±0.50, std 0.86–0.89, skewness within ±0.04; SDXL's std 1.75,
+also one bump), so the figures are <t>_mean_teacher50 / <t>_std_teacher50 / <t>_mean_student ({prompt: value}, the
+students' averaged over the seeds); <t>_spread_teacher4 / <t>_spread_student (each prompt's std over teacher-50's; the
+students' averaged over the seeds) and <t>_mean_gap (the students' mean |mean − teacher-50's| over prompts and seeds);
+<t>_moments_matched_to_floor: the students' distance once each prompt's values are shifted and scaled to teacher-50's
+mean and std, over the floor (what the student gets wrong beyond those two numbers; 1 = nothing); <t>_share_teacher50
+/ _teacher4 / _student (each prompt's share of positive elements, which for near-Gaussian values is Φ(mean / std)) and
+<t>_share_gap (the students' mean |share − teacher-50's|); with `--trace-every N`, <t>_share_trace and
+<t>_spread_trace = {seed: {iteration: [value per prompt]}} every N iterations; <t>_removed = 1 − d_student /
+d_teacher4, the share of the teacher's 4-step distance the student removes (<t>_removed_at at 100/250/500 iterations,
+<t>_removed_by_seed), and <t>_ratio_to_floor = d_student / floor: the mixtures' ratio read the same way (the distance
+to the 50-step teacher's samples over a second 50-step draw's, so 1 is a student indistinguishable from teacher-50 at
+this sample size; teacher-4's is <t>_teacher4_to_floor).
 They are not part of worst_ratio / goal_met.
 
 Time on 2 CPU cores (--threads 1; measured): 500 iterations train in ~14 s per mixture target (~25 s wall each
@@ -309,8 +316,9 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int],
             four = _latent_samples(trainer, toy.PROMPTS, "teacher", grid, "ddim", 7)
             teacher = {"d_teacher4": distance(four),
                        "floor": distance(_latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 12)),
-                       "shares": {"teacher50": _positive_shares(reference), "teacher4": _positive_shares(four)}}
-        seconds, at, trace, drawn = 0.0, {}, {}, (None, None)
+                       "shares": {"teacher50": _positive_shares(reference), "teacher4": _positive_shares(four)},
+                       "moments": {"teacher50": _moments(reference), "teacher4": _moments(four)}}
+        seconds, at, trace, spread_trace, drawn = 0.0, {}, {}, {}, (None, None)
         with torch.inference_mode(False), torch.enable_grad():
             while trainer.step_count < iterations:
                 seconds += session.step()["seconds"]
@@ -321,8 +329,9 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int],
                 # one draw of the student's samples (fixed noise) serves the trace, the checkpoint and the end
                 drawn = (step, _latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7))
                 if traced:
-                    shares = _positive_shares(drawn[1])
+                    shares, spreads = _positive_shares(drawn[1]), _spreads(drawn[1], reference)
                     trace[step] = [round(shares[p], 4) for p in toy.PROMPTS]
+                    spread_trace[step] = [round(spreads[p], 4) for p in toy.PROMPTS]
                 if step in CHECKPOINTS:
                     at[step] = distance(drawn[1])
                     log(f"{family} seed {seed} iteration {step}: W1 to teacher-50 {at[step]:.4f} "
@@ -331,7 +340,9 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int],
         if last != trainer.step_count:  # the last iteration was neither traced nor a checkpoint
             student = _latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7)
         runs[seed] = {"d_student": distance(student), "at": at, "seconds": seconds,
-                      "shares": _positive_shares(student), "trace": trace}
+                      "shares": _positive_shares(student), "trace": trace, "spread_trace": spread_trace,
+                      "moments": _moments(student),
+                      "d_moments_matched": _moments_matched_distance(toy, reference, student)}
     return teacher, runs
 
 
@@ -340,15 +351,36 @@ def _latent_distance(toy, reference: dict, samples: dict) -> float:
 
 
 def _positive_shares(samples: dict) -> dict:
-    """{prompt: the share of positive latent elements}: the toy's mode weights (the prompt sets the share of +1)."""
+    """{prompt: the share of positive latent elements} (the prompt sets the share of +1 in the toy's data; in the
+    trained teachers' near-Gaussian element values it is Φ(mean / std))."""
     return {p: float((s > 0).float().mean()) for p, s in samples.items()}
+
+
+def _moments(samples: dict) -> dict:
+    """{prompt: (mean, std) of the element values}, pooled over every element of every sample."""
+    return {p: (float(s.double().mean()), float(s.double().std())) for p, s in samples.items()}
+
+
+def _spreads(samples: dict, reference: dict) -> dict:
+    """{prompt: std of the samples' element values / std of the reference's (teacher-50's)}."""
+    return {p: float(s.double().std() / reference[p].double().std()) for p, s in samples.items()}
+
+
+def _moments_matched_distance(toy, reference: dict, samples: dict) -> float:
+    """The distance left once each prompt's element values are shifted and scaled to teacher-50's mean and std: what
+    the student gets wrong beyond those two numbers per prompt (the shape of the value distribution)."""
+    matched = {}
+    for p, s in samples.items():
+        s, r = s.double(), reference[p].double()
+        matched[p] = (s - s.mean()) / s.std() * r.std() + r.mean()
+    return _latent_distance(toy, reference, matched)
 
 
 def summarise_latent(target: str, teacher: dict, runs: dict[int, dict]) -> dict:
     """A latent target's figures: the share of the teacher's 4-step distance the student removes (mean over seeds)."""
     d4 = teacher["d_teacher4"]
     shares = teacher["shares"]
-    out = {f"{target}_{k}": round(v, 5) for k, v in teacher.items() if k != "shares"}
+    out = {f"{target}_{k}": round(v, 5) for k, v in teacher.items() if k not in ("shares", "moments")}
     # The mode weights: each prompt's share of positive elements, of teacher-50 (the reference draw), teacher-4 and the
     # students (mean over the seeds), and the students' gap to teacher-50 (mean over prompts and seeds)
     out[f"{target}_share_teacher50"] = {p: round(v, 4) for p, v in shares["teacher50"].items()}
@@ -359,6 +391,24 @@ def summarise_latent(target: str, teacher: dict, runs: dict[int, dict]) -> dict:
     out[f"{target}_share_gap"] = round(sum(gaps) / len(gaps), 4)
     if any(r["trace"] for r in runs.values()):
         out[f"{target}_share_trace"] = {str(seed): {str(i): v for i, v in r["trace"].items()} for seed, r in runs.items()}
+        out[f"{target}_spread_trace"] = {str(seed): {str(i): v for i, v in r["spread_trace"].items()}
+                                         for seed, r in runs.items()}
+    # The first two moments of each prompt's element values: teacher-50's, and the others' spread (std) as a ratio of
+    # teacher-50's and mean gap; then the students' distance once those two are matched (the shape's share of it)
+    moments = teacher["moments"]
+    out[f"{target}_mean_teacher50"] = {p: round(m[0], 4) for p, m in moments["teacher50"].items()}
+    out[f"{target}_std_teacher50"] = {p: round(m[1], 4) for p, m in moments["teacher50"].items()}
+    out[f"{target}_spread_teacher4"] = {p: round(m[1] / moments["teacher50"][p][1], 4)
+                                        for p, m in moments["teacher4"].items()}
+    out[f"{target}_spread_student"] = {
+        p: round(sum(r["moments"][p][1] for r in runs.values()) / len(runs) / m[1], 4)
+        for p, m in moments["teacher50"].items()}
+    out[f"{target}_mean_student"] = {p: round(sum(r["moments"][p][0] for r in runs.values()) / len(runs), 4)
+                                     for p in moments["teacher50"]}
+    mean_gaps = [abs(r["moments"][p][0] - m[0]) for r in runs.values() for p, m in moments["teacher50"].items()]
+    out[f"{target}_mean_gap"] = round(sum(mean_gaps) / len(mean_gaps), 4)
+    out[f"{target}_moments_matched_to_floor"] = round(
+        sum(r["d_moments_matched"] for r in runs.values()) / len(runs) / teacher["floor"], 3)
     mean = sum(r["d_student"] for r in runs.values()) / len(runs)
     out[f"{target}_d_student"] = round(mean, 5)
     out[f"{target}_removed"] = round(1 - mean / d4, 4)

@@ -323,14 +323,16 @@ def test_anatomy_bench_refuses_a_target_without_an_exact_teacher():
     assert proc.returncode == 2 and proc.stdout.strip() == "" and "mix2d_learned" in proc.stderr
 
 
-def test_pace_reports_the_latent_toys_mode_weights():
-    """bench/pace.py on the Flux toy: besides the distances, each prompt's share of positive latent elements (the toy's
-    mode weights: the prompt sets the share of +1) for teacher-50, teacher-4 and the student, the student's gap, and
-    with --trace-every the student's shares along the run."""
+def test_pace_reports_what_the_latent_toys_distance_is_made_of():
+    """bench/pace.py on the Flux toy: besides the distances, each prompt's element mean and spread (std over
+    teacher-50's) for teacher-50, teacher-4 and the student, the student's distance once those two are matched, each
+    prompt's share of positive elements, the students' gaps, and with --trace-every the shares and spreads along the
+    run."""
     line = _bench_line("pace.py", "--targets", "flux", "--iterations", "20", "--threads", "1", "--trace-every", "10",
                        timeout=900)
+    prompts = {"a cat", "a dog"}
     teacher50, student = line["flux_share_teacher50"], line["flux_share_student"]
-    assert set(teacher50) == set(student) == set(line["flux_share_teacher4"]) == {"a cat", "a dog"}
+    assert set(teacher50) == set(student) == set(line["flux_share_teacher4"]) == prompts
     # the teacher learned the prompts' shares (0.75 / 0.25 in its data) closely enough to tell them apart
     assert 0.6 < teacher50["a cat"] < 0.9 and 0.1 < teacher50["a dog"] < 0.4
     gap = sum(abs(student[p] - teacher50[p]) for p in teacher50) / 2  # one seed: the mean over the prompts
@@ -338,6 +340,46 @@ def test_pace_reports_the_latent_toys_mode_weights():
     assert line["flux_ratio_to_floor"] > 0 and line["flux_teacher4_to_floor"] > 1
     trace = line["flux_share_trace"]["0"]  # --trace-every 10: the student's shares at iterations 10 and 20
     assert list(trace) == ["10", "20"] and trace["20"] == [round(student["a cat"], 4), round(student["a dog"], 4)]
+    # the moments: the prompts' means lie on either side of 0, as their shares do; Flux's 4 Euler steps shrink the
+    # spread (teacher-4 below teacher-50's)
+    mean50, std50, mean_student = line["flux_mean_teacher50"], line["flux_std_teacher50"], line["flux_mean_student"]
+    assert set(mean50) == set(std50) == set(mean_student) == prompts
+    assert mean50["a cat"] > 0 > mean50["a dog"] and all(v > 0 for v in std50.values())
+    assert all(0 < v < 1 for v in line["flux_spread_teacher4"].values())
+    spread = line["flux_spread_student"]
+    assert line["flux_spread_trace"]["0"]["20"] == [round(spread["a cat"], 4), round(spread["a dog"], 4)]
+    mean_gap = sum(abs(mean_student[p] - mean50[p]) for p in prompts) / 2
+    assert line["flux_mean_gap"] == pytest.approx(mean_gap, abs=2e-4)
+    assert 0 < line["flux_moments_matched_to_floor"]
+
+
+def test_moments_matched_distance_keeps_only_the_shape():
+    """pace's _moments_matched_distance: samples that are the reference shifted and scaled per prompt score 0 (their
+    distance is all mean and spread); samples of another shape with the same two moments keep their distance."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import pace
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+    class Toy:
+        PROMPTS = ("a", "b")
+
+        @staticmethod
+        def value_distance(a, b):
+            return float((a.flatten().sort().values - b.flatten().sort().values).abs().mean())
+
+    g = torch.Generator().manual_seed(0)
+    reference = {"a": torch.randn(64, 4, 4, generator=g) * 0.9 + 0.5, "b": torch.randn(64, 4, 4, generator=g) - 0.5}
+    affine = {"a": reference["a"] * 0.7 + 0.2, "b": reference["b"] * 1.3 - 0.1}
+    assert pace._latent_distance(Toy, reference, affine) > 0.1
+    assert pace._moments_matched_distance(Toy, reference, affine) == pytest.approx(0.0, abs=1e-6)  # float32 values
+    # uniform values with the reference's mean and std: a different shape, so a distance stays
+    uniform = {p: (torch.rand(64, 4, 4, generator=g) - 0.5) * math.sqrt(12) * r.std() + r.mean()
+               for p, r in reference.items()}
+    assert pace._moments_matched_distance(Toy, reference, uniform) > 0.05
+    spreads = pace._spreads(affine, reference)
+    assert spreads["a"] == pytest.approx(0.7) and spreads["b"] == pytest.approx(1.3)
 
 
 def test_latent_regression_bench_brings_the_adapter_towards_teacher_50():
