@@ -22,9 +22,9 @@ _NUMBER_HINT = " -1: the recipe's."
 def recipe_input():
     return io.Combo.Input(
         "recipe", options=RECIPE_CHOICES, default=recipes.AUTO, optional=True,
-        tooltip="Fills every setting left at -1 / 'recipe' from a published TDM run. auto: the teacher family's "
-                "(SD3/SD3.5: official_demo_ff_tau_lora; SDXL/Flux: official_demo_equal_rates_cosine; others: "
-                "official_demo). Each recipe: the node's help page.")
+        tooltip="Fills every setting left at -1 / 'recipe' from a TDM recipe. auto: the teacher family's (SD3/SD3.5: "
+                "official_demo_ff_tau_lora_last_cosine; SDXL/Flux: official_demo_equal_rates_cosine; others: "
+                "official_demo). Each recipe: the help page.")
 
 
 def _number(name: str, tooltip: str, *, maximum: float, step: float):
@@ -70,8 +70,9 @@ def knob_inputs() -> list:
                                "logit_normal."),
         io.Int.Input("fake_updates", optional=True, default=FROM_RECIPE, min=FROM_RECIPE, max=16,
                      tooltip="Fake-score updates per student update." + _NUMBER_HINT),
-        _choice("stages", ["one", "all"], "Trajectory steps each update trains per sample: one at random (official) "
-                "or all K (Flow-Factory; K times the update's cost)."),
+        _choice("stages", ["one", "all", "last"], "Trajectory steps each update trains per sample: one at random "
+                "(official), all K (Flow-Factory; K times the update's cost) or the last only (the earlier steps stay "
+                "the teacher's)."),
         _choice("lr_decay", ["constant", "cosine"],
                 "Both learning rates: constant (official) or a half cosine to 0 over the iterations."),
     ]

@@ -196,6 +196,31 @@ def test_all_stages_train_every_step_of_every_sample():
     assert all(math.isfinite(metrics[key]) for key in ("loss_fake", "loss_gen"))
 
 
+def test_last_stage_trains_the_last_step_of_every_sample_only():
+    """stages "last": every row of every draw (the fake score's and the student's) is the sample's last step, whose
+    state needs the whole rollout; the student's gradient comes from its evaluation at the last grid time alone."""
+    backend = make_backend(parametrisation="flow", lora_rank=4)
+    trainer = TDMTrainer(backend, _config(stages="last", batch_size=3))
+    k, last = len(trainer.grid), trainer.grid[-1]
+    for _ in range(3):
+        draw = trainer._draw_segment()
+        assert draw["j"].tolist() == [k - 1] * 3 and draw["sample"].tolist() == [0, 1, 2]
+        assert draw["t_g"].tolist() == [last] * 3 and draw["j_max"] == k - 1
+    graded = []
+    forward = backend.forward
+
+    def recording(x, t, cond, adapter):
+        if adapter == "student" and torch.is_grad_enabled():
+            graded.append(sorted(set(t.tolist())))
+        return forward(x, t, cond, adapter)
+
+    backend.forward = recording
+    metrics = trainer.step()
+    assert metrics["student_steps"] == k  # the last step's state needs every step before it
+    assert graded == [[last]]  # one student pass with gradients, at the last step's time only
+    assert all(math.isfinite(metrics[key]) for key in ("loss_fake", "loss_gen"))
+
+
 def test_the_docs_table_is_the_data():
     from pathlib import Path
 
@@ -231,17 +256,19 @@ def test_a_headless_config_takes_recipe_auto_as_the_node_does():
 
 def test_each_family_trains_with_the_recipe_measured_for_it():
     """recipe auto (bench/pace.py's toys, tdm_core/recipes.py): SD3-medium and SD3.5-medium with Flow-Factory's equal
-    rates, τ and LoRA shape on the demo's optimiser; SDXL and Flux-dev at equal rates decayed along a cosine; every
-    other family with the official demo (the student at a fifth). The trainer's two optimisers get those rates."""
+    rates, τ and LoRA shape on the demo's optimiser, training the last step only with both rates cosine-decayed; SDXL
+    and Flux-dev at equal rates decayed along a cosine; every other family with the official demo (the student at a
+    fifth). The trainer's two optimisers get those rates."""
     def auto(family: str, **data) -> DistillConfig:
         return DistillConfig.from_dict({"prompts": ["x"], "family": family, "recipe": "auto", **data})
 
     for family in ("sd3", "sd35"):
         config = auto(family)
-        assert config.recipe == "official_demo_ff_tau_lora" and config.student_learning_rate() == config.lr == 1e-4
+        assert config.recipe == "official_demo_ff_tau_lora_last_cosine"
+        assert config.student_learning_rate() == config.lr == 1e-4
         assert (config.lora_rank, config.lora_alpha, config.tau_mode, config.tau_density) == (
             32, 64.0, "reverse", "logit_normal")
-        assert (config.adam_betas, config.stages, config.lr_decay, config.cfg) == ((0.0, 0.95), "one", "constant", 2.0)
+        assert (config.adam_betas, config.stages, config.lr_decay, config.cfg) == ((0.0, 0.95), "last", "cosine", 2.0)
     for family in ("sdxl", "flux"):
         config = auto(family)
         assert config.recipe == "official_demo_equal_rates_cosine" and config.lr_decay == "cosine"

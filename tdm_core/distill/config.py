@@ -29,8 +29,10 @@ TAU_MODES = ("separate", "shared", "reverse")
 # `conditional_logit_normal`).
 TAU_DENSITIES = ("uniform", "logit_normal")
 # "one": each sample trains one random step of its trajectory per update (official); "all": every sample trains all
-# K steps in each update, their losses averaged (Flow-Factory: "all four stage losses are averaged").
-STAGES = ("one", "all")
+# K steps in each update, their losses averaged (Flow-Factory: "all four stage losses are averaged"); "last": every
+# sample trains its last step only (the fake score learns that step's samples alone); the earlier steps are the
+# teacher's, moved only by what the shared adapter learns there (measured on the SD3-family toys, docs/recipes.md).
+STAGES = ("one", "all", "last")
 LR_DECAYS = ("constant", "cosine")
 GENERATOR_LOSSES = ("pseudo_huber", "pseudo_huber_vector", "mse")
 MODES = ("lora", "full")

@@ -195,11 +195,12 @@ class TDMTrainer:
 
     def _draw_segment(self) -> dict[str, torch.Tensor]:
         """j, t_g, t_mid, τ and z for one update (docs/tdm_method.md §2), one row per (sample, trained step): one row
-        per sample with a random step j (official), or K rows per sample, j = 0..K−1 ("all" stages). "sample" is
-        the row's index into this process's rollout batch."""
+        per sample with a random step j (official) or its last step ("last" stages), or K rows per sample,
+        j = 0..K−1 ("all" stages). "sample" is the row's index into this process's rollout batch."""
         b, g, rows = self.config.batch_size, self.generator, self.rows_per_sample
-        if rows == 1:
-            j = torch.randint(len(self.grid), (b,), generator=g)
+        if rows == 1:  # "one": a random step per sample; "last": the last step, drawing nothing
+            last = self.config.stages == "last"
+            j = torch.full((b,), len(self.grid) - 1) if last else torch.randint(len(self.grid), (b,), generator=g)
             sample = torch.arange(b)
         else:  # sample-major, so each process's slice holds its own samples' rows
             j = torch.arange(rows).repeat(b)
