@@ -75,10 +75,13 @@ class ComfyRuntime:
         self.preview_decode = preview_decode
         self.extra_metadata = extra_metadata
 
-    def build(self, state: dict | None) -> jobs.TDMSession:
+    def build(self, state: dict | None, iterations: int | None = None) -> jobs.TDMSession:
         self.backend.to(self.device)
+        # the record's iterations, not the checkpoint's: a resume for more iterations stretches a decaying learning
+        # rate over them, as a headless `--resume --iterations N` does
         return jobs.TDMSession.create(self.backend, DistillConfig.from_dict(self.config.to_dict()), state,
-                                      preview_decode=self.preview_decode, extra_metadata=self.extra_metadata)
+                                      iterations=iterations, preview_decode=self.preview_decode,
+                                      extra_metadata=self.extra_metadata)
 
     def offload(self) -> None:
         """Parks the job's network on the CPU, except the weights ComfyUI (or the pipeline) still holds on the device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -49,7 +50,7 @@ class FakeRuntime:
     def __init__(self, tag="a", **kwargs):
         self.tag, self.kwargs, self.builds, self.offloads = tag, kwargs, [], 0
 
-    def build(self, state):
+    def build(self, state, iterations=None):
         self.builds.append(None if state is None else int(state["step"]))
         return FakeSession(self.tag, state, **self.kwargs)
 
@@ -545,12 +546,13 @@ class TrainerRuntime:
     def __init__(self, config):
         self.config, self.sessions = config, []
 
-    def build(self, state):
+    def build(self, state, iterations=None):
         from tdm_core.distill import DistillConfig
         from tdm_core.distill.reference import make_backend
 
         config = DistillConfig.from_dict(self.config.to_dict())
-        self.sessions.append(jobs.TDMSession.create(make_backend(config, parametrisation="eps"), config, state))
+        self.sessions.append(jobs.TDMSession.create(make_backend(config, parametrisation="eps"), config, state,
+                                                    iterations=iterations))
         return self.sessions[-1]
 
 
@@ -593,7 +595,8 @@ def test_a_job_resumes_from_a_checkpoint_of_the_layout_jobs_wrote_before_the_sha
     from tdm_core.distill.reference import make_backend
 
     config = _trainer_config()
-    straight = TDMTrainer(make_backend(config, parametrisation="eps"), config)
+    # the job's trainer runs for the job's iterations (2, then 4 once resumed for them): the straight run is as long
+    straight = TDMTrainer(make_backend(config, parametrisation="eps"), dataclasses.replace(config, iterations=4))
     straight.train(4)
     manager = _manager(tmp_path)
     runtime = TrainerRuntime(config)

@@ -241,6 +241,15 @@ def test_cosine_decay_takes_both_learning_rates_to_zero_over_the_run(tmp_path):
     again = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4), _config(lr_decay="cosine", iterations=4))
     again.load_state_dict(state)
     assert again.opt_fake.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # a resume for more iterations stretches the decay over them from the restored step on, its first update included
+    # (a ComfyUI job resumed for more iterations and a headless --resume --iterations N both build the trainer so)
+    longer = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4), _config(lr_decay="cosine", iterations=8))
+    longer.load_state_dict(state)
+    assert longer.opt_fake.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5, abs=1e-12)  # ½(1 + cos(π 4/8))
+    assert longer.opt_gen.param_groups[0]["lr"] == pytest.approx(2e-5 * 0.5, abs=1e-12)
+    first = longer.step()
+    assert (first["lr_fake"], first["lr_gen"]) == pytest.approx((1e-4 * 0.5 * (1 + math.cos(math.pi * 5 / 8)),
+                                                                  2e-5 * 0.5 * (1 + math.cos(math.pi * 5 / 8))))
     with pytest.raises(ConfigError, match="lr_decay must be one of"):
         _config(lr_decay="linear").validate()
 

@@ -373,7 +373,7 @@ class NaNSession(FakeSession):
 
 
 class NaNRuntime(FakeRuntime):
-    def build(self, state):
+    def build(self, state, iterations=None):
         self.builds.append(None if state is None else int(state["step"]))
         return NaNSession(self.tag, state, **self.kwargs)
 

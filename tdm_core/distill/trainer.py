@@ -550,6 +550,13 @@ class TDMTrainer:
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if "lr_schedule_fake" in state:  # states saved before it existed had a constant fake-score lr
             self.lr_schedule_fake.load_state_dict(state["lr_schedule_fake"])
+        # The optimisers' restored rates are the schedule's for the stored run; this config's may be longer (a resume
+        # with more iterations stretches what is left of a decay): the next update takes this schedule's rate at the
+        # restored step, as every later one does (the same value when the run's length is unchanged).
+        for schedule in (self.lr_schedule, self.lr_schedule_fake):
+            for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas,
+                                           strict=True):
+                group["lr"] = base * factor(schedule.last_epoch)
         self.generator.set_state(state["generator_rng"])
         for name, scaler in (("scaler_fake", self.scaler_fake), ("scaler_gen", self.scaler_gen)):
             if state.get(name) and scaler.is_enabled():  # a resume in another dtype starts a fresh loss scale

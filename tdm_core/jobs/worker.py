@@ -108,7 +108,7 @@ class JobWorker:
             raise JobError("the job's teacher model is not in memory; queue the workflow again to resume it")
         outputs.clean_leftovers(record)
         state = outputs.load_checkpoint(record) if record.checkpoint_step else None
-        session = runtime.build(state)
+        session = runtime.build(state, record.iterations)
         with board.lock:
             record.step = session.step_count
             # steps after the checkpoint were trained again from it: their old loss points are not history
