@@ -102,7 +102,9 @@ _LAST_STEP_COSINE_MEASURED = (
     "measured here: on the SD3 and SD3.5 latent toys (500 iterations, seeds 0–9) the distance to the teacher's 50 "
     "steps over its floor went from 15.8 ± 1.7 to 8.1 ± 0.4 (SD3) and 11.8 ± 1.8 to 6.9 ± 0.8 (SD3.5); every step "
     "trained with the decay settled too narrow (std 0.88 of the teacher's, 13.9 ± 0.6; SD3.5 26.7), the last step "
-    "alone without it kept swinging (12.6 ± 1.0), and half the samples on the last step did not hold on SD3.5 (11.3)")
+    "alone without it kept swinging (12.6 ± 1.0), and half the samples on the last step did not hold on SD3.5 (11.3); "
+    "on the Flux and SDXL toys the last step alone lost (6.9 ± 0.6 to 81.1 ± 1.8, 1.55 ± 0.27 to 2.38 ± 0.29), so "
+    "only the SD3 family trains this way")
 
 _DEMO = {
     "cfg": Value(2.0, "demo"),
