@@ -136,6 +136,10 @@ _FF_TAU = {
     "tau_logit_std": Value(1.0, "ff"),
 }
 _FF_LORA = {"lora_rank": Value(32, "ff"), "lora_alpha": Value(64.0, "ff")}
+# The demo's optimiser and CFG with Flow-Factory's rates, τ and LoRA shape: official_demo_ff_tau_lora and its
+# last-step variant
+_FF_TAU_LORA = _DEMO | _EQUAL_RATES | _FF_LORA | _FF_TAU | {
+    "lora_alpha": Value(64.0, "ff", "scale alpha / rank = 2, kept when only the rank is set")}
 
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
@@ -161,8 +165,7 @@ RECIPES: dict[str, Recipe] = {
                "The official demo's optimiser and CFG with three settings of the authors' Flow-Factory SD3.5 recipe: "
                "the student at the fake score's rate, τ logit-normal up to full noise, LoRA rank 32 / alpha 64. The "
                "SD3-family toys' students got closest to their teacher with it.",
-               _DEMO | _EQUAL_RATES | _FF_LORA | _FF_TAU | {
-                   "lora_alpha": Value(64.0, "ff", "scale alpha / rank = 2, kept when only the rank is set"),
+               _FF_TAU_LORA | {
                    "tau_density": Value("logit_normal", "ff", _FF_TAU["tau_density"].why + "; " + _FF_TAU_LORA_MEASURED),
                }),
         Recipe("official_demo_ff_tau_lora_last_cosine",
@@ -170,8 +173,7 @@ RECIPES: dict[str, Recipe] = {
                "official_demo_ff_tau_lora with every update training the student's last step only and both learning "
                "rates decayed along a half cosine to 0 over the run: the SD3-family toys' students settled twice as "
                "close to their teacher.",
-               _DEMO | _EQUAL_RATES | _FF_LORA | _FF_TAU | {
-                   "lora_alpha": Value(64.0, "ff", "scale alpha / rank = 2, kept when only the rank is set"),
+               _FF_TAU_LORA | {
                    "stages": Value("last", "here", "the last step (on the SD3 grid σ 0.67 → 0) is the largest jump; "
                                    + _LAST_STEP_COSINE_MEASURED),
                    "lr_decay": Value("cosine", "here", "with the last step alone: anneals the student's swings"),

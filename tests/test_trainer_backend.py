@@ -438,7 +438,8 @@ def test_a_job_records_its_config_and_a_resume_keeps_it_when_the_recipe_changes(
                                  # DEFAULTS' alpha 0 (= rank) is a change from the SD3 recipe's 64
                                  "recipe_changes": ["lora_rank 4", "lora_alpha None"]}  # frames: the node's default
     # recipe auto on an SD3 teacher: its family's (tdm_core/families.py)
-    assert settings["recipe_description"].startswith("official_demo_ff_tau_lora_last_cosine (") and settings["grid_description"]
+    assert settings["recipe_description"].startswith("official_demo_ff_tau_lora_last_cosine (")
+    assert settings["grid_description"]
     checkpoint = tmp_path / jobs.JOBS_FOLDER / record.id / "checkpoints" / "step-00000002"
     assert json.loads((checkpoint / "config.json").read_text()) == settings["config"]  # one config, both places
     on_disk = json.loads((tmp_path / jobs.JOBS_FOLDER / record.id / jobs.RECORD_FILE).read_text())["settings"]

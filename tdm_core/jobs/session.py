@@ -28,7 +28,8 @@ class TrainingSession(Protocol):
 class JobRuntime(Protocol):
     """What a job needs to (re)start: builds its session on the worker thread, from a checkpoint state (resume)
     or from scratch (None), for the job's `iterations` (a resume may have raised them: a learning-rate schedule over
-    the run stretches to the new count; None: the run's own). May define `offload()` to free accelerator memory while the job waits."""
+    the run stretches to the new count; None: the run's own). May define `offload()` to free accelerator memory while
+    the job waits."""
 
     def build(self, state: dict | None, iterations: int | None = None) -> TrainingSession: ...
 
