@@ -267,6 +267,16 @@ def _check_steps(steps: int) -> None:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
 
 
+def even_timesteps(steps: int, total_steps: int) -> tuple[int, ...]:
+    """`steps` timesteps spread evenly from N − 1 down: t_k = N − 1 − ⌊kN / K⌋. The training demo's rule when K divides
+    N; otherwise its remainder is spread over the steps instead of left below the last one (N = 999, K = 50:
+    998 … 19 here, 998 … 67 by Δ = N // K, whose last step then jumps from σ 0.18 to 0 on SD3's shift-3 schedule)."""
+    _check_steps(steps)
+    if total_steps < steps:
+        raise ValueError(f"an even grid needs total_steps ≥ steps, got N={total_steps}, K={steps}")
+    return tuple(total_steps - 1 - (k * total_steps) // steps for k in range(steps))
+
+
 # Grid names used by presets and nodes. "flow_shift" also has sigmas (FlowGrid); the others are integer grids
 # whose sigmas come from the model's own schedule (ve_sigmas / vp sigmas / t/1000 for flow).
 GRIDS = {

@@ -117,6 +117,28 @@ def test_trained_training_demo_and_custom_grids():
         schedules.grid_timesteps("karras", 4)
 
 
+def test_even_grid_is_the_demo_rule_with_its_remainder_spread():
+    # where K divides N the two rules agree (the demo's own N = 1000 and 900 grids)
+    for total, steps in [(1000, 4), (1000, 50), (900, 4), (1000, 200)]:
+        assert schedules.even_timesteps(steps, total) == schedules.training_demo_timesteps(steps, total)
+    # SD3's grid top (999): the demo rule leaves 49 of 999 below its last step, the even grid spreads them
+    assert schedules.training_demo_timesteps(50, 999)[-1] == 67
+    grid = schedules.even_timesteps(50, 999)
+    assert (grid[0], grid[-1], len(grid)) == (998, 19, 50)
+    for total in (999, 1000, 997, 61):
+        for steps in (1, 3, 7, 50, 60):
+            if steps > total:
+                continue
+            grid = schedules.even_timesteps(steps, total)
+            # the K steps cut the N timesteps 0 … N − 1 into K runs (the last from t_{K−1} down to 0) whose lengths
+            # differ by at most 1
+            runs = -np.diff([*grid, -1])
+            assert len(grid) == steps and grid[0] == total - 1 and runs.sum() == total, (total, steps)
+            assert runs.min() >= 1 and runs.max() - runs.min() <= 1, (total, steps, runs)
+    with pytest.raises(ValueError, match="total_steps ≥ steps"):
+        schedules.even_timesteps(50, 40)
+
+
 def test_every_preset_names_a_known_grid_and_solver():
     for preset in presets.PRESETS.values():
         assert preset.grid in schedules.GRIDS, preset.name

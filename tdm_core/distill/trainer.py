@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from ..lora import metadata as lora_metadata
-from ..schedules import training_demo_timesteps
+from ..schedules import even_timesteps
 from . import losses, sharding
 from .backend import COMPUTE_DTYPES, forward_pair, slice_cond
 from .config import RANDMID_MARGIN, TAU_MIN, ConfigError, DistillConfig
@@ -500,7 +500,9 @@ class TDMTrainer:
     def sample_grid(self, steps: int | None = None) -> list[int]:
         if steps is None or steps == self.config.steps:
             return list(self.grid)
-        return list(training_demo_timesteps(steps, self.grid_top))
+        # spread evenly below the grid's top (the demo rule's Δ = N // K would leave the remainder of N / K under
+        # the last step: N = 999 (SD3's grid) and 50 steps would end at t = 67)
+        return list(even_timesteps(steps, self.grid_top))
 
     @torch.no_grad()
     def sample(self, prompts: list[str], steps: int | None = None, seed: int = 0, noise: torch.Tensor | None = None,
