@@ -15,16 +15,17 @@ is its training signal, not the LoRA's capacity. It is a probe of the adapter, n
 (it needs the teacher's 50-step samples; TDM is data-free).
 
 Scored exactly as bench/pace.py scores the latent toys: the student sampled with its family's solver on its grid
-(128 samples per prompt, noise seed 7), the W1 distance of its element values to the teacher's 50-step samples
-(seed 11), summed over the prompts, over the floor (a second 50-step draw, seed 12).
+(128 samples per prompt, noise seed 7), the W1 distance of its element values to teacher-50
+(student_solver.teacher_reference, noise seed 11), summed over the prompts, over the floor (a second draw, seed 12).
+The regression targets come from the same sampler (50 steps of DPM-Solver++(2M)).
 
 Figures per target <t>: <t>_teacher4_to_floor (the untrained student: the teacher on the student's grid and solver),
 <t>_ratio_to_floor_at {iterations: ratio} at 100/250/500/1000 (those ≤ --iterations) and at the end, mean over the
 seeds; <t>_ratio_to_floor (the end), <t>_seconds (training wall time per seed). Measured (seed 0, 500 iterations, each
-family's recipe as `auto` picks it): at 100 / 250 / 500 iterations SD3 1.02 / 2.29 / 1.04, SD3.5 1.97 / 3.11 / 1.00,
-Flux 1.74 / 1.96 / 1.87, SDXL 1.86 / 1.81 / 1.65, where TDM reaches 13.3, 12.5, 5.7 and 1.20 at 500 (bench/pace.py,
+family's recipe as `auto` picks it): at 100 / 250 / 500 iterations SD3 1.20 / 2.24 / 1.02, SD3.5 2.06 / 3.25 / 1.10,
+Flux 1.34 / 1.74 / 1.60, SDXL 1.97 / 1.85 / 1.70, where TDM reaches 4.82, 5.10, 8.20 and 1.26 at 500 (bench/pace.py,
 seeds 0/1/2).
-Time on 2 CPU cores: about two minutes per target and seed at 500 iterations (SDXL about four times that).
+Time on 2 CPU cores (--threads 1): the four targets at 500 iterations, one seed, in about four minutes.
 """
 
 from __future__ import annotations
@@ -44,28 +45,28 @@ TARGETS = ("sdxl", "flux", "sd3", "sd35")
 def regress(family: str, iterations: int, seed: int, pairs: int, log=lambda message: None) -> dict:
     import torch
     from pace import _latent_distance, _latent_samples
-    from student_solver import _sample, latent_session
+    from student_solver import REFERENCE_SOLVER, REFERENCE_STEPS, _sample, latent_session, teacher_reference
 
     from tdm_core import presets, solvers
     from tdm_core.distill import losses
 
     session, toy = latent_session(family, iterations, seed)
     trainer = session.trainer
-    grid, fine = list(trainer.grid), list(trainer.sample_grid(50))
+    grid, fine = list(trainer.grid), list(trainer.sample_grid(REFERENCE_STEPS))
     space = "flow" if trainer.backend.parametrisation == "flow" else "vp"
     solver = presets.student_solver(trainer.config.sampler_preset, trainer.backend.parametrisation)
     noise, targets, prompts = [], [], []
     for index, prompt in enumerate(toy.PROMPTS):
         draw = torch.randn((pairs, *trainer.backend.latent_shape), generator=torch.Generator().manual_seed(1000 + index))
         with torch.no_grad():
-            targets.append(_sample(trainer, "teacher", fine, solvers.get_solver("ddim"),
+            targets.append(_sample(trainer, "teacher", fine, solvers.get_solver(REFERENCE_SOLVER),
                                    trainer.backend.encode([prompt] * pairs), draw, space))
         noise.append(draw)
         prompts += [prompt] * pairs
     noise, targets = torch.cat(noise), torch.cat(targets)
     # bench/pace.py's scoring of the latent toys, with its noise seeds
-    reference = _latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 11)
-    floor = _latent_distance(toy, reference, _latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 12))
+    reference = {p: teacher_reference(trainer, p) for p in toy.PROMPTS}
+    floor = _latent_distance(toy, reference, {p: teacher_reference(trainer, p, floor=True) for p in toy.PROMPTS})
 
     def ratio() -> float:
         return _latent_distance(toy, reference, _latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7)) / floor

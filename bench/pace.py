@@ -63,12 +63,14 @@ setting the share), distilled through TDM Distill's own runtime (nodes.distill_j
 check's settings (student_solver.LATENT_SETTINGS; "latent_recipe": learning_rate 5e-4, batch 4, cfg 1, the LoRA shape
 of the family's recipe, then every --set field but the adapters' target modules and mode; a --set lora_rank alone
 keeps the recipe's alpha / rank). Their 50-step samples are themselves far from the task's data (Flux: W1 0.74 against
-a floor of 0.016), so a distance to the data would measure the teacher: they are scored as
-tests/test_sdxl_flux_quality.py scores them, by the W1 distance of 128 samples' element values per prompt to the
-teacher's own 50-step samples (summed over the two prompts; `floor`: a second 50-step draw). What those distances are
-made of: the trained teachers' 50-step element values are close to Gaussian per prompt, not the ±1 modes of their
-training data (measured, SD3 / SD3.5 / Flux toys: mean ±0.50, std 0.86–0.89, skewness within ±0.04; SDXL's std 1.75,
-also one bump), so the figures are <t>_mean_teacher50 / <t>_std_teacher50 / <t>_mean_student ({prompt: value}, the
+a floor of 0.016), so a distance to the data would measure the teacher: they are scored by the W1 distance of 128
+samples' element values per prompt to teacher-50, the teacher's own 50-step samples (summed over the two prompts;
+`floor`: a second 50-step draw). Teacher-50 is student_solver.teacher_reference: DPM-Solver++(2M) on an evenly spread
+grid, within 0.3 % of the teacher's ODE integrated over 250–500 steps (the teacher's 50 DDIM steps, the reference until
+December 2026, are 1–3.5 % off: <t>_teacher50_ddim_to_floor scores them like a student). What those distances are made
+of: the trained teachers' element values are close to Gaussian per prompt, not the ±1 modes of their training data
+(measured on teacher-50, SD3 / SD3.5 / Flux toys: mean ±0.50, std 0.91, skewness within ±0.04; SDXL's mean ±0.26, std
+1.74, also one bump), so the figures are <t>_mean_teacher50 / <t>_std_teacher50 / <t>_mean_student ({prompt: value}, the
 students' averaged over the seeds); <t>_spread_teacher4 / <t>_spread_student (each prompt's std over teacher-50's; the
 students' averaged over the seeds) and <t>_mean_gap (the students' mean |mean − teacher-50's| over prompts and seeds);
 <t>_moments_matched_to_floor: the students' distance once each prompt's values are shifted and scaled to teacher-50's
@@ -79,7 +81,9 @@ mean and std, over the floor (what the student gets wrong beyond those two numbe
 d_teacher4, the share of the teacher's 4-step distance the student removes (<t>_removed_at at 100/250/500 iterations,
 <t>_removed_by_seed), and <t>_ratio_to_floor = d_student / floor: the mixtures' ratio read the same way (the distance
 to the 50-step teacher's samples over a second 50-step draw's, so 1 is a student indistinguishable from teacher-50 at
-this sample size; teacher-4's is <t>_teacher4_to_floor).
+this sample size; teacher-4's is <t>_teacher4_to_floor); <t>_ratio_to_floor_ddim and <t>_spread_student_ddim: the
+same students sampled with the DDIM step they were trained with (their family's solver may differ: 2M for the flow
+families).
 They are not part of worst_ratio / goal_met.
 
 Time on 2 CPU cores (--threads 1; measured): 500 iterations train in ~14 s per mixture target (~25 s wall each
@@ -298,7 +302,7 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int],
     teacher's 4 steps use DDIM, the student the solver its LoRA records (its family's). `trace_every` N > 0: also
     each prompt's share of positive elements in the student's samples every N iterations ("trace")."""
     import torch
-    from student_solver import latent_session
+    from student_solver import latent_session, teacher_reference
 
     from tdm_core import presets
 
@@ -308,14 +312,16 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int],
         session, toy = latent_session(family, iterations, seed, learned)
         trainer = session.trainer
         solver = presets.student_solver(trainer.config.sampler_preset, trainer.backend.parametrisation)
-        grid, fine = list(trainer.grid), list(trainer.sample_grid(50))
+        grid = list(trainer.grid)
         if reference is None:
-            reference = _latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 11)
+            reference = {p: teacher_reference(trainer, p) for p in toy.PROMPTS}
         distance = functools.partial(_latent_distance, toy, reference)
         if teacher is None:
             four = _latent_samples(trainer, toy.PROMPTS, "teacher", grid, "ddim", 7)
-            teacher = {"d_teacher4": distance(four),
-                       "floor": distance(_latent_samples(trainer, toy.PROMPTS, "teacher", fine, "ddim", 12)),
+            # the teacher's 50 steps of DDIM (Euler) from the students' noise: how far that sampler is from teacher-50
+            euler50 = _latent_samples(trainer, toy.PROMPTS, "teacher", trainer.sample_grid(50), "ddim", 7)
+            teacher = {"d_teacher4": distance(four), "d_teacher50_ddim": distance(euler50),
+                       "floor": distance({p: teacher_reference(trainer, p, floor=True) for p in toy.PROMPTS}),
                        "shares": {"teacher50": _positive_shares(reference), "teacher4": _positive_shares(four)},
                        "moments": {"teacher50": _moments(reference), "teacher4": _moments(four)}}
         seconds, at, trace, spread_trace, drawn = 0.0, {}, {}, {}, (None, None)
@@ -339,7 +345,10 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int],
         last, student = drawn
         if last != trainer.step_count:  # the last iteration was neither traced nor a checkpoint
             student = _latent_samples(trainer, toy.PROMPTS, "student", grid, solver, 7)
+        # the same student through the DDIM step it was trained with (its rollout: what TDM matched to the teacher)
+        rollout = student if solver == "ddim" else _latent_samples(trainer, toy.PROMPTS, "student", grid, "ddim", 7)
         runs[seed] = {"d_student": distance(student), "at": at, "seconds": seconds,
+                      "d_student_ddim": distance(rollout), "moments_ddim": _moments(rollout),
                       "shares": _positive_shares(student), "trace": trace, "spread_trace": spread_trace,
                       "moments": _moments(student),
                       "d_moments_matched": _moments_matched_distance(toy, reference, student)}
@@ -414,6 +423,12 @@ def summarise_latent(target: str, teacher: dict, runs: dict[int, dict]) -> dict:
     out[f"{target}_removed"] = round(1 - mean / d4, 4)
     out[f"{target}_ratio_to_floor"] = round(mean / teacher["floor"], 3)
     out[f"{target}_teacher4_to_floor"] = round(d4 / teacher["floor"], 3)
+    out[f"{target}_teacher50_ddim_to_floor"] = round(teacher["d_teacher50_ddim"] / teacher["floor"], 3)
+    out[f"{target}_ratio_to_floor_ddim"] = round(
+        sum(r["d_student_ddim"] for r in runs.values()) / len(runs) / teacher["floor"], 3)
+    out[f"{target}_spread_student_ddim"] = {
+        p: round(sum(r["moments_ddim"][p][1] for r in runs.values()) / len(runs) / m[1], 4)
+        for p, m in moments["teacher50"].items()}
     out[f"{target}_removed_by_seed"] = {str(s): round(1 - r["d_student"] / d4, 4) for s, r in runs.items()}
     steps = sorted(set.intersection(*(set(r["at"]) for r in runs.values())))
     out[f"{target}_removed_at"] = {str(i): round(1 - sum(r["at"][i] for r in runs.values()) / len(runs) / d4, 4)

@@ -351,6 +351,42 @@ def test_pace_reports_what_the_latent_toys_distance_is_made_of():
     mean_gap = sum(abs(mean_student[p] - mean50[p]) for p in prompts) / 2
     assert line["flux_mean_gap"] == pytest.approx(mean_gap, abs=2e-4)
     assert 0 < line["flux_moments_matched_to_floor"]
+    # the teacher's own 50 Euler steps, scored like a student: off by more than the floor (its sampler's error)
+    assert line["flux_teacher50_ddim_to_floor"] > 1.2
+    # the student through the DDIM step it was trained with as well as through its family's solver (2M for Flux)
+    assert line["flux_ratio_to_floor_ddim"] > 0 and set(line["flux_spread_student_ddim"]) == prompts
+    assert line["flux_ratio_to_floor_ddim"] != line["flux_ratio_to_floor"]
+
+
+_REFERENCE_PROBE = """
+import json, sys
+sys.path.insert(0, "bench")
+import torch
+from student_solver import latent_draw, latent_session, teacher_reference
+torch.set_num_threads(1)
+session, toy = latent_session("flux", 1, 0)
+trainer = session.trainer
+std = lambda samples: float(samples.double().std())
+print(json.dumps({p: {"reference": std(teacher_reference(trainer, p)),
+                      "converged": std(latent_draw(trainer, p, "teacher", trainer.sample_grid(250), "dpmpp_2m", 11)),
+                      "ddim_50": std(latent_draw(trainer, p, "teacher", trainer.sample_grid(50), "ddim", 11))}
+                  for p in toy.PROMPTS}))
+"""
+
+
+def test_teacher_50_is_the_toy_teachers_own_distribution():
+    """What the latent toys' students are scored against (student_solver.teacher_reference: 50 steps of
+    DPM-Solver++(2M)) is the teacher's converged ODE: on the Flux toy each prompt's element std is within 0.5 % of
+    250 steps' (measured 0.3 %), where 50 DDIM (Euler) steps, the reference before, are 2 % narrower — a student
+    that matched its teacher was scored for the sampler's error."""
+    proc = subprocess.run([sys.executable, "-c", _REFERENCE_PROBE], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stds = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(stds) == {"a cat", "a dog"}
+    for prompt, std in stds.items():
+        assert std["reference"] == pytest.approx(std["converged"], rel=5e-3), prompt
+        assert std["ddim_50"] < 0.99 * std["converged"], prompt
 
 
 def test_moments_matched_distance_keeps_only_the_shape():
