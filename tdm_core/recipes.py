@@ -67,44 +67,42 @@ _ONE_GPU = "ComfyUI trains on one GPU; one sample fits a 24 GB card at the famil
 _COSINE_MEASURED = (
     "measured here: closer to the teacher on bench/pace.py's mixtures and digits at 500 iterations (ratio to "
     "teacher-50: 2-D 2.02–2.14 → 1.83–1.91, 16-D 2.60–2.68 → 2.50–2.60, digits 1.04–1.10 → 1.00–1.01), farther on "
-    "the Flux latent toy (share of the teacher's 4-step distance removed at 500 iterations 70 → 63 %; at the quality "
-    "check's 160–200 iterations SDXL 19 %, Flux 13 %, below its 25 %)")
+    "the Flux latent toy (distance to the teacher's 50 steps over its floor at 500 iterations 11.7 → 13.2, SDXL 1.55 "
+    "→ 1.56; at the quality check's 160–200 iterations SDXL 19 %, Flux 13 % of the teacher's 4-step distance "
+    "removed, below its 25 %)")
 
 # bench/pace.py's SD3/SD3.5 latent toys (500 iterations, seeds 0/1/2): with the student at a fifth of the fake score's
 # rate their students barely move
 _EQUAL_RATES_MEASURED = (
     "measured here: on bench/pace.py's SD3 and SD3.5 latent toys (500 iterations, seeds 0/1/2) the distance to the "
-    "teacher's 50 steps over its floor went from 50.3 to 19.3 (SD3) and 53.9 to 26.2 (SD3.5), at 1000 iterations "
-    "(seed 0) from 45.3 to 13.7 and 50.7 to 8.1; on the SDXL toy it lost (1.45 to 1.94), on Flux it was even (9.2 to "
-    "8.8), on the mixtures it lost badly (2-D 1.05 to 6.5); the SD3 family trained this way until "
-    "official_demo_ff_tau_lora did better on its toys")
+    "teacher's 50 steps over its floor went from 53.7 to 23.5 (SD3) and 57.0 to 30.4 (SD3.5); on the SDXL toy it "
+    "lost (1.55 to 2.03), on Flux it was close (11.7 to 10.8), on the 2-D mixture it lost badly (1.05 to 6.5); the SD3 "
+    "family trained this way until official_demo_ff_tau_lora did better on its toys")
 
 # bench/pace.py's SDXL and Flux latent toys (500 iterations, seeds 0/1/2): at equal rates the student gets close fast,
 # then drifts back at a constant rate; decayed, it stays close
 _EQUAL_RATES_COSINE_MEASURED = (
     "measured here: on bench/pace.py's SDXL and Flux latent toys (500 iterations, seeds 0/1/2) the distance to the "
-    "teacher's 50 steps over its floor went from 1.45 to 1.20 (SDXL) and 9.2 to 5.7 (Flux); at equal, constant rates "
-    "the Flux student removed 91 % of its teacher's 4-step distance by iteration 100 and drifted back to 8.8 by 500, "
-    "the decay holds it; on the SD3 toys it stalled (19.3 to 39.0, SD3.5 26.2 to 40.9), on the 2-D mixture it lost "
-    "(1.05 to 3.5), so only SDXL and Flux train this way")
+    "teacher's 50 steps over its floor went from 1.55 to 1.26 (SDXL) and 11.7 to 8.2 (Flux) against the official "
+    "demo, 2.03 and 10.8 at equal, constant rates; on the SD3 toys it stalled (42.8, SD3.5 44.7), on the 2-D mixture "
+    "it lost (1.05 to 3.5), so only SDXL and Flux train this way")
 
 # bench/pace.py's SD3/SD3.5 latent toys (500 iterations, seeds 0/1/2), against equal rates alone
 _FF_TAU_LORA_MEASURED = (
     "measured here: on bench/pace.py's SD3 and SD3.5 latent toys (500 iterations, seeds 0/1/2) the distance to the "
-    "teacher's 50 steps over its floor went from 19.3 to 13.3 (SD3) and 26.2 to 12.5 (SD3.5) against equal rates "
-    "alone; the LoRA shape alone gave 14.6 / 16.0, τ with all four steps per update 15.9 / 14.6, all four steps on top "
-    "of this recipe 12.4 / 17.3, a second fake update 14.7 / 17.7, Flow-Factory's AdamW (0.9, 0.999) at equal rates "
-    "oscillated (SD3 55.3); on the SDXL and Flux toys this recipe lost (2.84, 8.4), so only the SD3 family trains "
-    "this way")
+    "teacher's 50 steps over its floor went from 23.5 to 17.5 (SD3) and 30.4 to 16.9 (SD3.5) against equal rates "
+    "alone; on the SDXL and Flux toys it lost to their recipe (2.89 against 1.26, 9.19 against 8.2); "
+    "official_demo_ff_tau_lora_last_cosine has since done better on the SD3 toys")
 
-# bench/pace.py's SD3/SD3.5 latent toys (500 iterations, seeds 0-9), against official_demo_ff_tau_lora
+# bench/pace.py's SD3/SD3.5 latent toys (500 iterations, seeds 0/1/2; seeds 0-5 by probe), against
+# official_demo_ff_tau_lora
 _LAST_STEP_COSINE_MEASURED = (
-    "measured here: on the SD3 and SD3.5 latent toys (500 iterations, seeds 0–9) the distance to the teacher's 50 "
-    "steps over its floor went from 15.8 ± 1.7 to 8.1 ± 0.4 (SD3) and 11.8 ± 1.8 to 6.9 ± 0.8 (SD3.5); every step "
-    "trained with the decay settled too narrow (std 0.88 of the teacher's, 13.9 ± 0.6; SD3.5 26.7), the last step "
-    "alone without it kept swinging (12.6 ± 1.0), and half the samples on the last step did not hold on SD3.5 (11.3); "
-    "on the Flux and SDXL toys the last step alone lost (6.9 ± 0.6 to 81.1 ± 1.8, 1.55 ± 0.27 to 2.38 ± 0.29), so "
-    "only the SD3 family trains this way")
+    "measured here: on the SD3 and SD3.5 latent toys (500 iterations, seeds 0/1/2) the distance to the teacher's 50 "
+    "steps over its floor went from 17.5 to 4.8 (SD3) and 16.9 to 5.1 (SD3.5) against official_demo_ff_tau_lora "
+    "(seeds 0–5: 20.9 ± 2.1 to 5.1 ± 0.4, 15.4 ± 1.7 to 5.5 ± 0.8), the students' spread from 0.82–0.87 of the "
+    "teacher's to 0.98–1.00; every step trained with the decay settled too narrow (0.84, 18.6 ± 0.8); on the SDXL "
+    "and Flux toys the last step alone lost (2.56 against 1.26, 99 against 8.2: the Flux student's prompt means "
+    "drift), so only the SD3 family trains this way")
 
 _DEMO = {
     "cfg": Value(2.0, "demo"),
@@ -153,8 +151,8 @@ RECIPES: dict[str, Recipe] = {
                _DEMO | {"lr_decay": Value("cosine", "here", _COSINE_MEASURED)}),
         Recipe("official_demo_equal_rates", "Official demo script, student at the fake score's rate",
                "The official demo script with the student learning as fast as the fake score, as the authors' "
-               "Flow-Factory SD3.5 recipe trains both: the SD3-family toys' students moved three to six times "
-               "closer to their teacher.",
+               "Flow-Factory SD3.5 recipe trains both: the SD3-family toys' students moved about twice as "
+               "close to their teacher.",
                _DEMO | {"student_lr": Value(1e-4, "ff", _EQUAL_RATES_WHY + "; " + _EQUAL_RATES_MEASURED)}),
         Recipe("official_demo_equal_rates_cosine", "Official demo script, equal rates, cosine-decayed",
                "The official demo script with the student at the fake score's rate (Flow-Factory's ratio) and both "
@@ -164,15 +162,15 @@ RECIPES: dict[str, Recipe] = {
         Recipe("official_demo_ff_tau_lora", "Official demo script with Flow-Factory's rates, τ and LoRA",
                "The official demo's optimiser and CFG with three settings of the authors' Flow-Factory SD3.5 recipe: "
                "the student at the fake score's rate, τ logit-normal up to full noise, LoRA rank 32 / alpha 64. The "
-               "SD3-family toys' students got closest to their teacher with it.",
+               "SD3-family toys' students got closer to their teacher than at equal rates alone.",
                _FF_TAU_LORA | {
                    "tau_density": Value("logit_normal", "ff", _FF_TAU["tau_density"].why + "; " + _FF_TAU_LORA_MEASURED),
                }),
         Recipe("official_demo_ff_tau_lora_last_cosine",
                "Flow-Factory's rates, τ and LoRA on the demo script, last step only, cosine-decayed",
                "official_demo_ff_tau_lora with every update training the student's last step only and both learning "
-               "rates decayed along a half cosine to 0 over the run: the SD3-family toys' students settled twice as "
-               "close to their teacher.",
+               "rates decayed along a half cosine to 0 over the run: the SD3-family toys' students settled three "
+               "to four times as close to their teacher.",
                _FF_TAU_LORA | {
                    "stages": Value("last", "here", "the last step (on the SD3 grid σ 0.67 → 0) is the largest jump; "
                                    + _LAST_STEP_COSINE_MEASURED),
