@@ -52,6 +52,7 @@ def regress(family: str, iterations: int, seed: int, pairs: int, log=lambda mess
 
     session, toy = latent_session(family, iterations, seed)
     trainer = session.trainer
+    trainer.student_ema = None  # the probe scores the regressed weights themselves (no TDM update feeds an average)
     grid, fine = list(trainer.grid), list(trainer.sample_grid(REFERENCE_STEPS))
     space = "flow" if trainer.backend.parametrisation == "flow" else "vp"
     solver = presets.student_solver(trainer.config.sampler_preset, trainer.backend.parametrisation)

@@ -39,6 +39,10 @@ def _config(**kw):
         (dict(parallel="fsdp", mode="full"), "parallel 'fsdp' shards the teacher and its two LoRA adapters: it needs "
                                              "mode 'lora'"),
         (dict(parallel="fsdp", dtype="float16"), "parallel 'fsdp' with dtype float16"),
+        (dict(student_ema=1.0), "student_ema must be 0 (no average) or a decay in (0, 1)"),
+        (dict(student_ema=-0.5), "student_ema must be 0 (no average) or a decay in (0, 1)"),
+        (dict(student_ema=float("nan")), "student_ema must be 0"),
+        (dict(student_ema="0.99"), "student_ema must be 0"),
     ],
 )
 def test_static_errors(overrides, message):

@@ -82,7 +82,9 @@ def _assert_close_states(got: dict, want: dict) -> None:
     same names, indices and shapes)."""
     student_lr = DistillConfig.from_dict(want["config"]).student_learning_rate()
     scales = {"student": max(1.0, student_lr / CALIBRATED_STUDENT_LR), "fake": 1.0}
-    for adapter in ("student", "fake"):
+    scales["student_ema"] = scales["student"]
+    assert ("student_ema" in got) == ("student_ema" in want)
+    for adapter in ("student", "fake", *(("student_ema",) if "student_ema" in want else ())):
         assert got[adapter].keys() == want[adapter].keys()
         for key in want[adapter]:
             _assert_adapter_close(got[adapter][key], want[adapter][key], f"{adapter}.{key}", scales[adapter])
@@ -117,8 +119,9 @@ def _assert_close_losses(got: list[dict], want: list[dict]) -> None:
 # The data-parallel test's two recipes (tests/test_distill_trainer.py): the official draws, and Flow-Factory's (every
 # step of each sample, two fake updates, clipped fake gradients and importance weights, logit-normal τ). The official
 # one also previews and checkpoints mid-run, both collective under FSDP, and clips the student's gradient where it
-# binds (its norm is about 0.5 here), so that the clipping of the sharded gradients is checked.
-@pytest.mark.parametrize("recipe", [{"preview_every": 2, "checkpoint_every": 2, "grad_clip": 0.1},
+# binds (its norm is about 0.5 here), so that the clipping of the sharded gradients is checked; it keeps a moving
+# average of the student (each process of its shards), which the previews, the checkpoints and the LoRA use.
+@pytest.mark.parametrize("recipe", [{"preview_every": 2, "checkpoint_every": 2, "grad_clip": 0.1, "student_ema": 0.5},
                                     {"recipe": "flow_factory_sd35", "fake_updates": 2, "lora_alpha": None,
                                      "preview_every": 0, "checkpoint_every": 0}],
                          ids=["official", "flow_factory"])
@@ -246,7 +249,7 @@ def test_fsdp_on_a_flux_folder_computes_what_data_parallelism_does(tmp_path):
 def test_fsdp_resume_equals_an_uninterrupted_run_and_moves_between_process_counts(tmp_path):
     """A 2-process FSDP run stopped at step 2 and resumed to step 4 is bit for bit the uninterrupted run; its step-2
     checkpoint (full tensors) continued in one process ends within round-off of it."""
-    settings = dict(lora_rank=4, parallel="fsdp", preview_every=0, checkpoint_every=2, iterations=4)
+    settings = dict(lora_rank=4, parallel="fsdp", preview_every=0, checkpoint_every=2, iterations=4, student_ema=0.5)
     straight = _write_cli_config(tmp_path / "straight.json", tmp_path / "straight", **settings)
     _torchrun(straight)
     stopped = _write_cli_config(tmp_path / "stopped.json", tmp_path / "stopped", **(settings | {"iterations": 2}))
@@ -254,7 +257,8 @@ def test_fsdp_resume_equals_an_uninterrupted_run_and_moves_between_process_count
     assert checkpoint.load_checkpoint(tmp_path / "stopped")["step"] == 2
     assert _summary(_torchrun(stopped, "--resume", "--iterations", "4"))["step"] == 4
     want, got = checkpoint.load_checkpoint(tmp_path / "straight"), checkpoint.load_checkpoint(tmp_path / "stopped")
-    for name in ("student", "fake", "opt_gen", "opt_fake", "lr_schedule", "lr_schedule_fake", "generator_rng"):
+    for name in ("student", "fake", "opt_gen", "opt_fake", "lr_schedule", "lr_schedule_fake", "generator_rng",
+                 "student_ema", "student_ema_updates"):
         assert equal_states(got[name], want[name]), name
     timeless = [[{k: v for k, v in m.items() if k != "seconds"} for m in _metrics(tmp_path / run)]
                 for run in ("straight", "stopped")]

@@ -148,6 +148,58 @@ def test_resume_reproduces_an_uninterrupted_run_bit_exactly(tmp_path):
     assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
 
 
+def test_student_ema_is_what_the_run_samples_and_saves_and_it_resumes_exactly(tmp_path):
+    """student_ema d: after the n-th student update the average is d_n·ema + (1 − d_n)·weights with d_n = min(d,
+    (n − 1) / n) (the plain average of the first updates); samples and the saved LoRA are the average's, training goes
+    on from the weights themselves, and a resumed run continues the same average."""
+    config = _config(student_ema=0.6, lr=1e-2)
+    trainer = TDMTrainer(make_backend(parametrisation="v", lora_rank=4), config)
+    expected = None
+    for n in range(1, 5):
+        trainer.step()
+        weights = [p.detach().clone() for p in trainer.student_params]
+        decay = min(0.6, (n - 1) / n)
+        expected = weights if expected is None else [decay * e + (1 - decay) * w for e, w in zip(expected, weights, strict=True)]
+    assert trainer.student_ema_updates == 4
+    for average, want in zip(trainer.student_ema, expected, strict=True):
+        torch.testing.assert_close(average, want, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(a, w) for a, w in zip(trainer.student_ema, weights, strict=True))  # the average is not the weights
+    # sampling and the LoRA use the average; the weights are back afterwards
+    sampled = trainer.sample(["a cat"], seed=1)
+    tensors, _ = checkpoint.student_lora(trainer)
+    assert all(torch.equal(p, w) for p, w in zip(trainer.student_params, weights, strict=True))
+    with torch.no_grad():
+        for p, a in zip(trainer.student_params, trainer.student_ema, strict=True):
+            p.copy_(a)
+    torch.testing.assert_close(sampled, trainer.sample(["a cat"], seed=1))
+    averaged_lora, _ = trainer.backend.export_student_lora()
+    assert set(tensors) == set(averaged_lora) and all(torch.equal(tensors[k], averaged_lora[k]) for k in tensors)
+    with torch.no_grad():
+        for p, w in zip(trainer.student_params, weights, strict=True):
+            p.copy_(w)
+    assert not all(torch.equal(tensors[k], trainer.backend.export_student_lora()[0][k]) for k in tensors)
+
+    # a resumed run continues the same average, bit for bit
+    straight = TDMTrainer(make_backend(parametrisation="v", lora_rank=4), config)
+    straight.train(6)
+    first = TDMTrainer(make_backend(parametrisation="v", lora_rank=4), config)
+    first.train(3)
+    first.save_checkpoint(tmp_path)
+    resumed = TDMTrainer.resume(tmp_path, make_backend(parametrisation="v", lora_rank=4))
+    assert resumed.student_ema_updates == 3
+    resumed.train(6)
+    assert all(torch.equal(a, b) for a, b in zip(straight.student_ema, resumed.student_ema, strict=True))
+    a, b = straight.backend.adapter_state_dict("student"), resumed.backend.adapter_state_dict("student")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a state saved without an average, resumed with one: the average starts at its weights
+    plain = TDMTrainer(make_backend(parametrisation="v", lora_rank=4), _config(lr=1e-2))
+    plain.train(2)
+    plain.save_checkpoint(tmp_path / "plain")
+    later = TDMTrainer.resume(tmp_path / "plain", make_backend(parametrisation="v", lora_rank=4), config)
+    assert later.student_ema_updates == 0
+    assert all(torch.equal(a, p.detach()) for a, p in zip(later.student_ema, later.student_params, strict=True))
+
+
 def test_checkpoints_keep_last_and_lora_metadata(tmp_path):
     trainer = TDMTrainer(make_backend(parametrisation="eps", lora_rank=4),
                          _config(keep_last=2, family="reference", recommended_strength=0.5, sampler_preset="ddim"))

@@ -80,6 +80,10 @@ class DistillConfig:
     stages: str = "one"  # see STAGES
     lr_warmup_steps: int = 0  # linear warm-up of the generator LR (the official script's schedule is constant)
     lr_decay: str = "constant"  # both LRs: "constant" (official) or "cosine" (half cosine to 0 over `iterations`)
+    # Decay of an exponential moving average of the student's weights, which the saved LoRA, previews and samples use
+    # (training continues from the weights themselves); 0: none, the official script's last weights. Until
+    # 1 / (1 − decay) updates have been made it is their plain average (the first weights do not linger in a short run).
+    student_ema: float = 0.0
     batch_size: int = 1  # global batch; split evenly across data-parallel processes
     # The most rows (a sample, or with "all" stages one sample's step) one network pass of an iteration takes; an update
     # over more rows accumulates its gradients pass by pass, so the update is the same (to round-off) and only the
@@ -158,6 +162,8 @@ class DistillConfig:
              f"fake_updates must be an integer in [1, 16], got {self.fake_updates!r}")
         need(self.stages in STAGES, f"stages must be one of {STAGES}, got {self.stages!r}")
         need(self.lr_decay in LR_DECAYS, f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+        need(_finite(self.student_ema) and 0.0 <= self.student_ema < 1.0,
+             f"student_ema must be 0 (no average) or a decay in (0, 1), e.g. 0.99; got {self.student_ema!r}")
         need(isinstance(self.recipe, str), f"recipe must be a recipe name, got {self.recipe!r}")
         need(_finite(self.huber_c) and self.huber_c > 0, f"huber_c must be > 0, got {self.huber_c!r}")
         need(_finite(self.snr_clamp) and self.snr_clamp > 0, f"snr_clamp must be > 0, got {self.snr_clamp!r}")

@@ -40,6 +40,7 @@ The same draws and slices as data parallelism, so the numbers are those of one p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -159,6 +160,10 @@ class TDMTrainer:
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.opt_gen, lambda s: (min(1.0, (s + 1) / warmup) if warmup else 1.0) * decay(s))
         self.lr_schedule_fake = torch.optim.lr_scheduler.LambdaLR(self.opt_fake, decay)
+        # The moving average of the student's weights (config.student_ema), float32 like the adapters; under FSDP each
+        # process averages its own shards. `student_ema_updates` counts the updates it has taken in.
+        self.student_ema = [p.detach().float().clone() for p in self.student_params] if config.student_ema else None
+        self.student_ema_updates = 0
         scaled = self.compute_dtype == torch.float16
         self.scaler_fake = torch.amp.GradScaler(self.device.type, enabled=scaled)
         self.scaler_gen = torch.amp.GradScaler(self.device.type, enabled=scaled)
@@ -349,6 +354,8 @@ class TDMTrainer:
             lambda p: self._generator_loss(x_tg[p], slice_cond(cond, p), slice_cond(uncond, p), self._rows(draw, p)))
         grad_norm, applied = self._apply_update(total, self.opt_gen, self.scaler_gen, self.student_params,
                                                 self.config.grad_clip, self.lr_schedule)
+        if applied and self.student_ema is not None:
+            self._update_student_ema()
         return {"loss_gen": total, "grad_norm_gen": grad_norm.detach(), "w_mean": weights.mean(),
                 "skipped_gen": torch.tensor(float(not applied))}
 
@@ -421,6 +428,34 @@ class TDMTrainer:
             param.grad = None
         scaler.update()
         return grad_norm, applied
+
+    @torch.no_grad()
+    def _update_student_ema(self) -> None:
+        """ema ← d·ema + (1 − d)·weights with d = min(decay, n / (n + 1)) at the n-th update: the plain average of the
+        updates so far until 1 / (1 − decay) of them, then the exponential average (so the untrained first weights
+        do not linger in a short run)."""
+        self.student_ema_updates += 1
+        n = self.student_ema_updates
+        decay = min(self.config.student_ema, (n - 1) / n)
+        torch._foreach_lerp_(self.student_ema, [p.detach().float() for p in self.student_params], 1.0 - decay)
+
+    @contextlib.contextmanager
+    def averaged_student(self):
+        """Inside: the student adapter holds its moving average (config.student_ema), as the saved LoRA and the
+        previews use it; the trained weights are restored on leaving. Without an average: the weights as they are."""
+        if self.student_ema is None:
+            yield
+            return
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.student_params]
+            for param, average in zip(self.student_params, self.student_ema, strict=True):
+                param.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, weights in zip(self.student_params, trained, strict=True):
+                    param.copy_(weights)
 
     def _check_updated_weights(self, metrics: dict) -> None:
         """The adapter weights this iteration updated are finite (one check for both updates, before anything of
@@ -512,8 +547,9 @@ class TDMTrainer:
             g = torch.Generator().manual_seed(seed)
             noise = torch.randn((len(prompts), *self.backend.latent_shape), generator=g)
         cond = self.backend.encode(list(prompts))
-        _, x0s, _ = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond, self.sample_grid(steps),
-                                 adapter)
+        with self.averaged_student() if adapter == "student" else contextlib.nullcontext():
+            _, x0s, _ = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond, self.sample_grid(steps),
+                                     adapter)
         return x0s[-1]
 
     # ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -533,6 +569,10 @@ class TDMTrainer:
             "scaler_gen": self.scaler_gen.state_dict(),
             "skipped_in_a_row": self.skipped_in_a_row,
         }
+        if self.student_ema is not None:  # in the adapter's own layout (under FSDP gathered whole, a collective)
+            with self.averaged_student():
+                state["student_ema"] = self.backend.adapter_state_dict("student")
+            state["student_ema_updates"] = self.student_ema_updates
         # No process-wide RNG state: every draw of training comes from `self.generator`, and the process-wide RNG
         # belongs to whatever else runs in the process (ComfyUI's samplers), which a save or resume must not rewind.
         return state
@@ -543,6 +583,12 @@ class TDMTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Loads a state of any process count (full tensors); under FSDP each process keeps its shards of them."""
+        if self.student_ema is not None:
+            # the average goes through the adapter (it is stored in the adapter's layout), before the weights do; a
+            # state saved without one starts the average at its weights
+            self.backend.load_adapter_state_dict("student", state.get("student_ema", state["student"]))
+            self.student_ema = [p.detach().float().clone() for p in self.student_params]
+            self.student_ema_updates = int(state.get("student_ema_updates", 0))
         self.backend.load_adapter_state_dict("student", state["student"])
         self.backend.load_adapter_state_dict("fake", state["fake"])
         for optimizer, params, name in ((self.opt_gen, self.student_params, "opt_gen"),
