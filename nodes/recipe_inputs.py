@@ -23,7 +23,7 @@ def recipe_input():
     return io.Combo.Input(
         "recipe", options=RECIPE_CHOICES, default=recipes.AUTO, optional=True,
         tooltip="Fills every setting left at -1 / 'recipe' from a TDM recipe. auto: the teacher family's (SD3/SD3.5: "
-                "official_demo_ff_tau_lora_last_cosine; SDXL/Flux: official_demo_equal_rates_cosine; others: "
+                "official_demo_ff_tau_lora_last_cosine_ema; SDXL/Flux: official_demo_equal_rates_cosine; others: "
                 "official_demo). Each recipe: the help page.")
 
 
@@ -99,6 +99,14 @@ def distill_settings(settings: dict, family: str) -> tuple[dict, list[str], str]
     return resolve_knobs(settings, family)[:3]
 
 
+def student_ema_input():
+    """The one recipe knob added after `frames` and `micro_batch` (saved workflows hold widget values by position, so
+    it is appended after every older widget); optional, -1: the recipe's."""
+    return _number("student_ema", "Saves a moving average of the student's weights with this decay (e.g. 0.99) "
+                   "instead of its last ones; training continues from the weights themselves. 0: none (official)."
+                   + _NUMBER_HINT, maximum=0.9999, step=0.001)
+
+
 def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, set[str]]:
     """`distill_settings`' three, and the DistillConfig fields the node sets itself (a value other than "the
     recipe's", whether or not it equals the recipe's): what an existing job's recipe values must not stand in for when
@@ -127,7 +135,8 @@ def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, se
     for node_key, field, convert in (("cfg", "cfg", float), ("lora_rank", "lora_rank", int),
                                      ("batch_size", "batch_size", int), ("weight_decay", "weight_decay", float),
                                      ("fake_updates", "fake_updates", int), ("tau_mode", "tau_mode", str),
-                                     ("stages", "stages", str), ("lr_decay", "lr_decay", str)):
+                                     ("stages", "stages", str), ("lr_decay", "lr_decay", str),
+                                     ("student_ema", "student_ema", float)):
         if _set(settings.get(node_key)):
             override(field, convert(settings[node_key]))
     alpha = settings.get("lora_alpha", FROM_RECIPE)

@@ -196,17 +196,17 @@ _FAMILY_LIST = (
         name="sd3", label="SD3-medium", architecture="SD3 MMDiT", parametrisation="flow", lora_group="mmdit",
         comfy_lora=lambda layout: _joint_blocks(layout, False),
         diffusers_lora=lambda layout: _mmdit_diffusers(layout, False), default_preset="sd3", also_fits=("sd35",),
-        # Flow-Factory's rates, τ and LoRA shape on the demo's optimiser, the last step only, cosine-decayed
-        # (tdm_core/recipes.py: measured on the SD3-family toys)
-        distillable=True, training_recipe="official_demo_ff_tau_lora_last_cosine", lora_targets=MMDIT_TARGETS,
+        # Flow-Factory's rates, τ and LoRA shape on the demo's optimiser, the last step only, cosine-decayed, the
+        # student's moving average saved (tdm_core/recipes.py: measured on the SD3-family toys)
+        distillable=True, training_recipe="official_demo_ff_tau_lora_last_cosine_ema", lora_targets=MMDIT_TARGETS,
         repeated_blocks=("joint_blocks",), pooled_as_y=True),
     Family(
         name="sd35", label="SD3.5-medium", architecture="SD3.5 MMDiT (dual attention)", parametrisation="flow",
         lora_group="mmdit", comfy_lora=lambda layout: _joint_blocks(layout, True),
         diffusers_lora=lambda layout: _mmdit_diffusers(layout, True), default_preset="sd35",
-        # Flow-Factory's rates, τ and LoRA shape on the demo's optimiser, the last step only, cosine-decayed
-        # (tdm_core/recipes.py: measured on the SD3-family toys)
-        distillable=True, training_recipe="official_demo_ff_tau_lora_last_cosine", lora_targets=MMDIT_TARGETS,
+        # Flow-Factory's rates, τ and LoRA shape on the demo's optimiser, the last step only, cosine-decayed, the
+        # student's moving average saved (tdm_core/recipes.py: measured on the SD3-family toys)
+        distillable=True, training_recipe="official_demo_ff_tau_lora_last_cosine_ema", lora_targets=MMDIT_TARGETS,
         repeated_blocks=("joint_blocks",), pooled_as_y=True),
     Family(
         name="flux", label="Flux-dev", architecture="Flux transformer", parametrisation="flow", lora_group="flux",

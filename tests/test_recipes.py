@@ -96,6 +96,15 @@ def test_a_rate_or_rank_set_alone_keeps_the_recipes_ratios_headless_and_on_the_n
     assert rank_edited.config.lora_rank == 16  # an edit of the leader still shows (and is refused by the caller)
     knobs = recipe_inputs.resolve_knobs({"recipe": "flow_factory_sd35", "lora_rank": 8, "lora_alpha": 0.0}, "sd35")[0]
     assert knobs["lora_alpha"] is None  # 0 on the node: alpha = rank
+    # student_ema, the widget after micro_batch: -1 keeps the recipe's (SD3's auto: 0.99), 0 turns the average off
+    assert recipe_inputs.resolve_knobs({"recipe": "auto", "student_ema": -1.0}, "sd3")[0]["student_ema"] == 0.99
+    knobs, changed, _, explicit = recipe_inputs.resolve_knobs({"recipe": "auto", "student_ema": 0.0}, "sd3")
+    assert knobs["student_ema"] == 0.0 and changed == ["student_ema 0.0"] and "student_ema" in explicit
+    ema_job = distill_jobs.settings_from_inputs(dict(node, recipe="official_demo", student_ema=0.995), ["a"], "sd35")
+    assert ema_job.config.student_ema == 0.995 and ema_job.comfy["recipe_changes"] == ["lora_rank 8", "student_ema 0.995"]
+    below = distill_jobs.settings_from_inputs(dict(node, student_ema=-0.5), ["a"], "sd35")  # in the widget's range
+    with pytest.raises(ConfigError, match="student_ema must be 0"):  # refused where every job's config is validated
+        below.config.validate()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -265,15 +274,16 @@ def test_a_headless_config_takes_recipe_auto_as_the_node_does():
 
 def test_each_family_trains_with_the_recipe_measured_for_it():
     """recipe auto (bench/pace.py's toys, tdm_core/recipes.py): SD3-medium and SD3.5-medium with Flow-Factory's equal
-    rates, τ and LoRA shape on the demo's optimiser, training the last step only with both rates cosine-decayed; SDXL
-    and Flux-dev at equal rates decayed along a cosine; every other family with the official demo (the student at a
-    fifth). The trainer's two optimisers get those rates."""
+    rates, τ and LoRA shape on the demo's optimiser, training the last step only with both rates cosine-decayed and
+    saving the student's moving average (0.99); SDXL and Flux-dev at equal rates decayed along a cosine, no average;
+    every other family with the official demo (the student at a fifth, its last weights). The trainer's two optimisers
+    get those rates."""
     def auto(family: str, **data) -> DistillConfig:
         return DistillConfig.from_dict({"prompts": ["x"], "family": family, "recipe": "auto", **data})
 
     for family in ("sd3", "sd35"):
         config = auto(family)
-        assert config.recipe == "official_demo_ff_tau_lora_last_cosine"
+        assert config.recipe == "official_demo_ff_tau_lora_last_cosine_ema" and config.student_ema == 0.99
         assert config.student_learning_rate() == config.lr == 1e-4
         assert (config.lora_rank, config.lora_alpha, config.tau_mode, config.tau_density) == (
             32, 64.0, "reverse", "logit_normal")
@@ -281,11 +291,13 @@ def test_each_family_trains_with_the_recipe_measured_for_it():
     for family in ("sdxl", "flux"):
         config = auto(family)
         assert config.recipe == "official_demo_equal_rates_cosine" and config.lr_decay == "cosine"
+        assert config.student_ema == 0.0
         assert config.student_learning_rate() == config.lr == 1e-4 and config.lora_rank == 16
     assert auto("flux").cfg == 1.0  # the family's override still wins
     for family in ("sd15", "wan21", "cogvideox"):
         config = auto(family)
         assert config.recipe == "official_demo" and config.student_learning_rate() == pytest.approx(config.lr / 5)
+        assert config.student_ema == 0.0
     trainer = TDMTrainer(make_backend(parametrisation="flow", lora_rank=4),
                          auto("sd3", total_steps=900, lora_rank=4))
     assert trainer.config.lora_alpha == 8.0  # rank 4 keeps the recipe's scale 2

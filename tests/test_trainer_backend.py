@@ -438,7 +438,7 @@ def test_a_job_records_its_config_and_a_resume_keeps_it_when_the_recipe_changes(
                                  # DEFAULTS' alpha 0 (= rank) is a change from the SD3 recipe's 64
                                  "recipe_changes": ["lora_rank 4", "lora_alpha None"]}  # frames: the node's default
     # recipe auto on an SD3 teacher: its family's (tdm_core/families.py)
-    assert settings["recipe_description"].startswith("official_demo_ff_tau_lora_last_cosine (")
+    assert settings["recipe_description"].startswith("official_demo_ff_tau_lora_last_cosine_ema (")
     assert settings["grid_description"]
     checkpoint = tmp_path / jobs.JOBS_FOLDER / record.id / "checkpoints" / "step-00000002"
     assert json.loads((checkpoint / "config.json").read_text()) == settings["config"]  # one config, both places
@@ -509,7 +509,7 @@ def test_a_record_written_before_the_config_was_recorded_still_resumes(trainer_m
     second = jobs.JobManager(tmp_path / "b")
     listed = second.list()
     assert [r.id for r in listed] == [interrupted.id] and listed[0].settings == data["settings"]
-    assert "recipe: official_demo_ff_tau_lora_last_cosine (" in listed[0].progress_text()
+    assert "recipe: official_demo_ff_tau_lora_last_cosine_ema (" in listed[0].progress_text()
     with pytest.raises(ValueError, match="started with other settings: cfg 2.0 → 3.5"):
         _start_job(trainer_module, monkeypatch, second, sd3_twin, **dict(values, cfg=3.5, if_exists="resume"))
     _start_job(trainer_module, monkeypatch, second, sd3_twin, **dict(values, if_exists="resume"))
