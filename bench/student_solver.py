@@ -14,9 +14,10 @@ Each student is distilled here, then sampled from the same noise both ways:
   teacher's 50-step samples per prompt (`teacher_reference`, 2M; `floor`: two 50-step draws).
 The `flux` preset samples its students with the flow DPM-Solver++(2M) because of these figures (tdm_core.presets),
 and SD3/SD3.5 students keep their release's 2M: bench/pace.py (500 iterations, seeds 0/1/2; it prints both) finds
-2M 1–22 % closer than their own DDIM step under every recipe but the SD3 family's shipped one, where DDIM is 1–5 %
-closer (SD3 4.57 against 4.82, SD3.5 5.03 against 5.10), within the seeds' spread. (Against the reference before,
-50 DDIM steps whose SD3-family grid stopped at t = 67, 2M was 1.1–1.3 % closer on these toys.)
+2M 1–22 % closer than their own DDIM step under every recipe but the SD3 family's last-step ones: there DDIM is 1–5 %
+closer without the moving average (SD3 4.57 against 4.82, SD3.5 5.03 against 5.10), within the seeds' spread, and
+the two draw with it (3.24 against 3.21, 3.37 against 3.38). (Against the reference before, 50 DDIM steps whose
+SD3-family grid stopped at t = 67, 2M was 1.1–1.3 % closer on these toys.)
 """
 
 from __future__ import annotations
