@@ -302,7 +302,7 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int],
     teacher's 4 steps use DDIM, the student the solver its LoRA records (its family's). `trace_every` N > 0: also
     each prompt's share of positive elements in the student's samples every N iterations ("trace")."""
     import torch
-    from student_solver import latent_session, teacher_reference
+    from student_solver import REFERENCE_STEPS, latent_session, teacher_reference
 
     from tdm_core import presets
 
@@ -319,7 +319,8 @@ def latent_runs(family: str, overrides: dict, iterations: int, seeds: list[int],
         if teacher is None:
             four = _latent_samples(trainer, toy.PROMPTS, "teacher", grid, "ddim", 7)
             # the teacher's 50 steps of DDIM (Euler) from the students' noise: how far that sampler is from teacher-50
-            euler50 = _latent_samples(trainer, toy.PROMPTS, "teacher", trainer.sample_grid(50), "ddim", 7)
+            euler50 = _latent_samples(trainer, toy.PROMPTS, "teacher", trainer.sample_grid(REFERENCE_STEPS), "ddim",
+                                      7)
             teacher = {"d_teacher4": distance(four), "d_teacher50_ddim": distance(euler50),
                        "floor": distance({p: teacher_reference(trainer, p, floor=True) for p in toy.PROMPTS}),
                        "shares": {"teacher50": _positive_shares(reference), "teacher4": _positive_shares(four)},
@@ -405,13 +406,16 @@ def summarise_latent(target: str, teacher: dict, runs: dict[int, dict]) -> dict:
     # The first two moments of each prompt's element values: teacher-50's, and the others' spread (std) as a ratio of
     # teacher-50's and mean gap; then the students' distance once those two are matched (the shape's share of it)
     moments = teacher["moments"]
+
+    def student_spread(key: str) -> dict:  # each prompt's std over teacher-50's, averaged over the seeds
+        return {p: round(sum(r[key][p][1] for r in runs.values()) / len(runs) / m[1], 4)
+                for p, m in moments["teacher50"].items()}
+
     out[f"{target}_mean_teacher50"] = {p: round(m[0], 4) for p, m in moments["teacher50"].items()}
     out[f"{target}_std_teacher50"] = {p: round(m[1], 4) for p, m in moments["teacher50"].items()}
     out[f"{target}_spread_teacher4"] = {p: round(m[1] / moments["teacher50"][p][1], 4)
                                         for p, m in moments["teacher4"].items()}
-    out[f"{target}_spread_student"] = {
-        p: round(sum(r["moments"][p][1] for r in runs.values()) / len(runs) / m[1], 4)
-        for p, m in moments["teacher50"].items()}
+    out[f"{target}_spread_student"] = student_spread("moments")
     out[f"{target}_mean_student"] = {p: round(sum(r["moments"][p][0] for r in runs.values()) / len(runs), 4)
                                      for p in moments["teacher50"]}
     mean_gaps = [abs(r["moments"][p][0] - m[0]) for r in runs.values() for p, m in moments["teacher50"].items()]
@@ -426,9 +430,7 @@ def summarise_latent(target: str, teacher: dict, runs: dict[int, dict]) -> dict:
     out[f"{target}_teacher50_ddim_to_floor"] = round(teacher["d_teacher50_ddim"] / teacher["floor"], 3)
     out[f"{target}_ratio_to_floor_ddim"] = round(
         sum(r["d_student_ddim"] for r in runs.values()) / len(runs) / teacher["floor"], 3)
-    out[f"{target}_spread_student_ddim"] = {
-        p: round(sum(r["moments_ddim"][p][1] for r in runs.values()) / len(runs) / m[1], 4)
-        for p, m in moments["teacher50"].items()}
+    out[f"{target}_spread_student_ddim"] = student_spread("moments_ddim")
     out[f"{target}_removed_by_seed"] = {str(s): round(1 - r["d_student"] / d4, 4) for s, r in runs.items()}
     steps = sorted(set.intersection(*(set(r["at"]) for r in runs.values())))
     out[f"{target}_removed_at"] = {str(i): round(1 - sum(r["at"][i] for r in runs.values()) / len(runs) / d4, 4)

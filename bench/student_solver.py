@@ -59,12 +59,10 @@ def _sample(trainer, adapter, grid, solver, cond, noise, space):
     """`grid`'s integer timesteps through `solver` (tdm_core.solvers), ending at σ = 0: with the DDIM step this is
     exactly the trainer's own rollout. The student is its saved LoRA's weights (its moving average when the run keeps
     one, as TDMTrainer.sample does)."""
-    import contextlib
-
     import torch
 
     sigmas = [float(trainer.sigmas[t]) for t in grid] + [0.0]
-    with trainer.averaged_student() if adapter == "student" else contextlib.nullcontext():
+    with trainer.averaged_student(adapter):
         return solver(_student_denoiser(trainer, grid, sigmas, cond, adapter), noise, torch.tensor(sigmas),
                       space=space, disable=True)
 

@@ -44,7 +44,6 @@ ownership are its record's business: tdm_core/jobs.)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -138,8 +137,7 @@ def write_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dic
 
 def student_lora(trainer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The student LoRA's tensors (its moving average when the run keeps one) and header."""
-    averaged = getattr(trainer, "averaged_student", contextlib.nullcontext)
-    with averaged():
+    with trainer.averaged_student():
         tensors, metadata = trainer.backend.export_student_lora()
     return tensors, {**metadata, **trainer.export_metadata()}
 

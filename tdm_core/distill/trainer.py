@@ -431,7 +431,7 @@ class TDMTrainer:
 
     @torch.no_grad()
     def _update_student_ema(self) -> None:
-        """ema ← d·ema + (1 − d)·weights with d = min(decay, n / (n + 1)) at the n-th update: the plain average of the
+        """ema ← d·ema + (1 − d)·weights with d = min(decay, (n − 1) / n) at the n-th update: the plain average of the
         updates so far until 1 / (1 − decay) of them, then the exponential average (so the untrained first weights
         do not linger in a short run)."""
         self.student_ema_updates += 1
@@ -440,10 +440,11 @@ class TDMTrainer:
         torch._foreach_lerp_(self.student_ema, [p.detach().float() for p in self.student_params], 1.0 - decay)
 
     @contextlib.contextmanager
-    def averaged_student(self):
+    def averaged_student(self, adapter: str = "student"):
         """Inside: the student adapter holds its moving average (config.student_ema), as the saved LoRA and the
-        previews use it; the trained weights are restored on leaving. Without an average: the weights as they are."""
-        if self.student_ema is None:
+        previews use it; the trained weights are restored on leaving. Without an average, or for another `adapter`
+        (the teacher, the fake score): the weights as they are."""
+        if self.student_ema is None or adapter != "student":
             yield
             return
         with torch.no_grad():
@@ -547,7 +548,7 @@ class TDMTrainer:
             g = torch.Generator().manual_seed(seed)
             noise = torch.randn((len(prompts), *self.backend.latent_shape), generator=g)
         cond = self.backend.encode(list(prompts))
-        with self.averaged_student() if adapter == "student" else contextlib.nullcontext():
+        with self.averaged_student(adapter):
             _, x0s, _ = self.rollout(noise.to(device=self.device, dtype=self.dtype), cond, self.sample_grid(steps),
                                      adapter)
         return x0s[-1]
