@@ -43,6 +43,12 @@ TARGETS = ("sdxl", "flux", "sd3", "sd35")
 
 
 def regress(family: str, iterations: int, seed: int, pairs: int, log=lambda message: None) -> dict:
+    return regressed_student(family, iterations, seed, pairs, log)[0]
+
+
+def regressed_student(family: str, iterations: int, seed: int, pairs: int, log=lambda message: None):
+    """(regress's figures, the job session whose student was regressed, the toy module): bench/fake_fit.py goes on
+    with the session's trainer."""
     import torch
     from pace import _latent_distance, _latent_samples
     from student_solver import REFERENCE_SOLVER, REFERENCE_STEPS, _sample, latent_session, teacher_reference
@@ -98,7 +104,7 @@ def regress(family: str, iterations: int, seed: int, pairs: int, log=lambda mess
                 out["at"][iteration] = ratio()
                 log(f"{family} seed {seed} iteration {iteration}: ratio to floor {out['at'][iteration]:.3f}")
     out["end"], out["seconds"] = ratio(), seconds
-    return out
+    return out, session, toy
 
 
 def main() -> int:

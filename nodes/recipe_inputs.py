@@ -22,9 +22,9 @@ _NUMBER_HINT = " -1: the recipe's."
 def recipe_input():
     return io.Combo.Input(
         "recipe", options=RECIPE_CHOICES, default=recipes.AUTO, optional=True,
-        tooltip="Fills every setting left at -1 / 'recipe' from a TDM recipe. auto: the teacher family's (SD3/SD3.5: "
-                "official_demo_ff_tau_lora_last_cosine_ema; SDXL/Flux: official_demo_equal_rates_cosine; others: "
-                "official_demo). Each recipe: the help page.")
+        tooltip="Fills every setting left at -1 / 'recipe' from a TDM recipe. auto: the teacher family's (SD3 and "
+                "SD3.5, SDXL, Flux: each the recipe measured on its toys; others: official_demo). Each recipe: the "
+                "help page.")
 
 
 def _number(name: str, tooltip: str, *, maximum: float, step: float):
@@ -107,6 +107,15 @@ def student_ema_input():
                    + _NUMBER_HINT, maximum=0.9999, step=0.001)
 
 
+def fake_samples_input():
+    """Appended after `student_ema` (saved workflows hold widget values by position); optional, "recipe": the
+    recipe's."""
+    return _choice("fake_samples", ["step", "output"],
+                   "What the fake score learns: step = the step each update draws (official); output = the student's "
+                   "own samples at every noise level, so it describes what the student samples (Flux: its students "
+                   "no longer end too narrow).")
+
+
 def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, set[str]]:
     """`distill_settings`' three, and the DistillConfig fields the node sets itself (a value other than "the
     recipe's", whether or not it equals the recipe's): what an existing job's recipe values must not stand in for when
@@ -136,7 +145,8 @@ def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, se
                                      ("batch_size", "batch_size", int), ("weight_decay", "weight_decay", float),
                                      ("fake_updates", "fake_updates", int), ("tau_mode", "tau_mode", str),
                                      ("stages", "stages", str), ("lr_decay", "lr_decay", str),
-                                     ("student_ema", "student_ema", float)):
+                                     ("student_ema", "student_ema", float),
+                                     ("fake_samples", "fake_samples", str)):
         if _set(settings.get(node_key)):
             override(field, convert(settings[node_key]))
     alpha = settings.get("lora_alpha", FROM_RECIPE)

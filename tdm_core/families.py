@@ -212,8 +212,8 @@ _FAMILY_LIST = (
         name="flux", label="Flux-dev", architecture="Flux transformer", parametrisation="flow", lora_group="flux",
         comfy_lora=lambda layout: any(n.startswith(("double_blocks.", "single_blocks.")) for n in layout.comfy),
         diffusers_lora=_never, default_preset="flux", released_lora=False, exclusive_presets=True,
-        # equal rates, decayed (tdm_core/recipes.py: measured on the SDXL and Flux toys)
-        distillable=True, training_recipe="official_demo_equal_rates_cosine", lora_targets=FLUX_TARGETS,
+        # equal rates, decayed, the fake score on the output, averaged (tdm_core/recipes.py: measured on the Flux toy)
+        distillable=True, training_recipe="official_demo_equal_rates_cosine_fake_output_ema", lora_targets=FLUX_TARGETS,
         repeated_blocks=("double_blocks", "single_blocks"),
         blocks_update_inputs_in_place=True, extra_inputs=("y", "guidance"), guidance_distilled=True,
         recipe_overrides=(RecipeOverride("cfg", 1.0, "Flux-dev is guidance-distilled: its guidance is an input, not "

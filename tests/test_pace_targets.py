@@ -430,3 +430,17 @@ def test_latent_regression_bench_brings_the_adapter_towards_teacher_50():
     assert line["flux_ratio_to_floor"] < 0.5 * line["flux_teacher4_to_floor"]
     refused = _bench("--targets", "sd15", timeout=60, script="latent_regression.py")
     assert refused.returncode == 2 and refused.stdout.strip() == "" and "--targets" in refused.stderr
+
+
+def test_fake_fit_bench_shows_the_official_fake_score_describes_a_wider_flux_student():
+    """bench/fake_fit.py on the Flux toy: one JSON line; a fake score fitted the official way (each update's drawn
+    step) to a student that samples its teacher's 50-step distribution describes one several per cent wider than the
+    student's (measured at 100 updates: 1.08), fitted to the student's output it describes the student's spread (1.00
+    – 1.01): the bias `fake_samples` "output" removes (docs/recipes.md). A target it does not know is refused."""
+    line = _bench_line("fake_fit.py", "--targets", "flux", "--fake-updates", "100", "--threads", "1", timeout=900)
+    assert line["bench"] == "fake_fit" and line["fake_updates"] == 100
+    assert all(abs(s - 1) < 0.02 for s in line["flux_student_spread"].values())  # regressed onto teacher-50
+    assert all(s > 1.04 for s in line["flux_fake_spread_step"].values())
+    assert all(abs(s - 1) < 0.02 for s in line["flux_fake_spread_output"].values())
+    refused = _bench("--targets", "sd15", timeout=60, script="fake_fit.py")
+    assert refused.returncode == 2 and refused.stdout.strip() == "" and "--targets" in refused.stderr

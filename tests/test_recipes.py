@@ -107,6 +107,26 @@ def test_a_rate_or_rank_set_alone_keeps_the_recipes_ratios_headless_and_on_the_n
         below.config.validate()
 
 
+def test_fake_samples_on_the_node_keeps_the_recipes_or_overrides_it(pack):
+    """fake_samples, the widget after student_ema: "recipe" keeps the recipe's (Flux's auto: output, the official
+    demo's: step); a choice overrides it and is recorded as a change; a value outside the choices (ComfyUI 0.3.75 does
+    not check V3 combo values) is refused where every job's config is validated."""
+    recipe_inputs = sys.modules[f"{pack.__name__}.nodes.recipe_inputs"]
+    distill_jobs = sys.modules[f"{pack.__name__}.nodes.distill_jobs"]
+    assert recipe_inputs.resolve_knobs({"recipe": "auto", "fake_samples": "recipe"}, "flux")[0]["fake_samples"] == "output"
+    assert recipe_inputs.resolve_knobs({"recipe": "auto"}, "sdxl")[0]["fake_samples"] == "step"  # saved before it
+    knobs, changed, _, explicit = recipe_inputs.resolve_knobs({"recipe": "auto", "fake_samples": "step"}, "flux")
+    assert knobs["fake_samples"] == "step" and changed == ["fake_samples 'step'"] and "fake_samples" in explicit
+    node = {"recipe": "official_demo", "steps": 4, "seed": 0, "iterations": 10, "keep_last": 1, "width": 64,
+            "height": 64, "grid": "auto", "unconditional_prompt": "", "dtype": "auto", "offload": "none",
+            "gradient_checkpointing": False}
+    job = distill_jobs.settings_from_inputs(dict(node, fake_samples="output"), ["a"], "sd15")
+    assert job.config.fake_samples == "output" and job.comfy["recipe_changes"] == ["fake_samples 'output'"]
+    bogus = distill_jobs.settings_from_inputs(dict(node, fake_samples="final"), ["a"], "sd15")
+    with pytest.raises(ConfigError, match="fake_samples must be one of"):
+        bogus.config.validate()
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"tau_density": "gaussian"}, "tau_density must be one of"),
     ({"tau_logit_std": 0.0}, "tau_logit_std must be > 0"),
@@ -114,6 +134,7 @@ def test_a_rate_or_rank_set_alone_keeps_the_recipes_ratios_headless_and_on_the_n
     ({"grad_clip_fake": 0.0}, "grad_clip_fake must be > 0"),
     ({"fake_updates": 0}, "fake_updates must be an integer in"),
     ({"stages": "some"}, "stages must be one of"),
+    ({"fake_samples": "final"}, "fake_samples must be one of"),
     ({"student_lr": -1e-5}, "student_lr must be > 0"),
     ({"tau_mode": "forward"}, "tau_mode must be one of"),
 ])
@@ -275,8 +296,8 @@ def test_a_headless_config_takes_recipe_auto_as_the_node_does():
 def test_each_family_trains_with_the_recipe_measured_for_it():
     """recipe auto (bench/pace.py's toys, tdm_core/recipes.py): SD3-medium and SD3.5-medium with Flow-Factory's equal
     rates, τ and LoRA shape on the demo's optimiser, training the last step only with both rates cosine-decayed and
-    saving the student's moving average (0.99); SDXL and Flux-dev at equal rates decayed along a cosine, no average;
-    every other family with the official demo (the student at a fifth, its last weights). The trainer's two optimisers
+    saving the student's moving average (0.99); SDXL and Flux-dev at equal rates decayed along a cosine, SDXL with no
+    average, Flux-dev with its fake score fitted to the student's output and an average (0.995); every other family with the official demo (the student at a fifth, its last weights). The trainer's two optimisers
     get those rates."""
     def auto(family: str, **data) -> DistillConfig:
         return DistillConfig.from_dict({"prompts": ["x"], "family": family, "recipe": "auto", **data})
@@ -288,17 +309,49 @@ def test_each_family_trains_with_the_recipe_measured_for_it():
         assert (config.lora_rank, config.lora_alpha, config.tau_mode, config.tau_density) == (
             32, 64.0, "reverse", "logit_normal")
         assert (config.adam_betas, config.stages, config.lr_decay, config.cfg) == ((0.0, 0.95), "last", "cosine", 2.0)
-    for family in ("sdxl", "flux"):
+    for family, recipe, average, fake_samples in (
+            ("sdxl", "official_demo_equal_rates_cosine", 0.0, "step"),
+            ("flux", "official_demo_equal_rates_cosine_fake_output_ema", 0.995, "output")):
         config = auto(family)
-        assert config.recipe == "official_demo_equal_rates_cosine" and config.lr_decay == "cosine"
-        assert config.student_ema == 0.0
+        assert config.recipe == recipe and config.lr_decay == "cosine"
+        assert (config.student_ema, config.fake_samples, config.stages) == (average, fake_samples, "one")
         assert config.student_learning_rate() == config.lr == 1e-4 and config.lora_rank == 16
     assert auto("flux").cfg == 1.0  # the family's override still wins
     for family in ("sd15", "wan21", "cogvideox"):
         config = auto(family)
         assert config.recipe == "official_demo" and config.student_learning_rate() == pytest.approx(config.lr / 5)
-        assert config.student_ema == 0.0
+        assert config.student_ema == 0.0 and config.fake_samples == "step"
     trainer = TDMTrainer(make_backend(parametrisation="flow", lora_rank=4),
                          auto("sd3", total_steps=900, lora_rank=4))
     assert trainer.config.lora_alpha == 8.0  # rank 4 keeps the recipe's scale 2
     assert trainer.opt_gen.param_groups[0]["lr"] == trainer.opt_fake.param_groups[0]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("stages", ["one", "all"])
+def test_output_fake_samples_fit_the_fake_score_to_the_students_output_at_every_noise_level(stages):
+    """fake_samples "output": every row of a fake update's draw is its sample's last step (the student's output,
+    t_mid the last step's 0), τ anywhere from 20 to the schedule's end, far above the last step's own interval, while
+    the generator's draws stay the stage draws. Under "step" (official) a fake update draws exactly as the generator."""
+    n = 4000
+    trainer, fake_draw = _tau_draws(_config(stages=stages, fake_samples="output"), n)
+    fake_draw = trainer._draw_segment(fake=True)
+    k, last = len(trainer.grid), trainer.grid[-1]
+    rows = n * (k if stages == "all" else 1)
+    assert fake_draw["j"].tolist() == [k - 1] * rows and fake_draw["j_max"] == k - 1
+    assert fake_draw["t_g"].tolist() == [last] * rows and fake_draw["t_mid"].tolist() == [trainer.mids[-1]] * rows
+    taus = fake_draw["tau"]
+    assert int(taus.min()) >= 20 and int(taus.max()) < trainer.num_timesteps
+    assert float((taus >= last).double().mean()) > 0.5  # uniform over [20, N): most of it above the last step
+    gen_draw = trainer._draw_segment()
+    assert set(gen_draw["j"].tolist()) == set(range(k)) and bool((gen_draw["tau"] < gen_draw["t_g"] - 10).all())
+    official, same = (_tau_draws(_config(stages=stages), n)[0] for _ in range(2))
+    as_fake, as_gen = official._draw_segment(fake=True), same._draw_segment()
+    assert all(torch.equal(as_fake[key], as_gen[key]) for key in ("j", "t_g", "t_mid", "tau", "z", "sample"))
+
+
+def test_output_fake_samples_train_and_record_in_the_config():
+    trainer = TDMTrainer(make_backend(parametrisation="flow", lora_rank=4), _config(fake_samples="output"))
+    metrics = trainer.step()
+    assert metrics["student_steps"] == len(trainer.grid)  # the output needs the whole rollout
+    assert all(math.isfinite(metrics[key]) for key in ("loss_fake", "loss_gen"))
+    assert DistillConfig.from_dict(trainer.config.to_dict()).fake_samples == "output"

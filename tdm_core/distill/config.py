@@ -33,6 +33,15 @@ TAU_DENSITIES = ("uniform", "logit_normal")
 # sample trains its last step only (the fake score learns that step's samples alone); the earlier steps are the
 # teacher's, moved only by what the shared adapter learns there (measured on the SD3-family toys, docs/recipes.md).
 STAGES = ("one", "all", "last")
+# What the fake score learns from: "step" (official): each fake update draws its rows as the generator's do
+# (`stages`, `tau_mode`) and learns the drawn step's x̂0 at τ in that step's interval, so for every step but the last
+# it learns the student's intermediate estimates; "output": every row is the sample's last step, its x̂0 the student's
+# output, at τ anywhere from TAU_MIN to the schedule's end (`tau_density` as set): the fake score is then the denoiser
+# of the distribution the student samples, at every noise level the generator queries it at. Measured on the Flux toy
+# (docs/recipes.md, bench/fake_fit.py): with "step" a fake score fitted to a student that already samples the
+# teacher's 50-step distribution describes one 4–7 % wider, so the student is pushed 5–8 % too narrow, and the better
+# the fake score is fitted (more updates, a larger rank) the narrower; with "output" it describes the student's spread.
+FAKE_SAMPLES = ("step", "output")
 LR_DECAYS = ("constant", "cosine")
 GENERATOR_LOSSES = ("pseudo_huber", "pseudo_huber_vector", "mse")
 MODES = ("lora", "full")
@@ -78,6 +87,7 @@ class DistillConfig:
     tau_logit_std: float = 1.0
     fake_updates: int = 1  # fake-score updates per student update (each with fresh draws on the same rollout)
     stages: str = "one"  # see STAGES
+    fake_samples: str = "step"  # see FAKE_SAMPLES
     lr_warmup_steps: int = 0  # linear warm-up of the generator LR (the official script's schedule is constant)
     lr_decay: str = "constant"  # both LRs: "constant" (official) or "cosine" (half cosine to 0 over `iterations`)
     # Decay of an exponential moving average of the student's weights, which the saved LoRA, previews and samples use
@@ -161,6 +171,8 @@ class DistillConfig:
         need(isinstance(self.fake_updates, int) and not isinstance(self.fake_updates, bool) and 1 <= self.fake_updates <= 16,
              f"fake_updates must be an integer in [1, 16], got {self.fake_updates!r}")
         need(self.stages in STAGES, f"stages must be one of {STAGES}, got {self.stages!r}")
+        need(self.fake_samples in FAKE_SAMPLES,
+             f"fake_samples must be one of {FAKE_SAMPLES}, got {self.fake_samples!r}")
         need(self.lr_decay in LR_DECAYS, f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         need(_finite(self.student_ema) and 0.0 <= self.student_ema < 1.0,
              f"student_ema must be 0 (no average) or a decay in (0, 1), e.g. 0.99; got {self.student_ema!r}")

@@ -198,24 +198,27 @@ class TDMTrainer:
         start, count = self.rank * self.local_batch * rows_per_sample, self.local_batch * rows_per_sample
         return t[start : start + count]
 
-    def _draw_segment(self) -> dict[str, torch.Tensor]:
+    def _draw_segment(self, fake: bool = False) -> dict[str, torch.Tensor]:
         """j, t_g, t_mid, τ and z for one update (docs/tdm_method.md §2), one row per (sample, trained step): one row
         per sample with a random step j (official) or its last step ("last" stages), or K rows per sample,
-        j = 0..K−1 ("all" stages). "sample" is the row's index into this process's rollout batch."""
+        j = 0..K−1 ("all" stages). "sample" is the row's index into this process's rollout batch. A `fake` update's
+        draw under fake_samples "output" takes every row at the last step, τ up to the schedule's end."""
         b, g, rows = self.config.batch_size, self.generator, self.rows_per_sample
+        output = fake and self.config.fake_samples == "output"
+        last = self.config.stages == "last" or output
         if rows == 1:  # "one": a random step per sample; "last": the last step, drawing nothing
-            last = self.config.stages == "last"
             j = torch.full((b,), len(self.grid) - 1) if last else torch.randint(len(self.grid), (b,), generator=g)
             sample = torch.arange(b)
         else:  # sample-major, so each process's slice holds its own samples' rows
-            j = torch.arange(rows).repeat(b)
+            j = torch.full((rows * b,), len(self.grid) - 1) if output else torch.arange(rows).repeat(b)
             sample = torch.arange(b).repeat_interleave(rows)
         t_g = torch.tensor(self.grid)[j]
         t_mid = torch.tensor(self.mids)[j]
-        if self.config.randmid:
+        if self.config.randmid and not output:  # the output is the last x̂0 itself (t_mid = 0)
             t_mid = _uniform_int(t_mid, t_g - RANDMID_MARGIN, g)
         lo = torch.clamp(t_mid, min=TAU_MIN)
-        hi = torch.broadcast_to(torch.as_tensor(self.config.tau_upper(t_g, self.num_timesteps)), t_g.shape)
+        upper = self.num_timesteps if output else self.config.tau_upper(t_g, self.num_timesteps)
+        hi = torch.broadcast_to(torch.as_tensor(upper), t_g.shape)
         if self.config.tau_density == "logit_normal":
             tau = self._logit_normal_int(lo, hi, g)
         else:
@@ -478,7 +481,7 @@ class TDMTrainer:
         cfg, g = self.config, self.generator
         prompt_index = self._local(torch.randint(len(cfg.prompts), (cfg.batch_size,), generator=g))
         noise = self._local(torch.randn((cfg.batch_size, *self.backend.latent_shape), generator=g))
-        draws_fake = [self._draw_segment() for _ in range(cfg.fake_updates)]
+        draws_fake = [self._draw_segment(fake=True) for _ in range(cfg.fake_updates)]
         draw_gen = self._draw_segment()
         prompts = [cfg.prompts[i] for i in prompt_index.tolist()]
         cond = self.backend.encode(prompts)
