@@ -52,13 +52,15 @@ FAMILY_SETTINGS = {
     # teacher's 4-step distance removed, measured on both runtimes (same teacher file, same figures): SDXL 35 % at
     # 160 iterations, with the job on 1 thread (test.sh's parallel workers) and on 2; with an earlier teacher (trained
     # on 2 threads) 21 % at 80 (CI once passed there: too close to call), 31 % at 120, 45 % at 160. Flux 38 % at 200,
-    # 49 % at 300, 52 % at 600. Those were the official demo's recipe; recipe auto now trains both families at equal
-    # rates decayed along a cosine over these iterations (tdm_core/recipes.py): SDXL 47 %, Flux 94 % (0.3.75).
+    # 49 % at 300, 52 % at 600. Those were the official demo's recipe; recipe auto then trained both families at equal
+    # rates decayed along a cosine over these iterations (tdm_core/recipes.py): SDXL 47 %, Flux 94 % (0.3.75). Flux's
+    # recipe now also fits the fake score to the student's output and saves its average (decay 0.995, which over
+    # 200 iterations is the plain average of every update, the first ones too): Flux 70 % (0.3.75).
     "sdxl": {"iterations": 160, "learning_rate": 5e-4},
     "flux": {"iterations": 200, "learning_rate": 5e-4},
 }
 # The student must remove at least this share of its teacher's 4-step distance (summed over the prompts), and be no
-# worse than it, give or take the noise floor, on any one prompt. Measured with these settings: SDXL 47 %, Flux 94 %.
+# worse than it, give or take the noise floor, on any one prompt. Measured with these settings: SDXL 47 %, Flux 70 %.
 REQUIRED_IMPROVEMENT = 0.25
 
 
