@@ -99,21 +99,19 @@ def distill_settings(settings: dict, family: str) -> tuple[dict, list[str], str]
     return resolve_knobs(settings, family)[:3]
 
 
-def student_ema_input():
-    """The one recipe knob added after `frames` and `micro_batch` (saved workflows hold widget values by position, so
-    it is appended after every older widget); optional, -1: the recipe's."""
-    return _number("student_ema", "Saves a moving average of the student's weights with this decay (e.g. 0.99) "
-                   "instead of its last ones; training continues from the weights themselves. 0: none (official)."
-                   + _NUMBER_HINT, maximum=0.9999, step=0.001)
-
-
-def fake_samples_input():
-    """Appended after `student_ema` (saved workflows hold widget values by position); optional, "recipe": the
-    recipe's."""
-    return _choice("fake_samples", ["step", "output"],
-                   "What the fake score learns: step = the step each update draws (official); output = the student's "
-                   "own samples at every noise level, so it describes what the student samples (Flux: its students "
-                   "no longer end too narrow).")
+def appended_knob_inputs() -> list:
+    """The recipe knobs added after `frames` and `micro_batch`, in the order they are appended to the node (saved
+    workflows hold widget values by position: each goes after every older widget); optional, the recipe's by
+    default."""
+    return [
+        _number("student_ema", "Saves a moving average of the student's weights with this decay (e.g. 0.99) "
+                "instead of its last ones; training continues from the weights themselves. 0: none (official)."
+                + _NUMBER_HINT, maximum=0.9999, step=0.001),
+        _choice("fake_samples", ["step", "output"],
+                "What the fake score learns: step = the step each update draws (official); output = the student's "
+                "own samples at every noise level, so it describes what the student samples (Flux: its students "
+                "no longer end too narrow)."),
+    ]
 
 
 def resolve_knobs(settings: dict, family: str) -> tuple[dict, list[str], str, set[str]]:

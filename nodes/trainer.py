@@ -61,8 +61,7 @@ def _refuse(error: Exception):
 # The rest keeps working defaults and is marked advanced (folded on the node, web/tdm_advanced.js).
 _RARELY_USED = {"prompts_file", "unconditional_prompt", "steps", "grid", "lora_rank", "lora_alpha", "learning_rate",
                 "batch_size", "keep_last", "preview_every", "seed", "dtype", "offload", "frames", "micro_batch",
-                *(spec.id for spec in recipe_inputs.knob_inputs()), recipe_inputs.student_ema_input().id,
-                recipe_inputs.fake_samples_input().id}
+                *(spec.id for spec in (*recipe_inputs.knob_inputs(), *recipe_inputs.appended_knob_inputs()))}
 
 
 def _fold_rarely_used(widget_inputs: list) -> list:
@@ -172,8 +171,7 @@ class TDMDistillStart(io.ComfyNode):
                                      "takes; larger updates run pass by pass and add up their gradients, the same "
                                      "update, only slower. 0: all at once. A resume may change it."),
                 # After every older widget (saved workflows hold widget values by position), and optional.
-                recipe_inputs.student_ema_input(),
-                recipe_inputs.fake_samples_input(),  # after student_ema, for the same reason
+                *recipe_inputs.appended_knob_inputs(),
                 # Last: workflows saved before it keep their links and widget values.
                 COGVIDEOX_PIPE.Input("cogvideox", optional=True, tooltip=(
                     "Instead of model and clip: CogVideoX-2B from TDM CogVideoX Loader (lora_name none), for any "

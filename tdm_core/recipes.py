@@ -162,6 +162,8 @@ _LAST_STEP_COSINE = {
 # demo's 1e-4), its τ draw, its LoRA shape.
 _EQUAL_RATES_WHY = "both networks at one rate (Flow-Factory's 1e-5 / 1e-5), here the demo's 1e-4"
 _EQUAL_RATES = {"student_lr": Value(1e-4, "ff", _EQUAL_RATES_WHY)}
+# The demo at equal rates, both decayed (official_demo_equal_rates_cosine and its fake-output variant)
+_EQUAL_RATES_COSINE = _DEMO | _EQUAL_RATES | {"lr_decay": Value("cosine", "here", _EQUAL_RATES_COSINE_MEASURED)}
 _FF_TAU = {
     "tau_mode": Value("reverse", "ff", "tdm_query_interval reverse, tdm_query_max_sigma 1.0"),
     "tau_density": Value("logit_normal", "ff", "conditional_logit_normal, mean 0, std 1"),
@@ -193,15 +195,14 @@ RECIPES: dict[str, Recipe] = {
                "The official demo script with the student at the fake score's rate (Flow-Factory's ratio) and both "
                "rates decayed along a half cosine to 0 over the run: the SDXL and Flux toys' students got close "
                "fast and stayed there.",
-               _DEMO | _EQUAL_RATES | {"lr_decay": Value("cosine", "here", _EQUAL_RATES_COSINE_MEASURED)}),
+               _EQUAL_RATES_COSINE),
         Recipe("official_demo_equal_rates_cosine_fake_output_ema",
                "Official demo script, equal rates, cosine-decayed, fake score on the output, averaged",
                "official_demo_equal_rates_cosine with the fake score fitted to the student's own samples at every "
                "noise level (not to each drawn step's estimate) and a moving average of the student saved (decay "
                "0.995): the Flux toy's students no longer end too narrow and came three times as close to their "
                "teacher.",
-               _DEMO | _EQUAL_RATES | {
-                   "lr_decay": Value("cosine", "here", _EQUAL_RATES_COSINE_MEASURED),
+               _EQUAL_RATES_COSINE | {
                    "fake_samples": Value("output", "here", _FAKE_OUTPUT_MEASURED),
                    "student_ema": Value(0.995, "here", _FAKE_OUTPUT_EMA_MEASURED),
                }),
