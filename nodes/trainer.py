@@ -127,9 +127,9 @@ class TDMDistillStart(io.ComfyNode):
                                        "Flow-Factory 4); the student then samples with CFG 1. Flux-dev: 1 (its "
                                        "guidance is FluxGuidance's value). -1: the recipe's."),
                 io.Int.Input("batch_size", default=-1, min=-1, max=64,
-                             tooltip="Trajectories per iteration. -1: the recipe's (1). More ends closer to the "
-                                     "teacher in the same iterations (toys: 4 against 1, 1.5-3.5x closer); on a GPU "
-                                     "4 took 1.2-1.7x the time of 1. micro_batch fits it into VRAM."),
+                             tooltip="Trajectories per iteration. -1: the recipe's (1). 4 ends closer to the teacher "
+                                     "than 1 in the same iterations (toys: 1.5-3.5x closer); on a GPU 4 took "
+                                     "1.2-1.7x the time of 1. micro_batch fits it into VRAM."),
                 io.Int.Input("width", default=512, min=16, max=4096, step=16,
                              tooltip="Training resolution in pixels (latents are 1/8); use the teacher's native "
                                      "size (SD1.5 512, SD3 1024) or smaller to save memory."),
